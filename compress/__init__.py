@@ -1,0 +1,1 @@
+"""peft-compress: model compression for Hugging Face transformers, built as PEFT methods."""
