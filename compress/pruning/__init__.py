@@ -1,0 +1,1 @@
+"""Structured pruning engine over torch-pruning dependency graphs."""

@@ -1,0 +1,329 @@
+"""Where the prunable structures live in each supported Hugging Face architecture.
+
+An architecture adapter turns a model into *sites*: one :class:`AttentionSite` per attention block and
+one :class:`FFNSite` per feed-forward block, each naming its linear layers and the stack/layer it belongs
+to. After any structural change, :meth:`ArchAdapter.refresh` re-derives every module attribute and config
+field from the weight shapes, so ``forward``, ``generate`` and ``save_pretrained`` keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from compress.errors import UnsupportedModelError
+
+
+@dataclass
+class AttentionSite:
+    """One attention block: its projections and head geometry (read from the weight shapes)."""
+
+    name: str
+    stack: str
+    layer: int
+    module: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    head_dim: int
+    #: T5 computes the relative position bias once per stack and shares it across layers, so head
+    #: indices must be identical in every layer of that stack.
+    shared_heads_key: str | None = None
+    relative_bias: nn.Embedding | None = None
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.out_features // self.head_dim
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.num_kv_heads != self.num_heads
+
+
+@dataclass
+class FFNSite:
+    """One feed-forward block: input projections (up/gate or wi/wi_0/wi_1) and the output projection."""
+
+    name: str
+    stack: str
+    layer: int
+    inputs: list[nn.Linear]
+    output: nn.Linear
+
+    @property
+    def width(self) -> int:
+        return self.output.in_features
+
+
+@dataclass
+class LayerStack:
+    """A ``nn.ModuleList`` of transformer blocks plus how to read a block's sites."""
+
+    name: str
+    path: str
+    blocks: nn.ModuleList
+    #: blocks that may not be removed by depth pruning (T5's first block owns the position bias)
+    protected: set[int] = field(default_factory=set)
+
+
+class ArchAdapter:
+    """Base adapter; subclasses describe one architecture family."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    #: structures whose per-layer widths the standard config of this family can express
+    uniform_structures: tuple[str, ...] = ()
+    #: structures supported at all (``global`` mode loads through ``import compress``)
+    supported_structures: tuple[str, ...] = ()
+    #: structures that must use the same width in every layer even in global mode
+    uniform_only_structures: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # -- discovery ---------------------------------------------------------------------------------
+    def stacks(self) -> list[LayerStack]:
+        raise NotImplementedError
+
+    def attention_sites(self) -> list[AttentionSite]:
+        raise NotImplementedError
+
+    def ffn_sites(self) -> list[FFNSite]:
+        raise NotImplementedError
+
+    def layer_blocks(self) -> list[tuple[LayerStack, int, nn.Module]]:
+        return [(s, i, b) for s in self.stacks() for i, b in enumerate(s.blocks)]
+
+    # -- rewriting ---------------------------------------------------------------------------------
+    def remove_blocks(self, stack: LayerStack, keep: list[int]) -> None:
+        """Delete every block of ``stack`` not in ``keep`` (depth pruning), then refresh."""
+        blocks_before = len(stack.blocks)
+        for idx in sorted(set(range(blocks_before)) - set(keep), reverse=True):
+            del stack.blocks[idx]  # ModuleList renumbers its keys, so saved names stay contiguous
+        self._after_blocks_removed(sorted(keep), blocks_before)
+        self.refresh()
+
+    def _after_blocks_removed(self, keep: list[int], blocks_before: int) -> None:
+        """Hook for per-layer config lists that must follow the kept blocks."""
+
+    def refresh(self) -> None:
+        """Re-derive module attributes and config fields from the current weight shapes."""
+        raise NotImplementedError
+
+    def widths(self) -> dict[str, list[int]]:
+        """Per-layer widths, e.g. ``{"ffn": [...], "heads": [...]}``, in site order."""
+        out: dict[str, list[int]] = {
+            "ffn": [s.width for s in self.ffn_sites()],
+            "heads": [s.num_heads for s in self.attention_sites()],
+        }
+        kv = [s.num_kv_heads for s in self.attention_sites()]
+        if kv != out["heads"]:
+            out["kv_heads"] = kv
+        out["layers"] = [len(s.blocks) for s in self.stacks()]
+        return out
+
+    def is_uniform(self) -> bool:
+        """Whether every layer has the same widths, i.e. the standard config can express the model."""
+        attn = self.attention_sites()
+        return (
+            len({s.width for s in self.ffn_sites()}) <= 1
+            and len({s.num_heads for s in attn}) <= 1
+            and len({s.num_kv_heads for s in attn}) <= 1
+        )
+
+
+def _set_if_present(obj: object, name: str, value: object) -> None:
+    if hasattr(obj, name):
+        setattr(obj, name, value)
+
+
+def _single(values: list[int], what: str) -> int | None:
+    distinct = set(values)
+    if not distinct:
+        return None
+    if len(distinct) == 1:
+        return values[0]
+    # mixed widths: the config keeps the largest so standard __init__ can allocate every layer;
+    # the compact loader then shrinks layers to their recorded shapes.
+    return max(distinct)
+
+
+class BertAdapter(ArchAdapter):
+    family = "bert"
+    model_types = ("bert", "roberta")
+    # BERT derives head size as hidden_size / num_attention_heads: fewer heads cannot be expressed.
+    uniform_structures = ("ffn", "layers")
+    supported_structures = ("ffn", "heads", "layers")
+
+    def _encoder(self) -> nn.Module:
+        base = self.model.base_model
+        if not hasattr(base, "encoder"):
+            raise UnsupportedModelError(f"{type(self.model).__name__}: expected a `.encoder` on the base model")
+        return base.encoder
+
+    def stacks(self) -> list[LayerStack]:
+        return [LayerStack("encoder", "encoder.layer", self._encoder().layer)]
+
+    def attention_sites(self) -> list[AttentionSite]:
+        sites = []
+        for i, block in enumerate(self._encoder().layer):
+            sa = block.attention.self
+            sites.append(AttentionSite(f"encoder.{i}.attention", "encoder", i, sa, sa.query, sa.key, sa.value,
+                                       block.attention.output.dense, sa.attention_head_size))
+        return sites
+
+    def ffn_sites(self) -> list[FFNSite]:
+        return [FFNSite(f"encoder.{i}.ffn", "encoder", i, [b.intermediate.dense], b.output.dense)
+                for i, b in enumerate(self._encoder().layer)]
+
+    def refresh(self) -> None:
+        for site in self.attention_sites():
+            site.module.num_attention_heads = site.num_heads
+            site.module.all_head_size = site.q.out_features
+        cfg = self.model.config
+        cfg.num_hidden_layers = len(self._encoder().layer)
+        ffn = _single([s.width for s in self.ffn_sites()], "ffn")
+        if ffn is not None:
+            cfg.intermediate_size = ffn
+        # num_attention_heads stays: BertConfig uses it to derive the head size.
+
+
+class LlamaAdapter(ArchAdapter):
+    family = "llama"
+    model_types = ("llama", "qwen2")
+    uniform_structures = ("ffn", "heads", "kv_heads", "layers")
+    supported_structures = ("ffn", "heads", "kv_heads", "layers")
+
+    def _layers(self) -> nn.ModuleList:
+        base = self.model.base_model
+        if not hasattr(base, "layers"):
+            raise UnsupportedModelError(f"{type(self.model).__name__}: expected `.layers` on the base model")
+        return base.layers
+
+    def stacks(self) -> list[LayerStack]:
+        return [LayerStack("decoder", "layers", self._layers())]
+
+    def attention_sites(self) -> list[AttentionSite]:
+        return [AttentionSite(f"decoder.{i}.attention", "decoder", i, b.self_attn, b.self_attn.q_proj,
+                              b.self_attn.k_proj, b.self_attn.v_proj, b.self_attn.o_proj, b.self_attn.head_dim)
+                for i, b in enumerate(self._layers())]
+
+    def ffn_sites(self) -> list[FFNSite]:
+        return [FFNSite(f"decoder.{i}.ffn", "decoder", i, [b.mlp.up_proj, b.mlp.gate_proj], b.mlp.down_proj)
+                for i, b in enumerate(self._layers())]
+
+    def refresh(self) -> None:
+        layers = self._layers()
+        for i, block in enumerate(layers):
+            # the KV cache is indexed by layer_idx: renumber after depth pruning
+            block.self_attn.layer_idx = i
+            _set_if_present(block, "layer_idx", i)
+        for site in self.attention_sites():
+            site.module.num_key_value_groups = site.num_heads // site.num_kv_heads
+            _set_if_present(site.module, "num_heads", site.num_heads)
+            _set_if_present(site.module, "num_key_value_heads", site.num_kv_heads)
+        for block in layers:
+            _set_if_present(block.mlp, "intermediate_size", block.mlp.down_proj.in_features)
+        cfg = self.model.config
+        cfg.num_hidden_layers = len(layers)
+        sites = self.attention_sites()
+        heads = _single([s.num_heads for s in sites], "heads")
+        if heads is not None:
+            cfg.num_attention_heads = heads
+            cfg.num_key_value_heads = _single([s.num_kv_heads for s in sites], "kv_heads")
+            cfg.head_dim = sites[0].head_dim
+        ffn = _single([s.width for s in self.ffn_sites()], "ffn")
+        if ffn is not None:
+            cfg.intermediate_size = ffn
+
+
+    def _after_blocks_removed(self, keep: list[int], blocks_before: int) -> None:
+        cfg = self.model.config
+        if len(getattr(cfg, "layer_types", None) or []) == blocks_before:
+            cfg.layer_types = [cfg.layer_types[i] for i in keep]
+
+
+class T5Adapter(ArchAdapter):
+    family = "t5"
+    model_types = ("t5",)
+    uniform_structures = ("ffn", "heads")
+    supported_structures = ("ffn", "heads")
+    # The relative position bias (and the cross-attention bias) is computed in the first block and
+    # reused by every later block of the stack, with one head count from the config.
+    uniform_only_structures = ("heads",)
+
+    def stacks(self) -> list[LayerStack]:
+        out = []
+        for name in ("encoder", "decoder"):
+            stack = getattr(self.model, name, None)
+            if stack is not None:
+                out.append(LayerStack(name, f"{name}.block", stack.block, protected={0}))
+        return out
+
+    def attention_sites(self) -> list[AttentionSite]:
+        sites = []
+        for stack in self.stacks():
+            for i, block in enumerate(stack.blocks):
+                sa = block.layer[0].SelfAttention
+                sites.append(AttentionSite(
+                    f"{stack.name}.{i}.self_attention", stack.name, i, sa, sa.q, sa.k, sa.v, sa.o,
+                    sa.key_value_proj_dim, shared_heads_key=f"{stack.name}.self",
+                    relative_bias=getattr(sa, "relative_attention_bias", None)))
+                if stack.name == "decoder":
+                    ca = block.layer[1].EncDecAttention
+                    sites.append(AttentionSite(
+                        f"decoder.{i}.cross_attention", "decoder", i, ca, ca.q, ca.k, ca.v, ca.o,
+                        ca.key_value_proj_dim))
+        return sites
+
+    def ffn_sites(self) -> list[FFNSite]:
+        sites = []
+        for stack in self.stacks():
+            for i, block in enumerate(stack.blocks):
+                ff = block.layer[-1].DenseReluDense
+                inputs = [ff.wi] if hasattr(ff, "wi") else [ff.wi_0, ff.wi_1]
+                sites.append(FFNSite(f"{stack.name}.{i}.ffn", stack.name, i, inputs, ff.wo))
+        return sites
+
+    def refresh(self) -> None:
+        for site in self.attention_sites():
+            site.module.n_heads = site.num_heads
+            site.module.inner_dim = site.q.out_features
+        cfg = self.model.config
+        heads = _single([s.num_heads for s in self.attention_sites()], "heads")
+        if heads is not None:
+            cfg.num_heads = heads
+        ffn = _single([s.width for s in self.ffn_sites()], "ffn")
+        if ffn is not None:
+            cfg.d_ff = ffn
+
+
+ADAPTERS: tuple[type[ArchAdapter], ...] = (BertAdapter, LlamaAdapter, T5Adapter)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def base_model_type(model_type: str) -> str:
+    """``compressed_bert`` -> ``bert``: compact models keep their family's adapter."""
+    return model_type.removeprefix("compressed_")
+
+
+def get_adapter(model: nn.Module) -> ArchAdapter:
+    """Return the adapter for ``model`` or raise :class:`UnsupportedModelError` naming what is supported."""
+    config = getattr(model, "config", None)
+    model_type = base_model_type(getattr(config, "model_type", "") or "")
+    for adapter_cls in ADAPTERS:
+        if model_type in adapter_cls.model_types:
+            return adapter_cls(model)
+    raise UnsupportedModelError(
+        f"model_type {model_type or type(model).__name__!r} is not supported for structured pruning; "
+        f"supported model types: {', '.join(supported_model_types())}"
+    )

@@ -1,0 +1,137 @@
+"""Compact models: per-layer widths that a standard transformers config cannot express.
+
+A ``global``-mode pruned model keeps its family's config with the *largest* width per field, plus
+``compress_shapes``: the ``[out_features, in_features]`` of every projection that is smaller. The compact
+config/model classes (``CompressedBertConfig``, ``CompressedBertForSequenceClassification``, ...) build
+the standard model and then shrink those projections, so ``from_pretrained`` loads the compact weights.
+They are registered with transformers' Auto classes by ``import compress``: no remote code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import transformers
+from torch import nn
+from transformers import AutoConfig
+
+from compress.pruning.arch import ADAPTERS, get_adapter
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "compressed_"
+
+# Auto classes whose mappings we mirror for the compact model types.
+_AUTO_CLASSES = (
+    "AutoModel",
+    "AutoModelForSequenceClassification",
+    "AutoModelForCausalLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForTokenClassification",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForSeq2SeqLM",
+)
+
+_CONFIG_CLASSES: dict[str, type] = {}
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def _projection_paths(model: nn.Module) -> dict[str, nn.Linear]:
+    adapter = get_adapter(model)
+    names = {module: name for name, module in model.base_model.named_modules()}
+    linears: list[nn.Linear] = []
+    for site in adapter.attention_sites():
+        linears += [site.q, site.k, site.v, site.o]
+    for site in adapter.ffn_sites():
+        linears += [*site.inputs, site.output]
+    return {names[lin]: lin for lin in linears}
+
+
+def _apply_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Replace each recorded projection of a freshly built model by one of the recorded shape."""
+    base = model.base_model
+    for path, (out_features, in_features) in shapes.items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = base.get_submodule(parent_path) if parent_path else base
+        old = getattr(parent, attr)
+        if (old.out_features, old.in_features) == (out_features, in_features):
+            continue
+        new = nn.Linear(in_features, out_features, bias=old.bias is not None,
+                        device=old.weight.device, dtype=old.weight.dtype)
+        setattr(parent, attr, new)
+    get_adapter(model).refresh()
+
+
+def compact_config_class(base_cls: type) -> type:
+    """The ``Compressed<Base>Config`` for a transformers config class (created once, then cached)."""
+    model_type = PREFIX + base_cls.model_type
+    if model_type not in _CONFIG_CLASSES:
+        cls = type(f"Compressed{base_cls.__name__}", (base_cls,), {"model_type": model_type,
+                                                                  "__module__": __name__})
+        _CONFIG_CLASSES[model_type] = cls
+    return _CONFIG_CLASSES[model_type]
+
+
+def compact_model_class(base_cls: type) -> type:
+    """The ``Compressed<Base>`` model class: the standard model, shrunk to ``config.compress_shapes``."""
+    if base_cls in _MODEL_CLASSES.values():
+        return base_cls
+    if base_cls not in _MODEL_CLASSES:
+        config_cls = compact_config_class(base_cls.config_class)
+
+        def __init__(self, config, *args, **kwargs):
+            base_cls.__init__(self, config, *args, **kwargs)
+            _apply_shapes(self, getattr(config, "compress_shapes", None) or {})
+
+        _MODEL_CLASSES[base_cls] = type(f"Compressed{base_cls.__name__}", (base_cls,), {
+            "config_class": config_cls, "__init__": __init__, "__module__": __name__,
+        })
+    return _MODEL_CLASSES[base_cls]
+
+
+def make_compact(model: nn.Module) -> nn.Module:
+    """Turn a model with per-layer widths into its compact class in place (config included)."""
+    shapes = {path: [lin.out_features, lin.in_features] for path, lin in _projection_paths(model).items()}
+    get_adapter(model).refresh()  # config fields now hold the largest width per field
+    base_model_type = model.config.model_type.removeprefix(PREFIX)
+    base_cfg_cls = type(model.config) if not model.config.model_type.startswith(PREFIX) else None
+    if base_cfg_cls is not None:
+        model.config.__class__ = compact_config_class(base_cfg_cls)
+    model.config.compress_shapes = shapes
+    model.__class__ = compact_model_class(type(model))
+    model.config.architectures = [type(model).__name__]
+    logger.debug("made %s compact (%s)", type(model).__name__, base_model_type)
+    return model
+
+
+def register_compact_models() -> None:
+    """Register every compact config/model class with transformers' Auto classes (idempotent)."""
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    model_types = [t for adapter in ADAPTERS for t in adapter.model_types]
+    for model_type in model_types:
+        base_cfg_cls = getattr(transformers, configuration_auto.CONFIG_MAPPING_NAMES[model_type])
+        cfg_cls = compact_config_class(base_cfg_cls)
+        try:
+            AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        except TypeError:  # older signature without exist_ok
+            AutoConfig.register(cfg_cls.model_type, cfg_cls)
+        for auto_name in _AUTO_CLASSES:
+            auto_cls = getattr(transformers, auto_name)
+            names_attr = {
+                "AutoModel": "MODEL_MAPPING_NAMES",
+                "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+                "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+                "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+            }[auto_name]
+            class_name = getattr(modeling_auto, names_attr).get(model_type)
+            base_model_cls = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+            if base_model_cls is None:
+                continue
+            try:
+                auto_cls.register(cfg_cls, compact_model_class(base_model_cls), exist_ok=True)
+            except ValueError:
+                pass  # already registered with this exact class

@@ -1,0 +1,445 @@
+"""Structured pruning of Hugging Face models: score, choose, remove, rewrite the config.
+
+Removal goes through torch-pruning's dependency graph, which finds every layer coupled to the pruned
+channels (FFN in/out projections, q/k/v/o of an attention block, T5's shared relative position bias).
+Attention heads of grouped-query (Llama/Qwen2) and T5 models are the exception: the graph couples query
+and key/value channels one-to-one and misplaces T5's per-head position bias, so those are sliced with
+torch-pruning's pruning functions by explicit head groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compress.errors import CalibrationError, CompressError, UnsupportedStructureError
+from compress.pruning.arch import ArchAdapter, AttentionSite, get_adapter
+from compress.pruning.importance import (
+    STRUCTURES,
+    GateStats,
+    Importance,
+    Unit,
+    collect_gate_stats,
+    get_importance,
+    units_for,
+)
+
+logger = logging.getLogger(__name__)
+
+MODES = ("uniform", "global")
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_model` did: ratios, widths and parameter counts before and after."""
+
+    model_type: str
+    mode: str
+    importance: str
+    ratios: dict[str, float]
+    params_before: int
+    params_after: int
+    widths_before: dict[str, list[int]]
+    widths_after: dict[str, list[int]]
+    removed: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def normalize_ratios(ratio: float | Mapping[str, float], structures: Iterable[str] | None) -> dict[str, float]:
+    """``ratio=0.5, structures=("ffn","heads")`` -> ``{"ffn": 0.5, "heads": 0.5}``, validated."""
+    if isinstance(ratio, Mapping):
+        ratios = {str(k): float(v) for k, v in ratio.items()}
+        if structures is not None and set(structures) != set(ratios):
+            raise CompressError(f"ratio names {sorted(ratios)} but structures={sorted(structures)}; "
+                                "pass one of them or make them agree")
+    else:
+        names = list(structures) if structures is not None else ["ffn"]
+        ratios = {name: float(ratio) for name in names}
+    if not ratios:
+        raise CompressError(f"no structures to prune; choose from {', '.join(STRUCTURES)}")
+    for name, value in ratios.items():
+        if name not in STRUCTURES:
+            raise UnsupportedStructureError(f"unknown structure {name!r}; choose from {', '.join(STRUCTURES)}")
+        if not 0.0 < value < 1.0:
+            raise CompressError(f"ratio for {name!r} is {value}; it must be in (0, 1): the fraction to remove")
+    if "heads" in ratios and "kv_heads" in ratios:
+        raise UnsupportedStructureError("prune either 'heads' (query heads per kv group) or 'kv_heads' "
+                                        "(whole kv heads with their query heads), not both")
+    return ratios
+
+
+def check_support(adapter: ArchAdapter, ratios: Mapping[str, float], mode: str) -> None:
+    """Raise a clear error for a structure/mode the architecture cannot express."""
+    if mode not in MODES:
+        raise CompressError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    allowed = adapter.uniform_structures if mode == "uniform" else adapter.supported_structures
+    for name in ratios:
+        if name in allowed:
+            continue
+        if name in adapter.supported_structures:
+            raise UnsupportedStructureError(
+                f"{adapter.family}: pruning {name!r} in mode='uniform' cannot be expressed by the standard "
+                f"config ({_uniform_reason(adapter.family, name)}); use mode='global', whose artifacts load "
+                f"with `import compress`. Uniform mode supports: {', '.join(adapter.uniform_structures)}"
+            )
+        raise UnsupportedStructureError(
+            f"{adapter.family}: pruning {name!r} is not supported; supported structures: "
+            f"{', '.join(adapter.supported_structures)}"
+        )
+
+
+def _uniform_reason(family: str, structure: str) -> str:
+    if family == "bert" and structure == "heads":
+        return "BertConfig derives the head size as hidden_size / num_attention_heads"
+    return "the config holds a single width for every layer"
+
+
+@contextlib.contextmanager
+def _identity_rotary(model: nn.Module) -> Iterator[None]:
+    """Tracing rotary embeddings never finishes in torch-pruning: swap them for identity while tracing."""
+    module = sys.modules.get(type(model.base_model).__module__)
+    original = getattr(module, "apply_rotary_pos_emb", None)
+    if original is not None:
+        module.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)
+    try:
+        yield
+    finally:
+        if original is not None:
+            module.apply_rotary_pos_emb = original
+
+
+def example_inputs(model: nn.Module, seq_len: int = 8) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    ids = torch.full((1, seq_len), 5, dtype=torch.long, device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids[:, :4].clone()
+    return inputs
+
+
+def build_dependency_graph(model: nn.Module) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of an HF model (rotary embeddings neutralised while tracing)."""
+
+    def first_tensor(out):
+        if hasattr(out, "logits"):
+            return out.logits
+        if hasattr(out, "last_hidden_state"):
+            return out.last_hidden_state
+        return out[0]
+
+    # Tracing follows autograd, so frozen (PEFT) backbones are made to require grad while tracing.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        with _identity_rotary(model), warnings.catch_warnings():
+            # norms' weights are "unwrapped parameters" to torch-pruning; we never prune the hidden size
+            warnings.filterwarnings("ignore", message=".*unwrapped.*")
+            warnings.filterwarnings("ignore", message=".*last non-singleton.*")
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs(model), output_transform=first_tensor
+            )
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+# -- choosing what to remove -----------------------------------------------------------------------
+def _n_remove(n: int, ratio: float, min_keep: int = 1, multiple: int = 1) -> int:
+    keep = max(min_keep, n - int(math.floor(ratio * n + 0.5)))
+    if multiple > 1:
+        keep = min(n, max(multiple, int(math.ceil(keep / multiple) * multiple)))
+    return n - keep
+
+
+def _lowest(scores: torch.Tensor, count: int) -> list[int]:
+    if count <= 0:
+        return []
+    return sorted(torch.argsort(scores.float(), stable=True)[:count].tolist())
+
+
+def _global_counts(units: list[Unit], scores: dict[str, torch.Tensor], ratio: float,
+                   min_keep: dict[str, int]) -> dict[str, int]:
+    """Pool every channel of the units, remove the lowest ``ratio`` of them, respecting ``min_keep``."""
+    pooled = sorted((float(s), u.key) for u in units for s in scores[u.key])
+    budget = int(math.floor(ratio * sum(u.size for u in units) + 0.5))
+    removable = {u.key: u.size - min_keep[u.key] for u in units}
+    counts = {u.key: 0 for u in units}
+    for _, key in pooled:
+        if budget == 0:
+            break
+        if counts[key] < removable[key]:
+            counts[key] += 1
+            budget -= 1
+    return counts
+
+
+def plan_removals(adapter: ArchAdapter, units: list[Unit], scores: dict[str, torch.Tensor],
+                  ratios: Mapping[str, float], mode: str, round_to: int = 1) -> dict[str, list[int]]:
+    """Indices to remove per unit key: channels for ffn, query heads for heads/kv_heads, blocks for layers."""
+    removals: dict[str, list[int]] = {}
+    ffn_units = [u for u in units if u.structure == "ffn"]
+    if ffn_units:
+        ratio = ratios["ffn"]
+        if mode == "global":
+            counts = _global_counts(ffn_units, scores, ratio, {u.key: min(u.size, round_to) for u in ffn_units})
+            if round_to > 1:
+                counts = {u.key: u.size - max(round_to, (u.size - counts[u.key]) // round_to * round_to)
+                          for u in ffn_units}
+        else:
+            counts = {u.key: _n_remove(u.size, ratio, 1, round_to) for u in ffn_units}
+        for u in ffn_units:
+            removals[u.key] = _lowest(scores[u.key], counts[u.key])
+
+    head_units = [u for u in units if u.structure == "heads"]
+    if head_units and ("heads" in ratios or "kv_heads" in ratios):
+        head_mode = "uniform" if "heads" in adapter.uniform_only_structures else mode
+        removals.update(_plan_heads(head_units, scores, ratios, head_mode))
+
+    for u in units:
+        if u.structure == "layers":
+            candidates = [i for i in range(u.size) if i not in u.site.protected]
+            count = min(_n_remove(u.size, ratios["layers"]), len(candidates))
+            cand_scores = scores[u.key][candidates]
+            removals[u.key] = sorted(candidates[i] for i in _lowest(cand_scores, count))
+    return removals
+
+
+def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], ratios: Mapping[str, float],
+                mode: str) -> dict[str, list[int]]:
+    removals: dict[str, list[int]] = {}
+    whole_kv = "kv_heads" in ratios
+    ratio = ratios["kv_heads" if whole_kv else "heads"]
+
+    # T5: heads shared across the layers of a stack are scored and removed together.
+    shared: dict[str, list[Unit]] = {}
+    for u in units:
+        if u.site.shared_heads_key:
+            shared.setdefault(u.site.shared_heads_key, []).append(u)
+    for members in shared.values():
+        total = sum(scores[u.key] for u in members)
+        idxs = _lowest(total, _n_remove(members[0].size, ratio))
+        for u in members:
+            removals[u.key] = idxs
+    free = [u for u in units if not u.site.shared_heads_key]
+    if not free:
+        return removals
+
+    def groups_of(u: Unit) -> tuple[int, int]:
+        n_kv = u.site.num_kv_heads
+        return n_kv, u.size // n_kv
+
+    # without GQA every head is its own kv group, so pruning heads means pruning whole groups
+    if whole_kv or not any(u.site.is_gqa for u in free):
+        kv_scores = {u.key: scores[u.key].view(*groups_of(u)).sum(1) for u in free}
+        kv_units = [Unit("kv_heads", u.key, groups_of(u)[0], u.site) for u in free]
+        if mode == "global":
+            counts = _global_counts(kv_units, kv_scores, ratio, {u.key: 1 for u in kv_units})
+        else:
+            counts = {u.key: _n_remove(u.size, ratio) for u in kv_units}
+        for u in free:
+            n_kv, per = groups_of(u)
+            dead_kv = _lowest(kv_scores[u.key], counts[u.key])
+            removals[u.key] = [g * per + j for g in dead_kv for j in range(per)]
+        return removals
+
+    # query heads: an equal number from every kv group, so heads // kv_heads stays an integer
+    if mode == "global":
+        counts = _global_counts(free, scores, ratio, {u.key: groups_of(u)[0] for u in free})
+    else:
+        counts = {u.key: _n_remove(u.size, ratio, min_keep=groups_of(u)[0]) for u in free}
+    for u in free:
+        n_kv, per = groups_of(u)
+        per_group = min(per - 1, int(math.floor(counts[u.key] / n_kv + 0.5)))
+        grouped = scores[u.key].view(n_kv, per)
+        removals[u.key] = sorted(g * per + j for g in range(n_kv) for j in _lowest(grouped[g], per_group))
+    return removals
+
+
+# -- removing -----------------------------------------------------------------------------------------
+def _channels(heads: list[int], head_dim: int) -> list[int]:
+    return [h * head_dim + d for h in heads for d in range(head_dim)]
+
+
+def _prune_group(dg: tp.DependencyGraph, root: nn.Module, idxs: list[int], expected: set[nn.Module],
+                 what: str) -> None:
+    group = dg.get_pruning_group(root, tp.prune_linear_out_channels, idxs=idxs)
+    touched = {dep.target.module for dep, _ in group if isinstance(dep.target.module, (nn.Linear, nn.Embedding))}
+    if touched != expected:
+        # The graph found a coupling we did not expect: refuse rather than prune something silently.
+        raise CompressError(f"dependency graph for {what} couples {len(touched)} layers, expected "
+                            f"{len(expected)}; this architecture variant is not supported")
+    group.prune()
+
+
+def _prune_heads_explicitly(site: AttentionSite, dead_q: list[int]) -> None:
+    n_kv, per = site.num_kv_heads, site.num_heads // site.num_kv_heads
+    counts = [sum(1 for h in dead_q if h // per == g) for g in range(n_kv)]
+    dead_kv = [g for g in range(n_kv) if counts[g] == per]
+    if len(set(counts)) > 1 and not set(counts) <= {0, per}:
+        # heads // kv_heads must stay an integer: equal removals per group, or whole groups only
+        raise CompressError(f"{site.name}: remove an equal number of query heads from every kv group, "
+                            "or whole kv groups (structure 'kv_heads')")
+    hd = site.head_dim
+    q_channels = _channels(dead_q, hd)
+    tp.prune_linear_out_channels(site.q, q_channels)
+    tp.prune_linear_in_channels(site.o, q_channels)
+    if dead_kv:
+        kv_channels = _channels(dead_kv, hd)
+        tp.prune_linear_out_channels(site.k, kv_channels)
+        tp.prune_linear_out_channels(site.v, kv_channels)
+    if site.relative_bias is not None:
+        tp.prune_embedding_out_channels(site.relative_bias, dead_q)
+
+
+def apply_removals(model: nn.Module, adapter: ArchAdapter, units: list[Unit],
+                   removals: Mapping[str, list[int]]) -> None:
+    """Physically remove the planned channels, heads and blocks, then rewrite config and attributes."""
+    channel_units = [u for u in units if u.structure in ("ffn", "heads") and removals.get(u.key)]
+    dg = None
+    needs_graph = any(u.structure == "ffn" or not _explicit_heads(adapter) for u in channel_units)
+    if needs_graph:
+        dg = build_dependency_graph(model)
+    done_shared: set[str] = set()
+    for u in channel_units:
+        idxs = removals[u.key]
+        if u.structure == "ffn":
+            site = u.site
+            _prune_group(dg, site.inputs[0], idxs, {*site.inputs, site.output}, u.key)
+        elif _explicit_heads(adapter):
+            _prune_heads_explicitly(u.site, idxs)
+        elif u.site.shared_heads_key:
+            if u.site.shared_heads_key in done_shared:
+                continue
+            done_shared.add(u.site.shared_heads_key)
+            members = [m.site for m in units if m.structure == "heads"
+                       and m.site.shared_heads_key == u.site.shared_heads_key]
+            expected = {lin for s in members for lin in (s.q, s.k, s.v, s.o)}
+            expected |= {s.relative_bias for s in members if s.relative_bias is not None}
+            _prune_group(dg, u.site.q, _channels(idxs, u.site.head_dim), expected, u.site.shared_heads_key)
+        else:
+            s = u.site
+            _prune_group(dg, s.q, _channels(idxs, s.head_dim), {s.q, s.k, s.v, s.o}, u.key)
+    adapter.refresh()
+    for u in units:
+        if u.structure == "layers" and removals.get(u.key):
+            adapter.remove_blocks(u.site, [i for i in range(u.size) if i not in removals[u.key]])
+    adapter.refresh()
+
+
+def _explicit_heads(adapter: ArchAdapter) -> bool:
+    # The graph maps channel indices one-to-one across q/k/v/o. That is wrong for GQA (fewer kv
+    # channels) and for T5's relative position bias (one column per head, shared by the whole stack).
+    return adapter.family in ("llama", "t5")
+
+
+# -- public entry point ---------------------------------------------------------------------------------
+def score_units(model: nn.Module, units: list[Unit], importance: Importance,
+                batches: list[dict] | None, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Scores for every unit; runs calibration once when the criterion needs it."""
+    stats: GateStats | None = None
+    if importance.needs_calibration:
+        if not batches:
+            raise CalibrationError(
+                f"importance {type(importance).__name__} needs calibration data: pass `data=` (a "
+                "datasets.Dataset with input_ids/labels, or an iterable of model-input dicts), or use "
+                "importance='magnitude' or 'random'")
+        stats = collect_gate_stats(model, units, batches, progress=progress)
+    return {u.key: importance(u, stats).detach().float().cpu() for u in units}
+
+
+def prune_model(
+    model: nn.Module,
+    ratio: float | Mapping[str, float] = 0.5,
+    structures: Iterable[str] | None = ("ffn",),
+    importance: str | Importance = "taylor",
+    data=None,
+    mode: str = "uniform",
+    num_batches: int = 8,
+    batch_size: int = 16,
+    round_to: int = 1,
+    tokenizer=None,
+    progress: bool = False,
+) -> PruneReport:
+    """Structurally prune ``model`` in place and rewrite its config.
+
+    Args:
+        model: a supported transformers model (``compress.supported_model_types()``).
+        ratio: fraction of each structure to remove, in (0, 1); a float for all ``structures`` or a dict
+            ``{"ffn": 0.5, "heads": 0.25}``.
+        structures: any of ``ffn`` (FFN neurons), ``heads`` (query heads; with grouped-query attention an
+            equal number per kv group), ``kv_heads`` (whole kv heads with their query heads), ``layers``.
+        importance: ``taylor`` (default), ``fisher``, ``magnitude``/``l2``, ``l1``, ``random``, or an
+            :class:`~compress.pruning.importance.Importance` instance.
+        data: calibration data for ``taylor``/``fisher``: a tokenized ``datasets.Dataset`` or any iterable of
+            model-input dicts (tensors). Batches need ``labels`` unless the model is a causal LM.
+        mode: ``uniform`` keeps one width per layer so plain transformers reloads the result; ``global``
+            ranks channels across layers (widths differ per layer; reloading needs ``import compress``).
+        num_batches, batch_size: how much calibration data to use.
+        round_to: keep FFN widths a multiple of this (e.g. 8 for faster kernels).
+        tokenizer: pads a tokenized Dataset's rows into batches.
+        progress: show a progress bar while scoring.
+
+    Returns:
+        A :class:`PruneReport`. The model is modified in place; in ``global`` mode with unequal widths it
+        becomes its compact subclass (``CompressedBertForSequenceClassification`` etc.).
+    """
+    from compress.pruning.compact import make_compact
+
+    adapter = get_adapter(model)
+    ratios = normalize_ratios(ratio, structures)
+    check_support(adapter, ratios, mode)
+    criterion = get_importance(importance)
+    batches = None
+    if criterion.needs_calibration:
+        from compress.data import calibration_batches
+
+        if data is None:
+            raise CalibrationError(
+                f"importance={importance!r} scores structures with the task loss and needs `data`; pass "
+                "calibration data or use importance='magnitude'/'random'")
+        batches = calibration_batches(data, batch_size=batch_size, num_batches=num_batches, tokenizer=tokenizer)
+
+    widths_before = adapter.widths()
+    params_before = count_params(model)
+    units = units_for(adapter, ratios)
+    scores = score_units(model, units, criterion, batches, progress=progress)
+    removals = plan_removals(adapter, units, scores, ratios, mode, round_to=round_to)
+    apply_removals(model, adapter, units, removals)
+    adapter = get_adapter(model)
+    if mode == "uniform" and not adapter.is_uniform():
+        raise CompressError("internal: uniform pruning produced unequal layer widths")  # pragma: no cover
+    if not adapter.is_uniform():
+        make_compact(model)
+    report = PruneReport(
+        model_type=model.config.model_type,
+        mode=mode,
+        importance=importance if isinstance(importance, str) else type(importance).__name__,
+        ratios=dict(ratios),
+        params_before=params_before,
+        params_after=count_params(model),
+        widths_before=widths_before,
+        widths_after=adapter.widths(),
+        removed={k: v for k, v in removals.items() if v},
+    )
+    logger.info("pruned %s: %d -> %d params", report.model_type, params_before, report.params_after)
+    return report
