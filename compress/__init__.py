@@ -12,6 +12,7 @@ from compress.errors import (
     UnsupportedModelError,
     UnsupportedStructureError,
 )
+from compress.export import save_pretrained
 from compress.pruning.arch import supported_model_types
 from compress.pruning.compact import register_compact_models
 from compress.pruning.engine import PruneReport, prune_model
@@ -31,5 +32,6 @@ __all__ = [
     "available_importances",
     "prune_model",
     "register_importance",
+    "save_pretrained",
     "supported_model_types",
 ]

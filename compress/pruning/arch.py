@@ -128,8 +128,8 @@ class ArchAdapter:
         out["layers"] = [len(s.blocks) for s in self.stacks()]
         return out
 
-    def is_uniform(self) -> bool:
-        """Whether every layer has the same widths, i.e. the standard config can express the model."""
+    def fits_standard_config(self) -> bool:
+        """Whether the family's standard config can express the model (same widths in every layer)."""
         attn = self.attention_sites()
         return (
             len({s.width for s in self.ffn_sites()}) <= 1
@@ -192,6 +192,10 @@ class BertAdapter(ArchAdapter):
         if ffn is not None:
             cfg.intermediate_size = ffn
         # num_attention_heads stays: BertConfig uses it to derive the head size.
+
+    def fits_standard_config(self) -> bool:
+        heads = self.model.config.num_attention_heads
+        return super().fits_standard_config() and all(s.num_heads == heads for s in self.attention_sites())
 
 
 class LlamaAdapter(ArchAdapter):

@@ -426,9 +426,9 @@ def prune_model(
     removals = plan_removals(adapter, units, scores, ratios, mode, round_to=round_to)
     apply_removals(model, adapter, units, removals)
     adapter = get_adapter(model)
-    if mode == "uniform" and not adapter.is_uniform():
+    if mode == "uniform" and not adapter.fits_standard_config():
         raise CompressError("internal: uniform pruning produced unequal layer widths")  # pragma: no cover
-    if not adapter.is_uniform():
+    if not adapter.fits_standard_config():
         make_compact(model)
     report = PruneReport(
         model_type=model.config.model_type,

@@ -1,0 +1,574 @@
+"""Measurement harness shared by every benchmark: parameters, FLOPs, disk size, latency, training memory.
+
+All helpers are side-effect free for the caller: nothing global (thread counts, grad mode, a model's
+train/eval flag) is left changed after a call returns.
+
+Training memory is measured in a *fresh subprocess* per configuration, because a process's resident set
+high-water mark (``VmHWM``) only ever grows and the allocator keeps freed pages around: measuring two
+configurations in one process makes the second depend on the first. A :class:`TrainingJob` is therefore
+a serialisable description ("module:function" factory plus JSON-able kwargs), not a live model.
+
+The RSS high-water mark includes the Python/torch baseline (on the order of 1.4 GB for a small model on
+CPU), so the figure that matters for comparing methods is ``increase_mb``: peak RSS during training minus
+RSS after the model, batches and optimizer were built and before the first step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LatencyResult",
+    "TrainingJob",
+    "TrainingJobError",
+    "TrainingMemoryResult",
+    "count_parameters",
+    "estimate_flops",
+    "folder_size",
+    "format_table",
+    "inference_latency",
+    "peak_training_memory",
+    "ratio",
+]
+
+_MB = 1024 * 1024
+# glibc grows its mmap threshold dynamically after large frees, after which big tensors are carved out of
+# the brk heap and their pages stay resident when freed: RSS then depends on allocation history rather
+# than on what is live. Pinning both thresholds disables that adaptation, so large buffers are always
+# mmap'd (and returned to the OS on free) and heap trimming is predictable -> steadier, comparable peaks.
+DEFAULT_MALLOC_ENV: dict[str, str] = {
+    "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": str(128 * 1024),
+}
+_STDERR_TAIL_CHARS = 4000
+
+
+# --------------------------------------------------------------------------------------------------------
+# Static measures
+# --------------------------------------------------------------------------------------------------------
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``model`` (shared parameters counted once).
+
+    With ``trainable_only=True`` only parameters with ``requires_grad`` are counted.
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def estimate_flops(model: torch.nn.Module, inputs: Mapping[str, Any]) -> int:
+    """Estimated FLOPs of one forward call ``model(**inputs)``.
+
+    Uses :class:`torch.utils.flop_counter.FlopCounterMode`, which counts matrix multiplications,
+    convolutions and attention kernels (a multiply-add counts as 2 FLOPs); element-wise ops are ignored.
+    Runs under ``torch.no_grad``; the model's train/eval mode is not changed.
+    """
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(**inputs)
+    return int(counter.get_total_flops())
+
+
+def folder_size(path: str | os.PathLike[str]) -> int:
+    """Total size in bytes of all files under ``path`` (recursively; a file path gives its own size).
+
+    Symlinks to files count with their target's size (as in a Hugging Face cache snapshot); symlinked
+    directories are not descended into.
+    """
+    root = Path(path)
+    if root.is_file():
+        return root.stat().st_size
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such file or folder: {root}")
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            file = Path(dirpath, name)
+            if file.is_file():  # follows symlinks; skips dangling links, sockets, fifos
+                total += file.stat().st_size
+    return total
+
+
+def ratio(value: float, baseline: float) -> float:
+    """``value / baseline`` as a float (a compression ratio, a speed-up); a zero baseline is an error."""
+    if baseline == 0:
+        raise ValueError(f"ratio: baseline is zero (value={value!r})")
+    return float(value) / float(baseline)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Latency
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Wall-clock latency of single forward calls, in seconds."""
+
+    median_s: float
+    mean_s: float
+    p10_s: float
+    p90_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+    times_s: tuple[float, ...] = field(repr=False)
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (``q`` in [0, 100]) of an already sorted, non-empty sequence."""
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def inference_latency(
+    model: torch.nn.Module, inputs: Mapping[str, Any], warmup: int = 3, repeats: int = 10
+) -> LatencyResult:
+    """Time ``repeats`` forward calls ``model(**inputs)`` after ``warmup`` untimed ones.
+
+    Runs under ``torch.inference_mode`` with the model in eval mode (its previous mode is restored).
+    Tensor inputs are moved to the model's device; on CUDA each call is bracketed by synchronisation.
+    The torch thread count is left as it is: set it yourself for comparable figures.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    device = _model_device(model)
+    batch = _to_device(inputs, device)
+    was_training = model.training
+    model.eval()
+    times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(**batch)
+            _sync(device)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(**batch)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    ordered = sorted(times)
+    result = LatencyResult(
+        median_s=statistics.median(ordered),
+        mean_s=statistics.fmean(ordered),
+        p10_s=_percentile(ordered, 10),
+        p90_s=_percentile(ordered, 90),
+        min_s=ordered[0],
+        max_s=ordered[-1],
+        repeats=repeats,
+        times_s=tuple(times),
+    )
+    logger.debug("latency: median %.6f s over %d calls", result.median_s, repeats)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training memory (fresh subprocess per job)
+# --------------------------------------------------------------------------------------------------------
+
+
+class TrainingJobError(RuntimeError):
+    """A training-memory child process failed; the message carries its exit status and stderr tail."""
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """Serialisable description of a training run to measure in a fresh process.
+
+    Factory contract: ``factory`` is ``"package.module:function"`` (importable in the child, whose working
+    directory and ``sys.path`` roots match the parent's) and is called as ``function(**kwargs)``. It must
+    return ``(model, batches, optimizer)``:
+
+    * ``model``: a ``torch.nn.Module`` already on the device to measure (CPU or CUDA);
+    * ``batches``: a non-empty ``list[dict]``; step ``i`` uses ``batches[i % len(batches)]``, tensors are
+      moved to the model's device;
+    * ``optimizer``: a ``torch.optim.Optimizer`` over the parameters to train.
+
+    Each step runs ``loss = model(**batch).loss`` (a mapping with ``"loss"`` or a scalar tensor output also
+    works), ``loss.backward()``, ``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``.
+    ``kwargs`` must be JSON-serialisable. ``num_threads`` (if set) is applied with
+    ``torch.set_num_threads`` in the child only; ``seed`` is passed to ``torch.manual_seed`` before the
+    factory runs.
+    """
+
+    factory: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    steps: int = 5
+    seed: int | None = 0
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        module, sep, qualname = self.factory.partition(":")
+        if not (module and sep and qualname):
+            raise ValueError(f"factory must look like 'package.module:function', got {self.factory!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        try:
+            json.dumps(self.kwargs)
+        except TypeError as exc:
+            raise ValueError(f"TrainingJob kwargs must be JSON-serialisable: {exc}") from exc
+
+    @classmethod
+    def from_callable(cls, fn: Callable[..., Any], **fields: Any) -> TrainingJob:
+        """Build a job from a module-level function (not a lambda, local function or ``__main__`` one)."""
+        module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+        if not module or module == "__main__" or "<" in qualname:
+            raise ValueError(
+                f"{fn!r} is not importable from a fresh process; define it at module level in an "
+                "importable module, or pass 'module:function'"
+            )
+        return cls(factory=f"{module}:{qualname}", **fields)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainingJob:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class TrainingMemoryResult:
+    """Memory and speed of one :class:`TrainingJob`, measured in its own process.
+
+    ``increase_mb`` (``peak_rss_mb - baseline_rss_mb``) is the comparable figure; absolute RSS includes the
+    interpreter and torch. ``hwm_reset`` says whether the RSS high-water mark could be reset to the
+    baseline before step 1 (Linux ``/proc/self/clear_refs``); when it could not, ``peak_rss_mb`` may
+    reflect a transient during model construction (``load_peak_rss_mb``) rather than training.
+    """
+
+    factory: str
+    steps: int
+    peak_rss_mb: float
+    baseline_rss_mb: float
+    increase_mb: float
+    load_peak_rss_mb: float
+    hwm_reset: bool
+    step_time_mean_s: float
+    step_time_median_s: float
+    first_step_s: float
+    trainable_params: int
+    total_params: int
+    device: str
+    cuda_peak_allocated_mb: float | None = None
+    cuda_baseline_allocated_mb: float | None = None
+    losses: tuple[float, ...] = field(default=(), repr=False)
+
+    @property
+    def cuda_increase_mb(self) -> float | None:
+        if self.cuda_peak_allocated_mb is None or self.cuda_baseline_allocated_mb is None:
+            return None
+        return self.cuda_peak_allocated_mb - self.cuda_baseline_allocated_mb
+
+
+def _proc_status_kb(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or None off Linux."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def _maxrss_mb() -> float:
+    """Peak RSS via getrusage (kB on Linux, bytes on macOS)."""
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / _MB if sys.platform == "darwin" else maxrss / 1024
+
+
+def _rss_mb() -> float:
+    kb = _proc_status_kb("VmRSS")
+    return kb / 1024 if kb is not None else _maxrss_mb()
+
+
+def _peak_rss_mb() -> float:
+    kb = _proc_status_kb("VmHWM")
+    return kb / 1024 if kb is not None else _maxrss_mb()
+
+
+def _reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0, ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _resolve_factory(spec: str) -> Callable[..., Any]:
+    module_name, _, qualname = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"factory {spec!r} is not callable")
+    return obj
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
+        loss = output
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"model output {type(output).__name__} has no loss: pass labels in the batches, or return an "
+            "object with .loss / a mapping with 'loss' / a scalar tensor"
+        )
+    return loss
+
+
+def _run_training_job(job: TrainingJob) -> TrainingMemoryResult:
+    """Child-side body: build, snapshot baseline memory, train ``job.steps`` steps, report."""
+    if job.num_threads is not None:
+        torch.set_num_threads(job.num_threads)
+    if job.seed is not None:
+        torch.manual_seed(job.seed)
+    built = _resolve_factory(job.factory)(**job.kwargs)
+    try:
+        model, batches, optimizer = built
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"factory {job.factory!r} must return (model, batches, optimizer)") from exc
+    if not batches:
+        raise ValueError(f"factory {job.factory!r} returned no batches")
+    device = _model_device(model)
+    batches = [_to_device(b, device) for b in batches]
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+
+    on_cuda = device.type == "cuda"
+    cuda_baseline = None
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_baseline = torch.cuda.memory_allocated(device) / _MB
+    load_peak = _peak_rss_mb()
+    hwm_reset = _reset_peak_rss()
+    baseline = _rss_mb()
+
+    times: list[float] = []
+    losses: list[float] = []
+    for step in range(job.steps):
+        start = time.perf_counter()
+        loss = _loss_of(model(**batches[step % len(batches)]))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+
+    peak = _peak_rss_mb()
+    timed = times[1:] or times
+    return TrainingMemoryResult(
+        factory=job.factory,
+        steps=job.steps,
+        peak_rss_mb=peak,
+        baseline_rss_mb=baseline,
+        increase_mb=peak - baseline,
+        load_peak_rss_mb=load_peak,
+        hwm_reset=hwm_reset,
+        step_time_mean_s=statistics.fmean(timed),
+        step_time_median_s=statistics.median(timed),
+        first_step_s=times[0],
+        trainable_params=count_parameters(model, trainable_only=True),
+        total_params=count_parameters(model),
+        device=str(device),
+        cuda_peak_allocated_mb=torch.cuda.max_memory_allocated(device) / _MB if on_cuda else None,
+        cuda_baseline_allocated_mb=cuda_baseline,
+        losses=tuple(losses),
+    )
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    """Entry point of the measuring child: ``argv = [job_json, result_path]``."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    job_json, result_path = argv
+    result = _run_training_job(TrainingJob.from_json(job_json))
+    Path(result_path).write_text(json.dumps(dataclasses.asdict(result)))
+    return 0
+
+
+_CHILD_CODE = "import sys; from compress.measure import _child_main; sys.exit(_child_main(sys.argv[1:]))"
+
+
+def _child_env(extra_env: Mapping[str, str | None] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DEFAULT_MALLOC_ENV)
+    # Make this very copy of `compress` and the parent's working directory importable in the child.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    roots = [package_root, os.getcwd()]
+    if env.get("PYTHONPATH"):
+        roots.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(roots)
+    for key, value in (extra_env or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def _tail(text: str, limit: int = _STDERR_TAIL_CHARS) -> str:
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def peak_training_memory(
+    job: TrainingJob | str | Callable[..., Any],
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    steps: int | None = None,
+    timeout_s: float = 900.0,
+    extra_env: Mapping[str, str | None] | None = None,
+) -> TrainingMemoryResult:
+    """Peak memory and step time of ``steps`` training steps, measured in a fresh Python process.
+
+    ``job`` is a :class:`TrainingJob`, a ``"module:function"`` factory spec or a module-level factory
+    function (see :class:`TrainingJob` for the factory contract); ``kwargs``/``steps`` override the job's.
+    The child runs with :data:`DEFAULT_MALLOC_ENV` (pinned glibc thresholds, for peaks that reflect live
+    memory rather than allocator history) plus ``extra_env``, where a ``None`` value removes a variable
+    (``{"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": None}`` restores glibc's defaults).
+    A failing or timed-out child raises :class:`TrainingJobError` with the tail of its stderr.
+    """
+    if isinstance(job, str):
+        job = TrainingJob(factory=job)
+    elif not isinstance(job, TrainingJob):
+        job = TrainingJob.from_callable(job)
+    overrides: dict[str, Any] = {}
+    if kwargs is not None:
+        overrides["kwargs"] = dict(kwargs)
+    if steps is not None:
+        overrides["steps"] = steps
+    if overrides:
+        job = dataclasses.replace(job, **overrides)
+
+    with tempfile.TemporaryDirectory(prefix="compress-measure-") as tmp:
+        result_path = Path(tmp, "result.json")
+        cmd = [sys.executable, "-c", _CHILD_CODE, job.to_json(), str(result_path)]
+        logger.info("measuring training memory of %s (%d steps) in a subprocess", job.factory, job.steps)
+        try:
+            proc = subprocess.run(
+                cmd, env=_child_env(extra_env), capture_output=True, text=True, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired as exc:
+            stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+            raise TrainingJobError(
+                f"training job {job.factory} timed out after {timeout_s:g} s; "
+                f"stderr tail:\n{_tail(stderr or '')}"
+            ) from exc
+        if proc.returncode != 0 or not result_path.exists():
+            raise TrainingJobError(
+                f"training job {job.factory} failed in the child process (exit status {proc.returncode}); "
+                f"stderr tail:\n{_tail(proc.stderr)}"
+            )
+        data = json.loads(result_path.read_text())
+    data["losses"] = tuple(data["losses"])
+    result = TrainingMemoryResult(**data)
+    logger.info(
+        "%s: peak RSS %.1f MB, baseline %.1f MB, increase %.1f MB",
+        job.factory, result.peak_rss_mb, result.baseline_rss_mb, result.increase_mb,
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _format_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    if isinstance(value, numbers.Real):
+        x = float(value)
+        if math.isnan(x) or math.isinf(x) or x == 0:
+            return str(x) if x else "0"
+        if abs(x) >= 1:
+            return f"{x:,.3f}"
+        return f"{x:.3g}"  # 3 significant digits for small magnitudes (e.g. 0.0123 s)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Render rows as an aligned Markdown pipe table (pasteable into a README).
+
+    ``columns`` defaults to every key in order of first appearance; missing values are blank. Integers get
+    thousands separators, floats 3 decimals (3 significant digits below 1), booleans ``yes``/``no``.
+    Columns whose values are all numbers are right-aligned, others left-aligned.
+    """
+    rows = list(rows)
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns = list(columns)
+    if not columns:
+        return ""
+    cells = [[_format_cell(row.get(col)) for col in columns] for row in rows]
+    numeric = [
+        any(col in row for row in rows)
+        and all(_is_number(row[col]) for row in rows if row.get(col) is not None)
+        for col in columns
+    ]
+    widths = [max([len(col), 3, *(len(r[i]) for r in cells)]) for i, col in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if num else "-" * (w + 2) for w, num in zip(widths, numeric))
+    rule += "|"
+    return "\n".join([line(columns), rule, *(line(r) for r in cells)])

@@ -1,0 +1,188 @@
+"""Tests for compress.measure; the factories below are imported by the training-memory child process."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from compress.measure import (
+    LatencyResult,
+    TrainingJob,
+    TrainingJobError,
+    count_parameters,
+    estimate_flops,
+    folder_size,
+    format_table,
+    inference_latency,
+    peak_training_memory,
+    ratio,
+)
+
+MB = 1024 * 1024
+
+
+# ---- factories for peak_training_memory (module level, so a fresh process can import them) -----------
+
+
+class _TinyRegressor(torch.nn.Module):
+    """MLP returning ``{"loss": ...}``; optionally allocates a transient ``extra_mb`` buffer per forward."""
+
+    def __init__(self, hidden: int, extra_mb: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(32, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)
+        )
+        self.extra_mb = extra_mb
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss = torch.nn.functional.mse_loss(self.net(x).squeeze(-1), labels)
+        if self.extra_mb:
+            scratch = torch.ones(self.extra_mb * MB // 4)  # written, so its pages are resident
+            loss = loss + scratch.sum() * 0.0
+        return {"loss": loss}
+
+
+def tiny_factory(hidden: int = 64, extra_mb: int = 0):
+    model = _TinyRegressor(hidden, extra_mb)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {"x": torch.randn(8, 32, generator=g), "labels": torch.randn(8, generator=g)} for _ in range(2)
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, batches, optimizer
+
+
+def failing_factory():
+    raise RuntimeError("boom-from-child-factory")
+
+
+# ---- static measures -------------------------------------------------------------------------------
+
+
+def test_count_parameters_all_and_trainable():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 5), torch.nn.Linear(5, 3))
+    assert count_parameters(model) == (10 * 5 + 5) + (5 * 3 + 3)
+    model[0].requires_grad_(False)
+    assert count_parameters(model, trainable_only=True) == 5 * 3 + 3
+    assert count_parameters(model) == 73
+
+
+def test_estimate_flops_linear():
+    model = torch.nn.Linear(16, 32)
+    assert estimate_flops(model, {"input": torch.randn(4, 16)}) == 2 * 4 * 16 * 32
+    assert torch.is_grad_enabled()
+
+
+def test_folder_size(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"x" * 100)
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "sub" / "b.txt").write_bytes(b"y" * 23)
+    (tmp_path / "sub" / "deeper" / "c").write_bytes(b"z" * 7)
+    assert folder_size(tmp_path) == 130
+    assert folder_size(str(tmp_path / "sub")) == 30
+    assert folder_size(tmp_path / "a.bin") == 100
+    with pytest.raises(FileNotFoundError):
+        folder_size(tmp_path / "missing")
+
+
+def test_ratio():
+    assert ratio(50, 200) == 0.25
+    with pytest.raises(ValueError):
+        ratio(1, 0)
+
+
+# ---- latency ---------------------------------------------------------------------------------------
+
+
+class _CountingLinear(torch.nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(16, 16)
+        self.calls = 0
+        self.grad_seen: list[bool] = []
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - mirror nn.Linear's signature
+        self.calls += 1
+        self.grad_seen.append(torch.is_grad_enabled())
+        return super().forward(input)
+
+
+def test_inference_latency_counts_and_restores_state():
+    model = _CountingLinear().train()
+    threads = torch.get_num_threads()
+    result = inference_latency(model, {"input": torch.randn(2, 16)}, warmup=2, repeats=7)
+    assert isinstance(result, LatencyResult)
+    assert model.calls == 2 + 7
+    assert not any(model.grad_seen)
+    assert result.repeats == 7 and len(result.times_s) == 7
+    assert result.median_s > 0
+    assert result.min_s <= result.p10_s <= result.median_s <= result.p90_s <= result.max_s
+    assert model.training  # previous mode restored
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError):
+        inference_latency(model, {"input": torch.randn(2, 16)}, repeats=0)
+
+
+# ---- training memory (subprocess) ------------------------------------------------------------------
+
+
+def test_training_job_validation():
+    with pytest.raises(ValueError, match="module:function"):
+        TrainingJob(factory="no_colon_here")
+    with pytest.raises(ValueError, match="JSON"):
+        TrainingJob(factory="tests.test_measure:tiny_factory", kwargs={"t": torch.zeros(1)})
+    with pytest.raises(ValueError, match="importable"):
+        TrainingJob.from_callable(lambda: None)
+    job = TrainingJob.from_callable(tiny_factory, kwargs={"hidden": 8}, steps=2)
+    assert job.factory == "tests.test_measure:tiny_factory"
+    assert TrainingJob.from_json(job.to_json()) == job
+
+
+@pytest.mark.slow
+def test_peak_training_memory_small_vs_large():
+    small = peak_training_memory(TrainingJob("tests.test_measure:tiny_factory", {"hidden": 64}, steps=3))
+    large = peak_training_memory(tiny_factory, kwargs={"hidden": 64, "extra_mb": 200}, steps=3)
+    for res in (small, large):
+        assert res.baseline_rss_mb > 0
+        assert res.peak_rss_mb >= res.baseline_rss_mb
+        assert res.increase_mb > 0
+        assert res.increase_mb == pytest.approx(res.peak_rss_mb - res.baseline_rss_mb)
+        assert res.trainable_params == 32 * 64 + 64 + 64 + 1 == res.total_params
+        assert res.steps == 3 and len(res.losses) == 3
+        assert res.step_time_median_s > 0 and res.step_time_mean_s > 0
+        assert res.device == "cpu" and res.cuda_peak_allocated_mb is None
+    # the 200 MB transient buffer must show up in the peak, the tiny MLP alone must not come close
+    assert large.increase_mb - small.increase_mb > 150, (small, large)
+    assert small.increase_mb < 100, small
+
+
+@pytest.mark.slow
+def test_peak_training_memory_child_error_surfaces():
+    with pytest.raises(TrainingJobError, match="boom-from-child-factory") as info:
+        peak_training_memory("tests.test_measure:failing_factory", steps=1)
+    assert "exit status 1" in str(info.value)
+
+
+# ---- tables ----------------------------------------------------------------------------------------
+
+
+def test_format_table_alignment_and_numbers():
+    rows = [
+        {"method": "full", "params": 22_713_216, "peak_mb": 1683.0, "latency_s": 0.0123456},
+        {"method": "lora|r8", "params": 73_728, "peak_mb": 1497.25},
+    ]
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert len({len(line) for line in lines}) == 1  # every line padded to the same width
+    assert re.fullmatch(r"\| method +\| +params \| +peak_mb \| +latency_s \|", lines[0])
+    assert re.fullmatch(r"\|-+\|-+:\|-+:\|-+:\|", lines[1])
+    assert "22,713,216" in lines[2] and "1,683.000" in lines[2] and "0.0123" in lines[2]
+    assert lines[3].startswith("| lora\\|r8 ")  # text left-aligned, pipe escaped
+    assert lines[3].rstrip().endswith("|") and "73,728" in lines[3]
+    # numbers right-aligned: their column cells end at the same offset as the header's name
+    assert lines[2].index("22,713,216") + len("22,713,216") == lines[0].index("params") + len("params")
+    assert lines[3].index("73,728") + len("73,728") == lines[0].index("params") + len("params")
+    subset = format_table(rows, columns=["params", "method"]).splitlines()
+    assert subset[0].split("|")[1].strip() == "params" and len(subset[0].split("|")) == 4

@@ -1,0 +1,319 @@
+"""The structured pruning engine on tiny random models of every supported family."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+import compress
+from compress.errors import CalibrationError, CompressError, UnsupportedModelError, UnsupportedStructureError
+from compress.pruning.arch import get_adapter
+from compress.pruning.importance import attach_gates, units_for
+from tests import tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (arch, ratios, mode): every structure each family supports, in both modes where it makes sense.
+CASES = [
+    ("bert", {"ffn": 0.5}, "uniform"),
+    ("bert", {"layers": 0.5}, "uniform"),
+    ("bert", {"ffn": 0.5, "heads": 0.5}, "global"),
+    ("roberta", {"ffn": 0.25}, "uniform"),
+    ("roberta", {"heads": 0.25, "layers": 0.5}, "global"),
+    ("llama", {"ffn": 0.5}, "uniform"),
+    ("llama", {"heads": 0.5}, "uniform"),
+    ("llama", {"kv_heads": 0.5}, "uniform"),
+    ("llama", {"layers": 0.5}, "uniform"),
+    ("llama", {"ffn": 0.5, "heads": 0.5}, "global"),
+    ("qwen2", {"ffn": 0.5, "kv_heads": 0.5}, "uniform"),
+    ("qwen2", {"ffn": 0.75, "heads": 0.5}, "global"),
+    ("t5", {"ffn": 0.5}, "uniform"),
+    ("t5", {"heads": 0.5}, "uniform"),
+    ("t5", {"ffn": 0.5, "heads": 0.25}, "global"),
+]
+IDS = [f"{a}-{'+'.join(r)}-{m}" for a, r, m in CASES]
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _masked_reference(original, ratios, removed):
+    """The unpruned model with the removed channels/heads/blocks gated to zero."""
+    units = units_for(get_adapter(original), ratios)
+    ctx = attach_gates(units)
+    gates = ctx.__enter__()
+    with torch.no_grad():
+        for key, idxs in removed.items():
+            gates[key][idxs] = 0.0
+    return ctx
+
+
+@pytest.mark.parametrize("arch,ratios,mode", CASES, ids=IDS)
+def test_pruned_model_equals_masked_original(arch, ratios, mode):
+    model = tiny.make_model(arch)
+    original = copy.deepcopy(model)
+    batch = tiny.make_batch(arch, labels=False)
+    report = compress.prune_model(model, ratios, None, "taylor", data=tiny.make_batches(arch, 2), mode=mode)
+
+    assert report.params_after < report.params_before
+    assert sum(p.numel() for p in model.parameters()) == report.params_after
+    assert report.removed, "nothing was removed"
+    ctx = _masked_reference(original, ratios, report.removed)
+    try:
+        expected = _logits(original, batch)
+    finally:
+        ctx.__exit__(None, None, None)
+    torch.testing.assert_close(_logits(model, batch), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,ratios,mode", CASES, ids=IDS)
+def test_shapes_and_config_follow_ratios(arch, ratios, mode):
+    model = tiny.make_model(arch)
+    before = get_adapter(model).widths()
+    report = compress.prune_model(model, ratios, None, "magnitude", mode=mode)
+    after = get_adapter(model).widths()
+    assert after == report.widths_after
+    cfg = model.config
+    if "ffn" in ratios:
+        assert sum(after["ffn"]) == pytest.approx(sum(before["ffn"]) * (1 - ratios["ffn"]), abs=len(before["ffn"]))
+        if mode == "uniform":
+            assert cfg.to_dict().get("intermediate_size", cfg.to_dict().get("d_ff")) == after["ffn"][0]
+    if "heads" in ratios:
+        assert sum(after["heads"]) < sum(before["heads"])
+    if "kv_heads" in ratios:
+        assert after["kv_heads"] == [k // 2 for k in before["kv_heads"]]
+        assert cfg.num_key_value_heads == after["kv_heads"][0]
+        assert cfg.num_attention_heads == after["heads"][0]
+    if "layers" in ratios:
+        assert sum(after["layers"]) < sum(before["layers"])
+        assert cfg.num_hidden_layers == after["layers"][0]
+    if mode == "uniform":
+        assert not cfg.model_type.startswith("compressed_")
+    # a fresh model built from the rewritten config has exactly the pruned shapes
+    rebuilt = type(model)(copy.deepcopy(cfg))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_gqa_heads_prune_per_kv_group():
+    model = tiny.make_model("llama")  # 4 query heads, 2 kv heads
+    report = compress.prune_model(model, {"heads": 0.5}, None, "random")
+    for idxs in report.removed.values():
+        assert sorted(h // 2 for h in idxs) == [0, 1], "one query head from each kv group"
+    attn = model.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.num_key_value_groups) == (16, 16, 1)
+
+
+def test_decoder_generate_after_pruning_matches_without_cache():
+    model = tiny.make_model("qwen2")
+    compress.prune_model(model, {"kv_heads": 0.5, "layers": 0.5}, None, "magnitude")
+    ids = tiny.make_batch("qwen2", batch_size=1, labels=False)["input_ids"]
+    cached = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
+    uncached = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert model.model.layers[0].self_attn.layer_idx == 0
+
+
+def test_t5_generate_after_head_pruning():
+    model = tiny.make_model("t5")
+    compress.prune_model(model, {"heads": 0.5, "ffn": 0.5}, None, "magnitude")
+    out = model.generate(tiny.make_batch("t5", labels=False)["input_ids"], max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 2
+    assert model.config.num_heads == 2
+    assert model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape[1] == 2
+
+
+def test_importance_criteria_find_dead_neurons():
+    """Neurons whose output weights are zero cannot matter: every criterion but random removes them."""
+    model = tiny.make_model("bert")
+    dead = [1, 5, 9, 13, 17, 21, 25, 29]
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.output.dense.weight[:, dead] = 0
+            layer.intermediate.dense.weight[dead] = 0
+    for criterion in ("taylor", "fisher", "magnitude", "l1"):
+        m = copy.deepcopy(model)
+        report = compress.prune_model(m, 0.125, ("ffn",), criterion, data=tiny.make_batches("bert", 2))
+        assert all(idxs == dead for idxs in report.removed.values()), criterion
+    r1 = compress.prune_model(copy.deepcopy(model), 0.125, ("ffn",), "random")
+    assert any(idxs != dead for idxs in r1.removed.values())
+
+
+def test_scoring_keeps_backbone_frozen_and_restores_flags():
+    model = tiny.make_model("bert")
+    model.classifier.weight.requires_grad_(False)
+    compress.prune_model(model, 0.5, ("ffn",), "taylor", data=tiny.make_batches("bert", 2))
+    assert all(p.grad is None for p in model.parameters()), "scoring must not create weight gradients"
+    assert model.classifier.weight.requires_grad is False
+    assert model.bert.embeddings.word_embeddings.weight.requires_grad is True
+
+
+def test_custom_importance_interface():
+    class LastChannels(compress.Importance):
+        def __call__(self, unit, stats):
+            return -torch.arange(unit.size, dtype=torch.float)
+
+    model = tiny.make_model("bert")
+    report = compress.prune_model(model, 0.25, ("ffn",), LastChannels())
+    assert all(idxs == list(range(48, 64)) for idxs in report.removed.values())
+
+
+def test_global_mode_allocates_by_importance():
+    model = tiny.make_model("bert")
+    with torch.no_grad():  # make layer 1's FFN nearly irrelevant: global pruning should take it first
+        model.bert.encoder.layer[1].output.dense.weight.mul_(1e-3)
+    compress.prune_model(model, 0.5, ("ffn",), "magnitude", mode="global")
+    widths = get_adapter(model).widths()["ffn"]
+    assert widths[1] < widths[0] and sum(widths) == 64
+    assert type(model).__name__ == "CompressedBertForSequenceClassification"
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"ratio": 1.0}, CompressError, r"\(0, 1\)"),
+    ({"ratio": 0.0}, CompressError, r"\(0, 1\)"),
+    ({"structures": ("neurons",)}, UnsupportedStructureError, "choose from"),
+    ({"structures": ("heads",)}, UnsupportedStructureError, "mode='global'"),
+    ({"structures": ("kv_heads",), "mode": "global"}, UnsupportedStructureError, "supported structures"),
+    ({"mode": "sideways"}, CompressError, "mode must be one of"),
+    ({"importance": "vibes"}, CompressError, "choose one of"),
+    ({"importance": "taylor"}, CalibrationError, "needs `data`"),
+])
+def test_bad_requests_fail_clearly(kwargs, error, match):
+    args = {"ratio": 0.5, "structures": ("ffn",), "importance": "magnitude", **kwargs}
+    with pytest.raises(error, match=match):
+        compress.prune_model(tiny.make_model("bert"), **args)
+
+
+def test_unsupported_architecture_names_supported_ones():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="bert.*llama.*qwen2.*t5"):
+        compress.prune_model(model, 0.5, ("ffn",), "magnitude")
+
+
+def test_calibration_without_labels_fails_clearly():
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in tiny.make_batches("bert", 2)]
+    with pytest.raises(CalibrationError, match="labels"):
+        compress.prune_model(tiny.make_model("bert"), 0.5, ("ffn",), "taylor", data=batches)
+
+
+# -- export -------------------------------------------------------------------------------------------
+def _save(model, tmp_path, report, name="out"):
+    return compress.save_pretrained(model, tmp_path / name, report=report)
+
+
+def test_saved_folder_is_compact_safetensors_with_card(tmp_path):
+    dense = tiny.make_model("llama")
+    dense_dir = _save(dense, tmp_path, None, "dense")
+    model = tiny.make_model("llama")
+    report = compress.prune_model(model, {"ffn": 0.5, "kv_heads": 0.5}, None, "magnitude")
+    out = _save(model, tmp_path, report)
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in files and "config.json" in files and "README.md" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    tensors = load_file(out / "model.safetensors")
+    assert sum(t.numel() for t in tensors.values()) == report.params_after
+    ratio = (out / "model.safetensors").stat().st_size / (dense_dir / "model.safetensors").stat().st_size
+    assert ratio == pytest.approx(report.params_after / report.params_before, abs=0.02)
+    card = (out / "README.md").read_text()
+    assert f"{report.params_before:,}" in card and f"{report.params_after:,}" in card
+    assert "no extra package is needed" in card
+    assert json.loads((out / "compress_report.json").read_text())["params_after"] == report.params_after
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = tiny.make_model("bert")
+    out = tmp_path / "out"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        compress.save_pretrained(model, out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "temporary folder left behind"
+    monkeypatch.undo()
+    compress.save_pretrained(model, out)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        compress.save_pretrained(model, out)
+    compress.save_pretrained(model, out, overwrite=True)
+    assert (out / "model.safetensors").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_global_model_reloads_with_import_compress(tmp_path):
+    model = tiny.make_model("bert")
+    report = compress.prune_model(model, {"ffn": 0.5, "heads": 0.5}, None, "magnitude", mode="global")
+    out = _save(model, tmp_path, report)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "compressed_bert"
+    assert "import compress" in (out / "README.md").read_text()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    batch = tiny.make_batch("bert", labels=False)
+    torch.testing.assert_close(_logits(reloaded.eval(), batch), _logits(model, batch), rtol=0, atol=1e-6)
+
+
+_FRESH = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import {auto}, pipeline
+    out, batch_file, expected_file = sys.argv[1:4]
+    model = {auto}.from_pretrained(out).eval()
+    assert "compress" not in sys.modules, "plain transformers must not import compress"
+    batch = torch.load(batch_file)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.testing.assert_close(logits, torch.load(expected_file), rtol=0, atol=1e-5)
+    {extra}
+    print("FRESH-OK")
+""")
+
+
+def _fresh_reload(out, auto, batch, expected, tmp_path, extra=""):
+    torch.save(batch, tmp_path / "batch.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = _FRESH.format(auto=auto, extra=extra)
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "batch.pt"),
+                           str(tmp_path / "expected.pt")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert "FRESH-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,ratios,auto", [
+    ("bert", {"ffn": 0.5, "layers": 0.5}, "AutoModelForSequenceClassification"),
+    ("qwen2", {"ffn": 0.5, "kv_heads": 0.5, "layers": 0.5}, "AutoModelForCausalLM"),
+    ("t5", {"ffn": 0.5, "heads": 0.5}, "AutoModelForSeq2SeqLM"),
+])
+def test_uniform_model_reloads_in_fresh_process_without_compress(tmp_path, arch, ratios, auto):
+    model = tiny.make_model(arch)
+    report = compress.prune_model(model, ratios, None, "taylor", data=tiny.make_batches(arch, 2))
+    out = _save(model, tmp_path, report)
+    batch = tiny.make_batch(arch, labels=False)
+    _fresh_reload(out, auto, batch, _logits(model, batch), tmp_path)
+
+
+@pytest.mark.slow
+def test_uniform_bert_pipeline_in_fresh_process(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "movie", "very"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]")
+    model = tiny.make_model("bert")
+    report = compress.prune_model(model, 0.5, ("ffn",), "magnitude")
+    out = compress.save_pretrained(model, tmp_path / "out", tokenizer=tokenizer, report=report)
+    batch = dict(tokenizer(["very good movie"], return_tensors="pt"))
+    extra = ("clf = pipeline('text-classification', model=out, device='cpu');"
+             " res = clf('very good movie'); assert res[0]['label'].startswith('LABEL_'), res")
+    _fresh_reload(out, "AutoModelForSequenceClassification", batch, _logits(model, batch), tmp_path, extra)
