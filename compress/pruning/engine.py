@@ -291,6 +291,21 @@ def _prune_group(dg: tp.DependencyGraph, root: nn.Module, idxs: list[int], expec
     group.prune()
 
 
+def _prune_out(module: nn.Module, idxs: list[int]) -> None:
+    # adapter layers (e.g. Pruning-Adapter's) prune their base layer and their own matrices together
+    if hasattr(module, "prune_output_channels"):
+        module.prune_output_channels(idxs)
+    else:
+        tp.prune_linear_out_channels(module, idxs)
+
+
+def _prune_in(module: nn.Module, idxs: list[int]) -> None:
+    if hasattr(module, "prune_input_channels"):
+        module.prune_input_channels(idxs)
+    else:
+        tp.prune_linear_in_channels(module, idxs)
+
+
 def _prune_heads_explicitly(site: AttentionSite, dead_q: list[int]) -> None:
     n_kv, per = site.num_kv_heads, site.num_heads // site.num_kv_heads
     counts = [sum(1 for h in dead_q if h // per == g) for g in range(n_kv)]
@@ -301,44 +316,49 @@ def _prune_heads_explicitly(site: AttentionSite, dead_q: list[int]) -> None:
                             "or whole kv groups (structure 'kv_heads')")
     hd = site.head_dim
     q_channels = _channels(dead_q, hd)
-    tp.prune_linear_out_channels(site.q, q_channels)
-    tp.prune_linear_in_channels(site.o, q_channels)
+    _prune_out(site.q, q_channels)
+    _prune_in(site.o, q_channels)
     if dead_kv:
         kv_channels = _channels(dead_kv, hd)
-        tp.prune_linear_out_channels(site.k, kv_channels)
-        tp.prune_linear_out_channels(site.v, kv_channels)
+        _prune_out(site.k, kv_channels)
+        _prune_out(site.v, kv_channels)
     if site.relative_bias is not None:
         tp.prune_embedding_out_channels(site.relative_bias, dead_q)
 
 
+def _has_adapter_layers(units: list[Unit]) -> bool:
+    return any(hasattr(m, "prune_output_channels") for u in units if u.structure == "ffn" for m in u.site.inputs) or \
+        any(hasattr(u.site.q, "prune_output_channels") for u in units if u.structure == "heads")
+
+
 def apply_removals(model: nn.Module, adapter: ArchAdapter, units: list[Unit],
                    removals: Mapping[str, list[int]]) -> None:
-    """Physically remove the planned channels, heads and blocks, then rewrite config and attributes."""
+    """Physically remove the planned channels, heads and blocks, then rewrite config and attributes.
+
+    Plain models go through torch-pruning's dependency graph, checked against the couplings each site
+    declares. Models wrapped with adapter layers prune each site's declared layers directly, so that the
+    adapter matrices shrink with their base layers.
+    """
+    # torch-pruning replaces pruned parameters with new ones that require grad: keep frozen ones frozen
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     channel_units = [u for u in units if u.structure in ("ffn", "heads") and removals.get(u.key)]
-    dg = None
-    needs_graph = any(u.structure == "ffn" or not _explicit_heads(adapter) for u in channel_units)
-    if needs_graph:
-        dg = build_dependency_graph(model)
-    done_shared: set[str] = set()
+    wrapped = _has_adapter_layers(channel_units)
+    use_graph = not wrapped and any(u.structure == "ffn" or not _explicit_heads(adapter) for u in channel_units)
+    dg = build_dependency_graph(model) if use_graph else None
     for u in channel_units:
-        idxs = removals[u.key]
-        if u.structure == "ffn":
-            site = u.site
+        idxs, site = removals[u.key], u.site
+        if u.structure == "ffn" and dg is not None:
             _prune_group(dg, site.inputs[0], idxs, {*site.inputs, site.output}, u.key)
-        elif _explicit_heads(adapter):
-            _prune_heads_explicitly(u.site, idxs)
-        elif u.site.shared_heads_key:
-            if u.site.shared_heads_key in done_shared:
-                continue
-            done_shared.add(u.site.shared_heads_key)
-            members = [m.site for m in units if m.structure == "heads"
-                       and m.site.shared_heads_key == u.site.shared_heads_key]
-            expected = {lin for s in members for lin in (s.q, s.k, s.v, s.o)}
-            expected |= {s.relative_bias for s in members if s.relative_bias is not None}
-            _prune_group(dg, u.site.q, _channels(idxs, u.site.head_dim), expected, u.site.shared_heads_key)
+        elif u.structure == "ffn":
+            for lin in site.inputs:
+                _prune_out(lin, idxs)
+            _prune_in(site.output, idxs)
+        elif dg is None or _explicit_heads(adapter):
+            _prune_heads_explicitly(site, idxs)
         else:
-            s = u.site
-            _prune_group(dg, s.q, _channels(idxs, s.head_dim), {s.q, s.k, s.v, s.o}, u.key)
+            _prune_group(dg, site.q, _channels(idxs, site.head_dim), {site.q, site.k, site.v, site.o}, u.key)
+    for name, param in model.named_parameters():
+        param.requires_grad_(requires_grad.get(name, param.requires_grad))
     adapter.refresh()
     for u in units:
         if u.structure == "layers" and removals.get(u.key):
