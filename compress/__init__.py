@@ -22,10 +22,24 @@ __version__ = "0.1.0"
 
 register_compact_models()
 
+# Importing the plugins registers every PEFT method with peft (see compress.registry).
+from compress.plugins import METHODS  # noqa: E402
+from compress.plugins.pruning_adapter import (  # noqa: E402
+    PruningAdapterCallback,
+    PruningAdapterConfig,
+    PruningAdapterModel,
+    apply_pruning_adapter,
+)
+
 __all__ = [
     "CalibrationError",
     "CompressError",
     "Importance",
+    "METHODS",
+    "PruningAdapterCallback",
+    "PruningAdapterConfig",
+    "PruningAdapterModel",
+    "apply_pruning_adapter",
     "PruneReport",
     "UnsupportedModelError",
     "UnsupportedStructureError",

@@ -1,1 +1,15 @@
-"""PEFT methods of peft-compress, one sub-package each; installed as ``compress.plugins``."""
+"""PEFT methods of peft-compress, one sub-package each; installed as ``compress.plugins``.
+
+Every method registers itself with peft when its sub-package is imported. ``METHODS`` lists them all;
+the test suite requires test cases for each entry.
+"""
+
+from __future__ import annotations
+
+from . import pruning_adapter
+
+METHODS = {
+    "PRUNING_ADAPTER": pruning_adapter,
+}
+
+__all__ = ["METHODS"]

@@ -1,0 +1,143 @@
+"""Adapter layer of Pruning-Adapter: a low-rank update around a linear layer that can lose channels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch_pruning as tp
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+class PruningAdapterLayer(BaseTunerLayer):
+    """``y = base(x) + B(A(dropout(x))) * alpha / r`` where the base layer may be pruned in place.
+
+    ``prune_output_channels``/``prune_input_channels`` shrink the base layer and the adapter matrices
+    together (the pruning engine calls them), and record which rows/columns survived so that an
+    optimizer's state can follow (:func:`compress.pruning.optim.remap_optimizer`).
+    """
+
+    adapter_layer_names = ("pa_A", "pa_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "pa_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.pa_dropout = nn.ModuleDict({})
+        self.pa_A = nn.ModuleDict({})
+        self.pa_B = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        #: parameter -> (dim, kept indices) for every parameter replaced by the last pruning call
+        self.pruned_params: dict[int, tuple[nn.Parameter, int, torch.Tensor]] = {}
+        self.kwargs = kwargs
+
+    @property
+    def in_features(self) -> int:
+        return self.get_base_layer().in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.get_base_layer().out_features
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_weights: bool = True, inference_mode: bool = False) -> None:
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / r
+        self.pa_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.pa_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.pa_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.pa_A[adapter_name].weight, a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.pa_B[adapter_name].weight)
+        else:  # a non-zero start, so tests can tell the adapter path from the base path
+            nn.init.normal_(self.pa_B[adapter_name].weight, std=0.02)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    # -- structural pruning ----------------------------------------------------------------------------
+    def _record(self, old: nn.Parameter, new: nn.Parameter, dim: int, removed: list[int], size: int) -> None:
+        keep = torch.tensor(sorted(set(range(size)) - set(removed)), dtype=torch.long)
+        self.pruned_params[id(old)] = (new, dim, keep)
+
+    def _prune(self, layer: nn.Linear, removed: list[int], out: bool) -> None:
+        size = layer.out_features if out else layer.in_features
+        old_weight, old_bias = layer.weight, layer.bias
+        (tp.prune_linear_out_channels if out else tp.prune_linear_in_channels)(layer, removed)
+        self._record(old_weight, layer.weight, 0 if out else 1, removed, size)
+        if out and old_bias is not None:
+            self._record(old_bias, layer.bias, 0, removed, size)
+
+    def prune_output_channels(self, removed: list[int]) -> None:
+        """Remove output channels from the base layer and every adapter's B."""
+        self._check_unmerged()
+        self._prune(self.get_base_layer(), removed, out=True)
+        for b in self.pa_B.values():
+            self._prune(b, removed, out=True)
+
+    def prune_input_channels(self, removed: list[int]) -> None:
+        """Remove input channels from the base layer and every adapter's A."""
+        self._check_unmerged()
+        self._prune(self.get_base_layer(), removed, out=False)
+        for a in self.pa_A.values():
+            self._prune(a, removed, out=False)
+
+    def _check_unmerged(self) -> None:
+        if self.merged:
+            raise RuntimeError("unmerge the adapters before pruning: pruning a merged layer would bake the "
+                               "adapter into the frozen weights")
+
+
+class Linear(nn.Module, PruningAdapterLayer):
+    """Pruning-Adapter around an ``nn.Linear``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 16,
+                 lora_dropout: float = 0.0, init_weights: bool = True, **kwargs) -> None:
+        super().__init__()
+        PruningAdapterLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_weights)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        a, b = self.pa_A[adapter].weight, self.pa_B[adapter].weight
+        return (b.float() @ a.float()) * self.scaling[adapter]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        base = self.get_base_layer()
+        for adapter in adapter_names or self.active_adapters:
+            if adapter not in self.pa_A or adapter in self.merged_adapters:
+                continue
+            merged = base.weight.data.float() + self.get_delta_weight(adapter)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of adapter {adapter!r}")
+            base.weight.data = merged.to(base.weight.dtype)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            base.weight.data = (base.weight.data.float() - self.get_delta_weight(adapter)).to(base.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.pa_A:
+                continue
+            a = self.pa_A[adapter]
+            h = self.pa_dropout[adapter](x.to(a.weight.dtype))
+            result = result + (self.pa_B[adapter](a(h)) * self.scaling[adapter]).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "pruning_adapter." + super().__repr__()

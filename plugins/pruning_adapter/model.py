@@ -1,0 +1,269 @@
+"""Pruning-Adapter tuner: prune the frozen backbone by task importance, train low-rank adapters on it."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from compress.errors import CompressError
+from compress.pruning.arch import get_adapter
+from compress.pruning.compact import make_compact
+from compress.pruning.engine import apply_removals, check_support, plan_removals, score_units
+from compress.pruning.importance import Unit, attach_gates, get_importance, units_for
+from compress.pruning.optim import remap_optimizer
+
+from .config import PruningAdapterConfig
+from .layer import Linear, PruningAdapterLayer
+
+logger = logging.getLogger(__name__)
+
+_ATTN_FFN = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+}
+TARGET_MODULES = {
+    model_type: _ATTN_FFN[family]
+    for family, types in {"bert": ("bert", "roberta"), "llama": ("llama", "qwen2"), "t5": ("t5",)}.items()
+    for base in types
+    for model_type in (base, f"compressed_{base}")
+}
+
+
+def _total(widths: dict[str, list[int]], structure: str) -> int:
+    if structure == "kv_heads":
+        return sum(widths.get("kv_heads", widths["heads"]))
+    return sum(widths[structure])
+
+
+def cubic_sparsity(step: int, final: float, end_step: int) -> float:
+    """Sparsity reached at ``step`` on the cubic schedule of Zhu & Gupta (2017), from 0 to ``final``."""
+    progress = min(max(step / end_step, 0.0), 1.0)
+    return final * (1.0 - (1.0 - progress) ** 3)
+
+
+class PruningAdapterModel(BaseTuner):
+    """Creates a Pruning-Adapter model from a pretrained transformers model.
+
+    The backbone is frozen; its FFN neurons, attention heads and blocks are scored by the task
+    (gradients of the loss with respect to per-structure gates, never weight gradients), physically
+    removed, and low-rank adapters train on the smaller model. ``merge_and_unload()`` returns a plain
+    transformers model with the pruned shapes and the adapters folded in.
+
+    Pruning happens either with :meth:`prune` (oneshot on calibration data, before training) or during
+    training through :class:`~compress.plugins.pruning_adapter.PruningAdapterCallback`, which scores on
+    the training batches themselves.
+
+    Example::
+
+        >>> import compress
+        >>> from peft import get_peft_model
+        >>> config = compress.PruningAdapterConfig(task_type="SEQ_CLS", ffn_sparsity=0.5, r=8)
+        >>> model = get_peft_model(base_model, config)
+        >>> model.base_model.prune(data=calibration_dataset, tokenizer=tokenizer)  # or the callback
+    """
+
+    prefix: str = "pa_"
+    tuner_layer_cls = PruningAdapterLayer
+    target_module_mapping = TARGET_MODULES
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
+        self._gates_ctx = None
+        self._gates: dict[str, torch.Tensor] = {}
+        self._stats: dict[str, torch.Tensor] = {}
+        self._scored_steps = 0
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # -- injection -----------------------------------------------------------------------------------
+    def _pre_injection_hook(self, model: nn.Module, config: PruningAdapterConfig, adapter_name: str) -> None:
+        adapter = get_adapter(model)
+        check_support(adapter, config.ratios, config.mode)
+        if config.pruning_plan:
+            self._replay(model, config)
+
+    def _replay(self, model: nn.Module, config: PruningAdapterConfig) -> None:
+        """Re-create the pruned shapes recorded in ``config.pruning_plan`` on the original base model."""
+        widths = get_adapter(model).widths()
+        plan = config.pruning_plan
+        if widths == plan[-1]["widths_after"]:
+            return  # this base model is already pruned as recorded
+        if widths != plan[0]["widths_before"]:
+            raise CompressError(
+                f"the base model's layer widths {widths} match neither the original model this adapter was "
+                f"trained on ({plan[0]['widths_before']}) nor its pruned form; load the adapter onto the base "
+                "model it was created from")
+        for event in plan:
+            adapter = get_adapter(model)
+            units = units_for(adapter, event["structures"])
+            apply_removals(model, adapter, units, {k: list(v) for k, v in event["removed"].items()})
+        self._finish_shapes(model, config)
+
+    @staticmethod
+    def _finish_shapes(model: nn.Module, config: PruningAdapterConfig) -> None:
+        if not get_adapter(model).fits_standard_config():
+            make_compact(model)
+
+    def _create_and_replace(self, config: PruningAdapterConfig, adapter_name: str, target: nn.Module,
+                            target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
+        kwargs = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+                  "init_weights": config.init_weights}
+        if isinstance(target, PruningAdapterLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise CompressError(f"target module {current_key!r} is a {type(base).__name__}; Pruning-Adapter adapts "
+                                "torch.nn.Linear layers only: adjust target_modules")
+        new_module = Linear(target, adapter_name, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # BaseTuner's version re-ties `weight`/`bias` from the old child, which fails for unloaded modules
+        # without a weight (e.g. RobertaClassificationHead in modules_to_save) and is unnecessary here:
+        # adapter layers wrap their base layer, and update_layer already placed adapters on its device.
+        setattr(parent, child_name, new_module)
+
+    # -- pruning -------------------------------------------------------------------------------------
+    @property
+    def _config(self) -> PruningAdapterConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def pruning_finished(self) -> bool:
+        """Whether the configured final sparsity has been reached (or replayed from a checkpoint)."""
+        plan = self._config.pruning_plan
+        return bool(plan) and plan[-1].get("final", False)
+
+    def _units(self) -> list[Unit]:
+        return units_for(get_adapter(self.model), self._config.ratios)
+
+    def prune(self, data=None, tokenizer=None, num_batches: int = 8, batch_size: int = 16,
+              optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Oneshot: score on calibration ``data`` (gate gradients only) and prune to the final sparsity.
+
+        Args:
+            data: a tokenized ``datasets.Dataset`` with labels, or an iterable of model-input dicts. Not
+                needed for ``importance='magnitude'`` or ``'random'``.
+            tokenizer: pads a Dataset's rows into batches.
+            num_batches, batch_size: how much calibration data to use.
+            optimizer: an existing optimizer to keep consistent with the pruned parameters.
+
+        Returns:
+            The recorded pruning event (structures, removed indices, widths before/after).
+        """
+        if self.pruning_finished:
+            raise CompressError("this model is already pruned to its configured sparsity")
+        criterion = get_importance(self._config.importance)
+        batches = None
+        if criterion.needs_calibration:
+            from compress.data import calibration_batches
+
+            if data is None:
+                raise CompressError(f"importance={self._config.importance!r} needs calibration data: pass data=, "
+                                    "or train with PruningAdapterCallback to score on the training batches")
+            batches = calibration_batches(data, batch_size=batch_size, num_batches=num_batches, tokenizer=tokenizer)
+        units = self._units()
+        scores = score_units(self.model, units, criterion, batches)
+        return self._prune_event(self._config.ratios, scores, optimizer, final=True)
+
+    def _prune_event(self, ratios: dict[str, float], scores: dict[str, torch.Tensor],
+                     optimizer: torch.optim.Optimizer | None, final: bool) -> dict:
+        config = self._config
+        adapter = get_adapter(self.model)
+        units = units_for(adapter, ratios)
+        removals = plan_removals(adapter, units, scores, ratios, config.mode, round_to=config.round_to)
+        layers = [m for m in self.model.modules() if isinstance(m, PruningAdapterLayer)]
+        for layer in layers:
+            layer.pruned_params.clear()
+        widths_before = adapter.widths()
+        apply_removals(self.model, adapter, units, removals)
+        self._finish_shapes(self.model, config)
+        if optimizer is not None:
+            replaced = {k: v for layer in layers for k, v in layer.pruned_params.items()}
+            remap_optimizer(optimizer, replaced, list(self.model.parameters()))
+        event = {"structures": sorted(ratios), "removed": {k: v for k, v in removals.items() if v},
+                 "widths_before": widths_before, "widths_after": get_adapter(self.model).widths(), "final": final}
+        config.pruning_plan.append(event)
+        logger.info("pruned %s: widths %s", ", ".join(f"{k} {v:.0%}" for k, v in ratios.items()),
+                    event["widths_after"])
+        return event
+
+    # -- scoring on training batches (driven by PruningAdapterCallback) ---------------------------------
+    def pruning_steps(self) -> list[int]:
+        """Training steps (``global_step`` after the optimizer step) at which pruning happens."""
+        config = self._config
+        if config.schedule == "oneshot":
+            return [config.scoring_steps]
+        steps = list(range(config.scoring_steps, config.pruning_end_step, config.pruning_interval))
+        return steps + [config.pruning_end_step]
+
+    def start_scoring(self) -> None:
+        """Attach gates so the training loss gives importance gradients; no-op once pruning is finished."""
+        if self.pruning_finished or self._gates_ctx is not None:
+            return
+        self._gates_ctx = attach_gates(self._units())
+        self._gates = self._gates_ctx.__enter__()
+        self._stats = {}
+
+    def stop_scoring(self) -> None:
+        if self._gates_ctx is not None:
+            self._gates_ctx.__exit__(None, None, None)
+        self._gates_ctx, self._gates, self._stats = None, {}, {}
+
+    def scoring_step(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
+        """Fold this step's gate gradients into the importance estimate; prune if ``global_step`` is due."""
+        if self._gates_ctx is None:
+            return None
+        config = self._config
+        beta = config.ema_beta if config.schedule == "progressive" else 1.0
+        for key, gate in self._gates.items():
+            if gate.grad is None:
+                continue
+            grad = gate.grad.detach().float()
+            stat = grad.abs() if config.importance != "fisher" else grad.pow(2)
+            previous = self._stats.get(key)
+            # oneshot sums over the scoring steps; progressive keeps a moving average
+            self._stats[key] = stat if previous is None else (
+                previous + stat if beta == 1.0 else beta * previous + (1 - beta) * stat)
+            gate.grad = None
+        if global_step not in self.pruning_steps():
+            return None
+        units = self._units()
+        criterion = get_importance(config.importance)
+        if criterion.needs_calibration:
+            missing = [u.key for u in units if u.key not in self._stats]
+            if missing:
+                raise CompressError(f"no gate gradients reached {missing[:3]}...: is the model training with a loss?")
+            scores = {u.key: self._stats[u.key].cpu() for u in units}
+        else:
+            scores = score_units(self.model, units, criterion, None)
+        final = global_step == self.pruning_steps()[-1]
+        ratios = self._ratios_at(global_step, final)
+        self.stop_scoring()
+        event = self._prune_event(ratios, scores, optimizer, final=final) if ratios else None
+        if event is None and final and config.pruning_plan:
+            config.pruning_plan[-1]["final"] = True
+        if not final:
+            self.start_scoring()
+        return event
+
+    def _ratios_at(self, step: int, final: bool) -> dict[str, float]:
+        """Ratios relative to the *current* widths that reach the scheduled sparsity of the original widths."""
+        config = self._config
+        current = get_adapter(self.model).widths()
+        original = config.pruning_plan[0]["widths_before"] if config.pruning_plan else current
+        ratios = {}
+        for structure, target in config.ratios.items():
+            sparsity = target if (final or config.schedule == "oneshot") else cubic_sparsity(
+                step, target, config.pruning_end_step)
+            keep = math.floor((1 - sparsity) * _total(original, structure) + 0.5)
+            now = _total(current, structure)
+            if now > keep:
+                ratios[structure] = (now - keep) / now
+        return ratios

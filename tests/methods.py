@@ -1,0 +1,78 @@
+"""The matrix of PEFT methods under test: one row per (method, model, config) with shared helpers.
+
+Every method in ``compress.METHODS`` must have rows here (``test_every_method_has_cases`` enforces it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from peft import get_peft_model
+
+import compress
+from tests import tiny
+
+
+@dataclass
+class MethodCase:
+    method: str
+    arch: str
+    config_cls: type
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.method.lower()}-{self.arch}-{'-'.join(f'{k}={v}' for k, v in self.kwargs.items() if k != 'task_type')}"
+
+
+TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+
+CASES = [
+    MethodCase("PRUNING_ADAPTER", "bert", compress.PruningAdapterConfig,
+               {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "mode": "global", "r": 4}),
+    MethodCase("PRUNING_ADAPTER", "roberta", compress.PruningAdapterConfig,
+               {"ffn_sparsity": 0.5, "layer_sparsity": 0.5, "r": 4}),
+    MethodCase("PRUNING_ADAPTER", "llama", compress.PruningAdapterConfig,
+               {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "layer_sparsity": 0.5, "r": 4}),
+    MethodCase("PRUNING_ADAPTER", "qwen2", compress.PruningAdapterConfig,
+               {"sparsity": {"ffn": 0.25, "kv_heads": 0.5}, "importance": "fisher", "r": 4}),
+    MethodCase("PRUNING_ADAPTER", "t5", compress.PruningAdapterConfig,
+               {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "r": 4}),
+]
+
+
+def _prepare_pruning_adapter(peft_model, arch):
+    peft_model.base_model.prune(data=tiny.make_batches(arch, 2))
+
+
+#: per method: what turns a freshly wrapped model into its trained-shape form (e.g. oneshot pruning)
+PREPARE = {"PRUNING_ADAPTER": _prepare_pruning_adapter}
+
+
+def build(case: MethodCase, init_weights: bool = True):
+    """A tiny base model, its deep copy (for reloads), and the prepared PEFT model."""
+    base = tiny.make_model(case.arch)
+    pristine = tiny.make_model(case.arch)
+    kwargs = dict(case.kwargs)
+    if "init_weights" in case.config_cls.__dataclass_fields__:
+        kwargs["init_weights"] = init_weights
+    config = case.config_cls(task_type=TASK[case.arch], **kwargs)
+    peft_model = get_peft_model(base, config)
+    PREPARE[case.method](peft_model, case.arch)
+    return pristine, peft_model
+
+
+def perturb_adapters(peft_model, seed: int = 0) -> None:
+    """Give every trainable parameter random values, so reload/merge tests compare non-trivial adapters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def logits(model, arch: str, seed: int = 1) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**tiny.make_batch(arch, labels=False, seed=seed)).logits

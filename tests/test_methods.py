@@ -1,0 +1,69 @@
+"""Behaviour every PEFT method of the project shares, over the matrix in ``tests/methods.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel
+
+import compress
+from tests import tiny
+from tests.methods import CASES, PREPARE, build, logits, perturb_adapters
+
+IDS = [c.id for c in CASES]
+
+
+def test_every_method_has_cases():
+    covered = {c.method for c in CASES}
+    missing = set(compress.METHODS) - covered
+    assert not missing, f"methods without test cases in tests/methods.py: {sorted(missing)}"
+    assert set(PREPARE) >= set(compress.METHODS), "add a PREPARE entry for every method"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_only_adapter_parameters_train(case):
+    _, model = build(case)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    prefix = model.base_model.prefix
+    assert all(prefix in n or "modules_to_save" in n for n in trainable), trainable
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_training_step_moves_adapters_not_backbone(case):
+    _, model = build(case)
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in tiny.make_batches(case.arch, 2):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items()), "backbone weights changed"
+    assert any(not torch.equal(after[n], v) for n, v in trainable.items()), "adapters did not learn"
+    assert all(p.grad is None for n, p in after.items() if n in frozen), "backbone got gradients"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_save_and_reload_give_identical_logits(case, tmp_path):
+    pristine, model = build(case)
+    perturb_adapters(model)
+    expected = logits(model, case.arch)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), case.config_cls)
+    reloaded = PeftModel.from_pretrained(pristine, tmp_path)
+    torch.testing.assert_close(logits(reloaded, case.arch), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_merge_and_unload_matches_unmerged(case):
+    _, model = build(case)
+    perturb_adapters(model)
+    expected = logits(model, case.arch)
+    merged = model.merge_and_unload()
+    assert not any(model.base_model.prefix in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, case.arch), expected, rtol=1e-4, atol=1e-4)
