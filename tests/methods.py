@@ -23,7 +23,8 @@ class MethodCase:
 
     @property
     def id(self) -> str:
-        return f"{self.method.lower()}-{self.arch}-{'-'.join(f'{k}={v}' for k, v in self.kwargs.items() if k != 'task_type')}"
+        options = "-".join(f"{k}={v}" for k, v in self.kwargs.items())
+        return f"{self.method.lower()}-{self.arch}-{options}"
 
 
 TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}

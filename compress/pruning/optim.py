@@ -7,14 +7,14 @@ from torch import nn
 
 
 def remap_optimizer(optimizer: torch.optim.Optimizer,
-                    replaced: dict[int, tuple[nn.Parameter, int, torch.Tensor]],
+                    replaced: dict[int, tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]],
                     live: list[nn.Parameter]) -> None:
     """Point ``optimizer`` at the pruned parameters and slice their state the same way.
 
     Args:
         optimizer: any torch optimizer (or a wrapper exposing ``.optimizer``, like accelerate's).
-        replaced: ``id(old_param) -> (new_param, dim, kept_indices)`` from the pruning step; chains (a
-            parameter pruned twice) are followed.
+        replaced: ``id(old_param) -> (old_param, new_param, dim, kept_indices)`` from the pruning step;
+            chains (a parameter pruned twice) are followed.
         live: the parameters the model still has; optimizer entries for anything else (a removed block)
             are dropped together with their state.
     """
@@ -25,8 +25,8 @@ def remap_optimizer(optimizer: torch.optim.Optimizer,
         for param in group["params"]:
             state = opt.state.pop(param, None)
             chain, current = [], param
-            while id(current) in replaced:
-                nxt, dim, keep = replaced[id(current)]
+            while id(current) in replaced and replaced[id(current)][0] is current:
+                _, nxt, dim, keep = replaced[id(current)]
                 chain.append((current.shape, dim, keep))
                 current = nxt
             if id(current) not in live_ids:

@@ -31,8 +31,9 @@ class PruningAdapterLayer(BaseTunerLayer):
         self.pa_B = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        #: parameter -> (dim, kept indices) for every parameter replaced by the last pruning call
-        self.pruned_params: dict[int, tuple[nn.Parameter, int, torch.Tensor]] = {}
+        #: id(old) -> (old, new, dim, kept indices) for every parameter replaced by the last pruning calls;
+        #: holding `old` keeps its id from being reused by a new parameter while the record is alive
+        self.pruned_params: dict[int, tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]] = {}
         self.kwargs = kwargs
 
     @property
@@ -62,7 +63,7 @@ class PruningAdapterLayer(BaseTunerLayer):
     # -- structural pruning ----------------------------------------------------------------------------
     def _record(self, old: nn.Parameter, new: nn.Parameter, dim: int, removed: list[int], size: int) -> None:
         keep = torch.tensor(sorted(set(range(size)) - set(removed)), dtype=torch.long)
-        self.pruned_params[id(old)] = (new, dim, keep)
+        self.pruned_params[id(old)] = (old, new, dim, keep)
 
     def _prune(self, layer: nn.Linear, removed: list[int], out: bool) -> None:
         size = layer.out_features if out else layer.in_features

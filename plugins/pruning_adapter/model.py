@@ -82,8 +82,20 @@ class PruningAdapterModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: PruningAdapterConfig, adapter_name: str) -> None:
         adapter = get_adapter(model)
         check_support(adapter, config.ratios, config.mode)
+        self._check_targets(model, config)
         if config.pruning_plan:
             self._replay(model, config)
+
+    @staticmethod
+    def _check_targets(model: nn.Module, config: PruningAdapterConfig) -> None:
+        if not isinstance(config.target_modules, (set, list, tuple)):
+            return  # None (defaults) or a regex: peft resolves and reports those
+        names = [n for n, _ in model.named_modules()]
+        missing = sorted(t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names))
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise CompressError(f"target_modules {missing} match no module of {type(model).__name__}; "
+                                f"its linear layers are named: {', '.join(linear)}")
 
     def _replay(self, model: nn.Module, config: PruningAdapterConfig) -> None:
         """Re-create the pruned shapes recorded in ``config.pruning_plan`` on the original base model."""
@@ -187,6 +199,8 @@ class PruningAdapterModel(BaseTuner):
         if optimizer is not None:
             replaced = {k: v for layer in layers for k, v in layer.pruned_params.items()}
             remap_optimizer(optimizer, replaced, list(self.model.parameters()))
+        for layer in layers:
+            layer.pruned_params.clear()
         event = {"structures": sorted(ratios), "removed": {k: v for k, v in removals.items() if v},
                  "widths_before": widths_before, "widths_after": get_adapter(self.model).widths(), "final": final}
         config.pruning_plan.append(event)

@@ -1,0 +1,246 @@
+"""Pruning-Adapter specifics: shapes, schedules under the HF Trainer, optimizer state, reloads, errors."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from transformers import Trainer, TrainingArguments
+
+import compress
+from compress.errors import CompressError, UnsupportedStructureError
+from compress.pruning.arch import get_adapter
+from compress.pruning.engine import apply_removals
+from compress.pruning.importance import units_for
+from compress.pruning.optim import remap_optimizer
+from tests import tiny
+
+
+def _bert_peft(**kwargs):
+    config = compress.PruningAdapterConfig(task_type="SEQ_CLS", r=4, **kwargs)
+    return get_peft_model(tiny.make_model("bert"), config)
+
+
+def _replay_on(base, plan):
+    for event in plan:
+        adapter = get_adapter(base)
+        apply_removals(base, adapter, units_for(adapter, event["structures"]), event["removed"])
+    return base
+
+
+def _logits(model, arch="bert"):
+    model.eval()
+    with torch.no_grad():
+        return model(**tiny.make_batch(arch, labels=False)).logits
+
+
+@pytest.mark.parametrize("arch,kwargs,expected", [
+    ("bert", {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "mode": "global"}, {"ffn": 64, "heads": 4}),
+    ("llama", {"ffn_sparsity": 0.75, "head_sparsity": 0.5, "layer_sparsity": 0.5}, {"ffn": [16], "heads": [2]}),
+    ("qwen2", {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "prune_kv_heads": True}, {"kv_heads": [1, 1]}),
+    ("t5", {"ffn_sparsity": 0.25, "head_sparsity": 0.5}, {"ffn": [48] * 4, "heads": [2] * 6}),
+])
+def test_shapes_shrink_by_configured_amounts(arch, kwargs, expected):
+    task = {"bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}.get(arch, "CAUSAL_LM")
+    model = get_peft_model(tiny.make_model(arch), compress.PruningAdapterConfig(task_type=task, r=4, **kwargs))
+    event = model.base_model.prune(data=tiny.make_batches(arch, 2))
+    widths = get_adapter(model.base_model.model).widths()
+    assert widths == event["widths_after"]
+    for key, value in expected.items():
+        if isinstance(value, int):  # global mode: the total shrinks, per-layer widths differ
+            assert sum(widths[key]) == value
+        else:
+            assert widths[key] == value
+    if "layer_sparsity" in kwargs:
+        assert widths["layers"] == [1]
+
+
+def test_zero_initialised_adapters_equal_the_pruned_base():
+    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.25, layer_sparsity=0.5, mode="global")
+    model.base_model.prune(data=tiny.make_batches("bert", 2))
+    pruned_base = _replay_on(tiny.make_model("bert"), model.peft_config["default"].pruning_plan)
+    # the classifier sits in modules_to_save: same initial weights as the base's
+    torch.testing.assert_close(_logits(model), _logits(pruned_base), rtol=0, atol=1e-6)
+
+
+def test_scoring_needs_no_backbone_gradients_or_optimizer_state():
+    model = _bert_peft(ffn_sparsity=0.5)
+    model.base_model.prune(data=tiny.make_batches("bert", 2))
+    backbone = [p for n, p in model.named_parameters() if "pa_" not in n and "modules_to_save" not in n]
+    assert backbone and all(not p.requires_grad and p.grad is None for p in backbone)
+
+
+def test_optimizer_state_follows_pruned_parameters():
+    model = _bert_peft(ffn_sparsity=0.5, layer_sparsity=0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for batch in tiny.make_batches("bert", 2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    a_down = model.base_model.model.bert.encoder.layer[0].output.dense.pa_A["default"].weight
+    before = opt.state[a_down]["exp_avg"].clone()
+    event = model.base_model.prune(data=tiny.make_batches("bert", 2), optimizer=opt)
+
+    live = {id(p) for p in model.parameters()}
+    opt_params = [p for g in opt.param_groups for p in g["params"]]
+    assert all(id(p) in live for p in opt_params), "optimizer still holds removed parameters"
+    assert {id(p) for p in opt_params} == {id(p) for p in model.parameters() if p.requires_grad}
+    for p in opt_params:
+        assert opt.state[p]["exp_avg"].shape == p.shape
+    kept_layer = 0 if 0 not in event["removed"].get("encoder", []) else 1
+    removed = event["removed"][f"encoder.{kept_layer}.ffn"]
+    keep = [i for i in range(64) if i not in removed]
+    new_a = model.base_model.model.bert.encoder.layer[0].output.dense.pa_A["default"].weight
+    if kept_layer == 0:
+        torch.testing.assert_close(opt.state[new_a]["exp_avg"], before[:, keep])
+    for batch in tiny.make_batches("bert", 2):  # training continues with the same optimizer
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_remap_optimizer_follows_chains_and_drops_removed():
+    a, b, gone = (torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3))
+    opt = torch.optim.SGD([a, b, gone], lr=0.1, momentum=0.9)
+    for p in (a, b, gone):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    a1 = torch.nn.Parameter(a.detach()[[0, 2, 3]])
+    a2 = torch.nn.Parameter(a1.detach()[:, [1, 2]])
+    momentum = opt.state[a]["momentum_buffer"].clone()
+    remap_optimizer(opt, {id(a): (a, a1, 0, torch.tensor([0, 2, 3])), id(a1): (a1, a2, 1, torch.tensor([1, 2]))},
+                    [a2, b])
+    assert opt.param_groups[0]["params"] == [a2, b]
+    torch.testing.assert_close(opt.state[a2]["momentum_buffer"], momentum[[0, 2, 3]][:, [1, 2]])
+    assert gone not in opt.state
+
+
+def _trainer(model, steps, callback, tmp_path):
+    batches = tiny.make_batches("bert", 8, batch_size=4)
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
+    dataset = Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=1e-2, save_strategy="no", report_to=[], logging_steps=1,
+                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+
+
+def test_progressive_schedule_prunes_at_the_right_steps_under_trainer(tmp_path):
+    config = dict(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+                  scoring_steps=4, pruning_interval=4, pruning_end_step=12)
+    model = _bert_peft(**config)
+    tuner = model.base_model
+    assert tuner.pruning_steps() == [4, 8, 12]
+    callback = compress.PruningAdapterCallback()
+    trainer = _trainer(model, 16, callback, tmp_path)
+    trainer.train()
+
+    assert [e["step"] for e in callback.events] == [4, 8, 12]
+    ffn_totals = [sum(e["widths_after"]["ffn"]) for e in callback.events]
+    assert ffn_totals[0] > ffn_totals[1] > ffn_totals[2] == 64
+    # cubic schedule: most of the pruning happens early
+    assert 128 - ffn_totals[0] == round(64 * (1 - (1 - 4 / 12) ** 3))
+    assert sum(callback.events[-1]["widths_after"]["heads"]) == 4
+    assert tuner.pruning_finished
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 16 and all(torch.isfinite(torch.tensor(losses)))
+    # pruned parameters kept training after the last pruning step
+    opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_oneshot_schedule_prunes_once_after_scoring_steps(tmp_path):
+    model = _bert_peft(ffn_sparsity=0.5, scoring_steps=3)
+    callback = compress.PruningAdapterCallback()
+    _trainer(model, 6, callback, tmp_path).train()
+    assert [e["step"] for e in callback.events] == [3]
+    assert callback.events[0]["widths_after"]["ffn"] == [32, 32]
+
+
+def test_schedule_longer_than_training_fails_clearly(tmp_path):
+    model = _bert_peft(ffn_sparsity=0.5, schedule="progressive", scoring_steps=4, pruning_end_step=50)
+    with pytest.raises(CompressError, match="ends at step 50 but training has only 10 steps"):
+        _trainer(model, 10, compress.PruningAdapterCallback(), tmp_path).train()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ffn_sparsity": 1.0}, r"\[0, 1\)"),
+    ({"ffn_sparsity": 0.0}, "all sparsities are 0"),
+    ({"sparsity": {"neurons": 0.5}}, "unknown structure"),
+    ({"importance": "vibes"}, "choose one of"),
+    ({"schedule": "progressive"}, "needs pruning_end_step"),
+    ({"schedule": "weekly"}, "choose one of"),
+    ({"mode": "sideways"}, "choose one of"),
+])
+def test_bad_configs_fail_clearly(kwargs, match):
+    with pytest.raises(CompressError, match=match):
+        compress.PruningAdapterConfig(**{"ffn_sparsity": 0.5, **kwargs})
+
+
+def test_unexpressible_or_missing_targets_fail_clearly():
+    with pytest.raises(UnsupportedStructureError, match="mode='global'"):
+        _bert_peft(head_sparsity=0.5)  # BERT heads need the compact (global) path
+    with pytest.raises(ValueError, match="not_a_layer"):
+        _bert_peft(ffn_sparsity=0.5, target_modules=["not_a_layer"])
+
+
+def test_reload_onto_wrong_base_fails_clearly(tmp_path):
+    model = _bert_peft(ffn_sparsity=0.5)
+    model.base_model.prune(data=tiny.make_batches("bert", 2))
+    model.save_pretrained(tmp_path)
+    other = tiny.make_model("bert")
+    compress.prune_model(other, 0.25, ("ffn",), "magnitude")
+    with pytest.raises(CompressError, match="base model it was created from"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+_FRESH = textwrap.dedent("""
+    import sys, torch
+    out, merged_dir, batch_file, expected_file = sys.argv[1:5]
+    batch, expected = torch.load(batch_file), torch.load(expected_file)
+    from transformers import AutoModelForSequenceClassification
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    assert "compress" not in sys.modules
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+    import compress  # the PEFT checkpoint needs the registered method
+    from peft import PeftModel
+    sys.path.insert(0, {repo!r})
+    from tests import tiny
+    peft_model = PeftModel.from_pretrained(tiny.make_model("bert"), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=0, atol=1e-6)
+    print("FRESH-OK")
+""")
+
+
+@pytest.mark.slow
+def test_peft_and_merged_reload_in_fresh_process(tmp_path):
+    from pathlib import Path
+
+    model = _bert_peft(ffn_sparsity=0.5, layer_sparsity=0.5)
+    model.base_model.prune(data=tiny.make_batches("bert", 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    batch = tiny.make_batch("bert", labels=False)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    merged = copy.deepcopy(model).merge_and_unload()
+    compress.save_pretrained(merged, tmp_path / "merged")
+    torch.save(batch, tmp_path / "batch.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", _FRESH.format(repo=repo), str(tmp_path / "adapter"),
+                           str(tmp_path / "merged"), str(tmp_path / "batch.pt"), str(tmp_path / "expected.pt")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert "FRESH-OK" in proc.stdout, proc.stderr[-3000:]
