@@ -76,8 +76,10 @@ def model_card(model: nn.Module, report: dict | None = None, title: str | None =
         ]
         if before and after:
             lines.append(f"| parameters | {before:,} -> {after:,} ({after / before:.1%}) |")
+        labels = {"ffn": "FFN width per layer", "heads": "attention heads per layer",
+                  "kv_heads": "kv heads per layer", "layers": "layers per stack"}
         for name, widths in report.get("widths_after", {}).items():
-            lines.append(f"| {name} per layer | {widths} |")
+            lines.append(f"| {labels.get(name, name)} | {widths} |")
         lines.append("")
     if needs_compress_to_load(model):
         lines += [

@@ -20,6 +20,16 @@ def test_every_method_has_cases():
     assert set(PREPARE) >= set(compress.METHODS), "add a PREPARE entry for every method"
 
 
+def test_import_compress_registers_every_method_with_peft():
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    from compress.registry import registered_methods
+
+    for name in compress.METHODS:
+        assert name in registered_methods()
+        assert name in PEFT_TYPE_TO_CONFIG_MAPPING and name in PEFT_TYPE_TO_TUNER_MAPPING
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_only_adapter_parameters_train(case):
     _, model = build(case)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 import compress
+import compress.export
 from compress.errors import CalibrationError, CompressError, UnsupportedModelError, UnsupportedStructureError
 from compress.pruning.arch import get_adapter
 from compress.pruning.importance import attach_gates, units_for
@@ -259,6 +260,15 @@ def test_global_model_reloads_with_import_compress(tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(out)
     batch = tiny.make_batch("bert", labels=False)
     torch.testing.assert_close(_logits(reloaded.eval(), batch), _logits(model, batch), rtol=0, atol=1e-6)
+
+
+def test_loaded_model_made_compact_reports_compact_type(tmp_path):
+    """from_pretrained stores model_type on the config instance; making it compact must not keep it."""
+    compress.save_pretrained(tiny.make_model("bert"), tmp_path / "dense")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense")
+    compress.prune_model(model, {"ffn": 0.5, "heads": 0.5}, None, "magnitude", mode="global")
+    assert model.config.model_type == "compressed_bert"
+    assert compress.export.needs_compress_to_load(model)
 
 
 _FRESH = textwrap.dedent("""

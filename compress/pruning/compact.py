@@ -97,6 +97,8 @@ def make_compact(model: nn.Module) -> nn.Module:
     base_cfg_cls = type(model.config) if not model.config.model_type.startswith(PREFIX) else None
     if base_cfg_cls is not None:
         model.config.__class__ = compact_config_class(base_cfg_cls)
+    # from_pretrained stores `model_type` on the instance too, which would shadow the compact class's
+    model.config.__dict__.pop("model_type", None)
     model.config.compress_shapes = shapes
     model.__class__ = compact_model_class(type(model))
     model.config.architectures = [type(model).__name__]

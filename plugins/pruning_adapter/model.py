@@ -86,6 +86,18 @@ class PruningAdapterModel(BaseTuner):
         if config.pruning_plan:
             self._replay(model, config)
 
+    def _prepare_adapter_config(self, peft_config: PruningAdapterConfig, model_config: dict) -> PruningAdapterConfig:
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        if isinstance(peft_config.target_modules, (set, list)):
+            # the family default lists every variant (e.g. T5's wi and gated wi_0/wi_1); keep those present,
+            # so the saved config names only modules this model has
+            names = [n for n, _ in self.model.named_modules()]
+            defaults = set(TARGET_MODULES.get(model_config.get("model_type", ""), []))
+            peft_config.target_modules = {
+                t for t in peft_config.target_modules
+                if t not in defaults or any(n == t or n.endswith("." + t) for n in names)}
+        return peft_config
+
     @staticmethod
     def _check_targets(model: nn.Module, config: PruningAdapterConfig) -> None:
         if not isinstance(config.target_modules, (set, list, tuple)):

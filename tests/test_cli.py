@@ -1,0 +1,291 @@
+"""The ``compress`` command line: prune/info end to end on tiny saved models, and its error handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import compress  # noqa: F401  (compact Auto classes)
+from compress import cli
+from compress.cli import main
+from tests import tiny
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ("the a movie film good bad great awful fun boring plot actor was is very not and it "
+         "story music scene long short").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    assert max(vocab.values()) < tiny.VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = make_tokenizer()
+    for name, arch, with_tokenizer in (("bert", "bert", True), ("llama", "llama", False),
+                                       ("llama-tok", "llama", True), ("t5", "t5", True)):
+        tiny.make_model(arch).save_pretrained(root / name)
+        if with_tokenizer:
+            tokenizer.save_pretrained(root / name)
+    gen = torch.Generator().manual_seed(0)
+    lines = ["sentence\tlabel"]
+    for i in range(20):
+        idx = torch.randint(0, len(WORDS), (6,), generator=gen).tolist()
+        lines.append(" ".join(WORDS[j] for j in idx) + f"\t{i % 2}")
+    (root / "data.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "no-config").mkdir()
+    (root / "gpt2").mkdir()
+    (root / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}), encoding="utf-8")
+    (root / "existing").mkdir()
+    return root
+
+
+def _config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def test_prune_bert_ffn_taylor(work, capsys):
+    out = work / "bert-ffn"
+    rc = main(["prune", str(work / "bert"), "--out", str(out), "--ratio", "0.5", "--structures", "ffn",
+               "--importance", "taylor", "--data", str(work / "data.tsv"), "--max-length", "32",
+               "--num-batches", "2", "--batch-size", "8"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for name in ("model.safetensors", "config.json", "README.md", "compress_report.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert _config(out)["intermediate_size"] == 32
+    assert _config(out)["model_type"] == "bert"
+    stdout = captured.out
+    assert "parameters" in stdout and "24,482" in stdout
+    assert "FLOPs, one 1x32 forward" in stdout
+    assert "64 (all 2)" in stdout and "32 (all 2)" in stdout  # FFN widths before/after
+    assert "without `import compress`" in stdout
+    assert "2 calibration batches" in stdout
+    report = json.loads((out / "compress_report.json").read_text())
+    assert report["params_after"] < report["params_before"] == 24482
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True)
+    batch = AutoTokenizer.from_pretrained(out, local_files_only=True)(["the movie was good"], return_tensors="pt")
+    assert model(**batch).logits.shape == (1, 2)
+
+    # an existing --out is replaced with --overwrite
+    rc = main(["prune", str(work / "bert"), "--out", str(out), "--ratio", "0.25", "--importance", "magnitude",
+               "--overwrite", "--no-progress", "--max-length", "32"])
+    assert rc == 0, capsys.readouterr().err
+    assert _config(out)["intermediate_size"] == 48
+
+
+def test_prune_bert_global_heads_is_compact(work, capsys):
+    out = work / "bert-global"
+    rc = main(["prune", str(work / "bert"), "--out", str(out), "--ratio", "0.5", "--structures", "ffn,heads",
+               "--mode", "global", "--data", str(work / "data.tsv"), "--max-length", "32", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert _config(out)["model_type"].startswith("compressed_")
+    assert "run `import compress`" in captured.out
+    assert "import compress" in (out / "README.md").read_text()
+    assert "global mode" in captured.out
+
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True)
+    assert model(**tiny.make_batch("bert")).logits.shape == (2, 2)
+
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "compressed_bert" in info and "needs `import compress`" in info
+    assert "global mode, taylor importance" in info  # the pruning record
+
+
+def test_prune_llama_magnitude_needs_no_data(work, capsys):
+    out = work / "llama-out"
+    rc = main(["prune", str(work / "llama"), "--out", str(out), "--ratio", "0.5", "--structures",
+               "ffn,kv_heads", "--importance", "magnitude", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    cfg = _config(out)
+    assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (32, 2, 1)
+    assert not (out / "tokenizer.json").exists()
+    assert "kv heads per layer" in captured.out and "no tokenizer" in captured.out
+    # a max length beyond the model's 64 positions is capped, with a warning
+    assert "using 64" in captured.err and "FLOPs, one 1x64 forward" in captured.out
+
+
+@pytest.mark.parametrize("name,structures", [("llama-tok", "ffn,heads"), ("t5", "ffn,heads")])
+def test_prune_lm_with_data(work, capsys, name, structures):
+    """Causal and seq2seq LMs score on the text itself, whatever labels the classification data has."""
+    src = work / name
+    out = work / f"{name}-fisher"
+    rc = main(["prune", str(src), "--out", str(out), "--ratio", "0.5", "--structures", structures,
+               "--importance", "fisher", "--data", str(work / "data.tsv"), "--max-length", "16",
+               "--num-batches", "2", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "fisher importance, 2 calibration batches" in captured.out
+
+
+def test_build_calibration_labels(work):
+    from transformers import AutoModelForCausalLM
+
+    from compress.data import load_task
+
+    ds = load_task(work / "data.tsv", split="train")
+    model = AutoModelForCausalLM.from_pretrained(work / "llama", local_files_only=True)
+    batches = cli.build_calibration(ds, make_tokenizer(), model, "causal-lm", max_length=16, batch_size=8,
+                                    num_batches=2)
+    batch = batches[0]
+    assert batch["labels"].shape == batch["input_ids"].shape
+    assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)
+
+
+def test_info(work, capsys):
+    assert main(["info", str(work / "bert")]) == 0
+    out = capsys.readouterr().out
+    assert "BertForSequenceClassification" in out and "24,482" in out
+    assert "--mode uniform: ffn, layers" in out and "--mode global:  ffn, heads, layers" in out
+    assert main(["info", str(work / "gpt2")]) == 0
+    assert "not supported for structured pruning" in capsys.readouterr().out
+
+
+def _prune_args(work: Path, *extra: str, model: str = "bert") -> list[str]:
+    return ["prune", str(work / model), "--out", str(work / "never-written"), *extra]
+
+
+BAD_ARGUMENTS = {
+    "ratio-too-big": (["--ratio", "1.5", "--importance", "magnitude"], "--ratio must be in (0, 1), got 1.5"),
+    "ratio-zero": (["--ratio", "0", "--importance", "magnitude"], "--ratio must be in (0, 1), got 0"),
+    "ratio-not-a-number": (["--ratio", "half"], "--ratio must be a number"),
+    "unknown-structure": (["--structures", "ffn,neurons", "--importance", "magnitude"],
+                          "unknown structure 'neurons'"),
+    "unknown-importance": (["--importance", "entropy"], "unknown importance 'entropy'; choose from"),
+    "taylor-without-data": ([], "needs --data"),
+    "data-missing": (["--data", "nowhere.tsv"], "--data: 'nowhere.tsv' is not a known dataset name"),
+    "heads-uniform-bert": (["--structures", "heads", "--importance", "magnitude"], "use --mode global"),
+    "bad-mode": (["--mode", "sideways"], "invalid choice: 'sideways'"),
+    "zero-batches": (["--num-batches", "0"], "--num-batches must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_arguments_give_one_line(work, capsys, case):
+    extra, expected = BAD_ARGUMENTS[case]
+    _assert_one_line_error(main(_prune_args(work, *extra)), capsys, expected)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["prune", "{w}/missing-model", "--out", "{w}/x"], "MODEL_DIR '{w}/missing-model' does not exist"),
+    (["prune", "{w}/no-config", "--out", "{w}/x"], "has no config.json"),
+    (["prune", "{w}/gpt2", "--out", "{w}/x", "--importance", "magnitude"],
+     "model_type 'gpt2' is not supported for structured pruning; supported model types: bert, llama"),
+    (["prune", "{w}/bert", "--out", "{w}/existing", "--importance", "magnitude"],
+     "already exists; choose another folder or pass --overwrite"),
+    (["prune", "{w}/bert", "--ratio", "0.5"], "the following arguments are required: --out"),
+    (["prune", "{w}/bert", "--out", "{w}/data.tsv/sub", "--importance", "magnitude"], "is a file, not a folder"),
+    (["info", "{w}/missing-model"], "does not exist"),
+    (["shrink"], "invalid choice: 'shrink'"),
+])
+def test_bad_paths_and_commands(work, capsys, argv, expected):
+    argv = [a.format(w=work) for a in argv]
+    _assert_one_line_error(main(argv), capsys, expected.format(w=work))
+
+
+def _assert_one_line_error(rc: int, capsys, expected: str) -> None:
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("compress: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_runtime_failure_exits_1(work, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("compress.export.save_pretrained", disk_full)
+    rc = main(_prune_args(work, "--importance", "magnitude", "--no-progress", "--max-length", "32"))
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert captured.err.strip() == "compress: error: No space left on device"
+    assert not (work / "never-written").exists()
+
+
+def test_debug_reraises(work):
+    with pytest.raises(cli.UsageError, match="--ratio must be in"):
+        main(_prune_args(work, "--ratio", "2", "--debug"))
+
+
+def test_parse_ratio():
+    assert cli.parse_ratio("0.25", None) == {"ffn": 0.25}
+    assert cli.parse_ratio("0.5", "ffn,heads") == {"ffn": 0.5, "heads": 0.5}
+    assert cli.parse_ratio("ffn=0.5,layers=0.25", None) == {"ffn": 0.5, "layers": 0.25}
+    with pytest.raises(cli.UsageError, match="--ratio for 'ffn' must be in"):
+        cli.parse_ratio("ffn=1", None)
+
+
+def test_help(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "prune" in out and "info" in out and "examples:" in out
+    assert main(["prune", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--out", "--ratio", "--structures", "--importance", "--data", "--mode", "--num-batches",
+                   "--batch-size", "--max-length", "--round-to", "--task-type", "--overwrite", "--split"):
+        assert option in out, option
+    flat = " ".join(out.split())
+    assert "(default: taylor)" in flat and "(default: 0.5)" in flat and "examples:" in flat
+    assert main(["info", "--help"]) == 0
+    assert "per-layer widths" in " ".join(capsys.readouterr().out.split())
+    assert main([]) == 2  # no command: help on stderr
+
+
+def test_python_m_compress_subprocess(work):
+    out = work / "bert-subprocess"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "compress", "prune", str(work / "bert"), "--out", str(out), "--ratio", "0.5",
+         "--structures", "ffn", "--importance", "taylor", "--data", str(work / "data.tsv"), "--max-length",
+         "32", "--num-batches", "2", "--no-progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "parameters" in proc.stdout and (out / "model.safetensors").is_file()
+
+
+def test_summary_rows_and_widths():
+    from compress.pruning.engine import PruneReport
+
+    report = PruneReport(model_type="llama", mode="global", importance="l1", ratios={"heads": 0.5},
+                         params_before=100, params_after=60,
+                         widths_before={"ffn": [8, 8], "heads": [4, 4], "kv_heads": [2, 2], "layers": [2]},
+                         widths_after={"ffn": [8, 8], "heads": [2, 2], "layers": [2]})
+    rows = {row[""]: row for row in cli.summary_rows(report, 1000, 500, 16)}
+    assert rows["parameters"]["kept"] == "60.0%"
+    assert rows["FLOPs, one 1x16 forward"]["after"] == 500
+    # kv heads equal to the query heads after pruning are not listed separately by the adapter
+    assert rows["kv heads per layer"]["after"] == "2 (all 2)"
+    assert cli.format_widths([30, 34]) == "[30, 34]"
+    assert cli.format_widths(list(range(1, 33))).startswith("1..32, mean 16.5")
