@@ -244,3 +244,43 @@ def test_peft_and_merged_reload_in_fresh_process(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert "FRESH-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_backbone_trains_reloads_and_merges(bits, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from compress.quantize import is_quantized
+
+    model = _bert_peft(ffn_sparsity=0.5, quantize_backbone=bits)
+    model.base_model.prune(data=tiny.make_batches("bert", 2))
+    query = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert is_quantized(query.base_layer)
+    _logits(model)  # an eval forward under no_grad first: gradients must still reach early adapters after it
+    model.train()
+    a0, b0 = query.pa_A["default"].weight, query.pa_B["default"].weight
+    before = a0.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in tiny.make_batches("bert", 3):
+        model(**batch).loss.backward()
+        # the first block's adapter sees the loss only through every quantised layer above it
+        assert b0.grad is not None and b0.grad.abs().sum() > 0, "no gradient through the quantised layers"
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(a0.detach(), before)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), tmp_path)
+    assert is_quantized(reloaded.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer)
+    torch.testing.assert_close(_logits(reloaded), expected, rtol=0, atol=1e-5)
+    merged = model.merge_and_unload()
+    assert type(merged.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
+    torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=5e-2)
+
+
+def test_bad_quantization_setting_fails_clearly():
+    with pytest.raises(CompressError, match="quantize_backbone"):
+        compress.PruningAdapterConfig(ffn_sparsity=0.5, quantize_backbone="3bit")

@@ -50,6 +50,9 @@ class PruningAdapterConfig(PeftConfig):
         target_modules: modules that get adapters; default: every attention and FFN projection.
         init_weights: ``True`` initialises B to zero so the adapted model starts equal to the pruned base.
         modules_to_save: extra modules trained and saved in full (e.g. a classification head).
+        quantize_backbone: ``"8bit"`` (LLM.int8) or ``"4bit"`` (NF4) to keep the adapted, frozen base layers in
+            bitsandbytes form once pruning is finished (needs the ``quant`` extra); ``None`` keeps them float.
+            Merging dequantises them.
         pruning_plan: filled in while pruning (one dict of removed indices per pruning event); saved with the
             adapter so that ``PeftModel.from_pretrained`` rebuilds the pruned shapes on the original base.
     """
@@ -76,6 +79,8 @@ class PruningAdapterConfig(PeftConfig):
     init_weights: bool = field(default=True, metadata={"help": "Zero-init B so training starts at the pruned base."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved in full, e.g. the classifier."})
+    quantize_backbone: str | None = field(
+        default=None, metadata={"help": "'8bit' or '4bit': quantise the frozen base layers after pruning."})
     pruning_plan: list[dict] = field(
         default_factory=list, metadata={"help": "Filled while pruning; replayed on load. Do not set by hand."})
 
@@ -119,6 +124,8 @@ class PruningAdapterConfig(PeftConfig):
             if self.pruning_end_step <= self.scoring_steps:
                 raise CompressError(f"pruning_end_step={self.pruning_end_step} must come after "
                                     f"scoring_steps={self.scoring_steps}")
+        if self.quantize_backbone not in (None, "8bit", "4bit"):
+            raise CompressError(f"quantize_backbone={self.quantize_backbone!r}; choose '8bit', '4bit' or None")
         if not 0.0 <= self.ema_beta < 1.0:
             raise CompressError(f"ema_beta={self.ema_beta} must be in [0, 1)")
         if not 0.0 <= self.lora_dropout < 1.0:

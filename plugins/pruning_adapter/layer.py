@@ -9,6 +9,9 @@ import torch_pruning as tp
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from compress.errors import CompressError
+from compress.quantize import dequantize_linear, is_quantized, quantize_linear
+
 
 class PruningAdapterLayer(BaseTunerLayer):
     """``y = base(x) + B(A(dropout(x))) * alpha / r`` where the base layer may be pruned in place.
@@ -87,7 +90,20 @@ class PruningAdapterLayer(BaseTunerLayer):
         for a in self.pa_A.values():
             self._prune(a, removed, out=False)
 
+    def quantize_base(self, bits: str) -> None:
+        """Replace the frozen base layer by its bitsandbytes form (``"8bit"`` or ``"4bit"``)."""
+        if not is_quantized(self.base_layer):
+            self.base_layer = quantize_linear(self.base_layer, bits)
+
+    def dequantize_base(self) -> None:
+        """Bring a quantised base layer back to a float ``nn.Linear`` (before merging)."""
+        if is_quantized(self.base_layer):
+            self.base_layer = dequantize_linear(self.base_layer)
+
     def _check_unmerged(self) -> None:
+        if is_quantized(self.get_base_layer()):
+            raise CompressError("cannot prune a quantised base layer: pruning must finish before quantize_backbone "
+                                "applies")
         if self.merged:
             raise RuntimeError("unmerge the adapters before pruning: pruning a merged layer would bake the "
                                "adapter into the frozen weights")
@@ -108,6 +124,7 @@ class Linear(nn.Module, PruningAdapterLayer):
         return (b.float() @ a.float()) * self.scaling[adapter]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        self.dequantize_base()  # quantised weights cannot absorb the update: merging yields a float layer
         base = self.get_base_layer()
         for adapter in adapter_names or self.active_adapters:
             if adapter not in self.pa_A or adapter in self.merged_adapters:

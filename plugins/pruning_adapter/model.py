@@ -147,6 +147,18 @@ class PruningAdapterModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if config.quantize_backbone and config.pruning_plan and config.pruning_plan[-1].get("final"):
+            self.quantize_backbone(config.quantize_backbone)  # reloading a finished, quantised adapter
+
+    def quantize_backbone(self, bits: str) -> None:
+        """Keep every adapted base layer in bitsandbytes ``bits`` (``"8bit"``/``"4bit"``) from now on."""
+        for module in self.model.modules():
+            if isinstance(module, PruningAdapterLayer):
+                module.quantize_base(bits)
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # BaseTuner's version re-ties `weight`/`bias` from the old child, which fails for unloaded modules
         # without a weight (e.g. RobertaClassificationHead in modules_to_save) and is unnecessary here:
@@ -216,6 +228,8 @@ class PruningAdapterModel(BaseTuner):
         event = {"structures": sorted(ratios), "removed": {k: v for k, v in removals.items() if v},
                  "widths_before": widths_before, "widths_after": get_adapter(self.model).widths(), "final": final}
         config.pruning_plan.append(event)
+        if final and config.quantize_backbone:
+            self.quantize_backbone(config.quantize_backbone)
         logger.info("pruned %s: widths %s", ", ".join(f"{k} {v:.0%}" for k, v in ratios.items()),
                     event["widths_after"])
         return event
@@ -275,6 +289,8 @@ class PruningAdapterModel(BaseTuner):
         event = self._prune_event(ratios, scores, optimizer, final=final) if ratios else None
         if event is None and final and config.pruning_plan:
             config.pruning_plan[-1]["final"] = True
+            if config.quantize_backbone:
+                self.quantize_backbone(config.quantize_backbone)
         if not final:
             self.start_scoring()
         return event
