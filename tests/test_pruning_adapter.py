@@ -76,6 +76,19 @@ def test_scoring_needs_no_backbone_gradients_or_optimizer_state():
     assert backbone and all(not p.requires_grad and p.grad is None for p in backbone)
 
 
+def test_head_warmup_trains_only_the_head_before_scoring():
+    model = _bert_peft(ffn_sparsity=0.5)
+    named = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    model.base_model.prune(data=tiny.make_batches("bert", 2), head_warmup_steps=5)
+    changed = {n for n, p in model.named_parameters() if n in before and p.shape == before[n].shape
+               and not torch.equal(p, before[n])}
+    assert changed and all("modules_to_save" in n for n in changed), changed
+    assert all(p.requires_grad for n, p in model.named_parameters() if "pa_" in n)
+    with pytest.raises(CompressError, match="needs calibration data"):
+        _bert_peft(ffn_sparsity=0.5, importance="magnitude").base_model.prune(head_warmup_steps=5)
+
+
 def test_optimizer_state_follows_pruned_parameters():
     model = _bert_peft(ffn_sparsity=0.5, layer_sparsity=0.5)
     params = [p for p in model.parameters() if p.requires_grad]

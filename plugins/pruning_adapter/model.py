@@ -13,7 +13,7 @@ from compress.errors import CompressError
 from compress.pruning.arch import get_adapter
 from compress.pruning.compact import make_compact
 from compress.pruning.engine import apply_removals, check_support, plan_removals, score_units
-from compress.pruning.importance import Unit, attach_gates, get_importance, units_for
+from compress.pruning.importance import Unit, attach_gates, get_importance, task_loss, units_for
 from compress.pruning.optim import remap_optimizer
 
 from .config import PruningAdapterConfig
@@ -180,7 +180,8 @@ class PruningAdapterModel(BaseTuner):
         return units_for(get_adapter(self.model), self._config.ratios)
 
     def prune(self, data=None, tokenizer=None, num_batches: int = 8, batch_size: int = 16,
-              optimizer: torch.optim.Optimizer | None = None) -> dict:
+              optimizer: torch.optim.Optimizer | None = None, head_warmup_steps: int = 0,
+              head_lr: float = 1e-3) -> dict:
         """Oneshot: score on calibration ``data`` (gate gradients only) and prune to the final sparsity.
 
         Args:
@@ -189,6 +190,11 @@ class PruningAdapterModel(BaseTuner):
             tokenizer: pads a Dataset's rows into batches.
             num_batches, batch_size: how much calibration data to use.
             optimizer: an existing optimizer to keep consistent with the pruned parameters.
+            head_warmup_steps: first train the task head (``modules_to_save``, e.g. a new classifier) for this
+                many steps on the calibration batches, so the task loss that scores the backbone comes from a
+                head that knows the task rather than a random one. Only the head gets gradients: backprop
+                never enters the backbone, so this costs about as little memory as inference.
+            head_lr: learning rate of that warm-up (AdamW).
 
         Returns:
             The recorded pruning event (structures, removed indices, widths before/after).
@@ -204,9 +210,37 @@ class PruningAdapterModel(BaseTuner):
                 raise CompressError(f"importance={self._config.importance!r} needs calibration data: pass data=, "
                                     "or train with PruningAdapterCallback to score on the training batches")
             batches = calibration_batches(data, batch_size=batch_size, num_batches=num_batches, tokenizer=tokenizer)
+        if head_warmup_steps:
+            if batches is None:
+                raise CompressError("head_warmup_steps needs calibration data: pass data=")
+            self._warm_up_head(batches, head_warmup_steps, head_lr)
         units = self._units()
         scores = score_units(self.model, units, criterion, batches)
         return self._prune_event(self._config.ratios, scores, optimizer, final=True)
+
+    def _warm_up_head(self, batches: list[dict], steps: int, lr: float) -> None:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        head = [p for n, p in named if self.prefix not in n]
+        adapters = [p for n, p in named if self.prefix in n]
+        if not head:
+            raise CompressError("head_warmup_steps needs a trainable task head: set modules_to_save (task_type="
+                                "'SEQ_CLS' adds the classifier automatically)")
+        device = head[0].device
+        optimizer = torch.optim.AdamW(head, lr=lr)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for p in adapters:
+                p.requires_grad_(False)
+            for step in range(steps):
+                batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
+                task_loss(self.model, batch).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        finally:
+            for p in adapters:
+                p.requires_grad_(True)
+            self.model.train(was_training)
 
     def _prune_event(self, ratios: dict[str, float], scores: dict[str, torch.Tensor],
                      optimizer: torch.optim.Optimizer | None, final: bool) -> dict:
