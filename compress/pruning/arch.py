@@ -143,7 +143,7 @@ def _set_if_present(obj: object, name: str, value: object) -> None:
         setattr(obj, name, value)
 
 
-def _single(values: list[int], what: str) -> int | None:
+def _single(values: list[int]) -> int | None:
     distinct = set(values)
     if not distinct:
         return None
@@ -188,7 +188,7 @@ class BertAdapter(ArchAdapter):
             site.module.all_head_size = site.q.out_features
         cfg = self.model.config
         cfg.num_hidden_layers = len(self._encoder().layer)
-        ffn = _single([s.width for s in self.ffn_sites()], "ffn")
+        ffn = _single([s.width for s in self.ffn_sites()])
         if ffn is not None:
             cfg.intermediate_size = ffn
         # num_attention_heads stays: BertConfig uses it to derive the head size.
@@ -237,12 +237,12 @@ class LlamaAdapter(ArchAdapter):
         cfg = self.model.config
         cfg.num_hidden_layers = len(layers)
         sites = self.attention_sites()
-        heads = _single([s.num_heads for s in sites], "heads")
+        heads = _single([s.num_heads for s in sites])
         if heads is not None:
             cfg.num_attention_heads = heads
-            cfg.num_key_value_heads = _single([s.num_kv_heads for s in sites], "kv_heads")
+            cfg.num_key_value_heads = _single([s.num_kv_heads for s in sites])
             cfg.head_dim = sites[0].head_dim
-        ffn = _single([s.width for s in self.ffn_sites()], "ffn")
+        ffn = _single([s.width for s in self.ffn_sites()])
         if ffn is not None:
             cfg.intermediate_size = ffn
 
@@ -300,10 +300,10 @@ class T5Adapter(ArchAdapter):
             site.module.n_heads = site.num_heads
             site.module.inner_dim = site.q.out_features
         cfg = self.model.config
-        heads = _single([s.num_heads for s in self.attention_sites()], "heads")
+        heads = _single([s.num_heads for s in self.attention_sites()])
         if heads is not None:
             cfg.num_heads = heads
-        ffn = _single([s.width for s in self.ffn_sites()], "ffn")
+        ffn = _single([s.width for s in self.ffn_sites()])
         if ffn is not None:
             cfg.d_ff = ffn
 

@@ -21,16 +21,16 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "compressed_"
 
-# Auto classes whose mappings we mirror for the compact model types.
-_AUTO_CLASSES = (
-    "AutoModel",
-    "AutoModelForSequenceClassification",
-    "AutoModelForCausalLM",
-    "AutoModelForMaskedLM",
-    "AutoModelForTokenClassification",
-    "AutoModelForQuestionAnswering",
-    "AutoModelForSeq2SeqLM",
-)
+# Auto classes whose mappings we mirror for the compact model types (Auto class -> its mapping names).
+_AUTO_MAPPINGS = {
+    "AutoModel": "MODEL_MAPPING_NAMES",
+    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+}
 
 _CONFIG_CLASSES: dict[str, type] = {}
 _MODEL_CLASSES: dict[type, type] = {}
@@ -114,26 +114,11 @@ def register_compact_models() -> None:
     for model_type in model_types:
         base_cfg_cls = getattr(transformers, configuration_auto.CONFIG_MAPPING_NAMES[model_type])
         cfg_cls = compact_config_class(base_cfg_cls)
-        try:
-            AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
-        except TypeError:  # older signature without exist_ok
-            AutoConfig.register(cfg_cls.model_type, cfg_cls)
-        for auto_name in _AUTO_CLASSES:
+        AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        for auto_name, names_attr in _AUTO_MAPPINGS.items():
             auto_cls = getattr(transformers, auto_name)
-            names_attr = {
-                "AutoModel": "MODEL_MAPPING_NAMES",
-                "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-                "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-                "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-                "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
-                "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
-                "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-            }[auto_name]
             class_name = getattr(modeling_auto, names_attr).get(model_type)
             base_model_cls = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
             if base_model_cls is None:
                 continue
-            try:
-                auto_cls.register(cfg_cls, compact_model_class(base_model_cls), exist_ok=True)
-            except ValueError:
-                pass  # already registered with this exact class
+            auto_cls.register(cfg_cls, compact_model_class(base_model_cls), exist_ok=True)
