@@ -297,3 +297,15 @@ def test_quantized_backbone_trains_reloads_and_merges(bits, tmp_path):
 def test_bad_quantization_setting_fails_clearly():
     with pytest.raises(CompressError, match="quantize_backbone"):
         compress.PruningAdapterConfig(ffn_sparsity=0.5, quantize_backbone="3bit")
+
+
+def test_quantization_on_unsupported_backend_fails_clearly(monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+    from compress.quantize import quantize_linear
+
+    def no_backend(self, *args, **kwargs):
+        raise NotImplementedError("no kernel for this device")
+
+    monkeypatch.setattr(bnb.nn.Linear8bitLt, "to", no_backend)
+    with pytest.raises(CompressError, match="cannot quantise to 8bit on cpu.*no kernel"):
+        quantize_linear(torch.nn.Linear(8, 4), "8bit")
