@@ -30,10 +30,10 @@ for _key, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("H
                      ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_key, _value)
 
+import compress  # noqa: E402, I001  (first: it quiets bitsandbytes' import-time warning)
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-import compress  # noqa: E402
 from compress.data import load_task, tokenize_dataset  # noqa: E402
 from compress.export import atomic_directory  # noqa: E402
 from compress.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path  # noqa: E402
