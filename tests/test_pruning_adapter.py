@@ -309,3 +309,13 @@ def test_quantization_on_unsupported_backend_fails_clearly(monkeypatch):
     monkeypatch.setattr(bnb.nn.Linear8bitLt, "to", no_backend)
     with pytest.raises(CompressError, match="cannot quantise to 8bit on cpu.*no kernel"):
         quantize_linear(torch.nn.Linear(8, 4), "8bit")
+
+
+def test_apply_pruning_adapter_prunes_in_one_call():
+    config = compress.PruningAdapterConfig(task_type="SEQ_CLS", ffn_sparsity=0.5, r=4)
+    model = compress.apply_pruning_adapter(tiny.make_model("bert"), config, data=tiny.make_batches("bert", 2))
+    assert model.base_model.pruning_finished
+    assert get_adapter(model.base_model.model).widths()["ffn"] == [32, 32]
+    lazy = compress.apply_pruning_adapter(tiny.make_model("bert"), compress.PruningAdapterConfig(
+        task_type="SEQ_CLS", ffn_sparsity=0.5, r=4))  # taylor without data: left to the callback
+    assert not lazy.base_model.pruning_finished
