@@ -61,10 +61,18 @@ def test_shapes_shrink_by_configured_amounts(arch, kwargs, expected):
         assert widths["layers"] == [1]
 
 
-def test_zero_initialised_adapters_equal_the_pruned_base():
-    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.25, layer_sparsity=0.5, mode="global")
+@pytest.mark.parametrize("compensate", [False, True])
+def test_zero_initialised_adapters_equal_the_pruned_base(compensate):
+    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.25, layer_sparsity=0.5, mode="global",
+                       compensate_bias=compensate)
     model.base_model.prune(data=tiny.make_batches("bert", 2))
     pruned_base = _replay_on(tiny.make_model("bert"), model.peft_config["default"].pruning_plan)
+    shifts = {name.removeprefix("base_model.model."): module.pa_bias["default"]
+              for name, module in model.named_modules() if "default" in getattr(module, "pa_bias", {})}
+    assert any(shift.abs().sum() > 0 for shift in shifts.values()) == compensate
+    with torch.no_grad():  # the pruned base with the compensation folded into its biases
+        for name, shift in shifts.items():
+            pruned_base.get_submodule(name).bias += shift
     # the classifier sits in modules_to_save: same initial weights as the base's
     torch.testing.assert_close(_logits(model), _logits(pruned_base), rtol=0, atol=1e-6)
 
@@ -150,11 +158,22 @@ def test_progressive_schedule_prunes_at_the_right_steps_under_trainer(tmp_path):
     model = _bert_peft(**config)
     tuner = model.base_model
     assert tuner.pruning_steps() == [4, 8, 12]
-    callback = compress.PruningAdapterCallback()
+
+    class WatchCheckpointing(compress.PruningAdapterCallback):
+        checkpointing: list[bool] = []
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.checkpointing.append(tuner.model.is_activation_checkpointing)
+
+    callback = WatchCheckpointing()
     trainer = _trainer(model, 16, callback, tmp_path)
     trainer.train()
 
     assert [e["step"] for e in callback.events] == [4, 8, 12]
+    # dense steps recompute activations (lean memory); once pruned to the end, they no longer do
+    assert callback.checkpointing == [True] * 12 + [False] * 4
+    # every pruning event left its compensation in the output projections' bias buffers
+    assert all(tuner.model.bert.encoder.layer[i].output.dense.pa_bias["default"].abs().sum() > 0 for i in (0, 1))
     ffn_totals = [sum(e["widths_after"]["ffn"]) for e in callback.events]
     assert ffn_totals[0] > ffn_totals[1] > ffn_totals[2] == 64
     # cubic schedule: most of the pruning happens early

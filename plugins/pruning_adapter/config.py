@@ -44,6 +44,14 @@ class PruningAdapterConfig(PeftConfig):
         mode: ``uniform`` (same width in every layer; the merged model reloads with plain transformers) or
             ``global`` (widths differ per layer; loading the merged model needs ``import compress``).
         round_to: keep FFN widths a multiple of this.
+        compensate_bias: add the average contribution of removed FFN neurons and heads, measured on the scoring
+            batches, to the bias of the output projection they fed (FLAP-style; see
+            :mod:`compress.pruning.compensate`). Kept as a frozen per-adapter buffer and folded in on merge.
+            Applies where that projection has a bias and carries an adapter (BERT/RoBERTa); Llama, Qwen2 and
+            T5 output projections have no bias and are left as they are.
+        checkpoint_until_pruned: when pruning happens during training (the callback), recompute activations
+            (gradient checkpointing) until the final sparsity is reached, so the dense steps before it do not
+            set the training memory peak; switched off once the model is pruned.
         r: adapter rank.
         lora_alpha: adapter scaling numerator (scale = lora_alpha / r).
         lora_dropout: dropout on the adapter path.
@@ -71,6 +79,10 @@ class PruningAdapterConfig(PeftConfig):
     ema_beta: float = field(default=0.85, metadata={"help": "Progressive: EMA smoothing of importance."})
     mode: str = field(default="uniform", metadata={"help": "uniform or global width allocation."})
     round_to: int = field(default=1, metadata={"help": "Keep FFN widths a multiple of this."})
+    compensate_bias: bool = field(
+        default=True, metadata={"help": "Fold the mean contribution of removed channels into the output bias."})
+    checkpoint_until_pruned: bool = field(
+        default=True, metadata={"help": "Gradient checkpointing during training steps before the final pruning."})
     r: int = field(default=8, metadata={"help": "Adapter rank."})
     lora_alpha: int = field(default=16, metadata={"help": "Adapter scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter path."})

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch_pruning as tp
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -14,15 +15,19 @@ from compress.quantize import dequantize_linear, is_quantized, quantize_linear
 
 
 class PruningAdapterLayer(BaseTunerLayer):
-    """``y = base(x) + B(A(dropout(x))) * alpha / r`` where the base layer may be pruned in place.
+    """``y = base(x) + B(A(dropout(x))) * alpha / r + bias_shift`` where the base layer may be pruned in place.
 
     ``prune_output_channels``/``prune_input_channels`` shrink the base layer and the adapter matrices
     together (the pruning engine calls them), and record which rows/columns survived so that an
     optimizer's state can follow (:func:`compress.pruning.optim.remap_optimizer`).
+
+    ``pa_bias`` (a frozen buffer, saved with the adapter weights) holds the bias compensation for input
+    channels pruned away (:mod:`compress.pruning.compensate`); the frozen base bias itself never changes,
+    so the original base model plus the adapter checkpoint rebuild the same model. Merging folds it in.
     """
 
     adapter_layer_names = ("pa_A", "pa_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "pa_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "pa_dropout", "pa_bias")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -32,6 +37,7 @@ class PruningAdapterLayer(BaseTunerLayer):
         self.pa_dropout = nn.ModuleDict({})
         self.pa_A = nn.ModuleDict({})
         self.pa_B = nn.ModuleDict({})
+        self.pa_bias = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         #: id(old) -> (old, new, dim, kept indices) for every parameter replaced by the last pruning calls;
@@ -60,6 +66,9 @@ class PruningAdapterLayer(BaseTunerLayer):
             nn.init.zeros_(self.pa_B[adapter_name].weight)
         else:  # a non-zero start, so tests can tell the adapter path from the base path
             nn.init.normal_(self.pa_B[adapter_name].weight, std=0.02)
+        base = self.get_base_layer()
+        if getattr(base, "bias", None) is not None:
+            self.pa_bias[adapter_name] = torch.zeros(self.out_features, dtype=torch.float32)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -79,9 +88,21 @@ class PruningAdapterLayer(BaseTunerLayer):
     def prune_output_channels(self, removed: list[int]) -> None:
         """Remove output channels from the base layer and every adapter's B."""
         self._check_unmerged()
+        gone = set(removed)
+        keep = [i for i in range(self.out_features) if i not in gone]
         self._prune(self.get_base_layer(), removed, out=True)
         for b in self.pa_B.values():
             self._prune(b, removed, out=True)
+        for adapter, shift in list(self.pa_bias.items()):
+            self.pa_bias[adapter] = shift[keep].clone()
+
+    def add_bias_shift(self, shift: torch.Tensor) -> None:
+        """Add ``shift`` to the bias compensation of every active adapter (base layers with a bias only)."""
+        self._check_unmerged()
+        for adapter in self.active_adapters:
+            if adapter not in self.pa_bias:
+                raise CompressError(f"{type(self.get_base_layer()).__name__} has no bias to hold a compensation")
+            self.pa_bias[adapter] = self.pa_bias[adapter] + shift.to(self.pa_bias[adapter])
 
     def prune_input_channels(self, removed: list[int]) -> None:
         """Remove input channels from the base layer and every adapter's A."""
@@ -133,6 +154,8 @@ class Linear(nn.Module, PruningAdapterLayer):
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights of adapter {adapter!r}")
             base.weight.data = merged.to(base.weight.dtype)
+            if adapter in self.pa_bias:
+                base.bias.data = (base.bias.data.float() + self.pa_bias[adapter]).to(base.bias.dtype)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -140,6 +163,8 @@ class Linear(nn.Module, PruningAdapterLayer):
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             base.weight.data = (base.weight.data.float() - self.get_delta_weight(adapter)).to(base.weight.dtype)
+            if adapter in self.pa_bias:
+                base.bias.data = (base.bias.data.float() - self.pa_bias[adapter]).to(base.bias.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -155,6 +180,8 @@ class Linear(nn.Module, PruningAdapterLayer):
             a = self.pa_A[adapter]
             h = self.pa_dropout[adapter](x.to(a.weight.dtype))
             result = result + (self.pa_B[adapter](a(h)) * self.scaling[adapter]).to(result.dtype)
+            if adapter in self.pa_bias:
+                result = result + self.pa_bias[adapter].to(result.dtype)
         return result
 
     def __repr__(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -12,6 +13,7 @@ from torch import nn
 from compress.errors import CompressError
 from compress.pruning.arch import get_adapter
 from compress.pruning.compact import make_compact
+from compress.pruning.compensate import InputMeans, bias_shifts, output_projection, record_input_means
 from compress.pruning.engine import apply_removals, check_support, plan_removals, score_units
 from compress.pruning.importance import Unit, attach_gates, get_importance, task_loss, units_for
 from compress.pruning.optim import remap_optimizer
@@ -38,6 +40,11 @@ def _total(widths: dict[str, list[int]], structure: str) -> int:
     if structure == "kv_heads":
         return sum(widths.get("kv_heads", widths["heads"]))
     return sum(widths[structure])
+
+
+@contextlib.contextmanager
+def _no_means():
+    yield None
 
 
 def cubic_sparsity(step: int, final: float, end_step: int) -> float:
@@ -73,6 +80,9 @@ class PruningAdapterModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         self._gates_ctx = None
+        self._means_ctx = None
+        self._means: InputMeans | None = None
+        self._checkpointing_by_us = False
         self._gates: dict[str, torch.Tensor] = {}
         self._stats: dict[str, torch.Tensor] = {}
         self._scored_steps = 0
@@ -203,20 +213,38 @@ class PruningAdapterModel(BaseTuner):
             raise CompressError("this model is already pruned to its configured sparsity")
         criterion = get_importance(self._config.importance)
         batches = None
-        if criterion.needs_calibration:
+        if criterion.needs_calibration and data is None:
+            raise CompressError(f"importance={self._config.importance!r} needs calibration data: pass data=, "
+                                "or train with PruningAdapterCallback to score on the training batches")
+        if data is not None:
             from compress.data import calibration_batches
 
-            if data is None:
-                raise CompressError(f"importance={self._config.importance!r} needs calibration data: pass data=, "
-                                    "or train with PruningAdapterCallback to score on the training batches")
             batches = calibration_batches(data, batch_size=batch_size, num_batches=num_batches, tokenizer=tokenizer)
         if head_warmup_steps:
             if batches is None:
                 raise CompressError("head_warmup_steps needs calibration data: pass data=")
             self._warm_up_head(batches, head_warmup_steps, head_lr)
         units = self._units()
-        scores = score_units(self.model, units, criterion, batches)
-        return self._prune_event(self._config.ratios, scores, optimizer, final=True)
+        means = None
+        with record_input_means(self.model, units) if self._config.compensate_bias and batches else _no_means() as \
+                recorder:
+            scores = score_units(self.model, units, criterion, batches if criterion.needs_calibration else None)
+            if recorder is not None and not criterion.needs_calibration:
+                self._forward_only(batches)  # magnitude/random scores ran no pass: measure the means anyway
+        if recorder is not None:
+            means = recorder.means()
+        return self._prune_event(self._config.ratios, scores, optimizer, final=True, means=means)
+
+    def _forward_only(self, batches: list[dict]) -> None:
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    self.model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        finally:
+            self.model.train(was_training)
 
     def _warm_up_head(self, batches: list[dict], steps: int, lr: float) -> None:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -243,11 +271,14 @@ class PruningAdapterModel(BaseTuner):
             self.model.train(was_training)
 
     def _prune_event(self, ratios: dict[str, float], scores: dict[str, torch.Tensor],
-                     optimizer: torch.optim.Optimizer | None, final: bool) -> dict:
+                     optimizer: torch.optim.Optimizer | None, final: bool,
+                     means: dict[str, torch.Tensor] | None = None) -> dict:
         config = self._config
         adapter = get_adapter(self.model)
         units = units_for(adapter, ratios)
         removals = plan_removals(adapter, units, scores, ratios, config.mode, round_to=config.round_to)
+        if means:
+            self._compensate(units, removals, means)
         layers = [m for m in self.model.modules() if isinstance(m, PruningAdapterLayer)]
         for layer in layers:
             layer.pruned_params.clear()
@@ -268,6 +299,21 @@ class PruningAdapterModel(BaseTuner):
                     event["widths_after"])
         return event
 
+    def _compensate(self, units: list[Unit], removals: dict[str, list[int]], means: dict[str, torch.Tensor]) -> None:
+        """Put the removed channels' mean contribution into the adapters' bias buffers (before removal)."""
+        channel_units = [u for u in units if u.structure in ("ffn", "heads")]
+        held = [u for u in channel_units if isinstance(output_projection(u), PruningAdapterLayer)]
+        unheld = sorted({u.key for u in channel_units if removals.get(u.key)} - {u.key for u in held})
+        if unheld:
+            logger.warning("compensate_bias: %d pruned blocks have no adapter on their output projection (e.g. %s); "
+                           "add it to target_modules to compensate them", len(unheld), unheld[0])
+        shifts, no_bias = bias_shifts(held, removals, means)
+        if no_bias:
+            logger.info("compensate_bias: %d output projections have no bias and stay uncompensated", len(no_bias))
+        for unit in held:
+            if unit.key in shifts:
+                output_projection(unit).add_bias_shift(shifts[unit.key])
+
     # -- scoring on training batches (driven by PruningAdapterCallback) ---------------------------------
     def pruning_steps(self) -> list[int]:
         """Training steps (``global_step`` after the optimizer step) at which pruning happens."""
@@ -281,14 +327,42 @@ class PruningAdapterModel(BaseTuner):
         """Attach gates so the training loss gives importance gradients; no-op once pruning is finished."""
         if self.pruning_finished or self._gates_ctx is not None:
             return
-        self._gates_ctx = attach_gates(self._units())
+        units = self._units()
+        self._gates_ctx = attach_gates(units)
         self._gates = self._gates_ctx.__enter__()
         self._stats = {}
+        if self._config.compensate_bias:
+            self._means_ctx = record_input_means(self.model, units)
+            self._means = self._means_ctx.__enter__()
+        if self._config.checkpoint_until_pruned:
+            self._set_checkpointing(True)
 
-    def stop_scoring(self) -> None:
+    def stop_scoring(self, keep_checkpointing: bool = False) -> None:
+        """Detach the gates (and stop checkpointing, unless ``keep_checkpointing``: more pruning follows)."""
+        if not keep_checkpointing:
+            self._set_checkpointing(False)
         if self._gates_ctx is not None:
             self._gates_ctx.__exit__(None, None, None)
+        if self._means_ctx is not None:
+            self._means_ctx.__exit__(None, None, None)
         self._gates_ctx, self._gates, self._stats = None, {}, {}
+        self._means_ctx, self._means = None, None
+
+    def _set_checkpointing(self, on: bool) -> None:
+        """Recompute activations in the backward pass while the model is still (partly) dense."""
+        model = self.model
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            if on:
+                logger.warning("%s does not support gradient checkpointing: checkpoint_until_pruned has no effect",
+                               type(model).__name__)
+            return
+        if on and not model.is_activation_checkpointing:
+            # non-reentrant: the frozen embeddings give inputs without grad, which the reentrant variant drops
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self._checkpointing_by_us = True
+        elif not on and self._checkpointing_by_us:
+            model.activation_checkpointing_disable()
+            self._checkpointing_by_us = False
 
     def scoring_step(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
         """Fold this step's gate gradients into the importance estimate; prune if ``global_step`` is due."""
@@ -319,8 +393,9 @@ class PruningAdapterModel(BaseTuner):
             scores = score_units(self.model, units, criterion, None)
         final = global_step == self.pruning_steps()[-1]
         ratios = self._ratios_at(global_step, final)
-        self.stop_scoring()
-        event = self._prune_event(ratios, scores, optimizer, final=final) if ratios else None
+        means = self._means.means() if self._means else None
+        self.stop_scoring(keep_checkpointing=not final)
+        event = self._prune_event(ratios, scores, optimizer, final=final, means=means) if ratios else None
         if event is None and final and config.pruning_plan:
             config.pruning_plan[-1]["final"] = True
             if config.quantize_backbone:

@@ -1,0 +1,151 @@
+"""Bias compensation: removed channels leave their average contribution behind as a bias.
+
+Removing an FFN neuron or an attention head deletes input channels of the block's output projection
+(``output.dense``/``down_proj``, ``attention.output.dense``/``o_proj``). Those channels rarely average
+zero, so plain removal shifts every token's output by ``W[:, removed] @ mean(x[removed])``; in post-norm
+models (BERT) that shift also moves the LayerNorm statistics. Adding exactly that vector to the
+projection's bias keeps the expected output unchanged (the fluctuation-based compensation of FLAP, An et
+al. 2024) at no inference cost. The means are measured on the same batches that score the channels, over
+real tokens only (padding excluded).
+
+Layers without a bias (Llama, Qwen2 and T5 output projections) cannot hold the shift in a standard
+config, so they are left as they are and :func:`bias_shifts` reports them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from compress.pruning.importance import Unit
+
+__all__ = [
+    "InputMeans", "add_to_bias", "bias_shifts", "output_projection", "record_input_means", "removed_input_channels",
+]
+
+_CHANNEL_STRUCTURES = ("ffn", "heads")
+
+
+def output_projection(unit: Unit) -> nn.Module:
+    """The layer whose *input* channels a unit's channels are (FFN output / attention output projection)."""
+    return unit.site.output if unit.structure == "ffn" else unit.site.o
+
+
+def removed_input_channels(unit: Unit, removed: list[int]) -> list[int]:
+    """Input-channel indices of :func:`output_projection` for removed neurons (ffn) or query heads (heads)."""
+    if unit.structure == "ffn":
+        return sorted(removed)
+    head_dim = unit.site.head_dim
+    return [h * head_dim + j for h in sorted(removed) for j in range(head_dim)]
+
+
+class InputMeans:
+    """Running per-channel means of the inputs of each unit's output projection (see :func:`record_input_means`)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, float] = {}
+
+    def add(self, key: str, values: torch.Tensor, count: float) -> None:
+        self._sums[key] = self._sums[key] + values if key in self._sums else values
+        self._counts[key] = self._counts.get(key, 0.0) + count
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {key: total / self._counts[key] for key, total in self._sums.items() if self._counts[key] > 0}
+
+    def __bool__(self) -> bool:
+        return bool(self._sums)
+
+
+def _real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """Sum of ``x`` over every position except padding, and how many positions that was."""
+    x = x.detach().float()
+    positions = x.reshape(-1, x.shape[-1])
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+        weights = mask.reshape(-1, 1).to(positions.dtype)
+        return (positions * weights).sum(0), float(weights.sum())
+    # a decoder stack, or no mask given: every position counts
+    return positions.sum(0), float(positions.shape[0])
+
+
+@contextlib.contextmanager
+def record_input_means(model: nn.Module, units: list[Unit]) -> Iterator[InputMeans]:
+    """Accumulate, while the context is open, the mean input of every FFN/heads unit's output projection.
+
+    The ``attention_mask`` passed to ``model`` (as a keyword) excludes padding from the means. Hooks are
+    removed on exit; activation recomputation (gradient checkpointing) counts a batch twice, which leaves
+    the means unchanged.
+    """
+    means = InputMeans()
+    current_mask: dict[str, torch.Tensor | None] = {"mask": None}
+    handles = []
+
+    def capture_mask(module, args, kwargs):
+        current_mask["mask"] = kwargs.get("attention_mask")
+
+    def recorder(key: str):
+        def hook(module, args):
+            total, count = _real_tokens(args[0], current_mask["mask"])
+            means.add(key, total, count)
+
+        return hook
+
+    try:
+        handles.append(model.register_forward_pre_hook(capture_mask, with_kwargs=True))
+        for unit in units:
+            if unit.structure in _CHANNEL_STRUCTURES:
+                handles.append(output_projection(unit).register_forward_pre_hook(recorder(unit.key)))
+        yield means
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a layer applies: an adapter layer's base weight plus its unmerged low-rank updates."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    weight = base.weight.detach().float()
+    if base is not layer and not getattr(layer, "merged", False) and not getattr(layer, "disable_adapters", False):
+        for adapter in layer.active_adapters:
+            if adapter in getattr(layer, "pa_A", {}):
+                weight = weight + layer.get_delta_weight(adapter).detach()
+    return weight
+
+
+def bias_shifts(units: list[Unit], removals: Mapping[str, list[int]],
+                means: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """What each output projection must add to its bias to keep its expected output after ``removals``.
+
+    Call this before the channels are removed (it reads their weights).
+
+    Returns:
+        ``({unit.key: shift}, skipped)``: shifts for units with removed channels, measured means and a bias
+        to put them in; ``skipped`` names the units whose output projection has no bias.
+    """
+    shifts: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for unit in units:
+        removed = removals.get(unit.key)
+        if unit.structure not in _CHANNEL_STRUCTURES or not removed or unit.key not in means:
+            continue
+        layer = output_projection(unit)
+        base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        if base.bias is None:
+            skipped.append(unit.key)
+            continue
+        channels = torch.tensor(removed_input_channels(unit, removed), dtype=torch.long)
+        mean = means[unit.key].to(base.weight.device)
+        shifts[unit.key] = _effective_weight(layer)[:, channels] @ mean[channels]
+    return shifts, skipped
+
+
+def add_to_bias(units: list[Unit], shifts: Mapping[str, torch.Tensor]) -> None:
+    """Fold ``shifts`` into the output projections' biases in place (plain, frozen models)."""
+    with torch.no_grad():
+        for unit in units:
+            if unit.key in shifts:
+                bias = output_projection(unit).bias
+                bias.add_(shifts[unit.key].to(bias.dtype))
