@@ -230,6 +230,8 @@ class TrainingJob:
 
     Each step runs ``loss = model(**batch).loss`` (a mapping with ``"loss"`` or a scalar tensor output also
     works), ``loss.backward()``, ``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``.
+    The factory may return a fourth element, ``on_step_end(step)``, called after each optimizer step with
+    the 1-based step number (what a ``TrainerCallback.on_step_end`` would do, e.g. prune on a schedule).
     ``kwargs`` must be JSON-serialisable. ``num_threads`` (if set) is applied with
     ``torch.set_num_threads`` in the child only; ``seed`` is passed to ``torch.manual_seed`` before the
     factory runs.
@@ -373,9 +375,13 @@ def _run_training_job(job: TrainingJob) -> TrainingMemoryResult:
         torch.manual_seed(job.seed)
     built = _resolve_factory(job.factory)(**job.kwargs)
     try:
-        model, batches, optimizer = built
+        model, batches, optimizer, *rest = built
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"factory {job.factory!r} must return (model, batches, optimizer)") from exc
+        raise TypeError(f"factory {job.factory!r} must return (model, batches, optimizer[, on_step_end])") from exc
+    if len(rest) > 1 or (rest and not callable(rest[0])):
+        raise TypeError(f"factory {job.factory!r} must return (model, batches, optimizer[, on_step_end]) with a "
+                        "callable on_step_end")
+    on_step_end = rest[0] if rest else None
     if not batches:
         raise ValueError(f"factory {job.factory!r} returned no batches")
     device = _model_device(model)
@@ -401,6 +407,8 @@ def _run_training_job(job: TrainingJob) -> TrainingMemoryResult:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step_end is not None:
+            on_step_end(step + 1)
         _sync(device)
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))

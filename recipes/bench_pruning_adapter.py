@@ -10,7 +10,9 @@ Same run, identical data, steps, batch size and seed for every configuration:
 
 Columns: test accuracy; training peak memory (RSS high-water mark of ``--mem-steps`` steps at batch
 ``--batch-size`` x ``--mem-seq-len`` tokens, each configuration in a fresh process; reported as the increase
-over the RSS after the model is ready, and absolute); median step time of those steps; inference latency of
+over the RSS after the model is ready, and absolute; ``pa-progressive`` runs its schedule compressed into
+those steps, so dense, pruning and pruned steps all count); training time per step of the accuracy run
+(whole run: scoring, pruning and checkpointed steps included); inference latency of
 the merged model (CPU, batch 32 x 128 tokens, interleaved rounds); encoder-layer and total parameters;
 saved-folder size. Ratios are against ``lora`` / ``full`` / dense measured in this run. Figures are printed
 and written as markdown (``--md``), never asserted.
@@ -67,22 +69,40 @@ def _padded_batches(tokenizer, texts: list[str], labels: list[int], batch_size: 
     return batches
 
 
-def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, **overrides):
+def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, steps: int = 6,
+               num_labels: int = 2, **overrides):
     """Factory for :func:`compress.measure.peak_training_memory`: one configuration, ready to train.
 
     Training memory depends on the pruned shapes, not on how well they were chosen, so oneshot scoring
     here uses fewer calibration batches than the accuracy run (its peak shows as the load peak).
+    ``pa-progressive`` runs its whole schedule compressed into the measured ``steps``: dense steps with
+    gates (and checkpointing, as configured), two pruning events, then steps on the final shapes, so the
+    peak covers every phase of a real run. Rows are SST-2 sentences padded to ``seq_len`` (only shapes
+    matter); ``num_labels`` sizes the head.
     """
     overrides = {"calib_batches": 8, "head_warmup_steps": 20, **overrides}
-    args = _defaults(num_labels=2, **overrides)
+    if kind == "pa-progressive":
+        if steps < 4:
+            raise ValueError("pa-progressive needs at least 4 measured steps (dense, two prunings, pruned)")
+        third = max(1, steps // 3)
+        overrides = {"scoring_steps": third, "pruning_interval": third, "steps": steps,
+                     "pruning_end": min(2 * third, steps - 1) / steps, **overrides}
+    args = _defaults(num_labels=num_labels, **overrides)
     train, _, _ = load_splits(train_rows=2000)
     model, tokenizer, _ = build(kind, args, calibration=train)
-    if kind == "pa-progressive":
-        model.base_model.start_scoring()  # the gates the callback attaches for the steps before pruning
     model.train()
-    batches = _padded_batches(tokenizer, list(train["text"]), list(train["label"]), batch_size, seq_len, n_batches)
+    labels = [label % num_labels for label in train["label"]]
+    batches = _padded_batches(tokenizer, list(train["text"]), labels, batch_size, seq_len, n_batches)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr_for(kind, args))
-    return model, batches, optimizer
+    if kind != "pa-progressive":
+        return model, batches, optimizer
+    tuner = model.base_model
+    tuner.start_scoring()  # what PruningAdapterCallback.on_train_begin does
+
+    def on_step_end(step: int) -> None:  # what PruningAdapterCallback.on_step_end does
+        tuner.scoring_step(step, optimizer)
+
+    return model, batches, optimizer, on_step_end
 
 
 def interleaved_latency(models: dict, batch: dict, rounds: int = 3, repeats: int = 3) -> dict[str, float]:
@@ -131,7 +151,10 @@ def main(argv=None) -> int:
     memory = {}
     for kind in args.kinds:
         job = TrainingJob("recipes.bench_pruning_adapter:memory_job", steps=args.mem_steps,
-                          kwargs={"kind": kind, "batch_size": args.batch_size, "seq_len": args.mem_seq_len})
+                          kwargs={"kind": kind, "batch_size": args.batch_size, "seq_len": args.mem_seq_len,
+                                  "steps": args.mem_steps, "num_labels": args.num_labels,
+                                  "checkpoint_until_pruned": args.checkpoint_until_pruned,
+                                  "compensate_bias": args.compensate_bias})
         memory[kind] = peak_training_memory(job)
         print(f"[{kind}] memory: +{memory[kind].increase_mb:.0f} MB over {memory[kind].baseline_rss_mb:.0f} MB",
               flush=True)
@@ -148,9 +171,8 @@ def main(argv=None) -> int:
             "x LoRA": f"{m.increase_mb / memory['lora'].increase_mb:.2f}" if "lora" in memory else "",
             "x full": f"{m.increase_mb / memory['full'].increase_mb:.2f}" if "full" in memory else "",
             "peak RSS MB": round(m.peak_rss_mb),
-            "step s": f"{m.step_time_median_s:.2f}",
-            "step x LoRA": f"{m.step_time_median_s / memory['lora'].step_time_median_s:.2f}" if "lora" in memory
-            else "",
+            "s/step": f"{r['train_s'] / args.steps:.2f}",
+            "s/step x LoRA": f"{r['train_s'] / results['lora']['train_s']:.2f}" if "lora" in results else "",
             "latency ms": round(1000 * latency[kind]),
             "latency x dense": f"{latency[kind] / latency[dense_kind]:.2f}",
             "encoder params": r["encoder_params"],

@@ -63,7 +63,8 @@ def load_splits(glue_task: str | None = None, train_rows: int | None = None, see
 def pa_config(kind: str, args) -> compress.PruningAdapterConfig:
     common = dict(task_type="SEQ_CLS", ffn_sparsity=args.ffn_sparsity, head_sparsity=args.head_sparsity,
                   layer_sparsity=args.layer_sparsity, mode=args.mode, importance=args.importance, r=args.r,
-                  lora_alpha=2 * args.r, target_modules=TARGETS, quantize_backbone=args.quantize)
+                  lora_alpha=2 * args.r, target_modules=TARGETS, quantize_backbone=args.quantize,
+                  compensate_bias=args.compensate_bias, checkpoint_until_pruned=args.checkpoint_until_pruned)
     if kind == "pa-progressive":
         end = max(args.scoring_steps + args.pruning_interval, int(args.steps * args.pruning_end))
         return compress.PruningAdapterConfig(schedule="progressive", scoring_steps=args.scoring_steps,
@@ -128,6 +129,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scoring-steps", type=int, default=50, help="progressive: steps before the first pruning")
     p.add_argument("--pruning-interval", type=int, default=25, help="progressive: steps between prunings")
     p.add_argument("--pruning-end", type=float, default=0.5, help="progressive: final sparsity at this fraction")
+    p.add_argument("--compensate-bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold removed channels' mean contribution into the output bias (default: on)")
+    p.add_argument("--checkpoint-until-pruned", action=argparse.BooleanOptionalAction, default=True,
+                   help="progressive: gradient checkpointing until the final prune (default: on)")
     p.add_argument("--quantize", choices=["8bit", "4bit"], default=None, help="quantise the frozen backbone")
     p.add_argument("--seed", type=int, default=0)
 

@@ -54,6 +54,17 @@ def tiny_factory(hidden: int = 64, extra_mb: int = 0):
     return model, batches, optimizer
 
 
+def growing_factory(grow_after: int = 2, extra_mb: int = 200):
+    """Like tiny_factory, but its on_step_end makes later steps use ``extra_mb`` more (a schedule's effect)."""
+    model, batches, optimizer = tiny_factory(hidden=64)
+
+    def on_step_end(step: int) -> None:
+        if step == grow_after:
+            model.extra_mb = extra_mb
+
+    return model, batches, optimizer, on_step_end
+
+
 def failing_factory():
     raise RuntimeError("boom-from-child-factory")
 
@@ -155,6 +166,12 @@ def test_peak_training_memory_small_vs_large():
     # the 200 MB transient buffer must show up in the peak, the tiny MLP alone must not come close
     assert large.increase_mb - small.increase_mb > 150, (small, large)
     assert small.increase_mb < 100, small
+
+
+def test_on_step_end_runs_after_each_step_with_its_number():
+    grows = peak_training_memory(growing_factory, kwargs={"grow_after": 2}, steps=3)
+    never = peak_training_memory(growing_factory, kwargs={"grow_after": 3}, steps=3)  # after the last step
+    assert grows.increase_mb - never.increase_mb > 150, (grows, never)
 
 
 @pytest.mark.slow
