@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--mode", default="uniform", choices=("uniform", "global"),
                       help="uniform: same width in every layer, plain transformers folder; global: rank "
                            "units across layers, needs `import compress` to load (default: %(default)s)")
+    what.add_argument("--normalize", default="none", choices=("none", "mean", "l2"),
+                      help="global mode: scale each layer's scores by their mean / L2 norm before ranking "
+                           "across layers, so layers near the loss do not win by scale (default: %(default)s)")
+    what.add_argument("--compensate-bias", action="store_true",
+                      help="add removed neurons'/heads' mean contribution (measured on --data) to the output "
+                           "projection's bias; projections without a bias are left as they are")
     what.add_argument("--round-to", type=int, default=1, metavar="N",
                       help="keep FFN widths a multiple of N, e.g. 8 or 64 for faster kernels "
                            "(default: %(default)s)")
@@ -627,11 +633,13 @@ def _prune(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
 
     dataset = None
-    if criterion.needs_calibration:
+    if criterion.needs_calibration or args.compensate_bias:
         if not args.data:
+            needs = (f"--importance {importance} scores units with the task loss" if criterion.needs_calibration
+                     else "--compensate-bias measures mean activations")
             raise CalibrationError(
-                f"--importance {importance} scores units with the task loss and needs --data (e.g. "
-                "--data sst2-sample or a .tsv file); or use --importance magnitude, which needs no data")
+                f"{needs} and needs --data (e.g. --data sst2-sample or a .tsv file); or use --importance "
+                "magnitude without --compensate-bias, which needs no data")
         from compress.data import load_task
 
         try:
@@ -676,7 +684,8 @@ def _prune(args: argparse.Namespace) -> int:
         report = prune_model(model, ratio=ratios, structures=list(ratios), importance=importance,
                              data=batches, mode=args.mode, num_batches=args.num_batches,
                              batch_size=args.batch_size, round_to=args.round_to, tokenizer=tokenizer,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, normalize=args.normalize,
+                             compensate_bias=args.compensate_bias)
         elapsed = time.perf_counter() - started
         flops_after = _flops(model, seq_len)
         model.to("cpu")

@@ -64,7 +64,8 @@ def pa_config(kind: str, args) -> compress.PruningAdapterConfig:
     common = dict(task_type="SEQ_CLS", ffn_sparsity=args.ffn_sparsity, head_sparsity=args.head_sparsity,
                   layer_sparsity=args.layer_sparsity, mode=args.mode, importance=args.importance, r=args.r,
                   lora_alpha=2 * args.r, target_modules=TARGETS, quantize_backbone=args.quantize,
-                  compensate_bias=args.compensate_bias, checkpoint_until_pruned=args.checkpoint_until_pruned)
+                  compensate_bias=args.compensate_bias, score_normalization=args.score_normalization,
+                  checkpoint_until_pruned=args.checkpoint_until_pruned)
     if kind == "pa-progressive":
         end = max(args.scoring_steps + args.pruning_interval, int(args.steps * args.pruning_end))
         return compress.PruningAdapterConfig(schedule="progressive", scoring_steps=args.scoring_steps,
@@ -129,6 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scoring-steps", type=int, default=50, help="progressive: steps before the first pruning")
     p.add_argument("--pruning-interval", type=int, default=25, help="progressive: steps between prunings")
     p.add_argument("--pruning-end", type=float, default=0.5, help="progressive: final sparsity at this fraction")
+    p.add_argument("--score-normalization", choices=["none", "mean", "l2"], default="none",
+                   help="global mode: per-layer score scaling before ranking across layers (none)")
     p.add_argument("--compensate-bias", action=argparse.BooleanOptionalAction, default=True,
                    help="fold removed channels' mean contribution into the output bias (default: on)")
     p.add_argument("--checkpoint-until-pruned", action=argparse.BooleanOptionalAction, default=True,

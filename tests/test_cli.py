@@ -119,6 +119,20 @@ def test_prune_bert_global_heads_is_compact(work, capsys):
     assert "global mode, taylor importance" in info  # the pruning record
 
 
+def test_prune_with_normalised_scores_and_bias_compensation(work, capsys):
+    from safetensors.torch import load_file
+
+    common = ["--ratio", "0.5", "--structures", "ffn", "--mode", "global", "--normalize", "mean", "--importance",
+              "magnitude", "--data", str(work / "data.tsv"), "--max-length", "32", "--no-progress"]
+    for name, extra in (("plain", []), ("compensated", ["--compensate-bias"])):
+        rc = main(["prune", str(work / "bert"), "--out", str(work / name), *common, *extra])
+        assert rc == 0, capsys.readouterr().err
+    plain, compensated = (load_file(work / n / "model.safetensors") for n in ("plain", "compensated"))
+    key = "bert.encoder.layer.0.output.dense.bias"
+    assert torch.equal(plain[key.replace("bias", "weight")], compensated[key.replace("bias", "weight")])
+    assert not torch.allclose(plain[key], compensated[key])
+
+
 def test_prune_llama_magnitude_needs_no_data(work, capsys):
     out = work / "llama-out"
     rc = main(["prune", str(work / "llama"), "--out", str(out), "--ratio", "0.5", "--structures",
@@ -181,6 +195,8 @@ BAD_ARGUMENTS = {
                           "unknown structure 'neurons'"),
     "unknown-importance": (["--importance", "entropy"], "unknown importance 'entropy'; choose from"),
     "taylor-without-data": ([], "needs --data"),
+    "compensation-without-data": (["--importance", "magnitude", "--compensate-bias"],
+                                  "--compensate-bias measures mean activations and needs --data"),
     "data-missing": (["--data", "nowhere.tsv"], "--data: 'nowhere.tsv' is not a known dataset name"),
     "heads-uniform-bert": (["--structures", "heads", "--importance", "magnitude"], "use --mode global"),
     "bad-mode": (["--mode", "sideways"], "invalid choice: 'sideways'"),

@@ -18,6 +18,7 @@ import compress
 import compress.export
 from compress.errors import CalibrationError, CompressError, UnsupportedModelError, UnsupportedStructureError
 from compress.pruning.arch import get_adapter
+from compress.pruning.engine import plan_removals
 from compress.pruning.importance import attach_gates, units_for
 from tests import tiny
 
@@ -177,6 +178,44 @@ def test_global_mode_allocates_by_importance():
     widths = get_adapter(model).widths()["ffn"]
     assert widths[1] < widths[0] and sum(widths) == 64
     assert type(model).__name__ == "CompressedBertForSequenceClassification"
+
+
+def test_bias_compensation_brings_pruned_outputs_closer_to_dense():
+    batches = tiny.make_batches("bert", 4)
+    dense = tiny.make_model("bert")
+    with torch.no_grad():  # BERT initialises biases to 0; give the FFN non-zero mean activations
+        for layer in dense.bert.encoder.layer:
+            layer.intermediate.dense.bias.uniform_(-1, 1)
+
+    def hidden(model):
+        with torch.no_grad():
+            return torch.cat([model(**{k: v for k, v in b.items() if k != "labels"},
+                                    output_hidden_states=True).hidden_states[-1] for b in batches])
+
+    errors = {}
+    for compensate in (False, True):
+        model = copy.deepcopy(dense)
+        compress.prune_model(model, 0.5, ("ffn",), "taylor", data=batches, compensate_bias=compensate)
+        errors[compensate] = (hidden(model) - hidden(dense)).pow(2).mean().item()
+    assert errors[True] < 0.7 * errors[False], errors
+    with pytest.raises(CalibrationError, match="compensate_bias=True measures mean activations"):
+        compress.prune_model(copy.deepcopy(dense), 0.5, ("ffn",), "magnitude", compensate_bias=True)
+
+
+@pytest.mark.parametrize("normalize,expected", [("none", [1, 63]), ("mean", [32, 32]), ("l2", [32, 32])])
+def test_global_ranking_can_normalise_scores_per_layer(normalize, expected):
+    model = tiny.make_model("bert")
+    adapter = get_adapter(model)
+    units = units_for(adapter, ["ffn"])
+    # same ranking inside each layer, but layer 1's scores are 100x larger (as gradients near the loss are)
+    scores = {u.key: torch.arange(1.0, 65.0) * (100.0 if i else 1.0) for i, u in enumerate(units)}
+    removals = plan_removals(adapter, units, scores, {"ffn": 0.5}, "global", normalize=normalize)
+    assert [64 - len(removals[u.key]) for u in units] == expected
+    # normalisation is a global-mode matter: uniform mode is unaffected
+    assert plan_removals(adapter, units, scores, {"ffn": 0.5}, "uniform", normalize=normalize) == \
+        plan_removals(adapter, units, scores, {"ffn": 0.5}, "uniform")
+    with pytest.raises(CompressError, match="choose one of"):
+        plan_removals(adapter, units, scores, {"ffn": 0.5}, "global", normalize="zscore")
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

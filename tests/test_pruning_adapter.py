@@ -209,6 +209,7 @@ def test_schedule_longer_than_training_fails_clearly(tmp_path):
     ({"schedule": "progressive"}, "needs pruning_end_step"),
     ({"schedule": "weekly"}, "choose one of"),
     ({"mode": "sideways"}, "choose one of"),
+    ({"score_normalization": "zscore"}, "choose one of none, mean, l2"),
 ])
 def test_bad_configs_fail_clearly(kwargs, match):
     with pytest.raises(CompressError, match=match):

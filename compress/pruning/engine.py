@@ -23,6 +23,7 @@ from torch import nn
 
 from compress.errors import CalibrationError, CompressError, UnsupportedStructureError
 from compress.pruning.arch import ArchAdapter, AttentionSite, get_adapter
+from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_means
 from compress.pruning.importance import (
     STRUCTURES,
     GateStats,
@@ -193,10 +194,39 @@ def _global_counts(units: list[Unit], scores: dict[str, torch.Tensor], ratio: fl
     return counts
 
 
+NORMALIZATIONS = ("none", "mean", "l2")
+
+
+def normalize_scores(units: list[Unit], scores: Mapping[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+    """Scale each unit's channel scores by their mean (``"mean"``) or L2 norm (``"l2"``) before global ranking.
+
+    Gradient-based scores grow towards the loss, so ranking raw scores across layers strips early layers
+    and leaves the last one whole; normalising per layer ranks channels by how they compare within their
+    own layer, while still letting layers end up with different widths.
+    """
+    if how not in NORMALIZATIONS:
+        raise CompressError(f"score normalization {how!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    out = dict(scores)
+    if how == "none":
+        return out
+    for u in units:
+        if u.structure in ("ffn", "heads"):
+            s = scores[u.key].float()
+            scale = s.mean() if how == "mean" else s.norm()
+            out[u.key] = s / scale if scale > 0 else s
+    return out
+
+
 def plan_removals(adapter: ArchAdapter, units: list[Unit], scores: dict[str, torch.Tensor],
-                  ratios: Mapping[str, float], mode: str, round_to: int = 1) -> dict[str, list[int]]:
-    """Indices to remove per unit key: channels for ffn, query heads for heads/kv_heads, blocks for layers."""
+                  ratios: Mapping[str, float], mode: str, round_to: int = 1,
+                  normalize: str = "none") -> dict[str, list[int]]:
+    """Indices to remove per unit key: channels for ffn, query heads for heads/kv_heads, blocks for layers.
+
+    ``normalize`` (global mode): see :func:`normalize_scores`.
+    """
     removals: dict[str, list[int]] = {}
+    if mode == "global":
+        scores = normalize_scores(units, scores, normalize)
     ffn_units = [u for u in units if u.structure == "ffn"]
     if ffn_units:
         ratio = ratios["ffn"]
@@ -372,6 +402,19 @@ def _explicit_heads(adapter: ArchAdapter) -> bool:
     return adapter.family in ("llama", "t5")
 
 
+def forward_passes(model: nn.Module, batches: list[dict]) -> None:
+    """Inference over ``batches`` (labels dropped, dropout off), e.g. to measure activations."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+    finally:
+        model.train(was_training)
+
+
 # -- public entry point ---------------------------------------------------------------------------------
 def score_units(model: nn.Module, units: list[Unit], importance: Importance,
                 batches: list[dict] | None, progress: bool = False) -> dict[str, torch.Tensor]:
@@ -399,6 +442,8 @@ def prune_model(
     round_to: int = 1,
     tokenizer=None,
     progress: bool = False,
+    normalize: str = "none",
+    compensate_bias: bool = False,
 ) -> PruneReport:
     """Structurally prune ``model`` in place and rewrite its config.
 
@@ -418,6 +463,11 @@ def prune_model(
         round_to: keep FFN widths a multiple of this (e.g. 8 for faster kernels).
         tokenizer: pads a tokenized Dataset's rows into batches.
         progress: show a progress bar while scoring.
+        normalize: ``global`` mode: ``"mean"``/``"l2"`` scale each layer's scores before ranking across layers
+            (:func:`normalize_scores`); ``"none"`` ranks raw scores.
+        compensate_bias: add the mean contribution of removed FFN neurons/heads, measured on ``data``, to the
+            bias of the projection they fed (:mod:`compress.pruning.compensate`); needs ``data``. Projections
+            without a bias (Llama, Qwen2, T5) are left as they are.
 
     Returns:
         A :class:`PruneReport`. The model is modified in place; in ``global`` mode with unequal widths it
@@ -430,20 +480,28 @@ def prune_model(
     check_support(adapter, ratios, mode)
     criterion = get_importance(importance)
     batches = None
-    if criterion.needs_calibration:
+    if (criterion.needs_calibration or compensate_bias) and data is None:
+        needs = f"importance={importance!r} scores structures with the task loss" if criterion.needs_calibration \
+            else "compensate_bias=True measures mean activations"
+        raise CalibrationError(f"{needs} and needs `data`; pass calibration data or use "
+                               "importance='magnitude'/'random' without compensate_bias")
+    if data is not None:
         from compress.data import calibration_batches
 
-        if data is None:
-            raise CalibrationError(
-                f"importance={importance!r} scores structures with the task loss and needs `data`; pass "
-                "calibration data or use importance='magnitude'/'random'")
         batches = calibration_batches(data, batch_size=batch_size, num_batches=num_batches, tokenizer=tokenizer)
 
     widths_before = adapter.widths()
     params_before = count_params(model)
     units = units_for(adapter, ratios)
-    scores = score_units(model, units, criterion, batches, progress=progress)
-    removals = plan_removals(adapter, units, scores, ratios, mode, round_to=round_to)
+    with record_input_means(model, units) if compensate_bias else contextlib.nullcontext() as recorder:
+        scores = score_units(model, units, criterion, batches if criterion.needs_calibration else None,
+                             progress=progress)
+        if recorder is not None and not criterion.needs_calibration:
+            forward_passes(model, batches)
+    removals = plan_removals(adapter, units, scores, ratios, mode, round_to=round_to, normalize=normalize)
+    if recorder is not None:
+        shifts, _ = bias_shifts(units, removals, recorder.means())
+        add_to_bias(units, shifts)
     apply_removals(model, adapter, units, removals)
     adapter = get_adapter(model)
     if mode == "uniform" and not adapter.fits_standard_config():

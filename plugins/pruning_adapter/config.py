@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 
 from compress.errors import CompressError
+from compress.pruning.engine import NORMALIZATIONS
 from compress.pruning.importance import available_importances
 from compress.registry import PeftMethodType
 
@@ -44,6 +45,10 @@ class PruningAdapterConfig(PeftConfig):
         mode: ``uniform`` (same width in every layer; the merged model reloads with plain transformers) or
             ``global`` (widths differ per layer; loading the merged model needs ``import compress``).
         round_to: keep FFN widths a multiple of this.
+        score_normalization: ``global`` mode only: ``"mean"`` or ``"l2"`` divide each layer's scores by their
+            mean / L2 norm before ranking across layers, ``"none"`` ranks raw scores. Gradient scores grow
+            towards the loss, so raw ranking strips early layers (see
+            :func:`compress.pruning.engine.normalize_scores`).
         compensate_bias: add the average contribution of removed FFN neurons and heads, measured on the scoring
             batches, to the bias of the output projection they fed (FLAP-style; see
             :mod:`compress.pruning.compensate`). Kept as a frozen per-adapter buffer and folded in on merge.
@@ -79,6 +84,8 @@ class PruningAdapterConfig(PeftConfig):
     ema_beta: float = field(default=0.85, metadata={"help": "Progressive: EMA smoothing of importance."})
     mode: str = field(default="uniform", metadata={"help": "uniform or global width allocation."})
     round_to: int = field(default=1, metadata={"help": "Keep FFN widths a multiple of this."})
+    score_normalization: str = field(
+        default="none", metadata={"help": "Global mode: per-layer score scaling before ranking: none, mean or l2."})
     compensate_bias: bool = field(
         default=True, metadata={"help": "Fold the mean contribution of removed channels into the output bias."})
     checkpoint_until_pruned: bool = field(
@@ -125,6 +132,9 @@ class PruningAdapterConfig(PeftConfig):
             raise CompressError(f"importance={self.importance!r}; choose one of {', '.join(available_importances())}")
         if self.schedule not in SCHEDULES:
             raise CompressError(f"schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.score_normalization not in NORMALIZATIONS:
+            raise CompressError(f"score_normalization={self.score_normalization!r}; choose one of "
+                                f"{', '.join(NORMALIZATIONS)}")
         if self.mode not in MODES:
             raise CompressError(f"mode={self.mode!r}; choose one of {', '.join(MODES)}")
         if self.scoring_steps < 1 or self.pruning_interval < 1 or self.round_to < 1 or self.r < 1:

@@ -14,7 +14,7 @@ from compress.errors import CompressError
 from compress.pruning.arch import get_adapter
 from compress.pruning.compact import make_compact
 from compress.pruning.compensate import InputMeans, bias_shifts, output_projection, record_input_means
-from compress.pruning.engine import apply_removals, check_support, plan_removals, score_units
+from compress.pruning.engine import apply_removals, check_support, forward_passes, plan_removals, score_units
 from compress.pruning.importance import Unit, attach_gates, get_importance, task_loss, units_for
 from compress.pruning.optim import remap_optimizer
 
@@ -40,11 +40,6 @@ def _total(widths: dict[str, list[int]], structure: str) -> int:
     if structure == "kv_heads":
         return sum(widths.get("kv_heads", widths["heads"]))
     return sum(widths[structure])
-
-
-@contextlib.contextmanager
-def _no_means():
-    yield None
 
 
 def cubic_sparsity(step: int, final: float, end_step: int) -> float:
@@ -226,25 +221,14 @@ class PruningAdapterModel(BaseTuner):
             self._warm_up_head(batches, head_warmup_steps, head_lr)
         units = self._units()
         means = None
-        with record_input_means(self.model, units) if self._config.compensate_bias and batches else _no_means() as \
-                recorder:
+        recording = record_input_means(self.model, units) if self._config.compensate_bias and batches else None
+        with recording or contextlib.nullcontext() as recorder:
             scores = score_units(self.model, units, criterion, batches if criterion.needs_calibration else None)
             if recorder is not None and not criterion.needs_calibration:
-                self._forward_only(batches)  # magnitude/random scores ran no pass: measure the means anyway
+                forward_passes(self.model, batches)  # magnitude/random scores ran no pass: measure the means anyway
         if recorder is not None:
             means = recorder.means()
         return self._prune_event(self._config.ratios, scores, optimizer, final=True, means=means)
-
-    def _forward_only(self, batches: list[dict]) -> None:
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    self.model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-        finally:
-            self.model.train(was_training)
 
     def _warm_up_head(self, batches: list[dict], steps: int, lr: float) -> None:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -276,7 +260,8 @@ class PruningAdapterModel(BaseTuner):
         config = self._config
         adapter = get_adapter(self.model)
         units = units_for(adapter, ratios)
-        removals = plan_removals(adapter, units, scores, ratios, config.mode, round_to=config.round_to)
+        removals = plan_removals(adapter, units, scores, ratios, config.mode, round_to=config.round_to,
+                                 normalize=getattr(config, "score_normalization", "none"))
         if means:
             self._compensate(units, removals, means)
         layers = [m for m in self.model.modules() if isinstance(m, PruningAdapterLayer)]
