@@ -69,6 +69,11 @@ def _padded_batches(tokenizer, texts: list[str], labels: list[int], batch_size: 
     return batches
 
 
+#: arguments of the accuracy run that the memory measurement must share (they decide shapes and schedule)
+SHAPE_ARGS = ("ffn_sparsity", "head_sparsity", "layer_sparsity", "mode", "importance", "r", "score_normalization",
+              "compensate_bias", "checkpoint_until_pruned", "quantize", "max_length")
+
+
 def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, steps: int = 6,
                num_labels: int = 2, **overrides):
     """Factory for :func:`compress.measure.peak_training_memory`: one configuration, ready to train.
@@ -153,8 +158,7 @@ def main(argv=None) -> int:
         job = TrainingJob("recipes.bench_pruning_adapter:memory_job", steps=args.mem_steps,
                           kwargs={"kind": kind, "batch_size": args.batch_size, "seq_len": args.mem_seq_len,
                                   "steps": args.mem_steps, "num_labels": args.num_labels,
-                                  "checkpoint_until_pruned": args.checkpoint_until_pruned,
-                                  "compensate_bias": args.compensate_bias})
+                                  **{name: getattr(args, name) for name in SHAPE_ARGS}})
         memory[kind] = peak_training_memory(job)
         print(f"[{kind}] memory: +{memory[kind].increase_mb:.0f} MB over {memory[kind].baseline_rss_mb:.0f} MB",
               flush=True)

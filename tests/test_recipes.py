@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_progressive_memory_job_runs_every_phase_of_the_schedule():
     model, batches, optimizer, on_step_end = bench_pruning_adapter.memory_job(
-        "pa-progressive", batch_size=4, seq_len=16, steps=6)
+        "pa-progressive", batch_size=4, seq_len=16, steps=6, ffn_sparsity=0.25)
     tuner = model.base_model
     assert tuner.pruning_steps() == [2, 4]
     checkpointing = []
@@ -29,7 +29,7 @@ def test_progressive_memory_job_runs_every_phase_of_the_schedule():
     assert tuner.pruning_finished
     assert checkpointing == [True] * 4 + [False] * 2
     widths = tuner.peft_config["default"].pruning_plan[-1]["widths_after"]
-    assert sum(widths["ffn"]) == 6 * 1536 // 2 and sum(widths["heads"]) == 6 * 12 // 2
+    assert sum(widths["ffn"]) == 6 * 1536 * 3 // 4 and sum(widths["heads"]) == 6 * 12 // 2
 
 
 def test_recipe_trains_prunes_saves_and_reloads(tmp_path):
