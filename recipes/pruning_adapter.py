@@ -65,7 +65,8 @@ def pa_config(kind: str, args) -> compress.PruningAdapterConfig:
                   layer_sparsity=args.layer_sparsity, mode=args.mode, importance=args.importance, r=args.r,
                   lora_alpha=2 * args.r, target_modules=TARGETS, quantize_backbone=args.quantize,
                   compensate_bias=args.compensate_bias, score_normalization=args.score_normalization,
-                  checkpoint_until_pruned=args.checkpoint_until_pruned)
+                  checkpoint_until_pruned=args.checkpoint_until_pruned,
+                  modules_to_save=["LayerNorm"] if args.train_norms else None)
     if kind == "pa-progressive":
         end = max(args.scoring_steps + args.pruning_interval, int(args.steps * args.pruning_end))
         return compress.PruningAdapterConfig(schedule="progressive", scoring_steps=args.scoring_steps,
@@ -132,6 +133,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruning-end", type=float, default=0.5, help="progressive: final sparsity at this fraction")
     p.add_argument("--score-normalization", choices=["none", "mean", "l2"], default="none",
                    help="global mode: per-layer score scaling before ranking across layers (none)")
+    p.add_argument("--train-norms", action="store_true",
+                   help="Pruning-Adapter: also train the LayerNorms (modules_to_save), which pruning shifts")
     p.add_argument("--compensate-bias", action=argparse.BooleanOptionalAction, default=True,
                    help="fold removed channels' mean contribution into the output bias (default: on)")
     p.add_argument("--checkpoint-until-pruned", action=argparse.BooleanOptionalAction, default=True,

@@ -338,3 +338,18 @@ def test_apply_pruning_adapter_prunes_in_one_call():
     lazy = compress.apply_pruning_adapter(tiny.make_model("bert"), compress.PruningAdapterConfig(
         task_type="SEQ_CLS", ffn_sparsity=0.5, r=4))  # taylor without data: left to the callback
     assert not lazy.base_model.pruning_finished
+
+
+def test_layernorms_in_modules_to_save_train_merge_and_stay_out_of_head_warmup():
+    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", modules_to_save=["LayerNorm"])
+    norms = {n: p.detach().clone() for n, p in model.named_parameters() if "LayerNorm" in n and p.requires_grad}
+    assert norms  # peft made trainable copies of every LayerNorm
+    model.base_model.prune(data=tiny.make_batches("bert", 2), head_warmup_steps=3)
+    assert all(torch.equal(p, norms[n]) for n, p in model.named_parameters() if n in norms)  # warm-up: head only
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(**tiny.make_batch("bert")).loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(p, norms[n]) for n, p in model.named_parameters() if n in norms)
+    expected = _logits(model)
+    torch.testing.assert_close(_logits(copy.deepcopy(model).merge_and_unload()), expected, rtol=0, atol=1e-5)

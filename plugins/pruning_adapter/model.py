@@ -231,9 +231,12 @@ class PruningAdapterModel(BaseTuner):
         return self._prune_event(self._config.ratios, scores, optimizer, final=True, means=means)
 
     def _warm_up_head(self, batches: list[dict], steps: int, lr: float) -> None:
+        # the head is what modules_to_save trains, minus normalisation layers: those sit inside the backbone,
+        # and training them here would send gradients through it
+        in_norms = {id(p) for m in self.model.modules() if "Norm" in type(m).__name__ for p in m.parameters()}
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        head = [p for n, p in named if self.prefix not in n]
-        adapters = [p for n, p in named if self.prefix in n]
+        head = [p for n, p in named if self.prefix not in n and id(p) not in in_norms]
+        adapters = [p for n, p in named if self.prefix in n or id(p) in in_norms]
         if not head:
             raise CompressError("head_warmup_steps needs a trainable task head: set modules_to_save (task_type="
                                 "'SEQ_CLS' adds the classifier automatically)")
