@@ -135,8 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="global mode: per-layer score scaling before ranking across layers (none)")
     p.add_argument("--train-norms", action="store_true",
                    help="Pruning-Adapter: also train the LayerNorms (modules_to_save), which pruning shifts")
-    p.add_argument("--compensate-bias", action=argparse.BooleanOptionalAction, default=True,
-                   help="fold removed channels' mean contribution into the output bias (default: on)")
+    p.add_argument("--compensate-bias", action=argparse.BooleanOptionalAction, default=False,
+                   help="fold removed channels' mean contribution into the output bias (default: off)")
     p.add_argument("--checkpoint-until-pruned", action=argparse.BooleanOptionalAction, default=True,
                    help="progressive: gradient checkpointing until the final prune (default: on)")
     p.add_argument("--quantize", choices=["8bit", "4bit"], default=None, help="quantise the frozen backbone")

@@ -31,7 +31,7 @@ TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "qwen2": 
 
 CASES = [
     MethodCase("PRUNING_ADAPTER", "bert", compress.PruningAdapterConfig,
-               {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "mode": "global", "r": 4}),
+               {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "mode": "global", "compensate_bias": True, "r": 4}),
     MethodCase("PRUNING_ADAPTER", "roberta", compress.PruningAdapterConfig,
                {"ffn_sparsity": 0.5, "layer_sparsity": 0.5, "r": 4}),
     MethodCase("PRUNING_ADAPTER", "llama", compress.PruningAdapterConfig,

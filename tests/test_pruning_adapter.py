@@ -154,7 +154,7 @@ def _trainer(model, steps, callback, tmp_path):
 
 def test_progressive_schedule_prunes_at_the_right_steps_under_trainer(tmp_path):
     config = dict(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
-                  scoring_steps=4, pruning_interval=4, pruning_end_step=12)
+                  scoring_steps=4, pruning_interval=4, pruning_end_step=12, compensate_bias=True)
     model = _bert_peft(**config)
     tuner = model.base_model
     assert tuner.pruning_steps() == [4, 8, 12]

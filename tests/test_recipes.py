@@ -40,7 +40,7 @@ def test_recipe_trains_prunes_saves_and_reloads(tmp_path):
 
     out = tmp_path / "run"
     assert pruning_adapter.main(["--steps", "4", "--train-rows", "64", "--batch-size", "8", "--calib-batches", "2",
-                                 "--head-warmup-steps", "2", "--out", str(out)]) == 0
+                                 "--head-warmup-steps", "2", "--compensate-bias", "--out", str(out)]) == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["pruning_plan"][-1]["final"] and config["compensate_bias"]
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")

@@ -53,7 +53,8 @@ class PruningAdapterConfig(PeftConfig):
             batches, to the bias of the output projection they fed (FLAP-style; see
             :mod:`compress.pruning.compensate`). Kept as a frozen per-adapter buffer and folded in on merge.
             Applies where that projection has a bias and carries an adapter (BERT/RoBERTa); Llama, Qwen2 and
-            T5 output projections have no bias and are left as they are.
+            T5 output projections have no bias and are left as they are. Off by default: on MiniLM/SST-2 it
+            cost oneshot pruning 2.9 points (2 seeds) and changed progressive pruning by +0.3 (noise).
         checkpoint_until_pruned: when pruning happens during training (the callback), recompute activations
             (gradient checkpointing) until the final sparsity is reached, so the dense steps before it do not
             set the training memory peak; switched off once the model is pruned.
@@ -87,7 +88,7 @@ class PruningAdapterConfig(PeftConfig):
     score_normalization: str = field(
         default="none", metadata={"help": "Global mode: per-layer score scaling before ranking: none, mean or l2."})
     compensate_bias: bool = field(
-        default=True, metadata={"help": "Fold the mean contribution of removed channels into the output bias."})
+        default=False, metadata={"help": "Fold the mean contribution of removed channels into the output bias."})
     checkpoint_until_pruned: bool = field(
         default=True, metadata={"help": "Gradient checkpointing during training steps before the final pruning."})
     r: int = field(default=8, metadata={"help": "Adapter rank."})
