@@ -17,10 +17,11 @@ the merged model (CPU, batch 32 x 128 tokens, interleaved rounds); encoder-layer
 saved-folder size. Ratios are against ``lora`` / ``full`` / dense measured in this run. Figures are printed
 and written as markdown (``--md``), never asserted.
 
-    python recipes/bench_pruning_adapter.py --steps 800     # SST-2: 22 min on 2 CPU cores (measured)
-    python recipes/bench_pruning_adapter.py --glue-task MRPC --kinds lora pa-oneshot --steps 150   # not yet timed
+    python recipes/bench_pruning_adapter.py --steps 800     # SST-2: about 15 min on 2 idle CPU cores
+    python recipes/bench_pruning_adapter.py --glue-task MRPC --kinds lora pa-oneshot --steps 300 --mem-steps 3 # 13 min
 
-The memory measurement always uses SST-2 rows padded to ``--mem-seq-len`` tokens (only shapes matter).
+The memory measurement uses SST-2 rows padded to ``--mem-seq-len`` tokens (only shapes matter), with the
+task's number of labels.
 """
 
 from __future__ import annotations
