@@ -264,7 +264,7 @@ class PruningAdapterModel(BaseTuner):
         adapter = get_adapter(self.model)
         units = units_for(adapter, ratios)
         removals = plan_removals(adapter, units, scores, ratios, config.mode, round_to=config.round_to,
-                                 normalize=getattr(config, "score_normalization", "none"))
+                                 normalize=config.score_normalization)
         if means:
             self._compensate(units, removals, means)
         layers = [m for m in self.model.modules() if isinstance(m, PruningAdapterLayer)]
