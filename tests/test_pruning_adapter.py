@@ -69,6 +69,7 @@ def test_zero_initialised_adapters_equal_the_pruned_base(compensate):
     pruned_base = _replay_on(tiny.make_model("bert"), model.peft_config["default"].pruning_plan)
     shifts = {name.removeprefix("base_model.model."): module.pa_bias["default"]
               for name, module in model.named_modules() if "default" in getattr(module, "pa_bias", {})}
+    assert bool(shifts) == compensate  # no buffers (and no per-forward add) unless compensation is configured
     assert any(shift.abs().sum() > 0 for shift in shifts.values()) == compensate
     with torch.no_grad():  # the pruned base with the compensation folded into its biases
         for name, shift in shifts.items():

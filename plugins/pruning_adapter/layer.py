@@ -54,7 +54,7 @@ class PruningAdapterLayer(BaseTunerLayer):
         return self.get_base_layer().out_features
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
-                     init_weights: bool = True, inference_mode: bool = False) -> None:
+                     init_weights: bool = True, inference_mode: bool = False, compensate_bias: bool = False) -> None:
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
@@ -66,8 +66,8 @@ class PruningAdapterLayer(BaseTunerLayer):
             nn.init.zeros_(self.pa_B[adapter_name].weight)
         else:  # a non-zero start, so tests can tell the adapter path from the base path
             nn.init.normal_(self.pa_B[adapter_name].weight, std=0.02)
-        base = self.get_base_layer()
-        if getattr(base, "bias", None) is not None:
+        # only when compensation is configured: otherwise forward would add a zero vector in every layer
+        if compensate_bias and getattr(self.get_base_layer(), "bias", None) is not None:
             self.pa_bias[adapter_name] = torch.zeros(self.out_features, dtype=torch.float32)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -134,11 +134,12 @@ class Linear(nn.Module, PruningAdapterLayer):
     """Pruning-Adapter around an ``nn.Linear``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 16,
-                 lora_dropout: float = 0.0, init_weights: bool = True, **kwargs) -> None:
+                 lora_dropout: float = 0.0, init_weights: bool = True, compensate_bias: bool = False,
+                 **kwargs) -> None:
         super().__init__()
         PruningAdapterLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_weights)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_weights, compensate_bias=compensate_bias)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         a, b = self.pa_A[adapter].weight, self.pa_B[adapter].weight

@@ -139,7 +139,7 @@ class PruningAdapterModel(BaseTuner):
     def _create_and_replace(self, config: PruningAdapterConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
         kwargs = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-                  "init_weights": config.init_weights}
+                  "init_weights": config.init_weights, "compensate_bias": config.compensate_bias}
         if isinstance(target, PruningAdapterLayer):
             target.update_layer(adapter_name, **kwargs)
             return
