@@ -10,7 +10,9 @@ a serialisable description ("module:function" factory plus JSON-able kwargs), no
 
 The RSS high-water mark includes the Python/torch baseline (on the order of 1.4 GB for a small model on
 CPU), so the figure that matters for comparing methods is ``increase_mb``: peak RSS during training minus
-RSS after the model, batches and optimizer were built and before the first step.
+RSS after the model, batches and optimizer were built and before the first step. Work that belongs to the
+method rather than to loading (e.g. scoring and pruning before training) goes in
+:attr:`TrainingSetup.on_train_begin`, which runs after that baseline, so its memory counts.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "TrainingJob",
     "TrainingJobError",
     "TrainingMemoryResult",
+    "TrainingSetup",
     "count_parameters",
     "estimate_flops",
     "folder_size",
@@ -231,7 +234,8 @@ class TrainingJob:
     Each step runs ``loss = model(**batch).loss`` (a mapping with ``"loss"`` or a scalar tensor output also
     works), ``loss.backward()``, ``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``.
     The factory may return a fourth element, ``on_step_end(step)``, called after each optimizer step with
-    the 1-based step number (what a ``TrainerCallback.on_step_end`` would do, e.g. prune on a schedule).
+    the 1-based step number (what a ``TrainerCallback.on_step_end`` would do, e.g. prune on a schedule),
+    or a :class:`TrainingSetup`, which can also run measured work before the first step.
     ``kwargs`` must be JSON-serialisable. ``num_threads`` (if set) is applied with
     ``torch.set_num_threads`` in the child only; ``seed`` is passed to ``torch.manual_seed`` before the
     factory runs.
@@ -271,6 +275,41 @@ class TrainingJob:
     @classmethod
     def from_json(cls, text: str) -> TrainingJob:
         return cls(**json.loads(text))
+
+
+@dataclass
+class TrainingSetup:
+    """What a :class:`TrainingJob` factory may return instead of a tuple.
+
+    Attributes:
+        model: the ``torch.nn.Module`` to train, already on the device to measure.
+        batches: a non-empty ``list[dict]`` of model inputs with labels.
+        optimizer: a ``torch.optim.Optimizer``, or a zero-argument callable that builds one; a callable is
+            called after ``on_train_begin`` (whose work may replace parameters, e.g. pruning).
+        on_train_begin: zero-argument callable run after the baseline memory snapshot and before step 1, so
+            its memory counts as training memory (what ``TrainerCallback.on_train_begin`` or a method's own
+            pre-training phase does: calibration, scoring, pruning).
+        on_step_end: called after each optimizer step with the 1-based step number.
+    """
+
+    model: torch.nn.Module
+    batches: list[dict]
+    optimizer: torch.optim.Optimizer | Callable[[], torch.optim.Optimizer]
+    on_train_begin: Callable[[], Any] | None = None
+    on_step_end: Callable[[int], Any] | None = None
+
+
+def _as_setup(built: Any, factory: str) -> TrainingSetup:
+    if isinstance(built, TrainingSetup):
+        return built
+    expected = f"factory {factory!r} must return a TrainingSetup or (model, batches, optimizer[, on_step_end])"
+    try:
+        model, batches, optimizer, *rest = built
+    except (TypeError, ValueError) as exc:
+        raise TypeError(expected) from exc
+    if len(rest) > 1 or (rest and not callable(rest[0])):
+        raise TypeError(f"{expected} with a callable on_step_end")
+    return TrainingSetup(model, batches, optimizer, on_step_end=rest[0] if rest else None)
 
 
 @dataclass(frozen=True)
@@ -373,21 +412,13 @@ def _run_training_job(job: TrainingJob) -> TrainingMemoryResult:
         torch.set_num_threads(job.num_threads)
     if job.seed is not None:
         torch.manual_seed(job.seed)
-    built = _resolve_factory(job.factory)(**job.kwargs)
-    try:
-        model, batches, optimizer, *rest = built
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"factory {job.factory!r} must return (model, batches, optimizer[, on_step_end])") from exc
-    if len(rest) > 1 or (rest and not callable(rest[0])):
-        raise TypeError(f"factory {job.factory!r} must return (model, batches, optimizer[, on_step_end]) with a "
-                        "callable on_step_end")
-    on_step_end = rest[0] if rest else None
-    if not batches:
+    setup = _as_setup(_resolve_factory(job.factory)(**job.kwargs), job.factory)
+    if not setup.batches:
         raise ValueError(f"factory {job.factory!r} returned no batches")
+    model = setup.model
     device = _model_device(model)
-    batches = [_to_device(b, device) for b in batches]
+    batches = [_to_device(b, device) for b in setup.batches]
     model.train()
-    optimizer.zero_grad(set_to_none=True)
 
     on_cuda = device.type == "cuda"
     cuda_baseline = None
@@ -398,6 +429,18 @@ def _run_training_job(job: TrainingJob) -> TrainingMemoryResult:
     load_peak = _peak_rss_mb()
     hwm_reset = _reset_peak_rss()
     baseline = _rss_mb()
+
+    if setup.on_train_begin is not None:
+        setup.on_train_begin()
+        model.train()
+    optimizer = setup.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        if not callable(optimizer):
+            raise TypeError(f"factory {job.factory!r}: optimizer must be a torch Optimizer or a callable that "
+                            f"builds one, got {type(optimizer).__name__}")
+        optimizer = optimizer()
+    optimizer.zero_grad(set_to_none=True)
+    on_step_end = setup.on_step_end
 
     times: list[float] = []
     losses: list[float] = []

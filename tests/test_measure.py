@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -11,6 +12,7 @@ from compress.measure import (
     LatencyResult,
     TrainingJob,
     TrainingJobError,
+    TrainingSetup,
     count_parameters,
     estimate_flops,
     folder_size,
@@ -63,6 +65,26 @@ def growing_factory(grow_after: int = 2, extra_mb: int = 200):
             model.extra_mb = extra_mb
 
     return model, batches, optimizer, on_step_end
+
+
+def setup_factory(scratch_mb: int = 200, in_train_begin: bool = True):
+    """A TrainingSetup whose pre-training work touches ``scratch_mb`` (before or after the baseline) and whose
+    optimizer is built lazily, after that work replaced the model's head (as pruning would)."""
+    model, batches, _ = tiny_factory(hidden=64)
+
+    def prepare() -> None:
+        scratch = torch.ones(scratch_mb * MB // 4)
+        model.scratch_sum = float(scratch.sum())
+        model.net[-1] = torch.nn.Linear(64, 1)  # parameters built before this would be stale
+
+    if not in_train_begin:
+        prepare()
+
+    def build_optimizer() -> torch.optim.Optimizer:
+        assert hasattr(model, "scratch_sum"), "optimizer built before on_train_begin"
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    return TrainingSetup(model, batches, build_optimizer, on_train_begin=prepare if in_train_begin else None)
 
 
 def failing_factory():
@@ -172,6 +194,25 @@ def test_on_step_end_runs_after_each_step_with_its_number():
     grows = peak_training_memory(growing_factory, kwargs={"grow_after": 2}, steps=3)
     never = peak_training_memory(growing_factory, kwargs={"grow_after": 3}, steps=3)  # after the last step
     assert grows.increase_mb - never.increase_mb > 150, (grows, never)
+
+
+def test_training_setup_counts_on_train_begin_and_builds_the_optimizer_after_it():
+    counted = peak_training_memory(setup_factory, kwargs={"in_train_begin": True}, steps=2)
+    before_baseline = peak_training_memory(setup_factory, kwargs={"in_train_begin": False}, steps=2)
+    assert counted.increase_mb - before_baseline.increase_mb > 150, (counted, before_baseline)
+    assert counted.trainable_params == before_baseline.trainable_params == 32 * 64 + 64 + 64 + 1
+    assert all(math.isfinite(x) for x in counted.losses)
+
+
+def test_factory_results_are_validated():
+    from compress.measure import _as_setup
+
+    model, batches, optimizer = tiny_factory()
+    assert _as_setup((model, batches, optimizer), "f").on_step_end is None
+    with pytest.raises(TypeError, match="must return a TrainingSetup"):
+        _as_setup(model, "f")
+    with pytest.raises(TypeError, match="callable on_step_end"):
+        _as_setup((model, batches, optimizer, 3), "f")
 
 
 @pytest.mark.slow

@@ -143,13 +143,13 @@ def test_remap_optimizer_follows_chains_and_drops_removed():
     assert gone not in opt.state
 
 
-def _trainer(model, steps, callback, tmp_path):
+def _trainer(model, steps, callback, tmp_path, **training_args):
     batches = tiny.make_batches("bert", 8, batch_size=4)
     rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
     dataset = Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
                              learning_rate=1e-2, save_strategy="no", report_to=[], logging_steps=1,
-                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, **training_args)
     return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
 
 
@@ -186,6 +186,33 @@ def test_progressive_schedule_prunes_at_the_right_steps_under_trainer(tmp_path):
     # pruned parameters kept training after the last pruning step
     opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert opt_params == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_user_checkpointing_stays_on_through_pruning_and_changes_no_numbers(tmp_path):
+    """Trainer(activation_checkpointing=True) checkpoints the whole run, pruned steps included (the leanest
+    memory setting); the callback never switches it off, and the trained model is the same as without it."""
+    config = dict(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+                  scoring_steps=2, pruning_interval=2, pruning_end_step=4)
+    results = {}
+    for checkpointing in (False, True):
+        model = _bert_peft(**config)
+        tuner = model.base_model
+
+        class WatchCheckpointing(compress.PruningAdapterCallback):
+            seen: list[bool] = []
+
+            def on_step_begin(self, args, state, control, model=None, **kwargs):
+                self.seen.append(model.base_model.model.is_activation_checkpointing)
+
+        callback = WatchCheckpointing()
+        extra = {"activation_checkpointing": True,
+                 "activation_checkpointing_kwargs": {"use_reentrant": False}} if checkpointing else {}
+        _trainer(model, 6, callback, tmp_path / str(checkpointing), seed=3, **extra).train()
+        assert callback.seen == ([True] * 6 if checkpointing else [True] * 4 + [False] * 2)
+        assert tuner.model.is_activation_checkpointing == checkpointing  # the user's setting survives
+        results[checkpointing] = (callback.events[-1]["widths_after"], _logits(model))
+    assert results[True][0] == results[False][0]
+    torch.testing.assert_close(results[True][1], results[False][1], atol=1e-5, rtol=1e-4)
 
 
 def test_oneshot_schedule_prunes_once_after_scoring_steps(tmp_path):
