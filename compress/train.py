@@ -122,6 +122,11 @@ def load_sequence_classifier(path: str | os.PathLike[str], num_labels: int = 2,
 # --------------------------------------------------------------------------------------------------------
 
 
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The ``PreTrainedModel`` inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def finetune_classifier(
     model: nn.Module,
     tokenizer: Any,
@@ -138,6 +143,7 @@ def finetune_classifier(
     freeze_embeddings: bool = False,
     progress: bool = False,
     callbacks: list | None = None,
+    activation_checkpointing: bool = False,
 ) -> dict[str, float]:
     """Fine-tune a sequence classifier in place for ``steps`` optimizer steps with the HF ``Trainer``.
 
@@ -164,6 +170,9 @@ def finetune_classifier(
             flags are restored afterwards.
         progress: show the Trainer's progress bar.
         callbacks: extra ``TrainerCallback`` instances (e.g. ``compress.PruningAdapterCallback()``).
+        activation_checkpointing: recompute activations in the backward pass (the Trainer's
+            ``activation_checkpointing``, non-reentrant): less training memory, slower steps, same numbers.
+            Switched off again afterwards.
 
     Returns:
         ``{"train_loss": mean loss over the steps, "train_time_s": wall time, "steps": steps done,
@@ -202,6 +211,8 @@ def finetune_classifier(
             dataloader_num_workers=0,
             dataloader_pin_memory=torch.cuda.is_available(),
             train_sampling_strategy="group_by_length" if group_by_length else "random",
+            activation_checkpointing=activation_checkpointing or None,
+            activation_checkpointing_kwargs={"use_reentrant": False} if activation_checkpointing else None,
         )
         trainer = Trainer(
             model=model,
@@ -218,6 +229,8 @@ def finetune_classifier(
         finally:
             for param, flag in frozen:
                 param.requires_grad_(flag)
+            if activation_checkpointing:
+                _transformers_model(model).activation_checkpointing_disable()
         elapsed = time.perf_counter() - start
     model.eval()
     result = {

@@ -39,7 +39,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import compress  # noqa: E402
-from compress.measure import TrainingJob, folder_size, format_table, inference_latency, peak_training_memory  # noqa: E402
+from compress.measure import (  # noqa: E402
+    TrainingJob,
+    TrainingSetup,
+    folder_size,
+    format_table,
+    inference_latency,
+    peak_training_memory,
+)
 from compress.train import evaluate_accuracy, finetune_classifier  # noqa: E402
 from recipes.pruning_adapter import (  # noqa: E402
     KINDS,
@@ -49,6 +56,7 @@ from recipes.pruning_adapter import (  # noqa: E402
     load_splits,
     lr_for,
     merged,
+    prune_oneshot,
 )
 
 
@@ -72,19 +80,22 @@ def _padded_batches(tokenizer, texts: list[str], labels: list[int], batch_size: 
 
 #: arguments of the accuracy run that the memory measurement must share (they decide shapes and schedule)
 SHAPE_ARGS = ("ffn_sparsity", "head_sparsity", "layer_sparsity", "mode", "importance", "r", "score_normalization",
-              "compensate_bias", "checkpoint_until_pruned", "quantize", "max_length", "train_norms")
+              "compensate_bias", "checkpoint_until_pruned", "quantize", "max_length", "train_norms",
+              "calib_batch_size")
 
 
 def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, steps: int = 6,
-               num_labels: int = 2, **overrides):
-    """Factory for :func:`compress.measure.peak_training_memory`: one configuration, ready to train.
+               num_labels: int = 2, activation_checkpointing: bool = False, **overrides) -> TrainingSetup:
+    """Factory for :func:`compress.measure.peak_training_memory`: one configuration, as a real run trains it.
 
-    Training memory depends on the pruned shapes, not on how well they were chosen, so oneshot scoring
-    here uses fewer calibration batches than the accuracy run (its peak shows as the load peak).
-    ``pa-progressive`` runs its whole schedule compressed into the measured ``steps``: dense steps with
-    gates (and checkpointing, as configured), two pruning events, then steps on the final shapes, so the
-    peak covers every phase of a real run. Rows are SST-2 sentences padded to ``seq_len`` (only shapes
-    matter); ``num_labels`` sizes the head.
+    The baseline is the same for every configuration: the pretrained model loaded (and wrapped). Everything
+    a method does after that counts: ``pa-oneshot``'s head warm-up, calibration scoring and pruning run in
+    ``on_train_begin`` (with fewer calibration batches than the accuracy run: memory depends on the batch,
+    not on how many are averaged); ``pa-progressive`` runs its whole schedule compressed into the measured
+    ``steps``: dense steps with gates (and checkpointing, as configured), two pruning events, then steps on
+    the final shapes. ``activation_checkpointing`` recomputes activations for the whole run (the Trainer's
+    option of that name). Rows are SST-2 sentences padded to ``seq_len`` (only shapes matter);
+    ``num_labels`` sizes the head.
     """
     overrides = {"calib_batches": 8, "head_warmup_steps": 20, **overrides}
     if kind == "pa-progressive":
@@ -95,20 +106,31 @@ def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: i
                      "pruning_end": min(2 * third, steps - 1) / steps, **overrides}
     args = _defaults(num_labels=num_labels, **overrides)
     train, _, _ = load_splits(train_rows=2000)
-    model, tokenizer, _ = build(kind, args, calibration=train)
+    model, tokenizer, _ = build(kind, args, prune=False)
     model.train()
     labels = [label % num_labels for label in train["label"]]
     batches = _padded_batches(tokenizer, list(train["text"]), labels, batch_size, seq_len, n_batches)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr_for(kind, args))
-    if kind != "pa-progressive":
-        return model, batches, optimizer
-    tuner = model.base_model
-    tuner.start_scoring()  # what PruningAdapterCallback.on_train_begin does
+    transformers_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def on_train_begin() -> None:
+        if kind == "pa-oneshot":
+            prune_oneshot(model, tokenizer, args, calibration=train)
+        if kind == "pa-progressive":
+            model.base_model.start_scoring()  # what PruningAdapterCallback.on_train_begin does
+        if activation_checkpointing:
+            transformers_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    optimizer: list[torch.optim.Optimizer] = []
+
+    def build_optimizer() -> torch.optim.Optimizer:
+        optimizer.append(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr_for(kind, args)))
+        return optimizer[0]
 
     def on_step_end(step: int) -> None:  # what PruningAdapterCallback.on_step_end does
-        tuner.scoring_step(step, optimizer)
+        model.base_model.scoring_step(step, optimizer[0])
 
-    return model, batches, optimizer, on_step_end
+    return TrainingSetup(model, batches, build_optimizer, on_train_begin=on_train_begin,
+                         on_step_end=on_step_end if kind == "pa-progressive" else None)
 
 
 def interleaved_latency(models: dict, batch: dict, rounds: int = 3, repeats: int = 3) -> dict[str, float]:
@@ -126,6 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--mem-steps", type=int, default=6, help="training steps per memory measurement (6)")
     p.add_argument("--mem-seq-len", type=int, default=128, help="tokens per row in the memory measurement (128)")
+    p.add_argument("--checkpointed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure every configuration's memory with activation checkpointing for the whole "
+                        "run ('+ckpt' rows; same numbers, so accuracy and latency are not re-run)")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_pruning_adapter"))
     p.add_argument("--md", default=str(REPO / "runs" / "bench_pruning_adapter.md"))
     args = p.parse_args(argv)
@@ -154,38 +179,51 @@ def main(argv=None) -> int:
     batch = dict(tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     latency = interleaved_latency({k: m.eval() for k, m in plains.items()}, batch)
 
+    settings = [(kind, False) for kind in args.kinds]
+    if args.checkpointed_memory:
+        settings += [(kind, True) for kind in args.kinds]
     memory = {}
-    for kind in args.kinds:
+    for kind, checkpointing in settings:
         job = TrainingJob("recipes.bench_pruning_adapter:memory_job", steps=args.mem_steps,
                           kwargs={"kind": kind, "batch_size": args.batch_size, "seq_len": args.mem_seq_len,
                                   "steps": args.mem_steps, "num_labels": args.num_labels,
+                                  "activation_checkpointing": checkpointing,
                                   **{name: getattr(args, name) for name in SHAPE_ARGS}})
-        memory[kind] = peak_training_memory(job)
-        print(f"[{kind}] memory: +{memory[kind].increase_mb:.0f} MB over {memory[kind].baseline_rss_mb:.0f} MB",
-              flush=True)
+        memory[kind, checkpointing] = m = peak_training_memory(job)
+        print(f"[{kind}{' +ckpt' if checkpointing else ''}] memory: +{m.increase_mb:.0f} MB over "
+              f"{m.baseline_rss_mb:.0f} MB", flush=True)
 
     dense_kind = "lora" if "lora" in results else args.kinds[0]
+
+    def times(value: float, kind: str, table: dict) -> str:
+        return f"{value / table[kind]:.2f}" if kind in table else ""
+
     rows = []
-    for kind in args.kinds:
-        r, m = results[kind], memory[kind]
-        row = {
-            "config": kind,
-            "test acc": f"{r['accuracy']:.2%}",
-            "acc vs LoRA (pt)": f"{100 * (r['accuracy'] - results[dense_kind]['accuracy']):+.1f}",
+    for kind, checkpointing in settings:
+        r, m = results[kind], memory[kind, checkpointing]
+        increase = {k: v.increase_mb for (k, ckpt), v in memory.items() if not ckpt}
+        step_s = {k: v.step_time_median_s for (k, ckpt), v in memory.items() if not ckpt}
+        train_s = {k: v["train_s"] for k, v in results.items()}
+        same = checkpointing  # checkpointing changes no numbers: accuracy/latency/size are the row above's
+        rows.append({
+            "config": kind + (" +ckpt" if checkpointing else ""),
+            "test acc": "same" if same else f"{r['accuracy']:.2%}",
+            "acc vs LoRA (pt)": "" if same else f"{100 * (r['accuracy'] - results[dense_kind]['accuracy']):+.1f}",
             "train mem +MB": round(m.increase_mb),
-            "x LoRA": f"{m.increase_mb / memory['lora'].increase_mb:.2f}" if "lora" in memory else "",
-            "x full": f"{m.increase_mb / memory['full'].increase_mb:.2f}" if "full" in memory else "",
+            "x LoRA": times(m.increase_mb, "lora", increase),
+            "x full": times(m.increase_mb, "full", increase),
             "peak RSS MB": round(m.peak_rss_mb),
-            "s/step": f"{r['train_s'] / args.steps:.2f}",
-            "s/step x LoRA": f"{r['train_s'] / results['lora']['train_s']:.2f}" if "lora" in results else "",
-            "latency ms": round(1000 * latency[kind]),
-            "latency x dense": f"{latency[kind] / latency[dense_kind]:.2f}",
-            "encoder params": r["encoder_params"],
-            "enc. x dense": f"{r['encoder_params'] / results[dense_kind]['encoder_params']:.2f}",
-            "params": r["params"],
-            "folder MB": f"{r['size'] / 2**20:.1f}",
-        }
-        rows.append(row)
+            "s/step (run)": "" if same else f"{r['train_s'] / args.steps:.2f}",
+            "x LoRA (run)": "" if same else times(r["train_s"], "lora", train_s),
+            "s/step (mem)": f"{m.step_time_median_s:.2f}",
+            "x LoRA (mem)": times(m.step_time_median_s, "lora", step_s),
+            "latency ms": "" if same else round(1000 * latency[kind]),
+            "latency x dense": "" if same else f"{latency[kind] / latency[dense_kind]:.2f}",
+            "encoder params": "" if same else r["encoder_params"],
+            "enc. x dense": "" if same else f"{r['encoder_params'] / results[dense_kind]['encoder_params']:.2f}",
+            "params": "" if same else r["params"],
+            "folder MB": "" if same else f"{r['size'] / 2**20:.1f}",
+        })
     table = format_table(rows)
     notes = (
         f"all-MiniLM-L6-v2 + seeded head; data: {source}; train rows {len(train):,}, test rows {len(test):,}.\n"
@@ -194,7 +232,10 @@ def main(argv=None) -> int:
         f"FFN {args.ffn_sparsity:.0%}, heads {args.head_sparsity:.0%}, layers {args.layer_sparsity:.0%}, "
         f"{args.mode} widths, {args.importance} importance. Memory: {args.mem_steps} steps at batch "
         f"{args.batch_size} x {args.mem_seq_len} tokens in a fresh process per configuration; 'train mem' is "
-        "the RSS high-water mark minus the RSS after the model is ready (PA-oneshot: after pruning). "
+        "the RSS high-water mark minus the RSS once the pretrained model is loaded, so PA-oneshot's scoring and "
+        "pruning and PA-progressive's dense, gated steps count; ratios are against the rows without "
+        "checkpointing. '+ckpt': activation checkpointing for the whole run (same numbers). 's/step (run)': "
+        "the accuracy run (dynamic padding); 's/step (mem)': median step of the memory job (padded). "
         f"Latency: merged models, CPU, batch 32 x 128 tokens. Wall time {(time.time() - started) / 60:.1f} min."
     )
     command = "python recipes/bench_pruning_adapter.py " + " ".join(sys.argv[1:] if argv is None else argv)

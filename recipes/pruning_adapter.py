@@ -1,15 +1,16 @@
 """Recipe: Pruning-Adapter on the packaged MiniLM-L6 and SST-2 (train, prune, evaluate, merge, save, report).
 
-    python recipes/pruning_adapter.py                          # oneshot, FFN 50% + heads 50% (global)
-    python recipes/pruning_adapter.py --schedule progressive --steps 1000
-    python recipes/pruning_adapter.py --glue-task RTE --steps 300
+    python recipes/pruning_adapter.py                        # progressive, FFN 50% + heads 50% (global), 1000 steps
+    python recipes/pruning_adapter.py --steps 1600 --activation-checkpointing   # leanest memory, same numbers
+    python recipes/pruning_adapter.py --schedule oneshot --glue-task RTE --steps 300
 
-The backbone stays frozen throughout. ``oneshot`` first fits the classification head on frozen features
-(head-only gradients), scores FFN neurons and heads with gate gradients of the task loss on calibration
-batches, prunes, then trains adapters on the smaller model. ``progressive`` scores on the training batches
-and prunes along a cubic schedule while the adapters train (``PruningAdapterCallback`` in an unchanged
-``Trainer``). The merged model is saved as a compact safetensors folder (``global`` mode: load it after
-``import compress``) next to the adapter checkpoint.
+The backbone's weights stay frozen throughout (its LayerNorms train, unless ``--no-train-norms``).
+``progressive`` (the default) scores on the training batches and prunes along a cubic schedule while the
+adapters train (``PruningAdapterCallback`` in an unchanged ``Trainer``; activations are recomputed until the
+final prune). ``oneshot`` first fits the classification head on frozen features (head-only gradients),
+scores FFN neurons and heads with gate gradients of the task loss on calibration batches, prunes, then
+trains adapters on the smaller model. The merged model is saved as a compact safetensors folder
+(``global`` mode: load it after ``import compress``) next to the adapter checkpoint.
 
 This module's functions are reused by ``recipes/bench_pruning_adapter.py``.
 """
@@ -74,8 +75,9 @@ def pa_config(kind: str, args) -> compress.PruningAdapterConfig:
     return compress.PruningAdapterConfig(schedule="oneshot", **common)
 
 
-def build(kind: str, args, calibration=None):
-    """(model, tokenizer, callbacks) for one configuration; ``pa-oneshot`` is pruned here, before training."""
+def build(kind: str, args, calibration=None, prune: bool = True):
+    """(model, tokenizer, callbacks) for one configuration; ``pa-oneshot`` is pruned here, before training,
+    unless ``prune=False`` (then call :func:`prune_oneshot`)."""
     model, tokenizer = load_sequence_classifier(minilm_path(), num_labels=args.num_labels, seed=args.seed)
     callbacks = []
     if kind == "lora":
@@ -84,14 +86,20 @@ def build(kind: str, args, calibration=None):
     elif kind.startswith("pa-"):
         model = get_peft_model(model, pa_config(kind, args))
         if kind == "pa-oneshot":
-            data = tokenize_dataset(calibration, tokenizer, max_length=args.max_length)
-            model.base_model.prune(data=data, tokenizer=tokenizer, num_batches=args.calib_batches,
-                                   batch_size=args.calib_batch_size, head_warmup_steps=args.head_warmup_steps)
+            if prune:
+                prune_oneshot(model, tokenizer, args, calibration)
         else:
             callbacks.append(compress.PruningAdapterCallback())
     elif kind != "full":
         raise ValueError(f"unknown configuration {kind!r}; choose from {', '.join(KINDS)}")
     return model, tokenizer, callbacks
+
+
+def prune_oneshot(model, tokenizer, args, calibration) -> dict:
+    """Head warm-up, gate-gradient scoring on calibration rows, pruning: the oneshot pre-training phase."""
+    data = tokenize_dataset(calibration, tokenizer, max_length=args.max_length)
+    return model.base_model.prune(data=data, tokenizer=tokenizer, num_batches=args.calib_batches,
+                                  batch_size=args.calib_batch_size, head_warmup_steps=args.head_warmup_steps)
 
 
 def lr_for(kind: str, args) -> float:
@@ -133,12 +141,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruning-end", type=float, default=0.5, help="progressive: final sparsity at this fraction")
     p.add_argument("--score-normalization", choices=["none", "mean", "l2"], default="none",
                    help="global mode: per-layer score scaling before ranking across layers (none)")
-    p.add_argument("--train-norms", action="store_true",
-                   help="Pruning-Adapter: also train the LayerNorms (modules_to_save), which pruning shifts")
+    p.add_argument("--train-norms", action=argparse.BooleanOptionalAction, default=True,
+                   help="Pruning-Adapter: also train the LayerNorms (modules_to_save), which pruning shifts "
+                        "(default: on)")
     p.add_argument("--compensate-bias", action=argparse.BooleanOptionalAction, default=False,
                    help="fold removed channels' mean contribution into the output bias (default: off)")
     p.add_argument("--checkpoint-until-pruned", action=argparse.BooleanOptionalAction, default=True,
                    help="progressive: gradient checkpointing until the final prune (default: on)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="checkpoint activations for the whole run (Trainer option; less memory, slower steps)")
     p.add_argument("--quantize", choices=["8bit", "4bit"], default=None, help="quantise the frozen backbone")
     p.add_argument("--seed", type=int, default=0)
 
@@ -146,7 +157,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    p.add_argument("--schedule", choices=["oneshot", "progressive"], default="oneshot")
+    p.add_argument("--schedule", choices=["oneshot", "progressive"], default="progressive")
     p.add_argument("--out", default=str(REPO / "runs" / "pruning_adapter"), help="output folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -159,7 +170,7 @@ def main(argv=None) -> int:
     dense_encoder = encoder_layer_params(load_sequence_classifier(minilm_path(), num_labels=args.num_labels)[0])
     stats = finetune_classifier(model, tokenizer, train, steps=args.steps, batch_size=args.batch_size,
                                 lr=lr_for(kind, args), max_length=args.max_length, seed=args.seed,
-                                callbacks=callbacks)
+                                callbacks=callbacks, activation_checkpointing=args.activation_checkpointing)
     accuracy = evaluate_accuracy(model, tokenizer, test, max_length=args.max_length)
     out = Path(args.out)
     with atomic_directory(out / "adapter", overwrite=True) as tmp:

@@ -14,35 +14,60 @@ from recipes import bench_pruning_adapter, pruning_adapter  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def test_progressive_memory_job_runs_every_phase_of_the_schedule():
-    model, batches, optimizer, on_step_end = bench_pruning_adapter.memory_job(
-        "pa-progressive", batch_size=4, seq_len=16, steps=6, ffn_sparsity=0.25)
-    tuner = model.base_model
-    assert tuner.pruning_steps() == [2, 4]
+def _run(setup, steps: int) -> list[bool]:
+    """Drive a memory job's TrainingSetup the way compress.measure does; checkpointing flag per step."""
+    setup.on_train_begin()
+    optimizer = setup.optimizer()
+    base = setup.model.get_base_model()
     checkpointing = []
-    for step in range(1, 7):
-        checkpointing.append(tuner.model.is_activation_checkpointing)
-        model(**batches[step % len(batches)]).loss.backward()
+    for step in range(1, steps + 1):
+        checkpointing.append(base.is_activation_checkpointing)
+        setup.model(**setup.batches[step % len(setup.batches)]).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        on_step_end(step)
+        if setup.on_step_end is not None:
+            setup.on_step_end(step)
+    return checkpointing
+
+
+def test_progressive_memory_job_runs_every_phase_of_the_schedule():
+    setup = bench_pruning_adapter.memory_job("pa-progressive", batch_size=4, seq_len=16, steps=6, ffn_sparsity=0.25)
+    tuner = setup.model.base_model
+    assert tuner.pruning_steps() == [2, 4]
+    assert _run(setup, 6) == [True] * 4 + [False] * 2
     assert tuner.pruning_finished
-    assert checkpointing == [True] * 4 + [False] * 2
     widths = tuner.peft_config["default"].pruning_plan[-1]["widths_after"]
     assert sum(widths["ffn"]) == 6 * 1536 * 3 // 4 and sum(widths["heads"]) == 6 * 12 // 2
 
 
-def test_recipe_trains_prunes_saves_and_reloads(tmp_path):
+def test_oneshot_memory_job_prunes_after_the_baseline_and_can_checkpoint_throughout():
+    setup = bench_pruning_adapter.memory_job("pa-oneshot", batch_size=4, seq_len=16, steps=2, calib_batches=2,
+                                             head_warmup_steps=2, activation_checkpointing=True)
+    tuner = setup.model.base_model
+    assert not tuner.pruning_finished  # the measured part does the scoring and pruning
+    assert _run(setup, 2) == [True, True]
+    assert tuner.pruning_finished
+    assert sum(tuner.peft_config["default"].pruning_plan[-1]["widths_after"]["heads"]) == 6 * 12 // 2
+
+
+@pytest.mark.parametrize("schedule", ["progressive", "oneshot"])
+def test_recipe_trains_prunes_saves_and_reloads(tmp_path, schedule):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     from compress.train import load_sequence_classifier, minilm_path  # importing compress registers the method
 
-    out = tmp_path / "run"
-    assert pruning_adapter.main(["--steps", "4", "--train-rows", "64", "--batch-size", "8", "--calib-batches", "2",
-                                 "--head-warmup-steps", "2", "--compensate-bias", "--out", str(out)]) == 0
+    out = tmp_path / schedule
+    common = ["--steps", "4", "--train-rows", "64", "--batch-size", "8", "--out", str(out)]
+    if schedule == "oneshot":
+        extra = ["--schedule", "oneshot", "--calib-batches", "2", "--head-warmup-steps", "2", "--compensate-bias"]
+    else:  # the default schedule, with its default LayerNorm training
+        extra = ["--scoring-steps", "1", "--pruning-interval", "1", "--pruning-end", "0.75"]
+    assert pruning_adapter.main(common + extra) == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["pruning_plan"][-1]["final"] and config["compensate_bias"]
+    assert config["schedule"] == schedule and config["pruning_plan"][-1]["final"]
+    assert config["compensate_bias"] == (schedule == "oneshot")
+    assert config["modules_to_save"] and "LayerNorm" in config["modules_to_save"]
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")
     base, tokenizer = load_sequence_classifier(minilm_path(), num_labels=2)
     reloaded = PeftModel.from_pretrained(base, out / "adapter")

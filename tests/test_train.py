@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from compress import train
 from tests import tiny
@@ -76,6 +76,29 @@ def test_freeze_embeddings_keeps_them_and_restores_flags(tokenizer):
                               freeze_embeddings=True)
     assert torch.equal(emb, before)
     assert emb.requires_grad
+
+
+class _WatchCheckpointing(TrainerCallback):
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.seen.append(model.is_activation_checkpointing)
+
+
+def test_activation_checkpointing_changes_no_numbers_and_is_switched_off(tokenizer):
+    data = make_dataset(64, seed=4)
+    trained = {}
+    for checkpointing in (False, True):
+        model = tiny.make_model("bert")
+        watch = _WatchCheckpointing()
+        train.finetune_classifier(model, tokenizer, data, steps=3, batch_size=16, lr=1e-3, seed=5,
+                                  callbacks=[watch], activation_checkpointing=checkpointing)
+        assert watch.seen == [checkpointing] * 3
+        assert not model.is_activation_checkpointing
+        trained[checkpointing] = model.state_dict()
+    for name, value in trained[True].items():
+        torch.testing.assert_close(value, trained[False][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_evaluate_accuracy_matches_manual_computation(tokenizer):
