@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2LMHeadModel
 
 import compress
 import compress.export
+import compress.pruning.compact
 from compress.errors import CalibrationError, CompressError, UnsupportedModelError, UnsupportedStructureError
 from compress.pruning.arch import get_adapter
 from compress.pruning.engine import plan_removals
@@ -308,6 +309,30 @@ def test_loaded_model_made_compact_reports_compact_type(tmp_path):
     compress.prune_model(model, {"ffn": 0.5, "heads": 0.5}, None, "magnitude", mode="global")
     assert model.config.model_type == "compressed_bert"
     assert compress.export.needs_compress_to_load(model)
+
+
+def test_compact_model_from_a_checkpoint_saves_its_adapter_without_type_warnings(tmp_path):
+    """peft's save_pretrained re-reads the base checkpoint's config through the model's (now compact) config
+    class; a plain base config must read as a compact one with uniform widths, silently."""
+    from peft import get_peft_model
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    compress.save_pretrained(tiny.make_model("bert"), tmp_path / "dense")
+    compact_cls = compress.pruning.compact.compact_config_class(BertConfig)
+    capture = CaptureLogger(hf_logging.get_logger("transformers.configuration_utils"))
+    with capture:
+        config = compact_cls.from_pretrained(tmp_path / "dense")
+        base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense")
+        model = get_peft_model(base, compress.PruningAdapterConfig(task_type="SEQ_CLS", r=4, ffn_sparsity=0.5,
+                                                                   head_sparsity=0.5, mode="global",
+                                                                   importance="magnitude"))
+        model.base_model.prune()
+        assert model.get_base_model().config.model_type == "compressed_bert"
+        model.save_pretrained(tmp_path / "adapter")
+    assert "to instantiate a model of type" not in capture.out, capture.out
+    assert config.model_type == "compressed_bert" and config.vocab_size == tiny.VOCAB
+    assert not getattr(config, "compress_shapes", None)  # uniform widths: nothing to shrink
 
 
 _FRESH = textwrap.dedent("""
