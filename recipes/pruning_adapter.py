@@ -66,7 +66,7 @@ def pa_config(kind: str, args) -> compress.PruningAdapterConfig:
                   layer_sparsity=args.layer_sparsity, mode=args.mode, importance=args.importance, r=args.r,
                   lora_alpha=2 * args.r, target_modules=TARGETS, quantize_backbone=args.quantize,
                   compensate_bias=args.compensate_bias, score_normalization=args.score_normalization,
-                  checkpoint_until_pruned=args.checkpoint_until_pruned,
+                  checkpoint_until_pruned=args.checkpoint_until_pruned, distill_weight=args.distill_weight,
                   modules_to_save=["LayerNorm"] if args.train_norms else None)
     if kind == "pa-progressive":
         end = max(args.scoring_steps + args.pruning_interval, int(args.steps * args.pruning_end))
@@ -148,6 +148,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fold removed channels' mean contribution into the output bias (default: off)")
     p.add_argument("--checkpoint-until-pruned", action=argparse.BooleanOptionalAction, default=True,
                    help="progressive: gradient checkpointing until the final prune (default: on)")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="Pruning-Adapter: weight of hidden-state distillation from the frozen dense model (0: off)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="checkpoint activations for the whole run (Trainer option; less memory, slower steps)")
     p.add_argument("--quantize", choices=["8bit", "4bit"], default=None, help="quantise the frozen backbone")

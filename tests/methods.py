@@ -32,6 +32,8 @@ TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "qwen2": 
 CASES = [
     MethodCase("PRUNING_ADAPTER", "bert", compress.PruningAdapterConfig,
                {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "mode": "global", "compensate_bias": True, "r": 4}),
+    MethodCase("PRUNING_ADAPTER", "bert", compress.PruningAdapterConfig,
+               {"ffn_sparsity": 0.5, "distill_weight": 1.0, "modules_to_save": ["LayerNorm"], "r": 4}),
     MethodCase("PRUNING_ADAPTER", "roberta", compress.PruningAdapterConfig,
                {"ffn_sparsity": 0.5, "layer_sparsity": 0.5, "r": 4}),
     MethodCase("PRUNING_ADAPTER", "llama", compress.PruningAdapterConfig,

@@ -20,6 +20,7 @@ from compress.pruning.engine import apply_removals
 from compress.pruning.importance import units_for
 from compress.pruning.optim import remap_optimizer
 from tests import tiny
+from tests.methods import perturb_adapters
 
 
 def _bert_peft(**kwargs):
@@ -238,6 +239,9 @@ def test_schedule_longer_than_training_fails_clearly(tmp_path):
     ({"schedule": "weekly"}, "choose one of"),
     ({"mode": "sideways"}, "choose one of"),
     ({"score_normalization": "zscore"}, "choose one of none, mean, l2"),
+    ({"distill_weight": -1.0}, "distill_weight=-1.0 must be"),
+    ({"distill_weight": 1.0, "layer_sparsity": 0.5}, "set layer_sparsity=0 or distill_weight=0"),
+    ({"distill_weight": 1.0, "quantize_backbone": "8bit"}, "use one or the other"),
 ])
 def test_bad_configs_fail_clearly(kwargs, match):
     with pytest.raises(CompressError, match=match):
@@ -381,3 +385,93 @@ def test_layernorms_in_modules_to_save_train_merge_and_stay_out_of_head_warmup()
     assert any(not torch.equal(p, norms[n]) for n, p in model.named_parameters() if n in norms)
     expected = _logits(model)
     torch.testing.assert_close(_logits(copy.deepcopy(model).merge_and_unload()), expected, rtol=0, atol=1e-5)
+
+
+def _without_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def test_distillation_adds_the_masked_hidden_state_error_against_a_weight_sharing_teacher(tmp_path):
+    from safetensors.torch import load_file
+
+    from compress.pruning.distill import hidden_states_of
+
+    base = _without_dropout(tiny.make_model("bert"))
+    original = {n: p.data_ptr() for n, p in base.named_parameters()}
+    model = get_peft_model(base, compress.PruningAdapterConfig(
+        task_type="SEQ_CLS", r=4, ffn_sparsity=0.5, head_sparsity=0.5, mode="global", distill_weight=100.0))
+    tuner = model.base_model
+    teacher = tuner._teacher
+    # the teacher is the dense original, in the same memory, and outside the module tree
+    assert {n: p.data_ptr() for n, p in teacher.named_parameters()} == original
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tuner.model.parameters())
+    batch = tiny.make_batch("bert")
+    batch["attention_mask"][0, -3:] = 0  # padding must not count
+
+    def train_and_eval_loss():
+        model.train()
+        trained = model(**batch)
+        model.eval()
+        with torch.no_grad():
+            plain = model(**batch, output_hidden_states=True)
+        return trained, plain
+
+    trained, plain = train_and_eval_loss()
+    torch.testing.assert_close(trained.loss, plain.loss)  # unpruned, zero-init adapters: student == teacher
+    tuner.prune(data=tiny.make_batches("bert", 2))
+    perturb_adapters(model)  # trained-looking adapters: larger, position-dependent differences
+    trained, plain = train_and_eval_loss()
+    with torch.no_grad():
+        target = hidden_states_of(teacher(**batch, output_hidden_states=True))
+    mask = batch["attention_mask"].float()
+    errors = [((s - t).pow(2).mean(-1) * mask).sum() / mask.sum() for s, t in zip(hidden_states_of(plain), target)]
+    distill = torch.stack(errors).mean()
+    assert distill > 1e-6
+    torch.testing.assert_close(trained.loss, plain.loss + 100.0 * distill)
+    assert "hidden_states" not in trained  # only returned when asked for
+
+    trained.loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for n, p in model.named_parameters() if "pa_A" in n)
+    model.zero_grad()
+
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved and all("pa_" in k or "classifier" in k for k in saved)  # nothing of the teacher
+    reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), tmp_path / "adapter")
+    assert reloaded.base_model._teacher is None  # inference: no teacher
+    model.merge_and_unload()
+    assert tuner._teacher is None  # merging writes into weights the teacher shared
+
+
+def test_distillation_under_trainer_with_progressive_pruning(tmp_path):
+    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+                       scoring_steps=2, pruning_interval=2, pruning_end_step=4, distill_weight=1.0)
+    callback = compress.PruningAdapterCallback()
+    trainer = _trainer(model, 6, callback, tmp_path)
+    trainer.train()
+    assert [e["step"] for e in callback.events] == [2, 4]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert model.base_model._teacher is not None
+
+
+def test_hidden_state_loss_masks_padding_and_checks_alignment():
+    from compress.pruning.distill import hidden_state_loss
+
+    teacher = [torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)]
+    student = [torch.ones(2, 3, 4), torch.full((2, 3, 4), 3.0)]
+    student[0][1, 2] = 100.0  # a padding position: must not count
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    torch.testing.assert_close(hidden_state_loss(student, teacher, mask), torch.tensor((1.0 + 9.0) / 2))
+    assert hidden_state_loss(student, teacher) > 100  # unmasked, the padding position dominates
+    decoder = [torch.ones(2, 5, 4)]  # another length than the mask: averaged over every position
+    torch.testing.assert_close(hidden_state_loss(decoder, [torch.zeros(2, 5, 4)], mask), torch.tensor(1.0))
+    with pytest.raises(CompressError, match="same number of hidden states"):
+        hidden_state_loss(student, teacher[:1])
+    with pytest.raises(CompressError, match="differ in shape"):
+        hidden_state_loss([torch.ones(2, 3, 4)], [torch.ones(2, 3, 5)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -58,6 +59,12 @@ class PruningAdapterConfig(PeftConfig):
         checkpoint_until_pruned: when pruning happens during training (the callback), recompute activations
             (gradient checkpointing) until the final sparsity is reached, so the dense steps before it do not
             set the training memory peak; switched off once the model is pruned.
+        distill_weight: weight of a layer-wise distillation term added to the training loss: the mean squared
+            error between every layer's hidden states and those of the original dense model (a frozen teacher
+            that shares the loaded weights and runs without gradients; see :mod:`compress.pruning.distill`).
+            It tells the adapters what the pruned channels contributed. ``0`` (default) turns it off. Costs a
+            dense forward pass per training step and keeps the dense weights alive until merging; not
+            combined with layer pruning (hidden states would not align) or a quantised backbone.
         r: adapter rank.
         lora_alpha: adapter scaling numerator (scale = lora_alpha / r).
         lora_dropout: dropout on the adapter path.
@@ -91,6 +98,8 @@ class PruningAdapterConfig(PeftConfig):
         default=False, metadata={"help": "Fold the mean contribution of removed channels into the output bias."})
     checkpoint_until_pruned: bool = field(
         default=True, metadata={"help": "Gradient checkpointing during training steps before the final pruning."})
+    distill_weight: float = field(
+        default=0.0, metadata={"help": "Weight of hidden-state distillation from the frozen dense model (0: off)."})
     r: int = field(default=8, metadata={"help": "Adapter rank."})
     lora_alpha: int = field(default=16, metadata={"help": "Adapter scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter path."})
@@ -151,6 +160,14 @@ class PruningAdapterConfig(PeftConfig):
             raise CompressError(f"quantize_backbone={self.quantize_backbone!r}; choose '8bit', '4bit' or None")
         if not 0.0 <= self.ema_beta < 1.0:
             raise CompressError(f"ema_beta={self.ema_beta} must be in [0, 1)")
+        if not (self.distill_weight >= 0.0 and math.isfinite(self.distill_weight)):
+            raise CompressError(f"distill_weight={self.distill_weight} must be a finite number >= 0")
+        if self.distill_weight and self.layer_sparsity:
+            raise CompressError("distill_weight needs every layer's hidden states to have a teacher counterpart: "
+                                "set layer_sparsity=0 or distill_weight=0")
+        if self.distill_weight and self.quantize_backbone:
+            raise CompressError("distill_weight keeps a float dense teacher, which defeats quantize_backbone: "
+                                "use one or the other")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise CompressError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
 

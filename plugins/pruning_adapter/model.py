@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Mapping
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -14,6 +15,7 @@ from compress.errors import CompressError
 from compress.pruning.arch import get_adapter
 from compress.pruning.compact import make_compact
 from compress.pruning.compensate import InputMeans, bias_shifts, output_projection, record_input_means
+from compress.pruning.distill import HIDDEN_STATE_FIELDS, frozen_teacher, hidden_state_loss, hidden_states_of
 from compress.pruning.engine import apply_removals, check_support, forward_passes, plan_removals, score_units
 from compress.pruning.importance import Unit, attach_gates, get_importance, task_loss, units_for
 from compress.pruning.optim import remap_optimizer
@@ -81,6 +83,8 @@ class PruningAdapterModel(BaseTuner):
         self._gates: dict[str, torch.Tensor] = {}
         self._stats: dict[str, torch.Tensor] = {}
         self._scored_steps = 0
+        # the distillation teacher is kept out of the module tree: never saved, moved or trained with the model
+        self.__dict__["_teacher"] = None
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # -- injection -----------------------------------------------------------------------------------
@@ -88,6 +92,8 @@ class PruningAdapterModel(BaseTuner):
         adapter = get_adapter(model)
         check_support(adapter, config.ratios, config.mode)
         self._check_targets(model, config)
+        if config.distill_weight and not config.inference_mode and self._teacher is None:
+            self.__dict__["_teacher"] = frozen_teacher(model)  # before replay/pruning: the dense original
         if config.pruning_plan:
             self._replay(model, config)
 
@@ -169,6 +175,38 @@ class PruningAdapterModel(BaseTuner):
         # without a weight (e.g. RobertaClassificationHead in modules_to_save) and is unnecessary here:
         # adapter layers wrap their base layer, and update_layer already placed adapters on its device.
         setattr(parent, child_name, new_module)
+
+    # -- distillation --------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """The wrapped model's forward; while training with ``distill_weight > 0`` and a loss, the loss also
+        gets ``distill_weight`` x the mean squared error between every layer's hidden states and the frozen
+        dense teacher's (:mod:`compress.pruning.distill`)."""
+        teacher, weight = self._teacher, self._config.distill_weight
+        if teacher is None or not weight or not self.model.training or not torch.is_grad_enabled():
+            return self.model.forward(*args, **kwargs)
+        wanted_hidden = kwargs.get("output_hidden_states")
+        outputs = self.model.forward(*args, **{**kwargs, "output_hidden_states": True})
+        if not isinstance(outputs, Mapping) or outputs.get("loss") is None:
+            return outputs  # nothing to add to (no labels), or tuple outputs (return_dict=False)
+        device = outputs.loss.device
+        if next(teacher.parameters()).device != device:
+            teacher.to(device)
+        with torch.no_grad():
+            target = teacher(*args, **{**kwargs, "output_hidden_states": True})
+        student_states = hidden_states_of(outputs)
+        outputs.loss = outputs.loss + weight * hidden_state_loss(student_states, hidden_states_of(target),
+                                                                 kwargs.get("attention_mask"))
+        if not wanted_hidden:  # give the caller the output it asked for, and free the states early
+            outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in HIDDEN_STATE_FIELDS})
+        return outputs
+
+    def release_teacher(self) -> None:
+        """Drop the distillation teacher (and the dense weights only it still holds); merging does this."""
+        self.__dict__["_teacher"] = None
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        self.release_teacher()  # merging writes into base weights the teacher may share
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     # -- pruning -------------------------------------------------------------------------------------
     @property
