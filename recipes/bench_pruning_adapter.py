@@ -113,12 +113,12 @@ def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: i
     transformers_model = model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def on_train_begin() -> None:
+        if activation_checkpointing:  # the Trainer turns it on before any callback runs
+            transformers_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if kind == "pa-oneshot":
             prune_oneshot(model, tokenizer, args, calibration=train)
         if kind == "pa-progressive":
             model.base_model.start_scoring()  # what PruningAdapterCallback.on_train_begin does
-        if activation_checkpointing:
-            transformers_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     optimizer: list[torch.optim.Optimizer] = []
 

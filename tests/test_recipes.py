@@ -30,11 +30,14 @@ def _run(setup, steps: int) -> list[bool]:
     return checkpointing
 
 
-def test_progressive_memory_job_runs_every_phase_of_the_schedule():
-    setup = bench_pruning_adapter.memory_job("pa-progressive", batch_size=4, seq_len=16, steps=6, ffn_sparsity=0.25)
+@pytest.mark.parametrize("whole_run", [False, True])
+def test_progressive_memory_job_runs_every_phase_of_the_schedule(whole_run):
+    setup = bench_pruning_adapter.memory_job("pa-progressive", batch_size=4, seq_len=16, steps=6, ffn_sparsity=0.25,
+                                             activation_checkpointing=whole_run)
     tuner = setup.model.base_model
     assert tuner.pruning_steps() == [2, 4]
-    assert _run(setup, 6) == [True] * 4 + [False] * 2
+    # checkpointing until the final prune; with the Trainer-style option, also after it
+    assert _run(setup, 6) == [True] * 4 + [whole_run] * 2
     assert tuner.pruning_finished
     widths = tuner.peft_config["default"].pruning_plan[-1]["widths_after"]
     assert sum(widths["ffn"]) == 6 * 1536 * 3 // 4 and sum(widths["heads"]) == 6 * 12 // 2
