@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--normalize", default="none", choices=("none", "mean", "l2"),
                       help="global mode: scale each layer's scores by their mean / L2 norm before ranking "
                            "across layers, so layers near the loss do not win by scale (default: %(default)s)")
+    what.add_argument("--max-keep", type=float, default=None, metavar="F",
+                      help="global mode: the largest fraction of its FFN neurons / heads any one layer keeps, "
+                           "e.g. 0.6; at least 1 - ratio (default: no cap)")
     what.add_argument("--compensate-bias", action="store_true",
                       help="add removed neurons'/heads' mean contribution (measured on --data) to the output "
                            "projection's bias; projections without a bias are left as they are")
@@ -598,10 +601,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from compress.errors import CalibrationError, UnsupportedStructureError
+    from compress.errors import CalibrationError, CompressError, UnsupportedStructureError
     from compress.export import needs_compress_to_load, save_pretrained
     from compress.measure import folder_size, format_table
-    from compress.pruning.engine import check_support, prune_model
+    from compress.pruning.engine import check_max_keep, check_support, prune_model
     from compress.pruning.importance import available_importances, get_importance
 
     # -- validate everything cheap before loading anything ------------------------------------------------
@@ -612,6 +615,11 @@ def _prune(args: argparse.Namespace) -> int:
     criterion = get_importance(importance)
     for name in ("num_batches", "batch_size", "max_length", "round_to"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    try:
+        check_max_keep(args.max_keep, ratios, args.mode)
+    except CompressError as exc:
+        raise UsageError(str(exc).replace("max_keep", "--max-keep").replace("mode='global'", "--mode global")) \
+            from None
     model_dir, config_dict = _read_config(args.model_dir)
     model_type = str(config_dict.get("model_type", ""))
     adapter_cls = _require_supported(model_type, model_dir)
@@ -685,7 +693,7 @@ def _prune(args: argparse.Namespace) -> int:
                              data=batches, mode=args.mode, num_batches=args.num_batches,
                              batch_size=args.batch_size, round_to=args.round_to, tokenizer=tokenizer,
                              progress=not args.no_progress, normalize=args.normalize,
-                             compensate_bias=args.compensate_bias)
+                             compensate_bias=args.compensate_bias, max_keep=args.max_keep)
         elapsed = time.perf_counter() - started
         flops_after = _flops(model, seq_len)
         model.to("cpu")

@@ -81,7 +81,7 @@ def _padded_batches(tokenizer, texts: list[str], labels: list[int], batch_size: 
 #: arguments of the accuracy run that the memory measurement must share (they decide shapes and schedule)
 SHAPE_ARGS = ("ffn_sparsity", "head_sparsity", "layer_sparsity", "mode", "importance", "r", "score_normalization",
               "compensate_bias", "checkpoint_until_pruned", "quantize", "max_length", "train_norms",
-              "calib_batch_size", "distill_weight")
+              "calib_batch_size", "distill_weight", "max_keep")
 
 
 def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, steps: int = 6,

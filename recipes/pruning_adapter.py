@@ -66,6 +66,7 @@ def pa_config(kind: str, args) -> compress.PruningAdapterConfig:
                   layer_sparsity=args.layer_sparsity, mode=args.mode, importance=args.importance, r=args.r,
                   lora_alpha=2 * args.r, target_modules=TARGETS, quantize_backbone=args.quantize,
                   compensate_bias=args.compensate_bias, score_normalization=args.score_normalization,
+                  max_keep=args.max_keep,
                   checkpoint_until_pruned=args.checkpoint_until_pruned, distill_weight=args.distill_weight,
                   modules_to_save=["LayerNorm"] if args.train_norms else None)
     if kind == "pa-progressive":
@@ -141,6 +142,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruning-end", type=float, default=0.5, help="progressive: final sparsity at this fraction")
     p.add_argument("--score-normalization", choices=["none", "mean", "l2"], default="none",
                    help="global mode: per-layer score scaling before ranking across layers (none)")
+    p.add_argument("--max-keep", type=float, default=None,
+                   help="global mode: the largest fraction of its FFN neurons / heads any one layer keeps, e.g. "
+                        "0.6 (default: no cap); lowers the peak under activation checkpointing")
     p.add_argument("--train-norms", action=argparse.BooleanOptionalAction, default=True,
                    help="Pruning-Adapter: also train the LayerNorms (modules_to_save), which pruning shifts "
                         "(default: on)")

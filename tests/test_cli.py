@@ -128,6 +128,9 @@ def test_prune_with_normalised_scores_and_bias_compensation(work, capsys):
         rc = main(["prune", str(work / "bert"), "--out", str(work / name), *common, *extra])
         assert rc == 0, capsys.readouterr().err
     plain, compensated = (load_file(work / n / "model.safetensors") for n in ("plain", "compensated"))
+    rc = main(["prune", str(work / "bert"), "--out", str(work / "capped"), *common, "--max-keep", "0.5"])
+    assert rc == 0, capsys.readouterr().err
+    assert _config(work / "capped")["intermediate_size"] == 32  # every layer at the cap: a plain config
     key = "bert.encoder.layer.0.output.dense.bias"
     assert torch.equal(plain[key.replace("bias", "weight")], compensated[key.replace("bias", "weight")])
     assert not torch.allclose(plain[key], compensated[key])
@@ -201,6 +204,10 @@ BAD_ARGUMENTS = {
     "heads-uniform-bert": (["--structures", "heads", "--importance", "magnitude"], "use --mode global"),
     "bad-mode": (["--mode", "sideways"], "invalid choice: 'sideways'"),
     "zero-batches": (["--num-batches", "0"], "--num-batches must be a positive integer"),
+    "max-keep-uniform": (["--max-keep", "0.75", "--importance", "magnitude"],
+                         "--max-keep=0.75 caps per-layer widths in --mode global"),
+    "max-keep-below-ratio": (["--max-keep", "0.3", "--mode", "global", "--importance", "magnitude"],
+                             "set --max-keep >= 0.50"),
 }
 
 

@@ -219,6 +219,69 @@ def test_global_ranking_can_normalise_scores_per_layer(normalize, expected):
         plan_removals(adapter, units, scores, {"ffn": 0.5}, "global", normalize="zscore")
 
 
+def _skewed_scores(units):
+    # the same ranking inside each layer, but the last layer's scores are 100x larger (as near the loss)
+    return {u.key: torch.arange(1.0, u.size + 1.0) * (100.0 if i == len(units) - 1 else 1.0)
+            for i, u in enumerate(units)}
+
+
+@pytest.mark.parametrize("arch,structure,ratio,max_keep,uncapped,capped", [
+    ("bert", "ffn", 0.5, 0.75, [1, 63], [16, 48]),
+    ("bert", "ffn", 0.5, 0.5, [1, 63], [32, 32]),
+    ("bert", "heads", 0.5, 0.75, [1, 3], [1, 3]),  # 3 of 4 heads is the cap already
+    ("bert", "heads", 0.5, 0.5, [1, 3], [2, 2]),
+    ("llama", "heads", 0.5, 0.5, [2, 2], [2, 2]),  # GQA: one query head per kv group, a cap cannot bind
+    ("llama", "kv_heads", 0.5, 0.5, [1, 1], [1, 1]),
+])
+def test_global_max_keep_caps_every_layer_and_keeps_the_total(arch, structure, ratio, max_keep, uncapped, capped):
+    model = tiny.make_model(arch)
+    adapter = get_adapter(model)
+    units = units_for(adapter, [structure])
+    scores = _skewed_scores(units)
+    sizes = {u.key: u.size for u in units}
+    for cap, expected in ((None, uncapped), (max_keep, capped)):
+        removals = plan_removals(adapter, units, scores, {structure: ratio}, "global", max_keep=cap)
+        kept = [sizes[u.key] - len(removals[u.key]) for u in units]
+        if structure == "kv_heads":
+            kept = [k // 2 for k in kept]  # two query heads per kv head
+        assert kept == expected, (cap, kept)
+        assert all(removals[u.key] == sorted(removals[u.key]) for u in units)
+
+
+def test_global_max_keep_removes_each_layers_lowest_channels():
+    model = tiny.make_model("bert")
+    adapter = get_adapter(model)
+    units = units_for(adapter, ["ffn"])
+    scores = {u.key: torch.randperm(64, generator=torch.Generator().manual_seed(i)).float()
+              for i, u in enumerate(units)}
+    scores[units[1].key] = scores[units[1].key] * 100
+    removals = plan_removals(adapter, units, scores, {"ffn": 0.5}, "global", max_keep=0.6)
+    for u in units:
+        kept = set(range(64)) - set(removals[u.key])
+        assert len(kept) <= int(0.6 * 64)
+        assert min(scores[u.key][sorted(kept)]) >= max(scores[u.key][removals[u.key]])
+    assert sum(len(r) for r in removals.values()) == 64
+
+
+def test_prune_model_max_keep_end_to_end():
+    model = tiny.make_model("bert")
+    report = compress.prune_model(model, {"ffn": 0.5, "heads": 0.5}, structures=None, importance="taylor",
+                                  data=tiny.make_batches("bert", 2), mode="global", max_keep=0.5)
+    assert report.widths_after["ffn"] == [32, 32] and report.widths_after["heads"] == [2, 2]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_keep": 0.0}, r"must be in \(0, 1\]"),
+    ({"max_keep": 1.5}, r"must be in \(0, 1\]"),
+    ({"max_keep": 0.4}, "set max_keep >= 0.50"),
+    ({"max_keep": 0.75, "mode": "uniform"}, "drop max_keep or use mode='global'"),
+])
+def test_bad_max_keep_fails_clearly(kwargs, match):
+    with pytest.raises(CompressError, match=match):
+        compress.prune_model(tiny.make_model("bert"), {"ffn": 0.5}, importance="magnitude",
+                             **{"mode": "global", **kwargs})
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"ratio": 1.0}, CompressError, r"\(0, 1\)"),
     ({"ratio": 0.0}, CompressError, r"\(0, 1\)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 import textwrap
@@ -189,6 +190,26 @@ def test_progressive_schedule_prunes_at_the_right_steps_under_trainer(tmp_path):
     assert opt_params == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("max_keep", [0.5, 0.75])
+def test_progressive_max_keep_caps_every_pruning_step(tmp_path, max_keep):
+    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+                       scoring_steps=2, pruning_interval=2, pruning_end_step=6, max_keep=max_keep)
+    callback = compress.PruningAdapterCallback()
+    _trainer(model, 8, callback, tmp_path).train()
+    assert [e["step"] for e in callback.events] == [2, 4, 6]
+    for event in callback.events:
+        for structure, original in (("ffn", 64), ("heads", 4)):
+            widths = event["widths_after"][structure]
+            # a step keeping more than max_keep overall caps each layer at what it keeps overall
+            overall = sum(widths) / (2 * original)
+            assert max(widths) <= max(int(max_keep * original), math.ceil(overall * original)), (structure, widths)
+    final = callback.events[-1]["widths_after"]
+    assert sum(final["ffn"]) == 64 and sum(final["heads"]) == 4
+    assert max(final["ffn"]) <= int(max_keep * 64) and max(final["heads"]) <= int(max_keep * 4)
+    if max_keep == 0.5:  # the tightest cap: every step leaves the layers equally wide, give or take a rounding
+        assert all(max(e["widths_after"]["ffn"]) - min(e["widths_after"]["ffn"]) <= 1 for e in callback.events)
+
+
 def test_user_checkpointing_stays_on_through_pruning_and_changes_no_numbers(tmp_path):
     """Trainer(activation_checkpointing=True) checkpoints the whole run, pruned steps included (the leanest
     memory setting); the callback never switches it off, and the trained model is the same as without it."""
@@ -242,6 +263,9 @@ def test_schedule_longer_than_training_fails_clearly(tmp_path):
     ({"distill_weight": -1.0}, "distill_weight=-1.0 must be"),
     ({"distill_weight": 1.0, "layer_sparsity": 0.5}, "set layer_sparsity=0 or distill_weight=0"),
     ({"distill_weight": 1.0, "quantize_backbone": "8bit"}, "use one or the other"),
+    ({"max_keep": 0.4, "mode": "global"}, "set max_keep >= 0.50"),
+    ({"max_keep": 0.75}, "drop max_keep or use mode='global'"),
+    ({"max_keep": 1.5, "mode": "global"}, r"must be in \(0, 1\]"),
 ])
 def test_bad_configs_fail_clearly(kwargs, match):
     with pytest.raises(CompressError, match=match):

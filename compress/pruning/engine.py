@@ -179,19 +179,60 @@ def _lowest(scores: torch.Tensor, count: int) -> list[int]:
 
 
 def _global_counts(units: list[Unit], scores: dict[str, torch.Tensor], ratio: float,
-                   min_keep: dict[str, int]) -> dict[str, int]:
-    """Pool every channel of the units, remove the lowest ``ratio`` of them, respecting ``min_keep``."""
+                   min_keep: dict[str, int], min_remove: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Pool every channel of the units, remove the lowest ``ratio`` of them, respecting ``min_keep``.
+
+    ``min_remove`` (the ``max_keep`` cap) is taken first from each unit's lowest scores and counts
+    against the same budget, so the total removed is unchanged.
+    """
     pooled = sorted((float(s), u.key) for u in units for s in scores[u.key])
     budget = int(math.floor(ratio * sum(u.size for u in units) + 0.5))
     removable = {u.key: u.size - min_keep[u.key] for u in units}
-    counts = {u.key: 0 for u in units}
+    forced = {u.key: min(removable[u.key], (min_remove or {}).get(u.key, 0)) for u in units}
+    counts = dict(forced)
+    budget -= sum(forced.values())
+    seen = {u.key: 0 for u in units}
     for _, key in pooled:
-        if budget == 0:
+        if budget <= 0:
             break
+        seen[key] += 1
+        if seen[key] <= forced[key]:
+            continue  # one of the unit's lowest channels, already counted by the cap
         if counts[key] < removable[key]:
             counts[key] += 1
             budget -= 1
     return counts
+
+
+def check_max_keep(max_keep: float | None, ratios: Mapping[str, float], mode: str) -> None:
+    """Raise a clear error for a ``max_keep`` that is out of range, meaningless, or removes more than asked."""
+    if max_keep is None:
+        return
+    if not 0.0 < max_keep <= 1.0:
+        raise CompressError(f"max_keep={max_keep}: the largest fraction of its channels one layer may keep "
+                            "must be in (0, 1]")
+    if mode != "global":
+        raise CompressError(f"max_keep={max_keep} caps per-layer widths in mode='global'; mode={mode!r} already "
+                            "keeps 1 - sparsity in every layer: drop max_keep or use mode='global'")
+    for name in ("ffn", "heads", "kv_heads"):
+        if name in ratios and max_keep < 1.0 - ratios[name] - 1e-9:
+            raise CompressError(f"max_keep={max_keep} would remove more than the {name} sparsity "
+                                f"{ratios[name]}: every layer keeping at most {max_keep:.0%} removes at least "
+                                f"{1 - max_keep:.0%}; set max_keep >= {1 - ratios[name]:.2f}")
+
+
+def _forced(size: int, cap: int | None, per: int = 1) -> int:
+    """How many of a unit's ``size`` channels (in groups of ``per``) a width cap of ``cap`` removes at least
+    (rounded down to whole groups, never below one group)."""
+    if cap is None:
+        return 0
+    return max(0, size - max(1, cap // per) * per)
+
+
+def _cap(size: int, max_keep: float | None, max_width: int | None) -> int | None:
+    if max_width is not None:
+        return max_width
+    return None if max_keep is None else int(math.floor(max_keep * size + 1e-9))
 
 
 NORMALIZATIONS = ("none", "mean", "l2")
@@ -219,11 +260,19 @@ def normalize_scores(units: list[Unit], scores: Mapping[str, torch.Tensor], how:
 
 def plan_removals(adapter: ArchAdapter, units: list[Unit], scores: dict[str, torch.Tensor],
                   ratios: Mapping[str, float], mode: str, round_to: int = 1,
-                  normalize: str = "none") -> dict[str, list[int]]:
+                  normalize: str = "none", max_keep: float | None = None,
+                  max_widths: Mapping[str, int] | None = None) -> dict[str, list[int]]:
     """Indices to remove per unit key: channels for ffn, query heads for heads/kv_heads, blocks for layers.
 
-    ``normalize`` (global mode): see :func:`normalize_scores`.
+    ``normalize`` (global mode): see :func:`normalize_scores`. ``max_keep`` (global mode): no layer keeps
+    more than this fraction of its current FFN neurons or heads (see :func:`prune_model`).
+    ``max_widths`` (global mode) caps widths in absolute terms instead, per structure (``ffn``, ``heads``,
+    ``kv_heads``): for pruning in several steps, where the cap refers to the widths before the first.
     """
+    if max_widths is not None and mode != "global":
+        raise CompressError("max_widths caps per-layer widths in mode='global' only")
+    caps = dict(max_widths or {})
+    check_max_keep(max_keep, ratios, mode)
     removals: dict[str, list[int]] = {}
     if mode == "global":
         scores = normalize_scores(units, scores, normalize)
@@ -231,7 +280,9 @@ def plan_removals(adapter: ArchAdapter, units: list[Unit], scores: dict[str, tor
     if ffn_units:
         ratio = ratios["ffn"]
         if mode == "global":
-            counts = _global_counts(ffn_units, scores, ratio, {u.key: min(u.size, round_to) for u in ffn_units})
+            counts = _global_counts(ffn_units, scores, ratio, {u.key: min(u.size, round_to) for u in ffn_units},
+                                    {u.key: _forced(u.size, _cap(u.size, max_keep, caps.get("ffn")))
+                                     for u in ffn_units})
             if round_to > 1:
                 counts = {u.key: u.size - max(round_to, (u.size - counts[u.key]) // round_to * round_to)
                           for u in ffn_units}
@@ -243,7 +294,7 @@ def plan_removals(adapter: ArchAdapter, units: list[Unit], scores: dict[str, tor
     head_units = [u for u in units if u.structure == "heads"]
     if head_units and ("heads" in ratios or "kv_heads" in ratios):
         head_mode = "uniform" if "heads" in adapter.uniform_only_structures else mode
-        removals.update(_plan_heads(head_units, scores, ratios, head_mode))
+        removals.update(_plan_heads(head_units, scores, ratios, head_mode, max_keep, caps))
 
     for u in units:
         if u.structure == "layers":
@@ -255,7 +306,9 @@ def plan_removals(adapter: ArchAdapter, units: list[Unit], scores: dict[str, tor
 
 
 def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], ratios: Mapping[str, float],
-                mode: str) -> dict[str, list[int]]:
+                mode: str, max_keep: float | None = None,
+                caps: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+    caps = caps or {}
     removals: dict[str, list[int]] = {}
     whole_kv = "kv_heads" in ratios
     ratio = ratios["kv_heads" if whole_kv else "heads"]
@@ -282,8 +335,11 @@ def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], ratios: Mapp
     if whole_kv or not any(u.site.is_gqa for u in free):
         kv_scores = {u.key: scores[u.key].view(*groups_of(u)).sum(1) for u in free}
         kv_units = [Unit("kv_heads", u.key, groups_of(u)[0], u.site) for u in free]
+        cap_key = "kv_heads" if whole_kv else "heads"  # without GQA, kv groups are the heads
         if mode == "global":
-            counts = _global_counts(kv_units, kv_scores, ratio, {u.key: 1 for u in kv_units})
+            counts = _global_counts(kv_units, kv_scores, ratio, {u.key: 1 for u in kv_units},
+                                    {u.key: _forced(u.size, _cap(u.size, max_keep, caps.get(cap_key)))
+                                     for u in kv_units})
         else:
             counts = {u.key: _n_remove(u.size, ratio) for u in kv_units}
         for u in free:
@@ -294,7 +350,10 @@ def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], ratios: Mapp
 
     # query heads: an equal number from every kv group, so heads // kv_heads stays an integer
     if mode == "global":
-        counts = _global_counts(free, scores, ratio, {u.key: groups_of(u)[0] for u in free})
+        # the cap counts whole rows of kv groups, so the equal-per-group rounding below cannot exceed it
+        counts = _global_counts(free, scores, ratio, {u.key: groups_of(u)[0] for u in free},
+                                {u.key: _forced(u.size, _cap(u.size, max_keep, caps.get("heads")),
+                                                per=groups_of(u)[0]) for u in free})
     else:
         counts = {u.key: _n_remove(u.size, ratio, min_keep=groups_of(u)[0]) for u in free}
     for u in free:
@@ -444,6 +503,7 @@ def prune_model(
     progress: bool = False,
     normalize: str = "none",
     compensate_bias: bool = False,
+    max_keep: float | None = None,
 ) -> PruneReport:
     """Structurally prune ``model`` in place and rewrite its config.
 
@@ -468,6 +528,10 @@ def prune_model(
         compensate_bias: add the mean contribution of removed FFN neurons/heads, measured on ``data``, to the
             bias of the projection they fed (:mod:`compress.pruning.compensate`); needs ``data``. Projections
             without a bias (Llama, Qwen2, T5) are left as they are.
+        max_keep: ``global`` mode: the largest fraction of its FFN neurons and of its heads any one layer
+            keeps (e.g. ``0.6``; at least ``1 - ratio``). Global ranking can leave a layer nearly whole; with
+            activation checkpointing the training peak is one layer's recomputation, so the widest layer
+            sets it. ``None`` (default): no cap.
 
     Returns:
         A :class:`PruneReport`. The model is modified in place; in ``global`` mode with unequal widths it
@@ -478,6 +542,7 @@ def prune_model(
     adapter = get_adapter(model)
     ratios = normalize_ratios(ratio, structures)
     check_support(adapter, ratios, mode)
+    check_max_keep(max_keep, ratios, mode)
     criterion = get_importance(importance)
     batches = None
     if (criterion.needs_calibration or compensate_bias) and data is None:
@@ -498,7 +563,8 @@ def prune_model(
                              progress=progress)
         if recorder is not None and not criterion.needs_calibration:
             forward_passes(model, batches)
-    removals = plan_removals(adapter, units, scores, ratios, mode, round_to=round_to, normalize=normalize)
+    removals = plan_removals(adapter, units, scores, ratios, mode, round_to=round_to, normalize=normalize,
+                             max_keep=max_keep)
     if recorder is not None:
         shifts, _ = bias_shifts(units, removals, recorder.means())
         add_to_bias(units, shifts)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 
 from compress.errors import CompressError
-from compress.pruning.engine import NORMALIZATIONS
+from compress.pruning.engine import NORMALIZATIONS, check_max_keep
 from compress.pruning.importance import available_importances
 from compress.registry import PeftMethodType
 
@@ -50,6 +50,11 @@ class PruningAdapterConfig(PeftConfig):
             mean / L2 norm before ranking across layers, ``"none"`` ranks raw scores. Gradient scores grow
             towards the loss, so raw ranking strips early layers (see
             :func:`compress.pruning.engine.normalize_scores`).
+        max_keep: ``global`` mode only: the largest fraction of its original FFN neurons, and of its heads, that
+            any one layer keeps (at least ``1 - sparsity``; ``None``, the default, sets no cap). Global ranking
+            can leave a layer nearly whole; with activation checkpointing the training peak is one layer's
+            recomputation, so the widest layer sets it. Progressive schedules cap every pruning step so the
+            final cap stays reachable.
         compensate_bias: add the average contribution of removed FFN neurons and heads, measured on the scoring
             batches, to the bias of the output projection they fed (FLAP-style; see
             :mod:`compress.pruning.compensate`). Kept as a frozen per-adapter buffer and folded in on merge.
@@ -94,6 +99,8 @@ class PruningAdapterConfig(PeftConfig):
     round_to: int = field(default=1, metadata={"help": "Keep FFN widths a multiple of this."})
     score_normalization: str = field(
         default="none", metadata={"help": "Global mode: per-layer score scaling before ranking: none, mean or l2."})
+    max_keep: float | None = field(
+        default=None, metadata={"help": "Global mode: most of its original FFN neurons/heads one layer keeps."})
     compensate_bias: bool = field(
         default=False, metadata={"help": "Fold the mean contribution of removed channels into the output bias."})
     checkpoint_until_pruned: bool = field(
@@ -147,6 +154,7 @@ class PruningAdapterConfig(PeftConfig):
                                 f"{', '.join(NORMALIZATIONS)}")
         if self.mode not in MODES:
             raise CompressError(f"mode={self.mode!r}; choose one of {', '.join(MODES)}")
+        check_max_keep(self.max_keep, self.ratios, self.mode)
         if self.scoring_steps < 1 or self.pruning_interval < 1 or self.round_to < 1 or self.r < 1:
             raise CompressError("scoring_steps, pruning_interval, round_to and r must be positive integers")
         if self.schedule == "progressive":

@@ -302,7 +302,7 @@ class PruningAdapterModel(BaseTuner):
         adapter = get_adapter(self.model)
         units = units_for(adapter, ratios)
         removals = plan_removals(adapter, units, scores, ratios, config.mode, round_to=config.round_to,
-                                 normalize=config.score_normalization)
+                                 normalize=config.score_normalization, max_widths=self._width_caps(ratios))
         if means:
             self._compensate(units, removals, means)
         layers = [m for m in self.model.modules() if isinstance(m, PruningAdapterLayer)]
@@ -324,6 +324,29 @@ class PruningAdapterModel(BaseTuner):
         logger.info("pruned %s: widths %s", ", ".join(f"{k} {v:.0%}" for k, v in ratios.items()),
                     event["widths_after"])
         return event
+
+    def _width_caps(self, ratios: dict[str, float]) -> dict[str, int] | None:
+        """``max_keep`` as per-layer channel caps for one pruning step, against the widths before the first.
+
+        A step that keeps more than ``max_keep`` overall caps each layer at what the step keeps overall, so
+        every layer leaves it with the same width and the final cap stays reachable by later steps.
+        """
+        config = self._config
+        if config.max_keep is None:
+            return None
+        current = get_adapter(self.model).widths()
+        original = config.pruning_plan[0]["widths_before"] if config.pruning_plan else current
+        caps = {}
+        for structure, ratio in ratios.items():
+            if structure == "layers":
+                continue
+            width_key = "kv_heads" if structure == "kv_heads" and "kv_heads" in original else "heads"
+            widths = original["ffn"] if structure == "ffn" else original[width_key]
+            now = _total(current, structure)
+            kept_overall = (now - math.floor(ratio * now + 0.5)) / _total(original, structure)
+            caps[structure] = max(math.floor(config.max_keep * max(widths) + 1e-9),
+                                  math.ceil(kept_overall * max(widths) - 1e-9))
+        return caps
 
     def _compensate(self, units: list[Unit], removals: dict[str, list[int]], means: dict[str, torch.Tensor]) -> None:
         """Put the removed channels' mean contribution into the adapters' bias buffers (before removal)."""
