@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure every configuration's memory with activation checkpointing for the whole "
                         "run ('+ckpt' rows; same numbers, so accuracy and latency are not re-run)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory columns (no training for accuracy, no latency): e.g. to see how the "
+                        "ratios move with --batch-size")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_pruning_adapter"))
     p.add_argument("--md", default=str(REPO / "runs" / "bench_pruning_adapter.md"))
     args = p.parse_args(argv)
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
     args.num_labels = len(set(train["label"]))
 
     results, plains, tokenizer = {}, {}, None
-    for kind in args.kinds:
+    for kind in [] if args.memory_only else args.kinds:
         t0 = time.time()
         model, tokenizer, callbacks = build(kind, args, calibration=train)
         stats = finetune_classifier(model, tokenizer, train, steps=args.steps, batch_size=args.batch_size,
@@ -175,9 +178,11 @@ def main(argv=None) -> int:
                          "train_s": stats["train_time_s"]}
         print(f"[{kind}] {stats['steps']} steps in {time.time() - t0:.0f} s, accuracy {accuracy:.2%}", flush=True)
 
-    texts = list(test["text"])[:32]
-    batch = dict(tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
-    latency = interleaved_latency({k: m.eval() for k, m in plains.items()}, batch)
+    latency = {}
+    if plains:
+        texts = list(test["text"])[:32]
+        batch = dict(tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
+        latency = interleaved_latency({k: m.eval() for k, m in plains.items()}, batch)
 
     settings = [(kind, False) for kind in args.kinds]
     if args.checkpointed_memory:
@@ -200,11 +205,18 @@ def main(argv=None) -> int:
 
     rows = []
     for kind, checkpointing in settings:
-        r, m = results[kind], memory[kind, checkpointing]
+        r, m = results.get(kind), memory[kind, checkpointing]
         increase = {k: v.increase_mb for (k, ckpt), v in memory.items() if not ckpt}
         step_s = {k: v.step_time_median_s for (k, ckpt), v in memory.items() if not ckpt}
         train_s = {k: v["train_s"] for k, v in results.items()}
         same = checkpointing  # checkpointing changes no numbers: accuracy/latency/size are the row above's
+        if r is None:  # --memory-only
+            rows.append({"config": kind + (" +ckpt" if checkpointing else ""),
+                         "train mem +MB": round(m.increase_mb), "x LoRA": times(m.increase_mb, "lora", increase),
+                         "x full": times(m.increase_mb, "full", increase), "peak RSS MB": round(m.peak_rss_mb),
+                         "s/step (mem)": f"{m.step_time_median_s:.2f}",
+                         "x LoRA (mem)": times(m.step_time_median_s, "lora", step_s)})
+            continue
         rows.append({
             "config": kind + (" +ckpt" if checkpointing else ""),
             "test acc": "same" if same else f"{r['accuracy']:.2%}",
@@ -225,8 +237,10 @@ def main(argv=None) -> int:
             "folder MB": "" if same else f"{r['size'] / 2**20:.1f}",
         })
     table = format_table(rows)
+    trained = "memory only (--memory-only); " if args.memory_only else (
+        f"data: {source}; train rows {len(train):,}, test rows {len(test):,}.\n")
     notes = (
-        f"all-MiniLM-L6-v2 + seeded head; data: {source}; train rows {len(train):,}, test rows {len(test):,}.\n"
+        f"all-MiniLM-L6-v2 + seeded head; {trained}"
         f"Every configuration: {args.steps} steps, batch {args.batch_size}, max length {args.max_length}, seed "
         f"{args.seed}; lr {args.full_lr} (full) / {args.lr} (adapters), adapter rank {args.r}. Pruning-Adapter: "
         f"FFN {args.ffn_sparsity:.0%}, heads {args.head_sparsity:.0%}, layers {args.layer_sparsity:.0%}, "

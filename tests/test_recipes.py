@@ -78,3 +78,18 @@ def test_recipe_trains_prunes_saves_and_reloads(tmp_path, schedule):
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(**batch).logits, merged.eval()(**batch).logits,
                                    rtol=0, atol=1e-4)
+
+
+def test_benchmark_memory_only_measures_every_configuration_without_training(tmp_path, capsys):
+    md = tmp_path / "bench.md"
+    rc = bench_pruning_adapter.main(["--memory-only", "--kinds", "lora", "pa-oneshot", "--batch-size", "2",
+                                     "--mem-seq-len", "16", "--mem-steps", "2", "--calib-batch-size", "2",
+                                     "--no-checkpointed-memory", "--md", str(md)])
+    assert rc == 0
+    table = md.read_text()
+    assert "memory only (--memory-only)" in table and "test acc" not in table and "latency" not in table
+    rows = [line for line in table.splitlines() if line.startswith("| lora") or line.startswith("| pa-oneshot")]
+    assert len(rows) == 2
+    lora, oneshot = ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)
+    assert lora[2] == "1.00" and float(oneshot[2]) > 0  # x LoRA, measured in this run
+    assert "[pa-oneshot] memory: +" in capsys.readouterr().out
