@@ -8,11 +8,13 @@ high-water mark (``VmHWM``) only ever grows and the allocator keeps freed pages 
 configurations in one process makes the second depend on the first. A :class:`TrainingJob` is therefore
 a serialisable description ("module:function" factory plus JSON-able kwargs), not a live model.
 
-The RSS high-water mark includes the Python/torch baseline (on the order of 1.4 GB for a small model on
-CPU), so the figure that matters for comparing methods is ``increase_mb``: peak RSS during training minus
-RSS after the model, batches and optimizer were built and before the first step. Work that belongs to the
-method rather than to loading (e.g. scoring and pruning before training) goes in
-:attr:`TrainingSetup.on_train_begin`, which runs after that baseline, so its memory counts.
+The RSS high-water mark includes the Python/torch baseline (about 0.5 GB with MiniLM loaded on CPU), so
+the figure that matters for comparing methods is ``increase_mb``: peak RSS during training minus RSS after
+the model and batches were built and before the first step. The optimizer counts when the setup builds it
+lazily (:class:`TrainingSetup` with a zero-argument builder, called after ``on_train_begin``); one passed
+ready-made is part of the baseline. Work that belongs to the method rather than to loading (e.g. scoring
+and pruning before training) goes in :attr:`TrainingSetup.on_train_begin`, which runs after that
+baseline, so its memory counts.
 """
 
 from __future__ import annotations

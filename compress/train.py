@@ -224,12 +224,13 @@ def finetune_classifier(
         )
         trainer.remove_callback(PrinterCallback)  # it would print the final metrics dict
         start = time.perf_counter()
+        was_checkpointing = _transformers_model(model).is_activation_checkpointing
         try:
             output = trainer.train()
         finally:
             for param, flag in frozen:
                 param.requires_grad_(flag)
-            if activation_checkpointing:
+            if activation_checkpointing and not was_checkpointing:  # leave the caller's own setting alone
                 _transformers_model(model).activation_checkpointing_disable()
         elapsed = time.perf_counter() - start
     model.eval()

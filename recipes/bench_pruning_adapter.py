@@ -115,7 +115,7 @@ def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: i
     def on_train_begin() -> None:
         if activation_checkpointing:  # the Trainer turns it on before any callback runs
             transformers_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if kind == "pa-oneshot":
+        if kind == "pa-oneshot":  # checkpointed too, as the recipe does with --activation-checkpointing
             prune_oneshot(model, tokenizer, args, calibration=train)
         if kind == "pa-progressive":
             model.base_model.start_scoring()  # what PruningAdapterCallback.on_train_begin does

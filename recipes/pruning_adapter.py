@@ -97,7 +97,10 @@ def build(kind: str, args, calibration=None, prune: bool = True):
 
 
 def prune_oneshot(model, tokenizer, args, calibration) -> dict:
-    """Head warm-up, gate-gradient scoring on calibration rows, pruning: the oneshot pre-training phase."""
+    """Head warm-up, gate-gradient scoring on calibration rows, pruning: the oneshot pre-training phase
+    (checkpointed too when ``args.activation_checkpointing``)."""
+    if getattr(args, "activation_checkpointing", False):  # the whole run, scoring included
+        model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     data = tokenize_dataset(calibration, tokenizer, max_length=args.max_length)
     return model.base_model.prune(data=data, tokenizer=tokenizer, num_batches=args.calib_batches,
                                   batch_size=args.calib_batch_size, head_warmup_steps=args.head_warmup_steps)

@@ -397,6 +397,11 @@ def test_compact_model_from_a_checkpoint_saves_its_adapter_without_type_warnings
     assert config.model_type == "compressed_bert" and config.vocab_size == tiny.VOCAB
     assert not getattr(config, "compress_shapes", None)  # uniform widths: nothing to shrink
 
+    class ProjectConfig(compact_cls):  # a user's subclass reads checkpoints the same way
+        pass
+
+    assert ProjectConfig.from_pretrained(tmp_path / "dense").vocab_size == tiny.VOCAB
+
 
 _FRESH = textwrap.dedent("""
     import json, sys, torch

@@ -482,6 +482,50 @@ def test_distillation_under_trainer_with_progressive_pruning(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert model.base_model._teacher is not None
+    # the same run without distillation: the same task loss at step 1, to which distillation adds (dropout
+    # alone makes the training student differ from the eval-mode teacher); different training after that
+    plain = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+                       scoring_steps=2, pruning_interval=2, pruning_end_step=4)
+    plain_trainer = _trainer(plain, 6, compress.PruningAdapterCallback(), tmp_path / "plain")
+    plain_trainer.train()
+    plain_losses = [h["loss"] for h in plain_trainer.state.log_history if "loss" in h]
+    assert losses[0] > plain_losses[0]
+    assert losses[2:] != pytest.approx(plain_losses[2:])
+
+
+def test_distillation_teacher_follows_the_student_without_a_second_copy():
+    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", importance="magnitude",
+                       distill_weight=1.0)
+    tuner, batch = model.base_model, tiny.make_batch("bert")
+    teacher = tuner._teacher
+    model.train()
+
+    def shared() -> int:
+        ptrs = {p.data_ptr() for p in model.parameters()}
+        return sum(p.data_ptr() in ptrs for p in teacher.parameters())
+
+    everything = len(list(teacher.parameters()))
+    assert shared() == everything
+    model.to(torch.float64)  # new tensors for the student; the teacher follows at its next forward
+    model(**batch).loss.backward()
+    assert shared() == everything and {p.dtype for p in teacher.parameters()} == {torch.float64}
+    tuner.prune()
+    model.to(torch.float32)
+    model(**batch).loss.backward()
+    # pruned layers: the teacher keeps (and casts) its dense originals; everything else is still shared
+    assert 0 < shared() < everything and {p.dtype for p in teacher.parameters()} == {torch.float32}
+
+
+def test_distillation_that_cannot_apply_warns_once(caplog):
+    model = _bert_peft(ffn_sparsity=0.5, distill_weight=1.0)
+    model.train()
+    batch = tiny.make_batch("bert")
+    with caplog.at_level("WARNING"):
+        out = model(**batch, return_dict=False)
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert len(out) == 2  # loss and logits: no hidden states forced into the tuple
+    warnings = [r.message for r in caplog.records if "distill_weight=1.0 is set" in r.message]
+    assert len(warnings) == 1 and "return_dict=False" in warnings[0]
 
 
 def test_hidden_state_loss_masks_padding_and_checks_alignment():
@@ -495,6 +539,11 @@ def test_hidden_state_loss_masks_padding_and_checks_alignment():
     assert hidden_state_loss(student, teacher) > 100  # unmasked, the padding position dominates
     decoder = [torch.ones(2, 5, 4)]  # another length than the mask: averaged over every position
     torch.testing.assert_close(hidden_state_loss(decoder, [torch.zeros(2, 5, 4)], mask), torch.tensor(1.0))
+    # one mask (or None) per state: a decoder state of the encoder's length without a mask is not masked
+    torch.testing.assert_close(hidden_state_loss(student[:1], teacher[:1], [None]), torch.tensor((5 + 1e4) / 6))
+    torch.testing.assert_close(hidden_state_loss(student[:1], teacher[:1], [mask]), torch.tensor(1.0))
+    with pytest.raises(CompressError, match="got 1 masks for 2 hidden states"):
+        hidden_state_loss(student, teacher, [mask])
     with pytest.raises(CompressError, match="same number of hidden states"):
         hidden_state_loss(student, teacher[:1])
     with pytest.raises(CompressError, match="differ in shape"):

@@ -54,23 +54,39 @@ def test_oneshot_memory_job_prunes_after_the_baseline_and_can_checkpoint_through
 
 
 @pytest.mark.parametrize("schedule", ["progressive", "oneshot"])
-def test_recipe_trains_prunes_saves_and_reloads(tmp_path, schedule):
+def test_recipe_trains_prunes_saves_and_reloads(tmp_path, schedule, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
+    from compress import PruningAdapterModel
     from compress.train import load_sequence_classifier, minilm_path  # importing compress registers the method
 
+    scored_with_checkpointing = []
+    prune = PruningAdapterModel.prune
+
+    def watched_prune(self, *args, **kwargs):
+        scored_with_checkpointing.append(self.model.is_activation_checkpointing)
+        return prune(self, *args, **kwargs)
+
+    monkeypatch.setattr(PruningAdapterModel, "prune", watched_prune)
     out = tmp_path / schedule
     common = ["--steps", "4", "--train-rows", "64", "--batch-size", "8", "--out", str(out)]
     if schedule == "oneshot":
-        extra = ["--schedule", "oneshot", "--calib-batches", "2", "--head-warmup-steps", "2", "--compensate-bias"]
+        extra = ["--schedule", "oneshot", "--calib-batches", "2", "--head-warmup-steps", "2", "--compensate-bias",
+                 "--activation-checkpointing", "--max-keep", "0.6"]
     else:  # the default schedule, with its default LayerNorm training
-        extra = ["--scoring-steps", "1", "--pruning-interval", "1", "--pruning-end", "0.75"]
+        extra = ["--scoring-steps", "1", "--pruning-interval", "1", "--pruning-end", "0.75", "--distill-weight", "1"]
     assert pruning_adapter.main(common + extra) == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["schedule"] == schedule and config["pruning_plan"][-1]["final"]
-    assert config["compensate_bias"] == (schedule == "oneshot")
     assert config["modules_to_save"] and "LayerNorm" in config["modules_to_save"]
+    widths = config["pruning_plan"][-1]["widths_after"]
+    if schedule == "oneshot":
+        assert config["compensate_bias"] and config["max_keep"] == 0.6
+        assert max(widths["ffn"]) <= 0.6 * 1536 and max(widths["heads"]) <= 0.6 * 12
+        assert scored_with_checkpointing == [True]  # --activation-checkpointing covers the scoring too
+    else:
+        assert config["distill_weight"] == 1.0 and scored_with_checkpointing == []
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")
     base, tokenizer = load_sequence_classifier(minilm_path(), num_labels=2)
     reloaded = PeftModel.from_pretrained(base, out / "adapter")

@@ -101,6 +101,18 @@ def test_activation_checkpointing_changes_no_numbers_and_is_switched_off(tokeniz
         torch.testing.assert_close(value, trained[False][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_activation_checkpointing_the_caller_switched_on_stays_on(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny.make_model("bert"), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    watch = _WatchCheckpointing()
+    train.finetune_classifier(model, tokenizer, make_dataset(32, seed=4), steps=2, batch_size=16, lr=1e-3,
+                              callbacks=[watch], activation_checkpointing=True)
+    assert watch.seen == [True, True]
+    assert model.get_base_model().is_activation_checkpointing
+
+
 def test_evaluate_accuracy_matches_manual_computation(tokenizer):
     model = tiny.make_model("bert", seed=3)
     ds = make_dataset(50, seed=4)

@@ -66,19 +66,21 @@ def compact_config_class(base_cls: type) -> type:
     """The ``Compressed<Base>Config`` for a transformers config class (created once, then cached)."""
     model_type = PREFIX + base_cls.model_type
     if model_type not in _CONFIG_CLASSES:
+        created: list[type] = []  # the class defined below; `super(cls, cls)` would loop in its subclasses
 
         @classmethod
-        def get_config_dict(cls, *args, **kwargs):
+        def get_config_dict(cls, *args, **kwargs) -> tuple[dict, dict]:
             # A base checkpoint's config is a valid compact config with uniform widths. Reading one this way
             # happens, e.g., when peft's save_pretrained compares vocab sizes with the original base model
             # through the (now compact) config class; without this, transformers warns of a type mismatch.
-            config_dict, rest = super(cls, cls).get_config_dict(*args, **kwargs)
+            config_dict, rest = super(created[0], cls).get_config_dict(*args, **kwargs)
             if config_dict.get("model_type") == base_cls.model_type:
                 config_dict = {**config_dict, "model_type": cls.model_type}
             return config_dict, rest
 
         cls = type(f"Compressed{base_cls.__name__}", (base_cls,), {"model_type": model_type, "__module__": __name__,
                                                                   "get_config_dict": get_config_dict})
+        created.append(cls)
         _CONFIG_CLASSES[model_type] = cls
     return _CONFIG_CLASSES[model_type]
 

@@ -15,7 +15,14 @@ from compress.errors import CompressError
 from compress.pruning.arch import get_adapter
 from compress.pruning.compact import make_compact
 from compress.pruning.compensate import InputMeans, bias_shifts, output_projection, record_input_means
-from compress.pruning.distill import HIDDEN_STATE_FIELDS, frozen_teacher, hidden_state_loss, hidden_states_of
+from compress.pruning.distill import (
+    HIDDEN_STATE_FIELDS,
+    follow_student,
+    frozen_teacher,
+    hidden_state_loss,
+    hidden_state_masks,
+    hidden_states_of,
+)
 from compress.pruning.engine import apply_removals, check_support, forward_passes, plan_removals, score_units
 from compress.pruning.importance import Unit, attach_gates, get_importance, task_loss, units_for
 from compress.pruning.optim import remap_optimizer
@@ -184,21 +191,35 @@ class PruningAdapterModel(BaseTuner):
         teacher, weight = self._teacher, self._config.distill_weight
         if teacher is None or not weight or not self.model.training or not torch.is_grad_enabled():
             return self.model.forward(*args, **kwargs)
+        if kwargs.get("return_dict") is False or (kwargs.get("labels") is None and not args):
+            self._warn_no_distillation("the forward gets no labels (so returns no loss to add to)"
+                                       if kwargs.get("return_dict") is not False else "return_dict=False")
+            return self.model.forward(*args, **kwargs)
         wanted_hidden = kwargs.get("output_hidden_states")
         outputs = self.model.forward(*args, **{**kwargs, "output_hidden_states": True})
-        if not isinstance(outputs, Mapping) or outputs.get("loss") is None:
-            return outputs  # nothing to add to (no labels), or tuple outputs (return_dict=False)
-        device = outputs.loss.device
-        if next(teacher.parameters()).device != device:
-            teacher.to(device)
-        with torch.no_grad():
-            target = teacher(*args, **{**kwargs, "output_hidden_states": True})
-        student_states = hidden_states_of(outputs)
-        outputs.loss = outputs.loss + weight * hidden_state_loss(student_states, hidden_states_of(target),
-                                                                 kwargs.get("attention_mask"))
+        if not isinstance(outputs, Mapping):  # tuples by the model config's own choice (use_return_dict)
+            self._warn_no_distillation("the model returns tuples")
+            return outputs
+        if outputs.get("loss") is None:
+            self._warn_no_distillation("the model returned no loss")
+        else:
+            student = next(p for p in self.model.parameters() if p.is_floating_point())
+            follow_student(teacher, student.device, student.dtype)
+            with torch.no_grad():
+                target = teacher(*args, **{**kwargs, "output_hidden_states": True})
+            masks = hidden_state_masks(outputs, kwargs.get("attention_mask"), kwargs.get("decoder_attention_mask"))
+            outputs.loss = outputs.loss + weight * hidden_state_loss(hidden_states_of(outputs),
+                                                                     hidden_states_of(target), masks)
         if not wanted_hidden:  # give the caller the output it asked for, and free the states early
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in HIDDEN_STATE_FIELDS})
         return outputs
+
+    def _warn_no_distillation(self, why: str) -> None:
+        if not self.__dict__.get("_warned_no_distillation"):
+            self.__dict__["_warned_no_distillation"] = True
+            logger.warning("distill_weight=%s is set, but %s: this step trains without the distillation term "
+                           "(pass labels in the batch; with the Trainer, label smoothing and compute_loss_func "
+                           "take them away)", self._config.distill_weight, why)
 
     def release_teacher(self) -> None:
         """Drop the distillation teacher (and the dense weights only it still holds); merging does this."""
