@@ -237,20 +237,22 @@ def main(argv=None) -> int:
             "folder MB": "" if same else f"{r['size'] / 2**20:.1f}",
         })
     table = format_table(rows)
-    trained = "memory only (--memory-only); " if args.memory_only else (
-        f"data: {source}; train rows {len(train):,}, test rows {len(test):,}.\n")
+    setup = (f"Pruning-Adapter: FFN {args.ffn_sparsity:.0%}, heads {args.head_sparsity:.0%}, layers "
+             f"{args.layer_sparsity:.0%}, {args.mode} widths, {args.importance} importance, adapter rank {args.r}. ")
+    if not args.memory_only:
+        setup = (f"data: {source}; train rows {len(train):,}, test rows {len(test):,}.\nEvery configuration: "
+                 f"{args.steps} steps, batch {args.batch_size}, max length {args.max_length}, seed {args.seed}; lr "
+                 f"{args.full_lr} (full) / {args.lr} (adapters). " + setup)
+    timing = ("'s/step (mem)': median step of the memory job (padded)." if args.memory_only else
+              "'s/step (run)': the accuracy run (dynamic padding); 's/step (mem)': median step of the memory job "
+              "(padded). Latency: merged models, CPU, batch 32 x 128 tokens.")
     notes = (
-        f"all-MiniLM-L6-v2 + seeded head; {trained}"
-        f"Every configuration: {args.steps} steps, batch {args.batch_size}, max length {args.max_length}, seed "
-        f"{args.seed}; lr {args.full_lr} (full) / {args.lr} (adapters), adapter rank {args.r}. Pruning-Adapter: "
-        f"FFN {args.ffn_sparsity:.0%}, heads {args.head_sparsity:.0%}, layers {args.layer_sparsity:.0%}, "
-        f"{args.mode} widths, {args.importance} importance. Memory: {args.mem_steps} steps at batch "
-        f"{args.batch_size} x {args.mem_seq_len} tokens in a fresh process per configuration; 'train mem' is "
-        "the RSS high-water mark minus the RSS once the pretrained model is loaded, so PA-oneshot's scoring and "
-        "pruning and PA-progressive's dense, gated steps count; ratios are against the rows without "
-        "checkpointing. '+ckpt': activation checkpointing for the whole run (same numbers). 's/step (run)': "
-        "the accuracy run (dynamic padding); 's/step (mem)': median step of the memory job (padded). "
-        f"Latency: merged models, CPU, batch 32 x 128 tokens. Wall time {(time.time() - started) / 60:.1f} min."
+        f"all-MiniLM-L6-v2 + seeded head; {'memory only (--memory-only); ' if args.memory_only else ''}{setup}"
+        f"Memory: {args.mem_steps} steps at batch {args.batch_size} x {args.mem_seq_len} tokens in a fresh process "
+        "per configuration; 'train mem' is the RSS high-water mark minus the RSS once the pretrained model is "
+        "loaded, so PA-oneshot's scoring and pruning and PA-progressive's dense, gated steps count; ratios are "
+        "against the rows without checkpointing. '+ckpt': activation checkpointing for the whole run (same "
+        f"numbers). {timing} Wall time {(time.time() - started) / 60:.1f} min."
     )
     command = "python recipes/bench_pruning_adapter.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = f"# bench_pruning_adapter\n\n`{command.strip()}`\n\n{table}\n\n{notes}\n"
