@@ -228,9 +228,11 @@ def _skewed_scores(units):
 @pytest.mark.parametrize("arch,structure,ratio,max_keep,uncapped,capped", [
     ("bert", "ffn", 0.5, 0.75, [1, 63], [16, 48]),
     ("bert", "ffn", 0.5, 0.5, [1, 63], [32, 32]),
+    ("bert", "ffn", 0.3, 0.7, [26, 64], [45, 45]),  # 0.7 x 64 = 44.8: a cap of 44 would remove more than 30%
     ("bert", "heads", 0.5, 0.75, [1, 3], [1, 3]),  # 3 of 4 heads is the cap already
     ("bert", "heads", 0.5, 0.5, [1, 3], [2, 2]),
     ("llama", "heads", 0.5, 0.5, [2, 2], [2, 2]),  # GQA: one query head per kv group, a cap cannot bind
+    ("llama", "heads", 0.25, 0.75, [2, 4], [2, 4]),  # 3 of 4 heads rounds up to whole rows (2 per kv group)
     ("llama", "kv_heads", 0.5, 0.5, [1, 1], [1, 1]),
 ])
 def test_global_max_keep_caps_every_layer_and_keeps_the_total(arch, structure, ratio, max_keep, uncapped, capped):

@@ -222,17 +222,21 @@ def check_max_keep(max_keep: float | None, ratios: Mapping[str, float], mode: st
 
 
 def _forced(size: int, cap: int | None, per: int = 1) -> int:
-    """How many of a unit's ``size`` channels (in groups of ``per``) a width cap of ``cap`` removes at least
-    (rounded down to whole groups, never below one group)."""
+    """How many of a unit's ``size`` channels a width cap of ``cap`` removes at least; with groups of
+    ``per`` channels (a row of query heads, one per kv group) the cap is rounded up to whole groups."""
     if cap is None:
         return 0
-    return max(0, size - max(1, cap // per) * per)
+    return max(0, size - max(1, math.ceil(cap / per)) * per)
 
 
-def _cap(size: int, max_keep: float | None, max_width: int | None) -> int | None:
+def _cap(size: int, ratio: float, max_keep: float | None, max_width: int | None) -> int | None:
+    """A unit's width cap: ``max_width``, or ``max_keep`` of ``size`` but never below what ``ratio`` keeps
+    on average (whole channels per layer could otherwise force more removals than the ratio asks)."""
     if max_width is not None:
         return max_width
-    return None if max_keep is None else int(math.floor(max_keep * size + 1e-9))
+    if max_keep is None:
+        return None
+    return max(int(math.floor(max_keep * size + 1e-9)), math.ceil((1.0 - ratio) * size - 1e-9))
 
 
 NORMALIZATIONS = ("none", "mean", "l2")
@@ -281,7 +285,7 @@ def plan_removals(adapter: ArchAdapter, units: list[Unit], scores: dict[str, tor
         ratio = ratios["ffn"]
         if mode == "global":
             counts = _global_counts(ffn_units, scores, ratio, {u.key: min(u.size, round_to) for u in ffn_units},
-                                    {u.key: _forced(u.size, _cap(u.size, max_keep, caps.get("ffn")))
+                                    {u.key: _forced(u.size, _cap(u.size, ratio, max_keep, caps.get("ffn")))
                                      for u in ffn_units})
             if round_to > 1:
                 counts = {u.key: u.size - max(round_to, (u.size - counts[u.key]) // round_to * round_to)
@@ -338,7 +342,7 @@ def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], ratios: Mapp
         cap_key = "kv_heads" if whole_kv else "heads"  # without GQA, kv groups are the heads
         if mode == "global":
             counts = _global_counts(kv_units, kv_scores, ratio, {u.key: 1 for u in kv_units},
-                                    {u.key: _forced(u.size, _cap(u.size, max_keep, caps.get(cap_key)))
+                                    {u.key: _forced(u.size, _cap(u.size, ratio, max_keep, caps.get(cap_key)))
                                      for u in kv_units})
         else:
             counts = {u.key: _n_remove(u.size, ratio) for u in kv_units}
@@ -350,9 +354,9 @@ def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], ratios: Mapp
 
     # query heads: an equal number from every kv group, so heads // kv_heads stays an integer
     if mode == "global":
-        # the cap counts whole rows of kv groups, so the equal-per-group rounding below cannot exceed it
+        # the cap counts whole rows (one head per kv group), so the equal-per-group rounding below keeps it
         counts = _global_counts(free, scores, ratio, {u.key: groups_of(u)[0] for u in free},
-                                {u.key: _forced(u.size, _cap(u.size, max_keep, caps.get("heads")),
+                                {u.key: _forced(u.size, _cap(u.size, ratio, max_keep, caps.get("heads")),
                                                 per=groups_of(u)[0]) for u in free})
     else:
         counts = {u.key: _n_remove(u.size, ratio, min_keep=groups_of(u)[0]) for u in free}
@@ -531,7 +535,9 @@ def prune_model(
         max_keep: ``global`` mode: the largest fraction of its FFN neurons and of its heads any one layer
             keeps (e.g. ``0.6``; at least ``1 - ratio``). Global ranking can leave a layer nearly whole; with
             activation checkpointing the training peak is one layer's recomputation, so the widest layer
-            sets it. ``None`` (default): no cap.
+            sets it. Per layer the cap is rounded up to whole channels (and, with grouped-query attention,
+            to whole rows of one head per kv group) so the total removed is always what ``ratio`` asks.
+            ``None`` (default): no cap.
 
     Returns:
         A :class:`PruneReport`. The model is modified in place; in ``global`` mode with unequal widths it
