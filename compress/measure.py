@@ -300,6 +300,18 @@ class TrainingSetup:
     on_train_begin: Callable[[], Any] | None = None
     on_step_end: Callable[[int], Any] | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, torch.nn.Module):
+            raise TypeError(f"TrainingSetup.model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if not isinstance(self.batches, list) or not self.batches:
+            raise TypeError("TrainingSetup.batches must be a non-empty list of model-input dicts")
+        if not (isinstance(self.optimizer, torch.optim.Optimizer) or callable(self.optimizer)):
+            raise TypeError("TrainingSetup.optimizer must be a torch.optim.Optimizer or a zero-argument callable "
+                            "that builds one")
+        for name in ("on_train_begin", "on_step_end"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"TrainingSetup.{name} must be callable or None")
+
 
 def _as_setup(built: Any, factory: str) -> TrainingSetup:
     if isinstance(built, TrainingSetup):

@@ -213,6 +213,16 @@ def test_factory_results_are_validated():
         _as_setup(model, "f")
     with pytest.raises(TypeError, match="callable on_step_end"):
         _as_setup((model, batches, optimizer, 3), "f")
+    with pytest.raises(TypeError, match="on_step_end must be callable"):
+        TrainingSetup(model, batches, optimizer, on_step_end=3)
+    with pytest.raises(TypeError, match="on_train_begin must be callable"):
+        TrainingSetup(model, batches, optimizer, on_train_begin="prune")
+    with pytest.raises(TypeError, match="non-empty list"):
+        TrainingSetup(model, [], optimizer)
+    with pytest.raises(TypeError, match="zero-argument callable"):
+        TrainingSetup(model, batches, 0.1)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        TrainingSetup("model", batches, optimizer)
 
 
 @pytest.mark.slow
