@@ -203,12 +203,12 @@ def main(argv=None) -> int:
     def times(value: float, kind: str, table: dict) -> str:
         return f"{value / table[kind]:.2f}" if kind in table else ""
 
+    increase = {k: v.increase_mb for (k, ckpt), v in memory.items() if not ckpt}
+    step_s = {k: v.step_time_median_s for (k, ckpt), v in memory.items() if not ckpt}
+    train_s = {k: v["train_s"] for k, v in results.items()}
     rows = []
     for kind, checkpointing in settings:
         r, m = results.get(kind), memory[kind, checkpointing]
-        increase = {k: v.increase_mb for (k, ckpt), v in memory.items() if not ckpt}
-        step_s = {k: v.step_time_median_s for (k, ckpt), v in memory.items() if not ckpt}
-        train_s = {k: v["train_s"] for k, v in results.items()}
         same = checkpointing  # checkpointing changes no numbers: accuracy/latency/size are the row above's
         if r is None:  # --memory-only
             rows.append({"config": kind + (" +ckpt" if checkpointing else ""),

@@ -229,14 +229,17 @@ def _forced(size: int, cap: int | None, per: int = 1) -> int:
     return max(0, size - max(1, math.ceil(cap / per)) * per)
 
 
+def width_cap(size: int, ratio: float, max_keep: float) -> int:
+    """The most channels of ``size`` one layer may keep under ``max_keep`` when ``ratio`` of them are removed
+    overall: ``max_keep`` of ``size``, but never below what ``ratio`` keeps on average (whole channels per
+    layer could otherwise force more removals than the ratio asks)."""
+    return max(int(math.floor(max_keep * size + 1e-9)), math.ceil((1.0 - ratio) * size - 1e-9))
+
+
 def _cap(size: int, ratio: float, max_keep: float | None, max_width: int | None) -> int | None:
-    """A unit's width cap: ``max_width``, or ``max_keep`` of ``size`` but never below what ``ratio`` keeps
-    on average (whole channels per layer could otherwise force more removals than the ratio asks)."""
     if max_width is not None:
         return max_width
-    if max_keep is None:
-        return None
-    return max(int(math.floor(max_keep * size + 1e-9)), math.ceil((1.0 - ratio) * size - 1e-9))
+    return None if max_keep is None else width_cap(size, ratio, max_keep)
 
 
 NORMALIZATIONS = ("none", "mean", "l2")

@@ -23,7 +23,14 @@ from compress.pruning.distill import (
     hidden_state_masks,
     hidden_states_of,
 )
-from compress.pruning.engine import apply_removals, check_support, forward_passes, plan_removals, score_units
+from compress.pruning.engine import (
+    apply_removals,
+    check_support,
+    forward_passes,
+    plan_removals,
+    score_units,
+    width_cap,
+)
 from compress.pruning.importance import Unit, attach_gates, get_importance, task_loss, units_for
 from compress.pruning.optim import remap_optimizer
 
@@ -365,8 +372,7 @@ class PruningAdapterModel(BaseTuner):
             widths = original["ffn"] if structure == "ffn" else original[width_key]
             now = _total(current, structure)
             kept_overall = (now - math.floor(ratio * now + 0.5)) / _total(original, structure)
-            caps[structure] = max(math.floor(config.max_keep * max(widths) + 1e-9),
-                                  math.ceil(kept_overall * max(widths) - 1e-9))
+            caps[structure] = width_cap(max(widths), 1.0 - kept_overall, config.max_keep)
         return caps
 
     def _compensate(self, units: list[Unit], removals: dict[str, list[int]], means: dict[str, torch.Tensor]) -> None:
