@@ -36,6 +36,7 @@ __all__ = [
     "load_sequence_classifier",
     "minilm_path",
     "predict_labels",
+    "transformers_model",
 ]
 
 MINILM_INSTALL_HINT = (
@@ -122,8 +123,8 @@ def load_sequence_classifier(path: str | os.PathLike[str], num_labels: int = 2,
 # --------------------------------------------------------------------------------------------------------
 
 
-def _transformers_model(model: nn.Module) -> nn.Module:
-    """The ``PreTrainedModel`` inside a PEFT wrapper (or the model itself)."""
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The ``PreTrainedModel`` inside a PEFT wrapper (or ``model`` itself when it is not wrapped)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -224,14 +225,14 @@ def finetune_classifier(
         )
         trainer.remove_callback(PrinterCallback)  # it would print the final metrics dict
         start = time.perf_counter()
-        was_checkpointing = _transformers_model(model).is_activation_checkpointing
+        was_checkpointing = transformers_model(model).is_activation_checkpointing
         try:
             output = trainer.train()
         finally:
             for param, flag in frozen:
                 param.requires_grad_(flag)
             if activation_checkpointing and not was_checkpointing:  # leave the caller's own setting alone
-                _transformers_model(model).activation_checkpointing_disable()
+                transformers_model(model).activation_checkpointing_disable()
         elapsed = time.perf_counter() - start
     model.eval()
     result = {

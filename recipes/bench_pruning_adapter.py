@@ -47,7 +47,7 @@ from compress.measure import (  # noqa: E402
     inference_latency,
     peak_training_memory,
 )
-from compress.train import evaluate_accuracy, finetune_classifier  # noqa: E402
+from compress.train import evaluate_accuracy, finetune_classifier, transformers_model  # noqa: E402
 from recipes.pruning_adapter import (  # noqa: E402
     KINDS,
     add_arguments,
@@ -58,6 +58,9 @@ from recipes.pruning_adapter import (  # noqa: E402
     merged,
     prune_oneshot,
 )
+
+# pa-progressive's memory run compresses its schedule into the measured steps: dense, two prunings, pruned
+MIN_PROGRESSIVE_MEM_STEPS = 4
 
 
 def _defaults(**overrides) -> argparse.Namespace:
@@ -99,8 +102,9 @@ def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: i
     """
     overrides = {"calib_batches": 8, "head_warmup_steps": 20, **overrides}
     if kind == "pa-progressive":
-        if steps < 4:
-            raise ValueError("pa-progressive needs at least 4 measured steps (dense, two prunings, pruned)")
+        if steps < MIN_PROGRESSIVE_MEM_STEPS:
+            raise ValueError(f"pa-progressive needs at least {MIN_PROGRESSIVE_MEM_STEPS} measured steps (dense, "
+                             "two prunings, pruned)")
         third = max(1, steps // 3)
         overrides = {"scoring_steps": third, "pruning_interval": third, "steps": steps,
                      "pruning_end": min(2 * third, steps - 1) / steps, **overrides}
@@ -110,11 +114,11 @@ def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: i
     model.train()
     labels = [label % num_labels for label in train["label"]]
     batches = _padded_batches(tokenizer, list(train["text"]), labels, batch_size, seq_len, n_batches)
-    transformers_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
 
     def on_train_begin() -> None:
         if activation_checkpointing:  # the Trainer turns it on before any callback runs
-            transformers_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if kind == "pa-oneshot":  # checkpointed too, as the recipe does with --activation-checkpointing
             prune_oneshot(model, tokenizer, args, calibration=train)
         if kind == "pa-progressive":
@@ -157,6 +161,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "runs" / "bench_pruning_adapter"))
     p.add_argument("--md", default=str(REPO / "runs" / "bench_pruning_adapter.md"))
     args = p.parse_args(argv)
+    if "pa-progressive" in args.kinds and args.mem_steps < MIN_PROGRESSIVE_MEM_STEPS:
+        # checked here, not after the accuracy runs have spent their time
+        p.error(f"--mem-steps {args.mem_steps}: pa-progressive's memory run needs at least "
+                f"{MIN_PROGRESSIVE_MEM_STEPS} steps (dense, two prunings, pruned); raise it or leave "
+                "pa-progressive out of --kinds")
     logging.basicConfig(level=logging.WARNING)
     started = time.time()
     train, test, source = load_splits(args.glue_task, args.train_rows, args.seed)

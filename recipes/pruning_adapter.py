@@ -37,7 +37,13 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from compress.data import load_task, tokenize_dataset  # noqa: E402
 from compress.export import atomic_directory  # noqa: E402
-from compress.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path  # noqa: E402
+from compress.train import (  # noqa: E402
+    evaluate_accuracy,
+    finetune_classifier,
+    load_sequence_classifier,
+    minilm_path,
+    transformers_model,
+)
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 KINDS = ("full", "lora", "pa-oneshot", "pa-progressive")
@@ -112,7 +118,7 @@ def lr_for(kind: str, args) -> float:
 
 def encoder_layer_params(model) -> int:
     """Parameters of the transformer blocks (what pruning touches; embeddings and head excluded)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     return sum(p.numel() for n, p in base.base_model.encoder.named_parameters()
                if "pa_" not in n and "lora_" not in n)
 

@@ -109,3 +109,14 @@ def test_benchmark_memory_only_measures_every_configuration_without_training(tmp
     lora, oneshot = ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)
     assert lora[2] == "1.00" and float(oneshot[2]) > 0  # x LoRA, measured in this run
     assert "[pa-oneshot] memory: +" in capsys.readouterr().out
+
+
+def test_benchmark_rejects_too_few_progressive_memory_steps_before_training(tmp_path, monkeypatch, capsys):
+    # the memory runs come after the accuracy runs: a bad --mem-steps must fail before those spend their time
+    monkeypatch.setattr(bench_pruning_adapter, "finetune_classifier",
+                        lambda *a, **k: pytest.fail("trained before rejecting --mem-steps"))
+    with pytest.raises(SystemExit) as exc:
+        bench_pruning_adapter.main(["--kinds", "lora", "pa-progressive", "--mem-steps", "3",
+                                    "--md", str(tmp_path / "bench.md")])
+    assert exc.value.code == 2
+    assert "--mem-steps 3" in capsys.readouterr().err and not (tmp_path / "bench.md").exists()

@@ -113,6 +113,16 @@ def test_activation_checkpointing_the_caller_switched_on_stays_on(tokenizer):
     assert model.get_base_model().is_activation_checkpointing
 
 
+def test_transformers_model_unwraps_peft_models_only():
+    from peft import LoraConfig, get_peft_model
+
+    plain = tiny.make_model("bert")
+    assert train.transformers_model(plain) is plain
+    wrapped = get_peft_model(plain, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    assert train.transformers_model(wrapped) is wrapped.get_base_model()
+    assert type(train.transformers_model(wrapped)).__name__ == "BertForSequenceClassification"
+
+
 def test_evaluate_accuracy_matches_manual_computation(tokenizer):
     model = tiny.make_model("bert", seed=3)
     ds = make_dataset(50, seed=4)
