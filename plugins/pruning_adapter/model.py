@@ -11,6 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from compress._allocator import map_large_cpu_allocations, release_freed_memory
 from compress.errors import CompressError
 from compress.pruning.arch import get_adapter
 from compress.pruning.compact import make_compact
@@ -340,10 +341,14 @@ class PruningAdapterModel(BaseTuner):
         apply_removals(self.model, adapter, units, removals)
         self._finish_shapes(self.model, config)
         if optimizer is not None:
-            replaced = {k: v for layer in layers for k, v in layer.pruned_params.items()}
-            remap_optimizer(optimizer, replaced, list(self.model.parameters()))
+            remap_optimizer(optimizer, {k: v for layer in layers for k, v in layer.pruned_params.items()},
+                            list(self.model.parameters()))
         for layer in layers:
             layer.pruned_params.clear()
+        if next(self.model.parameters()).device.type == "cpu":
+            # uneven widths from here on: glibc would hoard blocks of the old shapes (compress._allocator)
+            map_large_cpu_allocations()
+            release_freed_memory()
         event = {"structures": sorted(ratios), "removed": {k: v for k, v in removals.items() if v},
                  "widths_before": widths_before, "widths_after": get_adapter(self.model).widths(), "final": final}
         config.pruning_plan.append(event)
