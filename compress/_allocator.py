@@ -56,14 +56,14 @@ def map_large_cpu_allocations(threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     """Serve blocks of ``threshold`` bytes or more with their own mapping, returned to the OS when freed.
 
     Process-wide and idempotent (the first call per threshold acts). A ``MALLOC_MMAP_THRESHOLD_`` set in
-    the environment is the user's choice and is left alone. Returns whether the setting is in force.
+    the environment is the user's choice and is left alone. Returns whether the setting is in force. Blocks
+    the arenas already hold stay there until :func:`release_freed_memory`.
     """
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         return True
     libc = _glibc()
     if libc is None or libc.mallopt(_M_MMAP_THRESHOLD, threshold) != 1:
         return False
-    libc.malloc_trim(0)  # what the arenas hold already goes back now
     logger.info("CPU training on pruned shapes: blocks of %d KiB or more are now mapped individually "
                 "(set MALLOC_MMAP_THRESHOLD_ to choose otherwise)", threshold // 1024)
     return True

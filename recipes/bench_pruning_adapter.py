@@ -166,6 +166,9 @@ def main(argv=None) -> int:
         p.error(f"--mem-steps {args.mem_steps}: pa-progressive's memory run needs at least "
                 f"{MIN_PROGRESSIVE_MEM_STEPS} steps (dense, two prunings, pruned); raise it or leave "
                 "pa-progressive out of --kinds")
+    # dense baselines first: a pruning event switches this process's CPU allocator to per-block mappings
+    # (compress._allocator), which would slow a baseline timed after it
+    args.kinds = sorted(dict.fromkeys(args.kinds), key=KINDS.index)
     logging.basicConfig(level=logging.WARNING)
     started = time.time()
     train, test, source = load_splits(args.glue_task, args.train_rows, args.seed)

@@ -120,3 +120,17 @@ def test_benchmark_rejects_too_few_progressive_memory_steps_before_training(tmp_
                                     "--md", str(tmp_path / "bench.md")])
     assert exc.value.code == 2
     assert "--mem-steps 3" in capsys.readouterr().err and not (tmp_path / "bench.md").exists()
+
+
+def test_benchmark_trains_dense_baselines_before_any_pruning(tmp_path, monkeypatch):
+    # pruning changes the process's allocator setting (compress._allocator): baselines must be timed before it
+    order = []
+
+    def record(kind, *args, **kwargs):
+        order.append(kind)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(bench_pruning_adapter, "build", record)
+    with pytest.raises(KeyboardInterrupt):
+        bench_pruning_adapter.main(["--kinds", "pa-oneshot", "lora", "pa-oneshot", "--md", str(tmp_path / "b.md")])
+    assert order == ["lora"]
