@@ -15,6 +15,8 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 from compress.errors import (  # noqa: E402
     CalibrationError,
     CompressError,
+    NothingToPruneError,
+    OutputFolderError,
     UnsupportedModelError,
     UnsupportedStructureError,
 )
@@ -42,6 +44,8 @@ __all__ = [
     "CompressError",
     "Importance",
     "METHODS",
+    "NothingToPruneError",
+    "OutputFolderError",
     "PruningAdapterCallback",
     "PruningAdapterConfig",
     "PruningAdapterModel",

@@ -90,8 +90,12 @@ def _err_line(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _run_phase() -> Iterator[None]:
     """Errors raised inside happen after the inputs were validated: exit status 1, not 2."""
+    from compress.errors import NothingToPruneError
+
     try:
         yield
+    except NothingToPruneError:
+        raise  # the request cannot be met by this model: a bad input (exit 2), found once scores exist
     except _EXPECTED_ERRORS as exc:
         raise _RunFailed(exc) from exc
 
@@ -322,6 +326,8 @@ def parse_ratio(text: str, structures: str | None) -> dict[str, float]:
             key = key.strip()
             if not sep or not key:
                 raise UsageError(f"--ratio: cannot parse {part!r}; write 0.5 or ffn=0.5,heads=0.25")
+            if key in ratio:
+                raise UsageError(f"--ratio names {key!r} twice; give each structure once, e.g. ffn=0.5,heads=0.25")
             try:
                 ratio[key] = _check_ratio(f"--ratio for {key!r}", float(value))
             except ValueError:
@@ -358,6 +364,83 @@ def _read_config(model_dir: str) -> tuple[Path, dict[str, Any]]:
     if not isinstance(config, dict):
         raise UsageError(f"{config_file} does not hold a JSON object")
     return path, config
+
+
+def _check_weight_files(model_dir: Path, required: bool = True) -> None:
+    """Refuse pickle-only folders (when weights are ``required``) and unreadable safetensors files before
+    anything loads them."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files and required:
+        pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise UsageError(f"{model_dir} holds {pickles[0]} (a pickle file) and no safetensors weights; compress "
+                             "loads safetensors only: re-save the model with save_pretrained, which writes "
+                             "model.safetensors")
+        raise UsageError(f"{model_dir} has no *.safetensors weights; pass a folder written by save_pretrained")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise UsageError(f"{file} is not a readable safetensors file ({exc}); it may be truncated or "
+                             "corrupt: save the model again") from None
+
+
+def _load_config(model_dir: Path):
+    """The folder's config through AutoConfig, its validation errors reported on one line naming the file."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    import compress  # noqa: F401  (compact config classes)
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (StrictDataclassError, OSError, ValueError, TypeError, KeyError) as exc:
+        raise UsageError(f"{model_dir / 'config.json'} is not a valid config: {exc}") from None
+
+
+def _weight_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of every safetensors file in the folder (read from the headers only)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = list(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def shape_mismatches(model_dir: Path, config, auto_name: str) -> list[str]:
+    """Tensors whose shape in the folder's weights differs from the shape its config.json implies.
+
+    The model is built on the meta device (nothing allocated); names are matched with or without the
+    base-model prefix (a ``BertModel`` checkpoint under a classification head).
+    """
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, auto_name).from_config(config)
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    problems = []
+    for key, shape in _weight_shapes(model_dir).items():
+        for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+            if candidate in expected:
+                if expected[candidate] != shape:
+                    problems.append(f"{key} is {shape} in the weights but {expected[candidate]} by the config")
+                break
+    return problems
+
+
+def _why_different(structure: str, round_to: int) -> str:
+    if structure == "ffn" and round_to > 1:
+        return f"widths are kept a multiple of --round-to {round_to}"
+    return {"ffn": "whole neurons per layer", "heads": "whole heads, the same number per kv group",
+            "kv_heads": "whole kv heads per layer", "layers": "whole layers"}.get(structure, "whole units")
 
 
 def _adapter_class(model_type: str):
@@ -446,6 +529,8 @@ def _resolve_device(name: str):
         device = torch.device(name)
     except RuntimeError as exc:
         raise UsageError(f"--device {name!r} is not a device: {exc}") from None
+    if device.type == "meta":
+        raise UsageError("--device meta holds no weights to score or prune; use --device cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
@@ -484,6 +569,20 @@ def build_calibration(dataset, tokenizer, model, task: str | None, *, max_length
             raise UsageError("--data has no label column; sequence classification is scored on its labels")
         labels = tokenized["labels"]
         num_labels = int(getattr(model.config, "num_labels", 0) or 0)
+        missing = next((i for i, label in enumerate(labels) if label is None), None)
+        if missing is not None:
+            raise UsageError(f"--data row {missing + 1} has no label (a missing field, or an unterminated quote "
+                             "that swallowed the rest of the file?)")
+        if num_labels != 1:
+            fractional = next((label for label in labels if float(label) != int(label)), None)
+            if fractional is not None:
+                raise UsageError(f"--data has label {fractional!r}, but a classifier with num_labels={num_labels} "
+                                 "needs integer class ids 0..num_labels-1")
+            labels = [int(label) for label in labels]
+            if tokenized.features["labels"].dtype != "int64":
+                from datasets import Value
+
+                tokenized = tokenized.cast_column("labels", Value("int64"))  # 1.0 -> 1: a class id, not a target
         if any(label < 0 for label in labels):
             raise UsageError("--data has unlabelled rows (label -1, e.g. a GLUE test file); use a labelled "
                              "split such as --split train")
@@ -602,7 +701,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from compress.errors import CalibrationError, CompressError, UnsupportedStructureError
-    from compress.export import needs_compress_to_load, save_pretrained
+    from compress.export import check_output_folder, needs_compress_to_load, removed_summary, save_pretrained
     from compress.measure import folder_size, format_table
     from compress.pruning.engine import check_max_keep, check_support, prune_model
     from compress.pruning.importance import available_importances, get_importance
@@ -631,14 +730,11 @@ def _prune(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.resolve() == model_dir.resolve():
         raise UsageError("--out is MODEL_DIR itself; write the pruned model to a new folder")
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"--out {args.out!r} already exists; choose another folder or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out!r} is a file, not a folder")
-    existing_parent = next(p for p in out.resolve().parents if p.exists())
-    if not existing_parent.is_dir():
-        raise UsageError(f"--out {args.out!r}: {existing_parent} is a file, not a folder")
+    inputs = [model_dir, args.tokenizer, args.data]
+    check_output_folder(out, overwrite=args.overwrite, inputs=inputs, option="--overwrite", name=f"--out {args.out}")
     device = _resolve_device(args.device)
+    _check_weight_files(model_dir)
+    config = _load_config(model_dir)
 
     dataset = None
     if criterion.needs_calibration or args.compensate_bias:
@@ -668,8 +764,16 @@ def _prune(args: argparse.Namespace) -> int:
     import compress  # noqa: F401  (registers the compact model classes with the Auto classes)
 
     auto_cls = getattr(transformers, auto_name)
+    mismatches = shape_mismatches(model_dir, config, auto_name)
+    if mismatches:
+        raise UsageError(f"{model_dir / 'config.json'} disagrees with the weights: {mismatches[0]}"
+                         + (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
+                         + "; fix config.json or re-save the model with save_pretrained")
     logger.info("loading %s with %s", model_dir, auto_name)
-    model = auto_cls.from_pretrained(str(model_dir), local_files_only=True)
+    try:
+        model = auto_cls.from_pretrained(str(model_dir), config=config, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise UsageError(f"cannot load {model_dir} with {auto_name}: {exc}") from None
     model.to(device)
     model.eval()
 
@@ -697,10 +801,16 @@ def _prune(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - started
         flops_after = _flops(model, seq_len)
         model.to("cpu")
-        saved = save_pretrained(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+        saved = save_pretrained(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite,
+                                inputs=inputs, option="--overwrite")
         size = folder_size(saved)
 
-    removed = ", ".join(f"{name} {value:.0%}" for name, value in ratios.items())
+    for name, asked in ratios.items():
+        achieved = report.achieved_ratios[name]
+        if f"{achieved:.0%}" != f"{asked:.0%}":
+            logger.warning("%s: removed %.1f%%, not the %.1f%% asked (%s)", name, 100 * achieved, 100 * asked,
+                           _why_different(name, args.round_to))
+    removed = removed_summary(report.to_dict())
     calibration = f", {len(batches)} calibration batches" if batches else ""
     _out(f"Pruned {model_type} ({type(model).__name__}): removed {removed}; {args.mode} mode, "
          f"{importance} importance{calibration}; {elapsed:.1f} s")
@@ -733,19 +843,17 @@ def _count_weights(folder: Path) -> int | None:
     return total
 
 
-def _meta_model(model_dir: Path, auto_name: str):
+def _meta_model(config, auto_name: str):
     """The model built on the meta device from its config: structure without reading the weights."""
     import torch
     import transformers
 
-    import compress  # noqa: F401  (compact model classes)
-
-    config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     with torch.device("meta"):
         return getattr(transformers, auto_name).from_config(config)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from compress.export import removed_summary
     from compress.measure import count_parameters, folder_size, format_table
     from compress.pruning.arch import get_adapter, supported_model_types
     from compress.pruning.compact import PREFIX
@@ -756,11 +864,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     adapter_cls = _adapter_class(model_type)
     _, auto_name = resolve_task(config)
 
+    _check_weight_files(model_dir, required=False)
+    loaded_config = _load_config(model_dir)
     model = None
     try:
-        model = _meta_model(model_dir, auto_name)
+        model = _meta_model(loaded_config, auto_name)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
         logger.info("cannot build %s from its config (%s)", auto_name, exc)
+    mismatches = shape_mismatches(model_dir, loaded_config, auto_name) if model is not None else []
     weights = _count_weights(model_dir)
     params = count_parameters(model) if model is not None else weights
     has_weights = weights is not None or any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt"))
@@ -777,12 +888,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         _out(f"loading:      standard transformers folder ({auto_name}.from_pretrained)")
     _out(f"tokenizer:    {'yes' if _has_tokenizer(model_dir) else 'no'}")
+    if mismatches:
+        _out(f"weights:      DISAGREE with config.json in {len(mismatches)} tensors, e.g. {mismatches[0]}")
 
     report_file = model_dir / "compress_report.json"
     if report_file.is_file():
         try:
             rep = json.loads(report_file.read_text(encoding="utf-8"))
-            removed = ", ".join(f"{k} {v:.0%}" for k, v in (rep.get("ratios") or {}).items())
+            removed = removed_summary(rep)
             _out(f"pruned:       {removed} removed ({rep.get('mode')} mode, {rep.get('importance')} importance); "
                  f"params {rep.get('params_before', 0):,} -> {rep.get('params_after', 0):,}")
         except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -791,7 +904,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if adapter_cls is None:
         _out(f"pruning:      model_type {model_type or '?'!r} is not supported for structured pruning "
              f"(supported: {', '.join(supported_model_types())})")
-        return 0
+        return _info_status(model_dir, mismatches)
     if model is not None:
         widths = get_adapter(model).widths()
         _out()
@@ -808,6 +921,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     _out(f"  --mode global:  {', '.join(adapter_cls.supported_structures)}  "
          f"(per-layer widths need `import compress` to load{note})"
          + (f"; {', '.join(extra)} only in global mode" if extra else ""))
+    return _info_status(model_dir, mismatches)
+
+
+def _info_status(model_dir: Path, mismatches: list[str]) -> int:
+    """0, or the one-line error for weights that the config contradicts (the folder would not load)."""
+    if mismatches:
+        raise UsageError(f"{model_dir / 'config.json'} disagrees with the weights in {len(mismatches)} tensors, "
+                         f"e.g. {mismatches[0]}; the folder will not load: fix config.json or re-save the model")
     return 0
 
 

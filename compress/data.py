@@ -330,13 +330,32 @@ def _read_generic(path: Path) -> Dataset:
                     raise ValueError(
                         f"{path}:{reader.line_num}: more fields than header columns {reader.fieldnames}"
                     )
+                if None in row.values():
+                    raise ValueError(
+                        f"{path}:{reader.line_num}: fewer fields than header columns {reader.fieldnames} "
+                        "(an unterminated quote swallows the rest of the file)"
+                    )
                 records.append(dict(row))
     if not records:
         raise ValueError(f"{path} has no data rows")
-    return _normalise_columns(Dataset.from_list(records), str(path))
+    import pyarrow as pa
+
+    try:
+        ds = Dataset.from_list(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ValueError(f"{path}: a column mixes value types across rows ({err}); give every row the same "
+                         "type, e.g. integer labels") from None
+    return _normalise_columns(ds, str(path))
 
 
 def _read_any_file(path: Path, task: str | None) -> Dataset:
+    try:
+        return _read_file(path, task)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); convert it to UTF-8") from None
+
+
+def _read_file(path: Path, task: str | None) -> Dataset:
     if path.suffix.lower() not in _FILE_EXTENSIONS:
         raise ValueError(
             f"unsupported file type {path.suffix!r} for {path}; load_task accepts {_LOAD_ACCEPTS}"

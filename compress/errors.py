@@ -17,3 +17,11 @@ class UnsupportedStructureError(CompressError):
 
 class CalibrationError(CompressError):
     """Calibration data is missing or unusable for the chosen importance criterion."""
+
+
+class OutputFolderError(CompressError, FileExistsError):
+    """A destination folder cannot be written or replaced without losing data (see compress.export)."""
+
+
+class NothingToPruneError(CompressError):
+    """The requested ratio removes nothing from a structure of this model."""

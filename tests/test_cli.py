@@ -56,6 +56,7 @@ def work(tmp_path_factory) -> Path:
     (root / "gpt2").mkdir()
     (root / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}), encoding="utf-8")
     (root / "existing").mkdir()
+    (root / "existing" / "notes.txt").write_text("mine", encoding="utf-8")
     return root
 
 

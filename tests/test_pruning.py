@@ -461,3 +461,62 @@ def test_uniform_bert_pipeline_in_fresh_process(tmp_path):
     extra = ("clf = pipeline('text-classification', model=out, device='cpu');"
              " res = clf('very good movie'); assert res[0]['label'].startswith('LABEL_'), res")
     _fresh_reload(out, "AutoModelForSequenceClassification", batch, _logits(model, batch), tmp_path, extra)
+
+
+# -- what the caller gets back ------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_prune_model_keeps_every_module_in_its_train_or_eval_mode(arch):
+    model = tiny.make_model(arch)
+    model.train()
+    head = model.classifier if arch == "bert" else model.lm_head
+    head.eval()  # a mixed state, e.g. a frozen head
+    before = {name: m.training for name, m in model.named_modules()}
+    compress.prune_model(model, 0.5, ("ffn",), "magnitude")
+    assert {name: m.training for name, m in model.named_modules()} == before
+    model.eval()
+    compress.prune_model(model, 0.5, ("ffn",), "taylor", data=tiny.make_batches(arch, 2))
+    assert not any(m.training for m in model.modules())
+
+
+def test_report_states_the_ratio_achieved():
+    model = tiny.make_model("llama")  # 4 query heads in 2 kv groups, 2 layers
+    report = compress.prune_model(model, {"heads": 0.3, "ffn": 0.5}, None, "magnitude")
+    assert report.ratios == {"heads": 0.3, "ffn": 0.5}
+    assert report.achieved_ratios == {"heads": 0.5, "ffn": 0.5}  # one head per kv group is the smallest step
+    report = compress.prune_model(tiny.make_model("llama"), {"layers": 0.4}, None, "magnitude")
+    assert report.achieved_ratios == {"layers": 0.5}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ratio": 0.5, "round_to": 1000}, "ffn: ratio 0.5 removes nothing .*round_to=1000"),
+    ({"ratio": 0.001}, "ffn: ratio 0.001 removes nothing"),
+])
+def test_a_ratio_that_removes_nothing_is_an_error_and_changes_nothing(kwargs, match):
+    model = tiny.make_model("bert")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(compress.NothingToPruneError, match=match):
+        compress.prune_model(model, structures=("ffn",), importance="magnitude", **kwargs)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_structures_given_as_a_string():
+    report = compress.prune_model(tiny.make_model("llama"), 0.5, "ffn", "magnitude")
+    assert report.ratios == {"ffn": 0.5}
+    report = compress.prune_model(tiny.make_model("llama"), 0.5, "ffn,kv_heads", "magnitude")
+    assert report.ratios == {"ffn": 0.5, "kv_heads": 0.5}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"round_to": 0}, "round_to must be a positive integer, got 0"),
+    ({"round_to": 2.5}, "round_to must be a positive integer"),
+    ({"num_batches": -1}, "num_batches must be a positive integer"),
+    ({"ratio": "0.5"}, "ratio for 'ffn' must be a number in \\(0, 1\\), got '0.5' \\(str\\)"),
+    ({"ratio": {"ffn": None}}, "ratio for 'ffn' must be a number"),
+    ({"structures": ("ffn", "ffn")}, "names a structure twice"),
+    ({"structures": (1,)}, "structures must be names"),
+    ({"normalize": "max"}, "normalize='max'"),
+])
+def test_bad_arguments_name_the_field(kwargs, match):
+    args = {"ratio": 0.5, "structures": ("ffn",), "importance": "magnitude", **kwargs}
+    with pytest.raises(compress.CompressError, match=match):
+        compress.prune_model(tiny.make_model("bert"), **args)

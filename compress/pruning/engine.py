@@ -21,7 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.errors import CalibrationError, CompressError, UnsupportedStructureError
+from compress.errors import CalibrationError, CompressError, NothingToPruneError, UnsupportedStructureError
 from compress.pruning.arch import ArchAdapter, AttentionSite, get_adapter
 from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_means
 from compress.pruning.importance import (
@@ -52,6 +52,9 @@ class PruneReport:
     widths_before: dict[str, list[int]]
     widths_after: dict[str, list[int]]
     removed: dict[str, list[int]] = field(default_factory=dict)
+    #: the fraction of each structure actually removed; whole channels, heads and blocks make it differ
+    #: from ``ratios`` (the request) by rounding, or more when ``round_to`` or a minimum width limits it
+    achieved_ratios: dict[str, float] = field(default_factory=dict)
 
     @property
     def params_ratio(self) -> float:
@@ -65,22 +68,44 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def normalize_ratios(ratio: float | Mapping[str, float], structures: Iterable[str] | None) -> dict[str, float]:
+def _structure_names(structures: Iterable[str] | str | None) -> list[str] | None:
+    """``"ffn"`` or ``"ffn,heads"`` -> a list of names (a string is not read letter by letter)."""
+    if structures is None:
+        return None
+    if isinstance(structures, str):
+        return [s.strip() for s in structures.split(",")]
+    names = list(structures)
+    bad = [s for s in names if not isinstance(s, str)]
+    if bad:
+        raise CompressError(f"structures must be names such as 'ffn' or 'heads', got {bad[0]!r}")
+    return names
+
+
+def _ratio_value(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CompressError(f"ratio for {name!r} must be a number in (0, 1), got {value!r} "
+                            f"({type(value).__name__})")
+    return float(value)
+
+
+def normalize_ratios(ratio: float | Mapping[str, float], structures: Iterable[str] | str | None) -> dict[str, float]:
     """``ratio=0.5, structures=("ffn","heads")`` -> ``{"ffn": 0.5, "heads": 0.5}``, validated."""
+    names = _structure_names(structures)
+    if names is not None and len(set(names)) != len(names):
+        raise CompressError(f"structures={names} names a structure twice")
     if isinstance(ratio, Mapping):
-        ratios = {str(k): float(v) for k, v in ratio.items()}
-        if structures is not None and set(structures) != set(ratios):
-            raise CompressError(f"ratio names {sorted(ratios)} but structures={sorted(structures)}; "
+        ratios = {str(k): _ratio_value(str(k), v) for k, v in ratio.items()}
+        if names is not None and set(names) != set(ratios):
+            raise CompressError(f"ratio names {sorted(ratios)} but structures={sorted(names)}; "
                                 "pass one of them or make them agree")
     else:
-        names = list(structures) if structures is not None else ["ffn"]
-        ratios = {name: float(ratio) for name in names}
+        ratios = {name: _ratio_value(name, ratio) for name in (names if names is not None else ["ffn"])}
     if not ratios:
         raise CompressError(f"no structures to prune; choose from {', '.join(STRUCTURES)}")
     for name, value in ratios.items():
         if name not in STRUCTURES:
             raise UnsupportedStructureError(f"unknown structure {name!r}; choose from {', '.join(STRUCTURES)}")
-        if not 0.0 < value < 1.0:
+        if not (math.isfinite(value) and 0.0 < value < 1.0):
             raise CompressError(f"ratio for {name!r} is {value}; it must be in (0, 1): the fraction to remove")
     if "heads" in ratios and "kv_heads" in ratios:
         raise UnsupportedStructureError("prune either 'heads' (query heads per kv group) or 'kv_heads' "
@@ -137,6 +162,17 @@ def example_inputs(model: nn.Module, seq_len: int = 8) -> dict[str, torch.Tensor
     return inputs
 
 
+@contextlib.contextmanager
+def preserve_training_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag on exit (torch-pruning's tracing calls ``model.eval()``)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def build_dependency_graph(model: nn.Module) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of an HF model (rotary embeddings neutralised while tracing)."""
 
@@ -152,7 +188,7 @@ def build_dependency_graph(model: nn.Module) -> tp.DependencyGraph:
     try:
         for p, _ in flags:
             p.requires_grad_(True)
-        with _identity_rotary(model), warnings.catch_warnings():
+        with _identity_rotary(model), preserve_training_modes(model), warnings.catch_warnings():
             # norms' weights are "unwrapped parameters" to torch-pruning; we never prune the hidden size
             warnings.filterwarnings("ignore", message=".*unwrapped.*")
             warnings.filterwarnings("ignore", message=".*last non-singleton.*")
@@ -371,6 +407,42 @@ def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], ratios: Mapp
     return removals
 
 
+def achieved_ratios(units: list[Unit], removals: Mapping[str, list[int]],
+                    ratios: Mapping[str, float]) -> dict[str, float]:
+    """The fraction of each requested structure that ``removals`` takes away (whole units, so it may differ
+    from ``ratios``): FFN neurons, query heads, kv heads (whole kv groups) or blocks, over the model."""
+    achieved = {}
+    for structure in ratios:
+        kind = "heads" if structure == "kv_heads" else structure
+        members = [u for u in units if u.structure == kind]
+        if structure == "kv_heads":
+            removed = total = 0
+            for u in members:
+                n_kv, per = u.site.num_kv_heads, u.size // u.site.num_kv_heads
+                dead = set(removals.get(u.key, []))
+                removed += sum(all(g * per + j in dead for j in range(per)) for g in range(n_kv))
+                total += n_kv
+        else:
+            removed = sum(len(removals.get(u.key, [])) for u in members)
+            total = sum(u.size for u in members)
+        achieved[structure] = removed / total if total else 0.0
+    return achieved
+
+
+def _nothing_removed(structure: str, ratio: float, units: list[Unit], round_to: int) -> NothingToPruneError:
+    kind = "heads" if structure == "kv_heads" else structure
+    sizes = sorted({u.size for u in units if u.structure == kind})
+    what = {
+        "ffn": f"FFN widths {sizes}" + (f", kept a multiple of round_to={round_to}" if round_to > 1 else ""),
+        "heads": f"attention blocks with {sizes} heads; every block keeps at least one head per kv group",
+        "kv_heads": "attention blocks whose kv heads cannot lose one and keep at least one",
+        "layers": f"stacks of {sizes} removable layers",
+    }[structure]
+    hint = " or lower round_to" if structure == "ffn" and round_to > 1 else ""
+    return NothingToPruneError(f"{structure}: ratio {ratio:g} removes nothing from this model ({what}); raise the "
+                               f"ratio{hint}, or leave {structure} out")
+
+
 # -- removing -----------------------------------------------------------------------------------------
 def _channels(heads: list[int], head_dim: int) -> list[int]:
     return [h * head_dim + d for h in heads for d in range(head_dim)]
@@ -499,7 +571,7 @@ def score_units(model: nn.Module, units: list[Unit], importance: Importance,
 def prune_model(
     model: nn.Module,
     ratio: float | Mapping[str, float] = 0.5,
-    structures: Iterable[str] | None = ("ffn",),
+    structures: Iterable[str] | str | None = ("ffn",),
     importance: str | Importance = "taylor",
     data=None,
     mode: str = "uniform",
@@ -543,11 +615,34 @@ def prune_model(
             ``None`` (default): no cap.
 
     Returns:
-        A :class:`PruneReport`. The model is modified in place; in ``global`` mode with unequal widths it
-        becomes its compact subclass (``CompressedBertForSequenceClassification`` etc.).
+        A :class:`PruneReport` with the ratios asked for and those achieved (whole units). The model is
+        modified in place; in ``global`` mode with unequal widths it becomes its compact subclass
+        (``CompressedBertForSequenceClassification`` etc.). Its and every submodule's train/eval mode is as
+        before the call.
+
+    Raises:
+        NothingToPruneError: a requested structure would lose nothing (e.g. ``round_to`` larger than the FFN
+            width, heads of a one-head model); raised before the model changes.
     """
+    with preserve_training_modes(model):
+        return _prune_model(model, ratio, structures, importance, data, mode, num_batches, batch_size, round_to,
+                            tokenizer, progress, normalize, compensate_bias, max_keep)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CompressError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _prune_model(model, ratio, structures, importance, data, mode, num_batches, batch_size, round_to, tokenizer,
+                 progress, normalize, compensate_bias, max_keep) -> PruneReport:
     from compress.pruning.compact import make_compact
 
+    for name, value in (("round_to", round_to), ("num_batches", num_batches), ("batch_size", batch_size)):
+        _positive_int(name, value)
+    if normalize not in NORMALIZATIONS:
+        raise CompressError(f"normalize={normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
     adapter = get_adapter(model)
     ratios = normalize_ratios(ratio, structures)
     check_support(adapter, ratios, mode)
@@ -574,6 +669,10 @@ def prune_model(
             forward_passes(model, batches)
     removals = plan_removals(adapter, units, scores, ratios, mode, round_to=round_to, normalize=normalize,
                              max_keep=max_keep)
+    achieved = achieved_ratios(units, removals, ratios)
+    for structure, value in achieved.items():
+        if value == 0.0:  # checked before anything changes: the model is left as it was
+            raise _nothing_removed(structure, ratios[structure], units, round_to)
     if recorder is not None:
         shifts, _ = bias_shifts(units, removals, recorder.means())
         add_to_bias(units, shifts)
@@ -593,6 +692,7 @@ def prune_model(
         widths_before=widths_before,
         widths_after=adapter.widths(),
         removed={k: v for k, v in removals.items() if v},
+        achieved_ratios=achieved,
     )
     logger.info("pruned %s: %d -> %d params", report.model_type, params_before, report.params_after)
     return report

@@ -1,0 +1,98 @@
+"""Saving artifacts: what ``overwrite`` may replace, permissions, and what an interrupted save leaves."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+import compress
+from compress.errors import OutputFolderError
+from compress.export import atomic_directory, is_compress_output
+from tests import tiny
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_overwrite_replaces_only_our_own_outputs(tmp_path):
+    model = tiny.make_model("bert")
+    ours = compress.save_pretrained(model, tmp_path / "ours")
+    assert is_compress_output(ours)
+    compress.save_pretrained(model, ours, overwrite=True)
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "results.csv").write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(OutputFolderError, match="was not written by peft-compress"):
+        compress.save_pretrained(model, theirs, overwrite=True)
+    assert (theirs / "results.csv").read_text(encoding="utf-8") == "a,b\n"
+
+    # a plain transformers folder is not ours either, whatever it holds
+    model.save_pretrained(tmp_path / "plain")
+    assert not is_compress_output(tmp_path / "plain")
+
+
+def test_overwrite_never_deletes_the_model_being_saved_from(tmp_path, monkeypatch):
+    compress.save_pretrained(tiny.make_model("bert"), tmp_path / "nest" / "source")
+    (tmp_path / "nest" / "compress_report.json").write_text("{}", encoding="utf-8")  # looks like ours
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "nest" / "source")
+    with pytest.raises(OutputFolderError, match="contains .*source"):
+        compress.save_pretrained(model, tmp_path / "nest", overwrite=True)
+    assert (tmp_path / "nest" / "source" / "model.safetensors").is_file()
+
+    monkeypatch.chdir(tmp_path / "nest")
+    with pytest.raises(OutputFolderError, match="the current directory"):
+        compress.save_pretrained(tiny.make_model("bert"), tmp_path / "nest", overwrite=True)
+
+
+@pytest.mark.parametrize("mask,folder_mode,file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_saved_folder_follows_the_umask(tmp_path, mask, folder_mode, file_mode):
+    previous = os.umask(mask)
+    try:
+        out = compress.save_pretrained(tiny.make_model("bert"), tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == folder_mode
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes and set(modes.values()) == {file_mode}, modes
+
+
+def test_next_save_removes_temporaries_of_a_killed_save(tmp_path):
+    dead = _dead_pid()
+    stale = tmp_path / f".out.tmp-{dead}-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".out.tmp-{os.getpid()}-live"  # a save in progress in a running process
+    live.mkdir()
+    compress.save_pretrained(tiny.make_model("bert"), tmp_path / "out")
+    assert not stale.exists()
+    assert live.exists()
+
+
+def test_a_save_killed_between_its_renames_gets_the_previous_output_back(tmp_path):
+    previous = compress.save_pretrained(tiny.make_model("bert"), tmp_path / "out")
+    backup = tmp_path / f".out.old-{_dead_pid()}-xyz"
+    backup.mkdir()
+    os.replace(previous, backup / "out")  # the killed save had moved the old output aside
+    with pytest.raises(OutputFolderError, match="already exists"):
+        compress.save_pretrained(tiny.make_model("bert"), tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not backup.exists()
+
+
+def test_a_run_losing_the_race_is_told_the_option_its_caller_uses(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OutputFolderError, match="--overwrite"):
+        with atomic_directory(out, option="--overwrite") as tmp:
+            (tmp / "a").write_text("mine", encoding="utf-8")
+            out.mkdir()  # another run finished first
+            (out / "b").write_text("theirs", encoding="utf-8")
+    assert (out / "b").read_text(encoding="utf-8") == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
