@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One entry point for set-up and the two jobs the README names:
-#   ./run.sh demo   prune the packaged MiniLM-L6 on the shipped SST-2 sample and print before/after
-#   ./run.sh test   run the test suite
+# One entry point for set-up and the jobs the README names:
+#   ./run.sh demo       prune the packaged MiniLM-L6 on the shipped SST-2 sample and print before/after
+#   ./run.sh test       ruff and the fast tests (everything not marked slow; a few minutes on 2 cores)
+#   ./run.sh test-all   ruff and every test, slow ones included (subprocesses, real weights): what CI runs
 # Both create (or reuse) .venv and install what is missing. Extra arguments go to the job.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,6 +34,9 @@ case "$job" in
   demo) exec "$VENV/bin/python" -m compress.demo "$@" ;;
   test)
     "$VENV/bin/ruff" check .
+    exec "$VENV/bin/python" -m pytest -q -m "not slow" "$@" ;;
+  test-all)
+    "$VENV/bin/ruff" check .
     exec "$VENV/bin/python" -m pytest -q "$@" ;;
-  *) echo "usage: ./run.sh demo|test [args...]" >&2; exit 2 ;;
+  *) echo "usage: ./run.sh demo|test|test-all [args...]" >&2; exit 2 ;;
 esac

@@ -44,6 +44,7 @@ def _released_fraction(mode: str) -> float:
 
 
 @needs_glibc
+@pytest.mark.slow
 def test_mapped_large_blocks_go_back_to_the_os_when_freed():
     # default glibc keeps about a sixth of these in its arenas (0.84 released); mapped blocks all go back
     assert _released_fraction("map") > 0.95

@@ -287,6 +287,7 @@ def test_help(capsys):
     assert main([]) == 2  # no command: help on stderr
 
 
+@pytest.mark.slow
 def test_python_m_compress_subprocess(work):
     out = work / "bert-subprocess"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
