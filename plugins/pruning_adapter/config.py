@@ -12,6 +12,8 @@ from compress.pruning.engine import NORMALIZATIONS, check_max_keep
 from compress.pruning.importance import available_importances
 from compress.registry import PeftMethodType
 
+from .plan import check_plan
+
 PRUNING_ADAPTER = PeftMethodType("PRUNING_ADAPTER")
 
 SCHEDULES = ("oneshot", "progressive")
@@ -81,6 +83,8 @@ class PruningAdapterConfig(PeftConfig):
             Merging dequantises them.
         pruning_plan: filled in while pruning (one dict of removed indices per pruning event); saved with the
             adapter so that ``PeftModel.from_pretrained`` rebuilds the pruned shapes on the original base.
+            Checked when loaded, event by event and against a copy kept in the adapter weights: do not edit it
+            (see :mod:`compress.plugins.pruning_adapter.plan`).
     """
 
     ffn_sparsity: float = field(default=0.5, metadata={"help": "Fraction of FFN neurons to remove, in [0, 1)."})
@@ -178,6 +182,7 @@ class PruningAdapterConfig(PeftConfig):
                                 "use one or the other")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise CompressError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        check_plan(self.pruning_plan)  # loading a saved adapter: a hand-edited field fails before the model is touched
 
     @property
     def ratios(self) -> dict[str, float]:

@@ -37,8 +37,24 @@ from compress.pruning.optim import remap_optimizer
 
 from .config import PruningAdapterConfig
 from .layer import Linear, PruningAdapterLayer
+from .plan import (
+    ADVICE,
+    PLAN_KEY,
+    check_plan,
+    decode_plan,
+    describe_difference,
+    encode_plan,
+    replay_events,
+    same_events,
+)
 
 logger = logging.getLogger(__name__)
+
+
+def _is_saved_state(key: str) -> bool:
+    """Whether a state-dict key is one of the entries the tuner adds (the plan's copy)."""
+    return key == PLAN_KEY
+
 
 _ATTN_FFN = {
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
@@ -76,6 +92,8 @@ class PruningAdapterModel(BaseTuner):
     Pruning happens either with :meth:`prune` (oneshot on calibration data, before training) or during
     training through :class:`~compress.plugins.pruning_adapter.PruningAdapterCallback`, which scores on
     the training batches themselves.
+
+    Saving puts a copy of the pruning plan in the adapter weights; loading checks the config's plan against it.
 
     Example::
 
@@ -136,9 +154,11 @@ class PruningAdapterModel(BaseTuner):
                                 f"its linear layers are named: {', '.join(linear)}")
 
     def _replay(self, model: nn.Module, config: PruningAdapterConfig) -> None:
-        """Re-create the pruned shapes recorded in ``config.pruning_plan`` on the original base model."""
+        """Re-create the pruned shapes recorded in ``config.pruning_plan`` on the original base model, checking
+        every event (:func:`~compress.plugins.pruning_adapter.plan.replay_events`)."""
         widths = get_adapter(model).widths()
         plan = config.pruning_plan
+        check_plan(plan)  # the config checked it when built; it may have been changed in memory since
         if widths == plan[-1]["widths_after"]:
             return  # this base model is already pruned as recorded
         if widths != plan[0]["widths_before"]:
@@ -146,16 +166,80 @@ class PruningAdapterModel(BaseTuner):
                 f"the base model's layer widths {widths} match neither the original model this adapter was "
                 f"trained on ({plan[0]['widths_before']}) nor its pruned form; load the adapter onto the base "
                 "model it was created from")
-        for event in plan:
-            adapter = get_adapter(model)
-            units = units_for(adapter, event["structures"])
-            apply_removals(model, adapter, units, {k: list(v) for k, v in event["removed"].items()})
+        replay_events(model, plan)
         self._finish_shapes(model, config)
 
     @staticmethod
     def _finish_shapes(model: nn.Module, config: PruningAdapterConfig) -> None:
         if not get_adapter(model).fits_standard_config():
             make_compact(model)
+
+    # -- the plan travels with the adapter weights (see plan.py) ----------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: PruningAdapterConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor],
+                                unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        """The adapter's tensors and a copy of its pruning plan."""
+        entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        entries[PLAN_KEY] = encode_plan(config.pruning_plan)
+        return entries
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        if _is_saved_state(key):
+            return key  # written without an adapter name; a unit key could end like one
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PruningAdapterConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Before peft loads saved adapter weights: compare the plan saved with them to the config's and check the
+        tensors' shapes. Every loading path (``PeftModel.from_pretrained``, ``load_adapter``, the ``Trainer``
+        resuming from a checkpoint) goes through here."""
+        ours = {k: v for k, v in state_dict.items() if _is_saved_state(k)}
+        state_dict = {k: v for k, v in state_dict.items() if k not in ours}
+        tuner = getattr(model, "base_model", None)
+        tuner = tuner if isinstance(tuner, cls) else None
+        saved_plan = decode_plan(ours[PLAN_KEY]) if PLAN_KEY in ours else None
+        if tuner is not None:
+            tuner._match_saved_plan(config, saved_plan)
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        cls._check_saved_shapes(model, state_dict, saved_plan is not None)
+        return state_dict
+
+    def _match_saved_plan(self, config: PruningAdapterConfig, saved: list[dict] | None) -> None:
+        """Refuse a config plan that differs from the copy saved with the weights."""
+        current = config.pruning_plan
+        if saved is None:
+            logger.warning("these adapter weights were saved by an older peft-compress and carry no copy of the "
+                           "pruning plan: pruning_plan passed its checks, but an index changed without changing "
+                           "the widths cannot be detected. Save the adapter again to add it")
+            return
+        for index, (ours, theirs) in enumerate(zip(current, saved)):
+            if same_events(ours, theirs) or (index == len(saved) - 1 and same_events({**ours, "final": False}, theirs)):
+                continue  # (the last event may have been marked final after this checkpoint: same shapes)
+            step = f" (step {theirs['step']})" if "step" in theirs else ""
+            raise CompressError(f"pruning_plan[{index}]{step} differs from the copy saved with the adapter weights "
+                                f"(adapter_model.safetensors) in {describe_difference(ours, theirs)}. {ADVICE}")
+        if len(current) > len(saved):
+            raise CompressError(f"the model is already pruned by {len(current)} events and these adapter weights were "
+                                f"saved after {len(saved)}: pruning cannot be undone. Load them onto the original base "
+                                "model (PeftModel.from_pretrained), or load a later checkpoint")
+        if len(saved) > len(current):
+            raise CompressError(f"these adapter weights were saved after {len(saved)} pruning events, the model has "
+                                f"{len(current)}: load them onto the original base model (PeftModel.from_pretrained)")
+
+    @classmethod
+    def _check_saved_shapes(cls, model: nn.Module, state_dict: dict[str, torch.Tensor], had_plan: bool) -> None:
+        # parameters and buffers, not state_dict(): quantised base layers would serialise their weights for it
+        expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items()
+                 if cls.prefix in k and k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+        if wrong:
+            key, saved, rebuilt = wrong[0]
+            old = "" if had_plan else " (these weights carry no copy of the plan: saved by an older peft-compress)"
+            raise CompressError(f"{len(wrong)} saved adapter tensors do not have the shapes pruning_plan rebuilds, "
+                                f"e.g. {key}: saved {saved}, rebuilt {rebuilt}{old}. {ADVICE}")
 
     def _create_and_replace(self, config: PruningAdapterConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
@@ -326,7 +410,7 @@ class PruningAdapterModel(BaseTuner):
 
     def _prune_event(self, ratios: dict[str, float], scores: dict[str, torch.Tensor],
                      optimizer: torch.optim.Optimizer | None, final: bool,
-                     means: dict[str, torch.Tensor] | None = None) -> dict:
+                     means: dict[str, torch.Tensor] | None = None, step: int | None = None) -> dict:
         config = self._config
         adapter = get_adapter(self.model)
         units = units_for(adapter, ratios)
@@ -351,6 +435,8 @@ class PruningAdapterModel(BaseTuner):
             release_freed_memory()
         event = {"structures": sorted(ratios), "removed": {k: v for k, v in removals.items() if v},
                  "widths_before": widths_before, "widths_after": get_adapter(self.model).widths(), "final": final}
+        if step is not None:  # pruned by the schedule: errors about this event can name its training step
+            event["step"] = step
         config.pruning_plan.append(event)
         if final and config.quantize_backbone:
             self.quantize_backbone(config.quantize_backbone)
@@ -476,7 +562,8 @@ class PruningAdapterModel(BaseTuner):
         ratios = self._ratios_at(global_step, final)
         means = self._means.means() if self._means else None
         self.stop_scoring(keep_checkpointing=not final)
-        event = self._prune_event(ratios, scores, optimizer, final=final, means=means) if ratios else None
+        event = self._prune_event(ratios, scores, optimizer, final=final, means=means, step=global_step) \
+            if ratios else None
         if event is None and final and config.pruning_plan:
             config.pruning_plan[-1]["final"] = True
             if config.quantize_backbone:
