@@ -20,6 +20,15 @@ from tests.methods import logits, perturb_adapters
 ADVICE = "must not be edited"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models train fastest on one thread, which also keeps them fast when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> tuple:
     """An adapter pruned in two events by the schedule (steps 2 and 4), with trained-looking weights: its folder,

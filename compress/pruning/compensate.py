@@ -56,6 +56,10 @@ class InputMeans:
     def means(self) -> dict[str, torch.Tensor]:
         return {key: total / self._counts[key] for key, total in self._sums.items() if self._counts[key] > 0}
 
+    def totals(self) -> dict[str, tuple[torch.Tensor, float]]:
+        """The running ``(sum, count)`` per key; :meth:`add` them to a new instance to continue where this one is."""
+        return {key: (total, self._counts[key]) for key, total in self._sums.items()}
+
     def __bool__(self) -> bool:
         return bool(self._sums)
 

@@ -10,7 +10,8 @@ from compress.registry import register_method
 from .callback import PruningAdapterCallback, find_tuner
 from .config import PRUNING_ADAPTER, PruningAdapterConfig
 from .layer import Linear, PruningAdapterLayer
-from .model import PruningAdapterModel, cubic_sparsity
+from .model import PruningAdapterModel
+from .schedule import PruningSchedule, cubic_sparsity
 
 __all__ = [
     "PRUNING_ADAPTER",
@@ -19,6 +20,7 @@ __all__ = [
     "PruningAdapterConfig",
     "PruningAdapterLayer",
     "PruningAdapterModel",
+    "PruningSchedule",
     "apply_pruning_adapter",
     "cubic_sparsity",
     "find_tuner",

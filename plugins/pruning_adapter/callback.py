@@ -34,6 +34,10 @@ class PruningAdapterCallback(TrainerCallback):
     with the same ``Trainer``, optimizer and learning-rate schedule.
 
     Usage: ``Trainer(model=peft_model, ..., callbacks=[PruningAdapterCallback()])``.
+
+    Resuming (``trainer.train(resume_from_checkpoint=...)`` on a freshly built model) needs nothing more: the
+    checkpoint's adapter weights carry the pruning plan, replayed before they load, and the importance
+    statistics gathered since the last event (see :mod:`~compress.plugins.pruning_adapter.plan`).
     """
 
     def __init__(self) -> None:
@@ -41,6 +45,8 @@ class PruningAdapterCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         tuner = find_tuner(model)
+        if state.global_step:
+            _check_resumed_schedule(tuner, state.global_step)
         if tuner.pruning_finished:
             return
         last = tuner.pruning_steps()[-1]
@@ -59,3 +65,13 @@ class PruningAdapterCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         find_tuner(model).stop_scoring()
+
+
+def _check_resumed_schedule(tuner: PruningAdapterModel, global_step: int) -> None:
+    """A checkpoint's pruning events must be ones this configuration's schedule has at or before ``global_step``."""
+    recorded = [event["step"] for event in tuner._config.pruning_plan if "step" in event]
+    steps = tuner.pruning_steps()
+    if any(step not in steps or step > global_step for step in recorded):
+        raise CompressError(f"the checkpoint's model was pruned at steps {recorded}, but this configuration prunes at "
+                            f"{steps} (and training resumes after step {global_step}): resume with the "
+                            "PruningAdapterConfig the run was started with")

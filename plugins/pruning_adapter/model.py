@@ -15,7 +15,7 @@ from compress._allocator import map_large_cpu_allocations, release_freed_memory
 from compress.errors import CompressError
 from compress.pruning.arch import get_adapter
 from compress.pruning.compact import make_compact
-from compress.pruning.compensate import InputMeans, bias_shifts, output_projection, record_input_means
+from compress.pruning.compensate import bias_shifts, output_projection, record_input_means
 from compress.pruning.distill import (
     HIDDEN_STATE_FIELDS,
     follow_student,
@@ -32,7 +32,7 @@ from compress.pruning.engine import (
     score_units,
     width_cap,
 )
-from compress.pruning.importance import Unit, attach_gates, get_importance, task_loss, units_for
+from compress.pruning.importance import Unit, get_importance, task_loss, units_for
 from compress.pruning.optim import remap_optimizer
 
 from .config import PruningAdapterConfig
@@ -40,6 +40,7 @@ from .layer import Linear, PruningAdapterLayer
 from .plan import (
     ADVICE,
     PLAN_KEY,
+    SAVED_COPY,
     check_plan,
     decode_plan,
     describe_difference,
@@ -47,13 +48,15 @@ from .plan import (
     replay_events,
     same_events,
 )
+from .schedule import SCHEDULE_PREFIX, PruningSchedule, total_width
+from .schedule import cubic_sparsity as cubic_sparsity  # re-exported: it lived here before schedule.py
 
 logger = logging.getLogger(__name__)
 
 
 def _is_saved_state(key: str) -> bool:
-    """Whether a state-dict key is one of the entries the tuner adds (the plan's copy)."""
-    return key == PLAN_KEY
+    """Whether a state-dict key is one of the entries the tuner adds (plan copy, schedule statistics)."""
+    return key == PLAN_KEY or key.startswith(SCHEDULE_PREFIX)
 
 
 _ATTN_FFN = {
@@ -69,18 +72,6 @@ TARGET_MODULES = {
 }
 
 
-def _total(widths: dict[str, list[int]], structure: str) -> int:
-    if structure == "kv_heads":
-        return sum(widths.get("kv_heads", widths["heads"]))
-    return sum(widths[structure])
-
-
-def cubic_sparsity(step: int, final: float, end_step: int) -> float:
-    """Sparsity reached at ``step`` on the cubic schedule of Zhu & Gupta (2017), from 0 to ``final``."""
-    progress = min(max(step / end_step, 0.0), 1.0)
-    return final * (1.0 - (1.0 - progress) ** 3)
-
-
 class PruningAdapterModel(BaseTuner):
     """Creates a Pruning-Adapter model from a pretrained transformers model.
 
@@ -93,7 +84,10 @@ class PruningAdapterModel(BaseTuner):
     training through :class:`~compress.plugins.pruning_adapter.PruningAdapterCallback`, which scores on
     the training batches themselves.
 
-    Saving puts a copy of the pruning plan in the adapter weights; loading checks the config's plan against it.
+    Saving puts a copy of the pruning plan in the adapter weights (and, while scoring, the statistics gathered
+    since the last event); loading checks the config's plan against it, and replays the events a training
+    checkpoint has beyond the model's, so ``Trainer.train(resume_from_checkpoint=...)`` works on a freshly
+    built model.
 
     Example::
 
@@ -109,13 +103,7 @@ class PruningAdapterModel(BaseTuner):
     target_module_mapping = TARGET_MODULES
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
-        self._gates_ctx = None
-        self._means_ctx = None
-        self._means: InputMeans | None = None
-        self._checkpointing_by_us = False
-        self._gates: dict[str, torch.Tensor] = {}
-        self._stats: dict[str, torch.Tensor] = {}
-        self._scored_steps = 0
+        self._schedule = PruningSchedule(self)
         # the distillation teacher is kept out of the module tree: never saved, moved or trained with the model
         self.__dict__["_teacher"] = None
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
@@ -174,14 +162,17 @@ class PruningAdapterModel(BaseTuner):
         if not get_adapter(model).fits_standard_config():
             make_compact(model)
 
-    # -- the plan travels with the adapter weights (see plan.py) ----------------------------------------
+    # -- the plan and the schedule's statistics travel with the adapter weights (see plan.py) ------------
     @classmethod
     def _get_adapter_state_dict(cls, model: nn.Module, config: PruningAdapterConfig, adapter_name: str,
                                 state_dict: dict[str, torch.Tensor],
                                 unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
-        """The adapter's tensors and a copy of its pruning plan."""
+        """The adapter's tensors, a copy of its pruning plan and, while scoring, the schedule's statistics."""
         entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         entries[PLAN_KEY] = encode_plan(config.pruning_plan)
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, cls) and tuner.active_adapters[:1] == [adapter_name]:
+            entries.update(tuner._schedule.state_dict())
         return entries
 
     @classmethod
@@ -193,8 +184,9 @@ class PruningAdapterModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PruningAdapterConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Before peft loads saved adapter weights: compare the plan saved with them to the config's and check the
-        tensors' shapes. Every loading path (``PeftModel.from_pretrained``, ``load_adapter``, the ``Trainer``
+        """Before peft loads saved adapter weights: compare the plan saved with them to the config's (replaying
+        the events a training checkpoint has beyond it), check the tensors' shapes, and hand the schedule its
+        statistics. Every loading path (``PeftModel.from_pretrained``, ``load_adapter``, the ``Trainer``
         resuming from a checkpoint) goes through here."""
         ours = {k: v for k, v in state_dict.items() if _is_saved_state(k)}
         state_dict = {k: v for k, v in state_dict.items() if k not in ours}
@@ -205,15 +197,20 @@ class PruningAdapterModel(BaseTuner):
             tuner._match_saved_plan(config, saved_plan)
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         cls._check_saved_shapes(model, state_dict, saved_plan is not None)
+        schedule_state = {k: v for k, v in ours.items() if k != PLAN_KEY}
+        if tuner is not None and schedule_state:
+            tuner._schedule.load_state_dict(schedule_state)
         return state_dict
 
     def _match_saved_plan(self, config: PruningAdapterConfig, saved: list[dict] | None) -> None:
-        """Refuse a config plan that differs from the copy saved with the weights."""
+        """Refuse a config plan that differs from the copy saved with the weights; replay the events the copy
+        has beyond it (a training checkpoint loaded onto a freshly built model)."""
         current = config.pruning_plan
         if saved is None:
             logger.warning("these adapter weights were saved by an older peft-compress and carry no copy of the "
                            "pruning plan: pruning_plan passed its checks, but an index changed without changing "
-                           "the widths cannot be detected. Save the adapter again to add it")
+                           "the widths cannot be detected, and a training checkpoint's importance statistics are "
+                           "missing. Save the adapter again to add them")
             return
         for index, (ours, theirs) in enumerate(zip(current, saved)):
             if same_events(ours, theirs) or (index == len(saved) - 1 and same_events({**ours, "final": False}, theirs)):
@@ -223,11 +220,27 @@ class PruningAdapterModel(BaseTuner):
                                 f"(adapter_model.safetensors) in {describe_difference(ours, theirs)}. {ADVICE}")
         if len(current) > len(saved):
             raise CompressError(f"the model is already pruned by {len(current)} events and these adapter weights were "
-                                f"saved after {len(saved)}: pruning cannot be undone. Load them onto the original base "
-                                "model (PeftModel.from_pretrained), or load a later checkpoint")
+                                f"saved after {len(saved)}: pruning cannot be undone. To resume training from them, "
+                                "build the model afresh (get_peft_model on the original base model); to use them, "
+                                "load them onto the original base model (PeftModel.from_pretrained)")
         if len(saved) > len(current):
-            raise CompressError(f"these adapter weights were saved after {len(saved)} pruning events, the model has "
-                                f"{len(current)}: load them onto the original base model (PeftModel.from_pretrained)")
+            self._replay_saved(config, saved, len(current))
+
+    def _replay_saved(self, config: PruningAdapterConfig, saved: list[dict], start: int) -> None:
+        """Prune the adapted model by ``saved[start:]`` (adapters included), as the checkpointed run did."""
+        logger.info("replaying pruning events %d..%d saved with the adapter weights", start, len(saved) - 1)
+        scoring = self._schedule.active
+        self._schedule.stop(keep_checkpointing=True)  # the gates belong to the shapes before the replay
+        replay_events(self.model, saved[start:], start, source=SAVED_COPY)
+        config.pruning_plan.extend(saved[start:])
+        self._finish_shapes(self.model, config)
+        if next(self.model.parameters()).device.type == "cpu":
+            map_large_cpu_allocations()  # as after a pruning event (compress._allocator)
+            release_freed_memory()
+        if config.pruning_plan[-1]["final"] and config.quantize_backbone:
+            self.quantize_backbone(config.quantize_backbone)
+        if scoring:
+            self._schedule.start()
 
     @classmethod
     def _check_saved_shapes(cls, model: nn.Module, state_dict: dict[str, torch.Tensor], had_plan: bool) -> None:
@@ -237,7 +250,8 @@ class PruningAdapterModel(BaseTuner):
                  if cls.prefix in k and k in expected and tuple(v.shape) != tuple(expected[k].shape)]
         if wrong:
             key, saved, rebuilt = wrong[0]
-            old = "" if had_plan else " (these weights carry no copy of the plan: saved by an older peft-compress)"
+            old = ("" if had_plan else " (these weights carry no copy of the plan: saved by an older peft-compress, "
+                   "whose training checkpoints of a pruned model cannot be resumed on a freshly built one)")
             raise CompressError(f"{len(wrong)} saved adapter tensors do not have the shapes pruning_plan rebuilds, "
                                 f"e.g. {key}: saved {saved}, rebuilt {rebuilt}{old}. {ADVICE}")
 
@@ -461,8 +475,8 @@ class PruningAdapterModel(BaseTuner):
                 continue
             width_key = "kv_heads" if structure == "kv_heads" and "kv_heads" in original else "heads"
             widths = original["ffn"] if structure == "ffn" else original[width_key]
-            now = _total(current, structure)
-            kept_overall = (now - math.floor(ratio * now + 0.5)) / _total(original, structure)
+            now = total_width(current, structure)
+            kept_overall = (now - math.floor(ratio * now + 0.5)) / total_width(original, structure)
             caps[structure] = width_cap(max(widths), 1.0 - kept_overall, config.max_keep)
         return caps
 
@@ -481,108 +495,19 @@ class PruningAdapterModel(BaseTuner):
             if unit.key in shifts:
                 output_projection(unit).add_bias_shift(shifts[unit.key])
 
-    # -- scoring on training batches (driven by PruningAdapterCallback) ---------------------------------
+    # -- scoring on training batches (driven by PruningAdapterCallback, see schedule.py) -----------------
     def pruning_steps(self) -> list[int]:
         """Training steps (``global_step`` after the optimizer step) at which pruning happens."""
-        config = self._config
-        if config.schedule == "oneshot":
-            return [config.scoring_steps]
-        steps = list(range(config.scoring_steps, config.pruning_end_step, config.pruning_interval))
-        return steps + [config.pruning_end_step]
+        return self._schedule.steps()
 
     def start_scoring(self) -> None:
         """Attach gates so the training loss gives importance gradients; no-op once pruning is finished."""
-        if self.pruning_finished or self._gates_ctx is not None:
-            return
-        units = self._units()
-        self._gates_ctx = attach_gates(units)
-        self._gates = self._gates_ctx.__enter__()
-        self._stats = {}
-        if self._config.compensate_bias:
-            self._means_ctx = record_input_means(self.model, units)
-            self._means = self._means_ctx.__enter__()
-        if self._config.checkpoint_until_pruned:
-            self._set_checkpointing(True)
+        self._schedule.start()
 
     def stop_scoring(self, keep_checkpointing: bool = False) -> None:
         """Detach the gates (and stop checkpointing, unless ``keep_checkpointing``: more pruning follows)."""
-        if not keep_checkpointing:
-            self._set_checkpointing(False)
-        if self._gates_ctx is not None:
-            self._gates_ctx.__exit__(None, None, None)
-        if self._means_ctx is not None:
-            self._means_ctx.__exit__(None, None, None)
-        self._gates_ctx, self._gates, self._stats = None, {}, {}
-        self._means_ctx, self._means = None, None
-
-    def _set_checkpointing(self, on: bool) -> None:
-        """Recompute activations in the backward pass while the model is still (partly) dense."""
-        model = self.model
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            if on:
-                logger.warning("%s does not support gradient checkpointing: checkpoint_until_pruned has no effect",
-                               type(model).__name__)
-            return
-        if on and not model.is_activation_checkpointing:
-            # non-reentrant: the frozen embeddings give inputs without grad, which the reentrant variant drops
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            self._checkpointing_by_us = True
-        elif not on and self._checkpointing_by_us:
-            model.activation_checkpointing_disable()
-            self._checkpointing_by_us = False
+        self._schedule.stop(keep_checkpointing)
 
     def scoring_step(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
         """Fold this step's gate gradients into the importance estimate; prune if ``global_step`` is due."""
-        if self._gates_ctx is None:
-            return None
-        config = self._config
-        beta = config.ema_beta if config.schedule == "progressive" else 1.0
-        for key, gate in self._gates.items():
-            if gate.grad is None:
-                continue
-            grad = gate.grad.detach().float()
-            stat = grad.abs() if config.importance != "fisher" else grad.pow(2)
-            previous = self._stats.get(key)
-            # oneshot sums over the scoring steps; progressive keeps a moving average
-            self._stats[key] = stat if previous is None else (
-                previous + stat if beta == 1.0 else beta * previous + (1 - beta) * stat)
-            gate.grad = None
-        if global_step not in self.pruning_steps():
-            return None
-        units = self._units()
-        criterion = get_importance(config.importance)
-        if criterion.needs_calibration:
-            missing = [u.key for u in units if u.key not in self._stats]
-            if missing:
-                raise CompressError(f"no gate gradients reached {missing[:3]}...: is the model training with a loss?")
-            scores = {u.key: self._stats[u.key].cpu() for u in units}
-        else:
-            scores = score_units(self.model, units, criterion, None)
-        final = global_step == self.pruning_steps()[-1]
-        ratios = self._ratios_at(global_step, final)
-        means = self._means.means() if self._means else None
-        self.stop_scoring(keep_checkpointing=not final)
-        event = self._prune_event(ratios, scores, optimizer, final=final, means=means, step=global_step) \
-            if ratios else None
-        if event is None and final and config.pruning_plan:
-            config.pruning_plan[-1]["final"] = True
-            if config.quantize_backbone:
-                self.quantize_backbone(config.quantize_backbone)
-        if not final:
-            self.start_scoring()
-        return event
-
-    def _ratios_at(self, step: int, final: bool) -> dict[str, float]:
-        """Ratios relative to the *current* widths that reach the scheduled sparsity of the original widths."""
-        config = self._config
-        current = get_adapter(self.model).widths()
-        original = config.pruning_plan[0]["widths_before"] if config.pruning_plan else current
-        ratios = {}
-        for structure, target in config.ratios.items():
-            sparsity = target if (final or config.schedule == "oneshot") else cubic_sparsity(
-                step, target, config.pruning_end_step)
-            keep = math.floor((1 - sparsity) * _total(original, structure) + 0.5)
-            now = _total(current, structure)
-            if now > keep:
-                ratios[structure] = (now - keep) / now
-        return ratios
+        return self._schedule.step(global_step, optimizer)

@@ -5,6 +5,10 @@ is how a saved adapter gets its pruned shapes back. An edited plan would rebuild
 shapes with other channels, under weights trained for the recorded ones. So the plan's fields are checked when
 the config is built, each event is checked against the model before and after it is replayed, and a copy of
 the plan travels in the adapter weights file, where loading compares it with the config's.
+
+That copy is also what lets a training checkpoint resume on a freshly built model: the HF ``Trainer`` gives the
+model the adapter weights before it builds the optimizer, and nothing else from the checkpoint, so the plan
+that rebuilds the checkpoint's shapes has to come with those weights.
 """
 
 from __future__ import annotations

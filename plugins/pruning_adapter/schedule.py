@@ -1,0 +1,234 @@
+"""Pruning-Adapter's training-time schedule: importance from the training batches, and when to prune.
+
+:class:`PruningSchedule` holds what exists only while training: the gates whose gradients score the
+structures, the running importance statistics, the input means of bias compensation, and whether it switched
+activation checkpointing on. :class:`~compress.plugins.pruning_adapter.PruningAdapterCallback` drives it
+through the tuner (``start_scoring``, ``scoring_step``, ``stop_scoring``).
+
+Which events already happened is the config's ``pruning_plan``; the next one follows from the training step.
+The statistics gathered since the last event are the only other state a checkpoint must keep:
+:meth:`PruningSchedule.state_dict` gives them to the tuner, which saves them with the adapter weights, and
+:meth:`PruningSchedule.load_state_dict` takes them back when a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from compress.errors import CompressError
+from compress.pruning.arch import get_adapter
+from compress.pruning.compensate import InputMeans, record_input_means
+from compress.pruning.engine import score_units
+from compress.pruning.importance import attach_gates, get_importance
+
+if TYPE_CHECKING:
+    from .model import PruningAdapterModel
+
+logger = logging.getLogger(__name__)
+
+#: state-dict keys of the schedule's statistics start with this (then ``stat.``, ``mean_sum.`` or ``mean_count.``
+#: and the unit key)
+SCHEDULE_PREFIX = "pa_schedule."
+_FIELDS = ("stat", "mean_sum", "mean_count")
+
+
+def cubic_sparsity(step: int, final: float, end_step: int) -> float:
+    """Sparsity reached at ``step`` on the cubic schedule of Zhu & Gupta (2017), from 0 to ``final``."""
+    progress = min(max(step / end_step, 0.0), 1.0)
+    return final * (1.0 - (1.0 - progress) ** 3)
+
+
+def total_width(widths: dict[str, list[int]], structure: str) -> int:
+    """The summed width of ``structure`` over the model (kv heads fall back to heads when there is no GQA)."""
+    if structure == "kv_heads":
+        return sum(widths.get("kv_heads", widths["heads"]))
+    return sum(widths[structure])
+
+
+class PruningSchedule:
+    """Scores a :class:`PruningAdapterModel`'s structures on its training batches and prunes it on schedule.
+
+    Gate gradients come from the same backward pass that trains the adapters. ``oneshot`` sums them over
+    ``scoring_steps`` steps and prunes once; ``progressive`` keeps an exponential moving average and prunes
+    every ``pruning_interval`` steps along :func:`cubic_sparsity`.
+    """
+
+    def __init__(self, tuner: PruningAdapterModel) -> None:
+        self.tuner = tuner
+        self._gates_ctx = None
+        self._gates: dict[str, torch.Tensor] = {}
+        self._stats: dict[str, torch.Tensor] = {}
+        self._means_ctx = None
+        self._means: InputMeans | None = None
+        self._checkpointing_by_us = False
+        #: statistics loaded from a checkpoint, taken up by the next :meth:`start`
+        self._pending: dict[str, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether gates are attached (scoring is under way)."""
+        return self._gates_ctx is not None
+
+    def steps(self) -> list[int]:
+        """Training steps (``global_step`` after the optimizer step) at which pruning happens."""
+        config = self.tuner._config
+        if config.schedule == "oneshot":
+            return [config.scoring_steps]
+        steps = list(range(config.scoring_steps, config.pruning_end_step, config.pruning_interval))
+        return steps + [config.pruning_end_step]
+
+    def start(self) -> None:
+        """Attach gates so the training loss gives importance gradients; no-op once pruning is finished.
+
+        Statistics loaded from a checkpoint (:meth:`load_state_dict`) are taken up here, so scoring goes on
+        from where the checkpointed run was.
+        """
+        tuner = self.tuner
+        if tuner.pruning_finished or self._gates_ctx is not None:
+            return
+        units = tuner._units()
+        self._gates_ctx = attach_gates(units)
+        self._gates = self._gates_ctx.__enter__()
+        self._stats = {}
+        if tuner._config.compensate_bias:
+            self._means_ctx = record_input_means(tuner.model, units)
+            self._means = self._means_ctx.__enter__()
+        if self._pending is not None:
+            self._take_up(self._pending)
+            self._pending = None
+        if tuner._config.checkpoint_until_pruned:
+            self.set_checkpointing(True)
+
+    def stop(self, keep_checkpointing: bool = False) -> None:
+        """Detach the gates (and stop checkpointing, unless ``keep_checkpointing``: more pruning follows)."""
+        if not keep_checkpointing:
+            self.set_checkpointing(False)
+        if self._gates_ctx is not None:
+            self._gates_ctx.__exit__(None, None, None)
+        if self._means_ctx is not None:
+            self._means_ctx.__exit__(None, None, None)
+        self._gates_ctx, self._gates, self._stats = None, {}, {}
+        self._means_ctx, self._means = None, None
+
+    def set_checkpointing(self, on: bool) -> None:
+        """Recompute activations in the backward pass while the model is still (partly) dense."""
+        model = self.tuner.model
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            if on:
+                logger.warning("%s does not support gradient checkpointing: checkpoint_until_pruned has no effect",
+                               type(model).__name__)
+            return
+        if on and not model.is_activation_checkpointing:
+            # non-reentrant: the frozen embeddings give inputs without grad, which the reentrant variant drops
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self._checkpointing_by_us = True
+        elif not on and self._checkpointing_by_us:
+            model.activation_checkpointing_disable()
+            self._checkpointing_by_us = False
+
+    def step(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
+        """Fold this step's gate gradients into the importance estimate; prune if ``global_step`` is due."""
+        if self._gates_ctx is None:
+            return None
+        tuner, config = self.tuner, self.tuner._config
+        beta = config.ema_beta if config.schedule == "progressive" else 1.0
+        for key, gate in self._gates.items():
+            if gate.grad is None:
+                continue
+            grad = gate.grad.detach().float()
+            stat = grad.abs() if config.importance != "fisher" else grad.pow(2)
+            previous = self._stats.get(key)
+            # oneshot sums over the scoring steps; progressive keeps a moving average
+            self._stats[key] = stat if previous is None else (
+                previous + stat if beta == 1.0 else beta * previous + (1 - beta) * stat)
+            gate.grad = None
+        steps = self.steps()
+        if global_step not in steps:
+            return None
+        units = tuner._units()
+        criterion = get_importance(config.importance)
+        if criterion.needs_calibration:
+            missing = [u.key for u in units if u.key not in self._stats]
+            if missing:
+                raise CompressError(f"no gate gradients reached {missing[:3]}...: is the model training with a loss?")
+            scores = {u.key: self._stats[u.key].cpu() for u in units}
+        else:
+            scores = score_units(tuner.model, units, criterion, None)
+        final = global_step == steps[-1]
+        ratios = self.ratios_at(global_step, final)
+        means = self._means.means() if self._means else None
+        self.stop(keep_checkpointing=not final)
+        event = tuner._prune_event(ratios, scores, optimizer, final=final, means=means, step=global_step) \
+            if ratios else None
+        if event is None and final and config.pruning_plan:
+            config.pruning_plan[-1]["final"] = True
+            if config.quantize_backbone:
+                tuner.quantize_backbone(config.quantize_backbone)
+        if not final:
+            self.start()
+        return event
+
+    def ratios_at(self, step: int, final: bool) -> dict[str, float]:
+        """Ratios relative to the *current* widths that reach the scheduled sparsity of the original widths."""
+        config = self.tuner._config
+        current = get_adapter(self.tuner.model).widths()
+        original = config.pruning_plan[0]["widths_before"] if config.pruning_plan else current
+        ratios = {}
+        for structure, target in config.ratios.items():
+            sparsity = target if (final or config.schedule == "oneshot") else cubic_sparsity(
+                step, target, config.pruning_end_step)
+            keep = math.floor((1 - sparsity) * total_width(original, structure) + 0.5)
+            now = total_width(current, structure)
+            if now > keep:
+                ratios[structure] = (now - keep) / now
+        return ratios
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The statistics gathered since the last pruning event, as state-dict entries (empty when not scoring)."""
+        if self._gates_ctx is None and self._pending is not None:
+            return {f"{SCHEDULE_PREFIX}{field}.{key}": value  # loaded but not started yet: pass them on unchanged
+                    for field, entries in self._pending.items() for key, value in entries.items()}
+        entries = {f"{SCHEDULE_PREFIX}stat.{key}": stat.detach() for key, stat in self._stats.items()}
+        for key, (total, count) in (self._means.totals() if self._means is not None else {}).items():
+            entries[f"{SCHEDULE_PREFIX}mean_sum.{key}"] = total.detach()
+            entries[f"{SCHEDULE_PREFIX}mean_count.{key}"] = torch.tensor(count, dtype=torch.float64)
+        return entries
+
+    def load_state_dict(self, entries: dict[str, torch.Tensor]) -> None:
+        """Take statistics saved by :meth:`state_dict` (keys with :data:`SCHEDULE_PREFIX`); applied at once
+        while scoring, otherwise by the next :meth:`start`."""
+        parsed: dict[str, dict[str, torch.Tensor]] = {field: {} for field in _FIELDS}
+        for name, value in entries.items():
+            field, _, key = name.removeprefix(SCHEDULE_PREFIX).partition(".")
+            if field not in parsed or not key:
+                raise CompressError(f"unknown entry {name!r} among the schedule state saved with the adapter weights: "
+                                    "the file was not written by this version of peft-compress")
+            parsed[field][key] = value
+        if set(parsed["mean_sum"]) != set(parsed["mean_count"]):
+            raise CompressError("the schedule state saved with the adapter weights has input sums without counts "
+                                "(or counts without sums): the file is damaged")
+        if self._gates_ctx is not None:
+            self._take_up(parsed)
+        else:
+            self._pending = parsed
+
+    def _take_up(self, parsed: dict[str, dict[str, torch.Tensor]]) -> None:
+        sizes = {key: gate.shape for key, gate in self._gates.items()}
+        for key, stat in parsed["stat"].items():
+            if key not in sizes or stat.shape != sizes[key]:
+                raise CompressError(
+                    f"the importance statistics saved with the checkpoint do not fit the model: unit {key!r} "
+                    f"has {tuple(stat.shape)} saved and {tuple(sizes[key]) if key in sizes else 'no such unit'} now; "
+                    "resume with the configuration the run was started with")
+            self._stats[key] = stat.to(self._gates[key].device, torch.float32)
+        if parsed["mean_sum"] and self._means is None:
+            raise CompressError("the checkpoint holds input means for bias compensation but compensate_bias is off: "
+                                "resume with the configuration the run was started with")
+        for key, total in parsed["mean_sum"].items():
+            device = self._gates[key].device if key in self._gates else total.device
+            self._means.add(key, total.to(device, torch.float32), float(parsed["mean_count"][key]))
