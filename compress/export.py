@@ -219,8 +219,9 @@ _STRUCTURE_LABELS = {"ffn": "FFN width per layer", "heads": "attention heads per
 
 def removed_summary(report: dict) -> str:
     """``"ffn 50%, heads 25%"``: what was actually removed per structure, with the request where it differs."""
-    achieved = report.get("achieved_ratios") or report.get("ratios") or {}
-    asked = report.get("ratios") or {}
+    # `ratios`: what older reports call the request
+    asked = report.get("sparsity") or report.get("ratios") or {}
+    achieved = report.get("achieved_sparsity") or report.get("achieved_ratios") or asked
     parts = []
     for structure, value in achieved.items():
         text = f"{structure} {value:.0%}"
@@ -271,16 +272,10 @@ def model_card(model: nn.Module, report: dict | None = None, title: str | None =
 
 
 def _auto_class_name(model: nn.Module) -> str:
-    name = type(model).__name__
-    for suffix, auto in (("ForSequenceClassification", "AutoModelForSequenceClassification"),
-                         ("ForCausalLM", "AutoModelForCausalLM"),
-                         ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
-                         ("ForMaskedLM", "AutoModelForMaskedLM"),
-                         ("ForTokenClassification", "AutoModelForTokenClassification"),
-                         ("ForQuestionAnswering", "AutoModelForQuestionAnswering")):
-        if name.endswith(suffix):
-            return auto
-    return "AutoModel"
+    from compress.tasks import task_of_class
+
+    found = task_of_class(type(model).__name__)
+    return found[1] if found else "AutoModel"
 
 
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report=None,

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import compress  # noqa: F401  (compact Auto classes)
-from compress import cli
-from compress.cli import main
+from compress.cli.inputs import build_calibration
+from compress.cli.summary import format_widths, summary_rows
+from compress_cli import main
 from tests import tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def _config(folder: Path) -> dict:
 
 def test_prune_bert_ffn_taylor(work, capsys):
     out = work / "bert-ffn"
-    rc = main(["prune", str(work / "bert"), "--out", str(out), "--ratio", "0.5", "--structures", "ffn",
+    rc = main(["prune", str(work / "bert"), "--out", str(out), "--sparsity", "0.5", "--structures", "ffn",
                "--importance", "taylor", "--data", str(work / "data.tsv"), "--max-length", "32",
                "--num-batches", "2", "--batch-size", "8"])
     captured = capsys.readouterr()
@@ -92,7 +93,7 @@ def test_prune_bert_ffn_taylor(work, capsys):
     assert model(**batch).logits.shape == (1, 2)
 
     # an existing --out is replaced with --overwrite
-    rc = main(["prune", str(work / "bert"), "--out", str(out), "--ratio", "0.25", "--importance", "magnitude",
+    rc = main(["prune", str(work / "bert"), "--out", str(out), "--sparsity", "0.25", "--importance", "magnitude",
                "--overwrite", "--no-progress", "--max-length", "32"])
     assert rc == 0, capsys.readouterr().err
     assert _config(out)["intermediate_size"] == 48
@@ -100,7 +101,7 @@ def test_prune_bert_ffn_taylor(work, capsys):
 
 def test_prune_bert_global_heads_is_compact(work, capsys):
     out = work / "bert-global"
-    rc = main(["prune", str(work / "bert"), "--out", str(out), "--ratio", "0.5", "--structures", "ffn,heads",
+    rc = main(["prune", str(work / "bert"), "--out", str(out), "--sparsity", "0.5", "--structures", "ffn,heads",
                "--mode", "global", "--data", str(work / "data.tsv"), "--max-length", "32", "--no-progress"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -123,7 +124,7 @@ def test_prune_bert_global_heads_is_compact(work, capsys):
 def test_prune_with_normalised_scores_and_bias_compensation(work, capsys):
     from safetensors.torch import load_file
 
-    common = ["--ratio", "0.5", "--structures", "ffn", "--mode", "global", "--normalize", "mean", "--importance",
+    common = ["--sparsity", "0.5", "--structures", "ffn", "--mode", "global", "--normalize", "mean", "--importance",
               "magnitude", "--data", str(work / "data.tsv"), "--max-length", "32", "--no-progress"]
     for name, extra in (("plain", []), ("compensated", ["--compensate-bias"])):
         rc = main(["prune", str(work / "bert"), "--out", str(work / name), *common, *extra])
@@ -139,7 +140,7 @@ def test_prune_with_normalised_scores_and_bias_compensation(work, capsys):
 
 def test_prune_llama_magnitude_needs_no_data(work, capsys):
     out = work / "llama-out"
-    rc = main(["prune", str(work / "llama"), "--out", str(out), "--ratio", "0.5", "--structures",
+    rc = main(["prune", str(work / "llama"), "--out", str(out), "--sparsity", "0.5", "--structures",
                "ffn,kv_heads", "--importance", "magnitude", "--no-progress"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -156,7 +157,7 @@ def test_prune_lm_with_data(work, capsys, name, structures):
     """Causal and seq2seq LMs score on the text itself, whatever labels the classification data has."""
     src = work / name
     out = work / f"{name}-fisher"
-    rc = main(["prune", str(src), "--out", str(out), "--ratio", "0.5", "--structures", structures,
+    rc = main(["prune", str(src), "--out", str(out), "--sparsity", "0.5", "--structures", structures,
                "--importance", "fisher", "--data", str(work / "data.tsv"), "--max-length", "16",
                "--num-batches", "2", "--no-progress"])
     captured = capsys.readouterr()
@@ -171,8 +172,8 @@ def test_build_calibration_labels(work):
 
     ds = load_task(work / "data.tsv", split="train")
     model = AutoModelForCausalLM.from_pretrained(work / "llama", local_files_only=True)
-    batches = cli.build_calibration(ds, make_tokenizer(), model, "causal-lm", max_length=16, batch_size=8,
-                                    num_batches=2)
+    batches = build_calibration(ds, make_tokenizer(), model, "causal-lm", max_length=16, batch_size=8,
+                                num_batches=2)
     batch = batches[0]
     assert batch["labels"].shape == batch["input_ids"].shape
     assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)
@@ -192,23 +193,28 @@ def _prune_args(work: Path, *extra: str, model: str = "bert") -> list[str]:
 
 
 BAD_ARGUMENTS = {
-    "ratio-too-big": (["--ratio", "1.5", "--importance", "magnitude"], "--ratio must be in (0, 1), got 1.5"),
-    "ratio-zero": (["--ratio", "0", "--importance", "magnitude"], "--ratio must be in (0, 1), got 0"),
-    "ratio-not-a-number": (["--ratio", "half"], "--ratio must be a number"),
+    "sparsity-too-big": (["--sparsity", "1.5", "--importance", "magnitude"],
+                         "--sparsity 1.5: a sparsity is the fraction removed: a number in (0, 1)"),
+    "sparsity-zero": (["--sparsity", "0", "--importance", "magnitude"], "--sparsity 0.0: a sparsity is the fraction"),
+    "sparsity-per-structure": (["--sparsity", "ffn=1", "--importance", "magnitude"],
+                               "--sparsity ffn=1.0: a sparsity is the fraction removed"),
+    "sparsity-not-a-number": (["--sparsity", "half"], "--sparsity half: must be a number in (0, 1)"),
+    "sparsity-repeated-key": (["--sparsity", "ffn=0.5,ffn=0.3"], "names 'ffn' twice"),
     "unknown-structure": (["--structures", "ffn,neurons", "--importance", "magnitude"],
-                          "unknown structure 'neurons'"),
-    "unknown-importance": (["--importance", "entropy"], "unknown importance 'entropy'; choose from"),
+                          "--structures ffn,neurons: unknown structure 'neurons'"),
+    "unknown-importance": (["--importance", "entropy"], "argument --importance: invalid choice: 'entropy'"),
     "taylor-without-data": ([], "needs --data"),
     "compensation-without-data": (["--importance", "magnitude", "--compensate-bias"],
                                   "--compensate-bias measures mean activations and needs --data"),
     "data-missing": (["--data", "nowhere.tsv"], "--data: 'nowhere.tsv' is not a known dataset name"),
-    "heads-uniform-bert": (["--structures", "heads", "--importance", "magnitude"], "use --mode global"),
+    "heads-uniform-bert": (["--structures", "heads", "--importance", "magnitude"], "use global mode"),
     "bad-mode": (["--mode", "sideways"], "invalid choice: 'sideways'"),
     "zero-batches": (["--num-batches", "0"], "--num-batches must be a positive integer"),
+    "zero-round-to": (["--round-to", "0", "--importance", "magnitude"], "--round-to 0: must be a positive integer"),
     "max-keep-uniform": (["--max-keep", "0.75", "--importance", "magnitude"],
-                         "--max-keep=0.75 caps per-layer widths in --mode global"),
-    "max-keep-below-ratio": (["--max-keep", "0.3", "--mode", "global", "--importance", "magnitude"],
-                             "set --max-keep >= 0.50"),
+                         "--max-keep 0.75: caps per-layer widths in global mode"),
+    "max-keep-below-sparsity": (["--max-keep", "0.3", "--mode", "global", "--importance", "magnitude"],
+                                "--max-keep 0.3: would remove more than the ffn sparsity 0.5: set it to at least 0.50"),
 }
 
 
@@ -225,7 +231,7 @@ def test_bad_arguments_give_one_line(work, capsys, case):
      "model_type 'gpt2' is not supported for structured pruning; supported model types: bert, llama"),
     (["prune", "{w}/bert", "--out", "{w}/existing", "--importance", "magnitude"],
      "already exists; choose another folder or pass --overwrite"),
-    (["prune", "{w}/bert", "--ratio", "0.5"], "the following arguments are required: --out"),
+    (["prune", "{w}/bert", "--sparsity", "0.5"], "the following arguments are required: --out"),
     (["prune", "{w}/bert", "--out", "{w}/data.tsv/sub", "--importance", "magnitude"], "is a file, not a folder"),
     (["info", "{w}/missing-model"], "does not exist"),
     (["shrink"], "invalid choice: 'shrink'"),
@@ -259,16 +265,21 @@ def test_runtime_failure_exits_1(work, capsys, monkeypatch):
 
 
 def test_debug_reraises(work):
-    with pytest.raises(cli.UsageError, match="--ratio must be in"):
-        main(_prune_args(work, "--ratio", "2", "--debug"))
+    from compress.pruning.spec import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="a sparsity is the fraction removed"):
+        main(_prune_args(work, "--sparsity", "2", "--debug"))
 
 
-def test_parse_ratio():
-    assert cli.parse_ratio("0.25", None) == {"ffn": 0.25}
-    assert cli.parse_ratio("0.5", "ffn,heads") == {"ffn": 0.5, "heads": 0.5}
-    assert cli.parse_ratio("ffn=0.5,layers=0.25", None) == {"ffn": 0.5, "layers": 0.25}
-    with pytest.raises(cli.UsageError, match="--ratio for 'ffn' must be in"):
-        cli.parse_ratio("ffn=1", None)
+def test_parse_sparsity():
+    from compress.pruning.spec import InvalidOptionError, parse_sparsity
+
+    assert parse_sparsity("0.25") == 0.25
+    assert parse_sparsity("ffn=0.5, layers=0.25") == {"ffn": 0.5, "layers": 0.25}
+    with pytest.raises(InvalidOptionError, match="names 'ffn' twice"):
+        parse_sparsity("ffn=0.5,ffn=0.3")
+    with pytest.raises(InvalidOptionError, match="the value for 'ffn' must be a number"):
+        parse_sparsity("ffn=half")
 
 
 def test_help(capsys):
@@ -277,7 +288,7 @@ def test_help(capsys):
     assert "prune" in out and "info" in out and "examples:" in out
     assert main(["prune", "--help"]) == 0
     out = capsys.readouterr().out
-    for option in ("--out", "--ratio", "--structures", "--importance", "--data", "--mode", "--num-batches",
+    for option in ("--out", "--sparsity", "--structures", "--importance", "--data", "--mode", "--num-batches",
                    "--batch-size", "--max-length", "--round-to", "--task-type", "--overwrite", "--split"):
         assert option in out, option
     flat = " ".join(out.split())
@@ -292,7 +303,7 @@ def test_python_m_compress_subprocess(work):
     out = work / "bert-subprocess"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "compress", "prune", str(work / "bert"), "--out", str(out), "--ratio", "0.5",
+        [sys.executable, "-m", "compress", "prune", str(work / "bert"), "--out", str(out), "--sparsity", "0.5",
          "--structures", "ffn", "--importance", "taylor", "--data", str(work / "data.tsv"), "--max-length",
          "32", "--num-batches", "2", "--no-progress"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -303,14 +314,41 @@ def test_python_m_compress_subprocess(work):
 def test_summary_rows_and_widths():
     from compress.pruning.engine import PruneReport
 
-    report = PruneReport(model_type="llama", mode="global", importance="l1", ratios={"heads": 0.5},
+    report = PruneReport(model_type="llama", mode="global", importance="l1", sparsity={"heads": 0.5},
                          params_before=100, params_after=60,
                          widths_before={"ffn": [8, 8], "heads": [4, 4], "kv_heads": [2, 2], "layers": [2]},
                          widths_after={"ffn": [8, 8], "heads": [2, 2], "layers": [2]})
-    rows = {row[""]: row for row in cli.summary_rows(report, 1000, 500, 16)}
+    rows = {row[""]: row for row in summary_rows(report, 1000, 500, 16)}
     assert rows["parameters"]["kept"] == "60.0%"
     assert rows["FLOPs, one 1x16 forward"]["after"] == 500
     # kv heads equal to the query heads after pruning are not listed separately by the adapter
     assert rows["kv heads per layer"]["after"] == "2 (all 2)"
-    assert cli.format_widths([30, 34]) == "[30, 34]"
-    assert cli.format_widths(list(range(1, 33))).startswith("1..32, mean 16.5")
+    assert format_widths([30, 34]) == "[30, 34]"
+    assert format_widths(list(range(1, 33))).startswith("1..32, mean 16.5")
+
+
+def test_the_parser_offers_the_library_vocabulary():
+    """The stand-alone parser writes its choices out (no heavy import); they must be the library's own."""
+    import compress_cli
+    from compress.pruning import spec
+    from compress.pruning.arch import supported_model_types
+    from compress.pruning.importance import available_importances
+    from compress.tasks import TASKS
+
+    assert compress_cli.STRUCTURES == spec.STRUCTURES
+    assert compress_cli.MODES == spec.MODES
+    assert compress_cli.NORMALIZATIONS == spec.NORMALIZATIONS
+    assert list(compress_cli.IMPORTANCES) == available_importances()
+    assert list(compress_cli.MODEL_TYPES) == supported_model_types()
+    assert compress_cli.TASK_TYPES == tuple(TASKS)
+
+
+@pytest.mark.slow
+def test_help_and_argument_errors_import_no_torch():
+    script = ("import sys, compress_cli; codes = [compress_cli.main(['--help']), "
+              "compress_cli.main(['prune', 'm', '--out', 'o', '--mode', 'sideways'])]; "
+              "assert codes == [0, 2], codes; "
+              "heavy = {'torch', 'transformers', 'peft', 'compress'} & set(sys.modules); assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "invalid choice: 'sideways'" in proc.stderr

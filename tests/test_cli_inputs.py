@@ -127,15 +127,15 @@ CASES = {
                        kept=["mine/thesis.tex"], out=None),
     # 2. reports that claim what did not happen
     "round-to-removes-nothing": Case(["prune", "{w}/bert", "--out", "{w}/out", "--round-to", "1000", *MAGNITUDE],
-                                     "ffn: ratio 0.5 removes nothing"),
-    "tiny-ratio-removes-nothing": Case(["prune", "{w}/bert", "--out", "{w}/out", "--ratio", "0.001", *MAGNITUDE],
-                                       "ffn: ratio 0.001 removes nothing"),
-    "one-head-removes-nothing": Case(["prune", "{w}/one-head", "--out", "{w}/out", "--ratio", "heads=0.5", "--mode",
-                                      "global", *MAGNITUDE], "heads: ratio 0.5 removes nothing"),
-    "layers-rounded": Case(["prune", "{w}/bert", "--out", "{w}/out", "--structures", "layers", "--ratio", "0.4",
+                                     "ffn: sparsity 0.5 removes nothing"),
+    "tiny-sparsity-removes-nothing": Case(["prune", "{w}/bert", "--out", "{w}/out", "--sparsity", "0.001", *MAGNITUDE],
+                                       "ffn: sparsity 0.001 removes nothing"),
+    "one-head-removes-nothing": Case(["prune", "{w}/one-head", "--out", "{w}/out", "--sparsity", "heads=0.5", "--mode",
+                                      "global", *MAGNITUDE], "heads: sparsity 0.5 removes nothing"),
+    "layers-rounded": Case(["prune", "{w}/bert", "--out", "{w}/out", "--structures", "layers", "--sparsity", "0.4",
                             *MAGNITUDE], None, warning="layers: removed 50.0%, not the 40.0% asked", out=None),
-    "repeated-ratio-key": Case(["prune", "{w}/bert", "--out", "{w}/out", "--ratio", "ffn=0.5,ffn=0.3", *MAGNITUDE],
-                               "--ratio names 'ffn' twice"),
+    "repeated-sparsity-key": Case(["prune", "{w}/bert", "--out", "{w}/out", "--sparsity", "ffn=0.5,ffn=0.3", *MAGNITUDE],
+                               "names 'ffn' twice"),
     # 5. raw tracebacks
     "truncated-weights": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE],
                               "model.safetensors is not a readable safetensors file", _setup_truncated),
@@ -223,12 +223,12 @@ def test_bad_input_through_the_entry_point(name, work):
 
 def test_layers_report_states_what_was_removed(work, capsys):
     out = work / "out"
-    assert main(["prune", str(work / "bert"), "--out", str(out), "--structures", "layers", "--ratio", "0.4",
+    assert main(["prune", str(work / "bert"), "--out", str(out), "--structures", "layers", "--sparsity", "0.4",
                  *MAGNITUDE]) == 0
     captured = capsys.readouterr()
     assert "removed layers 50% (asked 40%)" in captured.out
     report = json.loads((out / "compress_report.json").read_text(encoding="utf-8"))
-    assert report["ratios"] == {"layers": 0.4} and report["achieved_ratios"] == {"layers": 0.5}
+    assert report["sparsity"] == {"layers": 0.4} and report["achieved_sparsity"] == {"layers": 0.5}
     assert "| removed | layers 50% (asked 40%) |" in (out / "README.md").read_text(encoding="utf-8")
     assert main(["info", str(out)]) == 0
     assert "layers 50% (asked 40%) removed" in capsys.readouterr().out
@@ -237,7 +237,7 @@ def test_layers_report_states_what_was_removed(work, capsys):
 def test_overwrite_replaces_a_previous_output(work, capsys):
     out = work / "out"
     assert main(["prune", str(work / "bert"), "--out", str(out), *MAGNITUDE]) == 0
-    assert main(["prune", str(work / "bert"), "--out", str(out), "--ratio", "0.25", "--overwrite", *MAGNITUDE]) == 0
+    assert main(["prune", str(work / "bert"), "--out", str(out), "--sparsity", "0.25", "--overwrite", *MAGNITUDE]) == 0
     assert json.loads((out / "config.json").read_text(encoding="utf-8"))["intermediate_size"] == 48
 
 

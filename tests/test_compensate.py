@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from compress.pruning.arch import get_adapter
+from compress.pruning.arch import arch_spec
 from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_means
-from compress.pruning.engine import apply_removals
 from compress.pruning.importance import units_for
+from compress.pruning.surgery import apply_removals
 from tests import tiny
 
 
@@ -31,9 +31,9 @@ def _constant_channels_model():
 
 
 def _prune(model, compensate: bool, batches):
-    adapter = get_adapter(model)
-    units = units_for(adapter, ["ffn", "heads"])
-    ffn0, heads1 = adapter.ffn_sites()[0].name, adapter.attention_sites()[1].name
+    arch = arch_spec(model)
+    units = units_for(arch, ["ffn", "heads"])
+    ffn0, heads1 = arch.ffn_sites()[0].name, arch.attention_sites()[1].name
     removals = {ffn0: [5], heads1: [2]}
     with record_input_means(model, units) as recorder:
         for batch in batches:
@@ -42,7 +42,7 @@ def _prune(model, compensate: bool, batches):
         shifts, skipped = bias_shifts(units, removals, recorder.means())
         assert sorted(shifts) == sorted(removals) and not skipped
         add_to_bias(units, shifts)
-    apply_removals(model, adapter, units, removals)
+    apply_removals(model, arch, units, removals)
     return model
 
 
@@ -62,11 +62,11 @@ def test_means_exclude_padding():
     batch = tiny.make_batch("bert", batch_size=3, seq_len=6, labels=False)
     batch["attention_mask"][1, 3:] = 0
     batch["attention_mask"][2, 1:] = 0
-    site = get_adapter(model).ffn_sites()[1]
+    site = arch_spec(model).ffn_sites()[1]
     seen = []
     handle = site.output.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
     try:
-        with record_input_means(model, units_for(get_adapter(model), ["ffn"])) as recorder:
+        with record_input_means(model, units_for(arch_spec(model), ["ffn"])) as recorder:
             _logits(model, batch)
     finally:
         handle.remove()
@@ -77,7 +77,7 @@ def test_means_exclude_padding():
 
 def test_projections_without_bias_are_reported_not_changed():
     model = tiny.make_model("llama")
-    units = units_for(get_adapter(model), ["ffn", "heads"])
+    units = units_for(arch_spec(model), ["ffn", "heads"])
     with record_input_means(model, units) as recorder:
         _logits(model, tiny.make_batch("llama", labels=False))
     removals = {u.key: [0] for u in units}

@@ -18,9 +18,9 @@ import compress
 import compress.export
 import compress.pruning.compact
 from compress.errors import CalibrationError, CompressError, UnsupportedModelError, UnsupportedStructureError
-from compress.pruning.arch import get_adapter
-from compress.pruning.engine import plan_removals
+from compress.pruning.arch import arch_spec
 from compress.pruning.importance import attach_gates, units_for
+from compress.pruning.plan import plan_removals
 from tests import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def _logits(model, batch):
 
 def _masked_reference(original, ratios, removed):
     """The unpruned model with the removed channels/heads/blocks gated to zero."""
-    units = units_for(get_adapter(original), ratios)
+    units = units_for(arch_spec(original), ratios)
     ctx = attach_gates(units)
     gates = ctx.__enter__()
     with torch.no_grad():
@@ -83,9 +83,9 @@ def test_pruned_model_equals_masked_original(arch, ratios, mode):
 @pytest.mark.parametrize("arch,ratios,mode", CASES, ids=IDS)
 def test_shapes_and_config_follow_ratios(arch, ratios, mode):
     model = tiny.make_model(arch)
-    before = get_adapter(model).widths()
+    before = arch_spec(model).widths()
     report = compress.prune_model(model, ratios, None, "magnitude", mode=mode)
-    after = get_adapter(model).widths()
+    after = arch_spec(model).widths()
     assert after == report.widths_after
     cfg = model.config
     if "ffn" in ratios:
@@ -176,7 +176,7 @@ def test_global_mode_allocates_by_importance():
     with torch.no_grad():  # make layer 1's FFN nearly irrelevant: global pruning should take it first
         model.bert.encoder.layer[1].output.dense.weight.mul_(1e-3)
     compress.prune_model(model, 0.5, ("ffn",), "magnitude", mode="global")
-    widths = get_adapter(model).widths()["ffn"]
+    widths = arch_spec(model).widths()["ffn"]
     assert widths[1] < widths[0] and sum(widths) == 64
     assert type(model).__name__ == "CompressedBertForSequenceClassification"
 
@@ -206,17 +206,17 @@ def test_bias_compensation_brings_pruned_outputs_closer_to_dense():
 @pytest.mark.parametrize("normalize,expected", [("none", [1, 63]), ("mean", [32, 32]), ("l2", [32, 32])])
 def test_global_ranking_can_normalise_scores_per_layer(normalize, expected):
     model = tiny.make_model("bert")
-    adapter = get_adapter(model)
-    units = units_for(adapter, ["ffn"])
+    arch = arch_spec(model)
+    units = units_for(arch, ["ffn"])
     # same ranking inside each layer, but layer 1's scores are 100x larger (as gradients near the loss are)
     scores = {u.key: torch.arange(1.0, 65.0) * (100.0 if i else 1.0) for i, u in enumerate(units)}
-    removals = plan_removals(adapter, units, scores, {"ffn": 0.5}, "global", normalize=normalize)
+    removals = plan_removals(arch, units, scores, {"ffn": 0.5}, "global", normalize=normalize)
     assert [64 - len(removals[u.key]) for u in units] == expected
     # normalisation is a global-mode matter: uniform mode is unaffected
-    assert plan_removals(adapter, units, scores, {"ffn": 0.5}, "uniform", normalize=normalize) == \
-        plan_removals(adapter, units, scores, {"ffn": 0.5}, "uniform")
+    assert plan_removals(arch, units, scores, {"ffn": 0.5}, "uniform", normalize=normalize) == \
+        plan_removals(arch, units, scores, {"ffn": 0.5}, "uniform")
     with pytest.raises(CompressError, match="choose one of"):
-        plan_removals(adapter, units, scores, {"ffn": 0.5}, "global", normalize="zscore")
+        plan_removals(arch, units, scores, {"ffn": 0.5}, "global", normalize="zscore")
 
 
 def _skewed_scores(units):
@@ -237,12 +237,12 @@ def _skewed_scores(units):
 ])
 def test_global_max_keep_caps_every_layer_and_keeps_the_total(arch, structure, ratio, max_keep, uncapped, capped):
     model = tiny.make_model(arch)
-    adapter = get_adapter(model)
-    units = units_for(adapter, [structure])
+    arch = arch_spec(model)
+    units = units_for(arch, [structure])
     scores = _skewed_scores(units)
     sizes = {u.key: u.size for u in units}
     for cap, expected in ((None, uncapped), (max_keep, capped)):
-        removals = plan_removals(adapter, units, scores, {structure: ratio}, "global", max_keep=cap)
+        removals = plan_removals(arch, units, scores, {structure: ratio}, "global", max_keep=cap)
         kept = [sizes[u.key] - len(removals[u.key]) for u in units]
         if structure == "kv_heads":
             kept = [k // 2 for k in kept]  # two query heads per kv head
@@ -252,12 +252,12 @@ def test_global_max_keep_caps_every_layer_and_keeps_the_total(arch, structure, r
 
 def test_global_max_keep_removes_each_layers_lowest_channels():
     model = tiny.make_model("bert")
-    adapter = get_adapter(model)
-    units = units_for(adapter, ["ffn"])
+    arch = arch_spec(model)
+    units = units_for(arch, ["ffn"])
     scores = {u.key: torch.randperm(64, generator=torch.Generator().manual_seed(i)).float()
               for i, u in enumerate(units)}
     scores[units[1].key] = scores[units[1].key] * 100
-    removals = plan_removals(adapter, units, scores, {"ffn": 0.5}, "global", max_keep=0.6)
+    removals = plan_removals(arch, units, scores, {"ffn": 0.5}, "global", max_keep=0.6)
     for u in units:
         kept = set(range(64)) - set(removals[u.key])
         assert len(kept) <= int(0.6 * 64)
@@ -275,8 +275,8 @@ def test_prune_model_max_keep_end_to_end():
 @pytest.mark.parametrize("kwargs,match", [
     ({"max_keep": 0.0}, r"must be in \(0, 1\]"),
     ({"max_keep": 1.5}, r"must be in \(0, 1\]"),
-    ({"max_keep": 0.4}, "set max_keep >= 0.50"),
-    ({"max_keep": 0.75, "mode": "uniform"}, "drop max_keep or use mode='global'"),
+    ({"max_keep": 0.4}, "max_keep=0.4: would remove more than the ffn sparsity 0.5: set it to at least 0.50"),
+    ({"max_keep": 0.75, "mode": "uniform"}, "max_keep=0.75: caps per-layer widths in global mode"),
 ])
 def test_bad_max_keep_fails_clearly(kwargs, match):
     with pytest.raises(CompressError, match=match):
@@ -285,17 +285,17 @@ def test_bad_max_keep_fails_clearly(kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    ({"ratio": 1.0}, CompressError, r"\(0, 1\)"),
-    ({"ratio": 0.0}, CompressError, r"\(0, 1\)"),
-    ({"structures": ("neurons",)}, UnsupportedStructureError, "choose from"),
-    ({"structures": ("heads",)}, UnsupportedStructureError, "mode='global'"),
+    ({"sparsity": 1.0}, CompressError, r"\(0, 1\)"),
+    ({"sparsity": 0.0}, CompressError, r"\(0, 1\)"),
+    ({"structures": ("neurons",)}, CompressError, "unknown structure 'neurons'; choose from"),
+    ({"structures": ("heads",)}, UnsupportedStructureError, "in uniform mode cannot be expressed.*use global mode"),
     ({"structures": ("kv_heads",), "mode": "global"}, UnsupportedStructureError, "supported structures"),
-    ({"mode": "sideways"}, CompressError, "mode must be one of"),
+    ({"mode": "sideways"}, CompressError, "mode='sideways': choose one of uniform, global"),
     ({"importance": "vibes"}, CompressError, "choose one of"),
     ({"importance": "taylor"}, CalibrationError, "needs `data`"),
 ])
 def test_bad_requests_fail_clearly(kwargs, error, match):
-    args = {"ratio": 0.5, "structures": ("ffn",), "importance": "magnitude", **kwargs}
+    args = {"sparsity": 0.5, "structures": ("ffn",), "importance": "magnitude", **kwargs}
     with pytest.raises(error, match=match):
         compress.prune_model(tiny.make_model("bert"), **args)
 
@@ -481,15 +481,15 @@ def test_prune_model_keeps_every_module_in_its_train_or_eval_mode(arch):
 def test_report_states_the_ratio_achieved():
     model = tiny.make_model("llama")  # 4 query heads in 2 kv groups, 2 layers
     report = compress.prune_model(model, {"heads": 0.3, "ffn": 0.5}, None, "magnitude")
-    assert report.ratios == {"heads": 0.3, "ffn": 0.5}
-    assert report.achieved_ratios == {"heads": 0.5, "ffn": 0.5}  # one head per kv group is the smallest step
+    assert report.sparsity == {"heads": 0.3, "ffn": 0.5}
+    assert report.achieved_sparsity == {"heads": 0.5, "ffn": 0.5}  # one head per kv group is the smallest step
     report = compress.prune_model(tiny.make_model("llama"), {"layers": 0.4}, None, "magnitude")
-    assert report.achieved_ratios == {"layers": 0.5}
+    assert report.achieved_sparsity == {"layers": 0.5}
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"ratio": 0.5, "round_to": 1000}, "ffn: ratio 0.5 removes nothing .*round_to=1000"),
-    ({"ratio": 0.001}, "ffn: ratio 0.001 removes nothing"),
+    ({"sparsity": 0.5, "round_to": 1000}, "ffn: sparsity 0.5 removes nothing .*round_to=1000"),
+    ({"sparsity": 0.001}, "ffn: sparsity 0.001 removes nothing"),
 ])
 def test_a_ratio_that_removes_nothing_is_an_error_and_changes_nothing(kwargs, match):
     model = tiny.make_model("bert")
@@ -501,22 +501,22 @@ def test_a_ratio_that_removes_nothing_is_an_error_and_changes_nothing(kwargs, ma
 
 def test_structures_given_as_a_string():
     report = compress.prune_model(tiny.make_model("llama"), 0.5, "ffn", "magnitude")
-    assert report.ratios == {"ffn": 0.5}
+    assert report.sparsity == {"ffn": 0.5}
     report = compress.prune_model(tiny.make_model("llama"), 0.5, "ffn,kv_heads", "magnitude")
-    assert report.ratios == {"ffn": 0.5, "kv_heads": 0.5}
+    assert report.sparsity == {"ffn": 0.5, "kv_heads": 0.5}
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"round_to": 0}, "round_to must be a positive integer, got 0"),
-    ({"round_to": 2.5}, "round_to must be a positive integer"),
-    ({"num_batches": -1}, "num_batches must be a positive integer"),
-    ({"ratio": "0.5"}, "ratio for 'ffn' must be a number in \\(0, 1\\), got '0.5' \\(str\\)"),
-    ({"ratio": {"ffn": None}}, "ratio for 'ffn' must be a number"),
+    ({"round_to": 0}, "round_to=0: must be a positive integer"),
+    ({"round_to": 2.5}, "round_to=2.5: must be a positive integer"),
+    ({"num_batches": -1}, "num_batches=-1: must be a positive integer"),
+    ({"sparsity": "0.5"}, "sparsity='0.5': a sparsity is the fraction removed: a number in \\(0, 1\\)"),
+    ({"sparsity": {"ffn": None}}, "sparsity\\['ffn'\\]=None: a sparsity is the fraction removed"),
     ({"structures": ("ffn", "ffn")}, "names a structure twice"),
-    ({"structures": (1,)}, "structures must be names"),
+    ({"structures": (1,)}, "unknown structure 1"),
     ({"normalize": "max"}, "normalize='max'"),
 ])
 def test_bad_arguments_name_the_field(kwargs, match):
-    args = {"ratio": 0.5, "structures": ("ffn",), "importance": "magnitude", **kwargs}
+    args = {"sparsity": 0.5, "structures": ("ffn",), "importance": "magnitude", **kwargs}
     with pytest.raises(compress.CompressError, match=match):
         compress.prune_model(tiny.make_model("bert"), **args)

@@ -1,9 +1,11 @@
-"""Where the prunable structures live in each supported Hugging Face architecture.
+"""Everything peft-compress knows about each supported architecture family, in one place.
 
-An architecture adapter turns a model into *sites*: one :class:`AttentionSite` per attention block and
-one :class:`FFNSite` per feed-forward block, each naming its linear layers and the stack/layer it belongs
-to. After any structural change, :meth:`ArchAdapter.refresh` re-derives every module attribute and config
-field from the weight shapes, so ``forward``, ``generate`` and ``save_pretrained`` keep working.
+An :class:`ArchSpec` turns a model into *sites*: one :class:`AttentionSite` per attention block and one
+:class:`FFNSite` per feed-forward block, each naming its linear layers and the stack/layer it belongs to.
+After any structural change, :meth:`ArchSpec.refresh` re-derives every module attribute and config field
+from the weight shapes, so ``forward``, ``generate`` and ``save_pretrained`` keep working. Each family also
+declares what its standard config can express, its default task, the projections adapters attach to, and its
+quirks. A new architecture is one new :class:`ArchSpec` subclass listed in :data:`ARCH_SPECS`.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class LayerStack:
     protected: set[int] = field(default_factory=set)
 
 
-class ArchAdapter:
-    """Base adapter; subclasses describe one architecture family."""
+class ArchSpec:
+    """One architecture family: where its prunable structures are and what its config can express."""
 
     family: str = ""
     model_types: tuple[str, ...] = ()
@@ -83,6 +85,16 @@ class ArchAdapter:
     supported_structures: tuple[str, ...] = ()
     #: structures that must use the same width in every layer even in global mode
     uniform_only_structures: tuple[str, ...] = ()
+    #: why a supported structure cannot be pruned in uniform mode (structure -> reason), for error messages
+    uniform_reasons: dict[str, str] = {}
+    #: the task a checkpoint is loaded for when its config names no architecture (``compress.tasks``)
+    default_task: str = ""
+    #: names of the attention and FFN projections: the default ``target_modules`` of adapter methods
+    projection_names: tuple[str, ...] = ()
+    #: whether heads are sliced by explicit head groups instead of through torch-pruning's dependency graph,
+    #: which maps channel indices one-to-one across q/k/v/o (wrong for GQA's fewer kv channels and for T5's
+    #: per-head position bias)
+    explicit_head_groups: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -128,6 +140,12 @@ class ArchAdapter:
         out["layers"] = [len(s.blocks) for s in self.stacks()]
         return out
 
+    @classmethod
+    def position_limit(cls, config) -> int | None:
+        """The longest input, in tokens, the model's position embeddings allow (``None``: no limit)."""
+        positions = getattr(config, "max_position_embeddings", None)
+        return positions if isinstance(positions, int) and positions > 0 else None
+
     def fits_standard_config(self) -> bool:
         """Whether the family's standard config can express the model (same widths in every layer)."""
         attn = self.attention_sites()
@@ -154,12 +172,22 @@ def _single(values: list[int]) -> int | None:
     return max(distinct)
 
 
-class BertAdapter(ArchAdapter):
+class BertSpec(ArchSpec):
     family = "bert"
     model_types = ("bert", "roberta")
     # BERT derives head size as hidden_size / num_attention_heads: fewer heads cannot be expressed.
     uniform_structures = ("ffn", "layers")
     supported_structures = ("ffn", "heads", "layers")
+    uniform_reasons = {"heads": "BertConfig derives the head size as hidden_size / num_attention_heads"}
+    default_task = "sequence-classification"
+    projection_names = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+    @classmethod
+    def position_limit(cls, config) -> int | None:
+        limit = super().position_limit(config)
+        if limit is not None and str(config.model_type).removeprefix("compressed_") == "roberta":
+            limit -= (getattr(config, "pad_token_id", None) or 0) + 1  # RoBERTa's positions start after pad
+        return limit
 
     def _encoder(self) -> nn.Module:
         base = self.model.base_model
@@ -198,11 +226,14 @@ class BertAdapter(ArchAdapter):
         return super().fits_standard_config() and all(s.num_heads == heads for s in self.attention_sites())
 
 
-class LlamaAdapter(ArchAdapter):
+class LlamaSpec(ArchSpec):
     family = "llama"
     model_types = ("llama", "qwen2")
     uniform_structures = ("ffn", "heads", "kv_heads", "layers")
     supported_structures = ("ffn", "heads", "kv_heads", "layers")
+    default_task = "causal-lm"
+    projection_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    explicit_head_groups = True
 
     def _layers(self) -> nn.ModuleList:
         base = self.model.base_model
@@ -253,11 +284,15 @@ class LlamaAdapter(ArchAdapter):
             cfg.layer_types = [cfg.layer_types[i] for i in keep]
 
 
-class T5Adapter(ArchAdapter):
+class T5Spec(ArchSpec):
     family = "t5"
     model_types = ("t5",)
     uniform_structures = ("ffn", "heads")
     supported_structures = ("ffn", "heads")
+    default_task = "seq2seq"
+    # wi (ReLU FFN) or wi_0/wi_1 (gated FFN): adapter methods keep the ones a model has
+    projection_names = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+    explicit_head_groups = True
     # The relative position bias (and the cross-attention bias) is computed in the first block and
     # reused by every later block of the stack, with one head count from the config.
     uniform_only_structures = ("heads",)
@@ -308,11 +343,17 @@ class T5Adapter(ArchAdapter):
             cfg.d_ff = ffn
 
 
-ADAPTERS: tuple[type[ArchAdapter], ...] = (BertAdapter, LlamaAdapter, T5Adapter)
+ARCH_SPECS: tuple[type[ArchSpec], ...] = (BertSpec, LlamaSpec, T5Spec)
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for a in ADAPTERS for t in a.model_types)
+    return sorted(t for a in ARCH_SPECS for t in a.model_types)
+
+
+def spec_class(model_type: str) -> type[ArchSpec] | None:
+    """The :class:`ArchSpec` subclass for a config's ``model_type`` (compact types included), or ``None``."""
+    base = base_model_type(model_type or "")
+    return next((cls for cls in ARCH_SPECS if base in cls.model_types), None)
 
 
 def base_model_type(model_type: str) -> str:
@@ -320,14 +361,18 @@ def base_model_type(model_type: str) -> str:
     return model_type.removeprefix("compressed_")
 
 
-def get_adapter(model: nn.Module) -> ArchAdapter:
-    """Return the adapter for ``model`` or raise :class:`UnsupportedModelError` naming what is supported."""
+def arch_spec(model: nn.Module) -> ArchSpec:
+    """The :class:`ArchSpec` of ``model``, or :class:`UnsupportedModelError` naming what is supported."""
     config = getattr(model, "config", None)
-    model_type = base_model_type(getattr(config, "model_type", "") or "")
-    for adapter_cls in ADAPTERS:
-        if model_type in adapter_cls.model_types:
-            return adapter_cls(model)
-    raise UnsupportedModelError(
-        f"model_type {model_type or type(model).__name__!r} is not supported for structured pruning; "
-        f"supported model types: {', '.join(supported_model_types())}"
-    )
+    model_type = getattr(config, "model_type", "") or ""
+    cls = spec_class(model_type)
+    if cls is None:
+        raise UnsupportedModelError(
+            f"model_type {base_model_type(model_type) or type(model).__name__!r} is not supported for structured "
+            f"pruning; supported model types: {', '.join(supported_model_types())}")
+    return cls(model)
+
+
+# Transitional names still used by plugins/pruning_adapter; removed when it moves to the names above.
+ArchAdapter = ArchSpec
+get_adapter = arch_spec

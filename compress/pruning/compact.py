@@ -15,34 +15,23 @@ import transformers
 from torch import nn
 from transformers import AutoConfig
 
-from compress.pruning.arch import ADAPTERS, get_adapter
+from compress.pruning.arch import ARCH_SPECS, arch_spec
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "compressed_"
-
-# Auto classes whose mappings we mirror for the compact model types (Auto class -> its mapping names).
-_AUTO_MAPPINGS = {
-    "AutoModel": "MODEL_MAPPING_NAMES",
-    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-    "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-    "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
-    "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
-    "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-}
 
 _CONFIG_CLASSES: dict[str, type] = {}
 _MODEL_CLASSES: dict[type, type] = {}
 
 
 def _projection_paths(model: nn.Module) -> dict[str, nn.Linear]:
-    adapter = get_adapter(model)
+    arch = arch_spec(model)
     names = {module: name for name, module in model.base_model.named_modules()}
     linears: list[nn.Linear] = []
-    for site in adapter.attention_sites():
+    for site in arch.attention_sites():
         linears += [site.q, site.k, site.v, site.o]
-    for site in adapter.ffn_sites():
+    for site in arch.ffn_sites():
         linears += [*site.inputs, site.output]
     return {names[lin]: lin for lin in linears}
 
@@ -59,7 +48,7 @@ def _apply_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
         new = nn.Linear(in_features, out_features, bias=old.bias is not None,
                         device=old.weight.device, dtype=old.weight.dtype)
         setattr(parent, attr, new)
-    get_adapter(model).refresh()
+    arch_spec(model).refresh()
 
 
 def compact_config_class(base_cls: type) -> type:
@@ -105,7 +94,7 @@ def compact_model_class(base_cls: type) -> type:
 def make_compact(model: nn.Module) -> nn.Module:
     """Turn a model with per-layer widths into its compact class in place (config included)."""
     shapes = {path: [lin.out_features, lin.in_features] for path, lin in _projection_paths(model).items()}
-    get_adapter(model).refresh()  # config fields now hold the largest width per field
+    arch_spec(model).refresh()  # config fields now hold the largest width per field
     base_model_type = model.config.model_type.removeprefix(PREFIX)
     base_cfg_cls = type(model.config) if not model.config.model_type.startswith(PREFIX) else None
     if base_cfg_cls is not None:
@@ -121,17 +110,17 @@ def make_compact(model: nn.Module) -> nn.Module:
 
 def register_compact_models() -> None:
     """Register every compact config/model class with transformers' Auto classes (idempotent)."""
-    from transformers.models.auto import configuration_auto, modeling_auto
+    from transformers.models.auto import configuration_auto
 
-    model_types = [t for adapter in ADAPTERS for t in adapter.model_types]
+    from compress.tasks import TASKS, auto_class_name, model_classes
+
+    model_types = [t for arch in ARCH_SPECS for t in arch.model_types]
     for model_type in model_types:
         base_cfg_cls = getattr(transformers, configuration_auto.CONFIG_MAPPING_NAMES[model_type])
         cfg_cls = compact_config_class(base_cfg_cls)
         AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
-        for auto_name, names_attr in _AUTO_MAPPINGS.items():
-            auto_cls = getattr(transformers, auto_name)
-            class_name = getattr(modeling_auto, names_attr).get(model_type)
-            base_model_cls = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
-            if base_model_cls is None:
-                continue
-            auto_cls.register(cfg_cls, compact_model_class(base_model_cls), exist_ok=True)
+        for task in (None, *TASKS):
+            base_model_cls = getattr(transformers, model_classes(task).get(model_type, ""), None)
+            if base_model_cls is not None:
+                auto_cls = getattr(transformers, auto_class_name(task))
+                auto_cls.register(cfg_cls, compact_model_class(base_model_cls), exist_ok=True)

@@ -22,11 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.errors import CalibrationError, CompressError
-from compress.pruning.arch import ArchAdapter, AttentionSite, FFNSite, LayerStack
+from compress.pruning.arch import ArchSpec, AttentionSite, FFNSite, LayerStack
+from compress.pruning.spec import STRUCTURES  # noqa: F401  (transitional: plugins/pruning_adapter imports it from here)
 
 logger = logging.getLogger(__name__)
-
-STRUCTURES = ("ffn", "heads", "kv_heads", "layers")
 
 
 @dataclass
@@ -48,16 +47,16 @@ class GateStats:
     batches: int = 0
 
 
-def units_for(adapter: ArchAdapter, structures: Iterable[str]) -> list[Unit]:
+def units_for(arch: ArchSpec, structures: Iterable[str]) -> list[Unit]:
     """Enumerate the units of ``structures``. ``kv_heads`` is scored through its query heads."""
     units: list[Unit] = []
     wanted = set(structures)
     if "ffn" in wanted:
-        units += [Unit("ffn", s.name, s.width, s) for s in adapter.ffn_sites()]
+        units += [Unit("ffn", s.name, s.width, s) for s in arch.ffn_sites()]
     if wanted & {"heads", "kv_heads"}:
-        units += [Unit("heads", s.name, s.num_heads, s) for s in adapter.attention_sites()]
+        units += [Unit("heads", s.name, s.num_heads, s) for s in arch.attention_sites()]
     if "layers" in wanted:
-        units += [Unit("layers", s.name, len(s.blocks), s) for s in adapter.stacks()]
+        units += [Unit("layers", s.name, len(s.blocks), s) for s in arch.stacks()]
     return units
 
 

@@ -1,0 +1,109 @@
+"""``compress info``: describe a model folder from its config and weight headers, without loading weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+from compress_cli import UsageError
+
+from .inputs import (
+    check_weight_files,
+    has_tokenizer,
+    load_config,
+    meta_model,
+    read_config_json,
+    resolve_task,
+    shape_mismatches,
+)
+from .summary import STRUCTURE_LABELS, format_size, format_widths, out
+
+logger = logging.getLogger("compress.cli")
+
+
+def _count_weights(folder: Path) -> int | None:
+    """Number of values in the folder's safetensors files (read from their headers only)."""
+    from .inputs import weight_shapes
+
+    shapes = weight_shapes(folder)
+    return sum(math.prod(shape) for shape in shapes.values()) if shapes else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from compress.export import REPORT_FILE, needs_compress_to_load, removed_summary
+    from compress.measure import folder_size, format_table
+    from compress.pruning.arch import arch_spec, spec_class, supported_model_types
+
+    model_dir, config_dict = read_config_json(args.model_dir)
+    model_type = str(config_dict.get("model_type", ""))
+    architectures = ", ".join(config_dict.get("architectures") or []) or "(not recorded)"
+    spec_cls = spec_class(model_type)
+    _, auto_name = resolve_task(config_dict)
+    check_weight_files(model_dir, required=False)
+    config = load_config(model_dir)
+
+    model = None
+    try:
+        model = meta_model(config, auto_name)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
+        logger.info("cannot build %s from its config (%s)", auto_name, exc)
+    mismatches = shape_mismatches(model_dir, model) if model is not None else []
+    weights = _count_weights(model_dir)
+    params = model.num_parameters() if model is not None else weights
+    has_weights = weights is not None or any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt"))
+
+    out(f"folder:       {model_dir.resolve()} ({format_size(folder_size(model_dir))})")
+    out(f"architecture: {architectures} (model_type {model_type or '?'})")
+    if params is None:
+        out("parameters:   unknown (no safetensors weights)")
+    else:
+        out(f"parameters:   {params:,}" + ("" if has_weights else " (from config.json; no weight files in folder)"))
+    if model is not None and needs_compress_to_load(model):
+        out(f"loading:      needs `import compress` (compact per-layer widths), then {auto_name}.from_pretrained")
+    else:
+        out(f"loading:      standard transformers folder ({auto_name}.from_pretrained)")
+    out(f"tokenizer:    {'yes' if has_tokenizer(model_dir) else 'no'}")
+    if mismatches:
+        out(f"weights:      DISAGREE with config.json in {len(mismatches)} tensors, e.g. {mismatches[0]}")
+
+    report_file = model_dir / REPORT_FILE
+    if report_file.is_file():
+        try:
+            report = json.loads(report_file.read_text(encoding="utf-8"))
+            out(f"pruned:       {removed_summary(report)} removed ({report.get('mode')} mode, "
+                f"{report.get('importance')} importance); params {report.get('params_before', 0):,} -> "
+                f"{report.get('params_after', 0):,}")
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            logger.warning("cannot read %s: %s", report_file, exc)
+
+    if spec_cls is None:
+        out(f"pruning:      model_type {model_type or '?'!r} is not supported for structured pruning "
+            f"(supported: {', '.join(supported_model_types())})")
+        return _status(model_dir, mismatches)
+    if model is not None:
+        out()
+        out(format_table([{"structure": STRUCTURE_LABELS.get(name, name), "per layer": format_widths(values),
+                           "total": sum(values)} for name, values in arch_spec(model).widths().items()]))
+    uniform = ", ".join(spec_cls.uniform_structures)
+    extra = [s for s in spec_cls.supported_structures if s not in spec_cls.uniform_structures]
+    out()
+    out("prunable structures (compress prune --structures ...):")
+    out(f"  --mode uniform: {uniform}  (result loads with plain transformers)")
+    note = ""
+    if spec_cls.uniform_only_structures:
+        note = f"; {', '.join(spec_cls.uniform_only_structures)} stay equal across layers"
+    out(f"  --mode global:  {', '.join(spec_cls.supported_structures)}  "
+        f"(per-layer widths need `import compress` to load{note})"
+        + (f"; {', '.join(extra)} only in global mode" if extra else ""))
+    return _status(model_dir, mismatches)
+
+
+def _status(model_dir: Path, mismatches: list[str]) -> int:
+    """0, or the one-line error for weights that the config contradicts (the folder would not load)."""
+    if mismatches:
+        raise UsageError(f"{model_dir / 'config.json'} disagrees with the weights in {len(mismatches)} tensors, "
+                         f"e.g. {mismatches[0]}; the folder will not load: fix config.json or re-save the model")
+    return 0

@@ -1,0 +1,245 @@
+"""Reading what a command is given: model folders (config, safetensors weights, tokenizer), the device, the
+task, and calibration data. Every problem becomes one :class:`~compress_cli.UsageError` naming the file or flag.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from compress_cli import UsageError
+
+logger = logging.getLogger("compress.cli")
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "tokenizer.model", "sentencepiece.bpe.model")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def read_config_json(model_dir: str) -> tuple[Path, dict[str, Any]]:
+    """The folder and its config.json as a dict, checked without importing transformers."""
+    path = Path(model_dir).expanduser()
+    if not path.exists():
+        raise UsageError(f"MODEL_DIR {model_dir!r} does not exist")
+    if not path.is_dir():
+        raise UsageError(f"MODEL_DIR {model_dir!r} is a file; pass the folder written by save_pretrained")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UsageError(f"MODEL_DIR {model_dir!r} has no config.json; pass a folder written by save_pretrained")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read {config_file}: {exc}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{config_file} does not hold a JSON object")
+    return path, config
+
+
+def check_weight_files(model_dir: Path, required: bool = True) -> None:
+    """Refuse pickle-only folders (when weights are ``required``) and unreadable safetensors files before
+    anything loads them."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files and required:
+        pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise UsageError(f"{model_dir} holds {pickles[0]} (a pickle file) and no safetensors weights; compress "
+                             "loads safetensors only: re-save the model with save_pretrained, which writes "
+                             "model.safetensors")
+        raise UsageError(f"{model_dir} has no *.safetensors weights; pass a folder written by save_pretrained")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise UsageError(f"{file} is not a readable safetensors file ({exc}); it may be truncated or "
+                             "corrupt: save the model again") from None
+
+
+def load_config(model_dir: Path):
+    """The folder's config through AutoConfig, its validation errors reported on one line naming the file."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (StrictDataclassError, OSError, ValueError, TypeError, KeyError) as exc:
+        raise UsageError(f"{model_dir / 'config.json'} is not a valid config: {exc}") from None
+
+
+def weight_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of every safetensors file in the folder (read from the headers only)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = list(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def meta_model(config, auto_name: str):
+    """The model built on the meta device from its config: its structure, with nothing allocated."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, auto_name).from_config(config)
+
+
+def shape_mismatches(model_dir: Path, model) -> list[str]:
+    """Tensors whose shape in the folder's weights differs from the shape ``model`` (built from the folder's
+    config, e.g. by :func:`meta_model`) gives them; names match with or without the base-model prefix (a
+    ``BertModel`` checkpoint under a classification head)."""
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    problems = []
+    for key, shape in weight_shapes(model_dir).items():
+        for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+            if candidate in expected:
+                if expected[candidate] != shape:
+                    problems.append(f"{key} is {shape} in the weights but {expected[candidate]} by the config")
+                break
+    return problems
+
+
+def resolve_task(config: Mapping[str, Any], task_type: str = "auto") -> tuple[str | None, str]:
+    """(task or None, transformers Auto class name) for a config.json dict and ``--task-type``."""
+    from compress.pruning.arch import spec_class
+    from compress.tasks import auto_class_name, task_of_class
+
+    if task_type != "auto":
+        return task_type, auto_class_name(task_type)
+    for architecture in config.get("architectures") or []:
+        found = task_of_class(str(architecture))
+        if found is not None:
+            return found
+    spec_cls = spec_class(str(config.get("model_type", "")))
+    if spec_cls is not None:
+        logger.info("config.json names no architecture: loading as %s (set --task-type to change)",
+                    spec_cls.default_task)
+        return spec_cls.default_task, auto_class_name(spec_cls.default_task)
+    return None, auto_class_name(None)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: Path, explicit: bool):
+    """The tokenizer in ``folder``; ``None`` when there is none and it was not asked for (``explicit``)."""
+    from transformers import AutoTokenizer
+
+    if not folder.is_dir():
+        raise UsageError(f"--tokenizer {str(folder)!r} is not a folder")
+    if not has_tokenizer(folder):
+        if explicit:
+            raise UsageError(f"--tokenizer {str(folder)!r} holds no tokenizer files")
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        if explicit:
+            raise UsageError(f"cannot load the tokenizer in {folder}: {exc}") from None
+        logger.warning("cannot load the tokenizer in %s (%s); continuing without one", folder, exc)
+        return None
+
+
+def position_limit(config, tokenizer) -> int | None:
+    """The longest input the model and tokenizer allow (``None``: no known limit)."""
+    from compress.pruning.arch import ArchSpec, spec_class
+
+    limits = []
+    model_limit = (spec_class(str(config.model_type)) or ArchSpec).position_limit(config)
+    if model_limit is not None:
+        limits.append(model_limit)
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < 1_000_000:
+        limits.append(model_max)
+    return min(limits) if limits else None
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r} is not a device: {exc}") from None
+    if device.type == "meta":
+        raise UsageError("--device meta holds no weights to score or prune; use --device cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def build_calibration(dataset, tokenizer, model, task: str | None, *, max_length: int, batch_size: int,
+                      num_batches: int) -> list[dict]:
+    """Tokenise ``dataset`` and cut it into calibration batches whose ``labels`` suit the model's head.
+
+    Sequence classification keeps the class labels; causal, masked and seq2seq LMs are scored on the
+    text itself (``labels`` = ``input_ids`` with padding ignored), whatever labels the data has.
+    """
+    import torch
+
+    from compress.data import calibration_batches, tokenize_dataset
+    from compress.tasks import SCORABLE_TASKS
+
+    if task not in SCORABLE_TASKS:
+        raise UsageError(
+            f"{type(model).__name__} has no task loss to score with; pass --task-type "
+            f"({', '.join(SCORABLE_TASKS)}) or use --importance magnitude")
+    if tokenizer.pad_token_id is None:
+        # decoder-only tokenizers often have no pad token: pad with EOS for calibration only
+        if getattr(tokenizer, "eos_token", None) is None:
+            raise UsageError("the tokenizer has neither a pad nor an eos token; cannot pad calibration batches")
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenized = tokenize_dataset(dataset, tokenizer, max_length=max_length)
+    classify = task == "sequence-classification"
+    if classify:
+        tokenized = _class_labels(tokenized, int(getattr(model.config, "num_labels", 0) or 0))
+    batches = calibration_batches(tokenized, batch_size=batch_size, num_batches=num_batches,
+                                  tokenizer=tokenizer, include_labels=classify)
+    if not classify:
+        for batch in batches:
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask", torch.ones_like(ids))
+            batch["labels"] = ids.masked_fill(mask == 0, -100)
+    return batches
+
+
+def _class_labels(tokenized, num_labels: int):
+    """Check the ``labels`` column against a classifier with ``num_labels`` outputs; integer class ids."""
+    if "labels" not in tokenized.column_names:
+        raise UsageError("--data has no label column; sequence classification is scored on its labels")
+    labels = tokenized["labels"]
+    missing = next((i for i, label in enumerate(labels) if label is None), None)
+    if missing is not None:
+        raise UsageError(f"--data row {missing + 1} has no label (a missing field, or an unterminated quote "
+                         "that swallowed the rest of the file?)")
+    if num_labels == 1:  # regression: labels are targets
+        return tokenized
+    fractional = next((label for label in labels if float(label) != int(label)), None)
+    if fractional is not None:
+        raise UsageError(f"--data has label {fractional!r}, but a classifier with num_labels={num_labels} "
+                         "needs integer class ids 0..num_labels-1")
+    labels = [int(label) for label in labels]
+    if any(label < 0 for label in labels):
+        raise UsageError("--data has unlabelled rows (label -1, e.g. a GLUE test file); use a labelled "
+                         "split such as --split train")
+    if num_labels and max(labels) >= num_labels:
+        raise UsageError(f"--data has label {max(labels)} but the model has num_labels={num_labels}")
+    if tokenized.features["labels"].dtype != "int64":
+        from datasets import Value
+
+        tokenized = tokenized.cast_column("labels", Value("int64"))  # 1.0 -> 1: a class id, not a target
+    return tokenized

@@ -1,0 +1,192 @@
+"""``compress prune``: validate every input, load, score, prune, save atomically, print what changed."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from compress_cli import RunFailed, UsageError
+
+from .inputs import (
+    build_calibration,
+    check_weight_files,
+    load_config,
+    load_tokenizer,
+    meta_model,
+    position_limit,
+    read_config_json,
+    resolve_device,
+    resolve_task,
+    shape_mismatches,
+)
+from .summary import format_size, forward_flops, out, summary_rows
+
+logger = logging.getLogger("compress.cli")
+
+_WHOLE_UNITS = {"ffn": "whole neurons per layer", "heads": "whole heads, the same number per kv group",
+                "kv_heads": "whole kv heads per layer", "layers": "whole layers"}
+
+
+@contextlib.contextmanager
+def _run_phase() -> Iterator[None]:
+    """Errors raised inside happen after the inputs were validated: exit status 1, not 2."""
+    from compress.errors import NothingToPruneError
+
+    try:
+        yield
+    except NothingToPruneError:
+        raise  # the request cannot be met by this model: a bad input (exit 2), found once scores exist
+    except (ValueError, OSError) as exc:
+        raise RunFailed(exc) from exc
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn transformers' and datasets' progress bars off for the block (restored afterwards)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled:
+            if was[0]:
+                hf_logging.enable_progress_bar()
+            if was[1]:
+                datasets.enable_progress_bars()
+
+
+def _positive(flag: str, value: int) -> None:
+    if value < 1:
+        raise UsageError(f"{flag} must be a positive integer, got {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    with _progress_bars(not args.no_progress):
+        return _prune(args)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from compress.errors import CalibrationError
+    from compress.export import check_output_folder, needs_compress_to_load, removed_summary, save_pretrained
+    from compress.measure import folder_size, format_table
+    from compress.pruning.arch import spec_class, supported_model_types
+    from compress.pruning.engine import check_support, prune_model
+    from compress.pruning.importance import get_importance
+    from compress.pruning.spec import PruningSpec, parse_sparsity
+
+    # -- validate everything cheap before loading anything ------------------------------------------------
+    for name in ("num_batches", "batch_size", "max_length"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    spec = PruningSpec.from_options(parse_sparsity(args.sparsity), args.structures, mode=args.mode,
+                                    importance=args.importance, normalize=args.normalize, max_keep=args.max_keep,
+                                    round_to=args.round_to, compensate_bias=args.compensate_bias)
+    criterion = get_importance(spec.importance)
+    model_dir, config_dict = read_config_json(args.model_dir)
+    model_type = str(config_dict.get("model_type", ""))
+    spec_cls = spec_class(model_type)
+    if spec_cls is None:
+        raise UsageError(f"{model_dir}: model_type {model_type or '(none)'!r} is not supported for structured "
+                         f"pruning; supported model types: {', '.join(supported_model_types())}")
+    check_support(spec_cls, spec.sparsity, spec.mode)  # the class's structure tables suffice
+    out_dir = Path(args.out).expanduser()
+    if out_dir.resolve() == model_dir.resolve():
+        raise UsageError("--out is MODEL_DIR itself; write the pruned model to a new folder")
+    inputs = [model_dir, args.tokenizer, args.data]
+    check_output_folder(out_dir, overwrite=args.overwrite, inputs=inputs, option="--overwrite",
+                        name=f"--out {args.out}")
+    device = resolve_device(args.device)
+    check_weight_files(model_dir)
+    config = load_config(model_dir)
+
+    dataset = None
+    if criterion.needs_calibration or spec.compensate_bias:
+        if not args.data:
+            needs = (f"--importance {spec.importance_name} scores units with the task loss"
+                     if criterion.needs_calibration else "--compensate-bias measures mean activations")
+            raise CalibrationError(
+                f"{needs} and needs --data (e.g. --data sst2-sample or a .tsv file); or use --importance "
+                "magnitude without --compensate-bias, which needs no data")
+        from compress.data import load_task
+
+        try:
+            dataset = load_task(args.data, split=args.split)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--data: {exc}") from None
+    elif args.data:
+        logger.warning("--data ignored: --importance %s needs no calibration data", spec.importance_name)
+
+    task, auto_name = resolve_task(config_dict, args.task_type)
+    tokenizer_dir = Path(args.tokenizer).expanduser() if args.tokenizer else model_dir
+    tokenizer = load_tokenizer(tokenizer_dir, explicit=args.tokenizer is not None)
+    if dataset is not None and tokenizer is None:
+        raise UsageError(f"--data needs a tokenizer, and {model_dir} has none; pass --tokenizer DIR")
+
+    import transformers
+
+    mismatches = shape_mismatches(model_dir, meta_model(config, auto_name))
+    if mismatches:
+        raise UsageError(f"{model_dir / 'config.json'} disagrees with the weights: {mismatches[0]}"
+                         + (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
+                         + "; fix config.json or re-save the model with save_pretrained")
+    logger.info("loading %s with %s", model_dir, auto_name)
+    try:
+        model = getattr(transformers, auto_name).from_pretrained(str(model_dir), config=config, local_files_only=True,
+                                                                 use_safetensors=True)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise UsageError(f"cannot load {model_dir} with {auto_name}: {exc}") from None
+    model.to(device)
+    model.eval()
+
+    seq_len = args.max_length
+    limit = position_limit(model.config, tokenizer)
+    if limit is not None and seq_len > limit:
+        logger.warning("--max-length %d exceeds the model's limit of %d positions; using %d", seq_len, limit, limit)
+        seq_len = limit
+
+    batches = None
+    if dataset is not None:
+        batches = build_calibration(dataset, tokenizer, model, task, max_length=seq_len,
+                                    batch_size=args.batch_size, num_batches=args.num_batches)
+
+    # -- prune, measure, save: failures from here on are runtime errors (exit 1) -------------------------
+    with _run_phase():
+        started = time.perf_counter()
+        flops_before = forward_flops(model, seq_len)
+        report = prune_model(model, data=batches, num_batches=args.num_batches, batch_size=args.batch_size,
+                             tokenizer=tokenizer, progress=not args.no_progress, spec=spec)
+        elapsed = time.perf_counter() - started
+        flops_after = forward_flops(model, seq_len)
+        model.to("cpu")
+        saved = save_pretrained(model, out_dir, tokenizer=tokenizer, report=report, overwrite=args.overwrite,
+                                inputs=inputs, option="--overwrite")
+        size = folder_size(saved)
+
+    for name, asked in spec.sparsity.items():
+        achieved = report.achieved_sparsity[name]
+        if f"{achieved:.0%}" != f"{asked:.0%}":
+            why = f"widths are kept a multiple of --round-to {spec.round_to}" if name == "ffn" and spec.round_to > 1 \
+                else _WHOLE_UNITS.get(name, "whole units")
+            logger.warning("%s: removed %.1f%%, not the %.1f%% asked (%s)", name, 100 * achieved, 100 * asked, why)
+    calibration = f", {len(batches)} calibration batches" if batches else ""
+    out(f"Pruned {model_type} ({type(model).__name__}): removed {removed_summary(report.to_dict())}; {spec.mode} "
+        f"mode, {spec.importance_name} importance{calibration}; {elapsed:.1f} s")
+    out()
+    out(format_table(summary_rows(report, flops_before, flops_after, seq_len)))
+    out()
+    contents = "weights, config, " + ("tokenizer, " if tokenizer is not None else "no tokenizer, ")
+    out(f"saved:   {saved} ({format_size(size)}: {contents}model card README.md, compress_report.json)")
+    if needs_compress_to_load(model):
+        out(f"loading: compact model (model_type {model.config.model_type}, widths the standard config cannot "
+            f"express): run `import compress` before {auto_name}.from_pretrained")
+    else:
+        out(f"loading: standard transformers folder, {auto_name}.from_pretrained works without `import compress`")
+    return 0

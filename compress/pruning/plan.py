@@ -1,0 +1,238 @@
+"""Choosing what to remove: per layer (``uniform``) or pooled across layers (``global``), from unit scores.
+
+Everything here works on scores and sizes only; nothing touches a model. :func:`plan_removals` returns the
+indices to remove per unit, which :func:`compress.pruning.surgery.apply_removals` then removes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from compress.errors import CompressError, NothingToPruneError
+from compress.pruning.arch import ArchSpec
+from compress.pruning.importance import Unit
+from compress.pruning.spec import NORMALIZATIONS, InvalidOptionError
+
+
+def _n_remove(n: int, sparsity: float, min_keep: int = 1, multiple: int = 1) -> int:
+    keep = max(min_keep, n - int(math.floor(sparsity * n + 0.5)))
+    if multiple > 1:
+        keep = min(n, max(multiple, int(math.ceil(keep / multiple) * multiple)))
+    return n - keep
+
+
+def _lowest(scores: torch.Tensor, count: int) -> list[int]:
+    if count <= 0:
+        return []
+    return sorted(torch.argsort(scores.float(), stable=True)[:count].tolist())
+
+
+def _global_counts(units: list[Unit], scores: dict[str, torch.Tensor], sparsity: float,
+                   min_keep: dict[str, int], min_remove: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Pool every channel of the units, remove the lowest ``sparsity`` of them, respecting ``min_keep``.
+
+    ``min_remove`` (the ``max_keep`` cap) is taken first from each unit's lowest scores and counts
+    against the same budget, so the total removed is unchanged.
+    """
+    pooled = sorted((float(s), u.key) for u in units for s in scores[u.key])
+    budget = int(math.floor(sparsity * sum(u.size for u in units) + 0.5))
+    removable = {u.key: u.size - min_keep[u.key] for u in units}
+    forced = {u.key: min(removable[u.key], (min_remove or {}).get(u.key, 0)) for u in units}
+    counts = dict(forced)
+    budget -= sum(forced.values())
+    seen = {u.key: 0 for u in units}
+    for _, key in pooled:
+        if budget <= 0:
+            break
+        seen[key] += 1
+        if seen[key] <= forced[key]:
+            continue  # one of the unit's lowest channels, already counted by the cap
+        if counts[key] < removable[key]:
+            counts[key] += 1
+            budget -= 1
+    return counts
+
+
+def _forced(size: int, cap: int | None, per: int = 1) -> int:
+    """How many of a unit's ``size`` channels a width cap of ``cap`` removes at least; with groups of
+    ``per`` channels (a row of query heads, one per kv group) the cap is rounded up to whole groups."""
+    if cap is None:
+        return 0
+    return max(0, size - max(1, math.ceil(cap / per)) * per)
+
+
+def width_cap(size: int, sparsity: float, max_keep: float) -> int:
+    """The most channels of ``size`` one layer may keep under ``max_keep`` when ``sparsity`` of them are removed
+    overall: ``max_keep`` of ``size``, but never below what ``sparsity`` keeps on average (whole channels per
+    layer could otherwise force more removals than the sparsity asks)."""
+    return max(int(math.floor(max_keep * size + 1e-9)), math.ceil((1.0 - sparsity) * size - 1e-9))
+
+
+def _cap(size: int, sparsity: float, max_keep: float | None, max_width: int | None) -> int | None:
+    if max_width is not None:
+        return max_width
+    return None if max_keep is None else width_cap(size, sparsity, max_keep)
+
+
+def normalize_scores(units: list[Unit], scores: Mapping[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+    """Scale each unit's channel scores by their mean (``"mean"``) or L2 norm (``"l2"``) before global ranking.
+
+    Gradient-based scores grow towards the loss, so ranking raw scores across layers strips early layers
+    and leaves the last one whole; normalising per layer ranks channels by how they compare within their
+    own layer, while still letting layers end up with different widths.
+    """
+    if how not in NORMALIZATIONS:
+        raise InvalidOptionError("normalize", how, f"choose one of {', '.join(NORMALIZATIONS)}")
+    out = dict(scores)
+    if how == "none":
+        return out
+    for u in units:
+        if u.structure in ("ffn", "heads"):
+            s = scores[u.key].float()
+            scale = s.mean() if how == "mean" else s.norm()
+            out[u.key] = s / scale if scale > 0 else s
+    return out
+
+
+def plan_removals(arch: ArchSpec, units: list[Unit], scores: dict[str, torch.Tensor],
+                  sparsity: Mapping[str, float], mode: str, round_to: int = 1,
+                  normalize: str = "none", max_keep: float | None = None,
+                  max_widths: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+    """Indices to remove per unit key: channels for ffn, query heads for heads/kv_heads, blocks for layers.
+
+    ``normalize`` (global mode): see :func:`normalize_scores`. ``max_keep`` (global mode): no layer keeps
+    more than this fraction of its current FFN neurons or heads (see :class:`~compress.pruning.spec.PruningSpec`).
+    ``max_widths`` (global mode) caps widths in absolute terms instead, per structure (``ffn``, ``heads``,
+    ``kv_heads``): for pruning in several steps, where the cap refers to the widths before the first.
+    """
+    if max_widths is not None and mode != "global":
+        raise CompressError("max_widths caps per-layer widths in mode='global' only")
+    caps = dict(max_widths or {})
+    removals: dict[str, list[int]] = {}
+    if mode == "global":
+        scores = normalize_scores(units, scores, normalize)
+    ffn_units = [u for u in units if u.structure == "ffn"]
+    if ffn_units:
+        fraction = sparsity["ffn"]
+        if mode == "global":
+            counts = _global_counts(ffn_units, scores, fraction, {u.key: min(u.size, round_to) for u in ffn_units},
+                                    {u.key: _forced(u.size, _cap(u.size, fraction, max_keep, caps.get("ffn")))
+                                     for u in ffn_units})
+            if round_to > 1:
+                counts = {u.key: u.size - max(round_to, (u.size - counts[u.key]) // round_to * round_to)
+                          for u in ffn_units}
+        else:
+            counts = {u.key: _n_remove(u.size, fraction, 1, round_to) for u in ffn_units}
+        for u in ffn_units:
+            removals[u.key] = _lowest(scores[u.key], counts[u.key])
+
+    head_units = [u for u in units if u.structure == "heads"]
+    if head_units and ("heads" in sparsity or "kv_heads" in sparsity):
+        head_mode = "uniform" if "heads" in arch.uniform_only_structures else mode
+        removals.update(_plan_heads(head_units, scores, sparsity, head_mode, max_keep, caps))
+
+    for u in units:
+        if u.structure == "layers":
+            candidates = [i for i in range(u.size) if i not in u.site.protected]
+            count = min(_n_remove(u.size, sparsity["layers"]), len(candidates))
+            cand_scores = scores[u.key][candidates]
+            removals[u.key] = sorted(candidates[i] for i in _lowest(cand_scores, count))
+    return removals
+
+
+def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], sparsity: Mapping[str, float],
+                mode: str, max_keep: float | None = None,
+                caps: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+    caps = caps or {}
+    removals: dict[str, list[int]] = {}
+    whole_kv = "kv_heads" in sparsity
+    fraction = sparsity["kv_heads" if whole_kv else "heads"]
+
+    # T5: heads shared across the layers of a stack are scored and removed together.
+    shared: dict[str, list[Unit]] = {}
+    for u in units:
+        if u.site.shared_heads_key:
+            shared.setdefault(u.site.shared_heads_key, []).append(u)
+    for members in shared.values():
+        total = sum(scores[u.key] for u in members)
+        idxs = _lowest(total, _n_remove(members[0].size, fraction))
+        for u in members:
+            removals[u.key] = idxs
+    free = [u for u in units if not u.site.shared_heads_key]
+    if not free:
+        return removals
+
+    def groups_of(u: Unit) -> tuple[int, int]:
+        n_kv = u.site.num_kv_heads
+        return n_kv, u.size // n_kv
+
+    # without GQA every head is its own kv group, so pruning heads means pruning whole groups
+    if whole_kv or not any(u.site.is_gqa for u in free):
+        kv_scores = {u.key: scores[u.key].view(*groups_of(u)).sum(1) for u in free}
+        kv_units = [Unit("kv_heads", u.key, groups_of(u)[0], u.site) for u in free]
+        cap_key = "kv_heads" if whole_kv else "heads"  # without GQA, kv groups are the heads
+        if mode == "global":
+            counts = _global_counts(kv_units, kv_scores, fraction, {u.key: 1 for u in kv_units},
+                                    {u.key: _forced(u.size, _cap(u.size, fraction, max_keep, caps.get(cap_key)))
+                                     for u in kv_units})
+        else:
+            counts = {u.key: _n_remove(u.size, fraction) for u in kv_units}
+        for u in free:
+            n_kv, per = groups_of(u)
+            dead_kv = _lowest(kv_scores[u.key], counts[u.key])
+            removals[u.key] = [g * per + j for g in dead_kv for j in range(per)]
+        return removals
+
+    # query heads: an equal number from every kv group, so heads // kv_heads stays an integer
+    if mode == "global":
+        # the cap counts whole rows (one head per kv group), so the equal-per-group rounding below keeps it
+        counts = _global_counts(free, scores, fraction, {u.key: groups_of(u)[0] for u in free},
+                                {u.key: _forced(u.size, _cap(u.size, fraction, max_keep, caps.get("heads")),
+                                                per=groups_of(u)[0]) for u in free})
+    else:
+        counts = {u.key: _n_remove(u.size, fraction, min_keep=groups_of(u)[0]) for u in free}
+    for u in free:
+        n_kv, per = groups_of(u)
+        per_group = min(per - 1, int(math.floor(counts[u.key] / n_kv + 0.5)))
+        grouped = scores[u.key].view(n_kv, per)
+        removals[u.key] = sorted(g * per + j for g in range(n_kv) for j in _lowest(grouped[g], per_group))
+    return removals
+
+
+def achieved_sparsity(units: list[Unit], removals: Mapping[str, list[int]],
+                      sparsity: Mapping[str, float]) -> dict[str, float]:
+    """The fraction of each requested structure that ``removals`` takes away (whole units, so it may differ
+    from ``sparsity``): FFN neurons, query heads, kv heads (whole kv groups) or blocks, over the model."""
+    achieved = {}
+    for structure in sparsity:
+        kind = "heads" if structure == "kv_heads" else structure
+        members = [u for u in units if u.structure == kind]
+        if structure == "kv_heads":
+            removed = total = 0
+            for u in members:
+                n_kv, per = u.site.num_kv_heads, u.size // u.site.num_kv_heads
+                dead = set(removals.get(u.key, []))
+                removed += sum(all(g * per + j in dead for j in range(per)) for g in range(n_kv))
+                total += n_kv
+        else:
+            removed = sum(len(removals.get(u.key, [])) for u in members)
+            total = sum(u.size for u in members)
+        achieved[structure] = removed / total if total else 0.0
+    return achieved
+
+
+def nothing_removed_error(structure: str, sparsity: float, units: list[Unit], round_to: int) -> NothingToPruneError:
+    kind = "heads" if structure == "kv_heads" else structure
+    sizes = sorted({u.size for u in units if u.structure == kind})
+    what = {
+        "ffn": f"FFN widths {sizes}" + (f", kept a multiple of round_to={round_to}" if round_to > 1 else ""),
+        "heads": f"attention blocks with {sizes} heads; every block keeps at least one head per kv group",
+        "kv_heads": "attention blocks whose kv heads cannot lose one and keep at least one",
+        "layers": f"stacks of {sizes} removable layers",
+    }[structure]
+    hint = " or lower round_to" if structure == "ffn" and round_to > 1 else ""
+    return NothingToPruneError(f"{structure}: sparsity {sparsity:g} removes nothing from this model ({what}); raise "
+                               f"the sparsity{hint}, or leave {structure} out")

@@ -1,0 +1,199 @@
+"""What to prune and how, in one validated object shared by the engine, the PEFT configs and the CLI.
+
+The same names are used everywhere: ``sparsity`` (the fraction of a structure removed, per structure),
+``mode``, ``importance``, ``normalize``, ``max_keep``, ``round_to``, ``compensate_bias``; the command line
+spells them ``--sparsity``, ``--mode``, ... Invalid values raise :class:`InvalidOptionError`, which names
+the option, so each caller can print it in its own spelling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from compress.errors import CompressError
+
+#: prunable structures: FFN neurons, query heads (an equal number per kv group), whole kv heads, whole layers
+STRUCTURES = ("ffn", "heads", "kv_heads", "layers")
+#: ``uniform``: every layer keeps the same width (plain transformers configs); ``global``: ranked across layers
+MODES = ("uniform", "global")
+#: per-layer scaling of scores before ranking them across layers (``global`` mode)
+NORMALIZATIONS = ("none", "mean", "l2")
+
+
+class InvalidOptionError(CompressError):
+    """A pruning option has a bad value: ``option`` names it (``key`` the entry of a per-structure mapping),
+    ``reason`` says what is wrong and what to do."""
+
+    def __init__(self, option: str, value: Any, reason: str, key: str | None = None):
+        self.option, self.value, self.reason, self.key = option, value, reason, key
+        where = f"{option}[{key!r}]" if key is not None else option
+        super().__init__(f"{where}={value!r}: {reason}")
+
+    def spelled(self, spelling: str) -> str:
+        """The message with the option spelled as the caller names it (e.g. ``--max-keep 0.3: ...``)."""
+        value = f"{self.key}={self.value}" if self.key is not None else self.value
+        return f"{spelling} {value}: {self.reason}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fraction(value: Any, allow_zero: bool = False, key: str | None = None) -> float:
+    interval = "[0, 1)" if allow_zero else "(0, 1)"
+    if not _is_number(value) or not math.isfinite(value) or not ((0.0 <= value) if allow_zero else (0.0 < value)) \
+            or value >= 1.0:
+        raise InvalidOptionError("sparsity", value, f"a sparsity is the fraction removed: a number in {interval}",
+                                 key=key)
+    return float(value)
+
+
+def structure_names(structures: Iterable[str] | str | None) -> list[str] | None:
+    """``"ffn"`` or ``"ffn,heads"`` or ``("ffn", "heads")`` -> a list of names (a string is not read letter
+    by letter)."""
+    if structures is None:
+        return None
+    names = [s.strip() for s in structures.split(",")] if isinstance(structures, str) else list(structures)
+    for name in names:
+        if not isinstance(name, str) or name not in STRUCTURES:
+            raise InvalidOptionError("structures", structures, f"unknown structure {name!r}; choose from "
+                                     f"{', '.join(STRUCTURES)}")
+    if len(set(names)) != len(names):
+        raise InvalidOptionError("structures", structures, "names a structure twice")
+    return names
+
+
+def sparsity_by_structure(sparsity: float | Mapping[str, float], structures: Iterable[str] | str | None = None,
+                          allow_zero: bool = False) -> dict[str, float]:
+    """``0.5`` with ``structures=("ffn", "heads")`` -> ``{"ffn": 0.5, "heads": 0.5}``; a mapping is checked
+    against ``structures`` when both are given. Without ``structures`` a single number applies to ``ffn``.
+    With ``allow_zero``, zero entries are accepted and dropped."""
+    names = structure_names(structures)
+    if isinstance(sparsity, Mapping):
+        by_structure = {}
+        for name, value in sparsity.items():
+            if name not in STRUCTURES:
+                raise InvalidOptionError("sparsity", dict(sparsity), f"unknown structure {name!r}; choose from "
+                                         f"{', '.join(STRUCTURES)}")
+            by_structure[str(name)] = _fraction(value, allow_zero, key=name)
+        if names is not None and set(names) != set(by_structure):
+            raise InvalidOptionError("structures", structures, f"disagrees with the structures in sparsity "
+                                     f"({', '.join(by_structure)}): give one of them, or make them agree")
+    else:
+        value = _fraction(sparsity, allow_zero)
+        by_structure = {name: value for name in (names if names is not None else ["ffn"])}
+    by_structure = {name: value for name, value in by_structure.items() if value > 0.0}
+    if not by_structure:
+        raise InvalidOptionError("sparsity", sparsity, f"nothing to prune: give a sparsity above 0 for at least "
+                                 f"one of {', '.join(STRUCTURES)}")
+    if "heads" in by_structure and "kv_heads" in by_structure:
+        raise InvalidOptionError("sparsity", dict(by_structure), "prune either 'heads' (query heads per kv group) "
+                                 "or 'kv_heads' (whole kv heads with their query heads), not both")
+    return by_structure
+
+
+def parse_sparsity(text: str) -> float | dict[str, float]:
+    """Command-line form: ``"0.5"`` or ``"ffn=0.5,heads=0.25"`` (each structure once)."""
+    text = text.strip()
+    if "=" not in text:
+        try:
+            return float(text)
+        except ValueError:
+            raise InvalidOptionError("sparsity", text, "must be a number in (0, 1), or per structure, e.g. "
+                                     "ffn=0.5,heads=0.25") from None
+    parsed: dict[str, float] = {}
+    for part in text.split(","):
+        key, sep, value = (piece.strip() for piece in part.partition("="))
+        if not sep or not key:
+            raise InvalidOptionError("sparsity", text, f"cannot parse {part!r}; write 0.5 or ffn=0.5,heads=0.25")
+        if key in parsed:
+            raise InvalidOptionError("sparsity", text, f"names {key!r} twice; give each structure once")
+        try:
+            parsed[key] = float(value)
+        except ValueError:
+            raise InvalidOptionError("sparsity", text, f"the value for {key!r} must be a number in (0, 1), got "
+                                     f"{value!r}") from None
+    return parsed
+
+
+@dataclass(frozen=True)
+class PruningSpec:
+    """What to prune and how; validated on construction (:class:`InvalidOptionError` names the option).
+
+    Args:
+        sparsity: fraction removed per structure, e.g. ``{"ffn": 0.5, "heads": 0.25}``. Build from a single
+            number and a list of structures with :meth:`from_options`.
+        mode: ``uniform`` (the same width in every layer, so a plain transformers config expresses the result)
+            or ``global`` (units ranked across layers; per-layer widths need ``import compress`` to load).
+        importance: a criterion name (``taylor``, ``fisher``, ``magnitude``/``l2``, ``l1``, ``random`` or one
+            registered with :func:`compress.register_importance`) or an :class:`~compress.Importance`.
+        normalize: ``global`` mode: ``"mean"``/``"l2"`` divide each layer's scores by their mean / L2 norm
+            before ranking across layers; ``"none"`` ranks raw scores.
+        max_keep: ``global`` mode: the largest fraction of its FFN neurons and of its heads one layer keeps (at
+            least ``1 - sparsity``); ``None``: no cap.
+        round_to: keep FFN widths a multiple of this.
+        compensate_bias: add removed channels' mean contribution, measured on calibration data, to the bias of
+            the projection they fed.
+    """
+
+    sparsity: Mapping[str, float] = field(default_factory=lambda: {"ffn": 0.5})
+    mode: str = "uniform"
+    importance: Any = "taylor"
+    normalize: str = "none"
+    max_keep: float | None = None
+    round_to: int = 1
+    compensate_bias: bool = False
+
+    @classmethod
+    def from_options(cls, sparsity: float | Mapping[str, float] = 0.5,
+                     structures: Iterable[str] | str | None = None, **options: Any) -> PruningSpec:
+        """A spec from a single sparsity for ``structures`` (default ``ffn``) or a mapping per structure."""
+        return cls(sparsity=sparsity_by_structure(sparsity, structures), **options)
+
+    def __post_init__(self) -> None:
+        from compress.pruning.importance import Importance, available_importances
+
+        if not isinstance(self.sparsity, Mapping):
+            raise InvalidOptionError("sparsity", self.sparsity, "must map structures to fractions, e.g. "
+                                     "{'ffn': 0.5}; use PruningSpec.from_options for one number")
+        object.__setattr__(self, "sparsity", sparsity_by_structure(self.sparsity))
+        if self.mode not in MODES:
+            raise InvalidOptionError("mode", self.mode, f"choose one of {', '.join(MODES)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise InvalidOptionError("normalize", self.normalize, f"choose one of {', '.join(NORMALIZATIONS)}")
+        if not isinstance(self.importance, Importance):
+            if not isinstance(self.importance, str) or self.importance.lower() not in available_importances():
+                raise InvalidOptionError("importance", self.importance, f"choose one of "
+                                         f"{', '.join(available_importances())}, or pass an Importance instance")
+            object.__setattr__(self, "importance", self.importance.lower())
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise InvalidOptionError("round_to", self.round_to, "must be a positive integer")
+        if not isinstance(self.compensate_bias, bool):
+            raise InvalidOptionError("compensate_bias", self.compensate_bias, "must be True or False")
+        self._check_max_keep()
+
+    def _check_max_keep(self) -> None:
+        if self.max_keep is None:
+            return
+        if not _is_number(self.max_keep) or not 0.0 < self.max_keep <= 1.0:
+            raise InvalidOptionError("max_keep", self.max_keep, "the largest fraction of its channels one layer may "
+                                     "keep must be in (0, 1]")
+        if self.mode != "global":
+            raise InvalidOptionError("max_keep", self.max_keep, "caps per-layer widths in global mode; uniform "
+                                     "mode already keeps 1 - sparsity in every layer")
+        for name in ("ffn", "heads", "kv_heads"):
+            if name in self.sparsity and self.max_keep < 1.0 - self.sparsity[name] - 1e-9:
+                raise InvalidOptionError("max_keep", self.max_keep, f"would remove more than the {name} sparsity "
+                                         f"{self.sparsity[name]:g}: set it to at least {1 - self.sparsity[name]:.2f}")
+
+    @property
+    def importance_name(self) -> str:
+        """The criterion's name (its class name for an :class:`~compress.Importance` instance)."""
+        return self.importance if isinstance(self.importance, str) else type(self.importance).__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON-able values (an importance instance becomes its class name)."""
+        return {**asdict(self), "sparsity": dict(self.sparsity), "importance": self.importance_name}

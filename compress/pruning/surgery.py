@@ -1,0 +1,190 @@
+"""Removing planned channels, heads and blocks from a model, and rewriting what depends on their shapes.
+
+Removal goes through torch-pruning's dependency graph, which finds every layer coupled to the pruned
+channels (FFN in/out projections, q/k/v/o of an attention block). Attention heads of grouped-query
+(Llama/Qwen2) and T5 models are the exception: the graph couples query and key/value channels one-to-one and
+misplaces T5's per-head position bias, so those are sliced with torch-pruning's pruning functions by explicit
+head groups. Layers that wrap a base layer with adapters (:class:`PrunableLayer`) prune themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compress.errors import CompressError
+from compress.pruning.arch import ArchSpec, AttentionSite
+from compress.pruning.importance import Unit
+
+
+@runtime_checkable
+class PrunableLayer(Protocol):
+    """What a layer wrapping a base ``nn.Linear`` (e.g. a PEFT adapter layer) offers the pruning engine.
+
+    Such a layer removes channels from its base layer and from every tensor of its own that shares the
+    dimension (adapter matrices, bias buffers), so that the wrapped model stays consistent.
+    """
+
+    def prune_output_channels(self, removed: list[int]) -> None:
+        """Remove these output channels (rows of the base weight) and their counterparts."""
+
+    def prune_input_channels(self, removed: list[int]) -> None:
+        """Remove these input channels (columns of the base weight) and their counterparts."""
+
+
+@contextlib.contextmanager
+def _identity_rotary(model: nn.Module) -> Iterator[None]:
+    """Tracing rotary embeddings never finishes in torch-pruning: swap them for identity while tracing."""
+    module = sys.modules.get(type(model.base_model).__module__)
+    original = getattr(module, "apply_rotary_pos_emb", None)
+    if original is not None:
+        module.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)
+    try:
+        yield
+    finally:
+        if original is not None:
+            module.apply_rotary_pos_emb = original
+
+
+def example_inputs(model: nn.Module, seq_len: int = 8) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    ids = torch.full((1, seq_len), 5, dtype=torch.long, device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids[:, :4].clone()
+    return inputs
+
+
+@contextlib.contextmanager
+def preserve_training_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag on exit (torch-pruning's tracing calls ``model.eval()``)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def build_dependency_graph(model: nn.Module) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of an HF model (rotary embeddings neutralised while tracing)."""
+
+    def first_tensor(out):
+        if hasattr(out, "logits"):
+            return out.logits
+        if hasattr(out, "last_hidden_state"):
+            return out.last_hidden_state
+        return out[0]
+
+    # Tracing follows autograd, so frozen (PEFT) backbones are made to require grad while tracing.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        with _identity_rotary(model), preserve_training_modes(model), warnings.catch_warnings():
+            # norms' weights are "unwrapped parameters" to torch-pruning; we never prune the hidden size
+            warnings.filterwarnings("ignore", message=".*unwrapped.*")
+            warnings.filterwarnings("ignore", message=".*last non-singleton.*")
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs(model), output_transform=first_tensor
+            )
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _channels(heads: list[int], head_dim: int) -> list[int]:
+    return [h * head_dim + d for h in heads for d in range(head_dim)]
+
+
+def _prune_group(dg: tp.DependencyGraph, root: nn.Module, idxs: list[int], expected: set[nn.Module],
+                 what: str) -> None:
+    group = dg.get_pruning_group(root, tp.prune_linear_out_channels, idxs=idxs)
+    touched = {dep.target.module for dep, _ in group if isinstance(dep.target.module, (nn.Linear, nn.Embedding))}
+    if touched != expected:
+        # The graph found a coupling we did not expect: refuse rather than prune something silently.
+        raise CompressError(f"dependency graph for {what} couples {len(touched)} layers, expected "
+                            f"{len(expected)}; this architecture variant is not supported")
+    group.prune()
+
+
+def _prune_out(module: nn.Module, idxs: list[int]) -> None:
+    if isinstance(module, PrunableLayer):
+        module.prune_output_channels(idxs)
+    else:
+        tp.prune_linear_out_channels(module, idxs)
+
+
+def _prune_in(module: nn.Module, idxs: list[int]) -> None:
+    if isinstance(module, PrunableLayer):
+        module.prune_input_channels(idxs)
+    else:
+        tp.prune_linear_in_channels(module, idxs)
+
+
+def _prune_heads_explicitly(site: AttentionSite, dead_q: list[int]) -> None:
+    n_kv, per = site.num_kv_heads, site.num_heads // site.num_kv_heads
+    counts = [sum(1 for h in dead_q if h // per == g) for g in range(n_kv)]
+    dead_kv = [g for g in range(n_kv) if counts[g] == per]
+    if len(set(counts)) > 1 and not set(counts) <= {0, per}:
+        # heads // kv_heads must stay an integer: equal removals per group, or whole groups only
+        raise CompressError(f"{site.name}: remove an equal number of query heads from every kv group, "
+                            "or whole kv groups (structure 'kv_heads')")
+    hd = site.head_dim
+    q_channels = _channels(dead_q, hd)
+    _prune_out(site.q, q_channels)
+    _prune_in(site.o, q_channels)
+    if dead_kv:
+        kv_channels = _channels(dead_kv, hd)
+        _prune_out(site.k, kv_channels)
+        _prune_out(site.v, kv_channels)
+    if site.relative_bias is not None:
+        tp.prune_embedding_out_channels(site.relative_bias, dead_q)
+
+
+def _has_adapter_layers(units: list[Unit]) -> bool:
+    return any(isinstance(m, PrunableLayer) for u in units if u.structure == "ffn" for m in u.site.inputs) or \
+        any(isinstance(u.site.q, PrunableLayer) for u in units if u.structure == "heads")
+
+
+def apply_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
+                   removals: Mapping[str, list[int]]) -> None:
+    """Physically remove the planned channels, heads and blocks, then rewrite config and attributes.
+
+    Plain models go through torch-pruning's dependency graph, checked against the couplings each site
+    declares. Models wrapped with adapter layers prune each site's declared layers directly, so that the
+    adapter matrices shrink with their base layers.
+    """
+    # torch-pruning replaces pruned parameters with new ones that require grad: keep frozen ones frozen
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    channel_units = [u for u in units if u.structure in ("ffn", "heads") and removals.get(u.key)]
+    wrapped = _has_adapter_layers(channel_units)
+    use_graph = not wrapped and any(u.structure == "ffn" or not arch.explicit_head_groups for u in channel_units)
+    dg = build_dependency_graph(model) if use_graph else None
+    for u in channel_units:
+        idxs, site = removals[u.key], u.site
+        if u.structure == "ffn" and dg is not None:
+            _prune_group(dg, site.inputs[0], idxs, {*site.inputs, site.output}, u.key)
+        elif u.structure == "ffn":
+            for lin in site.inputs:
+                _prune_out(lin, idxs)
+            _prune_in(site.output, idxs)
+        elif dg is None or arch.explicit_head_groups:
+            _prune_heads_explicitly(site, idxs)
+        else:
+            _prune_group(dg, site.q, _channels(idxs, site.head_dim), {site.q, site.k, site.v, site.o}, u.key)
+    for name, param in model.named_parameters():
+        param.requires_grad_(requires_grad.get(name, param.requires_grad))
+    arch.refresh()
+    for u in units:
+        if u.structure == "layers" and removals.get(u.key):
+            arch.remove_blocks(u.site, [i for i in range(u.size) if i not in removals[u.key]])
+    arch.refresh()
+

@@ -1,0 +1,308 @@
+"""The ``compress`` command line: argument parsing and dispatch, with nothing but the standard library.
+
+This module stands outside the ``compress`` package on purpose: ``import compress`` registers the PEFT
+methods and compact model classes, which imports torch, transformers and peft (seconds). ``compress --help``,
+``--version`` and malformed command lines are answered from here without that import; a command imports
+the package only when it runs (:mod:`compress.cli`).
+
+``main(argv)`` returns the exit status: 0 on success, 2 for bad arguments or inputs (one
+``compress: error: ...`` line, no traceback), 1 when a valid run fails part-way. ``--debug`` re-raises with
+the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+PROG = "compress"
+
+# The vocabulary the parser offers, written out so that parsing needs no heavy import. tests/test_cli.py
+# checks each against the library's own definition (compress.pruning.spec, .arch, .importance, compress.tasks).
+STRUCTURES = ("ffn", "heads", "kv_heads", "layers")
+MODES = ("uniform", "global")
+NORMALIZATIONS = ("none", "mean", "l2")
+IMPORTANCES = ("fisher", "l1", "l2", "magnitude", "random", "taylor")
+MODEL_TYPES = ("bert", "llama", "qwen2", "roberta", "t5")
+TASK_TYPES = ("sequence-classification", "causal-lm", "seq2seq", "masked-lm", "token-classification",
+              "question-answering")
+STRUCTURES_BY_FAMILY = (
+    "  bert, roberta: ffn, layers / heads\n"
+    "  llama, qwen2:  ffn, heads, kv_heads, layers\n"
+    "  t5:            ffn, heads (heads always uniform: T5 shares its position bias across layers)\n"
+)
+
+
+class UsageError(Exception):
+    """A bad command line or input: reported on one line, exit status 2."""
+
+
+class RunFailed(Exception):
+    """A valid run failed part-way (pruning, saving): reported on one line, exit status 1."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("peft-compress")
+    except PackageNotFoundError:  # running from a checkout that is not installed
+        return "unknown"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors raise :class:`UsageError` (one line, no usage block) instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=100)
+
+
+def _common_flags(parser: argparse.ArgumentParser, top: bool) -> None:
+    # On subcommands the defaults are SUPPRESS so that they do not overwrite flags given before the
+    # subcommand (`compress --debug prune ...`).
+    default = False if top else argparse.SUPPRESS
+    group = parser.add_argument_group("output and debugging")
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="log what is happening (INFO level)")
+    group.add_argument("--debug", action="store_true", default=default,
+                       help="show full tracebacks instead of one-line errors, and DEBUG logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    types = ", ".join(MODEL_TYPES)
+    parser = _Parser(
+        prog=PROG,
+        formatter_class=_Formatter,
+        description=(
+            "peft-compress: shrink Hugging Face transformers models by structured pruning.\n\n"
+            "Parameters are physically removed (FFN neurons, attention heads, kv heads, whole layers), so\n"
+            "the saved folder is smaller and inference is cheaper.\n"
+            f"Supported model types: {types}."
+        ),
+        epilog=(
+            "examples:\n"
+            "  compress info ./bert-sst2\n"
+            "  compress prune ./bert-sst2 --out ./bert-sst2-ffn50 --sparsity 0.5 --structures ffn "
+            "--data sst2-sample\n"
+            "  compress prune --help\n\n"
+            "exit status: 0 success, 2 bad arguments or inputs, 1 a run that failed part-way."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _common_flags(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _prune_parser(sub, types)
+    info = sub.add_parser(
+        "info",
+        formatter_class=_Formatter,
+        help="show a model folder's type, parameters, per-layer widths and prunable structures",
+        description=(
+            "Describe a model folder without loading its weights: architecture, parameter count, per-layer\n"
+            "widths, whether loading it needs `import compress` (a compact model from --mode global), the\n"
+            "pruning record of a folder written by `compress prune`, and which --structures each --mode\n"
+            "supports for this architecture. Weights that disagree with config.json are an error."
+        ),
+        epilog="example:\n  compress info ./bert-sst2",
+    )
+    info.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by save_pretrained")
+    _common_flags(info, top=False)
+    info.set_defaults(command_module="info")
+    return parser
+
+
+def _prune_parser(sub, types: str) -> None:
+    prune = sub.add_parser(
+        "prune",
+        formatter_class=_Formatter,
+        help="structurally prune a model folder and save the smaller model",
+        description=(
+            "Structurally prune a model saved with save_pretrained and save the smaller model.\n\n"
+            "Scores every prunable unit (FFN neurons, attention heads, kv heads or layers) with the chosen\n"
+            "importance criterion, removes the lowest-scoring --sparsity of each structure, rewrites the\n"
+            "config and saves a safetensors folder with the tokenizer, a model card (README.md) and\n"
+            "compress_report.json. Prints parameters, estimated FLOPs and per-layer widths before/after,\n"
+            "and the sparsity achieved (whole units) where it differs from the one asked for.\n\n"
+            "--mode uniform (default) removes the same number of units in every layer, so the result is a\n"
+            "standard transformers folder. --mode global ranks units across layers; layers then differ in\n"
+            "width and the saved folder needs `import compress` before AutoModel*.from_pretrained.\n\n"
+            "--out must be a new or empty folder. --overwrite replaces only a previous output of\n"
+            "peft-compress (it holds compress_report.json or our model card) that contains none of the\n"
+            "run's inputs; anything else is refused before the model loads."
+        ),
+        epilog=(
+            "examples:\n"
+            "  # half of every FFN of a BERT classifier, Taylor importance on the shipped SST-2 sample\n"
+            "  compress prune ./bert-sst2 --out ./bert-ffn50 --sparsity 0.5 --structures ffn --data sst2-sample\n\n"
+            "  # FFN neurons and heads ranked across layers, calibrated on a GLUE folder\n"
+            "  compress prune ./bert-sst2 --out ./bert-global --sparsity 0.3 --structures ffn,heads \\\n"
+            "      --mode global --data glue/SST-2 --num-batches 16\n\n"
+            "  # data-free: weight magnitude; whole kv heads of a Llama/Qwen2 model\n"
+            "  compress prune ./llama --out ./llama-pruned --sparsity 0.25 --structures ffn,kv_heads \\\n"
+            "      --importance magnitude\n\n"
+            "  # a different sparsity per structure\n"
+            "  compress prune ./bert-sst2 --out ./bert-mixed --sparsity ffn=0.5,layers=0.25 --importance l1\n\n"
+            f"supported model types: {types}\n"
+            "structures by family (uniform mode / also in global mode):\n"
+            f"{STRUCTURES_BY_FAMILY}"
+            "`compress info MODEL_DIR` lists what a given model supports."
+        ),
+    )
+    prune.add_argument("model_dir", metavar="MODEL_DIR",
+                       help="folder written by save_pretrained (config.json + safetensors weights; tokenizer if "
+                            "present)")
+    prune.add_argument("--out", "-o", required=True, metavar="DIR",
+                       help="folder to write the pruned model to (new or empty, or see --overwrite)")
+    what = prune.add_argument_group("what to prune")
+    what.add_argument("--sparsity", default="0.5", metavar="S",
+                      help="fraction of each structure to remove, in (0, 1); or per structure, e.g. "
+                           "ffn=0.5,heads=0.25 (default: %(default)s)")
+    what.add_argument("--structures", default=None, metavar="S[,S...]",
+                      help=f"comma-separated structures to prune, from: {', '.join(STRUCTURES)} "
+                           "(default: ffn, or the names given in --sparsity)")
+    what.add_argument("--importance", default="taylor", metavar="NAME", type=str.lower, choices=IMPORTANCES,
+                      help=f"how units are scored: {', '.join(IMPORTANCES)}. taylor and fisher use gradients of "
+                           "the task loss on --data; magnitude/l1/l2 (weight norms) and random need no data "
+                           "(default: %(default)s)")
+    what.add_argument("--mode", default="uniform", choices=MODES,
+                      help="uniform: same width in every layer, plain transformers folder; global: rank "
+                           "units across layers, needs `import compress` to load (default: %(default)s)")
+    what.add_argument("--normalize", default="none", choices=NORMALIZATIONS,
+                      help="global mode: scale each layer's scores by their mean / L2 norm before ranking "
+                           "across layers, so layers near the loss do not win by scale (default: %(default)s)")
+    what.add_argument("--max-keep", type=float, default=None, metavar="F",
+                      help="global mode: the largest fraction of its FFN neurons / heads any one layer keeps, "
+                           "e.g. 0.6; at least 1 - sparsity (default: no cap)")
+    what.add_argument("--compensate-bias", action="store_true",
+                      help="add removed neurons'/heads' mean contribution (measured on --data) to the output "
+                           "projection's bias; projections without a bias are left as they are")
+    what.add_argument("--round-to", type=int, default=1, metavar="N",
+                      help="keep FFN widths a multiple of N, e.g. 8 or 64 for faster kernels "
+                           "(default: %(default)s)")
+    data = prune.add_argument_group("calibration data (taylor / fisher / --compensate-bias)")
+    data.add_argument("--data", default=None, metavar="FILE_OR_DATASET",
+                      help="'sst2-sample' (shipped), a GLUE-style .tsv/.csv/.jsonl file or folder, or a "
+                           "datasets save_to_disk folder. Required by taylor and fisher")
+    data.add_argument("--split", default="train",
+                      help="split to read from a folder or saved DatasetDict (default: %(default)s)")
+    data.add_argument("--num-batches", type=int, default=8, metavar="N",
+                      help="calibration batches to score with (default: %(default)s)")
+    data.add_argument("--batch-size", type=int, default=16, metavar="N",
+                      help="rows per calibration batch (default: %(default)s)")
+    data.add_argument("--max-length", type=int, default=128, metavar="N",
+                      help="tokens per row (truncation), also the sequence length of the FLOPs estimate; "
+                           "capped at the model's position limit (default: %(default)s)")
+    model = prune.add_argument_group("loading and saving")
+    model.add_argument("--task-type", default="auto", choices=("auto", *TASK_TYPES),
+                       help="which head to load MODEL_DIR with; auto reads `architectures` in config.json "
+                            "(default: %(default)s)")
+    model.add_argument("--tokenizer", default=None, metavar="DIR",
+                       help="tokenizer folder, if not saved in MODEL_DIR (default: MODEL_DIR)")
+    model.add_argument("--device", default="auto",
+                       help="device to prune on: auto (cuda if available), cpu, cuda, cuda:1, ... "
+                            "(default: %(default)s)")
+    model.add_argument("--overwrite", action="store_true",
+                       help="replace --out if it is a previous output of peft-compress holding none of the "
+                            "inputs (atomically, after pruning succeeded)")
+    model.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _common_flags(prune, top=False)
+    prune.set_defaults(command_module="prune")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is at emit time (pytest swaps it per test)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _cli_logging(verbose: bool, debug: bool) -> Iterator[None]:
+    """Log the package's messages to stderr for one command; the logger is restored afterwards, so
+    calling :func:`main` in-process leaves no trace on logging."""
+    log = logging.getLogger("compress")
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def spell_option(option: str) -> str:
+    """A library option name as the command line spells it: ``max_keep`` -> ``--max-keep``."""
+    return "--" + option.replace("_", "-")
+
+
+def error_line(exc: BaseException) -> str:
+    """``compress: error: <message>`` on one line (newlines folded; library option names spelled as flags)."""
+    spelled = getattr(exc, "spelled", None)  # compress.pruning.spec.InvalidOptionError
+    message = spelled(spell_option(exc.option)) if callable(spelled) else str(exc)
+    return f"{PROG}: error: {' '.join(message.split()) or type(exc).__name__}"
+
+
+# What a user can cause and fix (CompressError is a ValueError): reported on one line, exit status 2.
+_EXPECTED_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``compress`` command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help / --version
+            return exc.code if isinstance(exc.code, int) else 0
+        debug = bool(getattr(args, "debug", False))
+        if getattr(args, "command_module", None) is None:
+            parser.print_help(sys.stderr)
+            return 2
+        with _cli_logging(bool(getattr(args, "verbose", False)), debug):
+            from importlib import import_module
+
+            command = import_module(f"compress.cli.{args.command_module}")
+            return int(command.run(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except RunFailed as exc:
+        if debug:
+            raise exc.cause from None
+        sys.stderr.write(error_line(exc.cause) + "\n")
+        return 1
+    except _EXPECTED_ERRORS as exc:
+        if debug:
+            raise
+        sys.stderr.write(error_line(exc) + "\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
