@@ -134,8 +134,8 @@ CASES = {
                                       "global", *MAGNITUDE], "heads: sparsity 0.5 removes nothing"),
     "layers-rounded": Case(["prune", "{w}/bert", "--out", "{w}/out", "--structures", "layers", "--sparsity", "0.4",
                             *MAGNITUDE], None, warning="layers: removed 50.0%, not the 40.0% asked", out=None),
-    "repeated-sparsity-key": Case(["prune", "{w}/bert", "--out", "{w}/out", "--sparsity", "ffn=0.5,ffn=0.3", *MAGNITUDE],
-                               "names 'ffn' twice"),
+    "repeated-sparsity-key": Case(["prune", "{w}/bert", "--out", "{w}/out", "--sparsity", "ffn=0.5,ffn=0.3",
+                                   *MAGNITUDE], "names 'ffn' twice"),
     # 5. raw tracebacks
     "truncated-weights": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE],
                               "model.safetensors is not a readable safetensors file", _setup_truncated),

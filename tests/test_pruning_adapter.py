@@ -263,8 +263,8 @@ def test_schedule_longer_than_training_fails_clearly(tmp_path):
     ({"distill_weight": -1.0}, "distill_weight=-1.0 must be"),
     ({"distill_weight": 1.0, "layer_sparsity": 0.5}, "set layer_sparsity=0 or distill_weight=0"),
     ({"distill_weight": 1.0, "quantize_backbone": "8bit"}, "use one or the other"),
-    ({"max_keep": 0.4, "mode": "global"}, "set max_keep >= 0.50"),
-    ({"max_keep": 0.75}, "drop max_keep or use mode='global'"),
+    ({"max_keep": 0.4, "mode": "global"}, "set it to at least 0.50"),
+    ({"max_keep": 0.75}, "caps per-layer widths in global mode"),
     ({"max_keep": 1.5, "mode": "global"}, r"must be in \(0, 1\]"),
 ])
 def test_bad_configs_fail_clearly(kwargs, match):
