@@ -183,3 +183,23 @@ def test_damaged_plan_copy_fails_clearly(saved, tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(CompressError, match="saved with the adapter weights .* is unreadable"):
         _load(folder)
+
+
+def test_shapes_of_the_saved_tensors_are_checked_against_the_replayed_plan(saved, tmp_path):
+    """Without the copy in the weights (an older folder), an edit that keeps the plan consistent with itself
+    still has to rebuild the shapes of the saved adapter tensors."""
+    plan = saved[2]
+    key = _ffn_key(plan[1])
+    layer = int(key.split(".")[1])
+    extra = next(i for i in range(plan[1]["widths_before"]["ffn"][layer]) if i not in plan[1]["removed"][key])
+
+    def remove_one_more(plan):
+        plan[1]["removed"][key] = sorted([*plan[1]["removed"][key], extra])
+        plan[1]["widths_after"]["ffn"][layer] -= 1
+
+    folder = _copy(saved, tmp_path, remove_one_more)
+    _strip_plan_copy(folder)
+    with pytest.raises(CompressError, match=r"saved adapter tensors do not have the shapes pruning_plan rebuilds, "
+                                            r"e\.g\. .*: saved \(\d+, \d+\), rebuilt \(\d+, \d+\)") as info:
+        _load(folder)
+    assert ADVICE in str(info.value)
