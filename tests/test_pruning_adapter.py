@@ -273,7 +273,7 @@ def test_bad_configs_fail_clearly(kwargs, match):
 
 
 def test_unexpressible_or_missing_targets_fail_clearly():
-    with pytest.raises(UnsupportedStructureError, match="mode='global'"):
+    with pytest.raises(UnsupportedStructureError, match="use global mode"):
         _bert_peft(head_sparsity=0.5)  # BERT heads need the compact (global) path
     with pytest.raises(ValueError, match="not_a_layer"):
         _bert_peft(ffn_sparsity=0.5, target_modules=["not_a_layer"])
