@@ -3,10 +3,9 @@
 CPU tensors come from the C allocator. glibc serves large blocks from its heap arenas once a freed
 block has raised its (dynamic) mmap threshold, and keeps freed blocks there for reuse. Structural pruning
 changes weight and activation shapes, and pruned layers have widths that differ from layer to layer, so
-the kept blocks rarely fit again and resident memory climbs although nothing is leaked. Measured on RTE
-(variable-length batches of 32, MiniLM-L6, progressive Pruning-Adapter): RSS reached 5.4 GB after 150 steps
-and 9.2 GB after 600 (LoRA: 3.5 GB after 600); with large blocks mapped individually the same 150 steps
-peaked at 1.95 GB, and steps took about 20% longer (fresh mappings are zeroed by the kernel).
+the kept blocks rarely fit again and resident memory climbs although nothing is leaked. Mapping large blocks
+individually returns them to the OS when freed, at the cost of the kernel zeroing fresh mappings
+(docs/experiments/pruning-adapter-memory.md has the measurements).
 """
 
 from __future__ import annotations

@@ -84,9 +84,8 @@ def test_pruned_model_equals_masked_original(arch, ratios, mode):
 def test_shapes_and_config_follow_ratios(arch, ratios, mode):
     model = tiny.make_model(arch)
     before = arch_spec(model).widths()
-    report = compress.prune_model(model, ratios, None, "magnitude", mode=mode)
+    compress.prune_model(model, ratios, None, "magnitude", mode=mode)
     after = arch_spec(model).widths()
-    assert after == report.widths_after
     cfg = model.config
     if "ffn" in ratios:
         assert sum(after["ffn"]) == pytest.approx(sum(before["ffn"]) * (1 - ratios["ffn"]), abs=len(before["ffn"]))
@@ -127,11 +126,21 @@ def test_decoder_generate_after_pruning_matches_without_cache():
     assert model.model.layers[0].self_attn.layer_idx == 0
 
 
-def test_t5_generate_after_head_pruning():
+def test_t5_generate_after_head_pruning_matches_the_masked_original():
     model = tiny.make_model("t5")
-    compress.prune_model(model, {"heads": 0.5, "ffn": 0.5}, None, "magnitude")
-    out = model.generate(tiny.make_batch("t5", labels=False)["input_ids"], max_new_tokens=4, do_sample=False)
-    assert out.shape[0] == 2
+    original = copy.deepcopy(model)
+    sparsity = {"heads": 0.5, "ffn": 0.5}
+    report = compress.prune_model(model, sparsity, None, "magnitude")
+    ids = tiny.make_batch("t5", labels=False)["input_ids"]
+    options = {"max_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    out = model.generate(ids, **options)
+    ctx = _masked_reference(original, sparsity, report.removed)
+    try:
+        expected = original.generate(ids, **options)
+    finally:
+        ctx.__exit__(None, None, None)
+    assert torch.equal(out.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(expected.scores), rtol=1e-4, atol=1e-5)
     assert model.config.num_heads == 2
     assert model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape[1] == 2
 

@@ -188,6 +188,9 @@ class Importance(ABC):
 class MagnitudeImportance(Importance):
     """L_p norm of the weights that belong to each channel/head/block (no data needed)."""
 
+    # Not torch-pruning's MagnitudeImportance: it scores dependency-graph groups, and grouped-query heads, T5's
+    # shared heads and whole layers are not graph groups here (see compress.pruning.surgery).
+
     def __init__(self, p: int = 2):
         self.p = p
 
@@ -237,6 +240,8 @@ class FisherImportance(Importance):
 
 class RandomImportance(Importance):
     """Uniform random scores: the baseline every criterion should beat."""
+
+    # Not torch-pruning's RandomImportance: seeded per instance, so a run is reproducible.
 
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)

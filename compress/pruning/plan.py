@@ -2,6 +2,11 @@
 
 Everything here works on scores and sizes only; nothing touches a model. :func:`plan_removals` returns the
 indices to remove per unit, which :func:`compress.pruning.surgery.apply_removals` then removes.
+
+torch-pruning's pruners do their own counting (``round_to``, group normalisers, global ranking) inside
+``MetaPruner.step``, which needs dependency-graph groups for every unit; heads of grouped-query models must
+go in equal numbers per kv group, T5's heads together across a stack, and ``max_keep`` caps layers, none of
+which its pruners express, so the counting is done here.
 """
 
 from __future__ import annotations
