@@ -14,7 +14,8 @@ Protocol (every model ends with the same number of optimizer steps, N + R):
 Data: ``../shared/data/sst2`` (train.tsv / test.tsv = official SST-2 dev set) next to the repository, or
 the shipped SST-2 sample when absent; ``--glue-task MRPC`` (CoLA, RTE, SST-2) uses
 ``../shared/data/glue/<task>`` with dev.tsv as the test set. Prints a table and writes it as markdown
-(``--md``). Timings are printed, never asserted.
+(``--md``). Timings are printed, never asserted. Run it with the package installed (``pip install -e .``;
+``./run.sh`` does); data paths, latency batch and offline set-up come from :mod:`compress.bench.recipe`.
 
     python recipes/bench_prune.py                      # SST-2: 10-25 minutes on 2 CPU cores
     python recipes/bench_prune.py --glue-task MRPC --steps 300 --recovery-steps 100   # about 10-25 minutes
@@ -24,26 +25,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from compress.bench.recipe import GLUE_TASKS, latency_inputs, load_splits, setup_run
+from compress.bench.train import finetune_classifier, glue_scores, load_sequence_classifier, minilm_path, predict_labels
+from compress.data import tokenize_dataset
+from compress.export import save_pretrained
+from compress.measure import folder_size, format_table, interleaved_latency
+from compress.pruning.engine import prune_model
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GLUE_TASKS = ("SST-2", "CoLA", "MRPC", "RTE")
-
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-for _key, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
-                     ("TOKENIZERS_PARALLELISM", "false")):
-    os.environ.setdefault(_key, _value)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-rows", type=int, default=0,
                    help="use a seeded random subset of this many training rows (default 0: all)")
     p.add_argument("--glue-task", choices=GLUE_TASKS, help="use ../shared/data/glue/<task> (dev.tsv as test)")
-    p.add_argument("--data", type=Path, help="explicit data folder (train + test/dev files)")
+    p.add_argument("--data", type=Path, help="explicit data folder (train + test, else dev, files)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_prune", help="where models are saved")
     p.add_argument("--md", type=Path, help="markdown output (default runs/bench_prune.md, or "
                                            "runs/bench_prune_<task>.md with --glue-task)")
@@ -73,69 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_data(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    from compress.data import load_task
-
-    if args.data is not None:
-        folder = args.data
-    elif args.glue_task:
-        folder = SHARED_DATA / "glue" / args.glue_task
-    else:
-        folder = SHARED_DATA / "sst2"
-    if folder.is_dir():
-        test_split = "test" if (folder / "test.tsv").is_file() and not args.glue_task else "dev"
-        train, test = load_task(folder, "train"), load_task(folder, test_split)
-        return train, test, f"{folder} (train.tsv / {test_split}.tsv)"
-    if args.glue_task or args.data is not None:
-        raise SystemExit(f"data folder {folder} not found")
-    print(f"note: {folder} not found; using the SST-2 sample shipped in the package")
-    train, test = load_task("sst2-sample", "train"), load_task("sst2-sample", "test")
-    return train, test, "shipped SST-2 sample (2,000 train rows; test = 872-row official dev set)"
-
-
-def latency_batch(tokenizer, texts, pairs=None, batch_size: int = 32, seq_len: int = 128) -> dict:
-    rows = [texts[i % len(texts)] for i in range(batch_size)]
-    second = [pairs[i % len(pairs)] for i in range(batch_size)] if pairs is not None else None
-    return dict(tokenizer(rows, second, padding="max_length", truncation=True, max_length=seq_len,
-                          return_tensors="pt"))
-
-
-def interleaved_latency(models: dict[str, torch.nn.Module], batch: dict, rounds: int, repeats: int) -> dict:
-    """Median forward latency per model, rounds interleaved across models to share machine-load drift."""
-    from compress.measure import inference_latency
-
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name] += inference_latency(model, batch, warmup=1, repeats=repeats).times_s
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    import datasets
-    import transformers
-
-    if not args.verbose:
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel warning on import
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-
-    from sklearn.metrics import f1_score, matthews_corrcoef
-
-    from compress.data import tokenize_dataset
-    from compress.export import save_pretrained
-    from compress.measure import count_parameters, folder_size, format_table
-    from compress.pruning.engine import prune_model
-    from compress.train import finetune_classifier, load_sequence_classifier, minilm_path, predict_labels
+    setup_run(args.verbose)
 
     started = time.perf_counter()
-    train, test, source = load_data(args)
-    if args.train_rows and len(train) > args.train_rows:
-        train = train.shuffle(seed=args.seed).select(range(args.train_rows))
+    try:
+        train, test, source = load_splits(args.glue_task, data=args.data, train_rows=args.train_rows, seed=args.seed)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
     num_labels = int(max(train["label"])) + 1
     task = args.glue_task or "SST-2"
     md_path = args.md or REPO / "runs" / ("bench_prune.md" if not args.glue_task
@@ -146,16 +88,9 @@ def main(argv=None) -> int:
     model, tok = load_sequence_classifier(minilm_path(), num_labels=num_labels, seed=args.seed)
     fit = dict(batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, seed=args.seed,
                freeze_embeddings=True)
-    labels = np.asarray(test["label"])
 
     def score(m) -> dict[str, float]:
-        pred = predict_labels(m, tok, test, max_length=args.max_length)
-        out = {"acc": float(np.mean(pred == labels))}
-        if task == "CoLA":
-            out["mcc"] = float(matthews_corrcoef(labels, pred))
-        if task == "MRPC":
-            out["f1"] = float(f1_score(labels, pred))
-        return out
+        return glue_scores(test["label"], predict_labels(m, tok, test, max_length=args.max_length), task)
 
     print(f"[dense] fine-tuning {args.steps} steps (batch {args.batch_size}, seq {args.max_length}, "
           f"lr {args.lr:g}) ...", flush=True)
@@ -198,25 +133,22 @@ def main(argv=None) -> int:
                               overwrite=True)
         sizes[name] = folder_size(out)
     pairs = test["text_pair"] if "text_pair" in test.column_names else None
-    lat = interleaved_latency(models, latency_batch(tok, test["text"], pairs), args.latency_rounds,
-                              args.latency_repeats)
+    timed = interleaved_latency(models, latency_inputs(tok, test["text"], pairs), rounds=args.latency_rounds,
+                                repeats=args.latency_repeats)
+    lat = {name: result.median_s for name, result in timed.items()}
 
-    def non_embedding(m) -> int:
-        emb = getattr(m.base_model, "embeddings", None)
-        return count_parameters(m) - (count_parameters(emb) if emb is not None else 0)
-
-    p0, s0, l0 = count_parameters(dense), sizes["dense"], lat["dense"]
-    e0 = non_embedding(dense)
+    p0, s0, l0 = dense.num_parameters(), sizes["dense"], lat["dense"]
+    e0 = dense.num_parameters(exclude_embeddings=True)
     table = []
     for row in rows:
         name = row["model"]
-        params = count_parameters(models[name])
+        params = models[name].num_parameters()
         entry = {
             "model": name,
             "FFN width": row["ffn"],
             "params": params,
             "params ratio": f"{params / p0:.3f}",
-            "non-emb. params ratio": f"{non_embedding(models[name]) / e0:.3f}",
+            "non-emb. params ratio": f"{models[name].num_parameters(exclude_embeddings=True) / e0:.3f}",
             "size ratio": f"{sizes[name] / s0:.3f}",
             "latency ms": round(lat[name] * 1e3),
             "latency ratio": f"{lat[name] / l0:.3f}",

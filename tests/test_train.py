@@ -1,4 +1,4 @@
-"""compress.train on a tiny random BERT: fine-tuning learns a separable toy task; accuracy is exact."""
+"""compress.bench.train on a tiny random BERT: fine-tuning learns a separable toy task; predictions are exact."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-from compress import train
+from compress.bench import train
 from tests import tiny
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
@@ -123,19 +123,47 @@ def test_transformers_model_unwraps_peft_models_only():
     assert type(train.transformers_model(wrapped)).__name__ == "BertForSequenceClassification"
 
 
-def test_evaluate_accuracy_matches_manual_computation(tokenizer):
+def test_predictions_match_row_by_row_forward_passes_in_dataset_order(tokenizer):
     model = tiny.make_model("bert", seed=3)
-    ds = make_dataset(50, seed=4)
-    acc = train.evaluate_accuracy(model, tokenizer, ds, batch_size=7)
-
-    correct = 0
+    ds = make_dataset(50, seed=4)  # rows of 4-9 words in mixed order: batches are sorted by length, then unsorted
     with torch.no_grad():
-        for text, label in zip(ds["text"], ds["label"]):
-            enc = tokenizer(text, return_tensors="pt")
-            correct += int(model(**enc).logits.argmax(-1).item() == label)
-    assert acc == pytest.approx(correct / len(ds))
-    preds = train.predict_labels(model, tokenizer, ds, batch_size=7)
-    assert preds.shape == (50,) and set(preds.tolist()) <= {0, 1}
+        logits = torch.cat([model(**tokenizer(text, return_tensors="pt")).logits for text in ds["text"]])
+        # a random model answers one class everywhere, which would not show the order: split the rows in half
+        margin = (logits[:, 1] - logits[:, 0]).sort().values
+        model.classifier.bias[1] -= (margin[24] + margin[25]) / 2
+        expected = [int(model(**tokenizer(text, return_tensors="pt")).logits.argmax(-1)) for text in ds["text"]]
+    assert sum(expected) == 25
+
+    preds = train.predict_labels(model.train(), tokenizer, ds, batch_size=7)
+    assert preds.tolist() == expected
+    assert train.evaluate_accuracy(model, tokenizer, ds, batch_size=7) == pytest.approx(
+        np.mean(np.array(expected) == np.array(ds["label"])))
+
+
+def test_prediction_leaves_mode_and_random_state_alone(tokenizer):
+    # Trainer() reseeds the global RNGs; an evaluation between two training phases must not change the second
+    model = tiny.make_model("bert").train()
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    train.evaluate_accuracy(model, tokenizer, make_dataset(8, seed=1))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+    assert model.training
+
+
+def test_glue_scores_give_each_task_its_metric():
+    labels, preds = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # tp 2, tn 1, fp 1, fn 1
+    assert train.glue_scores(labels, preds) == {"acc": 0.6}
+    assert train.glue_scores(labels, preds, "CoLA") == pytest.approx({"acc": 0.6, "mcc": 1 / 6})
+    assert train.glue_scores(labels, preds, "MRPC") == pytest.approx({"acc": 0.6, "f1": 2 / 3})
+    # a model that always answers 0: MCC and F1 are 0 (undefined), not a division error
+    assert train.glue_scores(labels, [0] * 5, "CoLA")["mcc"] == 0.0
+    assert train.glue_scores(labels, [0] * 5, "MRPC")["f1"] == 0.0
+    assert train.glue_scores([1, 0, 1, 0], [0, 1, 0, 1], "CoLA")["mcc"] == pytest.approx(-1.0)
 
 
 def test_evaluate_accuracy_rejects_unlabelled_rows(tokenizer):

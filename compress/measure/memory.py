@@ -1,12 +1,9 @@
-"""Measurement harness shared by every benchmark: parameters, FLOPs, disk size, latency, training memory.
+"""Peak training memory, measured in a fresh subprocess per configuration.
 
-All helpers are side-effect free for the caller: nothing global (thread counts, grad mode, a model's
-train/eval flag) is left changed after a call returns.
-
-Training memory is measured in a *fresh subprocess* per configuration, because a process's resident set
-high-water mark (``VmHWM``) only ever grows and the allocator keeps freed pages around: measuring two
-configurations in one process makes the second depend on the first. A :class:`TrainingJob` is therefore
-a serialisable description ("module:function" factory plus JSON-able kwargs), not a live model.
+A process's resident set high-water mark (``VmHWM``) only ever grows and the allocator keeps freed pages
+around: measuring two configurations in one process makes the second depend on the first. A
+:class:`TrainingJob` is therefore a serialisable description ("module:function" factory plus JSON-able
+kwargs), not a live model.
 
 The RSS high-water mark includes the Python/torch baseline (about 0.5 GB with MiniLM loaded on CPU), so
 the figure that matters for comparing methods is ``increase_mb``: peak RSS during training minus RSS after
@@ -23,8 +20,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import math
-import numbers
 import os
 import re
 import resource
@@ -33,30 +28,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from compress.measure._device import model_device, sync, to_device
+from compress.measure.static import count_parameters
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "LatencyResult",
-    "TrainingJob",
-    "TrainingJobError",
-    "TrainingMemoryResult",
-    "TrainingSetup",
-    "count_parameters",
-    "estimate_flops",
-    "folder_size",
-    "format_table",
-    "inference_latency",
-    "peak_training_memory",
-    "ratio",
-]
 
 _MB = 1024 * 1024
 # glibc grows its mmap threshold dynamically after large frees, after which big tensors are carved out of
@@ -68,152 +50,6 @@ DEFAULT_MALLOC_ENV: dict[str, str] = {
     "MALLOC_TRIM_THRESHOLD_": str(128 * 1024),
 }
 _STDERR_TAIL_CHARS = 4000
-
-
-# --------------------------------------------------------------------------------------------------------
-# Static measures
-# --------------------------------------------------------------------------------------------------------
-
-
-def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of ``model`` (shared parameters counted once).
-
-    With ``trainable_only=True`` only parameters with ``requires_grad`` are counted.
-    """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def estimate_flops(model: torch.nn.Module, inputs: Mapping[str, Any]) -> int:
-    """Estimated FLOPs of one forward call ``model(**inputs)``.
-
-    Uses :class:`torch.utils.flop_counter.FlopCounterMode`, which counts matrix multiplications,
-    convolutions and attention kernels (a multiply-add counts as 2 FLOPs); element-wise ops are ignored.
-    Runs under ``torch.no_grad``; the model's train/eval mode is not changed.
-    """
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(**inputs)
-    return int(counter.get_total_flops())
-
-
-def folder_size(path: str | os.PathLike[str]) -> int:
-    """Total size in bytes of all files under ``path`` (recursively; a file path gives its own size).
-
-    Symlinks to files count with their target's size (as in a Hugging Face cache snapshot); symlinked
-    directories are not descended into.
-    """
-    root = Path(path)
-    if root.is_file():
-        return root.stat().st_size
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such file or folder: {root}")
-    total = 0
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            file = Path(dirpath, name)
-            if file.is_file():  # follows symlinks; skips dangling links, sockets, fifos
-                total += file.stat().st_size
-    return total
-
-
-def ratio(value: float, baseline: float) -> float:
-    """``value / baseline`` as a float (a compression ratio, a speed-up); a zero baseline is an error."""
-    if baseline == 0:
-        raise ValueError(f"ratio: baseline is zero (value={value!r})")
-    return float(value) / float(baseline)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Latency
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LatencyResult:
-    """Wall-clock latency of single forward calls, in seconds."""
-
-    median_s: float
-    mean_s: float
-    p10_s: float
-    p90_s: float
-    min_s: float
-    max_s: float
-    repeats: int
-    times_s: tuple[float, ...] = field(repr=False)
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolation percentile (``q`` in [0, 100]) of an already sorted, non-empty sequence."""
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def inference_latency(
-    model: torch.nn.Module, inputs: Mapping[str, Any], warmup: int = 3, repeats: int = 10
-) -> LatencyResult:
-    """Time ``repeats`` forward calls ``model(**inputs)`` after ``warmup`` untimed ones.
-
-    Runs under ``torch.inference_mode`` with the model in eval mode (its previous mode is restored).
-    Tensor inputs are moved to the model's device; on CUDA each call is bracketed by synchronisation.
-    The torch thread count is left as it is: set it yourself for comparable figures.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    device = _model_device(model)
-    batch = _to_device(inputs, device)
-    was_training = model.training
-    model.eval()
-    times: list[float] = []
-    try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                model(**batch)
-            _sync(device)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(**batch)
-                _sync(device)
-                times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    ordered = sorted(times)
-    result = LatencyResult(
-        median_s=statistics.median(ordered),
-        mean_s=statistics.fmean(ordered),
-        p10_s=_percentile(ordered, 10),
-        p90_s=_percentile(ordered, 90),
-        min_s=ordered[0],
-        max_s=ordered[-1],
-        repeats=repeats,
-        times_s=tuple(times),
-    )
-    logger.debug("latency: median %.6f s over %d calls", result.median_s, repeats)
-    return result
-
-
-# --------------------------------------------------------------------------------------------------------
-# Training memory (fresh subprocess per job)
-# --------------------------------------------------------------------------------------------------------
 
 
 class TrainingJobError(RuntimeError):
@@ -430,8 +266,8 @@ def _run_training_job(job: TrainingJob) -> TrainingMemoryResult:
     if not setup.batches:
         raise ValueError(f"factory {job.factory!r} returned no batches")
     model = setup.model
-    device = _model_device(model)
-    batches = [_to_device(b, device) for b in setup.batches]
+    device = model_device(model)
+    batches = [to_device(b, device) for b in setup.batches]
     model.train()
 
     on_cuda = device.type == "cuda"
@@ -466,7 +302,7 @@ def _run_training_job(job: TrainingJob) -> TrainingMemoryResult:
         optimizer.zero_grad(set_to_none=True)
         if on_step_end is not None:
             on_step_end(step + 1)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
 
@@ -501,14 +337,14 @@ def _child_main(argv: Sequence[str]) -> int:
     return 0
 
 
-_CHILD_CODE = "import sys; from compress.measure import _child_main; sys.exit(_child_main(sys.argv[1:]))"
+_CHILD_CODE = "import sys; from compress.measure.memory import _child_main; sys.exit(_child_main(sys.argv[1:]))"
 
 
 def _child_env(extra_env: Mapping[str, str | None] | None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(DEFAULT_MALLOC_ENV)
     # Make this very copy of `compress` and the parent's working directory importable in the child.
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding this copy of `compress`
     roots = [package_root, os.getcwd()]
     if env.get("PYTHONPATH"):
         roots.append(env["PYTHONPATH"])
@@ -581,59 +417,3 @@ def peak_training_memory(
         job.factory, result.peak_rss_mb, result.baseline_rss_mb, result.increase_mb,
     )
     return result
-
-
-# --------------------------------------------------------------------------------------------------------
-# Tables
-# --------------------------------------------------------------------------------------------------------
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _format_cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, numbers.Integral):
-        return f"{int(value):,}"
-    if isinstance(value, numbers.Real):
-        x = float(value)
-        if math.isnan(x) or math.isinf(x) or x == 0:
-            return str(x) if x else "0"
-        if abs(x) >= 1:
-            return f"{x:,.3f}"
-        return f"{x:.3g}"  # 3 significant digits for small magnitudes (e.g. 0.0123 s)
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def format_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Render rows as an aligned Markdown pipe table (pasteable into a README).
-
-    ``columns`` defaults to every key in order of first appearance; missing values are blank. Integers get
-    thousands separators, floats 3 decimals (3 significant digits below 1), booleans ``yes``/``no``.
-    Columns whose values are all numbers are right-aligned, others left-aligned.
-    """
-    rows = list(rows)
-    if columns is None:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-    columns = list(columns)
-    if not columns:
-        return ""
-    cells = [[_format_cell(row.get(col)) for col in columns] for row in rows]
-    numeric = [
-        any(col in row for row in rows)
-        and all(_is_number(row[col]) for row in rows if row.get(col) is not None)
-        for col in columns
-    ]
-    widths = [max([len(col), 3, *(len(r[i]) for r in cells)]) for i, col in enumerate(columns)]
-
-    def line(values: Sequence[str]) -> str:
-        padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + ":" if num else "-" * (w + 2) for w, num in zip(widths, numeric))
-    rule += "|"
-    return "\n".join([line(columns), rule, *(line(r) for r in cells)])

