@@ -22,17 +22,17 @@ PROG = "compress"
 
 # The vocabulary the parser offers, written out so that parsing needs no heavy import. tests/test_cli.py
 # checks each against the library's own definition (compress.pruning.spec, .arch, .importance, compress.tasks).
-STRUCTURES = ("ffn", "heads", "kv_heads", "layers")
+STRUCTURES = ("ffn", "heads", "kv_heads", "layers", "hidden")
 MODES = ("uniform", "global")
 NORMALIZATIONS = ("none", "mean", "l2")
-IMPORTANCES = ("fisher", "l1", "l2", "magnitude", "random", "taylor")
+IMPORTANCES = ("activation", "fisher", "l1", "l2", "magnitude", "random", "taylor")
 MODEL_TYPES = ("bert", "llama", "qwen2", "roberta", "t5")
 TASK_TYPES = ("sequence-classification", "causal-lm", "seq2seq", "masked-lm", "token-classification",
               "question-answering")
 STRUCTURES_BY_FAMILY = (
-    "  bert, roberta: ffn, layers / heads\n"
-    "  llama, qwen2:  ffn, heads, kv_heads, layers\n"
-    "  t5:            ffn, heads (heads always uniform: T5 shares its position bias across layers)\n"
+    "  bert, roberta: ffn, layers / heads, hidden\n"
+    "  llama, qwen2:  ffn, heads, kv_heads, layers, hidden\n"
+    "  t5:            ffn, heads, hidden (heads always uniform: T5 shares its position bias across layers)\n"
 )
 
 
@@ -173,8 +173,8 @@ def _prune_parser(sub, types: str) -> None:
                            "(default: ffn, or the names given in --sparsity)")
     what.add_argument("--importance", default="taylor", metavar="NAME", type=str.lower, choices=IMPORTANCES,
                       help=f"how units are scored: {', '.join(IMPORTANCES)}. taylor and fisher use gradients of "
-                           "the task loss on --data; magnitude/l1/l2 (weight norms) and random need no data "
-                           "(default: %(default)s)")
+                           "the task loss on --data; activation (mean activation magnitude, no labels) uses --data; "
+                           "magnitude/l1/l2 (weight norms) and random need no data (default: %(default)s)")
     what.add_argument("--mode", default="uniform", choices=MODES,
                       help="uniform: same width in every layer, plain transformers folder; global: rank "
                            "units across layers, needs `import compress` to load (default: %(default)s)")

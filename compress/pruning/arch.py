@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from compress.errors import UnsupportedModelError
+from compress.errors import UnsupportedModelError, UnsupportedStructureError
 
 
 @dataclass
@@ -64,6 +64,34 @@ class FFNSite:
 
 
 @dataclass
+class HiddenSite:
+    """The residual stream (the hidden size): every tensor that carries it, by role.
+
+    Removing hidden channel ``c`` removes column ``c`` of every embedding, entry ``c`` of every norm, input
+    channel ``c`` of every reader and output channel ``c`` of every writer. Tied tensors (input and output
+    embeddings) appear once per module and are sliced once.
+    """
+
+    embeddings: list[nn.Embedding]
+    #: (norm, rescale): LayerNorm / RMSNorm modules on the stream; ``rescale`` marks RMS-style norms whose
+    #: weight is multiplied by sqrt(n / kept) so that channels that are zero everywhere can go unnoticed
+    norms: list[tuple[nn.Module, bool]]
+    readers: list[nn.Module]
+    writers: list[nn.Module]
+    #: modules whose outputs *are* the stream: where a gate on the hidden channels multiplies it
+    gate_points: list[nn.Module]
+    #: modules torch-pruning's dependency graph is traced from to check the declared tensors
+    roots: list[nn.Module]
+
+    @property
+    def width(self) -> int:
+        return self.embeddings[0].embedding_dim
+
+    def modules(self) -> list[nn.Module]:
+        return [*self.embeddings, *(norm for norm, _ in self.norms), *self.readers, *self.writers]
+
+
+@dataclass
 class LayerStack:
     """A ``nn.ModuleList`` of transformer blocks plus how to read a block's sites."""
 
@@ -108,6 +136,16 @@ class ArchSpec:
 
     def ffn_sites(self) -> list[FFNSite]:
         raise NotImplementedError
+
+    def hidden_site(self) -> HiddenSite:
+        """The residual stream's tensors; families that cannot prune the hidden size raise."""
+        raise UnsupportedStructureError(f"{self.family}: pruning 'hidden' is not supported")
+
+    def _head_readers(self, attributes: dict[str, str]) -> list[nn.Module]:
+        """The task head's layers that read the stream: ``{model class suffix: attribute path}``; a head this
+        family does not list is refused by the dependency-graph check in compress.pruning.surgery."""
+        name = type(self.model).__name__
+        return [self.model.get_submodule(path) for suffix, path in attributes.items() if name.endswith(suffix)]
 
     def layer_blocks(self) -> list[tuple[LayerStack, int, nn.Module]]:
         return [(s, i, b) for s in self.stacks() for i, b in enumerate(s.blocks)]
@@ -177,8 +215,9 @@ class BertSpec(ArchSpec):
     model_types = ("bert", "roberta")
     # BERT derives head size as hidden_size / num_attention_heads: fewer heads cannot be expressed.
     uniform_structures = ("ffn", "layers")
-    supported_structures = ("ffn", "heads", "layers")
-    uniform_reasons = {"heads": "BertConfig derives the head size as hidden_size / num_attention_heads"}
+    supported_structures = ("ffn", "heads", "layers", "hidden")
+    uniform_reasons = {"heads": "BertConfig derives the head size as hidden_size / num_attention_heads",
+                       "hidden": "BertConfig derives the head size as hidden_size / num_attention_heads"}
     default_task = "sequence-classification"
     projection_names = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
@@ -210,27 +249,63 @@ class BertSpec(ArchSpec):
         return [FFNSite(f"encoder.{i}.ffn", "encoder", i, [b.intermediate.dense], b.output.dense)
                 for i, b in enumerate(self._encoder().layer)]
 
+    def hidden_site(self) -> HiddenSite:
+        base = self.model.base_model
+        emb = base.embeddings
+        embeddings = [m for m in (emb.word_embeddings, getattr(emb, "position_embeddings", None),
+                                  getattr(emb, "token_type_embeddings", None)) if m is not None]
+        layers = self._encoder().layer
+        # post-norm: the stream is what each LayerNorm puts out
+        norms = [(emb.LayerNorm, False)] + [(n, False) for b in layers
+                                            for n in (b.attention.output.LayerNorm, b.output.LayerNorm)]
+        readers = [lin for b in layers for lin in (b.attention.self.query, b.attention.self.key,
+                                                    b.attention.self.value, b.intermediate.dense)]
+        if getattr(base, "pooler", None) is not None:
+            readers.append(base.pooler.dense)  # reads the first token; its output keeps its width
+        readers += self._head_readers({"RobertaForSequenceClassification": "classifier.dense"})
+        writers = [lin for b in layers for lin in (b.attention.output.dense, b.output.dense)]
+        return HiddenSite(embeddings, norms, readers, writers, gate_points=[n for n, _ in norms],
+                          roots=[emb.word_embeddings])
+
     def refresh(self) -> None:
+        cfg = self.model.config
+        # A compact config records the head size when hidden_size / num_attention_heads no longer gives it;
+        # modules built from that config derived the wrong one.
+        recorded = getattr(cfg, "compress_head_dim", None)
         for site in self.attention_sites():
+            if recorded is not None:
+                site.module.attention_head_size = recorded
+                site.module.scaling = recorded ** -0.5
+        sites = self.attention_sites()
+        for site in sites:
             site.module.num_attention_heads = site.num_heads
             site.module.all_head_size = site.q.out_features
-        cfg = self.model.config
         cfg.num_hidden_layers = len(self._encoder().layer)
+        cfg.hidden_size = self.model.base_model.embeddings.word_embeddings.embedding_dim
         ffn = _single([s.width for s in self.ffn_sites()])
         if ffn is not None:
             cfg.intermediate_size = ffn
         # num_attention_heads stays: BertConfig uses it to derive the head size.
+        head_dim = sites[0].head_dim if sites else None
+        if head_dim is not None and head_dim * cfg.num_attention_heads != cfg.hidden_size:
+            cfg.compress_head_dim = head_dim
+        elif recorded is not None:
+            del cfg.compress_head_dim
 
     def fits_standard_config(self) -> bool:
-        heads = self.model.config.num_attention_heads
-        return super().fits_standard_config() and all(s.num_heads == heads for s in self.attention_sites())
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        pooler = getattr(self.model.base_model, "pooler", None)
+        return (super().fits_standard_config()
+                and all(s.num_heads == heads and s.head_dim * heads == cfg.hidden_size for s in self.attention_sites())
+                and (pooler is None or pooler.dense.out_features == cfg.hidden_size))
 
 
 class LlamaSpec(ArchSpec):
     family = "llama"
     model_types = ("llama", "qwen2")
-    uniform_structures = ("ffn", "heads", "kv_heads", "layers")
-    supported_structures = ("ffn", "heads", "kv_heads", "layers")
+    uniform_structures = ("ffn", "heads", "kv_heads", "layers", "hidden")
+    supported_structures = ("ffn", "heads", "kv_heads", "layers", "hidden")
     default_task = "causal-lm"
     projection_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     explicit_head_groups = True
@@ -253,8 +328,23 @@ class LlamaSpec(ArchSpec):
         return [FFNSite(f"decoder.{i}.ffn", "decoder", i, [b.mlp.up_proj, b.mlp.gate_proj], b.mlp.down_proj)
                 for i, b in enumerate(self._layers())]
 
+    def hidden_site(self) -> HiddenSite:
+        base = self.model.base_model
+        layers = self._layers()
+        norms = [(n, True) for b in layers for n in (b.input_layernorm, b.post_attention_layernorm)]
+        norms.append((base.norm, True))
+        readers = [lin for b in layers for lin in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                                                    b.mlp.gate_proj, b.mlp.up_proj)]
+        readers += self._head_readers({"ForCausalLM": "lm_head", "ForSequenceClassification": "score"})
+        writers = [lin for b in layers for lin in (b.self_attn.o_proj, b.mlp.down_proj)]
+        return HiddenSite([base.embed_tokens], norms, readers, writers, gate_points=[base.embed_tokens, *writers],
+                          roots=[base.embed_tokens])
+
     def refresh(self) -> None:
         layers = self._layers()
+        width = self.model.base_model.embed_tokens.embedding_dim
+        for block in layers:
+            _set_if_present(block.mlp, "hidden_size", width)
         for i, block in enumerate(layers):
             # the KV cache is indexed by layer_idx: renumber after depth pruning
             block.self_attn.layer_idx = i
@@ -267,6 +357,8 @@ class LlamaSpec(ArchSpec):
             _set_if_present(block.mlp, "intermediate_size", block.mlp.down_proj.in_features)
         cfg = self.model.config
         cfg.num_hidden_layers = len(layers)
+        cfg.hidden_size = width
+        cfg.rms_norm_eps = self.model.base_model.norm.variance_epsilon  # hidden pruning rescales it
         sites = self.attention_sites()
         heads = _single([s.num_heads for s in sites])
         if heads is not None:
@@ -287,8 +379,8 @@ class LlamaSpec(ArchSpec):
 class T5Spec(ArchSpec):
     family = "t5"
     model_types = ("t5",)
-    uniform_structures = ("ffn", "heads")
-    supported_structures = ("ffn", "heads")
+    uniform_structures = ("ffn", "heads", "hidden")
+    supported_structures = ("ffn", "heads", "hidden")
     default_task = "seq2seq"
     # wi (ReLU FFN) or wi_0/wi_1 (gated FFN): adapter methods keep the ones a model has
     projection_names = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
@@ -330,11 +422,43 @@ class T5Spec(ArchSpec):
                 sites.append(FFNSite(f"{stack.name}.{i}.ffn", stack.name, i, inputs, ff.wo))
         return sites
 
+    def hidden_site(self) -> HiddenSite:
+        stacks = [getattr(self.model, name) for name in ("encoder", "decoder") if getattr(self.model, name, None)]
+        embeddings = list(dict.fromkeys([m for m in (getattr(self.model, "shared", None),
+                                                     *(stack.embed_tokens for stack in stacks)) if m is not None]))
+        # T5ForConditionalGeneration multiplies the decoder output by d_model ** -0.5 before its (tied) LM
+        # head; the smaller d_model then makes up for what a rescaled final norm would add
+        scaled_head = hasattr(self.model, "lm_head") and getattr(self.model.config, "scale_decoder_outputs", False)
+        norms, readers, writers = [], [], []
+        for stack in stacks:
+            for block in stack.block:
+                for layer in block.layer:
+                    norms.append((layer.layer_norm, True))
+                    attention = getattr(layer, "SelfAttention", None) or getattr(layer, "EncDecAttention", None)
+                    if attention is not None:
+                        readers += [attention.q, attention.k, attention.v]
+                        writers.append(attention.o)
+                    else:
+                        ff = layer.DenseReluDense
+                        readers += [ff.wi] if hasattr(ff, "wi") else [ff.wi_0, ff.wi_1]
+                        writers.append(ff.wo)
+            norms.append((stack.final_layer_norm, not (stack.is_decoder and scaled_head)))
+        readers += self._head_readers({"ForConditionalGeneration": "lm_head"})
+        gate_points = [*(stack.embed_tokens for stack in stacks), *writers]
+        return HiddenSite(embeddings, norms, readers, writers, gate_points=gate_points,
+                          roots=[stack.embed_tokens for stack in stacks])
+
     def refresh(self) -> None:
+        width = self.model.shared.embedding_dim
+        _set_if_present(self.model, "model_dim", width)
         for site in self.attention_sites():
             site.module.n_heads = site.num_heads
             site.module.inner_dim = site.q.out_features
+            _set_if_present(site.module, "d_model", width)
         cfg = self.model.config
+        cfg.d_model = width
+        norm = next(stack.final_layer_norm for stack in (getattr(self.model, "encoder", None),) if stack is not None)
+        cfg.layer_norm_epsilon = norm.variance_epsilon  # hidden pruning rescales it
         heads = _single([s.num_heads for s in self.attention_sites()])
         if heads is not None:
             cfg.num_heads = heads

@@ -25,15 +25,23 @@ _CONFIG_CLASSES: dict[str, type] = {}
 _MODEL_CLASSES: dict[type, type] = {}
 
 
-def _projection_paths(model: nn.Module) -> dict[str, nn.Linear]:
-    arch = arch_spec(model)
-    names = {module: name for name, module in model.base_model.named_modules()}
-    linears: list[nn.Linear] = []
-    for site in arch.attention_sites():
-        linears += [site.q, site.k, site.v, site.o]
-    for site in arch.ffn_sites():
-        linears += [*site.inputs, site.output]
-    return {names[lin]: lin for lin in linears}
+def _projection_paths(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer of the model by path: relative to the base model, or to the whole model for task-head
+    layers (e.g. ``classifier``, ``lm_head``). Adapter layers count as the layer they wrap."""
+    from compress.pruning.surgery import PrunableLayer
+
+    in_base = {module: name for name, module in model.base_model.named_modules()}
+    wrappers: list[str] = []
+    linears: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in wrappers):
+            continue  # the wrapped layer and the adapter's own matrices
+        if isinstance(module, PrunableLayer):
+            wrappers.append(name)
+        elif not isinstance(module, nn.Linear):
+            continue
+        linears[in_base.get(module, name)] = module
+    return linears
 
 
 def _apply_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
@@ -41,8 +49,12 @@ def _apply_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
     base = model.base_model
     for path, (out_features, in_features) in shapes.items():
         parent_path, _, attr = path.rpartition(".")
-        parent = base.get_submodule(parent_path) if parent_path else base
-        old = getattr(parent, attr)
+        try:
+            parent = base.get_submodule(parent_path) if parent_path else base
+            old = getattr(parent, attr)
+        except AttributeError:  # a task-head layer: its path is relative to the whole model
+            parent = model.get_submodule(parent_path) if parent_path else model
+            old = getattr(parent, attr)
         if (old.out_features, old.in_features) == (out_features, in_features):
             continue
         new = nn.Linear(in_features, out_features, bias=old.bias is not None,

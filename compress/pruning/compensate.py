@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from compress.pruning.importance import Unit
+from compress.pruning.importance import Unit, sum_over_real_tokens
 
 __all__ = [
     "InputMeans", "add_to_bias", "bias_shifts", "output_projection", "record_input_means", "removed_input_channels",
@@ -64,17 +64,6 @@ class InputMeans:
         return bool(self._sums)
 
 
-def _real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-    """Sum of ``x`` over every position except padding, and how many positions that was."""
-    x = x.detach().float()
-    positions = x.reshape(-1, x.shape[-1])
-    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-        weights = mask.reshape(-1, 1).to(positions.dtype)
-        return (positions * weights).sum(0), float(weights.sum())
-    # a decoder stack, or no mask given: every position counts
-    return positions.sum(0), float(positions.shape[0])
-
-
 @contextlib.contextmanager
 def record_input_means(model: nn.Module, units: list[Unit]) -> Iterator[InputMeans]:
     """Accumulate, while the context is open, the mean input of every FFN/heads unit's output projection.
@@ -92,7 +81,7 @@ def record_input_means(model: nn.Module, units: list[Unit]) -> Iterator[InputMea
 
     def recorder(key: str):
         def hook(module, args):
-            total, count = _real_tokens(args[0], current_mask["mask"])
+            total, count = sum_over_real_tokens(args[0], current_mask["mask"])
             means.add(key, total, count)
 
         return hook

@@ -101,7 +101,8 @@ def score_units(model: nn.Module, units: list[Unit], importance: Importance,
                 f"importance {type(importance).__name__} needs calibration data: pass `data=` (a "
                 "datasets.Dataset with input_ids/labels, or an iterable of model-input dicts), or use "
                 "importance='magnitude' or 'random'")
-        stats = collect_gate_stats(model, units, batches, progress=progress)
+        stats = collect_gate_stats(model, units, batches, progress=progress,
+                                   gradients=getattr(importance, "needs_gradients", True))
     return {u.key: importance(u, stats).detach().float().cpu() for u in units}
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.errors import CalibrationError, CompressError
-from compress.pruning.arch import ArchSpec, AttentionSite, FFNSite, LayerStack
+from compress.pruning.arch import ArchSpec, AttentionSite, FFNSite, HiddenSite, LayerStack
 from compress.pruning.spec import STRUCTURES  # noqa: F401  (transitional: plugins/pruning_adapter imports it from here)
 
 logger = logging.getLogger(__name__)
@@ -35,16 +35,35 @@ class Unit:
     structure: str
     key: str
     size: int
-    site: AttentionSite | FFNSite | LayerStack
+    site: AttentionSite | FFNSite | LayerStack | HiddenSite
 
 
 @dataclass
 class GateStats:
-    """Per-unit accumulated gate gradients over calibration batches."""
+    """Per-unit statistics over calibration batches: accumulated gate gradients, and the summed magnitude of
+    each channel's activation over real (non-padding) tokens with how many tokens that was."""
 
     abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)
     sq_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+    activation_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+    activation_count: dict[str, float] = field(default_factory=dict)
     batches: int = 0
+
+    def add_activation(self, key: str, total: torch.Tensor, count: float) -> None:
+        previous = self.activation_sum.get(key)
+        self.activation_sum[key] = total if previous is None else previous + total
+        self.activation_count[key] = self.activation_count.get(key, 0.0) + count
+
+
+def sum_over_real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """Sum of ``x`` over every position except padding (``mask`` 0), and how many positions that was."""
+    x = x.detach().float()
+    positions = x.reshape(-1, x.shape[-1])
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+        weights = mask.reshape(-1, 1).to(positions.dtype)
+        return (positions * weights).sum(0), float(weights.sum())
+    # a decoder stack, or no mask given: every position counts
+    return positions.sum(0), float(positions.shape[0])
 
 
 def units_for(arch: ArchSpec, structures: Iterable[str]) -> list[Unit]:
@@ -57,6 +76,9 @@ def units_for(arch: ArchSpec, structures: Iterable[str]) -> list[Unit]:
         units += [Unit("heads", s.name, s.num_heads, s) for s in arch.attention_sites()]
     if "layers" in wanted:
         units += [Unit("layers", s.name, len(s.blocks), s) for s in arch.stacks()]
+    if "hidden" in wanted:
+        site = arch.hidden_site()
+        units.append(Unit("hidden", "hidden", site.width, site))
     return units
 
 
@@ -73,6 +95,13 @@ def _head_gate_hook(gate: torch.Tensor, head_dim: int):
         x = args[0]
         shaped = x.view(*x.shape[:-1], -1, head_dim) * gate.to(x.dtype)[:, None]
         return (shaped.view_as(x),) + tuple(args[1:])
+
+    return hook
+
+
+def _output_gate_hook(gate: torch.Tensor):
+    def hook(module, args, output):
+        return output * gate.to(output.dtype)
 
     return hook
 
@@ -102,6 +131,11 @@ def attach_gates(units: list[Unit]) -> Iterator[dict[str, torch.Tensor]]:
             elif unit.structure == "heads":
                 gate = torch.ones(unit.size, device=site.o.weight.device, requires_grad=True)
                 handles.append(site.o.register_forward_pre_hook(_head_gate_hook(gate, site.head_dim)))
+            elif unit.structure == "hidden":
+                # one gate on the residual stream: every module whose output is the stream is multiplied by it
+                gate = torch.ones(unit.size, device=site.embeddings[0].weight.device, requires_grad=True)
+                for module in site.gate_points:
+                    handles.append(module.register_forward_hook(_output_gate_hook(gate)))
             else:
                 device = next(site.blocks.parameters()).device
                 gate = torch.ones(unit.size, device=device, requires_grad=True)
@@ -147,9 +181,55 @@ def _is_causal_lm(model: nn.Module) -> bool:
     return type(model).__name__.endswith("ForCausalLM")
 
 
+@contextlib.contextmanager
+def record_activations(model: nn.Module, units: list[Unit], stats: GateStats) -> Iterator[None]:
+    """While open, add to ``stats`` the magnitude of each unit's channels on every forward pass (real tokens
+    only): |input| of the FFN output projection per neuron, the L2 norm of each head's output, and |output|
+    of every norm on the residual stream per hidden channel (the normalised hidden state, as in Minitron)."""
+    mask: dict[str, torch.Tensor | None] = {"value": None}
+    handles = []
+
+    def capture_mask(module, args, kwargs):
+        mask["value"] = kwargs.get("attention_mask")
+
+    def ffn_hook(key):
+        def hook(module, args):
+            stats.add_activation(key, *sum_over_real_tokens(args[0].abs(), mask["value"]))
+        return hook
+
+    def heads_hook(key, head_dim):
+        def hook(module, args):
+            x = args[0]
+            per_head = x.detach().float().reshape(*x.shape[:-1], -1, head_dim).norm(dim=-1)
+            stats.add_activation(key, *sum_over_real_tokens(per_head, mask["value"]))
+        return hook
+
+    def hidden_hook(key):
+        def hook(module, args, output):
+            stats.add_activation(key, *sum_over_real_tokens(output.abs(), mask["value"]))
+        return hook
+
+    try:
+        handles.append(model.register_forward_pre_hook(capture_mask, with_kwargs=True))
+        for unit in units:
+            site = unit.site
+            if unit.structure == "ffn":
+                handles.append(site.output.register_forward_pre_hook(ffn_hook(unit.key)))
+            elif unit.structure == "heads":
+                handles.append(site.o.register_forward_pre_hook(heads_hook(unit.key, site.head_dim)))
+            elif unit.structure == "hidden":
+                handles += [norm.register_forward_hook(hidden_hook(unit.key)) for norm, _ in site.norms]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def collect_gate_stats(model: nn.Module, units: list[Unit], batches: list[dict],
-                       progress: bool = False) -> GateStats:
-    """Run the calibration batches once, accumulating |dL/dg| and (dL/dg)^2 for every gate."""
+                       progress: bool = False, gradients: bool = True) -> GateStats:
+    """Run the calibration batches once, accumulating |dL/dg| and (dL/dg)^2 for every gate (with
+    ``gradients``) and the activation magnitudes of every unit (:func:`record_activations`). Without
+    ``gradients`` the passes are forward-only and need no labels."""
     if not batches:
         raise CalibrationError("no calibration batches: pass `data` (a datasets.Dataset or an iterable of "
                                "model-input dicts) or use importance='magnitude' / 'random'.")
@@ -158,9 +238,15 @@ def collect_gate_stats(model: nn.Module, units: list[Unit], batches: list[dict],
     was_training = model.training
     model.eval()  # dropout off: scores should reflect the model, not the noise
     try:
-        with frozen(model), attach_gates(units) as gates:
+        with frozen(model), record_activations(model, units, stats), \
+                attach_gates(units if gradients else []) as gates:
             for batch in tqdm(batches, desc="scoring", disable=not progress, leave=False):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                if not gradients:
+                    with torch.no_grad():  # labels stay: seq2seq models make their decoder inputs from them
+                        model(**batch)
+                    stats.batches += 1
+                    continue
                 loss = task_loss(model, batch)
                 grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
                 for key, grad in zip(gates, grads):
@@ -179,6 +265,8 @@ class Importance(ABC):
 
     #: whether scores need :class:`GateStats` from calibration batches
     needs_calibration: bool = False
+    #: whether those statistics include gate gradients of the task loss (else forward passes suffice)
+    needs_gradients: bool = True
 
     @abstractmethod
     def __call__(self, unit: Unit, stats: GateStats | None) -> torch.Tensor:
@@ -208,6 +296,15 @@ class MagnitudeImportance(Importance):
             score = self._norm(site.q.weight, n) + self._norm(site.o.weight.t().contiguous(), n)
             if not site.is_gqa:
                 score = score + self._norm(site.k.weight, n) + self._norm(site.v.weight, n)
+        elif unit.structure == "hidden":
+            score = torch.zeros(n)
+            seen: set[int] = set()  # tied tensors count once
+            rows = [(m.weight, 1) for m in (*site.embeddings, *site.readers)] + [(m.weight, 0) for m in site.writers]
+            rows += [(norm.weight, 0) for norm, _ in site.norms]
+            for weight, dim in rows:
+                if id(weight) not in seen:
+                    seen.add(id(weight))
+                    score = score + self._norm(weight.detach().movedim(dim, 0).contiguous(), n).cpu()
         else:
             score = torch.stack([
                 sum(p.detach().float().abs().pow(self.p).sum() for p in block.parameters()) for block in site.blocks
@@ -238,6 +335,23 @@ class FisherImportance(Importance):
         return _stat(stats, unit, "sq_sum")
 
 
+class ActivationImportance(Importance):
+    """Mean activation magnitude per channel over the calibration batches (Minitron's criterion, no labels):
+    |input of the FFN output projection| per neuron, the L2 norm of each head's output, and |normalised hidden
+    state| per hidden channel, summed over every norm on the residual stream."""
+
+    needs_calibration = True
+    needs_gradients = False
+
+    def __call__(self, unit: Unit, stats: GateStats | None) -> torch.Tensor:
+        if unit.structure == "layers":
+            raise CompressError("importance 'activation' scores channels (ffn, heads, kv_heads, hidden); score "
+                                "layers with taylor, fisher or magnitude")
+        if stats is None or unit.key not in stats.activation_sum:
+            raise CalibrationError(f"no activations recorded for {unit.key}: calibration did not run for this unit")
+        return (stats.activation_sum[unit.key] / max(stats.activation_count[unit.key], 1.0)).cpu()
+
+
 class RandomImportance(Importance):
     """Uniform random scores: the baseline every criterion should beat."""
 
@@ -266,7 +380,8 @@ def register_importance(name: str, importance: type[Importance] | Importance) ->
 
 for _name, _imp in {"magnitude": MagnitudeImportance, "l2": MagnitudeImportance,
                     "l1": MagnitudeImportance(p=1), "taylor": TaylorImportance,
-                    "fisher": FisherImportance, "random": RandomImportance}.items():
+                    "fisher": FisherImportance, "random": RandomImportance,
+                    "activation": ActivationImportance}.items():
     register_importance(_name, _imp)
 
 

@@ -140,6 +140,8 @@ def plan_removals(arch: ArchSpec, units: list[Unit], scores: dict[str, torch.Ten
         removals.update(_plan_heads(head_units, scores, sparsity, head_mode, max_keep, caps))
 
     for u in units:
+        if u.structure == "hidden":  # one residual stream: the same count in either mode
+            removals[u.key] = _lowest(scores[u.key], _n_remove(u.size, sparsity["hidden"], 1, round_to))
         if u.structure == "layers":
             candidates = [i for i in range(u.size) if i not in u.site.protected]
             count = min(_n_remove(u.size, sparsity["layers"]), len(candidates))
@@ -237,7 +239,8 @@ def nothing_removed_error(structure: str, sparsity: float, units: list[Unit], ro
         "heads": f"attention blocks with {sizes} heads; every block keeps at least one head per kv group",
         "kv_heads": "attention blocks whose kv heads cannot lose one and keep at least one",
         "layers": f"stacks of {sizes} removable layers",
+        "hidden": f"hidden size {sizes}" + (f", kept a multiple of round_to={round_to}" if round_to > 1 else ""),
     }[structure]
-    hint = " or lower round_to" if structure == "ffn" and round_to > 1 else ""
+    hint = " or lower round_to" if structure in ("ffn", "hidden") and round_to > 1 else ""
     return NothingToPruneError(f"{structure}: sparsity {sparsity:g} removes nothing from this model ({what}); raise "
                                f"the sparsity{hint}, or leave {structure} out")

@@ -15,8 +15,9 @@ from typing import Any
 
 from compress.errors import CompressError
 
-#: prunable structures: FFN neurons, query heads (an equal number per kv group), whole kv heads, whole layers
-STRUCTURES = ("ffn", "heads", "kv_heads", "layers")
+#: prunable structures: FFN neurons, query heads (an equal number per kv group), whole kv heads, whole layers,
+#: and hidden channels (the residual stream every block reads and writes)
+STRUCTURES = ("ffn", "heads", "kv_heads", "layers", "hidden")
 #: ``uniform``: every layer keeps the same width (plain transformers configs); ``global``: ranked across layers
 MODES = ("uniform", "global")
 #: per-layer scaling of scores before ranking them across layers (``global`` mode)

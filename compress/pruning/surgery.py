@@ -10,6 +10,7 @@ head groups. Layers that wrap a base layer with adapters (:class:`PrunableLayer`
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
@@ -20,7 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.errors import CompressError
-from compress.pruning.arch import ArchSpec, AttentionSite
+from compress.pruning.arch import ArchSpec, AttentionSite, HiddenSite
 from compress.pruning.importance import Unit
 
 
@@ -89,7 +90,7 @@ def build_dependency_graph(model: nn.Module) -> tp.DependencyGraph:
         for p, _ in flags:
             p.requires_grad_(True)
         with _identity_rotary(model), preserve_training_modes(model), warnings.catch_warnings():
-            # norms' weights are "unwrapped parameters" to torch-pruning; we never prune the hidden size
+            # RMS norms' weights are "unwrapped parameters" to torch-pruning; prune_hidden slices them itself
             warnings.filterwarnings("ignore", message=".*unwrapped.*")
             warnings.filterwarnings("ignore", message=".*last non-singleton.*")
             return tp.DependencyGraph().build_dependency(
@@ -154,9 +155,104 @@ def _has_adapter_layers(units: list[Unit]) -> bool:
         any(isinstance(u.site.q, PrunableLayer) for u in units if u.structure == "heads")
 
 
+def check_hidden_group(model: nn.Module, site: HiddenSite, dg: tp.DependencyGraph) -> None:
+    """Refuse to prune the hidden size when torch-pruning's dependency graph, traced from the embeddings,
+    couples other layers to the stream than the architecture spec declares (e.g. a task head it does not know)."""
+    names = {module: name for name, module in model.named_modules()}
+    owners: dict[int, nn.Module] = {}
+    for module in site.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), module)
+    declared = set(site.modules())
+    found: set[nn.Module] = set()
+    unknown: list[str] = []
+    for root in site.roots:
+        if root not in dg.module2node:
+            raise CompressError(f"hidden: {names.get(root, root)} is not used by the model's forward pass; this "
+                                "architecture variant is not supported")
+        for dep, _ in dg.get_pruning_group(root, tp.prune_embedding_out_channels, idxs=[0]):
+            target = dep.target.module
+            if isinstance(target, nn.Parameter):
+                owner = owners.get(id(target))
+                if owner is None:
+                    unknown.append(next((n for n, p in model.named_parameters() if p is target), "a parameter"))
+                else:
+                    found.add(owner)
+            elif isinstance(target, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+                if target in declared:
+                    found.add(target)
+                else:
+                    unknown.append(names.get(target, type(target).__name__))
+    shared = {id(p) for m in found for p in m.parameters(recurse=False)}
+    missing = [names.get(m, type(m).__name__) for m in declared - found
+               if not any(id(p) in shared for p in m.parameters(recurse=False))]
+    if unknown or missing:
+        problem = f"also couples {sorted(unknown)[:3]}" if unknown else f"does not reach {sorted(missing)[:3]}"
+        raise CompressError(f"hidden: the dependency graph of {type(model).__name__} {problem}, which the "
+                            f"{type(model).__name__} spec does not declare; pruning the hidden size of this model or "
+                            "task head is not supported")
+
+
+def prune_hidden(arch: ArchSpec, removed: list[int]) -> None:
+    """Remove hidden channels ``removed`` from every tensor on the residual stream and rescale RMS-style norms
+    (weight by sqrt(n / kept), epsilon by n / kept).
+
+    Tied tensors (input and output embeddings, T5's shared embedding) are sliced once and stay shared; this is
+    done here rather than with torch-pruning's per-module functions, which would give each owner a copy.
+    """
+    site = arch.hidden_site()
+    width = site.width
+    keep = torch.tensor(sorted(set(range(width)) - set(removed)), dtype=torch.long)
+    sliced: dict[int, nn.Parameter] = {}
+
+    def cut(module: nn.Module, name: str, dim: int) -> None:
+        old = getattr(module, name, None)
+        if old is None:
+            return
+        new = sliced.get(id(old))
+        if new is None:
+            new = nn.Parameter(old.data.index_select(dim, keep.to(old.device)).clone(), requires_grad=old.requires_grad)
+            sliced[id(old)] = new
+        setattr(module, name, new)
+
+    for embedding in site.embeddings:
+        cut(embedding, "weight", 1)
+        embedding.embedding_dim = len(keep)
+    for reader in site.readers:
+        if isinstance(reader, PrunableLayer):
+            reader.prune_input_channels(removed)
+        else:
+            cut(reader, "weight", 1)
+            reader.in_features = len(keep)
+    for writer in site.writers:
+        if isinstance(writer, PrunableLayer):
+            writer.prune_output_channels(removed)
+        else:
+            cut(writer, "weight", 0)
+            cut(writer, "bias", 0)
+            writer.out_features = len(keep)
+    for norm, rescale in site.norms:
+        cut(norm, "weight", 0)
+        cut(norm, "bias", 0)
+        if isinstance(norm, nn.LayerNorm):
+            norm.normalized_shape = (len(keep),)
+        if isinstance(norm, nn.LayerNorm):
+            continue
+        # RMS-style norm: the mean of squares now runs over fewer channels. Scaling its epsilon by n / kept and
+        # (where the output is not rescaled downstream) its weight by sqrt(n / kept) keeps the output of the
+        # channels that stay exactly as it was whenever the removed channels carried nothing.
+        if hasattr(norm, "variance_epsilon"):
+            norm.variance_epsilon = norm.variance_epsilon * width / len(keep)
+        if rescale:
+            with torch.no_grad():
+                norm.weight.mul_(math.sqrt(width / len(keep)))
+    arch.refresh()
+
+
 def apply_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
                    removals: Mapping[str, list[int]]) -> None:
-    """Physically remove the planned channels, heads and blocks, then rewrite config and attributes.
+    """Physically remove the planned channels, heads, blocks and hidden channels, then rewrite config and
+    attributes.
 
     Plain models go through torch-pruning's dependency graph, checked against the couplings each site
     declares. Models wrapped with adapter layers prune each site's declared layers directly, so that the
@@ -165,9 +261,15 @@ def apply_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
     # torch-pruning replaces pruned parameters with new ones that require grad: keep frozen ones frozen
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     channel_units = [u for u in units if u.structure in ("ffn", "heads") and removals.get(u.key)]
-    wrapped = _has_adapter_layers(channel_units)
-    use_graph = not wrapped and any(u.structure == "ffn" or not arch.explicit_head_groups for u in channel_units)
+    hidden_units = [u for u in units if u.structure == "hidden" and removals.get(u.key)]
+    wrapped = _has_adapter_layers(channel_units) or any(
+        isinstance(m, PrunableLayer) for u in hidden_units for m in u.site.modules())
+    use_graph = not wrapped and (bool(hidden_units) or any(u.structure == "ffn" or not arch.explicit_head_groups
+                                                           for u in channel_units))
     dg = build_dependency_graph(model) if use_graph else None
+    if dg is not None:
+        for u in hidden_units:
+            check_hidden_group(model, u.site, dg)
     for u in channel_units:
         idxs, site = removals[u.key], u.site
         if u.structure == "ffn" and dg is not None:
@@ -186,5 +288,6 @@ def apply_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
     for u in units:
         if u.structure == "layers" and removals.get(u.key):
             arch.remove_blocks(u.site, [i for i in range(u.size) if i not in removals[u.key]])
+    for u in hidden_units:
+        prune_hidden(arch, removals[u.key])
     arch.refresh()
-
