@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 import compress
 from tests import tiny
@@ -31,17 +32,17 @@ TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "qwen2": 
 
 CASES = [
     MethodCase("PRUNING_ADAPTER", "bert", compress.PruningAdapterConfig,
-               {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "mode": "global", "compensate_bias": True, "r": 4}),
+               {"sparsity": {"ffn": 0.5, "heads": 0.5}, "mode": "global", "compensate_bias": True, "r": 4}),
     MethodCase("PRUNING_ADAPTER", "bert", compress.PruningAdapterConfig,
-               {"ffn_sparsity": 0.5, "distill_weight": 1.0, "modules_to_save": ["LayerNorm"], "r": 4}),
+               {"sparsity": 0.5, "distill_weight": 1.0, "modules_to_save": ["LayerNorm"], "r": 4}),
     MethodCase("PRUNING_ADAPTER", "roberta", compress.PruningAdapterConfig,
-               {"ffn_sparsity": 0.5, "layer_sparsity": 0.5, "r": 4}),
+               {"sparsity": 0.5, "structures": ["ffn", "layers"], "r": 4}),
     MethodCase("PRUNING_ADAPTER", "llama", compress.PruningAdapterConfig,
-               {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "layer_sparsity": 0.5, "r": 4}),
+               {"sparsity": {"ffn": 0.5, "heads": 0.5, "layers": 0.5}, "r": 4}),
     MethodCase("PRUNING_ADAPTER", "qwen2", compress.PruningAdapterConfig,
                {"sparsity": {"ffn": 0.25, "kv_heads": 0.5}, "importance": "fisher", "r": 4}),
     MethodCase("PRUNING_ADAPTER", "t5", compress.PruningAdapterConfig,
-               {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "r": 4}),
+               {"sparsity": {"ffn": 0.5, "heads": 0.5}, "r": 4}),
 ]
 
 
@@ -64,6 +65,15 @@ def build(case: MethodCase, init_weights: bool = True):
     peft_model = get_peft_model(base, config)
     PREPARE[case.method](peft_model, case.arch)
     return pristine, peft_model
+
+
+def adapter_parameter_names(model) -> set[str]:
+    """Names of the parameters peft's tuner layers add (everything on a tuner layer but its base layer)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            names |= {f"{module_name}.{n}" for n, _ in module.named_parameters() if not n.startswith("base_layer.")}
+    return names
 
 
 def perturb_adapters(peft_model, seed: int = 0) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 import compress
 from tests import tiny
-from tests.methods import CASES, PREPARE, build, logits, perturb_adapters
+from tests.methods import CASES, PREPARE, adapter_parameter_names, build, logits, perturb_adapters
 
 IDS = [c.id for c in CASES]
 
@@ -34,9 +35,9 @@ def test_import_compress_registers_every_method_with_peft():
 def test_only_adapter_parameters_train(case):
     _, model = build(case)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable
-    prefix = model.base_model.prefix
-    assert all(prefix in n or "modules_to_save" in n for n in trainable), trainable
+    adapters = adapter_parameter_names(model)
+    assert adapters and adapters <= set(trainable)
+    assert all(n in adapters or "modules_to_save" in n for n in trainable), trainable
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -64,6 +65,7 @@ def test_save_and_reload_give_identical_logits(case, tmp_path):
     expected = logits(model, case.arch)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").exists()
+    assert compress.export.is_compress_output(tmp_path)  # the model card is tagged peft-compress
     assert isinstance(PeftConfig.from_pretrained(tmp_path), case.config_cls)
     reloaded = PeftModel.from_pretrained(pristine, tmp_path)
     torch.testing.assert_close(logits(reloaded, case.arch), expected, rtol=0, atol=1e-6)
@@ -75,5 +77,6 @@ def test_merge_and_unload_matches_unmerged(case):
     perturb_adapters(model)
     expected = logits(model, case.arch)
     merged = model.merge_and_unload()
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
     assert not any(model.base_model.prefix in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(logits(merged, case.arch), expected, rtol=1e-4, atol=1e-4)

@@ -34,7 +34,7 @@ def saved(tmp_path_factory) -> tuple:
     """An adapter pruned in two events by the schedule (steps 2 and 4), with trained-looking weights: its folder,
     logits and plan."""
     config = compress.PruningAdapterConfig(
-        task_type="SEQ_CLS", r=4, ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+        task_type="SEQ_CLS", r=4, sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", schedule="progressive",
         scoring_steps=2, pruning_interval=2, pruning_end_step=4, compensate_bias=True)
     model = get_peft_model(tiny.make_model("bert"), config)
     tuner = model.base_model

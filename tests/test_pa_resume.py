@@ -16,13 +16,13 @@ from tests import tiny
 STEPS = 24
 CONFIGS = {
     # BERT heads need global mode; events at steps 4, 8, 12 and 16
-    "global": dict(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive", scoring_steps=4,
+    "global": dict(sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", schedule="progressive", scoring_steps=4,
                    pruning_interval=4, pruning_end_step=16),
     # uniform widths, a whole block removed (its parameters leave the optimizer), bias compensation's input means
-    "uniform": dict(ffn_sparsity=0.5, layer_sparsity=0.5, schedule="progressive", scoring_steps=4,
+    "uniform": dict(sparsity={"ffn": 0.5, "layers": 0.5}, schedule="progressive", scoring_steps=4,
                     pruning_interval=4, pruning_end_step=16, compensate_bias=True),
     # summed (not averaged) statistics, one event at step 6
-    "oneshot": dict(ffn_sparsity=0.5, scoring_steps=6),
+    "oneshot": dict(sparsity={"ffn": 0.5}, scoring_steps=6),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -11,17 +12,17 @@ import textwrap
 import pytest
 import torch
 from datasets import Dataset
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import compress
 from compress.errors import CompressError, UnsupportedStructureError
-from compress.pruning.arch import get_adapter
-from compress.pruning.engine import apply_removals
+from compress.pruning.arch import arch_spec
 from compress.pruning.importance import units_for
 from compress.pruning.optim import remap_optimizer
+from compress.pruning.surgery import apply_removals
 from tests import tiny
-from tests.methods import perturb_adapters
+from tests.methods import adapter_parameter_names, perturb_adapters
 
 
 def _bert_peft(**kwargs):
@@ -31,8 +32,8 @@ def _bert_peft(**kwargs):
 
 def _replay_on(base, plan):
     for event in plan:
-        adapter = get_adapter(base)
-        apply_removals(base, adapter, units_for(adapter, event["structures"]), event["removed"])
+        arch = arch_spec(base)
+        apply_removals(base, arch, units_for(arch, event["structures"]), event["removed"])
     return base
 
 
@@ -43,29 +44,29 @@ def _logits(model, arch="bert"):
 
 
 @pytest.mark.parametrize("arch,kwargs,expected", [
-    ("bert", {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "mode": "global"}, {"ffn": 64, "heads": 4}),
-    ("llama", {"ffn_sparsity": 0.75, "head_sparsity": 0.5, "layer_sparsity": 0.5}, {"ffn": [16], "heads": [2]}),
-    ("qwen2", {"ffn_sparsity": 0.5, "head_sparsity": 0.5, "prune_kv_heads": True}, {"kv_heads": [1, 1]}),
-    ("t5", {"ffn_sparsity": 0.25, "head_sparsity": 0.5}, {"ffn": [48] * 4, "heads": [2] * 6}),
+    ("bert", {"sparsity": 0.5, "structures": "ffn,heads", "mode": "global"}, {"ffn": 64, "heads": 4}),
+    ("llama", {"sparsity": {"ffn": 0.75, "heads": 0.5, "layers": 0.5}}, {"ffn": [16], "heads": [2]}),
+    ("qwen2", {"sparsity": {"ffn": 0.5, "kv_heads": 0.5}}, {"kv_heads": [1, 1]}),
+    ("t5", {"sparsity": {"ffn": 0.25, "heads": 0.5, "layers": 0.0}}, {"ffn": [48] * 4, "heads": [2] * 6}),
 ])
 def test_shapes_shrink_by_configured_amounts(arch, kwargs, expected):
     task = {"bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}.get(arch, "CAUSAL_LM")
     model = get_peft_model(tiny.make_model(arch), compress.PruningAdapterConfig(task_type=task, r=4, **kwargs))
     event = model.base_model.prune(data=tiny.make_batches(arch, 2))
-    widths = get_adapter(model.base_model.model).widths()
+    widths = arch_spec(model.base_model.model).widths()
     assert widths == event["widths_after"]
     for key, value in expected.items():
         if isinstance(value, int):  # global mode: the total shrinks, per-layer widths differ
             assert sum(widths[key]) == value
         else:
             assert widths[key] == value
-    if "layer_sparsity" in kwargs:
+    if "layers" in model.peft_config["default"].spec.sparsity:
         assert widths["layers"] == [1]
 
 
 @pytest.mark.parametrize("compensate", [False, True])
 def test_zero_initialised_adapters_equal_the_pruned_base(compensate):
-    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.25, layer_sparsity=0.5, mode="global",
+    model = _bert_peft(sparsity={"ffn": 0.5, "heads": 0.25, "layers": 0.5}, mode="global",
                        compensate_bias=compensate)
     model.base_model.prune(data=tiny.make_batches("bert", 2))
     pruned_base = _replay_on(tiny.make_model("bert"), model.peft_config["default"].pruning_plan)
@@ -81,27 +82,44 @@ def test_zero_initialised_adapters_equal_the_pruned_base(compensate):
 
 
 def test_scoring_needs_no_backbone_gradients_or_optimizer_state():
-    model = _bert_peft(ffn_sparsity=0.5)
+    model = _bert_peft(sparsity=0.5)
     model.base_model.prune(data=tiny.make_batches("bert", 2))
-    backbone = [p for n, p in model.named_parameters() if "pa_" not in n and "modules_to_save" not in n]
+    adapters = adapter_parameter_names(model)
+    backbone = [p for n, p in model.named_parameters() if n not in adapters and "modules_to_save" not in n]
     assert backbone and all(not p.requires_grad and p.grad is None for p in backbone)
 
 
 def test_head_warmup_trains_only_the_head_before_scoring():
-    model = _bert_peft(ffn_sparsity=0.5)
-    named = dict(model.named_parameters())
-    before = {n: p.detach().clone() for n, p in named.items()}
-    model.base_model.prune(data=tiny.make_batches("bert", 2), head_warmup_steps=5)
-    changed = {n for n, p in model.named_parameters() if n in before and p.shape == before[n].shape
-               and not torch.equal(p, before[n])}
-    assert changed and all("modules_to_save" in n for n in changed), changed
-    assert all(p.requires_grad for n, p in model.named_parameters() if "pa_" in n)
-    with pytest.raises(CompressError, match="needs calibration data"):
-        _bert_peft(ffn_sparsity=0.5, importance="magnitude").base_model.prune(head_warmup_steps=5)
+    from compress.bench.head_warmup import warm_up_head
+
+    model = _bert_peft(sparsity=0.5, modules_to_save=["LayerNorm"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.train()
+    losses = warm_up_head(model, tiny.make_batches("bert", 2), steps=12, lr=1e-2)
+    assert len(losses) == 12 and losses[-1] < losses[0]  # the head learns the (memorisable) batches
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("classifier.modules_to_save" in n for n in changed), changed  # not LayerNorms/adapters
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and model.training
+    assert all(p.grad is None for p in model.parameters())
+    model.base_model.prune(data=tiny.make_batches("bert", 2))  # then scoring, with the warmed-up head
+    assert model.base_model.pruning_finished
+
+
+def test_head_warmup_refuses_what_it_cannot_do():
+    from compress.bench.head_warmup import warm_up_head
+
+    with pytest.raises(CompressError, match="needs a trainable task head"):
+        warm_up_head(get_peft_model(tiny.make_model("llama"), compress.PruningAdapterConfig(
+            task_type="CAUSAL_LM", r=4)), tiny.make_batches("llama", 1), steps=2)
+    with pytest.raises(CompressError, match="needs calibration batches"):
+        warm_up_head(_bert_peft(), [], steps=2)
+    with pytest.raises(CompressError, match="steps=0"):
+        warm_up_head(_bert_peft(), tiny.make_batches("bert", 1), steps=0)
 
 
 def test_optimizer_state_follows_pruned_parameters():
-    model = _bert_peft(ffn_sparsity=0.5, layer_sparsity=0.5)
+    model = _bert_peft(sparsity={"ffn": 0.5, "layers": 0.5})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     for batch in tiny.make_batches("bert", 2):
@@ -109,7 +127,7 @@ def test_optimizer_state_follows_pruned_parameters():
         opt.step()
         opt.zero_grad()
     layers = model.base_model.model.bert.encoder.layer
-    before = [opt.state[layer.output.dense.pa_A["default"].weight]["exp_avg"].clone() for layer in layers]
+    before = [opt.state[layer.output.dense.lora_A["default"].weight]["exp_avg"].clone() for layer in layers]
     event = model.base_model.prune(data=tiny.make_batches("bert", 2), optimizer=opt)
 
     live = {id(p) for p in model.parameters()}
@@ -121,7 +139,7 @@ def test_optimizer_state_follows_pruned_parameters():
     (survivor,) = [i for i in range(2) if i not in event["removed"]["encoder"]]
     removed = event["removed"][f"encoder.{survivor}.ffn"]
     keep = [i for i in range(64) if i not in removed]
-    new_a = model.base_model.model.bert.encoder.layer[0].output.dense.pa_A["default"].weight
+    new_a = model.base_model.model.bert.encoder.layer[0].output.dense.lora_A["default"].weight
     torch.testing.assert_close(opt.state[new_a]["exp_avg"], before[survivor][:, keep])
     for batch in tiny.make_batches("bert", 2):  # training continues with the same optimizer
         model(**batch).loss.backward()
@@ -156,7 +174,7 @@ def _trainer(model, steps, callback, tmp_path, **training_args):
 
 
 def test_progressive_schedule_prunes_at_the_right_steps_under_trainer(tmp_path):
-    config = dict(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+    config = dict(sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", schedule="progressive",
                   scoring_steps=4, pruning_interval=4, pruning_end_step=12, compensate_bias=True)
     model = _bert_peft(**config)
     tuner = model.base_model
@@ -192,7 +210,7 @@ def test_progressive_schedule_prunes_at_the_right_steps_under_trainer(tmp_path):
 
 @pytest.mark.parametrize("max_keep", [0.5, 0.75])
 def test_progressive_max_keep_caps_every_pruning_step(tmp_path, max_keep):
-    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+    model = _bert_peft(sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", schedule="progressive",
                        scoring_steps=2, pruning_interval=2, pruning_end_step=6, max_keep=max_keep)
     callback = compress.PruningAdapterCallback()
     _trainer(model, 8, callback, tmp_path).train()
@@ -213,7 +231,7 @@ def test_progressive_max_keep_caps_every_pruning_step(tmp_path, max_keep):
 def test_user_checkpointing_stays_on_through_pruning_and_changes_no_numbers(tmp_path):
     """Trainer(activation_checkpointing=True) checkpoints the whole run, pruned steps included (the leanest
     memory setting); the callback never switches it off, and the trained model is the same as without it."""
-    config = dict(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+    config = dict(sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", schedule="progressive",
                   scoring_steps=2, pruning_interval=2, pruning_end_step=4)
     results = {}
     for checkpointing in (False, True):
@@ -238,7 +256,7 @@ def test_user_checkpointing_stays_on_through_pruning_and_changes_no_numbers(tmp_
 
 
 def test_oneshot_schedule_prunes_once_after_scoring_steps(tmp_path):
-    model = _bert_peft(ffn_sparsity=0.5, scoring_steps=3)
+    model = _bert_peft(sparsity=0.5, scoring_steps=3)
     callback = compress.PruningAdapterCallback()
     _trainer(model, 6, callback, tmp_path).train()
     assert [e["step"] for e in callback.events] == [3]
@@ -246,41 +264,112 @@ def test_oneshot_schedule_prunes_once_after_scoring_steps(tmp_path):
 
 
 def test_schedule_longer_than_training_fails_clearly(tmp_path):
-    model = _bert_peft(ffn_sparsity=0.5, schedule="progressive", scoring_steps=4, pruning_end_step=50)
+    model = _bert_peft(sparsity=0.5, schedule="progressive", scoring_steps=4, pruning_end_step=50)
     with pytest.raises(CompressError, match="ends at step 50 but training has only 10 steps"):
         _trainer(model, 10, compress.PruningAdapterCallback(), tmp_path).train()
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"ffn_sparsity": 1.0}, r"\[0, 1\)"),
-    ({"ffn_sparsity": 0.0}, "all sparsities are 0"),
-    ({"sparsity": {"neurons": 0.5}}, "unknown structure"),
-    ({"importance": "vibes"}, "choose one of"),
-    ({"schedule": "progressive"}, "needs pruning_end_step"),
-    ({"schedule": "weekly"}, "choose one of"),
-    ({"mode": "sideways"}, "choose one of"),
-    ({"score_normalization": "zscore"}, "choose one of none, mean, l2"),
-    ({"distill_weight": -1.0}, "distill_weight=-1.0 must be"),
-    ({"distill_weight": 1.0, "layer_sparsity": 0.5}, "set layer_sparsity=0 or distill_weight=0"),
+    ({"sparsity": 1.0}, r"sparsity=1.0: .* in \[0, 1\)"),
+    ({"sparsity": 0.0}, "nothing to prune"),
+    ({"sparsity": {"ffn": 0.0, "heads": 0.0}}, "nothing to prune"),
+    ({"sparsity": {"neurons": 0.5}}, "unknown structure 'neurons'"),
+    ({"sparsity": {"ffn": 0.5}, "structures": ["heads"]}, "structures=.*disagrees"),
+    ({"sparsity": {"ffn": 0.5, "heads": 0.5, "kv_heads": 0.5}}, "not both"),
+    ({"sparsity": {"hidden": 0.25}}, "Pruning-Adapter prunes ffn, heads, kv_heads, layers; leave out hidden"),
+    ({"importance": "vibes"}, "importance='vibes': choose one of"),
+    ({"schedule": "progressive"}, "pruning_end_step=None: schedule='progressive' needs"),
+    ({"schedule": "progressive", "scoring_steps": 8, "pruning_end_step": 8}, "must come after scoring_steps=8"),
+    ({"schedule": "weekly"}, "schedule='weekly': choose one of"),
+    ({"mode": "sideways"}, "mode='sideways': choose one of"),
+    ({"normalize": "zscore"}, "normalize='zscore': choose one of none, mean, l2"),
+    ({"distill_weight": -1.0}, r"distill_weight=-1.0: must be a finite number >= 0"),
+    ({"sparsity": {"ffn": 0.5, "layers": 0.5}, "distill_weight": 1.0}, "leave 'layers' out of sparsity"),
     ({"distill_weight": 1.0, "quantize_backbone": "8bit"}, "use one or the other"),
     ({"max_keep": 0.4, "mode": "global"}, "set it to at least 0.50"),
     ({"max_keep": 0.75}, "caps per-layer widths in global mode"),
     ({"max_keep": 1.5, "mode": "global"}, r"must be in \(0, 1\]"),
+    ({"ema_beta": 1.0}, r"ema_beta=1.0: must be a number in \[0, 1\)"),
+    ({"lora_dropout": 1.5}, r"lora_dropout=1.5: must be a number in \[0, 1\)"),
 ])
 def test_bad_configs_fail_clearly(kwargs, match):
     with pytest.raises(CompressError, match=match):
-        compress.PruningAdapterConfig(**{"ffn_sparsity": 0.5, **kwargs})
+        compress.PruningAdapterConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"sparsity": "0.5"}, r"^sparsity='0.5': "),
+    ({"sparsity": {"ffn": "0.5"}}, r"^sparsity\['ffn'\]='0.5': "),
+    ({"sparsity": {"ffn": None}}, r"^sparsity\['ffn'\]=None: "),
+    ({"structures": 3}, r"^structures=3"),
+    ({"mode": None}, r"^mode=None: "),
+    ({"importance": 1}, r"^importance=1: "),
+    ({"normalize": ["mean"]}, r"^normalize=\['mean'\]: "),
+    ({"max_keep": "0.6", "mode": "global"}, r"^max_keep='0.6': "),
+    ({"round_to": 8.0}, r"^round_to=8.0: must be a positive integer"),
+    ({"round_to": True}, r"^round_to=True: must be a positive integer"),
+    ({"compensate_bias": "yes"}, r"^compensate_bias='yes': must be True or False"),
+    ({"schedule": 1}, r"^schedule=1: "),
+    ({"scoring_steps": "16"}, r"^scoring_steps='16': must be a positive integer"),
+    ({"scoring_steps": 0}, r"^scoring_steps=0: must be a positive integer"),
+    ({"schedule": "progressive", "pruning_end_step": 40.0}, r"^pruning_end_step=40.0: must be a positive integer"),
+    ({"pruning_interval": None}, r"^pruning_interval=None: must be a positive integer"),
+    ({"ema_beta": "0.9"}, r"^ema_beta='0.9': "),
+    ({"checkpoint_until_pruned": 1}, r"^checkpoint_until_pruned=1: must be True or False"),
+    ({"distill_weight": "1"}, r"^distill_weight='1': "),
+    ({"r": "8"}, r"^r='8': must be a positive integer"),
+    ({"lora_alpha": "16"}, r"^lora_alpha='16': must be a positive number"),
+    ({"lora_dropout": "0.1"}, r"^lora_dropout='0.1': "),
+    ({"target_modules": ["query", 3]}, r"^target_modules=\['query', 3\]: 3 is not a module name"),
+    ({"target_modules": 3}, r"^target_modules=3: "),
+    ({"init_weights": "gaussian"}, r"^init_weights='gaussian': must be True or False"),
+    ({"modules_to_save": "classifier"}, r"^modules_to_save='classifier': must be a list"),
+    ({"quantize_backbone": 8}, r"^quantize_backbone=8: choose one of 8bit, 4bit or None"),
+    ({"pruning_plan": {}}, "pruning_plan must be a list of events"),
+])
+def test_wrong_types_fail_naming_the_field(kwargs, match):
+    """A value of the wrong type (e.g. a string from a JSON or CLI edit) raises an error that names the field, not a
+    TypeError from deep inside."""
+    with pytest.raises(CompressError, match=match):
+        compress.PruningAdapterConfig(**kwargs)
+
+
+def test_config_holds_one_spec_and_saves_it_unambiguously(tmp_path):
+    from compress.pruning.spec import PruningSpec
+
+    config = compress.PruningAdapterConfig(sparsity=0.5, structures="ffn,heads", mode="global", normalize="mean",
+                                           max_keep=0.75, round_to=2, compensate_bias=True)
+    assert config.spec == PruningSpec(sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", importance="taylor",
+                                      normalize="mean", max_keep=0.75, round_to=2, compensate_bias=True)
+    zero = compress.PruningAdapterConfig(sparsity={"ffn": 0.5, "heads": 0.0, "layers": 0.0})
+    assert zero.spec.sparsity == {"ffn": 0.5} and zero.structures == ["ffn"]  # zero: not pruned
+    assert compress.PruningAdapterConfig().spec.sparsity == {"ffn": 0.5}  # the default
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["sparsity"] == {"ffn": 0.5, "heads": 0.5} and saved["structures"] == ["ffn", "heads"]
+    assert PeftConfig.from_pretrained(tmp_path).spec == config.spec
 
 
 def test_unexpressible_or_missing_targets_fail_clearly():
     with pytest.raises(UnsupportedStructureError, match="use global mode"):
-        _bert_peft(head_sparsity=0.5)  # BERT heads need the compact (global) path
+        _bert_peft(sparsity={"heads": 0.5})  # BERT heads need the compact (global) path
     with pytest.raises(ValueError, match="not_a_layer"):
-        _bert_peft(ffn_sparsity=0.5, target_modules=["not_a_layer"])
+        _bert_peft(target_modules=["not_a_layer"])
+
+
+def test_saved_adapter_folder_is_recognised_as_ours(tmp_path):
+    from huggingface_hub.repocard import metadata_load
+
+    model = _bert_peft(sparsity=0.5)
+    model.base_model.prune(data=tiny.make_batches("bert", 2))
+    model.save_pretrained(tmp_path)
+    tags = metadata_load(tmp_path / "README.md")["tags"]
+    assert compress.export.TAG in tags and "transformers" in tags  # ours beside peft's own tags
+    assert compress.export.is_compress_output(tmp_path)  # so --overwrite may replace it
 
 
 def test_reload_onto_wrong_base_fails_clearly(tmp_path):
-    model = _bert_peft(ffn_sparsity=0.5)
+    model = _bert_peft(sparsity=0.5)
     model.base_model.prune(data=tiny.make_batches("bert", 2))
     model.save_pretrained(tmp_path)
     other = tiny.make_model("bert")
@@ -313,7 +402,7 @@ _FRESH = textwrap.dedent("""
 def test_peft_and_merged_reload_in_fresh_process(tmp_path):
     from pathlib import Path
 
-    model = _bert_peft(ffn_sparsity=0.5, layer_sparsity=0.5)
+    model = _bert_peft(sparsity={"ffn": 0.5, "layers": 0.5})
     model.base_model.prune(data=tiny.make_batches("bert", 2))
     with torch.no_grad():
         for p in model.parameters():
@@ -337,15 +426,16 @@ def test_peft_and_merged_reload_in_fresh_process(tmp_path):
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
 def test_quantized_backbone_trains_reloads_and_merges(bits, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from compress.quantize import is_quantized
+    from peft.tuners.lora import bnb as lora_bnb
 
-    model = _bert_peft(ffn_sparsity=0.5, quantize_backbone=bits)
+    peft_class = {"8bit": lora_bnb.Linear8bitLt, "4bit": lora_bnb.Linear4bit}[bits]
+    model = _bert_peft(sparsity=0.5, quantize_backbone=bits)
     model.base_model.prune(data=tiny.make_batches("bert", 2))
     query = model.base_model.model.bert.encoder.layer[0].attention.self.query
-    assert is_quantized(query.base_layer)
+    assert query.quantized and isinstance(query, peft_class)  # peft's bitsandbytes LoRA layer, pruning added
     _logits(model)  # an eval forward under no_grad first: gradients must still reach early adapters after it
     model.train()
-    a0, b0 = query.pa_A["default"].weight, query.pa_B["default"].weight
+    a0, b0 = query.lora_A["default"].weight, query.lora_B["default"].weight
     before = a0.detach().clone()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for batch in tiny.make_batches("bert", 3):
@@ -362,7 +452,7 @@ def test_quantized_backbone_trains_reloads_and_merges(bits, tmp_path):
     expected = _logits(model)
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), tmp_path)
-    assert is_quantized(reloaded.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer)
+    assert isinstance(reloaded.base_model.model.bert.encoder.layer[0].attention.self.query, peft_class)
     torch.testing.assert_close(_logits(reloaded), expected, rtol=0, atol=1e-5)
     merged = model.merge_and_unload()
     assert type(merged.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
@@ -371,12 +461,12 @@ def test_quantized_backbone_trains_reloads_and_merges(bits, tmp_path):
 
 def test_bad_quantization_setting_fails_clearly():
     with pytest.raises(CompressError, match="quantize_backbone"):
-        compress.PruningAdapterConfig(ffn_sparsity=0.5, quantize_backbone="3bit")
+        compress.PruningAdapterConfig(quantize_backbone="3bit")
 
 
 def test_quantization_on_unsupported_backend_fails_clearly(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
-    from compress.quantize import quantize_linear
+    from compress.plugins.pruning_adapter.layer import quantize_linear
 
     def no_backend(self, *args, **kwargs):
         raise NotImplementedError("no kernel for this device")
@@ -387,21 +477,24 @@ def test_quantization_on_unsupported_backend_fails_clearly(monkeypatch):
 
 
 def test_apply_pruning_adapter_prunes_in_one_call():
-    config = compress.PruningAdapterConfig(task_type="SEQ_CLS", ffn_sparsity=0.5, r=4)
+    config = compress.PruningAdapterConfig(task_type="SEQ_CLS", sparsity=0.5, r=4)
     model = compress.apply_pruning_adapter(tiny.make_model("bert"), config, data=tiny.make_batches("bert", 2))
     assert model.base_model.pruning_finished
-    assert get_adapter(model.base_model.model).widths()["ffn"] == [32, 32]
+    assert arch_spec(model.base_model.model).widths()["ffn"] == [32, 32]
     lazy = compress.apply_pruning_adapter(tiny.make_model("bert"), compress.PruningAdapterConfig(
-        task_type="SEQ_CLS", ffn_sparsity=0.5, r=4))  # taylor without data: left to the callback
+        task_type="SEQ_CLS", sparsity=0.5, r=4))  # taylor without data: left to the callback
     assert not lazy.base_model.pruning_finished
+    data_free = compress.apply_pruning_adapter(tiny.make_model("bert"), compress.PruningAdapterConfig(
+        task_type="SEQ_CLS", sparsity=0.5, importance="l1", r=4))  # magnitude criteria prune at once
+    assert data_free.base_model.pruning_finished
 
 
-def test_layernorms_in_modules_to_save_train_merge_and_stay_out_of_head_warmup():
-    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", modules_to_save=["LayerNorm"])
+def test_layernorms_in_modules_to_save_train_and_merge():
+    model = _bert_peft(sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", modules_to_save=["LayerNorm"])
     norms = {n: p.detach().clone() for n, p in model.named_parameters() if "LayerNorm" in n and p.requires_grad}
     assert norms  # peft made trainable copies of every LayerNorm
-    model.base_model.prune(data=tiny.make_batches("bert", 2), head_warmup_steps=3)
-    assert all(torch.equal(p, norms[n]) for n, p in model.named_parameters() if n in norms)  # warm-up: head only
+    model.base_model.prune(data=tiny.make_batches("bert", 2))
+    assert all(torch.equal(p, norms[n]) for n, p in model.named_parameters() if n in norms)  # scoring: gates only
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     model(**tiny.make_batch("bert")).loss.backward()
@@ -426,9 +519,9 @@ def test_distillation_adds_the_masked_hidden_state_error_against_a_weight_sharin
     base = _without_dropout(tiny.make_model("bert"))
     original = {n: p.data_ptr() for n, p in base.named_parameters()}
     model = get_peft_model(base, compress.PruningAdapterConfig(
-        task_type="SEQ_CLS", r=4, ffn_sparsity=0.5, head_sparsity=0.5, mode="global", distill_weight=100.0))
+        task_type="SEQ_CLS", r=4, sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", distill_weight=100.0))
     tuner = model.base_model
-    teacher = tuner._teacher
+    teacher = tuner.distillation.teacher
     # the teacher is the dense original, in the same memory, and outside the module tree
     assert {n: p.data_ptr() for n, p in teacher.named_parameters()} == original
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -460,20 +553,20 @@ def test_distillation_adds_the_masked_hidden_state_error_against_a_weight_sharin
 
     trained.loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
-    assert all(p.grad is not None for n, p in model.named_parameters() if "pa_A" in n)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
     model.zero_grad()
 
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved and all("pa_" in k or "classifier" in k for k in saved)  # nothing of the teacher
     reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), tmp_path / "adapter")
-    assert reloaded.base_model._teacher is None  # inference: no teacher
+    assert reloaded.base_model.distillation is None  # inference: no teacher
     model.merge_and_unload()
-    assert tuner._teacher is None  # merging writes into weights the teacher shared
+    assert tuner.distillation.teacher is None  # merging writes into weights the teacher shared
 
 
 def test_distillation_under_trainer_with_progressive_pruning(tmp_path):
-    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+    model = _bert_peft(sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", schedule="progressive",
                        scoring_steps=2, pruning_interval=2, pruning_end_step=4, distill_weight=1.0)
     callback = compress.PruningAdapterCallback()
     trainer = _trainer(model, 6, callback, tmp_path)
@@ -481,10 +574,10 @@ def test_distillation_under_trainer_with_progressive_pruning(tmp_path):
     assert [e["step"] for e in callback.events] == [2, 4]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
-    assert model.base_model._teacher is not None
+    assert model.base_model.distillation.teacher is not None
     # the same run without distillation: the same task loss at step 1, to which distillation adds (dropout
     # alone makes the training student differ from the eval-mode teacher); different training after that
-    plain = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", schedule="progressive",
+    plain = _bert_peft(sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", schedule="progressive",
                        scoring_steps=2, pruning_interval=2, pruning_end_step=4)
     plain_trainer = _trainer(plain, 6, compress.PruningAdapterCallback(), tmp_path / "plain")
     plain_trainer.train()
@@ -494,10 +587,10 @@ def test_distillation_under_trainer_with_progressive_pruning(tmp_path):
 
 
 def test_distillation_teacher_follows_the_student_without_a_second_copy():
-    model = _bert_peft(ffn_sparsity=0.5, head_sparsity=0.5, mode="global", importance="magnitude",
+    model = _bert_peft(sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", importance="magnitude",
                        distill_weight=1.0)
     tuner, batch = model.base_model, tiny.make_batch("bert")
-    teacher = tuner._teacher
+    teacher = tuner.distillation.teacher
     model.train()
 
     def shared() -> int:
@@ -517,7 +610,7 @@ def test_distillation_teacher_follows_the_student_without_a_second_copy():
 
 
 def test_distillation_that_cannot_apply_warns_once(caplog):
-    model = _bert_peft(ffn_sparsity=0.5, distill_weight=1.0)
+    model = _bert_peft(sparsity=0.5, distill_weight=1.0)
     model.train()
     batch = tiny.make_batch("bert")
     with caplog.at_level("WARNING"):

@@ -5,16 +5,19 @@ After "Task-oriented Memory-efficient Pruning-Adapter" (Wang, Yang, Sun, 2023).
 
 from __future__ import annotations
 
+from compress.pruning.importance import get_importance
 from compress.registry import register_method
 
 from .callback import PruningAdapterCallback, find_tuner
 from .config import PRUNING_ADAPTER, PruningAdapterConfig
+from .distill import Distillation
 from .layer import Linear, PruningAdapterLayer
 from .model import PruningAdapterModel
 from .schedule import PruningSchedule, cubic_sparsity
 
 __all__ = [
     "PRUNING_ADAPTER",
+    "Distillation",
     "Linear",
     "PruningAdapterCallback",
     "PruningAdapterConfig",
@@ -38,7 +41,6 @@ def apply_pruning_adapter(model, config: PruningAdapterConfig, data=None, tokeni
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, config)
-    tuner = find_tuner(peft_model)
-    if data is not None or config.importance in ("magnitude", "l1", "l2", "random"):
-        tuner.prune(data=data, tokenizer=tokenizer, **prune_kwargs)
+    if data is not None or not get_importance(config.spec.importance).needs_calibration:
+        find_tuner(peft_model).prune(data=data, tokenizer=tokenizer, **prune_kwargs)
     return peft_model

@@ -69,7 +69,7 @@ class PruningAdapterCallback(TrainerCallback):
 
 def _check_resumed_schedule(tuner: PruningAdapterModel, global_step: int) -> None:
     """A checkpoint's pruning events must be ones this configuration's schedule has at or before ``global_step``."""
-    recorded = [event["step"] for event in tuner._config.pruning_plan if "step" in event]
+    recorded = [event["step"] for event in tuner.active_config.pruning_plan if "step" in event]
     steps = tuner.pruning_steps()
     if any(step not in steps or step > global_step for step in recorded):
         raise CompressError(f"the checkpoint's model was pruned at steps {recorded}, but this configuration prunes at "

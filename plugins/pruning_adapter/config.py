@@ -1,23 +1,23 @@
-"""Configuration of Pruning-Adapter."""
+"""Configuration of Pruning-Adapter: the pruning options of :class:`~compress.pruning.spec.PruningSpec`, the
+schedule, and the low-rank adapters."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from peft.config import PeftConfig
 
-from compress.errors import CompressError
-from compress.pruning.engine import NORMALIZATIONS, check_max_keep
-from compress.pruning.importance import available_importances
+from compress.pruning.spec import InvalidOptionError, PruningSpec, sparsity_by_structure
 from compress.registry import PeftMethodType
 
-from .plan import check_plan
+from .plan import STRUCTURES, check_plan
 
 PRUNING_ADAPTER = PeftMethodType("PRUNING_ADAPTER")
 
 SCHEDULES = ("oneshot", "progressive")
-MODES = ("uniform", "global")
+QUANTIZATIONS = ("8bit", "4bit")
 
 
 @dataclass
@@ -25,17 +25,40 @@ class PruningAdapterConfig(PeftConfig):
     """Configuration for :class:`PruningAdapterModel`: task-oriented structured pruning of a frozen
     backbone plus low-rank adapters trained on the smaller model.
 
+    The pruning options are those of :func:`compress.prune_model` and are validated by the same
+    :class:`~compress.pruning.spec.PruningSpec` (:attr:`spec`); a bad value raises
+    :class:`~compress.pruning.spec.InvalidOptionError` naming the field.
+
     Args:
-        ffn_sparsity: fraction of FFN neurons to remove in [0, 1).
-        head_sparsity: fraction of attention heads to remove in [0, 1) (BERT/RoBERTa need ``mode="global"``).
-        layer_sparsity: fraction of whole transformer blocks to remove in [0, 1).
-        sparsity: alternative to the three fields above, ``{"ffn": 0.5, "heads": 0.25, "layers": 0.0}``
-            (keys: ffn, heads, kv_heads, layers); overrides them when given.
-        prune_kv_heads: with grouped-query attention, remove whole kv heads (with their query heads) instead
-            of an equal number of query heads per kv group.
-        importance: ``taylor`` (|dL/dgate|), ``fisher`` ((dL/dgate)^2), ``magnitude`` or ``random``. Taylor and
-            Fisher use gradients of the task loss with respect to per-structure gates only: the backbone
-            gets no weight gradients and no optimizer state.
+        sparsity: fraction of each structure to remove, in [0, 1): one number for every structure in
+            ``structures`` (default ``ffn``), or ``{"ffn": 0.5, "heads": 0.5}``. Structures: ``ffn`` (FFN
+            neurons), ``heads`` (attention heads; with grouped-query attention an equal number per kv group;
+            BERT/RoBERTa need ``mode="global"``), ``kv_heads`` (whole kv heads with their query heads),
+            ``layers`` (whole transformer blocks). A structure at 0 is not pruned.
+        structures: the structures a single-number ``sparsity`` applies to (a list or ``"ffn,heads"``); with a
+            mapping, it must name the same structures or be left out. Holds the pruned structures afterwards.
+        mode: ``uniform`` (same width in every layer; the merged model reloads with plain transformers) or
+            ``global`` (widths differ per layer; loading the merged model needs ``import compress``).
+        importance: ``taylor`` (|dL/dgate|), ``fisher`` ((dL/dgate)^2), ``magnitude``/``l2``, ``l1``,
+            ``random``, or a name registered with :func:`compress.register_importance`. Taylor and Fisher use
+            gradients of the task loss with respect to per-structure gates only: the backbone gets no weight
+            gradients and no optimizer state.
+        normalize: ``global`` mode only: ``"mean"`` or ``"l2"`` divide each layer's scores by their mean / L2 norm
+            before ranking across layers, ``"none"`` ranks raw scores. Gradient scores grow towards the loss, so
+            raw ranking strips early layers (see :func:`compress.pruning.plan.normalize_scores`).
+        max_keep: ``global`` mode only: the largest fraction of its original FFN neurons, and of its heads, that
+            any one layer keeps (at least ``1 - sparsity``; ``None``, the default, sets no cap). Global ranking
+            can leave a layer nearly whole; with activation checkpointing the training peak is one layer's
+            recomputation, so the widest layer sets it. Progressive schedules cap every pruning step so the
+            final cap stays reachable.
+        round_to: keep FFN widths a multiple of this.
+        compensate_bias: add the average contribution of removed FFN neurons and heads, measured on the scoring
+            batches, to the bias of the output projection they fed (FLAP-style; see
+            :mod:`compress.pruning.compensate`). Kept as a frozen per-adapter buffer (``pa_bias``) and folded in
+            on merge. Applies where that projection has a bias and carries an adapter (BERT/RoBERTa); Llama,
+            Qwen2 and T5 output projections have no bias and are left as they are. Off by default: on
+            MiniLM/SST-2 it cost oneshot pruning 2.9 points (2 seeds) and changed progressive pruning by +0.3
+            (noise).
         schedule: ``oneshot`` prunes once, to the final sparsity, after ``scoring_steps`` training steps
             (or immediately with ``model.prune(data=...)``); ``progressive`` prunes every
             ``pruning_interval`` steps from ``scoring_steps`` to ``pruning_end_step`` along a cubic schedule,
@@ -45,38 +68,23 @@ class PruningAdapterConfig(PeftConfig):
             training length.
         pruning_interval: steps between two pruning events (progressive).
         ema_beta: smoothing of the importance moving average (progressive).
-        mode: ``uniform`` (same width in every layer; the merged model reloads with plain transformers) or
-            ``global`` (widths differ per layer; loading the merged model needs ``import compress``).
-        round_to: keep FFN widths a multiple of this.
-        score_normalization: ``global`` mode only: ``"mean"`` or ``"l2"`` divide each layer's scores by their
-            mean / L2 norm before ranking across layers, ``"none"`` ranks raw scores. Gradient scores grow
-            towards the loss, so raw ranking strips early layers (see
-            :func:`compress.pruning.engine.normalize_scores`).
-        max_keep: ``global`` mode only: the largest fraction of its original FFN neurons, and of its heads, that
-            any one layer keeps (at least ``1 - sparsity``; ``None``, the default, sets no cap). Global ranking
-            can leave a layer nearly whole; with activation checkpointing the training peak is one layer's
-            recomputation, so the widest layer sets it. Progressive schedules cap every pruning step so the
-            final cap stays reachable.
-        compensate_bias: add the average contribution of removed FFN neurons and heads, measured on the scoring
-            batches, to the bias of the output projection they fed (FLAP-style; see
-            :mod:`compress.pruning.compensate`). Kept as a frozen per-adapter buffer and folded in on merge.
-            Applies where that projection has a bias and carries an adapter (BERT/RoBERTa); Llama, Qwen2 and
-            T5 output projections have no bias and are left as they are. Off by default: on MiniLM/SST-2 it
-            cost oneshot pruning 2.9 points (2 seeds) and changed progressive pruning by +0.3 (noise).
         checkpoint_until_pruned: when pruning happens during training (the callback), recompute activations
             (gradient checkpointing) until the final sparsity is reached, so the dense steps before it do not
             set the training memory peak; switched off once the model is pruned.
         distill_weight: weight of a layer-wise distillation term added to the training loss: the mean squared
             error between every layer's hidden states and those of the original dense model (a frozen teacher
-            that shares the loaded weights and runs without gradients; see :mod:`compress.pruning.distill`).
-            It tells the adapters what the pruned channels contributed. ``0`` (default) turns it off. Costs a
-            dense forward pass per training step and keeps the dense weights alive until merging; not
-            combined with layer pruning (hidden states would not align) or a quantised backbone.
+            that shares the loaded weights and runs without gradients; see
+            :mod:`compress.plugins.pruning_adapter.distill`). It tells the adapters what the pruned channels
+            contributed. ``0`` (default) turns it off. Costs a dense forward pass per training step and keeps the
+            dense weights alive until merging; not combined with layer pruning (hidden states would not align)
+            or a quantised backbone.
         r: adapter rank.
         lora_alpha: adapter scaling numerator (scale = lora_alpha / r).
         lora_dropout: dropout on the adapter path.
-        target_modules: modules that get adapters; default: every attention and FFN projection.
-        init_weights: ``True`` initialises B to zero so the adapted model starts equal to the pruned base.
+        target_modules: modules that get adapters; default: every attention and FFN projection of the
+            architecture family (:attr:`compress.pruning.arch.ArchSpec.projection_names`).
+        init_weights: ``True`` initialises B to zero so the adapted model starts equal to the pruned base;
+            ``False`` leaves both adapter matrices random.
         modules_to_save: extra modules trained and saved in full (e.g. a classification head).
         quantize_backbone: ``"8bit"`` (LLM.int8) or ``"4bit"`` (NF4) to keep the adapted, frozen base layers in
             bitsandbytes form once pruning is finished (needs the ``quant`` extra); ``None`` keeps them float.
@@ -87,32 +95,31 @@ class PruningAdapterConfig(PeftConfig):
             (see :mod:`compress.plugins.pruning_adapter.plan`).
     """
 
-    ffn_sparsity: float = field(default=0.5, metadata={"help": "Fraction of FFN neurons to remove, in [0, 1)."})
-    head_sparsity: float = field(default=0.0, metadata={"help": "Fraction of attention heads to remove, in [0, 1)."})
-    layer_sparsity: float = field(default=0.0, metadata={"help": "Fraction of transformer blocks to remove."})
-    sparsity: dict[str, float] | None = field(
-        default=None, metadata={"help": "Sparsity per structure, e.g. {'ffn': 0.5, 'heads': 0.25}."})
-    prune_kv_heads: bool = field(default=False, metadata={"help": "GQA: remove whole kv heads with their queries."})
-    importance: str = field(default="taylor", metadata={"help": "taylor, fisher, magnitude or random."})
+    sparsity: float | dict[str, float] = field(
+        default=0.5, metadata={"help": "Fraction removed, in [0, 1): one number for `structures`, or "
+                                       "{'ffn': 0.5, 'heads': 0.5} (ffn, heads, kv_heads, layers)."})
+    structures: list[str] | str | None = field(
+        default=None, metadata={"help": "Structures a single-number sparsity applies to (default: ffn)."})
+    mode: str = field(default="uniform", metadata={"help": "uniform or global width allocation."})
+    importance: str = field(default="taylor", metadata={"help": "taylor, fisher, magnitude, l1 or random."})
+    normalize: str = field(
+        default="none", metadata={"help": "Global mode: per-layer score scaling before ranking: none, mean or l2."})
+    max_keep: float | None = field(
+        default=None, metadata={"help": "Global mode: most of its original FFN neurons/heads one layer keeps."})
+    round_to: int = field(default=1, metadata={"help": "Keep FFN widths a multiple of this."})
+    compensate_bias: bool = field(
+        default=False, metadata={"help": "Fold the mean contribution of removed channels into the output bias."})
     schedule: str = field(default="oneshot", metadata={"help": "oneshot or progressive."})
     scoring_steps: int = field(default=16, metadata={"help": "Steps of gate gradients before the first pruning."})
     pruning_end_step: int | None = field(default=None, metadata={"help": "Progressive: step of final sparsity."})
     pruning_interval: int = field(default=10, metadata={"help": "Progressive: steps between pruning events."})
     ema_beta: float = field(default=0.85, metadata={"help": "Progressive: EMA smoothing of importance."})
-    mode: str = field(default="uniform", metadata={"help": "uniform or global width allocation."})
-    round_to: int = field(default=1, metadata={"help": "Keep FFN widths a multiple of this."})
-    score_normalization: str = field(
-        default="none", metadata={"help": "Global mode: per-layer score scaling before ranking: none, mean or l2."})
-    max_keep: float | None = field(
-        default=None, metadata={"help": "Global mode: most of its original FFN neurons/heads one layer keeps."})
-    compensate_bias: bool = field(
-        default=False, metadata={"help": "Fold the mean contribution of removed channels into the output bias."})
     checkpoint_until_pruned: bool = field(
         default=True, metadata={"help": "Gradient checkpointing during training steps before the final pruning."})
     distill_weight: float = field(
         default=0.0, metadata={"help": "Weight of hidden-state distillation from the frozen dense model (0: off)."})
     r: int = field(default=8, metadata={"help": "Adapter rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "Adapter scale numerator (scale = lora_alpha / r)."})
+    lora_alpha: float = field(default=16, metadata={"help": "Adapter scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter path."})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules to adapt (names or regex); default: attention and FFN projections."})
@@ -127,70 +134,103 @@ class PruningAdapterConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PRUNING_ADAPTER
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else \
-            self.target_modules
-        if self.sparsity is not None:
-            unknown = set(self.sparsity) - {"ffn", "heads", "kv_heads", "layers"}
-            if unknown:
-                raise CompressError(f"unknown structure(s) {sorted(unknown)} in sparsity; "
-                                    "use ffn, heads, kv_heads, layers")
-            if "heads" in self.sparsity and "kv_heads" in self.sparsity:
-                raise CompressError("sparsity names both 'heads' and 'kv_heads': prune query heads per kv group "
-                                    "or whole kv heads, not both")
-            self.prune_kv_heads = self.prune_kv_heads or "kv_heads" in self.sparsity
-            self.ffn_sparsity = float(self.sparsity.get("ffn", 0.0))
-            self.head_sparsity = float(self.sparsity.get("heads", self.sparsity.get("kv_heads", 0.0)))
-            self.layer_sparsity = float(self.sparsity.get("layers", 0.0))
-            self.sparsity = None  # the three fields now hold it; keeps the saved config unambiguous
-        for name in ("ffn_sparsity", "head_sparsity", "layer_sparsity"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise CompressError(f"{name}={value}: a sparsity is the fraction removed and must be in [0, 1)")
-        if not (self.ffn_sparsity or self.head_sparsity or self.layer_sparsity):
-            raise CompressError("all sparsities are 0: set ffn_sparsity, head_sparsity or layer_sparsity "
-                                "(or use LoRA if you do not want pruning)")
-        if self.importance not in available_importances():
-            raise CompressError(f"importance={self.importance!r}; choose one of {', '.join(available_importances())}")
-        if self.schedule not in SCHEDULES:
-            raise CompressError(f"schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.score_normalization not in NORMALIZATIONS:
-            raise CompressError(f"score_normalization={self.score_normalization!r}; choose one of "
-                                f"{', '.join(NORMALIZATIONS)}")
-        if self.mode not in MODES:
-            raise CompressError(f"mode={self.mode!r}; choose one of {', '.join(MODES)}")
-        check_max_keep(self.max_keep, self.ratios, self.mode)
-        if self.scoring_steps < 1 or self.pruning_interval < 1 or self.round_to < 1 or self.r < 1:
-            raise CompressError("scoring_steps, pruning_interval, round_to and r must be positive integers")
-        if self.schedule == "progressive":
-            if self.pruning_end_step is None:
-                raise CompressError("schedule='progressive' needs pruning_end_step: the step by which the final "
-                                    "sparsity is reached (at most the number of training steps)")
-            if self.pruning_end_step <= self.scoring_steps:
-                raise CompressError(f"pruning_end_step={self.pruning_end_step} must come after "
-                                    f"scoring_steps={self.scoring_steps}")
-        if self.quantize_backbone not in (None, "8bit", "4bit"):
-            raise CompressError(f"quantize_backbone={self.quantize_backbone!r}; choose '8bit', '4bit' or None")
-        if not 0.0 <= self.ema_beta < 1.0:
-            raise CompressError(f"ema_beta={self.ema_beta} must be in [0, 1)")
-        if not (self.distill_weight >= 0.0 and math.isfinite(self.distill_weight)):
-            raise CompressError(f"distill_weight={self.distill_weight} must be a finite number >= 0")
-        if self.distill_weight and self.layer_sparsity:
-            raise CompressError("distill_weight needs every layer's hidden states to have a teacher counterpart: "
-                                "set layer_sparsity=0 or distill_weight=0")
-        if self.distill_weight and self.quantize_backbone:
-            raise CompressError("distill_weight keeps a float dense teacher, which defeats quantize_backbone: "
-                                "use one or the other")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise CompressError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        spec = self.spec  # validates the pruning options
+        # one unambiguous form in adapter_config.json: the sparsity of every pruned structure, and their names
+        self.sparsity = dict(spec.sparsity)
+        self.structures = list(spec.sparsity)
+        self._check_training_fields()
+        self._check_adapter_fields()
         check_plan(self.pruning_plan)  # loading a saved adapter: a hand-edited field fails before the model is touched
 
     @property
-    def ratios(self) -> dict[str, float]:
-        """Sparsity per engine structure (only the non-zero ones)."""
-        heads = "kv_heads" if self.prune_kv_heads else "heads"
-        ratios = {"ffn": self.ffn_sparsity, heads: self.head_sparsity, "layers": self.layer_sparsity}
-        return {k: v for k, v in ratios.items() if v > 0}
+    def spec(self) -> PruningSpec:
+        """The pruning options as a validated :class:`~compress.pruning.spec.PruningSpec` (structures at 0
+        left out)."""
+        if self.structures is not None and not isinstance(self.structures, (str, list, tuple)):
+            raise InvalidOptionError("structures", self.structures, "must be a list of structure names, e.g. "
+                                     "['ffn', 'heads'], or None")
+        sparsity = sparsity_by_structure(self.sparsity, self.structures, allow_zero=True)
+        other = sorted(set(sparsity) - set(STRUCTURES))
+        if other:
+            raise InvalidOptionError("sparsity", self.sparsity, f"Pruning-Adapter prunes {', '.join(STRUCTURES)}; "
+                                     f"leave out {', '.join(other)}")
+        if not isinstance(self.importance, str):
+            raise InvalidOptionError("importance", self.importance, "must be the name of a criterion (a saved "
+                                     "config holds names only); register a custom one with "
+                                     "compress.register_importance")
+        return PruningSpec(sparsity=sparsity, mode=self.mode, importance=self.importance, normalize=self.normalize,
+                           max_keep=self.max_keep, round_to=self.round_to, compensate_bias=self.compensate_bias)
+
+    def _check_training_fields(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise InvalidOptionError("schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
+        _positive_int("scoring_steps", self.scoring_steps)
+        _positive_int("pruning_interval", self.pruning_interval)
+        if self.pruning_end_step is not None:
+            _positive_int("pruning_end_step", self.pruning_end_step)
+        if self.schedule == "progressive":
+            if self.pruning_end_step is None:
+                raise InvalidOptionError("pruning_end_step", None, "schedule='progressive' needs the step by which "
+                                         "the final sparsity is reached (at most the number of training steps)")
+            if self.pruning_end_step <= self.scoring_steps:
+                raise InvalidOptionError("pruning_end_step", self.pruning_end_step,
+                                         f"must come after scoring_steps={self.scoring_steps}")
+        _fraction("ema_beta", self.ema_beta)
+        _boolean("checkpoint_until_pruned", self.checkpoint_until_pruned)
+        if not (_is_number(self.distill_weight) and math.isfinite(self.distill_weight) and self.distill_weight >= 0):
+            raise InvalidOptionError("distill_weight", self.distill_weight, "must be a finite number >= 0 (0: off)")
+        if self.quantize_backbone is not None and self.quantize_backbone not in QUANTIZATIONS:
+            raise InvalidOptionError("quantize_backbone", self.quantize_backbone,
+                                     f"choose one of {', '.join(QUANTIZATIONS)} or None")
+        if self.distill_weight and "layers" in self.sparsity:
+            raise InvalidOptionError("distill_weight", self.distill_weight, "needs every layer's hidden states to "
+                                     "have a teacher counterpart: leave 'layers' out of sparsity, or set it to 0")
+        if self.distill_weight and self.quantize_backbone:
+            raise InvalidOptionError("distill_weight", self.distill_weight, "keeps a float dense teacher, which "
+                                     "defeats quantize_backbone: use one or the other")
+
+    def _check_adapter_fields(self) -> None:
+        _positive_int("r", self.r)
+        if not (_is_number(self.lora_alpha) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise InvalidOptionError("lora_alpha", self.lora_alpha, "must be a positive number")
+        _fraction("lora_dropout", self.lora_dropout)
+        _boolean("init_weights", self.init_weights)
+        if isinstance(self.target_modules, (list, tuple, set)):
+            _names("target_modules", self.target_modules)
+            self.target_modules = set(self.target_modules)
+        elif self.target_modules is not None and not isinstance(self.target_modules, str):
+            raise InvalidOptionError("target_modules", self.target_modules, "must be a list of module names, a "
+                                     "regular expression, or None (every attention and FFN projection)")
+        if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, (list, tuple)):
+                raise InvalidOptionError("modules_to_save", self.modules_to_save, "must be a list of module names")
+            _names("modules_to_save", self.modules_to_save)
 
     def last_pruning_step(self) -> int:
         """The training step of the last pruning event."""
         return self.scoring_steps if self.schedule == "oneshot" else int(self.pruning_end_step)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOptionError(name, value, "must be a positive integer")
+
+
+def _fraction(name: str, value: Any) -> None:
+    if not (_is_number(value) and 0.0 <= value < 1.0):
+        raise InvalidOptionError(name, value, "must be a number in [0, 1)")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidOptionError(name, value, "must be True or False")
+
+
+def _names(name: str, values: Any) -> None:
+    wrong = [v for v in values if not isinstance(v, str) or not v]
+    if wrong:
+        raise InvalidOptionError(name, values, f"{wrong[0]!r} is not a module name")

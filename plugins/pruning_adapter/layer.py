@@ -1,76 +1,72 @@
-"""Adapter layer of Pruning-Adapter: a low-rank update around a linear layer that can lose channels."""
+"""Adapter layers of Pruning-Adapter: peft's LoRA layers whose base layer can lose channels.
+
+The low-rank update (``lora_A``/``lora_B``, scaling, dropout, merging, dtype handling and the bitsandbytes
+variants) is peft's :mod:`peft.tuners.lora`. This module adds what pruning needs: removing output/input
+channels from the base layer and the adapter matrices together, recording the replaced parameters so an
+optimizer can follow, a bias-compensation buffer (``pa_bias``), and quantising the frozen base layer once
+pruning is done (and dequantising it to merge).
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch_pruning as tp
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraConfig, LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.utils.integrations import dequantize_module_weight, get_bnb_param_type
 from torch import nn
 
 from compress.errors import CompressError
-from compress.quantize import dequantize_linear, is_quantized, quantize_linear
+
+QUANTIZED_CLASSES: dict[str, type] = {}  # "8bit"/"4bit" -> the layer class around a bitsandbytes base layer
 
 
-class PruningAdapterLayer(BaseTunerLayer):
-    """``y = base(x) + B(A(dropout(x))) * alpha / r + bias_shift`` where the base layer may be pruned in place.
+class PruningAdapterLayer(LoraLayer):
+    """A LoRA layer (``y = base(x) + B(A(dropout(x))) * scaling``) plus ``pa_bias``, around a base layer that
+    pruning may shrink in place.
 
-    ``prune_output_channels``/``prune_input_channels`` shrink the base layer and the adapter matrices
-    together (the pruning engine calls them), and record which rows/columns survived so that an
-    optimizer's state can follow (:func:`compress.pruning.optim.remap_optimizer`).
+    ``prune_output_channels``/``prune_input_channels`` shrink the base layer and the adapter matrices together
+    (the pruning engine calls them, see :class:`compress.pruning.surgery.PrunableLayer`) and record in
+    ``pruned_params`` which rows/columns survived, so that an optimizer's state can follow
+    (:func:`compress.pruning.optim.remap_optimizer`).
 
     ``pa_bias`` (a frozen buffer, saved with the adapter weights) holds the bias compensation for input
     channels pruned away (:mod:`compress.pruning.compensate`); the frozen base bias itself never changes,
     so the original base model plus the adapter checkpoint rebuild the same model. Merging folds it in.
     """
 
-    adapter_layer_names = ("pa_A", "pa_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "pa_dropout", "pa_bias")
+    other_param_names = (*LoraLayer.other_param_names, "pa_bias")
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
-        self.base_layer = base_layer
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.pa_dropout = nn.ModuleDict({})
-        self.pa_A = nn.ModuleDict({})
-        self.pa_B = nn.ModuleDict({})
+    def _init_pruning(self, adapter_name: str, compensate_bias: bool) -> None:
         self.pa_bias = BufferDict({}, persistent=True)
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
         #: id(old) -> (old, new, dim, kept indices) for every parameter replaced by the last pruning calls;
         #: holding `old` keeps its id from being reused by a new parameter while the record is alive
         self.pruned_params: dict[int, tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]] = {}
-        self.kwargs = kwargs
+        if compensate_bias:
+            self.add_bias_buffer(adapter_name)
 
-    @property
-    def in_features(self) -> int:
-        return self.get_base_layer().in_features
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig,
+                     compensate_bias: bool = False, **kwargs) -> None:
+        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+        if compensate_bias:
+            self.add_bias_buffer(adapter_name)
 
-    @property
-    def out_features(self) -> int:
-        return self.get_base_layer().out_features
-
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
-                     init_weights: bool = True, inference_mode: bool = False, compensate_bias: bool = False) -> None:
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / r
-        self.pa_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.pa_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.pa_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.pa_A[adapter_name].weight, a=math.sqrt(5))
-        if init_weights:
-            nn.init.zeros_(self.pa_B[adapter_name].weight)
-        else:  # a non-zero start, so tests can tell the adapter path from the base path
-            nn.init.normal_(self.pa_B[adapter_name].weight, std=0.02)
-        # only when compensation is configured: otherwise forward would add a zero vector in every layer
-        if compensate_bias and getattr(self.get_base_layer(), "bias", None) is not None:
+    def add_bias_buffer(self, adapter_name: str) -> None:
+        """Give ``adapter_name`` a zero bias compensation, if the base layer has a bias to fold it into (only
+        then: otherwise forward would add a zero vector in every layer)."""
+        base = self.get_base_layer()
+        if getattr(base, "bias", None) is not None:
             self.pa_bias[adapter_name] = torch.zeros(self.out_features, dtype=torch.float32)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+            self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    @property
+    def pa_A(self) -> nn.ModuleDict:
+        """``lora_A``, under the name :func:`compress.pruning.compensate.bias_shifts` looks for (until it reads
+        ``lora_A``)."""
+        return self.lora_A
 
     # -- structural pruning ----------------------------------------------------------------------------
     def _record(self, old: nn.Parameter, new: nn.Parameter, dim: int, removed: list[int], size: int) -> None:
@@ -86,104 +82,162 @@ class PruningAdapterLayer(BaseTunerLayer):
             self._record(old_bias, layer.bias, 0, removed, size)
 
     def prune_output_channels(self, removed: list[int]) -> None:
-        """Remove output channels from the base layer and every adapter's B."""
-        self._check_unmerged()
+        """Remove output channels from the base layer, every adapter's B and the bias compensation."""
+        self._check_prunable()
         gone = set(removed)
         keep = [i for i in range(self.out_features) if i not in gone]
         self._prune(self.get_base_layer(), removed, out=True)
-        for b in self.pa_B.values():
+        for b in self.lora_B.values():
             self._prune(b, removed, out=True)
         for adapter, shift in list(self.pa_bias.items()):
             self.pa_bias[adapter] = shift[keep].clone()
+        self.out_features = self.get_base_layer().out_features
+
+    def prune_input_channels(self, removed: list[int]) -> None:
+        """Remove input channels from the base layer and every adapter's A."""
+        self._check_prunable()
+        self._prune(self.get_base_layer(), removed, out=False)
+        for a in self.lora_A.values():
+            self._prune(a, removed, out=False)
+        self.in_features = self.get_base_layer().in_features
 
     def add_bias_shift(self, shift: torch.Tensor) -> None:
         """Add ``shift`` to the bias compensation of every active adapter (base layers with a bias only)."""
-        self._check_unmerged()
+        self._check_prunable()
         for adapter in self.active_adapters:
             if adapter not in self.pa_bias:
                 raise CompressError(f"{type(self.get_base_layer()).__name__} has no bias to hold a compensation")
             self.pa_bias[adapter] = self.pa_bias[adapter] + shift.to(self.pa_bias[adapter])
 
-    def prune_input_channels(self, removed: list[int]) -> None:
-        """Remove input channels from the base layer and every adapter's A."""
-        self._check_unmerged()
-        self._prune(self.get_base_layer(), removed, out=False)
-        for a in self.pa_A.values():
-            self._prune(a, removed, out=False)
+    @property
+    def quantized(self) -> bool:
+        """Whether the base layer holds bitsandbytes weights."""
+        return bool(get_bnb_param_type(self.get_base_layer().weight))
 
-    def quantize_base(self, bits: str) -> None:
-        """Replace the frozen base layer by its bitsandbytes form (``"8bit"`` or ``"4bit"``)."""
-        if not is_quantized(self.base_layer):
-            self.base_layer = quantize_linear(self.base_layer, bits)
-
-    def dequantize_base(self) -> None:
-        """Bring a quantised base layer back to a float ``nn.Linear`` (before merging)."""
-        if is_quantized(self.base_layer):
-            self.base_layer = dequantize_linear(self.base_layer)
-
-    def _check_unmerged(self) -> None:
-        if is_quantized(self.get_base_layer()):
+    def _check_prunable(self) -> None:
+        if self.quantized:
             raise CompressError("cannot prune a quantised base layer: pruning must finish before quantize_backbone "
                                 "applies")
         if self.merged:
             raise RuntimeError("unmerge the adapters before pruning: pruning a merged layer would bake the "
                                "adapter into the frozen weights")
 
+    # -- quantised base layers ---------------------------------------------------------------------------
+    def quantize_base(self, bits: str) -> None:
+        """Replace the frozen base layer by its bitsandbytes form (``"8bit"`` or ``"4bit"``); the layer becomes
+        the matching peft bitsandbytes LoRA class, with its adapters and state unchanged."""
+        if self.quantized:
+            return
+        self.base_layer = quantize_linear(self.get_base_layer(), bits)
+        self.__class__ = QUANTIZED_CLASSES[bits]
 
-class Linear(nn.Module, PruningAdapterLayer):
-    """Pruning-Adapter around an ``nn.Linear``."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 16,
-                 lora_dropout: float = 0.0, init_weights: bool = True, compensate_bias: bool = False,
-                 **kwargs) -> None:
-        super().__init__()
-        PruningAdapterLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_weights, compensate_bias=compensate_bias)
-
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        a, b = self.pa_A[adapter].weight, self.pa_B[adapter].weight
-        return (b.float() @ a.float()) * self.scaling[adapter]
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        self.dequantize_base()  # quantised weights cannot absorb the update: merging yields a float layer
+    def dequantize_base(self) -> None:
+        """Bring a quantised base layer back to a float32 ``nn.Linear`` (before merging)."""
+        if not self.quantized:
+            return
         base = self.get_base_layer()
-        for adapter in adapter_names or self.active_adapters:
-            if adapter not in self.pa_A or adapter in self.merged_adapters:
-                continue
-            merged = base.weight.data.float() + self.get_delta_weight(adapter)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of adapter {adapter!r}")
-            base.weight.data = merged.to(base.weight.dtype)
-            if adapter in self.pa_bias:
-                base.bias.data = (base.bias.data.float() + self.pa_bias[adapter]).to(base.bias.dtype)
-            self.merged_adapters.append(adapter)
+        weight = dequantize_module_weight(base).detach().to(torch.float32)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None, device=weight.device)
+        linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        if base.bias is not None:
+            linear.bias = nn.Parameter(base.bias.detach().to(torch.float32).clone(), requires_grad=False)
+        self.base_layer = linear
+        self.__class__ = Linear
 
-    def unmerge(self) -> None:
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            base.weight.data = (base.weight.data.float() - self.get_delta_weight(adapter)).to(base.weight.dtype)
-            if adapter in self.pa_bias:
-                base.bias.data = (base.bias.data.float() - self.pa_bias[adapter]).to(base.bias.dtype)
-
+    # -- the bias compensation in forward and merge ---------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        result = super().forward(x, *args, **kwargs)
+        if self.disable_adapters or self.merged or not self.pa_bias:
             return result
-        for adapter in self.active_adapters:
-            if adapter not in self.pa_A:
+        per_row = kwargs.get("adapter_names")  # peft's mixed-adapter batches: one adapter name per row
+        for adapter in self.active_adapters if per_row is None else sorted(set(per_row)):
+            if adapter not in self.pa_bias:
                 continue
-            a = self.pa_A[adapter]
-            h = self.pa_dropout[adapter](x.to(a.weight.dtype))
-            result = result + (self.pa_B[adapter](a(h)) * self.scaling[adapter]).to(result.dtype)
-            if adapter in self.pa_bias:
-                result = result + self.pa_bias[adapter].to(result.dtype)
+            shift = self.pa_bias[adapter].to(result.dtype)
+            if per_row is None:
+                result = result + shift
+            else:
+                rows = torch.tensor([i for i, name in enumerate(per_row) if name == adapter], device=result.device)
+                result = result.index_add(0, rows, shift.expand(len(rows), *result.shape[1:]))
         return result
 
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """peft's LoRA merge plus the bias compensation; a quantised base layer is dequantised first, so merging
+        gives a float layer."""
+        self.dequantize_base()
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter in self.merged_adapters and adapter in self.pa_bias:
+                base.bias.data = (base.bias.data.float() + self.pa_bias[adapter]).to(base.bias.dtype)
+
+    def unmerge(self) -> None:
+        merged = list(self.merged_adapters)
+        super().unmerge()
+        base = self.get_base_layer()
+        for adapter in merged:
+            if adapter in self.pa_bias and adapter not in self.merged_adapters:
+                base.bias.data = (base.bias.data.float() - self.pa_bias[adapter]).to(base.bias.dtype)
+
     def __repr__(self) -> str:
-        return "pruning_adapter." + super().__repr__()
+        return "pruning_adapter." + nn.Module.__repr__(self)
+
+
+class Linear(PruningAdapterLayer, LoraLinear):
+    """Pruning-Adapter around an ``nn.Linear``: peft's ``lora.Linear`` with channel pruning and ``pa_bias``."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: LoraConfig, r: int, lora_alpha: float,
+                 compensate_bias: bool = False) -> None:
+        LoraLinear.__init__(self, base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha)
+        self._init_pruning(adapter_name, compensate_bias)
+
+
+if is_bnb_available():
+    from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
+
+    class Linear8bitLt(PruningAdapterLayer, LoraLinear8bitLt):
+        """Pruning-Adapter around a bitsandbytes 8-bit base layer (after :meth:`quantize_base`)."""
+
+    QUANTIZED_CLASSES["8bit"] = Linear8bitLt
+
+if is_bnb_4bit_available():
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    class Linear4bit(PruningAdapterLayer, LoraLinear4bit):
+        """Pruning-Adapter around a bitsandbytes 4-bit (NF4) base layer (after :meth:`quantize_base`)."""
+
+    QUANTIZED_CLASSES["4bit"] = Linear4bit
+
+
+def quantize_linear(layer: nn.Linear, bits: str) -> nn.Module:
+    """A frozen bitsandbytes copy of ``layer``: ``"8bit"`` (LLM.int8) or ``"4bit"`` (NF4, fp32 compute)."""
+    if bits not in QUANTIZED_CLASSES:
+        if bits in ("8bit", "4bit"):
+            raise CompressError("quantize_backbone needs bitsandbytes: pip install 'peft-compress[quant]'")
+        raise CompressError(f"quantize_backbone={bits!r}; choose one of 8bit, 4bit")
+    import bitsandbytes as bnb
+
+    device = layer.weight.device
+    weight = layer.weight.detach().to(torch.float32).cpu().clone()
+    has_bias = layer.bias is not None
+    try:
+        if bits == "8bit":
+            q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=has_bias,
+                                    has_fp16_weights=False, threshold=0.0)
+            q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=has_bias,
+                                  compute_dtype=torch.float32, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            # On CPUs with avx512_bf16, an eval/no-grad forward repacks the weights for a faster kernel; after
+            # that, gradients through the layer are silently zero (and layers narrower than 64 inputs fail).
+            # Adapters train through these layers, so keep the one packing format that supports backward.
+            q.support_avx512bf16_for_cpu = False
+        if has_bias:
+            q.bias = nn.Parameter(layer.bias.detach().to(torch.float32).clone(), requires_grad=False)
+        q = q.to(device)  # bitsandbytes quantises on the move to the device
+    except (RuntimeError, NotImplementedError, ValueError) as err:
+        raise CompressError(f"bitsandbytes cannot quantise to {bits} on {device}: {err}. Use a supported device "
+                            "(CUDA, or a CPU backend of bitsandbytes >= 0.45) or quantize_backbone=None") from err
+    return q

@@ -21,9 +21,12 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.pruning.arch import ArchAdapter, get_adapter
-from compress.pruning.engine import apply_removals
-from compress.pruning.importance import STRUCTURES, Unit, units_for
+from compress.pruning.arch import ArchSpec, arch_spec
+from compress.pruning.importance import Unit, units_for
+from compress.pruning.surgery import apply_removals
+
+#: what Pruning-Adapter removes: FFN neurons, query heads, whole kv heads, whole blocks
+STRUCTURES = ("ffn", "heads", "kv_heads", "layers")
 
 #: fields every event has, and their types
 EVENT_FIELDS: dict[str, type] = {
@@ -114,13 +117,13 @@ def check_plan(plan: object, source: str = "pruning_plan") -> None:
             previous_step = event["step"]
 
 
-def _check_against_model(adapter: ArchAdapter, event: dict, index: int, source: str) -> list[Unit]:
+def _check_against_model(arch: ArchSpec, event: dict, index: int, source: str) -> list[Unit]:
     """The event's units, after checking that its widths and removed indices fit the model as it is now."""
-    widths = adapter.widths()
+    widths = arch.widths()
     if widths != event["widths_before"]:
         raise plan_error(index, event, "'widths_before'", f"the model's widths at this point are {widths}, the "
                          f"event records {event['widths_before']}", source)
-    units = units_for(adapter, event["structures"])
+    units = units_for(arch, event["structures"])
     by_key = {u.key: u for u in units}
     for key, removed in event["removed"].items():
         unit = by_key.get(key)
@@ -153,16 +156,16 @@ def replay_events(model: nn.Module, events: list[dict], start: int = 0, source: 
     """
     for index, event in enumerate(events, start):
         check_event(event, index, source)
-        adapter = get_adapter(model)
-        units = _check_against_model(adapter, event, index, source)
+        arch = arch_spec(model)
+        units = _check_against_model(arch, event, index, source)
         try:
-            apply_removals(model, adapter, units, {k: list(v) for k, v in event["removed"].items()})
+            apply_removals(model, arch, units, {k: list(v) for k, v in event["removed"].items()})
         except CompressError as exc:  # e.g. query heads not removed equally from every kv group
             raise plan_error(index, event, "'removed'", str(exc), source) from exc
         for module in model.modules():
             if hasattr(module, "pruned_params"):
                 module.pruned_params.clear()  # no optimizer to remap: drop the references to the old tensors
-        widths = get_adapter(model).widths()
+        widths = arch_spec(model).widths()
         if widths != event["widths_after"]:
             raise plan_error(index, event, "'widths_after'", f"replaying the event gives widths {widths}, the event "
                              f"records {event['widths_after']}", source)

@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from compress.errors import CompressError
-from compress.pruning.arch import get_adapter
+from compress.pruning.arch import arch_spec
 from compress.pruning.compensate import InputMeans, record_input_means
 from compress.pruning.engine import score_units
 from compress.pruning.importance import attach_gates, get_importance
+
+from .pruning import prune_event, total_width, units_of
 
 if TYPE_CHECKING:
     from .model import PruningAdapterModel
@@ -40,13 +42,6 @@ def cubic_sparsity(step: int, final: float, end_step: int) -> float:
     """Sparsity reached at ``step`` on the cubic schedule of Zhu & Gupta (2017), from 0 to ``final``."""
     progress = min(max(step / end_step, 0.0), 1.0)
     return final * (1.0 - (1.0 - progress) ** 3)
-
-
-def total_width(widths: dict[str, list[int]], structure: str) -> int:
-    """The summed width of ``structure`` over the model (kv heads fall back to heads when there is no GQA)."""
-    if structure == "kv_heads":
-        return sum(widths.get("kv_heads", widths["heads"]))
-    return sum(widths[structure])
 
 
 class PruningSchedule:
@@ -75,7 +70,7 @@ class PruningSchedule:
 
     def steps(self) -> list[int]:
         """Training steps (``global_step`` after the optimizer step) at which pruning happens."""
-        config = self.tuner._config
+        config = self.tuner.active_config
         if config.schedule == "oneshot":
             return [config.scoring_steps]
         steps = list(range(config.scoring_steps, config.pruning_end_step, config.pruning_interval))
@@ -90,17 +85,22 @@ class PruningSchedule:
         tuner = self.tuner
         if tuner.pruning_finished or self._gates_ctx is not None:
             return
-        units = tuner._units()
+        criterion = get_importance(tuner.active_config.spec.importance)
+        if criterion.needs_calibration and not getattr(criterion, "needs_gradients", True):
+            raise CompressError(f"importance={tuner.active_config.importance!r} scores on calibration data, not on "
+                                "gate gradients of the training batches: prune with model.base_model.prune(data=...) "
+                                "before training instead of the callback")
+        units = units_of(tuner)
         self._gates_ctx = attach_gates(units)
         self._gates = self._gates_ctx.__enter__()
         self._stats = {}
-        if tuner._config.compensate_bias:
+        if tuner.active_config.compensate_bias:
             self._means_ctx = record_input_means(tuner.model, units)
             self._means = self._means_ctx.__enter__()
         if self._pending is not None:
             self._take_up(self._pending)
             self._pending = None
-        if tuner._config.checkpoint_until_pruned:
+        if tuner.active_config.checkpoint_until_pruned:
             self.set_checkpointing(True)
 
     def stop(self, keep_checkpointing: bool = False) -> None:
@@ -134,13 +134,14 @@ class PruningSchedule:
         """Fold this step's gate gradients into the importance estimate; prune if ``global_step`` is due."""
         if self._gates_ctx is None:
             return None
-        tuner, config = self.tuner, self.tuner._config
+        tuner, config = self.tuner, self.tuner.active_config
         beta = config.ema_beta if config.schedule == "progressive" else 1.0
+        fisher = config.spec.importance == "fisher"
         for key, gate in self._gates.items():
             if gate.grad is None:
                 continue
             grad = gate.grad.detach().float()
-            stat = grad.abs() if config.importance != "fisher" else grad.pow(2)
+            stat = grad.pow(2) if fisher else grad.abs()
             previous = self._stats.get(key)
             # oneshot sums over the scoring steps; progressive keeps a moving average
             self._stats[key] = stat if previous is None else (
@@ -149,8 +150,8 @@ class PruningSchedule:
         steps = self.steps()
         if global_step not in steps:
             return None
-        units = tuner._units()
-        criterion = get_importance(config.importance)
+        units = units_of(tuner)
+        criterion = get_importance(config.spec.importance)
         if criterion.needs_calibration:
             missing = [u.key for u in units if u.key not in self._stats]
             if missing:
@@ -159,11 +160,11 @@ class PruningSchedule:
         else:
             scores = score_units(tuner.model, units, criterion, None)
         final = global_step == steps[-1]
-        ratios = self.ratios_at(global_step, final)
+        sparsity = self.sparsity_at(global_step, final)
         means = self._means.means() if self._means else None
         self.stop(keep_checkpointing=not final)
-        event = tuner._prune_event(ratios, scores, optimizer, final=final, means=means, step=global_step) \
-            if ratios else None
+        event = prune_event(tuner, sparsity, scores, optimizer, final=final, means=means, step=global_step) \
+            if sparsity else None
         if event is None and final and config.pruning_plan:
             config.pruning_plan[-1]["final"] = True
             if config.quantize_backbone:
@@ -172,20 +173,20 @@ class PruningSchedule:
             self.start()
         return event
 
-    def ratios_at(self, step: int, final: bool) -> dict[str, float]:
-        """Ratios relative to the *current* widths that reach the scheduled sparsity of the original widths."""
-        config = self.tuner._config
-        current = get_adapter(self.tuner.model).widths()
+    def sparsity_at(self, step: int, final: bool) -> dict[str, float]:
+        """Sparsity relative to the *current* widths that reaches the scheduled sparsity of the original widths."""
+        config = self.tuner.active_config
+        current = arch_spec(self.tuner.model).widths()
         original = config.pruning_plan[0]["widths_before"] if config.pruning_plan else current
-        ratios = {}
-        for structure, target in config.ratios.items():
-            sparsity = target if (final or config.schedule == "oneshot") else cubic_sparsity(
+        sparsity = {}
+        for structure, target in config.spec.sparsity.items():
+            scheduled = target if (final or config.schedule == "oneshot") else cubic_sparsity(
                 step, target, config.pruning_end_step)
-            keep = math.floor((1 - sparsity) * total_width(original, structure) + 0.5)
+            keep = math.floor((1 - scheduled) * total_width(original, structure) + 0.5)
             now = total_width(current, structure)
             if now > keep:
-                ratios[structure] = (now - keep) / now
-        return ratios
+                sparsity[structure] = (now - keep) / now
+        return sparsity
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
