@@ -1,10 +1,10 @@
-"""Benchmark: FFN pruning of a fine-tuned MiniLM-L6 at several ratios vs. an equally trained dense model.
+"""Benchmark: FFN pruning of a fine-tuned MiniLM-L6 at several sparsities vs. an equally trained dense model.
 
 Protocol (every model ends with the same number of optimizer steps, N + R):
 
 1. load the packaged all-MiniLM-L6-v2 with a seeded classification head; fine-tune it N steps (``--steps``);
 2. dense reference: a copy of that model fine-tuned R more steps (``--recovery-steps``);
-3. for each ratio: a copy of the N-step model, pruned (``ratio`` of every layer's FFN neurons, Taylor
+3. for each sparsity: a copy of the N-step model, pruned (``sparsity`` of every layer's FFN neurons, Taylor
    importance on calibration batches from the training set), then fine-tuned R steps with the same
    schedule, seed and data order as the dense reference;
 4. every model is saved with ``compress.save_pretrained`` and measured in this process: parameters, saved
@@ -47,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=800, help="dense fine-tuning steps N before pruning (800)")
     p.add_argument("--recovery-steps", type=int, default=250,
                    help="steps R after pruning; the dense reference also gets R more steps (250)")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75],
-                   help="FFN pruning ratios (fraction of neurons removed)")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                   help="FFN sparsities to compare (fraction of neurons removed)")
     p.add_argument("--importance", default="taylor", help="pruning importance (taylor)")
     p.add_argument("--calib-batches", type=int, default=16,
                    help="calibration batches of --batch-size rows (16)")
@@ -111,11 +111,11 @@ def main(argv=None) -> int:
 
     calib = tokenize_dataset(train, tok, max_length=args.max_length)
     reports = {}
-    for r in args.ratios:
+    for r in args.sparsities:
         name = f"ffn-{r:g}"
         pruned = copy.deepcopy(model)
         t0 = time.perf_counter()
-        reports[name] = prune_model(pruned, ratio=r, structures=("ffn",), importance=args.importance,
+        reports[name] = prune_model(pruned, sparsity=r, structures="ffn", importance=args.importance,
                                     data=calib, num_batches=args.calib_batches, batch_size=args.batch_size,
                                     tokenizer=tok)
         prune_s = time.perf_counter() - t0
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         f"all-MiniLM-L6-v2 + seeded head, {task}; data: {source}; train rows used {len(train):,}; "
         f"test rows {len(test):,}.\n"
         f"Protocol: dense fine-tune {args.steps} steps, then +{args.recovery_steps} steps for the dense row and "
-        f"{args.recovery_steps} recovery steps after pruning for each ratio (all models: "
+        f"{args.recovery_steps} recovery steps after pruning for each sparsity (all models: "
         f"{args.steps + args.recovery_steps} steps; batch {args.batch_size}, seq {args.max_length}, "
         f"lr {args.lr:g}, word embeddings frozen, seed {args.seed}). Pruning: {args.importance} importance on "
         f"{args.calib_batches} x {args.batch_size} training rows, uniform FFN widths.\n"

@@ -8,7 +8,7 @@ dev set).
 Steps:
 
 1. load MiniLM-L6 with a seeded classification head and fine-tune it briefly on the training sample;
-2. copy it and prune the copy: remove ``--ratio`` of every layer's FFN neurons, scored by first-order
+2. copy it and prune the copy: remove ``--sparsity`` of every layer's FFN neurons, scored by first-order
    Taylor importance on training batches (task-aware), so the standard BERT config still describes it;
 3. fine-tune the pruned copy briefly to recover;
 4. save both with :func:`compress.export.save_pretrained` (``<out>/dense``, ``<out>/pruned``) and print
@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200, help="dense fine-tuning steps (default 200)")
     parser.add_argument("--recovery-steps", type=int, default=100,
                         help="fine-tuning steps after pruning (default 100)")
-    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of FFN neurons to remove (0.5)")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of FFN neurons to remove (0.5)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (32)")
     parser.add_argument("--max-length", type=int, default=64, help="training/eval sequence length (64)")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (1e-4)")
@@ -64,8 +64,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.recovery_steps, args.latency_repeats = 20, 10, 1
-    if not 0.0 < args.ratio < 1.0:
-        parser.error("--ratio must be in (0, 1)")
+    if not 0.0 < args.sparsity < 1.0:
+        parser.error("--sparsity must be in (0, 1)")
     if args.steps < 1 or args.recovery_steps < 0:
         parser.error("--steps must be >= 1 and --recovery-steps >= 0")
     return args
@@ -104,12 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"      done in {dense_fit['train_time_s']:.0f} s; test accuracy {dense_acc:.1%}")
 
     # 2. prune a copy with task-aware importance
-    say(f"[2/4] pruning a copy: {args.ratio:.0%} of every FFN layer's neurons, Taylor importance on "
+    say(f"[2/4] pruning a copy: {args.sparsity:.0%} of every FFN layer's neurons, Taylor importance on "
         "training batches ...")
     pruned = copy.deepcopy(model)
     calib = tokenize_dataset(train_ds, tokenizer, max_length=args.max_length)
     t0 = time.perf_counter()
-    report = prune_model(pruned, ratio=args.ratio, structures=("ffn",), importance="taylor", data=calib,
+    report = prune_model(pruned, sparsity=args.sparsity, structures="ffn", importance="taylor", data=calib,
                          num_batches=8, batch_size=32, tokenizer=tokenizer)
     prune_s = time.perf_counter() - t0
     no_recovery_acc = evaluate_accuracy(pruned, tokenizer, test_ds, max_length=args.max_length)
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dense_dir = save_pretrained(model, args.out / "dense", tokenizer=tokenizer, overwrite=True,
                                 title="all-MiniLM-L6-v2 fine-tuned on SST-2 (dense baseline)")
     pruned_dir = save_pretrained(pruned, args.out / "pruned", tokenizer=tokenizer, report=report,
-                                 overwrite=True, title=f"all-MiniLM-L6-v2 SST-2, FFN pruned {args.ratio:.0%}")
+                                 overwrite=True, title=f"all-MiniLM-L6-v2 SST-2, FFN pruned {args.sparsity:.0%}")
     # two interleaved rounds per model, so a change in machine load affects both alike
     timed = interleaved_latency({"dense": model, "pruned": pruned}, bench_batch, rounds=2,
                                 repeats=args.latency_repeats)
