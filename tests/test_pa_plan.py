@@ -185,6 +185,18 @@ def test_damaged_plan_copy_fails_clearly(saved, tmp_path):
         _load(folder)
 
 
+def test_missing_adapter_tensor_is_reported(saved, tmp_path, caplog):
+    folder = _copy(saved, tmp_path)
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in sorted(tensors) if ".pa_B." in k)  # saved under the method's prefix
+    del tensors[key]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        _load(folder)
+    assert any("1 adapter tensors are missing" in r.message and "lora_B" in r.message for r in caplog.records)
+
+
 def test_shapes_of_the_saved_tensors_are_checked_against_the_replayed_plan(saved, tmp_path):
     """Without the copy in the weights (an older folder), an edit that keeps the plan consistent with itself
     still has to rebuild the shapes of the saved adapter tensors."""

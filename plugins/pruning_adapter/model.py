@@ -221,7 +221,7 @@ class PruningAdapterModel(BaseTuner):
         if tuner is not None:
             tuner._match_saved_plan(config, saved_plan)
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        cls._check_saved_shapes(model, state_dict, saved_plan is not None)
+        cls._check_saved_tensors(model, adapter_name, state_dict, saved_plan is not None)
         schedule_state = {k: v for k, v in ours.items() if k != PLAN_KEY}
         if tuner is not None and schedule_state:
             tuner._schedule.load_state_dict(schedule_state)
@@ -266,19 +266,27 @@ class PruningAdapterModel(BaseTuner):
             self._schedule.start()
 
     @classmethod
-    def _check_saved_shapes(cls, model: nn.Module, state_dict: dict[str, torch.Tensor], had_plan: bool) -> None:
+    def _check_saved_tensors(cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor],
+                             had_plan: bool) -> None:
+        """The saved adapter tensors must have the shapes the replayed plan built; missing ones are reported (peft
+        looks for them by the method's prefix, which only the saved names carry)."""
         # parameters and buffers, not state_dict(): quantised base layers would serialise their weights for it
-        expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         layers = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, PruningAdapterLayer))
-        wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items()
-                 if k in expected and k.startswith(layers) and ".base_layer." not in k
-                 and tuple(v.shape) != tuple(expected[k].shape)]
+        ours = {k: t for k, t in tensors.items() if k.startswith(layers) and ".base_layer." not in k
+                and (f".{adapter_name}." in k or k.endswith(f".{adapter_name}"))}
+        wrong = [(k, tuple(v.shape), tuple(ours[k].shape)) for k, v in state_dict.items()
+                 if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
         if wrong:
             key, saved, rebuilt = wrong[0]
             old = ("" if had_plan else " (these weights carry no copy of the plan: saved by an older peft-compress, "
                    "whose training checkpoints of a pruned model cannot be resumed on a freshly built one)")
             raise CompressError(f"{len(wrong)} saved adapter tensors do not have the shapes pruning_plan rebuilds, "
                                 f"e.g. {key}: saved {saved}, rebuilt {rebuilt}{old}. {ADVICE}")
+        missing = sorted(set(ours) - set(state_dict))
+        if missing:
+            logger.warning("%d adapter tensors are missing from the saved weights and keep their initial values, "
+                           "e.g. %s", len(missing), missing[0])
 
     # -- merging -------------------------------------------------------------------------------------
     def _unload_and_optionally_merge(self, *args, **kwargs):
