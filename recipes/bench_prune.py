@@ -1,11 +1,12 @@
-"""Benchmark: FFN pruning of a fine-tuned MiniLM-L6 at several sparsities vs. an equally trained dense model.
+"""Benchmark: structured pruning (FFN, hidden size) of a fine-tuned MiniLM-L6 vs. an equally trained dense model.
 
 Protocol (every model ends with the same number of optimizer steps, N + R):
 
 1. load the packaged all-MiniLM-L6-v2 with a seeded classification head; fine-tune it N steps (``--steps``);
 2. dense reference: a copy of that model fine-tuned R more steps (``--recovery-steps``);
-3. for each sparsity: a copy of the N-step model, pruned (``sparsity`` of every layer's FFN neurons, Taylor
-   importance on calibration batches from the training set), then fine-tuned R steps with the same
+3. for each configuration: a copy of the N-step model, pruned (``--sparsities``: a fraction of every layer's
+   FFN neurons and/or of the hidden size, Taylor importance on calibration batches from the training set),
+   then fine-tuned R steps with the same
    schedule, seed and data order as the dense reference;
 4. every model is saved with ``compress.save_pretrained`` and measured in this process: parameters, saved
    folder size, CPU latency (batch 32, sequence 128; median over interleaved rounds, so load changes on the
@@ -37,7 +38,9 @@ from compress.bench.train import finetune_classifier, glue_scores, load_sequence
 from compress.data import tokenize_dataset
 from compress.export import save_pretrained
 from compress.measure import folder_size, format_table, interleaved_latency
+from compress.pruning.arch import spec_class
 from compress.pruning.engine import prune_model
+from compress.pruning.spec import parse_sparsity, sparsity_by_structure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=800, help="dense fine-tuning steps N before pruning (800)")
     p.add_argument("--recovery-steps", type=int, default=250,
                    help="steps R after pruning; the dense reference also gets R more steps (250)")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5, 0.75],
-                   help="FFN sparsities to compare (fraction of neurons removed)")
+    p.add_argument("--sparsities", nargs="+", default=["0.25", "0.5", "0.75", "hidden=0.25", "hidden=0.25,ffn=0.5"],
+                   help="pruned configurations to compare: a number (that fraction of FFN neurons) or per "
+                        "structure, e.g. hidden=0.25,ffn=0.5 (default: FFN 25/50/75%%, hidden 25%%, both)")
     p.add_argument("--importance", default="taylor", help="pruning importance (taylor)")
     p.add_argument("--calib-batches", type=int, default=16,
                    help="calibration batches of --batch-size rows (16)")
@@ -106,16 +110,20 @@ def main(argv=None) -> int:
         fit_r = finetune_classifier(dense, tok, train, steps=args.recovery_steps, **fit)
         print(f"[dense] +{args.recovery_steps} steps: {fit_r['train_time_s']:.0f} s", flush=True)
     models["dense"] = dense
-    rows.append({"model": "dense", "ffn": dense.config.intermediate_size, "before": None, **score(dense)})
+    rows.append({"model": "dense", "ffn": dense.config.intermediate_size, "hidden": dense.config.hidden_size,
+                 "before": None, **score(dense)})
     print(f"[dense] test acc after {args.steps}+{args.recovery_steps} steps {rows[-1]['acc']:.4f}", flush=True)
 
     calib = tokenize_dataset(train, tok, max_length=args.max_length)
     reports = {}
-    for r in args.sparsities:
-        name = f"ffn-{r:g}"
+    for text in args.sparsities:
+        sparsity = sparsity_by_structure(parse_sparsity(text))
+        name = "+".join(f"{k}-{v:g}" for k, v in sparsity.items())
+        # BERT's config cannot express a hidden size apart from its head size: compact (global-mode) classes
+        mode = "uniform" if set(sparsity) <= set(spec_class(model.config.model_type).uniform_structures) else "global"
         pruned = copy.deepcopy(model)
         t0 = time.perf_counter()
-        reports[name] = prune_model(pruned, sparsity=r, structures="ffn", importance=args.importance,
+        reports[name] = prune_model(pruned, sparsity=sparsity, importance=args.importance, mode=mode,
                                     data=calib, num_batches=args.calib_batches, batch_size=args.batch_size,
                                     tokenizer=tok)
         prune_s = time.perf_counter() - t0
@@ -123,7 +131,8 @@ def main(argv=None) -> int:
         if args.recovery_steps:
             fit_r = finetune_classifier(pruned, tok, train, steps=args.recovery_steps, **fit)
         models[name] = pruned
-        rows.append({"model": name, "ffn": pruned.config.intermediate_size, "before": before, **score(pruned)})
+        rows.append({"model": name, "ffn": pruned.config.intermediate_size, "hidden": pruned.config.hidden_size,
+                     "before": before, **score(pruned)})
         print(f"[{name}] pruned in {prune_s:.0f} s; acc before recovery {before:.4f}, after "
               f"{rows[-1]['acc']:.4f}", flush=True)
 
@@ -146,6 +155,7 @@ def main(argv=None) -> int:
         entry = {
             "model": name,
             "FFN width": row["ffn"],
+            "hidden": row["hidden"],
             "params": params,
             "params ratio": f"{params / p0:.3f}",
             "non-emb. params ratio": f"{models[name].num_parameters(exclude_embeddings=True) / e0:.3f}",
@@ -170,7 +180,8 @@ def main(argv=None) -> int:
         f"{args.recovery_steps} recovery steps after pruning for each sparsity (all models: "
         f"{args.steps + args.recovery_steps} steps; batch {args.batch_size}, seq {args.max_length}, "
         f"lr {args.lr:g}, word embeddings frozen, seed {args.seed}). Pruning: {args.importance} importance on "
-        f"{args.calib_batches} x {args.batch_size} training rows, uniform FFN widths.\n"
+        f"{args.calib_batches} x {args.batch_size} training rows, uniform widths (hidden-size rows: global mode, "
+        f"compact class).\n"
         f"Ratios are vs. the dense row; latency: CPU, batch 32 x seq 128, median of "
         f"{args.latency_rounds} interleaved rounds x {args.latency_repeats} calls, {torch.get_num_threads()} "
         f"threads. Dense accuracy after {args.steps} steps (before the extra steps): {base_scores['acc']:.4f}. "
