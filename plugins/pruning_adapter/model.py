@@ -7,6 +7,7 @@ import logging
 import torch
 from peft.tuners.lora import LoraConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
 from compress._allocator import map_large_cpu_allocations, release_freed_memory
@@ -127,7 +128,7 @@ class PruningAdapterModel(BaseTuner):
             target.update_layer(adapter_name, config=lora_config, **kwargs)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if type(base) is not nn.Linear:
+        if not isinstance(base, nn.Linear) or get_bnb_param_type(base.weight):
             raise CompressError(f"target module {current_key!r} is a {type(base).__name__}; Pruning-Adapter adapts "
                                 "float torch.nn.Linear layers only (load the base model unquantised: "
                                 "quantize_backbone quantises after pruning); adjust target_modules")
