@@ -46,6 +46,7 @@ from compress.bench.pruning_adapter import (
 from compress.bench.recipe import latency_inputs, load_splits, setup_run
 from compress.bench.train import evaluate_accuracy, finetune_classifier
 from compress.measure import TrainingJob, folder_size, format_table, interleaved_latency, peak_training_memory
+from compress.pruning.spec import parse_sparsity, sparsity_by_structure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,8 +154,8 @@ def main(argv=None) -> int:
             "folder MB": "" if same else f"{r['size'] / 2**20:.1f}",
         })
     table = format_table(rows)
-    setup = (f"Pruning-Adapter: FFN {args.ffn_sparsity:.0%}, heads {args.head_sparsity:.0%}, layers "
-             f"{args.layer_sparsity:.0%}, {args.mode} widths, {args.importance} importance, adapter rank {args.r}. ")
+    removed = ", ".join(f"{k} {v:.0%}" for k, v in sparsity_by_structure(parse_sparsity(args.sparsity)).items())
+    setup = (f"Pruning-Adapter: {removed}, {args.mode} widths, {args.importance} importance, adapter rank {args.r}. ")
     if not args.memory_only:
         setup = (f"data: {source}; train rows {len(train):,}, test rows {len(test):,}.\nEvery configuration: "
                  f"{args.steps} steps, batch {args.batch_size}, max length {args.max_length}, seed {args.seed}; lr "

@@ -70,7 +70,7 @@ def test_pruning_on_cpu_maps_large_blocks_and_trims(monkeypatch):
     calls = []
     monkeypatch.setattr(pa_model, "map_large_cpu_allocations", lambda: calls.append("map"))
     monkeypatch.setattr(pa_model, "release_freed_memory", lambda: calls.append("trim"))
-    config = compress.PruningAdapterConfig(task_type="SEQ_CLS", r=4, ffn_sparsity=0.5, head_sparsity=0.5,
+    config = compress.PruningAdapterConfig(task_type="SEQ_CLS", r=4, sparsity={"ffn": 0.5, "heads": 0.5},
                                            mode="global")
     model = get_peft_model(tiny.make_model("bert"), config)
     assert calls == []

@@ -147,10 +147,10 @@ def test_benchmark_memory_ratios_are_against_the_lora_and_full_rows(tmp_path, mo
     monkeypatch.setattr(bench_pruning_adapter, "peak_training_memory", fake_measure)
     md = tmp_path / "bench.md"
     assert bench_pruning_adapter.main(["--memory-only", "--kinds", "pa-oneshot", "lora", "full", "--mem-steps", "2",
-                                       "--ffn-sparsity", "0.3", "--md", str(md)]) == 0
+                                       "--sparsity", "ffn=0.3", "--md", str(md)]) == 0
     # each configuration measured as configured, by a factory the measuring subprocess can import
     assert {job.factory for job in jobs} == {"compress.bench.pruning_adapter:memory_job"}
-    assert all(job.kwargs["ffn_sparsity"] == 0.3 and job.steps == 2 for job in jobs)
+    assert all(job.kwargs["sparsity"] == "ffn=0.3" and job.steps == 2 for job in jobs)
     rows = {cells[0]: cells[1:] for cells in
             ([c.strip() for c in line.strip("|").split("|")] for line in md.read_text().splitlines()
              if line.startswith(("| full", "| lora", "| pa-")))}

@@ -398,9 +398,9 @@ def test_compact_model_from_a_checkpoint_saves_its_adapter_without_type_warnings
     with capture:
         config = compact_cls.from_pretrained(tmp_path / "dense")
         base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense")
-        model = get_peft_model(base, compress.PruningAdapterConfig(task_type="SEQ_CLS", r=4, ffn_sparsity=0.5,
-                                                                   head_sparsity=0.5, mode="global",
-                                                                   importance="magnitude"))
+        pa_config = compress.PruningAdapterConfig(task_type="SEQ_CLS", r=4, sparsity={"ffn": 0.5, "heads": 0.5},
+                                                  mode="global", importance="magnitude")
+        model = get_peft_model(base, pa_config)
         model.base_model.prune()
         assert model.get_base_model().config.model_type == "compressed_bert"
         model.save_pretrained(tmp_path / "adapter")

@@ -36,7 +36,7 @@ def _run(setup, steps: int) -> list[bool]:
 
 @pytest.mark.parametrize("whole_run", [False, True])
 def test_progressive_memory_job_runs_every_phase_of_the_schedule(whole_run):
-    setup = memory_job("pa-progressive", batch_size=4, seq_len=16, steps=6, ffn_sparsity=0.25,
+    setup = memory_job("pa-progressive", batch_size=4, seq_len=16, steps=6, sparsity="ffn=0.25,heads=0.5",
                        activation_checkpointing=whole_run)
     tuner = setup.model.base_model
     assert tuner.pruning_steps() == [2, 4]

@@ -16,26 +16,28 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import compress
+from compress.bench.head_warmup import warm_up_head
 from compress.bench.recipe import GLUE_TASKS, load_splits
 from compress.bench.train import load_sequence_classifier, minilm_path, transformers_model
-from compress.data import tokenize_dataset
+from compress.data import calibration_batches, tokenize_dataset
 from compress.measure import TrainingSetup, count_parameters
+from compress.pruning.spec import parse_sparsity
 
 KINDS = ("full", "lora", "pa-oneshot", "pa-progressive")
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 #: pa-progressive's memory run compresses its schedule into the measured steps: dense, two prunings, pruned
 MIN_PROGRESSIVE_MEM_STEPS = 4
 #: arguments of the accuracy run that the memory measurement must share (they decide shapes and schedule)
-SHAPE_ARGS = ("ffn_sparsity", "head_sparsity", "layer_sparsity", "mode", "importance", "r", "score_normalization",
+SHAPE_ARGS = ("sparsity", "mode", "importance", "r", "normalize",
               "compensate_bias", "checkpoint_until_pruned", "quantize", "max_length", "train_norms",
               "calib_batch_size", "distill_weight", "max_keep")
 
 
 def pa_config(kind: str, args) -> compress.PruningAdapterConfig:
-    common = dict(task_type="SEQ_CLS", ffn_sparsity=args.ffn_sparsity, head_sparsity=args.head_sparsity,
-                  layer_sparsity=args.layer_sparsity, mode=args.mode, importance=args.importance, r=args.r,
+    common = dict(task_type="SEQ_CLS", sparsity=parse_sparsity(args.sparsity), mode=args.mode,
+                  importance=args.importance, r=args.r,
                   lora_alpha=2 * args.r, target_modules=TARGETS, quantize_backbone=args.quantize,
-                  compensate_bias=args.compensate_bias, score_normalization=args.score_normalization,
+                  compensate_bias=args.compensate_bias, normalize=args.normalize,
                   max_keep=args.max_keep,
                   checkpoint_until_pruned=args.checkpoint_until_pruned, distill_weight=args.distill_weight,
                   modules_to_save=["LayerNorm"] if args.train_norms else None)
@@ -72,8 +74,12 @@ def prune_oneshot(model, tokenizer, args, calibration) -> dict:
     if getattr(args, "activation_checkpointing", False):  # the whole run, scoring included
         model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     data = tokenize_dataset(calibration, tokenizer, max_length=args.max_length)
+    if args.head_warmup_steps:
+        batches = calibration_batches(data, batch_size=args.calib_batch_size, num_batches=args.calib_batches,
+                                      tokenizer=tokenizer)
+        warm_up_head(model, batches, steps=args.head_warmup_steps, lr=1e-3)
     return model.base_model.prune(data=data, tokenizer=tokenizer, num_batches=args.calib_batches,
-                                  batch_size=args.calib_batch_size, head_warmup_steps=args.head_warmup_steps)
+                                  batch_size=args.calib_batch_size)
 
 
 def lr_for(kind: str, args) -> float:
@@ -102,9 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of adapters (1e-3)")
     p.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of full fine-tuning (1e-4)")
     p.add_argument("--r", type=int, default=8, help="adapter rank (8)")
-    p.add_argument("--ffn-sparsity", type=float, default=0.5)
-    p.add_argument("--head-sparsity", type=float, default=0.5)
-    p.add_argument("--layer-sparsity", type=float, default=0.0)
+    p.add_argument("--sparsity", default="ffn=0.5,heads=0.5",
+                   help="Pruning-Adapter: fraction removed per structure (ffn, heads, kv_heads, layers, hidden), "
+                        "e.g. ffn=0.5,heads=0.5,hidden=0.25 (default: %(default)s)")
     p.add_argument("--mode", choices=["uniform", "global"], default="global",
                    help="global (default; needed for BERT heads) or uniform")
     p.add_argument("--importance", default="taylor")
@@ -114,7 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scoring-steps", type=int, default=50, help="progressive: steps before the first pruning")
     p.add_argument("--pruning-interval", type=int, default=25, help="progressive: steps between prunings")
     p.add_argument("--pruning-end", type=float, default=0.5, help="progressive: final sparsity at this fraction")
-    p.add_argument("--score-normalization", choices=["none", "mean", "l2"], default="none",
+    p.add_argument("--normalize", choices=["none", "mean", "l2"], default="none",
                    help="global mode: per-layer score scaling before ranking across layers (none)")
     p.add_argument("--max-keep", type=float, default=None,
                    help="global mode: the largest fraction of its FFN neurons / heads any one layer keeps, e.g. "
