@@ -368,8 +368,6 @@ def test_saved_adapter_folder_is_recognised_as_ours(tmp_path):
     assert compress.export.is_compress_output(tmp_path)  # so --overwrite may replace it
 
 
-@pytest.mark.xfail(strict=True, reason="compress/pruning/compact.py records peft's modules_to_save copies "
-                   "('classifier.modules_to_save.default') in compress_shapes, which the merged model lacks")
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_global_mode_merge_reloads_with_from_pretrained(arch, tmp_path):
     from transformers import AutoModelForSequenceClassification

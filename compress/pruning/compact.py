@@ -35,12 +35,15 @@ def _projection_paths(model: nn.Module) -> dict[str, nn.Module]:
     linears: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in wrappers):
-            continue  # the wrapped layer and the adapter's own matrices
-        if isinstance(module, PrunableLayer):
+            continue  # the wrapped layer and the adapter's own matrices, or peft's trained copies of a module
+        original = getattr(module, "original_module", None)  # peft's modules_to_save wrapper
+        if isinstance(module, PrunableLayer) or (original is not None and hasattr(module, "modules_to_save")):
             wrappers.append(name)
-        elif not isinstance(module, nn.Linear):
+            if isinstance(module, PrunableLayer) or isinstance(original, nn.Linear):
+                linears[in_base.get(module, name)] = module if isinstance(module, PrunableLayer) else original
             continue
-        linears[in_base.get(module, name)] = module
+        if isinstance(module, nn.Linear):
+            linears[in_base.get(module, name)] = module
     return linears
 
 
