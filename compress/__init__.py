@@ -25,6 +25,7 @@ from compress.pruning.arch import supported_model_types  # noqa: E402
 from compress.pruning.compact import register_compact_models  # noqa: E402
 from compress.pruning.engine import PruneReport, prune_model  # noqa: E402
 from compress.pruning.importance import Importance, available_importances, register_importance  # noqa: E402
+from compress.pruning.spec import InvalidOptionError, PruningSpec  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "CalibrationError",
     "CompressError",
     "Importance",
+    "InvalidOptionError",
     "METHODS",
     "NothingToPruneError",
     "OutputFolderError",
@@ -51,6 +53,7 @@ __all__ = [
     "PruningAdapterModel",
     "apply_pruning_adapter",
     "PruneReport",
+    "PruningSpec",
     "UnsupportedModelError",
     "UnsupportedStructureError",
     "available_importances",

@@ -529,3 +529,8 @@ def test_bad_arguments_name_the_field(kwargs, match):
     args = {"sparsity": 0.5, "structures": ("ffn",), "importance": "magnitude", **kwargs}
     with pytest.raises(compress.CompressError, match=match):
         compress.prune_model(tiny.make_model("bert"), **args)
+
+
+def test_structures_that_are_not_names_are_refused_with_the_option_named():
+    with pytest.raises(compress.InvalidOptionError, match="structures=3: give structure names"):
+        compress.prune_model(tiny.make_model("bert"), 0.5, 3, "magnitude")

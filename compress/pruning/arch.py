@@ -496,7 +496,3 @@ def arch_spec(model: nn.Module) -> ArchSpec:
             f"pruning; supported model types: {', '.join(supported_model_types())}")
     return cls(model)
 
-
-# Transitional names still used by plugins/pruning_adapter; removed when it moves to the names above.
-ArchAdapter = ArchSpec
-get_adapter = arch_spec

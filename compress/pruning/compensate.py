@@ -103,7 +103,7 @@ def _effective_weight(layer: nn.Module) -> torch.Tensor:
     weight = base.weight.detach().float()
     if base is not layer and not getattr(layer, "merged", False) and not getattr(layer, "disable_adapters", False):
         for adapter in layer.active_adapters:
-            if adapter in getattr(layer, "pa_A", {}):
+            if adapter in getattr(layer, "lora_A", {}):
                 weight = weight + layer.get_delta_weight(adapter).detach()
     return weight
 

@@ -19,19 +19,9 @@ from compress.errors import CalibrationError, CompressError, UnsupportedStructur
 from compress.pruning.arch import ArchSpec, arch_spec
 from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_means
 from compress.pruning.importance import GateStats, Importance, Unit, collect_gate_stats, get_importance, units_for
-from compress.pruning.plan import achieved_sparsity, nothing_removed_error, plan_removals, width_cap
-from compress.pruning.spec import NORMALIZATIONS, InvalidOptionError, PruningSpec
+from compress.pruning.plan import achieved_sparsity, nothing_removed_error, plan_removals
+from compress.pruning.spec import InvalidOptionError, PruningSpec
 from compress.pruning.surgery import apply_removals, preserve_training_modes
-
-# Transitional names still imported from here by plugins/pruning_adapter; removed when it imports them from
-# compress.pruning.plan / .surgery / .spec.
-__transitional__ = (NORMALIZATIONS, width_cap)
-
-
-def check_max_keep(max_keep: float | None, sparsity: Mapping[str, float], mode: str) -> None:
-    """Validate ``max_keep`` against ``sparsity`` and ``mode`` (as :class:`PruningSpec` does)."""
-    if max_keep is not None:
-        PruningSpec(sparsity=dict(sparsity), mode=mode, importance="magnitude", max_keep=max_keep)
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +125,6 @@ def prune_model(
     max_keep: float | None = None,
     *,
     spec: PruningSpec | None = None,
-    ratio: float | Mapping[str, float] | None = None,
 ) -> PruneReport:
     """Structurally prune ``model`` in place and rewrite its config.
 
@@ -172,8 +161,6 @@ def prune_model(
         NothingToPruneError: a requested structure would lose nothing (e.g. ``round_to`` larger than the FFN
             width, heads of a one-head model); raised before the model changes.
     """
-    if ratio is not None:  # transitional spelling of `sparsity` (recipes/demo still use it)
-        sparsity = ratio
     if spec is None:
         spec = PruningSpec.from_options(sparsity, structures, mode=mode, importance=importance, normalize=normalize,
                                         max_keep=max_keep, round_to=round_to, compensate_bias=compensate_bias)

@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 
 from compress.errors import CalibrationError, CompressError
 from compress.pruning.arch import ArchSpec, AttentionSite, FFNSite, HiddenSite, LayerStack
-from compress.pruning.spec import STRUCTURES  # noqa: F401  (transitional: plugins/pruning_adapter imports it from here)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Unit:
-    """A prunable structure instance: ``structure`` in :data:`STRUCTURES`, scored per channel."""
+    """A prunable structure instance: ``structure`` in :data:`compress.pruning.spec.STRUCTURES`, scored per
+    channel."""
 
     structure: str
     key: str

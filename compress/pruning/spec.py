@@ -57,7 +57,12 @@ def structure_names(structures: Iterable[str] | str | None) -> list[str] | None:
     by letter)."""
     if structures is None:
         return None
-    names = [s.strip() for s in structures.split(",")] if isinstance(structures, str) else list(structures)
+    if isinstance(structures, str):
+        names = [s.strip() for s in structures.split(",")]
+    elif isinstance(structures, Iterable):
+        names = list(structures)
+    else:
+        raise InvalidOptionError("structures", structures, "give structure names: 'ffn', 'ffn,heads' or a list")
     for name in names:
         if not isinstance(name, str) or name not in STRUCTURES:
             raise InvalidOptionError("structures", structures, f"unknown structure {name!r}; choose from "

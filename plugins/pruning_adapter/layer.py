@@ -62,12 +62,6 @@ class PruningAdapterLayer(LoraLayer):
             self.pa_bias[adapter_name] = torch.zeros(self.out_features, dtype=torch.float32)
             self._move_adapter_to_device_of_base_layer(adapter_name)
 
-    @property
-    def pa_A(self) -> nn.ModuleDict:
-        """``lora_A``, under the name :func:`compress.pruning.compensate.bias_shifts` looks for (until it reads
-        ``lora_A``)."""
-        return self.lora_A
-
     # -- structural pruning ----------------------------------------------------------------------------
     def _record(self, old: nn.Parameter, new: nn.Parameter, dim: int, removed: list[int], size: int) -> None:
         keep = torch.tensor(sorted(set(range(size)) - set(removed)), dtype=torch.long)
