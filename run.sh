@@ -12,7 +12,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV=.venv
 STAMP=$VENV/.install-stamp
 
-want=$(cat pyproject.toml run.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py run.sh | sha256sum | cut -d" " -f1)
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
