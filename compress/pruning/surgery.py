@@ -4,7 +4,9 @@ Removal goes through torch-pruning's dependency graph, which finds every layer c
 channels (FFN in/out projections, q/k/v/o of an attention block). Attention heads of grouped-query
 (Llama/Qwen2) and T5 models are the exception: the graph couples query and key/value channels one-to-one and
 misplaces T5's per-head position bias, so those are sliced with torch-pruning's pruning functions by explicit
-head groups. Layers that wrap a base layer with adapters (:class:`PrunableLayer`) prune themselves.
+head groups. Layers that wrap a base layer with adapters (:class:`PrunableLayer`) prune themselves; modules that
+PEFT keeps in several copies (``modules_to_save``: the original and a trained copy per adapter) are pruned in
+every copy.
 """
 
 from __future__ import annotations
@@ -38,6 +40,38 @@ class PrunableLayer(Protocol):
 
     def prune_input_channels(self, removed: list[int]) -> None:
         """Remove these input channels (columns of the base weight) and their counterparts."""
+
+
+#: parameters replaced by pruning: ``id(old) -> (old, new, dim, kept indices)``, what
+#: :func:`compress.pruning.optim.remap_optimizer` follows (holding ``old`` keeps its id from being reused)
+Replaced = dict[int, tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]]
+
+
+def _saved_copies(module: nn.Module) -> list[nn.Module] | None:
+    """For PEFT's ``modules_to_save`` wrapper: the original module and every adapter's trained copy, else ``None``."""
+    copies = module._modules.get("modules_to_save")
+    original = module._modules.get("original_module")
+    if original is None or not isinstance(copies, nn.ModuleDict):
+        return None
+    return [original, *copies.values()]
+
+
+def module_copies(model: nn.Module) -> dict[nn.Module, list[nn.Module]]:
+    """Every module PEFT keeps in several copies (a ``modules_to_save`` wrapper, or a module inside its original or
+    copies) mapped to all of them. Forward runs one copy, and which one depends on the active adapter, so pruning
+    must shrink them all."""
+    out: dict[nn.Module, list[nn.Module]] = {}
+    for module in model.modules():
+        holders = _saved_copies(module)
+        if holders is None:
+            continue
+        out[module] = holders
+        for name, _ in holders[0].named_modules():
+            # the wrapper resolves attribute paths (e.g. classifier.dense) to the active copy's submodule
+            same = [holder.get_submodule(name) for holder in holders]
+            for member in same:
+                out[member] = same
+    return out
 
 
 @contextlib.contextmanager
@@ -193,17 +227,28 @@ def check_hidden_group(model: nn.Module, site: HiddenSite, dg: tp.DependencyGrap
                             "task head is not supported")
 
 
-def prune_hidden(arch: ArchSpec, removed: list[int]) -> None:
+def prune_hidden(arch: ArchSpec, removed: list[int]) -> Replaced:
     """Remove hidden channels ``removed`` from every tensor on the residual stream and rescale RMS-style norms
     (weight by sqrt(n / kept), epsilon by n / kept).
 
     Tied tensors (input and output embeddings, T5's shared embedding) are sliced once and stay shared; this is
     done here rather than with torch-pruning's per-module functions, which would give each owner a copy.
+    :class:`PrunableLayer` readers and writers prune themselves (and record what they replaced); modules PEFT
+    keeps in several copies (:func:`module_copies`) are sliced in every copy.
+
+    Returns:
+        The parameters sliced here (not those of :class:`PrunableLayer` modules), so that an optimizer holding
+        trainable ones (e.g. PEFT's trained copies of norms or of a classifier) can follow.
     """
     site = arch.hidden_site()
     width = site.width
     keep = torch.tensor(sorted(set(range(width)) - set(removed)), dtype=torch.long)
+    copies = module_copies(arch.model)
     sliced: dict[int, nn.Parameter] = {}
+    replaced: Replaced = {}
+
+    def every_copy(modules: list[nn.Module]) -> list[nn.Module]:
+        return list(dict.fromkeys(copy for module in modules for copy in copies.get(module, [module])))
 
     def cut(module: nn.Module, name: str, dim: int) -> None:
         old = getattr(module, name, None)
@@ -213,57 +258,66 @@ def prune_hidden(arch: ArchSpec, removed: list[int]) -> None:
         if new is None:
             new = nn.Parameter(old.data.index_select(dim, keep.to(old.device)).clone(), requires_grad=old.requires_grad)
             sliced[id(old)] = new
+            replaced[id(old)] = (old, new, dim, keep)
         setattr(module, name, new)
 
-    for embedding in site.embeddings:
+    for embedding in every_copy(site.embeddings):
         cut(embedding, "weight", 1)
         embedding.embedding_dim = len(keep)
-    for reader in site.readers:
+    for reader in every_copy(site.readers):
         if isinstance(reader, PrunableLayer):
             reader.prune_input_channels(removed)
         else:
             cut(reader, "weight", 1)
             reader.in_features = len(keep)
-    for writer in site.writers:
+    for writer in every_copy(site.writers):
         if isinstance(writer, PrunableLayer):
             writer.prune_output_channels(removed)
         else:
             cut(writer, "weight", 0)
             cut(writer, "bias", 0)
             writer.out_features = len(keep)
-    for norm, rescale in site.norms:
-        cut(norm, "weight", 0)
-        cut(norm, "bias", 0)
-        if isinstance(norm, nn.LayerNorm):
-            norm.normalized_shape = (len(keep),)
-        if isinstance(norm, nn.LayerNorm):
-            continue
-        # RMS-style norm: the mean of squares now runs over fewer channels. Scaling its epsilon by n / kept and
-        # (where the output is not rescaled downstream) its weight by sqrt(n / kept) keeps the output of the
-        # channels that stay exactly as it was whenever the removed channels carried nothing.
-        if hasattr(norm, "variance_epsilon"):
-            norm.variance_epsilon = norm.variance_epsilon * width / len(keep)
-        if rescale:
-            with torch.no_grad():
-                norm.weight.mul_(math.sqrt(width / len(keep)))
+    rescaled: set[int] = set()
+    for wrapped, rescale in site.norms:
+        for norm in every_copy([wrapped]):
+            cut(norm, "weight", 0)
+            cut(norm, "bias", 0)
+            if isinstance(norm, nn.LayerNorm):
+                norm.normalized_shape = (len(keep),)
+                continue
+            # RMS-style norm: the mean of squares now runs over fewer channels. Scaling its epsilon by n / kept and
+            # (where the output is not rescaled downstream) its weight by sqrt(n / kept) keeps the output of the
+            # channels that stay exactly as it was whenever the removed channels carried nothing.
+            if hasattr(norm, "variance_epsilon"):
+                norm.variance_epsilon = norm.variance_epsilon * width / len(keep)
+            if rescale and id(norm.weight) not in rescaled:
+                rescaled.add(id(norm.weight))
+                with torch.no_grad():
+                    norm.weight.mul_(math.sqrt(width / len(keep)))
     arch.refresh()
+    return replaced
 
 
 def apply_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
-                   removals: Mapping[str, list[int]]) -> None:
+                   removals: Mapping[str, list[int]]) -> Replaced:
     """Physically remove the planned channels, heads, blocks and hidden channels, then rewrite config and
     attributes.
 
     Plain models go through torch-pruning's dependency graph, checked against the couplings each site
-    declares. Models wrapped with adapter layers prune each site's declared layers directly, so that the
-    adapter matrices shrink with their base layers.
+    declares. Models wrapped with adapter layers (or with PEFT's ``modules_to_save`` copies on the residual
+    stream) prune each site's declared layers directly, so that the adapter matrices and copies shrink with them.
+
+    Returns:
+        The parameters replaced outside :class:`PrunableLayer` modules by hidden pruning (see
+        :func:`prune_hidden`); adapter layers record their own.
     """
     # torch-pruning replaces pruned parameters with new ones that require grad: keep frozen ones frozen
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     channel_units = [u for u in units if u.structure in ("ffn", "heads") and removals.get(u.key)]
     hidden_units = [u for u in units if u.structure == "hidden" and removals.get(u.key)]
+    copies = module_copies(model) if hidden_units else {}
     wrapped = _has_adapter_layers(channel_units) or any(
-        isinstance(m, PrunableLayer) for u in hidden_units for m in u.site.modules())
+        isinstance(m, PrunableLayer) or m in copies for u in hidden_units for m in u.site.modules())
     use_graph = not wrapped and (bool(hidden_units) or any(u.structure == "ffn" or not arch.explicit_head_groups
                                                            for u in channel_units))
     dg = build_dependency_graph(model) if use_graph else None
@@ -282,12 +336,20 @@ def apply_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
             _prune_heads_explicitly(site, idxs)
         else:
             _prune_group(dg, site.q, _channels(idxs, site.head_dim), {site.q, site.k, site.v, site.o}, u.key)
-    for name, param in model.named_parameters():
-        param.requires_grad_(requires_grad.get(name, param.requires_grad))
+    _restore_requires_grad(model, requires_grad)
     arch.refresh()
     for u in units:
         if u.structure == "layers" and removals.get(u.key):
             arch.remove_blocks(u.site, [i for i in range(u.size) if i not in removals[u.key]])
+    replaced: Replaced = {}
     for u in hidden_units:
-        prune_hidden(arch, removals[u.key])
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}  # blocks renumbered
+        replaced.update(prune_hidden(arch, removals[u.key]))
+        _restore_requires_grad(model, requires_grad)
     arch.refresh()
+    return replaced
+
+
+def _restore_requires_grad(model: nn.Module, flags: Mapping[str, bool]) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(flags.get(name, param.requires_grad))
