@@ -43,6 +43,12 @@ CASES = [
                {"sparsity": {"ffn": 0.25, "kv_heads": 0.5}, "importance": "fisher", "r": 4}),
     MethodCase("PRUNING_ADAPTER", "t5", compress.PruningAdapterConfig,
                {"sparsity": {"ffn": 0.5, "heads": 0.5}, "r": 4}),
+    # the residual stream: BERT needs global mode (compact classes); peft's LayerNorm copies shrink too
+    MethodCase("PRUNING_ADAPTER", "bert", compress.PruningAdapterConfig,
+               {"sparsity": {"hidden": 0.25, "ffn": 0.5}, "mode": "global", "modules_to_save": ["LayerNorm"],
+                "r": 4}),
+    MethodCase("PRUNING_ADAPTER", "llama", compress.PruningAdapterConfig,
+               {"sparsity": {"hidden": 0.25, "kv_heads": 0.5}, "r": 4}),
 ]
 
 

@@ -23,6 +23,9 @@ CONFIGS = {
                     pruning_interval=4, pruning_end_step=16, compensate_bias=True),
     # summed (not averaged) statistics, one event at step 6
     "oneshot": dict(sparsity={"ffn": 0.5}, scoring_steps=6),
+    # the residual stream: trained LayerNorm copies, adapters and the optimizer's state shrink with it
+    "hidden": dict(sparsity={"hidden": 0.25, "ffn": 0.5}, mode="global", schedule="progressive", scoring_steps=4,
+                   pruning_interval=4, pruning_end_step=12, modules_to_save=["LayerNorm"]),
 }
 
 
@@ -99,6 +102,7 @@ def _crash_and_resume(name: str, step: int, out) -> tuple:
     ("global", 20),   # after the last event: a finished plan, no scoring
     ("uniform", 10),
     ("oneshot", 3),
+    ("hidden", 6),    # between events (4 and 8): one hidden event to replay on the wrapped model
 ])
 def test_resumed_run_ends_with_the_uninterrupted_model(name, step, tmp_path, tmp_path_factory):
     straight, straight_trainer = _uninterrupted(name, tmp_path_factory)

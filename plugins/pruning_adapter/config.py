@@ -34,7 +34,9 @@ class PruningAdapterConfig(PeftConfig):
             ``structures`` (default ``ffn``), or ``{"ffn": 0.5, "heads": 0.5}``. Structures: ``ffn`` (FFN
             neurons), ``heads`` (attention heads; with grouped-query attention an equal number per kv group;
             BERT/RoBERTa need ``mode="global"``), ``kv_heads`` (whole kv heads with their query heads),
-            ``layers`` (whole transformer blocks). A structure at 0 is not pruned.
+            ``layers`` (whole transformer blocks), ``hidden`` (channels of the residual stream, removed from every
+            tensor that carries it, adapters and ``modules_to_save`` copies included; BERT/RoBERTa need
+            ``mode="global"``). A structure at 0 is not pruned.
         structures: the structures a single-number ``sparsity`` applies to (a list or ``"ffn,heads"``); with a
             mapping, it must name the same structures or be left out. Holds the pruned structures afterwards.
         mode: ``uniform`` (same width in every layer; the merged model reloads with plain transformers) or
@@ -51,7 +53,7 @@ class PruningAdapterConfig(PeftConfig):
             can leave a layer nearly whole; with activation checkpointing the training peak is one layer's
             recomputation, so the widest layer sets it. Progressive schedules cap every pruning step so the
             final cap stays reachable.
-        round_to: keep FFN widths a multiple of this.
+        round_to: keep FFN widths (and the hidden size) a multiple of this.
         compensate_bias: add the average contribution of removed FFN neurons and heads, measured on the scoring
             batches, to the bias of the output projection they fed (FLAP-style; see
             :mod:`compress.pruning.compensate`). Kept as a frozen per-adapter buffer (``pa_bias``) and folded in
@@ -76,8 +78,8 @@ class PruningAdapterConfig(PeftConfig):
             that shares the loaded weights and runs without gradients; see
             :mod:`compress.plugins.pruning_adapter.distill`). It tells the adapters what the pruned channels
             contributed. ``0`` (default) turns it off. Costs a dense forward pass per training step and keeps the
-            dense weights alive until merging; not combined with layer pruning (hidden states would not align)
-            or a quantised backbone.
+            dense weights alive until merging; not combined with layer or hidden-size pruning (hidden states would
+            not align) or a quantised backbone.
         r: adapter rank.
         lora_alpha: adapter scaling numerator (scale = lora_alpha / r).
         lora_dropout: dropout on the adapter path.
@@ -97,7 +99,7 @@ class PruningAdapterConfig(PeftConfig):
 
     sparsity: float | dict[str, float] = field(
         default=0.5, metadata={"help": "Fraction removed, in [0, 1): one number for `structures`, or "
-                                       "{'ffn': 0.5, 'heads': 0.5} (ffn, heads, kv_heads, layers)."})
+                                       "{'ffn': 0.5, 'heads': 0.5} (ffn, heads, kv_heads, layers, hidden)."})
     structures: list[str] | str | None = field(
         default=None, metadata={"help": "Structures a single-number sparsity applies to (default: ffn)."})
     mode: str = field(default="uniform", metadata={"help": "uniform or global width allocation."})
@@ -106,7 +108,7 @@ class PruningAdapterConfig(PeftConfig):
         default="none", metadata={"help": "Global mode: per-layer score scaling before ranking: none, mean or l2."})
     max_keep: float | None = field(
         default=None, metadata={"help": "Global mode: most of its original FFN neurons/heads one layer keeps."})
-    round_to: int = field(default=1, metadata={"help": "Keep FFN widths a multiple of this."})
+    round_to: int = field(default=1, metadata={"help": "Keep FFN widths (and the hidden size) a multiple of this."})
     compensate_bias: bool = field(
         default=False, metadata={"help": "Fold the mean contribution of removed channels into the output bias."})
     schedule: str = field(default="oneshot", metadata={"help": "oneshot or progressive."})
@@ -182,9 +184,11 @@ class PruningAdapterConfig(PeftConfig):
         if self.quantize_backbone is not None and self.quantize_backbone not in QUANTIZATIONS:
             raise InvalidOptionError("quantize_backbone", self.quantize_backbone,
                                      f"choose one of {', '.join(QUANTIZATIONS)} or None")
-        if self.distill_weight and "layers" in self.sparsity:
-            raise InvalidOptionError("distill_weight", self.distill_weight, "needs every layer's hidden states to "
-                                     "have a teacher counterpart: leave 'layers' out of sparsity, or set it to 0")
+        for structure in ("layers", "hidden"):
+            if self.distill_weight and structure in self.sparsity:
+                raise InvalidOptionError("distill_weight", self.distill_weight, "needs every layer's hidden states "
+                                         "to have a teacher counterpart of the same shape: leave "
+                                         f"'{structure}' out of sparsity, or set it to 0")
         if self.distill_weight and self.quantize_backbone:
             raise InvalidOptionError("distill_weight", self.distill_weight, "keeps a float dense teacher, which "
                                      "defeats quantize_backbone: use one or the other")

@@ -16,6 +16,7 @@ from compress.export import TAG
 from compress.pruning.arch import arch_spec, spec_class
 from compress.pruning.compact import make_compact
 from compress.pruning.engine import check_support
+from compress.pruning.surgery import build_dependency_graph, check_hidden_group
 
 from .config import PruningAdapterConfig
 from .distill import Distillation
@@ -28,6 +29,7 @@ from .plan import (
     decode_plan,
     describe_difference,
     encode_plan,
+    recorded_widths,
     replay_events,
     same_events,
 )
@@ -48,10 +50,10 @@ def _is_saved_state(key: str) -> bool:
 class PruningAdapterModel(BaseTuner):
     """Creates a Pruning-Adapter model from a pretrained transformers model.
 
-    The backbone is frozen; its FFN neurons, attention heads and blocks are scored by the task (gradients of the
-    loss with respect to per-structure gates, never weight gradients), physically removed, and LoRA adapters
-    (peft's layers, see :mod:`.layer`) train on the smaller model. ``merge_and_unload()`` returns a transformers
-    model with the pruned shapes and the adapters folded in.
+    The backbone is frozen; its FFN neurons, attention heads, blocks and hidden channels are scored by the task
+    (gradients of the loss with respect to per-structure gates, never weight gradients), physically removed, and
+    LoRA adapters (peft's layers, see :mod:`.layer`) train on the smaller model. ``merge_and_unload()`` returns a
+    transformers model with the pruned shapes and the adapters folded in.
 
     Pruning happens either with :meth:`prune` (oneshot on calibration data, before training; :mod:`.pruning`)
     or during training through :class:`~compress.plugins.pruning_adapter.PruningAdapterCallback`, which scores
@@ -89,6 +91,9 @@ class PruningAdapterModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: PruningAdapterConfig, adapter_name: str) -> None:
         check_support(arch_spec(model), config.spec.sparsity, config.mode)
         self._check_targets(model, config)
+        if "hidden" in config.spec.sparsity and not config.pruning_plan and not any(
+                isinstance(m, BaseTunerLayer) for m in model.modules()):
+            _check_hidden_stream(model)  # traced on the plain model: adapter layers would be couplings it does not know
         if hasattr(model, "add_model_tags"):
             model.add_model_tags([TAG])  # peft's model card of the saved adapter carries it
         if config.distill_weight and not config.inference_mode and self.distillation is None:
@@ -159,9 +164,9 @@ class PruningAdapterModel(BaseTuner):
     def _replay(self, model: nn.Module, config: PruningAdapterConfig) -> None:
         """Re-create the pruned shapes recorded in ``config.pruning_plan`` on the original base model, checking
         every event (:func:`~compress.plugins.pruning_adapter.plan.replay_events`)."""
-        widths = arch_spec(model).widths()
         plan = config.pruning_plan
         check_plan(plan)  # the config checked it when built; it may have been changed in memory since
+        widths = recorded_widths(arch_spec(model), "hidden" in plan[0]["widths_before"])
         if widths == plan[-1]["widths_after"]:
             return  # this base model is already pruned as recorded
         if widths != plan[0]["widths_before"]:
@@ -293,7 +298,11 @@ class PruningAdapterModel(BaseTuner):
     def _unload_and_optionally_merge(self, *args, **kwargs):
         if self.distillation is not None:
             self.distillation.release()  # merging writes into base weights the teacher may share
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        # the compact shapes were recorded while peft's wrappers stood in for the modules they hold (a wrapped
+        # head's layers, e.g. RoBERTa's classifier.dense after hidden pruning, were left out): record them again
+        _finish_shapes(model)
+        return model
 
     # -- pruning (see pruning.py and schedule.py) ---------------------------------------------------------
     @property
@@ -338,3 +347,11 @@ class PruningAdapterModel(BaseTuner):
 def _finish_shapes(model: nn.Module) -> None:
     if not arch_spec(model).fits_standard_config():
         make_compact(model)
+
+
+def _check_hidden_stream(model: nn.Module) -> None:
+    """Refuse hidden-size pruning of a model whose residual stream reaches layers the architecture spec does not
+    declare (e.g. a task head it does not know), before adapters wrap them: traced once on the plain model, as
+    :func:`compress.prune_model` does, since pruning the adapted model skips the dependency graph."""
+    arch = arch_spec(model)
+    check_hidden_group(model, arch.hidden_site(), build_dependency_graph(model))

@@ -25,8 +25,8 @@ from compress.pruning.arch import ArchSpec, arch_spec
 from compress.pruning.importance import Unit, units_for
 from compress.pruning.surgery import apply_removals
 
-#: what Pruning-Adapter removes: FFN neurons, query heads, whole kv heads, whole blocks
-STRUCTURES = ("ffn", "heads", "kv_heads", "layers")
+#: what Pruning-Adapter removes: FFN neurons, query heads, whole kv heads, whole blocks, hidden channels
+STRUCTURES = ("ffn", "heads", "kv_heads", "layers", "hidden")
 
 #: fields every event has, and their types
 EVENT_FIELDS: dict[str, type] = {
@@ -42,6 +42,15 @@ ADVICE = ("pruning_plan is written by training and must not be edited: use adapt
 SAVED_COPY = "the pruning plan saved with the adapter weights"
 _SAVED_COPY_ADVICE = ("adapter_model.safetensors was changed after it was saved: save the adapter again from the "
                       "trained model (peft_model.save_pretrained)")
+
+
+def recorded_widths(arch: ArchSpec, hidden: bool) -> dict[str, list[int]]:
+    """The widths an event records: :meth:`~compress.pruning.arch.ArchSpec.widths`, plus ``"hidden": [size]`` when
+    the configuration prunes the hidden size (plans without it keep the form they were saved in)."""
+    widths = arch.widths()
+    if hidden:
+        widths["hidden"] = [arch.hidden_site().width]
+    return widths
 
 
 def plan_error(index: int, event: object, field: str | None, problem: str,
@@ -98,6 +107,16 @@ def check_event(event: object, index: int, source: str = "pruning_plan") -> None
     for name in ("widths_before", "widths_after"):
         for key, widths in event[name].items():
             _check_int_list(widths, index, event, f"'{name}'[{key!r}]", source, unique=False)
+        hidden = event[name].get("hidden")
+        if "hidden" in structures and hidden is None:
+            raise plan_error(index, event, f"'{name}'", "an event that prunes 'hidden' records the hidden size as "
+                             "'hidden': [size]", source)
+        if hidden is not None and len(hidden) != 1:
+            raise plan_error(index, event, f"'{name}'['hidden']", f"the hidden size is one number, got {hidden}",
+                             source)
+    if ("hidden" in event["widths_before"]) != ("hidden" in event["widths_after"]):
+        raise plan_error(index, event, "'widths_after'", "records the hidden size where 'widths_before' does not, "
+                         "or the other way round", source)
 
 
 def check_plan(plan: object, source: str = "pruning_plan") -> None:
@@ -107,6 +126,9 @@ def check_plan(plan: object, source: str = "pruning_plan") -> None:
     previous_step = -1
     for index, event in enumerate(plan):
         check_event(event, index, source)
+        if index and ("hidden" in event["widths_before"]) != ("hidden" in plan[0]["widths_before"]):
+            raise plan_error(index, event, "'widths_before'", "every event of a plan records the hidden size, or "
+                             "none does", source)
         if event["final"] and index != len(plan) - 1:
             raise plan_error(index, event, "'final'", f"only the last event is final, and {len(plan) - 1 - index} "
                              "follow this one", source)
@@ -119,7 +141,7 @@ def check_plan(plan: object, source: str = "pruning_plan") -> None:
 
 def _check_against_model(arch: ArchSpec, event: dict, index: int, source: str) -> list[Unit]:
     """The event's units, after checking that its widths and removed indices fit the model as it is now."""
-    widths = arch.widths()
+    widths = recorded_widths(arch, "hidden" in event["widths_before"])
     if widths != event["widths_before"]:
         raise plan_error(index, event, "'widths_before'", f"the model's widths at this point are {widths}, the "
                          f"event records {event['widths_before']}", source)
@@ -144,7 +166,7 @@ def _check_against_model(arch: ArchSpec, event: dict, index: int, source: str) -
 
 
 def _what(unit: Unit) -> str:
-    return {"ffn": "neurons", "heads": "heads", "layers": "blocks"}[unit.structure]
+    return {"ffn": "neurons", "heads": "heads", "layers": "blocks", "hidden": "hidden channels"}[unit.structure]
 
 
 def replay_events(model: nn.Module, events: list[dict], start: int = 0, source: str = "pruning_plan") -> None:
@@ -165,7 +187,7 @@ def replay_events(model: nn.Module, events: list[dict], start: int = 0, source: 
         for module in model.modules():
             if hasattr(module, "pruned_params"):
                 module.pruned_params.clear()  # no optimizer to remap: drop the references to the old tensors
-        widths = arch_spec(model).widths()
+        widths = recorded_widths(arch_spec(model), "hidden" in event["widths_after"])
         if widths != event["widths_after"]:
             raise plan_error(index, event, "'widths_after'", f"replaying the event gives widths {widths}, the event "
                              f"records {event['widths_after']}", source)

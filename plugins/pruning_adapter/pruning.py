@@ -26,6 +26,7 @@ from compress.pruning.plan import plan_removals, width_cap
 from compress.pruning.surgery import apply_removals
 
 from .layer import PruningAdapterLayer
+from .plan import recorded_widths
 
 if TYPE_CHECKING:
     from .model import PruningAdapterModel
@@ -34,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 def total_width(widths: dict[str, list[int]], structure: str) -> int:
-    """The summed width of ``structure`` over the model (kv heads fall back to heads when there is no GQA)."""
+    """The summed width of ``structure`` over the model (kv heads fall back to heads when there is no GQA; the hidden
+    size is one number)."""
     if structure == "kv_heads":
         return sum(widths.get("kv_heads", widths["heads"]))
     return sum(widths[structure])
@@ -86,17 +88,22 @@ def prune_event(tuner: PruningAdapterModel, sparsity: dict[str, float], scores: 
     layers = [m for m in tuner.model.modules() if isinstance(m, PruningAdapterLayer)]
     for layer in layers:
         layer.pruned_params.clear()
-    widths_before = arch.widths()
-    apply_removals(tuner.model, arch, units, removals)
+    hidden = "hidden" in spec.sparsity  # every event of such a plan records the hidden size
+    widths_before = recorded_widths(arch, hidden)
+    # the adapter layers record what they replaced; the rest (e.g. peft's trained copies of norms and of the
+    # classifier, on the residual stream) comes back from apply_removals
+    replaced = apply_removals(tuner.model, arch, units, removals)
     tuner.finish_shapes()
     if optimizer is not None:
-        remap_optimizer(optimizer, {k: v for layer in layers for k, v in layer.pruned_params.items()},
-                        list(tuner.model.parameters()))
+        replaced.update({k: v for layer in layers for k, v in layer.pruned_params.items()})
+        remap_optimizer(optimizer, replaced, list(tuner.model.parameters()))
     for layer in layers:
         layer.pruned_params.clear()
+    replaced.clear()
     tuner.settle_memory()
     event = {"structures": sorted(sparsity), "removed": {k: v for k, v in removals.items() if v},
-             "widths_before": widths_before, "widths_after": arch_spec(tuner.model).widths(), "final": final}
+             "widths_before": widths_before, "widths_after": recorded_widths(arch_spec(tuner.model), hidden),
+             "final": final}
     if step is not None:  # pruned by the schedule: errors about this event can name its training step
         event["step"] = step
     config.pruning_plan.append(event)
@@ -120,8 +127,8 @@ def _width_caps(tuner: PruningAdapterModel, sparsity: dict[str, float]) -> dict[
     original = config.pruning_plan[0]["widths_before"] if config.pruning_plan else current
     caps = {}
     for structure, fraction in sparsity.items():
-        if structure == "layers":
-            continue
+        if structure in ("layers", "hidden"):
+            continue  # max_keep caps per-layer widths of FFN neurons and heads
         width_key = "kv_heads" if structure == "kv_heads" and "kv_heads" in original else "heads"
         widths = original["ffn"] if structure == "ffn" else original[width_key]
         now = total_width(current, structure)

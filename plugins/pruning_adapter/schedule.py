@@ -25,6 +25,7 @@ from compress.pruning.compensate import InputMeans, record_input_means
 from compress.pruning.engine import score_units
 from compress.pruning.importance import attach_gates, get_importance
 
+from .plan import recorded_widths
 from .pruning import prune_event, total_width, units_of
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ class PruningSchedule:
     def sparsity_at(self, step: int, final: bool) -> dict[str, float]:
         """Sparsity relative to the *current* widths that reaches the scheduled sparsity of the original widths."""
         config = self.tuner.active_config
-        current = arch_spec(self.tuner.model).widths()
+        current = recorded_widths(arch_spec(self.tuner.model), "hidden" in config.spec.sparsity)
         original = config.pruning_plan[0]["widths_before"] if config.pruning_plan else current
         sparsity = {}
         for structure, target in config.spec.sparsity.items():
