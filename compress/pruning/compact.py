@@ -37,10 +37,16 @@ def _projection_paths(model: nn.Module) -> dict[str, nn.Module]:
         if any(name.startswith(prefix + ".") for prefix in wrappers):
             continue  # the wrapped layer and the adapter's own matrices, or peft's trained copies of a module
         original = getattr(module, "original_module", None)  # peft's modules_to_save wrapper
-        if isinstance(module, PrunableLayer) or (original is not None and hasattr(module, "modules_to_save")):
+        if isinstance(module, PrunableLayer):
             wrappers.append(name)
-            if isinstance(module, PrunableLayer) or isinstance(original, nn.Linear):
-                linears[in_base.get(module, name)] = module if isinstance(module, PrunableLayer) else original
+            linears[in_base.get(module, name)] = module
+            continue
+        if original is not None and hasattr(module, "modules_to_save"):
+            wrappers.append(name)  # its layers count at the paths the plain model has (the copies share shapes)
+            path = in_base.get(module, name)
+            for sub, layer in original.named_modules():
+                if isinstance(layer, nn.Linear):
+                    linears[f"{path}.{sub}" if sub else path] = layer
             continue
         if isinstance(module, nn.Linear):
             linears[in_base.get(module, name)] = module

@@ -298,11 +298,7 @@ class PruningAdapterModel(BaseTuner):
     def _unload_and_optionally_merge(self, *args, **kwargs):
         if self.distillation is not None:
             self.distillation.release()  # merging writes into base weights the teacher may share
-        model = super()._unload_and_optionally_merge(*args, **kwargs)
-        # the compact shapes were recorded while peft's wrappers stood in for the modules they hold (a wrapped
-        # head's layers, e.g. RoBERTa's classifier.dense after hidden pruning, were left out): record them again
-        _finish_shapes(model)
-        return model
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     # -- pruning (see pruning.py and schedule.py) ---------------------------------------------------------
     @property
