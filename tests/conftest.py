@@ -21,3 +21,12 @@ def _seed():
 @pytest.fixture(params=tiny.ARCHITECTURES)
 def arch(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread, which also keeps them fast when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -39,13 +39,7 @@ MODE = {"bert": "global", "roberta": "global", "llama": "uniform", "qwen2": "uni
 _WRAPPERS = (".base_layer", ".original_module", ".modules_to_save.default")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train fastest on one thread, which also keeps them fast when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _peft(arch: str, **kwargs):
