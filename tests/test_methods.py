@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from peft import PeftConfig, PeftModel
@@ -9,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 import compress
 from tests import tiny
-from tests.methods import CASES, PREPARE, adapter_parameter_names, build, logits, perturb_adapters
+from tests.methods import CASES, PREPARE, TASK, adapter_parameter_names, build, logits, perturb_adapters
 
 IDS = [c.id for c in CASES]
 
@@ -80,3 +85,50 @@ def test_merge_and_unload_matches_unmerged(case):
     assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
     assert not any(model.base_model.prefix in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(logits(merged, case.arch), expected, rtol=1e-4, atol=1e-4)
+
+
+_AUTO_CLASS = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM",
+               "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+
+# Runs in a new interpreter: the merged model loads with plain transformers unless its config is a compact
+# type (then after ``import compress``); the adapter loads onto the saved base after ``import compress``.
+_FRESH_RELOAD = textwrap.dedent("""
+    import sys, torch, transformers
+    base_dir, adapter_dir, merged_dir, tensors_file, auto_class, merged_needs_compress = sys.argv[1:7]
+    tensors = torch.load(tensors_file)
+    auto = getattr(transformers, auto_class)
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(**tensors["batch"]).logits
+    if merged_needs_compress == "0":
+        torch.testing.assert_close(logits(auto.from_pretrained(merged_dir)), tensors["merged"], rtol=0, atol=1e-5)
+        assert "compress" not in sys.modules
+    import compress  # registers the PEFT method (and the compact model types)
+    from peft import PeftModel
+    if merged_needs_compress == "1":
+        torch.testing.assert_close(logits(auto.from_pretrained(merged_dir)), tensors["merged"], rtol=0, atol=1e-5)
+    adapter = PeftModel.from_pretrained(auto.from_pretrained(base_dir), adapter_dir)
+    torch.testing.assert_close(logits(adapter), tensors["adapter"], rtol=0, atol=1e-6)
+    print("FRESH-RELOAD-OK")
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_adapter_and_merged_model_reload_in_a_fresh_process(case, tmp_path):
+    pristine, model = build(case)
+    perturb_adapters(model)
+    pristine.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    merged = copy.deepcopy(model).merge_and_unload()
+    compress.save_pretrained(merged, tmp_path / "merged")
+    batch = tiny.make_batch(case.arch, labels=False)
+    torch.save({"batch": batch, "adapter": logits(model, case.arch), "merged": logits(merged, case.arch)},
+               tmp_path / "tensors.pt")
+    needs = "1" if compress.export.needs_compress_to_load(merged) else "0"
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH_RELOAD, str(tmp_path / "base"), str(tmp_path / "adapter"),
+         str(tmp_path / "merged"), str(tmp_path / "tensors.pt"), _AUTO_CLASS[TASK[case.arch]], needs],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    assert "FRESH-RELOAD-OK" in proc.stdout, proc.stderr[-3000:]
