@@ -243,6 +243,20 @@ def test_an_unknown_task_head_is_refused_before_anything_changes():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_a_refused_hidden_prune_with_bias_compensation_changes_no_tensor():
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=tiny.VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=64))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(CompressError, match="also couples \\['qa_outputs'\\]"):
+        compress.prune_model(model, {"hidden": 0.25, "ffn": 0.5}, None, "magnitude", mode="global",
+                             data=tiny.make_batches("bert", 2, labels=False), compensate_bias=True)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    changed = [name for name, p in after.items() if not torch.equal(p, before[name])]
+    assert not changed, changed
+
+
 def test_activation_cannot_score_layers():
     with pytest.raises(CompressError, match="importance 'activation' scores channels"):
         compress.prune_model(tiny.make_model("llama"), {"layers": 0.5}, None, "activation",

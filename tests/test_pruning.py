@@ -508,6 +508,18 @@ def test_a_ratio_that_removes_nothing_is_an_error_and_changes_nothing(kwargs, ma
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_layers_wrapped_by_adapters_that_cannot_shrink_are_refused_by_name_before_anything_changes():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny.make_model("bert"), LoraConfig(task_type="SEQ_CLS", r=4,
+                                                               target_modules=["output.dense"])).base_model.model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CompressError, match="bert.encoder.layer.0.output.dense is a peft.tuners.lora.layer.Linear, "
+                                            "whose adapters cannot lose channels: prune the base model before"):
+        compress.prune_model(model, {"ffn": 0.5}, None, "magnitude")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_structures_given_as_a_string():
     report = compress.prune_model(tiny.make_model("llama"), 0.5, "ffn", "magnitude")
     assert report.sparsity == {"ffn": 0.5}

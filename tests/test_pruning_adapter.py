@@ -481,6 +481,32 @@ def test_layernorms_in_modules_to_save_train_and_merge():
     torch.testing.assert_close(_logits(copy.deepcopy(model).merge_and_unload()), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch,targets,sparsity", [
+    ("llama", ["down_proj"], {"ffn": 0.5}),
+    ("bert", ["output.dense"], {"ffn": 0.5}),
+    ("bert", ["attention.output.dense"], {"ffn": 0.5, "heads": 0.5}),
+])
+def test_adapters_on_output_projections_only_prune_train_reload_and_merge(arch, targets, sparsity, tmp_path):
+    task = {"bert": "SEQ_CLS", "llama": "CAUSAL_LM"}[arch]
+    config = compress.PruningAdapterConfig(task_type=task, r=4, sparsity=sparsity, target_modules=targets,
+                                           mode="global" if "heads" in sparsity else "uniform")
+    model = get_peft_model(tiny.make_model(arch), config)
+    model.base_model.prune(data=tiny.make_batches(arch, 2))
+    widths = arch_spec(model.base_model.model).widths()
+    assert sum(widths["ffn"]) == 64
+    if "heads" in sparsity:
+        assert sum(widths["heads"]) == 4
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(**tiny.make_batch(arch)).loss.backward()
+    optimizer.step()
+    expected = _logits(model, arch)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny.make_model(arch), tmp_path)
+    torch.testing.assert_close(_logits(reloaded, arch), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(model.merge_and_unload(), arch), expected, rtol=0, atol=1e-5)
+
+
 def _without_dropout(model):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):

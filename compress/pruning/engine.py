@@ -21,7 +21,7 @@ from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_m
 from compress.pruning.importance import GateStats, Importance, Unit, collect_gate_stats, get_importance, units_for
 from compress.pruning.plan import achieved_sparsity, nothing_removed_error, plan_removals
 from compress.pruning.spec import InvalidOptionError, PruningSpec
-from compress.pruning.surgery import apply_removals, preserve_training_modes
+from compress.pruning.surgery import apply_checked, check_removals, preserve_training_modes
 
 logger = logging.getLogger(__name__)
 
@@ -202,10 +202,13 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
     for structure, value in achieved.items():
         if value == 0.0:  # checked before anything changes: the model is left as it was
             raise nothing_removed_error(structure, spec.sparsity[structure], units, spec.round_to)
+    # every check of the removal runs before bias compensation changes a tensor: a refused removal (e.g. the
+    # hidden size of an unknown task head) leaves the model as it was
+    checked = check_removals(model, arch, units, removals)
     if recorder is not None:
         shifts, _ = bias_shifts(units, removals, recorder.means())
         add_to_bias(units, shifts)
-    apply_removals(model, arch, units, removals)
+    apply_checked(checked)
     arch = arch_spec(model)
     if spec.mode == "uniform" and not arch.fits_standard_config():
         raise CompressError("internal: uniform pruning produced unequal layer widths")  # pragma: no cover

@@ -16,10 +16,12 @@ import math
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch_pruning as tp
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from compress.errors import CompressError
@@ -139,15 +141,22 @@ def _channels(heads: list[int], head_dim: int) -> list[int]:
     return [h * head_dim + d for h in heads for d in range(head_dim)]
 
 
-def _prune_group(dg: tp.DependencyGraph, root: nn.Module, idxs: list[int], expected: set[nn.Module],
-                 what: str) -> None:
+def _group_layers(dg: tp.DependencyGraph, root: nn.Module, idxs: list[int]) -> set[nn.Module]:
     group = dg.get_pruning_group(root, tp.prune_linear_out_channels, idxs=idxs)
-    touched = {dep.target.module for dep, _ in group if isinstance(dep.target.module, (nn.Linear, nn.Embedding))}
+    return {dep.target.module for dep, _ in group if isinstance(dep.target.module, (nn.Linear, nn.Embedding))}
+
+
+def _check_group(dg: tp.DependencyGraph, root: nn.Module, idxs: list[int], expected: set[nn.Module],
+                 what: str) -> None:
+    touched = _group_layers(dg, root, idxs)
     if touched != expected:
         # The graph found a coupling we did not expect: refuse rather than prune something silently.
         raise CompressError(f"dependency graph for {what} couples {len(touched)} layers, expected "
                             f"{len(expected)}; this architecture variant is not supported")
-    group.prune()
+
+
+def _prune_group(dg: tp.DependencyGraph, root: nn.Module, idxs: list[int]) -> None:
+    dg.get_pruning_group(root, tp.prune_linear_out_channels, idxs=idxs).prune()
 
 
 def _prune_out(module: nn.Module, idxs: list[int]) -> None:
@@ -164,14 +173,19 @@ def _prune_in(module: nn.Module, idxs: list[int]) -> None:
         tp.prune_linear_in_channels(module, idxs)
 
 
-def _prune_heads_explicitly(site: AttentionSite, dead_q: list[int]) -> None:
+def _dead_kv_groups(site: AttentionSite, dead_q: list[int]) -> list[int]:
+    """The kv heads that lose every query head of their group; raises unless the removal keeps
+    heads // kv_heads an integer (equal removals per group, or whole groups only)."""
     n_kv, per = site.num_kv_heads, site.num_heads // site.num_kv_heads
     counts = [sum(1 for h in dead_q if h // per == g) for g in range(n_kv)]
-    dead_kv = [g for g in range(n_kv) if counts[g] == per]
     if len(set(counts)) > 1 and not set(counts) <= {0, per}:
-        # heads // kv_heads must stay an integer: equal removals per group, or whole groups only
         raise CompressError(f"{site.name}: remove an equal number of query heads from every kv group, "
                             "or whole kv groups (structure 'kv_heads')")
+    return [g for g in range(n_kv) if counts[g] == per]
+
+
+def _prune_heads_explicitly(site: AttentionSite, dead_q: list[int]) -> None:
+    dead_kv = _dead_kv_groups(site, dead_q)
     hd = site.head_dim
     q_channels = _channels(dead_q, hd)
     _prune_out(site.q, q_channels)
@@ -184,9 +198,19 @@ def _prune_heads_explicitly(site: AttentionSite, dead_q: list[int]) -> None:
         tp.prune_embedding_out_channels(site.relative_bias, dead_q)
 
 
-def _has_adapter_layers(units: list[Unit]) -> bool:
-    return any(isinstance(m, PrunableLayer) for u in units if u.structure == "ffn" for m in u.site.inputs) or \
-        any(isinstance(u.site.q, PrunableLayer) for u in units if u.structure == "heads")
+def _declared_layers(unit: Unit) -> list[nn.Module]:
+    """Every layer a unit's channels live in, as its site declares them (none for whole blocks)."""
+    site = unit.site
+    if unit.structure == "ffn":
+        return [*site.inputs, site.output]
+    if unit.structure == "heads":
+        return [site.q, site.k, site.v, site.o]
+    return site.modules() if unit.structure == "hidden" else []
+
+
+def _is_wrapped(module: nn.Module) -> bool:
+    """Whether a layer wraps its base layer with adapters (a peft tuner layer, or any :class:`PrunableLayer`)."""
+    return isinstance(module, (PrunableLayer, BaseTunerLayer))
 
 
 def check_hidden_group(model: nn.Module, site: HiddenSite, dg: tp.DependencyGraph) -> None:
@@ -298,26 +322,45 @@ def prune_hidden(arch: ArchSpec, removed: list[int]) -> Replaced:
     return replaced
 
 
-def apply_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
-                   removals: Mapping[str, list[int]]) -> Replaced:
-    """Physically remove the planned channels, heads, blocks and hidden channels, then rewrite config and
-    attributes.
+@dataclass
+class CheckedRemovals:
+    """Removals that passed every check of :func:`check_removals`; :func:`apply_checked` carries them out."""
 
-    Plain models go through torch-pruning's dependency graph, checked against the couplings each site
-    declares. Models wrapped with adapter layers (or with PEFT's ``modules_to_save`` copies on the residual
-    stream) prune each site's declared layers directly, so that the adapter matrices and copies shrink with them.
+    model: nn.Module
+    arch: ArchSpec
+    units: list[Unit]
+    removals: Mapping[str, list[int]]
+    #: torch-pruning's dependency graph of the model when plain layers are pruned through it, else ``None``
+    graph: tp.DependencyGraph | None
 
-    Returns:
-        The parameters replaced outside :class:`PrunableLayer` modules by hidden pruning (see
-        :func:`prune_hidden`); adapter layers record their own.
+
+def check_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
+                   removals: Mapping[str, list[int]]) -> CheckedRemovals:
+    """Run every check the removal needs, changing nothing: the couplings torch-pruning's dependency graph finds
+    against those each site declares (hidden size included), query-head removals per kv group, and adapter
+    wrappers that cannot lose channels.
+
+    Callers that change tensors before the removal (bias compensation) call this first, so that a refused removal
+    leaves the model as it was; then :func:`apply_checked`.
+
+    Raises:
+        CompressError: the removal cannot be carried out on this model (the message says why).
     """
-    # torch-pruning replaces pruned parameters with new ones that require grad: keep frozen ones frozen
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     channel_units = [u for u in units if u.structure in ("ffn", "heads") and removals.get(u.key)]
     hidden_units = [u for u in units if u.structure == "hidden" and removals.get(u.key)]
     copies = module_copies(model) if hidden_units else {}
-    wrapped = _has_adapter_layers(channel_units) or any(
-        isinstance(m, PrunableLayer) or m in copies for u in hidden_units for m in u.site.modules())
+    declared = [m for u in (*channel_units, *hidden_units) for m in _declared_layers(u)]
+    foreign = [m for m in declared if _is_wrapped(m) and not isinstance(m, PrunableLayer)]
+    if foreign:
+        layer = foreign[0]
+        name = next((n for n, m in model.named_modules() if m is layer), type(layer).__name__)
+        raise CompressError(f"{name} is a {type(layer).__module__}.{type(layer).__name__}, whose adapters cannot "
+                            "lose channels: prune the base model before adding these adapters, or use "
+                            "Pruning-Adapter")
+    # Any wrapped layer (or, on the residual stream, a module PEFT keeps in several copies) sends every unit to
+    # direct pruning of its declared layers: the graph would find the adapter matrices as extra couplings.
+    wrapped = any(_is_wrapped(m) for m in declared) or any(m in copies for u in hidden_units
+                                                           for m in u.site.modules())
     use_graph = not wrapped and (bool(hidden_units) or any(u.structure == "ffn" or not arch.explicit_head_groups
                                                            for u in channel_units))
     dg = build_dependency_graph(model) if use_graph else None
@@ -327,7 +370,37 @@ def apply_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
     for u in channel_units:
         idxs, site = removals[u.key], u.site
         if u.structure == "ffn" and dg is not None:
-            _prune_group(dg, site.inputs[0], idxs, {*site.inputs, site.output}, u.key)
+            _check_group(dg, site.inputs[0], idxs, {*site.inputs, site.output}, u.key)
+        elif u.structure == "ffn":
+            continue
+        elif dg is None or arch.explicit_head_groups:
+            _dead_kv_groups(site, idxs)
+        else:
+            _check_group(dg, site.q, _channels(idxs, site.head_dim), {site.q, site.k, site.v, site.o}, u.key)
+    return CheckedRemovals(model, arch, units, removals, dg)
+
+
+def apply_checked(checked: CheckedRemovals) -> Replaced:
+    """Physically remove the planned channels, heads, blocks and hidden channels that :func:`check_removals`
+    checked, then rewrite config and attributes.
+
+    Plain models go through torch-pruning's dependency graph. Models wrapped with adapter layers (or with PEFT's
+    ``modules_to_save`` copies on the residual stream) prune each site's declared layers directly, so that the
+    adapter matrices and copies shrink with them.
+
+    Returns:
+        The parameters replaced outside :class:`PrunableLayer` modules by hidden pruning (see
+        :func:`prune_hidden`); adapter layers record their own.
+    """
+    model, arch, units, removals, dg = checked.model, checked.arch, checked.units, checked.removals, checked.graph
+    # torch-pruning replaces pruned parameters with new ones that require grad: keep frozen ones frozen
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    for u in units:
+        idxs, site = removals.get(u.key), u.site
+        if u.structure not in ("ffn", "heads") or not idxs:
+            continue
+        if u.structure == "ffn" and dg is not None:
+            _prune_group(dg, site.inputs[0], idxs)
         elif u.structure == "ffn":
             for lin in site.inputs:
                 _prune_out(lin, idxs)
@@ -335,19 +408,27 @@ def apply_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
         elif dg is None or arch.explicit_head_groups:
             _prune_heads_explicitly(site, idxs)
         else:
-            _prune_group(dg, site.q, _channels(idxs, site.head_dim), {site.q, site.k, site.v, site.o}, u.key)
+            _prune_group(dg, site.q, _channels(idxs, site.head_dim))
     _restore_requires_grad(model, requires_grad)
     arch.refresh()
     for u in units:
         if u.structure == "layers" and removals.get(u.key):
             arch.remove_blocks(u.site, [i for i in range(u.size) if i not in removals[u.key]])
     replaced: Replaced = {}
-    for u in hidden_units:
+    for u in units:
+        if u.structure != "hidden" or not removals.get(u.key):
+            continue
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}  # blocks renumbered
         replaced.update(prune_hidden(arch, removals[u.key]))
         _restore_requires_grad(model, requires_grad)
     arch.refresh()
     return replaced
+
+
+def apply_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
+                   removals: Mapping[str, list[int]]) -> Replaced:
+    """:func:`check_removals`, then :func:`apply_checked`: nothing changes unless every check passes."""
+    return apply_checked(check_removals(model, arch, units, removals))
 
 
 def _restore_requires_grad(model: nn.Module, flags: Mapping[str, bool]) -> None:

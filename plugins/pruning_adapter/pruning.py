@@ -1,10 +1,11 @@
 """Pruning a Pruning-Adapter model: one pruning event, and the oneshot prune on calibration data.
 
 A *pruning event* plans which channels, heads and blocks go (:func:`compress.pruning.plan.plan_removals`),
-folds the removed channels' mean contribution into the adapters' bias buffers (``compensate_bias``), removes
-them from the backbone and the adapters together (:func:`compress.pruning.surgery.apply_removals`), slices an
-optimizer's parameters and state to match, and appends the event to the config's ``pruning_plan``. The
-training-time schedule (:mod:`.schedule`) and :func:`prune_oneshot` both end in :func:`prune_event`.
+checks the removal against the model (:func:`compress.pruning.surgery.check_removals`), folds the removed
+channels' mean contribution into the adapters' bias buffers (``compensate_bias``), removes them from the backbone
+and the adapters together (:func:`compress.pruning.surgery.apply_checked`), slices an optimizer's parameters and
+state to match, and appends the event to the config's ``pruning_plan``. The training-time schedule
+(:mod:`.schedule`) and :func:`prune_oneshot` both end in :func:`prune_event`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from compress.pruning.engine import forward_passes, score_units
 from compress.pruning.importance import Unit, get_importance, units_for
 from compress.pruning.optim import remap_optimizer
 from compress.pruning.plan import plan_removals, width_cap
-from compress.pruning.surgery import apply_removals
+from compress.pruning.surgery import apply_checked, check_removals
 
 from .layer import PruningAdapterLayer
 from .plan import recorded_widths
@@ -83,6 +84,7 @@ def prune_event(tuner: PruningAdapterModel, sparsity: dict[str, float], scores: 
     units = units_for(arch, sparsity)
     removals = plan_removals(arch, units, scores, sparsity, spec.mode, round_to=spec.round_to,
                              normalize=spec.normalize, max_widths=_width_caps(tuner, sparsity))
+    checked = check_removals(tuner.model, arch, units, removals)  # a refused event leaves the adapters as they were
     if means:
         _compensate(units, removals, means)
     layers = [m for m in tuner.model.modules() if isinstance(m, PruningAdapterLayer)]
@@ -91,8 +93,8 @@ def prune_event(tuner: PruningAdapterModel, sparsity: dict[str, float], scores: 
     hidden = "hidden" in spec.sparsity  # every event of such a plan records the hidden size
     widths_before = recorded_widths(arch, hidden)
     # the adapter layers record what they replaced; the rest (e.g. peft's trained copies of norms and of the
-    # classifier, on the residual stream) comes back from apply_removals
-    replaced = apply_removals(tuner.model, arch, units, removals)
+    # classifier, on the residual stream) comes back from apply_checked
+    replaced = apply_checked(checked)
     tuner.finish_shapes()
     if optimizer is not None:
         replaced.update({k: v for layer in layers for k, v in layer.pruned_params.items()})
