@@ -257,7 +257,19 @@ def test_a_refused_hidden_prune_with_bias_compensation_changes_no_tensor():
     assert not changed, changed
 
 
-def test_activation_cannot_score_layers():
-    with pytest.raises(CompressError, match="importance 'activation' scores channels"):
-        compress.prune_model(tiny.make_model("llama"), {"layers": 0.5}, None, "activation",
+def test_activation_cannot_score_layers_and_says_so_before_any_calibration(monkeypatch):
+    from compress.pruning import engine
+    from compress.pruning.spec import PruningSpec
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before the options were checked")
+
+    monkeypatch.setattr(engine, "collect_gate_stats", no_calibration)
+    message = (r"^importance='activation': cannot score 'layers': use taylor, fisher or magnitude to prune 'layers', "
+               r"or leave 'layers' out of the sparsity$")
+    with pytest.raises(compress.InvalidOptionError, match=message):
+        compress.prune_model(tiny.make_model("llama"), {"ffn": 0.5, "layers": 0.5}, None, "activation",
                              data=tiny.make_batches("llama", 2))
+    with pytest.raises(compress.InvalidOptionError, match=message):
+        PruningSpec(sparsity={"layers": 0.5}, importance="Activation")
+    PruningSpec(sparsity={"ffn": 0.5, "heads": 0.5, "hidden": 0.25}, importance="activation")  # channels it scores

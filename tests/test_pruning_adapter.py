@@ -274,6 +274,8 @@ def test_schedule_longer_than_training_fails_clearly(tmp_path):
     ({"sparsity": {"ffn": 0.5}, "structures": ["heads"]}, "structures=.*disagrees"),
     ({"sparsity": {"ffn": 0.5, "heads": 0.5, "kv_heads": 0.5}}, "not both"),
     ({"importance": "vibes"}, "importance='vibes': choose one of"),
+    ({"sparsity": {"ffn": 0.5, "layers": 0.5}, "importance": "activation"},
+     r"^importance='activation': cannot score 'layers': use taylor, fisher or magnitude to prune 'layers'"),
     ({"schedule": "progressive"}, "pruning_end_step=None: schedule='progressive' needs"),
     ({"schedule": "progressive", "scoring_steps": 8, "pruning_end_step": 8}, "must come after scoring_steps=8"),
     ({"schedule": "weekly"}, "schedule='weekly': choose one of"),

@@ -18,7 +18,15 @@ from torch import nn
 from compress.errors import CalibrationError, CompressError, UnsupportedStructureError
 from compress.pruning.arch import ArchSpec, arch_spec
 from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_means
-from compress.pruning.importance import GateStats, Importance, Unit, collect_gate_stats, get_importance, units_for
+from compress.pruning.importance import (
+    GateStats,
+    Importance,
+    Unit,
+    check_scorable,
+    collect_gate_stats,
+    get_importance,
+    units_for,
+)
 from compress.pruning.plan import achieved_sparsity, nothing_removed_error, plan_removals
 from compress.pruning.spec import InvalidOptionError, PruningSpec
 from compress.pruning.surgery import apply_checked, check_removals, preserve_training_modes
@@ -84,6 +92,7 @@ def forward_passes(model: nn.Module, batches: list[dict]) -> None:
 def score_units(model: nn.Module, units: list[Unit], importance: Importance,
                 batches: list[dict] | None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Scores for every unit; runs calibration once when the criterion needs it."""
+    check_scorable(importance, [u.structure for u in units])
     stats: GateStats | None = None
     if importance.needs_calibration:
         if not batches:

@@ -267,6 +267,8 @@ class Importance(ABC):
     needs_calibration: bool = False
     #: whether those statistics include gate gradients of the task loss (else forward passes suffice)
     needs_gradients: bool = True
+    #: the structures this criterion can score (``None``: every one); checked when the options are validated
+    structures: tuple[str, ...] | None = None
 
     @abstractmethod
     def __call__(self, unit: Unit, stats: GateStats | None) -> torch.Tensor:
@@ -342,11 +344,10 @@ class ActivationImportance(Importance):
 
     needs_calibration = True
     needs_gradients = False
+    # a block's output has no per-block activation to measure: whole layers need a loss or weight criterion
+    structures = ("ffn", "heads", "kv_heads", "hidden")
 
     def __call__(self, unit: Unit, stats: GateStats | None) -> torch.Tensor:
-        if unit.structure == "layers":
-            raise CompressError("importance 'activation' scores channels (ffn, heads, kv_heads, hidden); score "
-                                "layers with taylor, fisher or magnitude")
         if stats is None or unit.key not in stats.activation_sum:
             raise CalibrationError(f"no activations recorded for {unit.key}: calibration did not run for this unit")
         return (stats.activation_sum[unit.key] / max(stats.activation_count[unit.key], 1.0)).cpu()
@@ -387,6 +388,25 @@ for _name, _imp in {"magnitude": MagnitudeImportance, "l2": MagnitudeImportance,
 
 def available_importances() -> list[str]:
     return sorted(_IMPORTANCES)
+
+
+def check_scorable(importance: str | Importance, structures: Iterable[str]) -> None:
+    """Refuse structures that ``importance`` (a registered name or an instance) cannot score, before any data is
+    run through the model.
+
+    Raises:
+        InvalidOptionError: naming the criterion, the structures, and what to use for them.
+    """
+    from compress.pruning.spec import InvalidOptionError
+
+    entry = importance if isinstance(importance, Importance) else _IMPORTANCES.get(str(importance).lower())
+    allowed = getattr(entry, "structures", None)
+    unscorable = [] if allowed is None else [s for s in dict.fromkeys(structures) if s not in allowed]
+    if unscorable:
+        names = ", ".join(repr(s) for s in unscorable)
+        name = importance if isinstance(importance, str) else type(importance).__name__
+        raise InvalidOptionError("importance", name, f"cannot score {names}: use taylor, fisher or magnitude to "
+                                 f"prune {names}, or leave {names} out of the sparsity")
 
 
 def get_importance(importance: str | Importance) -> Importance:

@@ -160,7 +160,7 @@ class PruningSpec:
         return cls(sparsity=sparsity_by_structure(sparsity, structures), **options)
 
     def __post_init__(self) -> None:
-        from compress.pruning.importance import Importance, available_importances
+        from compress.pruning.importance import Importance, available_importances, check_scorable
 
         if not isinstance(self.sparsity, Mapping):
             raise InvalidOptionError("sparsity", self.sparsity, "must map structures to fractions, e.g. "
@@ -175,6 +175,7 @@ class PruningSpec:
                 raise InvalidOptionError("importance", self.importance, f"choose one of "
                                          f"{', '.join(available_importances())}, or pass an Importance instance")
             object.__setattr__(self, "importance", self.importance.lower())
+        check_scorable(self.importance, self.sparsity)  # here, not after a calibration pass that cannot score them
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise InvalidOptionError("round_to", self.round_to, "must be a positive integer")
         if not isinstance(self.compensate_bias, bool):
