@@ -520,6 +520,20 @@ def test_layers_wrapped_by_adapters_that_cannot_shrink_are_refused_by_name_befor
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+#: the criteria registered by compress itself (compress.register_importance can add more)
+BUILTIN_CRITERIA = ("taylor", "fisher", "activation", "magnitude", "l2", "l1", "random")
+
+
+def test_prune_model_and_spec_docstrings_name_every_structure_and_builtin_criterion():
+    from compress.pruning.spec import STRUCTURES, PruningSpec
+
+    assert set(BUILTIN_CRITERIA) <= set(compress.pruning.importance.available_importances())
+    for doc, names in ((compress.prune_model.__doc__, (*STRUCTURES, *BUILTIN_CRITERIA)),
+                       (PruningSpec.__doc__, BUILTIN_CRITERIA)):
+        missing = [name for name in names if f"``{name}``" not in doc]
+        assert not missing, missing
+
+
 def test_structures_given_as_a_string():
     report = compress.prune_model(tiny.make_model("llama"), 0.5, "ffn", "magnitude")
     assert report.sparsity == {"ffn": 0.5}

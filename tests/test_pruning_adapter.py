@@ -333,6 +333,22 @@ def test_wrong_types_fail_naming_the_field(kwargs, match):
         compress.PruningAdapterConfig(**kwargs)
 
 
+def test_config_docstring_and_help_name_every_structure_and_builtin_criterion():
+    import re
+
+    from compress.pruning.spec import STRUCTURES
+
+    criteria = ("taylor", "fisher", "activation", "magnitude", "l2", "l1", "random")
+    doc = compress.PruningAdapterConfig.__doc__
+    missing = [name for name in (*STRUCTURES, *criteria) if f"``{name}``" not in doc]
+    assert not missing, missing
+    fields = compress.PruningAdapterConfig.__dataclass_fields__
+    for text, names in ((fields["importance"].metadata["help"], criteria),
+                        (fields["sparsity"].metadata["help"], STRUCTURES)):
+        missing = [name for name in names if not re.search(rf"\b{name}\b", text)]
+        assert not missing, missing
+
+
 def test_config_holds_one_spec_and_saves_it_unambiguously(tmp_path):
     from compress.pruning.spec import PruningSpec
 

@@ -147,9 +147,6 @@ class ArchSpec:
         name = type(self.model).__name__
         return [self.model.get_submodule(path) for suffix, path in attributes.items() if name.endswith(suffix)]
 
-    def layer_blocks(self) -> list[tuple[LayerStack, int, nn.Module]]:
-        return [(s, i, b) for s in self.stacks() for i, b in enumerate(s.blocks)]
-
     # -- rewriting ---------------------------------------------------------------------------------
     def remove_blocks(self, stack: LayerStack, keep: list[int]) -> None:
         """Delete every block of ``stack`` not in ``keep`` (depth pruning), then refresh."""

@@ -28,7 +28,7 @@ from compress.pruning.importance import (
     units_for,
 )
 from compress.pruning.plan import achieved_sparsity, nothing_removed_error, plan_removals
-from compress.pruning.spec import InvalidOptionError, PruningSpec
+from compress.pruning.spec import PruningSpec, positive_int
 from compress.pruning.surgery import apply_checked, check_removals, preserve_training_modes
 
 logger = logging.getLogger(__name__)
@@ -111,12 +111,6 @@ def _num_parameters(model: nn.Module) -> int:
         sum(p.numel() for p in model.parameters())
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidOptionError(name, value, "must be a positive integer")
-    return value
-
-
 def prune_model(
     model: nn.Module,
     sparsity: float | Mapping[str, float] = 0.5,
@@ -142,17 +136,21 @@ def prune_model(
         sparsity: fraction of each structure to remove, in (0, 1): one number for all ``structures`` or a
             mapping such as ``{"ffn": 0.5, "heads": 0.25}``.
         structures: any of ``ffn`` (FFN neurons), ``heads`` (query heads; with grouped-query attention an
-            equal number per kv group), ``kv_heads`` (whole kv heads with their query heads), ``layers``; a
-            list or a comma-separated string. Default: ``ffn``, or the keys of a ``sparsity`` mapping.
-        importance: ``taylor`` (default), ``fisher``, ``magnitude``/``l2``, ``l1``, ``random``, or an
+            equal number per kv group), ``kv_heads`` (whole kv heads with their query heads), ``layers`` (whole
+            blocks), ``hidden`` (channels of the residual stream, removed from every tensor that carries it;
+            BERT/RoBERTa need ``mode="global"``); a list or a comma-separated string. Default: ``ffn``, or the
+            keys of a ``sparsity`` mapping.
+        importance: ``taylor`` (default), ``fisher``, ``activation`` (mean activation magnitude, no labels
+            needed; scores every structure but ``layers``), ``magnitude``/``l2``, ``l1``, ``random``, a name
+            registered with :func:`compress.register_importance`, or an
             :class:`~compress.pruning.importance.Importance` instance.
-        data: calibration data for ``taylor``/``fisher`` and ``compensate_bias``: a tokenized
-            ``datasets.Dataset`` or any iterable of model-input dicts (tensors). Batches need ``labels`` unless
-            the model is a causal LM.
+        data: calibration data for ``taylor``/``fisher``/``activation`` and ``compensate_bias``: a tokenized
+            ``datasets.Dataset`` or any iterable of model-input dicts (tensors). For ``taylor``/``fisher``,
+            batches need ``labels`` unless the model is a causal LM.
         mode: ``uniform`` keeps one width per layer so plain transformers reloads the result; ``global`` ranks
             channels across layers (widths differ per layer; reloading needs ``import compress``).
         num_batches, batch_size: how much calibration data to use.
-        round_to: keep FFN widths a multiple of this (e.g. 8 for faster kernels).
+        round_to: keep FFN widths and the hidden size a multiple of this (e.g. 8 for faster kernels).
         tokenizer: pads a tokenized Dataset's rows into batches.
         progress: show a progress bar while scoring.
         normalize, compensate_bias, max_keep: see :class:`~compress.pruning.spec.PruningSpec`.
@@ -169,12 +167,14 @@ def prune_model(
         InvalidOptionError: an option has a bad value (the error names it).
         NothingToPruneError: a requested structure would lose nothing (e.g. ``round_to`` larger than the FFN
             width, heads of a one-head model); raised before the model changes.
+        CompressError: the removal cannot be carried out on this model (e.g. the hidden size of a task head
+            the architecture spec does not know); raised before the model changes.
     """
     if spec is None:
         spec = PruningSpec.from_options(sparsity, structures, mode=mode, importance=importance, normalize=normalize,
                                         max_keep=max_keep, round_to=round_to, compensate_bias=compensate_bias)
-    _positive_int("num_batches", num_batches)
-    _positive_int("batch_size", batch_size)
+    positive_int("num_batches", num_batches)
+    positive_int("batch_size", batch_size)
     with preserve_training_modes(model):
         return _prune(model, spec, data, num_batches, batch_size, tokenizer, progress)
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from compress.errors import CalibrationError, CompressError
 from compress.pruning.arch import ArchSpec, AttentionSite, FFNSite, HiddenSite, LayerStack
+from compress.pruning.spec import InvalidOptionError
 
 logger = logging.getLogger(__name__)
 
@@ -397,8 +398,6 @@ def check_scorable(importance: str | Importance, structures: Iterable[str]) -> N
     Raises:
         InvalidOptionError: naming the criterion, the structures, and what to use for them.
     """
-    from compress.pruning.spec import InvalidOptionError
-
     entry = importance if isinstance(importance, Importance) else _IMPORTANCES.get(str(importance).lower())
     allowed = getattr(entry, "structures", None)
     unscorable = [] if allowed is None else [s for s in dict.fromkeys(structures) if s not in allowed]

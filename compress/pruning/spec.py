@@ -39,13 +39,21 @@ class InvalidOptionError(CompressError):
         return f"{spelling} {value}: {self.reason}"
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (``True`` is an int to Python, never a sparsity or a weight here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else :class:`InvalidOptionError` naming option ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOptionError(name, value, "must be a positive integer")
+    return value
 
 
 def _fraction(value: Any, allow_zero: bool = False, key: str | None = None) -> float:
     interval = "[0, 1)" if allow_zero else "(0, 1)"
-    if not _is_number(value) or not math.isfinite(value) or not ((0.0 <= value) if allow_zero else (0.0 < value)) \
+    if not is_number(value) or not math.isfinite(value) or not ((0.0 <= value) if allow_zero else (0.0 < value)) \
             or value >= 1.0:
         raise InvalidOptionError("sparsity", value, f"a sparsity is the fraction removed: a number in {interval}",
                                  key=key)
@@ -134,13 +142,15 @@ class PruningSpec:
             number and a list of structures with :meth:`from_options`.
         mode: ``uniform`` (the same width in every layer, so a plain transformers config expresses the result)
             or ``global`` (units ranked across layers; per-layer widths need ``import compress`` to load).
-        importance: a criterion name (``taylor``, ``fisher``, ``magnitude``/``l2``, ``l1``, ``random`` or one
-            registered with :func:`compress.register_importance`) or an :class:`~compress.Importance`.
+        importance: a criterion name (``taylor``, ``fisher``, ``activation``, ``magnitude``/``l2``, ``l1``,
+            ``random`` or one registered with :func:`compress.register_importance`) or an
+            :class:`~compress.Importance`. A criterion that cannot score a structure (``activation`` and
+            ``layers``) is refused here.
         normalize: ``global`` mode: ``"mean"``/``"l2"`` divide each layer's scores by their mean / L2 norm
             before ranking across layers; ``"none"`` ranks raw scores.
         max_keep: ``global`` mode: the largest fraction of its FFN neurons and of its heads one layer keeps (at
             least ``1 - sparsity``); ``None``: no cap.
-        round_to: keep FFN widths a multiple of this.
+        round_to: keep FFN widths and the hidden size a multiple of this.
         compensate_bias: add removed channels' mean contribution, measured on calibration data, to the bias of
             the projection they fed.
     """
@@ -176,8 +186,7 @@ class PruningSpec:
                                          f"{', '.join(available_importances())}, or pass an Importance instance")
             object.__setattr__(self, "importance", self.importance.lower())
         check_scorable(self.importance, self.sparsity)  # here, not after a calibration pass that cannot score them
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise InvalidOptionError("round_to", self.round_to, "must be a positive integer")
+        positive_int("round_to", self.round_to)
         if not isinstance(self.compensate_bias, bool):
             raise InvalidOptionError("compensate_bias", self.compensate_bias, "must be True or False")
         self._check_max_keep()
@@ -185,7 +194,7 @@ class PruningSpec:
     def _check_max_keep(self) -> None:
         if self.max_keep is None:
             return
-        if not _is_number(self.max_keep) or not 0.0 < self.max_keep <= 1.0:
+        if not is_number(self.max_keep) or not 0.0 < self.max_keep <= 1.0:
             raise InvalidOptionError("max_keep", self.max_keep, "the largest fraction of its channels one layer may "
                                      "keep must be in (0, 1]")
         if self.mode != "global":

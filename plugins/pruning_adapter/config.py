@@ -9,10 +9,10 @@ from typing import Any
 
 from peft.config import PeftConfig
 
-from compress.pruning.spec import InvalidOptionError, PruningSpec, sparsity_by_structure
+from compress.pruning.spec import InvalidOptionError, PruningSpec, is_number, positive_int, sparsity_by_structure
 from compress.registry import PeftMethodType
 
-from .plan import STRUCTURES, check_plan
+from .plan import check_plan
 
 PRUNING_ADAPTER = PeftMethodType("PRUNING_ADAPTER")
 
@@ -41,10 +41,11 @@ class PruningAdapterConfig(PeftConfig):
             mapping, it must name the same structures or be left out. Holds the pruned structures afterwards.
         mode: ``uniform`` (same width in every layer; the merged model reloads with plain transformers) or
             ``global`` (widths differ per layer; loading the merged model needs ``import compress``).
-        importance: ``taylor`` (|dL/dgate|), ``fisher`` ((dL/dgate)^2), ``magnitude``/``l2``, ``l1``,
-            ``random``, or a name registered with :func:`compress.register_importance`. Taylor and Fisher use
-            gradients of the task loss with respect to per-structure gates only: the backbone gets no weight
-            gradients and no optimizer state.
+        importance: ``taylor`` (|dL/dgate|), ``fisher`` ((dL/dgate)^2), ``activation`` (mean activation
+            magnitude on calibration data; oneshot ``model.prune(data=...)`` only, and not for ``layers``),
+            ``magnitude``/``l2``, ``l1``, ``random``, or a name registered with
+            :func:`compress.register_importance`. Taylor and Fisher use gradients of the task loss with respect
+            to per-structure gates only: the backbone gets no weight gradients and no optimizer state.
         normalize: ``global`` mode only: ``"mean"`` or ``"l2"`` divide each layer's scores by their mean / L2 norm
             before ranking across layers, ``"none"`` ranks raw scores. Gradient scores grow towards the loss, so
             raw ranking strips early layers (see :func:`compress.pruning.plan.normalize_scores`).
@@ -58,9 +59,7 @@ class PruningAdapterConfig(PeftConfig):
             batches, to the bias of the output projection they fed (FLAP-style; see
             :mod:`compress.pruning.compensate`). Kept as a frozen per-adapter buffer (``pa_bias``) and folded in
             on merge. Applies where that projection has a bias and carries an adapter (BERT/RoBERTa); Llama,
-            Qwen2 and T5 output projections have no bias and are left as they are. Off by default: on
-            MiniLM/SST-2 it cost oneshot pruning 2.9 points (2 seeds) and changed progressive pruning by +0.3
-            (noise).
+            Qwen2 and T5 output projections have no bias and are left as they are. Off by default.
         schedule: ``oneshot`` prunes once, to the final sparsity, after ``scoring_steps`` training steps
             (or immediately with ``model.prune(data=...)``); ``progressive`` prunes every
             ``pruning_interval`` steps from ``scoring_steps`` to ``pruning_end_step`` along a cubic schedule,
@@ -103,7 +102,8 @@ class PruningAdapterConfig(PeftConfig):
     structures: list[str] | str | None = field(
         default=None, metadata={"help": "Structures a single-number sparsity applies to (default: ffn)."})
     mode: str = field(default="uniform", metadata={"help": "uniform or global width allocation."})
-    importance: str = field(default="taylor", metadata={"help": "taylor, fisher, magnitude, l1 or random."})
+    importance: str = field(
+        default="taylor", metadata={"help": "taylor, fisher, activation (not for layers), magnitude/l2, l1 or random."})
     normalize: str = field(
         default="none", metadata={"help": "Global mode: per-layer score scaling before ranking: none, mean or l2."})
     max_keep: float | None = field(
@@ -152,10 +152,6 @@ class PruningAdapterConfig(PeftConfig):
             raise InvalidOptionError("structures", self.structures, "must be a list of structure names, e.g. "
                                      "['ffn', 'heads'], or None")
         sparsity = sparsity_by_structure(self.sparsity, self.structures, allow_zero=True)
-        other = sorted(set(sparsity) - set(STRUCTURES))
-        if other:
-            raise InvalidOptionError("sparsity", self.sparsity, f"Pruning-Adapter prunes {', '.join(STRUCTURES)}; "
-                                     f"leave out {', '.join(other)}")
         if not isinstance(self.importance, str):
             raise InvalidOptionError("importance", self.importance, "must be the name of a criterion (a saved "
                                      "config holds names only); register a custom one with "
@@ -166,10 +162,10 @@ class PruningAdapterConfig(PeftConfig):
     def _check_training_fields(self) -> None:
         if self.schedule not in SCHEDULES:
             raise InvalidOptionError("schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
-        _positive_int("scoring_steps", self.scoring_steps)
-        _positive_int("pruning_interval", self.pruning_interval)
+        positive_int("scoring_steps", self.scoring_steps)
+        positive_int("pruning_interval", self.pruning_interval)
         if self.pruning_end_step is not None:
-            _positive_int("pruning_end_step", self.pruning_end_step)
+            positive_int("pruning_end_step", self.pruning_end_step)
         if self.schedule == "progressive":
             if self.pruning_end_step is None:
                 raise InvalidOptionError("pruning_end_step", None, "schedule='progressive' needs the step by which "
@@ -179,7 +175,7 @@ class PruningAdapterConfig(PeftConfig):
                                          f"must come after scoring_steps={self.scoring_steps}")
         _fraction("ema_beta", self.ema_beta)
         _boolean("checkpoint_until_pruned", self.checkpoint_until_pruned)
-        if not (_is_number(self.distill_weight) and math.isfinite(self.distill_weight) and self.distill_weight >= 0):
+        if not (is_number(self.distill_weight) and math.isfinite(self.distill_weight) and self.distill_weight >= 0):
             raise InvalidOptionError("distill_weight", self.distill_weight, "must be a finite number >= 0 (0: off)")
         if self.quantize_backbone is not None and self.quantize_backbone not in QUANTIZATIONS:
             raise InvalidOptionError("quantize_backbone", self.quantize_backbone,
@@ -194,8 +190,8 @@ class PruningAdapterConfig(PeftConfig):
                                      "defeats quantize_backbone: use one or the other")
 
     def _check_adapter_fields(self) -> None:
-        _positive_int("r", self.r)
-        if not (_is_number(self.lora_alpha) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+        positive_int("r", self.r)
+        if not (is_number(self.lora_alpha) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise InvalidOptionError("lora_alpha", self.lora_alpha, "must be a positive number")
         _fraction("lora_dropout", self.lora_dropout)
         _boolean("init_weights", self.init_weights)
@@ -210,22 +206,9 @@ class PruningAdapterConfig(PeftConfig):
                 raise InvalidOptionError("modules_to_save", self.modules_to_save, "must be a list of module names")
             _names("modules_to_save", self.modules_to_save)
 
-    def last_pruning_step(self) -> int:
-        """The training step of the last pruning event."""
-        return self.scoring_steps if self.schedule == "oneshot" else int(self.pruning_end_step)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidOptionError(name, value, "must be a positive integer")
-
 
 def _fraction(name: str, value: Any) -> None:
-    if not (_is_number(value) and 0.0 <= value < 1.0):
+    if not (is_number(value) and 0.0 <= value < 1.0):
         raise InvalidOptionError(name, value, "must be a number in [0, 1)")
 
 

@@ -23,10 +23,8 @@ from torch import nn
 from compress.errors import CompressError
 from compress.pruning.arch import ArchSpec, arch_spec
 from compress.pruning.importance import Unit, units_for
+from compress.pruning.spec import STRUCTURES
 from compress.pruning.surgery import apply_removals
-
-#: what Pruning-Adapter removes: FFN neurons, query heads, whole kv heads, whole blocks, hidden channels
-STRUCTURES = ("ffn", "heads", "kv_heads", "layers", "hidden")
 
 #: fields every event has, and their types
 EVENT_FIELDS: dict[str, type] = {
