@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from compress.pruning.arch import arch_spec
 from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_means
-from compress.pruning.importance import units_for
+from compress.pruning.importance import GateStats, record_activations, units_for
 from compress.pruning.surgery import apply_removals
 from tests import tiny
 
@@ -73,6 +74,48 @@ def test_means_exclude_padding():
     real = seen[0][batch["attention_mask"].bool()]
     assert real.shape[0] == 6 + 3 + 1
     torch.testing.assert_close(recorder.means()[site.name], real.mean(0))
+
+
+@pytest.mark.parametrize("decoder_mask", [False, True])
+def test_t5_decoder_states_use_the_decoder_mask_not_the_encoders(decoder_mask):
+    """Encoder and decoder inputs of the same length: the encoder's padding must not mask decoder positions."""
+    model = tiny.make_model("t5")
+    batch = tiny.make_batch("t5", batch_size=3, seq_len=6, labels=False)
+    batch["decoder_input_ids"] = torch.randint(3, tiny.VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
+    batch["attention_mask"][1, 2:] = 0
+    batch["attention_mask"][2, 4:] = 0
+    if decoder_mask:
+        batch["decoder_attention_mask"] = torch.ones_like(batch["decoder_input_ids"])
+        batch["decoder_attention_mask"][0, 3:] = 0
+    masks = {"encoder": batch["attention_mask"], "decoder": batch.get("decoder_attention_mask")}
+    arch = arch_spec(model)
+    units = units_for(arch, ["ffn", "hidden"])
+    sites = {site.stack: site for site in arch.ffn_sites() if site.layer == 0}
+    seen: dict[str, list[torch.Tensor]] = {stack: [] for stack in sites}
+    handles = [site.output.register_forward_pre_hook(lambda module, args, stack=stack: seen[stack].append(args[0]))
+               for stack, site in sites.items()]
+    stats = GateStats()
+    try:
+        with record_input_means(model, units) as recorder, record_activations(model, units, stats), torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def real(stack: str, states: torch.Tensor) -> torch.Tensor:
+        mask = masks[stack]
+        return states.reshape(-1, states.shape[-1]) if mask is None else states[mask.bool()]
+
+    for stack, site in sites.items():
+        inputs = real(stack, seen[stack][0])
+        assert inputs.shape[0] == (12 if stack == "encoder" else 15 if decoder_mask else 18)
+        torch.testing.assert_close(recorder.means()[site.name], inputs.mean(0))
+        torch.testing.assert_close(stats.activation_sum[site.name] / stats.activation_count[site.name],
+                                   inputs.abs().mean(0))
+    decoder = set(model.decoder.modules())
+    norms = arch.hidden_site().norms
+    n_decoder = sum(norm in decoder for norm, _ in norms)
+    assert stats.activation_count["hidden"] == (len(norms) - n_decoder) * 12 + n_decoder * (15 if decoder_mask else 18)
 
 
 def test_projections_without_bias_are_reported_not_changed():

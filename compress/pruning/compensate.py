@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from compress.pruning.importance import Unit, sum_over_real_tokens
+from compress.pruning.importance import TokenMasks, Unit, sum_over_real_tokens
 
 __all__ = [
     "InputMeans", "add_to_bias", "bias_shifts", "output_projection", "record_input_means", "removed_input_channels",
@@ -68,29 +68,28 @@ class InputMeans:
 def record_input_means(model: nn.Module, units: list[Unit]) -> Iterator[InputMeans]:
     """Accumulate, while the context is open, the mean input of every FFN/heads unit's output projection.
 
-    The ``attention_mask`` passed to ``model`` (as a keyword) excludes padding from the means. Hooks are
-    removed on exit; activation recomputation (gradient checkpointing) counts a batch twice, which leaves
-    the means unchanged.
+    The masks passed to ``model`` (as keywords) exclude padding from the means: ``attention_mask``, and
+    ``decoder_attention_mask`` for an encoder-decoder model's decoder (see
+    :class:`~compress.pruning.importance.TokenMasks`). Hooks are removed on exit; activation recomputation
+    (gradient checkpointing) counts a batch twice, which leaves the means unchanged.
     """
     means = InputMeans()
-    current_mask: dict[str, torch.Tensor | None] = {"mask": None}
+    masks = TokenMasks(model)
     handles = []
 
-    def capture_mask(module, args, kwargs):
-        current_mask["mask"] = kwargs.get("attention_mask")
-
-    def recorder(key: str):
+    def recorder(key: str, mask: str):
         def hook(module, args):
-            total, count = sum_over_real_tokens(args[0], current_mask["mask"])
+            total, count = sum_over_real_tokens(args[0], masks.get(mask))
             means.add(key, total, count)
 
         return hook
 
     try:
-        handles.append(model.register_forward_pre_hook(capture_mask, with_kwargs=True))
+        handles.append(model.register_forward_pre_hook(masks.capture, with_kwargs=True))
         for unit in units:
             if unit.structure in _CHANNEL_STRUCTURES:
-                handles.append(output_projection(unit).register_forward_pre_hook(recorder(unit.key)))
+                layer = output_projection(unit)
+                handles.append(layer.register_forward_pre_hook(recorder(unit.key, masks.mask_name(layer))))
         yield means
     finally:
         for handle in handles:

@@ -63,8 +63,36 @@ def sum_over_real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[to
     if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
         weights = mask.reshape(-1, 1).to(positions.dtype)
         return (positions * weights).sum(0), float(weights.sum())
-    # a decoder stack, or no mask given: every position counts
+    # no mask given, or one that does not fit these states: every position counts
     return positions.sum(0), float(positions.shape[0])
+
+
+class TokenMasks:
+    """The padding masks of the forward pass in progress, and which one belongs to a module's states.
+
+    Modules of an encoder-decoder model's decoder stack see decoder tokens: ``decoder_attention_mask`` (every
+    position counts when none is given), never the encoder's ``attention_mask``, even when both have the same
+    length. Every other module uses ``attention_mask``. Register :meth:`capture` as the model's forward pre-hook
+    (``with_kwargs=True``); the masks are read from keyword arguments.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        decoder = getattr(model, "decoder", None)
+        is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        self._decoder = set(decoder.modules()) if is_encoder_decoder and isinstance(decoder, nn.Module) else set()
+        self._current: dict[str, torch.Tensor | None] = {}
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the model: remember the masks of the pass that starts."""
+        self._current = {name: kwargs.get(name) for name in ("attention_mask", "decoder_attention_mask")}
+
+    def mask_name(self, module: nn.Module) -> str:
+        """Which keyword argument holds the mask of ``module``'s states (decided when a hook is registered)."""
+        return "decoder_attention_mask" if module in self._decoder else "attention_mask"
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The mask ``name`` of the forward pass in progress (``None`` when the caller passed none)."""
+        return self._current.get(name)
 
 
 def units_for(arch: ArchSpec, structures: Iterable[str]) -> list[Unit]:
@@ -185,41 +213,42 @@ def _is_causal_lm(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def record_activations(model: nn.Module, units: list[Unit], stats: GateStats) -> Iterator[None]:
     """While open, add to ``stats`` the magnitude of each unit's channels on every forward pass (real tokens
-    only): |input| of the FFN output projection per neuron, the L2 norm of each head's output, and |output|
-    of every norm on the residual stream per hidden channel (the normalised hidden state, as in Minitron)."""
-    mask: dict[str, torch.Tensor | None] = {"value": None}
+    only, see :class:`TokenMasks`): |input| of the FFN output projection per neuron, the L2 norm of each head's
+    output, and |output| of every norm on the residual stream per hidden channel (the normalised hidden state, as
+    in Minitron)."""
+    masks = TokenMasks(model)
     handles = []
 
-    def capture_mask(module, args, kwargs):
-        mask["value"] = kwargs.get("attention_mask")
-
-    def ffn_hook(key):
+    def ffn_hook(key: str, mask: str):
         def hook(module, args):
-            stats.add_activation(key, *sum_over_real_tokens(args[0].abs(), mask["value"]))
+            stats.add_activation(key, *sum_over_real_tokens(args[0].abs(), masks.get(mask)))
         return hook
 
-    def heads_hook(key, head_dim):
+    def heads_hook(key: str, head_dim: int, mask: str):
         def hook(module, args):
             x = args[0]
             per_head = x.detach().float().reshape(*x.shape[:-1], -1, head_dim).norm(dim=-1)
-            stats.add_activation(key, *sum_over_real_tokens(per_head, mask["value"]))
+            stats.add_activation(key, *sum_over_real_tokens(per_head, masks.get(mask)))
         return hook
 
-    def hidden_hook(key):
+    def hidden_hook(key: str, mask: str):
         def hook(module, args, output):
-            stats.add_activation(key, *sum_over_real_tokens(output.abs(), mask["value"]))
+            stats.add_activation(key, *sum_over_real_tokens(output.abs(), masks.get(mask)))
         return hook
 
     try:
-        handles.append(model.register_forward_pre_hook(capture_mask, with_kwargs=True))
+        handles.append(model.register_forward_pre_hook(masks.capture, with_kwargs=True))
         for unit in units:
             site = unit.site
             if unit.structure == "ffn":
-                handles.append(site.output.register_forward_pre_hook(ffn_hook(unit.key)))
+                hook = ffn_hook(unit.key, masks.mask_name(site.output))
+                handles.append(site.output.register_forward_pre_hook(hook))
             elif unit.structure == "heads":
-                handles.append(site.o.register_forward_pre_hook(heads_hook(unit.key, site.head_dim)))
+                hook = heads_hook(unit.key, site.head_dim, masks.mask_name(site.o))
+                handles.append(site.o.register_forward_pre_hook(hook))
             elif unit.structure == "hidden":
-                handles += [norm.register_forward_hook(hidden_hook(unit.key)) for norm, _ in site.norms]
+                handles += [norm.register_forward_hook(hidden_hook(unit.key, masks.mask_name(norm)))
+                            for norm, _ in site.norms]
         yield
     finally:
         for handle in handles:
