@@ -138,8 +138,8 @@ def _prune_parser(sub, types: str) -> None:
             "standard transformers folder. --mode global ranks units across layers; layers then differ in\n"
             "width and the saved folder needs `import compress` before AutoModel*.from_pretrained.\n\n"
             "--out must be a new or empty folder. --overwrite replaces only a previous output of\n"
-            "peft-compress (it holds compress_report.json or our model card) that contains none of the\n"
-            "run's inputs; anything else is refused before the model loads."
+            "peft-compress (it holds compress_report.json or our model card) that holds no PEFT adapter\n"
+            "or training state and none of the run's inputs; anything else is refused before the model loads."
         ),
         epilog=(
             "examples:\n"
@@ -213,8 +213,8 @@ def _prune_parser(sub, types: str) -> None:
                        help="device to prune on: auto (cuda if available), cpu, cuda, cuda:1, ... "
                             "(default: %(default)s)")
     model.add_argument("--overwrite", action="store_true",
-                       help="replace --out if it is a previous output of peft-compress holding none of the "
-                            "inputs (atomically, after pruning succeeded)")
+                       help="replace --out if it is a previous output of peft-compress holding no adapter, "
+                            "training state or input (atomically, after pruning succeeded)")
     model.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _common_flags(prune, top=False)
     prune.set_defaults(command_module="prune")

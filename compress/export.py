@@ -4,7 +4,8 @@ Output folders follow one rule wherever peft-compress writes (``compress prune -
 :func:`save_pretrained`, the recipes): a new folder is written beside the destination and renamed into place,
 so a crash never leaves a half-written artifact; an existing destination is replaced only with
 ``overwrite`` and only when it is a previous output of peft-compress (it holds ``compress_report.json``
-or a model card tagged ``peft-compress``) that contains none of the run's inputs.
+or a model card tagged ``peft-compress``) of the same kind (a model never replaces a PEFT adapter), that
+holds no training state and contains none of the run's inputs.
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ def is_compress_output(folder: str | os.PathLike) -> bool:
     return isinstance(tags, list) and TAG in tags
 
 
+def _irreplaceable_content(folder: Path, writes_adapter: bool) -> str | None:
+    """What in ``folder`` a save must not replace even with ``overwrite``, described for the error, or None.
+
+    Training state (a ``Trainer`` output folder, checkpoints) is never ours to replace; a PEFT adapter is
+    replaced only by another adapter, since its model card carries our tag too.
+    """
+    if (folder / "trainer_state.json").is_file() or any(folder.glob("checkpoint-*")):
+        return "training state (trainer_state.json or checkpoint-* folders)"
+    if not writes_adapter and (folder / "adapter_config.json").is_file():
+        return "a PEFT adapter (adapter_config.json)"
+    return None
+
+
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
@@ -72,13 +86,14 @@ def _local_paths(candidates: Iterable[object]) -> list[Path]:
 
 def check_output_folder(out_dir: str | os.PathLike, *, overwrite: bool = False,
                         inputs: Iterable[str | os.PathLike | None] = (), option: str = _API_OVERWRITE,
-                        name: str | None = None) -> Path:
+                        name: str | None = None, writes_adapter: bool = False) -> Path:
     """Check that ``out_dir`` can receive a new artifact, before any expensive work; returns it resolved.
 
     Refused, with one :class:`~compress.OutputFolderError` naming the folder: a destination that is a file;
     an existing, non-empty folder without ``overwrite``; with ``overwrite``, a folder that is not a previous
-    output of peft-compress (:func:`is_compress_output`) or that contains one of ``inputs`` or the current
-    working directory (replacing it would delete them); a parent folder that cannot be written. Temporary
+    output of peft-compress (:func:`is_compress_output`), that holds training state or (unless
+    ``writes_adapter``) a PEFT adapter, or that contains one of ``inputs`` or the current working directory
+    (replacing it would delete them); a parent folder that cannot be written. Temporary
     folders that dead saves to the same place left behind are cleaned first (:func:`clean_stale_temporaries`).
 
     Args:
@@ -87,6 +102,7 @@ def check_output_folder(out_dir: str | os.PathLike, *, overwrite: bool = False,
         inputs: paths the run reads (model folder, tokenizer, data); hub ids and ``None`` are ignored.
         option: how the caller spells "overwrite" in messages (``--overwrite`` on the command line).
         name: how messages call the destination (default: its path).
+        writes_adapter: the new artifact is a PEFT adapter, so it may replace a previous adapter of ours.
     """
     raw = Path(os.fspath(out_dir)).expanduser()
     out = raw.resolve()
@@ -108,6 +124,9 @@ def check_output_folder(out_dir: str | os.PathLike, *, overwrite: bool = False,
             raise OutputFolderError(f"{label} exists and was not written by peft-compress (no {REPORT_FILE} or "
                                     f"model card tagged {TAG!r}); {option} replaces only our own outputs: choose "
                                     "a new folder, or empty or delete it yourself")
+        kept = _irreplaceable_content(out, writes_adapter)
+        if kept:
+            raise OutputFolderError(f"{label} holds {kept}, which {option} does not replace: choose a new folder")
     parent = next(p for p in (out, *out.parents) if p.exists())
     if parent == out:
         parent = out.parent
@@ -174,26 +193,28 @@ def clean_stale_temporaries(out: Path) -> None:
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
                      inputs: Iterable[str | os.PathLike | None] = (),
-                     option: str = _API_OVERWRITE) -> Iterator[Path]:
+                     option: str = _API_OVERWRITE, writes_adapter: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
 
     The destination is checked with :func:`check_output_folder` before and again just before the rename (a
     concurrent run may have written it meanwhile). An interrupted write leaves only a hidden
     ``.<name>.tmp-<pid>-*`` folder, never a half-written ``out_dir``; the next save to the same place
-    removes it. The folder and its files get the permissions the process's umask gives new ones.
+    removes it. An exception while the previous artifact is set aside puts it back. The folder and its
+    files get the permissions the process's umask gives new ones.
     """
-    out = check_output_folder(out_dir, overwrite=overwrite, inputs=inputs, option=option)
+    checks = {"overwrite": overwrite, "inputs": inputs, "option": option, "writes_adapter": writes_adapter}
+    out = check_output_folder(out_dir, **checks)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    backup: Path | None = None
     try:
         yield tmp
         _apply_umask(tmp)
-        check_output_folder(out, overwrite=overwrite, inputs=inputs, option=option, name=str(out_dir))
+        check_output_folder(out, name=str(out_dir), **checks)
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
             os.replace(out, backup / out.name)
             os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
         else:
             try:
                 os.replace(tmp, out)
@@ -203,8 +224,13 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
                 raise OutputFolderError(f"{out_dir} was written by another process while this one was saving; "
                                         f"choose another folder or pass {option}") from None
     except BaseException:
+        if backup is not None and (backup / out.name).is_dir() and not out.exists():
+            os.replace(backup / out.name, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
 
 
 # -- model card -----------------------------------------------------------------------------------------

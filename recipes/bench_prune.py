@@ -18,8 +18,8 @@ the shipped SST-2 sample when absent; ``--glue-task MRPC`` (CoLA, RTE, SST-2) us
 (``--md``). Timings are printed, never asserted. Run it with the package installed (``pip install -e .``;
 ``./run.sh`` does); data paths, latency batch and offline set-up come from :mod:`compress.bench.recipe`.
 
-    python recipes/bench_prune.py                      # SST-2: 10-25 minutes on 2 CPU cores
-    python recipes/bench_prune.py --glue-task MRPC --steps 300 --recovery-steps 100   # about 10-25 minutes
+    python recipes/bench_prune.py                      # SST-2: about an hour on 2 CPU cores
+    python recipes/bench_prune.py --glue-task MRPC --steps 300 --recovery-steps 100   # about 15-30 minutes
 """
 
 from __future__ import annotations
@@ -38,11 +38,19 @@ from compress.bench.train import finetune_classifier, glue_scores, load_sequence
 from compress.data import tokenize_dataset
 from compress.export import save_pretrained
 from compress.measure import folder_size, format_table, interleaved_latency
-from compress.pruning.arch import spec_class
+from compress.pruning.arch import arch_spec, spec_class
 from compress.pruning.engine import prune_model
 from compress.pruning.spec import parse_sparsity, sparsity_by_structure
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _ffn_width(model: torch.nn.Module) -> int | str:
+    """The FFN width, or its mean with "(mean)" when global pruning left layers of different widths."""
+    widths = arch_spec(model).widths()["ffn"]
+    if len(set(widths)) == 1:
+        return widths[0]
+    return f"{sum(widths) / len(widths):,.0f} (mean)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,7 +118,7 @@ def main(argv=None) -> int:
         fit_r = finetune_classifier(dense, tok, train, steps=args.recovery_steps, **fit)
         print(f"[dense] +{args.recovery_steps} steps: {fit_r['train_time_s']:.0f} s", flush=True)
     models["dense"] = dense
-    rows.append({"model": "dense", "ffn": dense.config.intermediate_size, "hidden": dense.config.hidden_size,
+    rows.append({"model": "dense", "ffn": _ffn_width(dense), "hidden": dense.config.hidden_size,
                  "before": None, **score(dense)})
     print(f"[dense] test acc after {args.steps}+{args.recovery_steps} steps {rows[-1]['acc']:.4f}", flush=True)
 
@@ -131,7 +139,7 @@ def main(argv=None) -> int:
         if args.recovery_steps:
             fit_r = finetune_classifier(pruned, tok, train, steps=args.recovery_steps, **fit)
         models[name] = pruned
-        rows.append({"model": name, "ffn": pruned.config.intermediate_size, "hidden": pruned.config.hidden_size,
+        rows.append({"model": name, "ffn": _ffn_width(pruned), "hidden": pruned.config.hidden_size,
                      "before": before, **score(pruned)})
         print(f"[{name}] pruned in {prune_s:.0f} s; acc before recovery {before:.4f}, after "
               f"{rows[-1]['acc']:.4f}", flush=True)

@@ -51,6 +51,18 @@ from compress.pruning.spec import parse_sparsity, sparsity_by_structure
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _configurations(args: argparse.Namespace) -> list[tuple[str, str, argparse.Namespace]]:
+    """(row label, kind, arguments) per row: every kind once, every pa-* kind again per ``--also-sparsity``."""
+    configs = []
+    for kind in args.kinds:
+        configs.append((kind, kind, args))
+        if kind.startswith("pa-"):
+            for sparsity in args.also_sparsity:
+                variant = argparse.Namespace(**{**vars(args), "sparsity": sparsity})
+                configs.append((f"{kind} ({sparsity})", kind, variant))
+    return configs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
@@ -63,6 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--memory-only", action="store_true",
                    help="only the memory columns (no training for accuracy, no latency): e.g. to see how the "
                         "ratios move with --batch-size")
+    p.add_argument("--also-sparsity", action="append", default=[], metavar="SPARSITY",
+                   help="Pruning-Adapter rows for one more sparsity, e.g. ffn=0.5,heads=0.5,hidden=0.25 "
+                        "(repeatable): every pa-* kind in --kinds runs once per sparsity in the same run")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_pruning_adapter"))
     p.add_argument("--md", default=str(REPO / "runs" / "bench_pruning_adapter.md"))
     args = p.parse_args(argv)
@@ -74,48 +89,55 @@ def main(argv=None) -> int:
     # dense baselines first: a pruning event switches this process's CPU allocator to per-block mappings
     # (compress._allocator), which would slow a baseline timed after it
     args.kinds = sorted(dict.fromkeys(args.kinds), key=KINDS.index)
+    for sparsity in args.also_sparsity:
+        try:
+            sparsity_by_structure(parse_sparsity(sparsity))
+        except ValueError as exc:
+            p.error(f"--also-sparsity {sparsity}: {exc}")
     setup_run()
     started = time.time()
     train, test, source = load_splits(args.glue_task, train_rows=args.train_rows, seed=args.seed)
     args.num_labels = len(set(train["label"]))
 
+    configs = _configurations(args)
     results, plains, tokenizer = {}, {}, None
-    for kind in [] if args.memory_only else args.kinds:
+    for label, kind, config_args in [] if args.memory_only else configs:
         t0 = time.time()
-        model, tokenizer, callbacks = build(kind, args, calibration=train)
+        model, tokenizer, callbacks = build(kind, config_args, calibration=train)
         stats = finetune_classifier(model, tokenizer, train, steps=args.steps, batch_size=args.batch_size,
                                     lr=lr_for(kind, args), max_length=args.max_length, seed=args.seed,
                                     callbacks=callbacks)
         accuracy = evaluate_accuracy(model, tokenizer, test, max_length=args.max_length)
         plain = merged(model)
-        folder = compress.save_pretrained(plain, Path(args.out) / kind, tokenizer=tokenizer, overwrite=True)
-        plains[kind] = plain
-        results[kind] = {"accuracy": accuracy, "encoder_params": encoder_layer_params(plain),
-                         "params": plain.num_parameters(), "size": folder_size(folder),
-                         "train_s": stats["train_time_s"]}
-        print(f"[{kind}] {stats['steps']} steps in {time.time() - t0:.0f} s, accuracy {accuracy:.2%}", flush=True)
+        folder_name = label.replace(" ", "_").replace("=", "").replace(",", "_").strip("()[]")
+        folder = compress.save_pretrained(plain, Path(args.out) / folder_name, tokenizer=tokenizer, overwrite=True)
+        plains[label] = plain
+        results[label] = {"accuracy": accuracy, "encoder_params": encoder_layer_params(plain),
+                          "params": plain.num_parameters(), "size": folder_size(folder),
+                          "train_s": stats["train_time_s"]}
+        print(f"[{label}] {stats['steps']} steps in {time.time() - t0:.0f} s, accuracy {accuracy:.2%}", flush=True)
 
     latency = {}
     if plains:
         pairs = test["text_pair"] if "text_pair" in test.column_names else None
         timed = interleaved_latency(plains, latency_inputs(tokenizer, test["text"], pairs), rounds=3, repeats=3)
-        latency = {kind: result.median_s for kind, result in timed.items()}
+        latency = {label: result.median_s for label, result in timed.items()}
 
-    settings = [(kind, False) for kind in args.kinds]
+    settings = [(config, False) for config in configs]
     if args.checkpointed_memory:
-        settings += [(kind, True) for kind in args.kinds]
+        settings += [(config, True) for config in configs]
     memory = {}
-    for kind, checkpointing in settings:
+    for (label, kind, config_args), checkpointing in settings:
         job = TrainingJob("compress.bench.pruning_adapter:memory_job", steps=args.mem_steps,
                           kwargs={"kind": kind, "batch_size": args.batch_size, "seq_len": args.mem_seq_len,
                                   "steps": args.mem_steps, "num_labels": args.num_labels,
                                   "activation_checkpointing": checkpointing,
-                                  **{name: getattr(args, name) for name in SHAPE_ARGS}})
-        memory[kind, checkpointing] = m = peak_training_memory(job)
-        print(f"[{kind}{' +ckpt' if checkpointing else ''}] memory: +{m.increase_mb:.0f} MB over "
+                                  **{name: getattr(config_args, name) for name in SHAPE_ARGS}})
+        memory[label, checkpointing] = m = peak_training_memory(job)
+        print(f"[{label}{' +ckpt' if checkpointing else ''}] memory: +{m.increase_mb:.0f} MB over "
               f"{m.baseline_rss_mb:.0f} MB", flush=True)
 
-    dense_kind = "lora" if "lora" in results else args.kinds[0]
+    dense_kind = "lora" if "lora" in results else configs[0][0]
 
     def times(value: float, kind: str, table: dict) -> str:
         return f"{value / table[kind]:.2f}" if kind in table else ""
@@ -124,18 +146,18 @@ def main(argv=None) -> int:
     step_s = {k: v.step_time_median_s for (k, ckpt), v in memory.items() if not ckpt}
     train_s = {k: v["train_s"] for k, v in results.items()}
     rows = []
-    for kind, checkpointing in settings:
-        r, m = results.get(kind), memory[kind, checkpointing]
+    for (label, _, _), checkpointing in settings:
+        r, m = results.get(label), memory[label, checkpointing]
         same = checkpointing  # checkpointing changes no numbers: accuracy/latency/size are the row above's
         if r is None:  # --memory-only
-            rows.append({"config": kind + (" +ckpt" if checkpointing else ""),
+            rows.append({"config": label + (" +ckpt" if checkpointing else ""),
                          "train mem +MB": round(m.increase_mb), "x LoRA": times(m.increase_mb, "lora", increase),
                          "x full": times(m.increase_mb, "full", increase), "peak RSS MB": round(m.peak_rss_mb),
                          "s/step (mem)": f"{m.step_time_median_s:.2f}",
                          "x LoRA (mem)": times(m.step_time_median_s, "lora", step_s)})
             continue
         rows.append({
-            "config": kind + (" +ckpt" if checkpointing else ""),
+            "config": label + (" +ckpt" if checkpointing else ""),
             "test acc": "same" if same else f"{r['accuracy']:.2%}",
             "acc vs LoRA (pt)": "" if same else f"{100 * (r['accuracy'] - results[dense_kind]['accuracy']):+.1f}",
             "train mem +MB": round(m.increase_mb),
@@ -146,8 +168,8 @@ def main(argv=None) -> int:
             "x LoRA (run)": "" if same else times(r["train_s"], "lora", train_s),
             "s/step (mem)": f"{m.step_time_median_s:.2f}",
             "x LoRA (mem)": times(m.step_time_median_s, "lora", step_s),
-            "latency ms": "" if same else round(1000 * latency[kind]),
-            "latency x dense": "" if same else f"{latency[kind] / latency[dense_kind]:.2f}",
+            "latency ms": "" if same else round(1000 * latency[label]),
+            "latency x dense": "" if same else f"{latency[label] / latency[dense_kind]:.2f}",
             "encoder params": "" if same else r["encoder_params"],
             "enc. x dense": "" if same else f"{r['encoder_params'] / results[dense_kind]['encoder_params']:.2f}",
             "params": "" if same else r["params"],
@@ -155,7 +177,8 @@ def main(argv=None) -> int:
         })
     table = format_table(rows)
     removed = ", ".join(f"{k} {v:.0%}" for k, v in sparsity_by_structure(parse_sparsity(args.sparsity)).items())
-    setup = (f"Pruning-Adapter: {removed}, {args.mode} widths, {args.importance} importance, adapter rank {args.r}. ")
+    setup = (f"Pruning-Adapter: {removed}, {args.mode} widths, {args.importance} importance, adapter rank {args.r}"
+             + ("; rows marked (...) remove what they name instead. " if args.also_sparsity else ". "))
     if not args.memory_only:
         setup = (f"data: {source}; train rows {len(train):,}, test rows {len(test):,}.\nEvery configuration: "
                  f"{args.steps} steps, batch {args.batch_size}, max length {args.max_length}, seed {args.seed}; lr "

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                                 callbacks=callbacks, activation_checkpointing=args.activation_checkpointing)
     accuracy = evaluate_accuracy(model, tokenizer, test, max_length=args.max_length)
     out = Path(args.out)
-    with atomic_directory(out / "adapter", overwrite=True) as tmp:
+    with atomic_directory(out / "adapter", overwrite=True, writes_adapter=True) as tmp:
         model.save_pretrained(tmp)
     plain = merged(model)
     compress.save_pretrained(plain, out / "merged", tokenizer=tokenizer, overwrite=True,

@@ -166,3 +166,39 @@ def test_benchmark_memory_ratios_are_against_the_lora_and_full_rows(tmp_path, mo
     assert rows["pa-oneshot +ckpt"][:3] == ["50", "0.25", "0.17"]
     assert list(rows) == ["full", "lora", "pa-oneshot", "full +ckpt", "lora +ckpt", "pa-oneshot +ckpt"]
     assert "[pa-oneshot] memory: +100 MB over 500 MB" in capsys.readouterr().out
+
+
+def test_benchmark_runs_every_pruning_adapter_kind_once_more_per_also_sparsity(tmp_path, monkeypatch, capsys):
+    from recipes import bench_pruning_adapter
+
+    monkeypatch.setattr(recipe, "SHARED_DATA", tmp_path)
+    measured = []
+
+    def fake_measure(job):
+        measured.append((job.kwargs["kind"], job.kwargs["sparsity"]))
+        mb = {"lora": 200.0, "pa-oneshot": 100.0}[job.kwargs["kind"]] / (2 if "hidden" in job.kwargs["sparsity"] else 1)
+        return TrainingMemoryResult(factory=job.factory, steps=job.steps, peak_rss_mb=500 + mb, baseline_rss_mb=500,
+                                    increase_mb=mb, load_peak_rss_mb=500, hwm_reset=True, step_time_mean_s=0.1,
+                                    step_time_median_s=0.1, first_step_s=0.1, trainable_params=1, total_params=1,
+                                    device="cpu")
+
+    monkeypatch.setattr(bench_pruning_adapter, "peak_training_memory", fake_measure)
+    md = tmp_path / "bench.md"
+    assert bench_pruning_adapter.main(["--memory-only", "--kinds", "lora", "pa-oneshot", "--sparsity", "ffn=0.5",
+                                       "--also-sparsity", "ffn=0.5,hidden=0.25", "--no-checkpointed-memory",
+                                       "--md", str(md)]) == 0
+    # LoRA once (its sparsity is unused), Pruning-Adapter once per sparsity
+    assert measured == [("lora", "ffn=0.5"), ("pa-oneshot", "ffn=0.5"), ("pa-oneshot", "ffn=0.5,hidden=0.25")]
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in md.read_text().splitlines()
+             if line.startswith(("| lora", "| pa-")))}
+    assert rows["pa-oneshot (ffn=0.5,hidden=0.25)"][:2] == ["50", "0.25"]
+    assert rows["pa-oneshot"][:2] == ["100", "0.50"]
+
+
+def test_benchmark_refuses_a_bad_also_sparsity_before_any_work(tmp_path, capsys):
+    from recipes import bench_pruning_adapter
+
+    with pytest.raises(SystemExit) as exc:
+        bench_pruning_adapter.main(["--also-sparsity", "ffn=2", "--md", str(tmp_path / "b.md")])
+    assert exc.value.code == 2 and "--also-sparsity ffn=2" in capsys.readouterr().err

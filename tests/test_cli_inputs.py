@@ -90,6 +90,33 @@ def _setup_mismatch(work: Path) -> None:
     _edit_config(_copy_model(work, "broken"), intermediate_size=48)
 
 
+def _setup_adapter_out(work: Path) -> None:
+    folder = work / "adapter"  # what Pruning-Adapter's save_pretrained writes: our tag in the card
+    folder.mkdir()
+    (folder / "README.md").write_text("---\ntags:\n- peft-compress\n---\n", encoding="utf-8")
+    (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
+
+
+def _setup_trainer_out(work: Path) -> None:
+    folder = work / "run"
+    folder.mkdir()
+    (folder / "compress_report.json").write_text("{}", encoding="utf-8")
+    (folder / "trainer_state.json").write_text("{}", encoding="utf-8")
+
+
+def _setup_foreign_tokenizer(work: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(400)}}  # ids beyond the model's 128 rows
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    fast.save_pretrained(work / "big-tok")
+    rows = [f"w{300 + i} w{i}\t{i % 2}" for i in range(8)]
+    (work / "big.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
+
+
 def _write(name: str, content: bytes):
     def setup(work: Path) -> None:
         (work / name).write_bytes(content)
@@ -125,6 +152,12 @@ CASES = {
                          "was not written by peft-compress", kept=["mine/thesis.tex"], out=None),
     "out-exists": Case(["prune", "{w}/bert", "--out", "{w}/mine", *MAGNITUDE], "pass --overwrite",
                        kept=["mine/thesis.tex"], out=None),
+    "out-is-our-adapter": Case(["prune", "{w}/bert", "--out", "{w}/adapter", "--overwrite", *MAGNITUDE],
+                               "holds a PEFT adapter", _setup_adapter_out, kept=["adapter/adapter_config.json"],
+                               out=None),
+    "out-holds-training-state": Case(["prune", "{w}/bert", "--out", "{w}/run", "--overwrite", *MAGNITUDE],
+                                     "holds training state", _setup_trainer_out, kept=["run/trainer_state.json"],
+                                     out=None),
     # 2. reports that claim what did not happen
     "round-to-removes-nothing": Case(["prune", "{w}/bert", "--out", "{w}/out", "--round-to", "1000", *MAGNITUDE],
                                      "ffn: sparsity 0.5 removes nothing"),
@@ -158,6 +191,9 @@ CASES = {
                                           "config.json disagrees with the weights", _setup_mismatch),
     "info-config-disagrees-with-weights": Case(["info", "{w}/broken"], "config.json disagrees with the weights",
                                                _setup_mismatch),
+    "tokenizer-of-another-model": Case(["prune", "{w}/bert", "--out", "{w}/out", "--tokenizer", "{w}/big-tok",
+                                        "--data", "{w}/big.tsv", "--no-progress"],
+                                       "but the model's embedding has 128 rows", _setup_foreign_tokenizer),
     "device-meta": Case(["prune", "{w}/bert", "--out", "{w}/out", "--device", "meta", *MAGNITUDE],
                         "--device meta holds no weights"),
     "csv-unterminated-quote": Case(["prune", "{w}/bert", "--out", "{w}/out", "--data", "{w}/q.csv", "--no-progress"],
@@ -261,3 +297,11 @@ def test_unwritable_parent_is_refused_before_loading(work, capsys, monkeypatch):
     rc = main(["prune", str(work / "bert"), "--out", str(work / "out"), *MAGNITUDE])
     err = capsys.readouterr().err
     assert rc == 2 and f"cannot write to {work}" in err, err
+
+
+def test_activation_importance_scores_unlabelled_data(work, capsys):
+    (work / "unlabelled.tsv").write_text("sentence\n" + "\n".join(WORDS[:12]) + "\n", encoding="utf-8")
+    out = work / "out"
+    assert main(["prune", str(work / "bert"), "--out", str(out), "--importance", "activation", "--data",
+                 str(work / "unlabelled.tsv"), "--no-progress"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["intermediate_size"] == 32

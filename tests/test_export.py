@@ -96,3 +96,51 @@ def test_a_run_losing_the_race_is_told_the_option_its_caller_uses(tmp_path):
             (out / "b").write_text("theirs", encoding="utf-8")
     assert (out / "b").read_text(encoding="utf-8") == "theirs"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _tagged_card(folder) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text("---\ntags:\n- peft-compress\n---\n# card\n", encoding="utf-8")
+
+
+def test_overwrite_never_replaces_an_adapter_with_a_model_or_any_training_state(tmp_path):
+    model = tiny.make_model("bert")
+    adapter = tmp_path / "adapter"  # Pruning-Adapter's saved adapters carry our tag in their card
+    _tagged_card(adapter)
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    assert is_compress_output(adapter)
+    with pytest.raises(OutputFolderError, match="holds a PEFT adapter"):
+        compress.save_pretrained(model, adapter, overwrite=True)
+    assert (adapter / "adapter_config.json").is_file()
+    with atomic_directory(adapter, overwrite=True, writes_adapter=True) as tmp:  # a new adapter may replace it
+        (tmp / "adapter_config.json").write_text('{"new": 1}', encoding="utf-8")
+    assert (adapter / "adapter_config.json").read_text(encoding="utf-8") == '{"new": 1}'
+
+    run = tmp_path / "run"  # a Trainer output folder: model card, trainer state, checkpoints
+    _tagged_card(run)
+    (run / "checkpoint-10").mkdir()
+    for writes_adapter in (False, True):
+        with pytest.raises(OutputFolderError, match="training state"):
+            with atomic_directory(run, overwrite=True, writes_adapter=writes_adapter):
+                pass
+    assert (run / "checkpoint-10").is_dir()
+
+
+def test_an_exception_between_the_renames_puts_the_previous_output_back(tmp_path, monkeypatch):
+    out = compress.save_pretrained(tiny.make_model("bert"), tmp_path / "out")
+    before = (out / "model.safetensors").read_bytes()
+    real_replace = os.replace
+    calls = []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old output is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compress.save_pretrained(tiny.make_model("bert", seed=1), out, overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden .tmp or .old folders

@@ -182,21 +182,23 @@ def resolve_device(name: str):
 
 
 def build_calibration(dataset, tokenizer, model, task: str | None, *, max_length: int, batch_size: int,
-                      num_batches: int) -> list[dict]:
+                      num_batches: int, task_loss: bool = True) -> list[dict]:
     """Tokenise ``dataset`` and cut it into calibration batches whose ``labels`` suit the model's head.
 
-    Sequence classification keeps the class labels; causal, masked and seq2seq LMs are scored on the
-    text itself (``labels`` = ``input_ids`` with padding ignored), whatever labels the data has.
+    With ``task_loss`` (gradient importance), sequence classification keeps the class labels and causal,
+    masked and seq2seq LMs are scored on the text itself (``labels`` = ``input_ids`` with padding ignored),
+    whatever labels the data has. Without it (activation statistics only) the batches carry no labels, so
+    unlabelled data and heads without a task loss work.
     """
     import torch
 
     from compress.data import calibration_batches, tokenize_dataset
     from compress.tasks import SCORABLE_TASKS
 
-    if task not in SCORABLE_TASKS:
+    if task_loss and task not in SCORABLE_TASKS:
         raise UsageError(
             f"{type(model).__name__} has no task loss to score with; pass --task-type "
-            f"({', '.join(SCORABLE_TASKS)}) or use --importance magnitude")
+            f"({', '.join(SCORABLE_TASKS)}) or use --importance magnitude or activation")
     if tokenizer.pad_token_id is None:
         # decoder-only tokenizers often have no pad token: pad with EOS for calibration only
         if getattr(tokenizer, "eos_token", None) is None:
@@ -204,17 +206,29 @@ def build_calibration(dataset, tokenizer, model, task: str | None, *, max_length
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.pad_token = tokenizer.eos_token
     tokenized = tokenize_dataset(dataset, tokenizer, max_length=max_length)
-    classify = task == "sequence-classification"
-    if classify:
+    class_labels = task_loss and task == "sequence-classification"
+    if class_labels:
         tokenized = _class_labels(tokenized, int(getattr(model.config, "num_labels", 0) or 0))
     batches = calibration_batches(tokenized, batch_size=batch_size, num_batches=num_batches,
-                                  tokenizer=tokenizer, include_labels=classify)
-    if not classify:
+                                  tokenizer=tokenizer, include_labels=class_labels)
+    _check_token_ids(batches, model, tokenizer)
+    if task_loss and not class_labels:
         for batch in batches:
             ids = batch["input_ids"]
             mask = batch.get("attention_mask", torch.ones_like(ids))
             batch["labels"] = ids.masked_fill(mask == 0, -100)
     return batches
+
+
+def _check_token_ids(batches: list[dict], model, tokenizer) -> None:
+    """Refuse token ids the model's embedding has no row for (a tokenizer of another model)."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    largest = max((int(batch["input_ids"].max()) for batch in batches), default=-1)
+    if rows is not None and largest >= rows:
+        raise UsageError(f"the tokenizer produces token id {largest}, but the model's embedding has {rows} rows; "
+                         f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or 'given'}) belongs to another "
+                         "model: pass the model's own tokenizer with --tokenizer")
 
 
 def _class_labels(tokenized, num_labels: int):

@@ -110,8 +110,12 @@ def _prune(args: argparse.Namespace) -> int:
     dataset = None
     if criterion.needs_calibration or spec.compensate_bias:
         if not args.data:
-            needs = (f"--importance {spec.importance_name} scores units with the task loss"
-                     if criterion.needs_calibration else "--compensate-bias measures mean activations")
+            if not criterion.needs_calibration:
+                needs = "--compensate-bias measures mean activations"
+            elif getattr(criterion, "needs_gradients", True):
+                needs = f"--importance {spec.importance_name} scores units with the task loss"
+            else:
+                needs = f"--importance {spec.importance_name} scores units by their activations"
             raise CalibrationError(
                 f"{needs} and needs --data (e.g. --data sst2-sample or a .tsv file); or use --importance "
                 "magnitude without --compensate-bias, which needs no data")
@@ -154,8 +158,9 @@ def _prune(args: argparse.Namespace) -> int:
 
     batches = None
     if dataset is not None:
+        task_loss = criterion.needs_calibration and getattr(criterion, "needs_gradients", True)
         batches = build_calibration(dataset, tokenizer, model, task, max_length=seq_len,
-                                    batch_size=args.batch_size, num_batches=args.num_batches)
+                                    batch_size=args.batch_size, num_batches=args.num_batches, task_loss=task_loss)
 
     # -- prune, measure, save: failures from here on are runtime errors (exit 1) -------------------------
     with _run_phase():
