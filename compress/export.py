@@ -25,6 +25,7 @@ from torch import nn
 
 from compress.errors import OutputFolderError
 from compress.pruning.compact import PREFIX
+from compress.pruning.spec import STRUCTURE_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -239,10 +240,6 @@ def needs_compress_to_load(model: nn.Module) -> bool:
     return str(getattr(model.config, "model_type", "")).startswith(PREFIX)
 
 
-_STRUCTURE_LABELS = {"ffn": "FFN width per layer", "heads": "attention heads per layer",
-                     "kv_heads": "kv heads per layer", "layers": "layers per stack"}
-
-
 def removed_summary(report: dict) -> str:
     """``"ffn 50%, heads 25%"``: what was actually removed per structure, with the request where it differs."""
     # `ratios`: what older reports call the request
@@ -282,7 +279,7 @@ def model_card(model: nn.Module, report: dict | None = None, title: str | None =
         if before and after:
             lines.append(f"| parameters | {before:,} -> {after:,} ({after / before:.1%}) |")
         for structure, widths in report.get("widths_after", {}).items():
-            lines.append(f"| {_STRUCTURE_LABELS.get(structure, structure)} | {widths} |")
+            lines.append(f"| {STRUCTURE_LABELS.get(structure, structure)} | {widths} |")
         lines.append("")
     lines += ["## Loading", ""]
     if needs_compress_to_load(model):

@@ -305,3 +305,15 @@ def test_activation_importance_scores_unlabelled_data(work, capsys):
     assert main(["prune", str(work / "bert"), "--out", str(out), "--importance", "activation", "--data",
                  str(work / "unlabelled.tsv"), "--no-progress"]) == 0, capsys.readouterr().err
     assert json.loads((out / "config.json").read_text(encoding="utf-8"))["intermediate_size"] == 32
+
+
+def test_hidden_size_pruning_is_reported_in_the_table_card_and_report(work, capsys):
+    out = work / "out"
+    assert main(["prune", str(work / "bert"), "--out", str(out), "--sparsity", "hidden=0.25", "--mode", "global",
+                 *MAGNITUDE]) == 0
+    printed = capsys.readouterr().out
+    assert any(line.startswith("| hidden size") and "32" in line and "24" in line for line in printed.splitlines())
+    report = json.loads((out / "compress_report.json").read_text(encoding="utf-8"))
+    assert report["widths_before"]["hidden"] == [32] and report["widths_after"]["hidden"] == [24]
+    assert "| hidden size | [24] |" in (out / "README.md").read_text(encoding="utf-8")
+    assert main(["info", str(out)]) == 0

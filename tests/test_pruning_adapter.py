@@ -380,7 +380,7 @@ def test_saved_adapter_folder_is_recognised_as_ours(tmp_path):
     model.save_pretrained(tmp_path)
     tags = metadata_load(tmp_path / "README.md")["tags"]
     assert compress.export.TAG in tags and "transformers" in tags  # ours beside peft's own tags
-    assert compress.export.is_compress_output(tmp_path)  # so --overwrite may replace it
+    assert compress.export.is_compress_output(tmp_path)  # ours, yet a model save never replaces it
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])

@@ -7,14 +7,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-logger = logging.getLogger("compress.cli")
+from compress.pruning.spec import STRUCTURE_LABELS
 
-STRUCTURE_LABELS = {
-    "ffn": "FFN width per layer",
-    "heads": "attention heads per layer",
-    "kv_heads": "kv heads per layer",
-    "layers": "layers per stack",
-}
+logger = logging.getLogger("compress.cli")
 
 
 def out(text: str = "") -> None:

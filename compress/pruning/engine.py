@@ -111,6 +111,14 @@ def _num_parameters(model: nn.Module) -> int:
         sum(p.numel() for p in model.parameters())
 
 
+def _report_widths(arch: ArchSpec, spec: PruningSpec) -> dict[str, list[int]]:
+    """Per-layer widths for the report, plus ``"hidden": [size]`` when the hidden size is pruned."""
+    widths = arch.widths()
+    if "hidden" in spec.sparsity:
+        widths["hidden"] = [arch.hidden_site().width]
+    return widths
+
+
 def prune_model(
     model: nn.Module,
     sparsity: float | Mapping[str, float] = 0.5,
@@ -197,7 +205,7 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
 
         batches = calibration_batches(data, batch_size=batch_size, num_batches=num_batches, tokenizer=tokenizer)
 
-    widths_before = arch.widths()
+    widths_before = _report_widths(arch, spec)
     params_before = _num_parameters(model)
     units = units_for(arch, spec.sparsity)
     with record_input_means(model, units) if spec.compensate_bias else contextlib.nullcontext() as recorder:
@@ -231,7 +239,7 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
         params_before=params_before,
         params_after=_num_parameters(model),
         widths_before=widths_before,
-        widths_after=arch.widths(),
+        widths_after=_report_widths(arch, spec),
         removed={k: v for k, v in removals.items() if v},
         achieved_sparsity=achieved,
     )

@@ -18,6 +18,9 @@ from compress.errors import CompressError
 #: prunable structures: FFN neurons, query heads (an equal number per kv group), whole kv heads, whole layers,
 #: and hidden channels (the residual stream every block reads and writes)
 STRUCTURES = ("ffn", "heads", "kv_heads", "layers", "hidden")
+#: how reports, model cards and the command line name each structure's widths
+STRUCTURE_LABELS = {"ffn": "FFN width per layer", "heads": "attention heads per layer",
+                    "kv_heads": "kv heads per layer", "layers": "layers per stack", "hidden": "hidden size"}
 #: ``uniform``: every layer keeps the same width (plain transformers configs); ``global``: ranked across layers
 MODES = ("uniform", "global")
 #: per-layer scaling of scores before ranking them across layers (``global`` mode)
