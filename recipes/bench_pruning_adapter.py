@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure every configuration's memory with activation checkpointing for the whole "
                         "run ('+ckpt' rows; same numbers, so accuracy and latency are not re-run)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure training memory (--no-memory: accuracy, time and latency only, e.g. for more "
+                        "seeds of a configuration whose memory is known)")
     p.add_argument("--memory-only", action="store_true",
                    help="only the memory columns (no training for accuracy, no latency): e.g. to see how the "
                         "ratios move with --batch-size")
@@ -81,7 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "runs" / "bench_pruning_adapter"))
     p.add_argument("--md", default=str(REPO / "runs" / "bench_pruning_adapter.md"))
     args = p.parse_args(argv)
-    if "pa-progressive" in args.kinds and args.mem_steps < MIN_PROGRESSIVE_MEM_STEPS:
+    if args.memory_only and not args.memory:
+        p.error("--memory-only with --no-memory leaves nothing to measure; drop one of them")
+    if "pa-progressive" in args.kinds and args.memory and args.mem_steps < MIN_PROGRESSIVE_MEM_STEPS:
         # checked here, not after the accuracy runs have spent their time
         p.error(f"--mem-steps {args.mem_steps}: pa-progressive's memory run needs at least "
                 f"{MIN_PROGRESSIVE_MEM_STEPS} steps (dense, two prunings, pruned); raise it or leave "
@@ -124,10 +129,10 @@ def main(argv=None) -> int:
         latency = {label: result.median_s for label, result in timed.items()}
 
     settings = [(config, False) for config in configs]
-    if args.checkpointed_memory:
+    if args.checkpointed_memory and args.memory:
         settings += [(config, True) for config in configs]
     memory = {}
-    for (label, kind, config_args), checkpointing in settings:
+    for (label, kind, config_args), checkpointing in settings if args.memory else []:
         job = TrainingJob("compress.bench.pruning_adapter:memory_job", steps=args.mem_steps,
                           kwargs={"kind": kind, "batch_size": args.batch_size, "seq_len": args.mem_seq_len,
                                   "steps": args.mem_steps, "num_labels": args.num_labels,
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
     train_s = {k: v["train_s"] for k, v in results.items()}
     rows = []
     for (label, _, _), checkpointing in settings:
-        r, m = results.get(label), memory[label, checkpointing]
+        r, m = results.get(label), memory.get((label, checkpointing))
         same = checkpointing  # checkpointing changes no numbers: accuracy/latency/size are the row above's
         if r is None:  # --memory-only
             rows.append({"config": label + (" +ckpt" if checkpointing else ""),
@@ -160,14 +165,14 @@ def main(argv=None) -> int:
             "config": label + (" +ckpt" if checkpointing else ""),
             "test acc": "same" if same else f"{r['accuracy']:.2%}",
             "acc vs LoRA (pt)": "" if same else f"{100 * (r['accuracy'] - results[dense_kind]['accuracy']):+.1f}",
-            "train mem +MB": round(m.increase_mb),
-            "x LoRA": times(m.increase_mb, "lora", increase),
-            "x full": times(m.increase_mb, "full", increase),
-            "peak RSS MB": round(m.peak_rss_mb),
+            "train mem +MB": round(m.increase_mb) if m else "",
+            "x LoRA": times(m.increase_mb, "lora", increase) if m else "",
+            "x full": times(m.increase_mb, "full", increase) if m else "",
+            "peak RSS MB": round(m.peak_rss_mb) if m else "",
             "s/step (run)": "" if same else f"{r['train_s'] / args.steps:.2f}",
             "x LoRA (run)": "" if same else times(r["train_s"], "lora", train_s),
-            "s/step (mem)": f"{m.step_time_median_s:.2f}",
-            "x LoRA (mem)": times(m.step_time_median_s, "lora", step_s),
+            "s/step (mem)": f"{m.step_time_median_s:.2f}" if m else "",
+            "x LoRA (mem)": times(m.step_time_median_s, "lora", step_s) if m else "",
             "latency ms": "" if same else round(1000 * latency[label]),
             "latency x dense": "" if same else f"{latency[label] / latency[dense_kind]:.2f}",
             "encoder params": "" if same else r["encoder_params"],
@@ -186,13 +191,15 @@ def main(argv=None) -> int:
     timing = ("'s/step (mem)': median step of the memory job (padded)." if args.memory_only else
               "'s/step (run)': the accuracy run (dynamic padding); 's/step (mem)': median step of the memory job "
               "(padded). Latency: merged models, CPU, batch 32 x 128 tokens.")
-    notes = (
-        f"all-MiniLM-L6-v2 + seeded head; {'memory only (--memory-only); ' if args.memory_only else ''}{setup}"
+    memory_note = (
         f"Memory: {args.mem_steps} steps at batch {args.batch_size} x {args.mem_seq_len} tokens in a fresh process "
         "per configuration; 'train mem' is the RSS high-water mark minus the RSS once the pretrained model is "
         "loaded, so PA-oneshot's scoring and pruning and PA-progressive's dense, gated steps count; ratios are "
         "against the rows without checkpointing. '+ckpt': activation checkpointing for the whole run (same "
-        f"numbers). {timing} Wall time {(time.time() - started) / 60:.1f} min."
+        "numbers). " if args.memory else "Memory not measured (--no-memory). ")
+    notes = (
+        f"all-MiniLM-L6-v2 + seeded head; {'memory only (--memory-only); ' if args.memory_only else ''}{setup}"
+        f"{memory_note}{timing} Wall time {(time.time() - started) / 60:.1f} min."
     )
     command = "python recipes/bench_pruning_adapter.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = f"# bench_pruning_adapter\n\n`{command.strip()}`\n\n{table}\n\n{notes}\n"

@@ -202,3 +202,11 @@ def test_benchmark_refuses_a_bad_also_sparsity_before_any_work(tmp_path, capsys)
     with pytest.raises(SystemExit) as exc:
         bench_pruning_adapter.main(["--also-sparsity", "ffn=2", "--md", str(tmp_path / "b.md")])
     assert exc.value.code == 2 and "--also-sparsity ffn=2" in capsys.readouterr().err
+
+
+def test_benchmark_refuses_memory_only_without_memory(tmp_path, capsys):
+    from recipes import bench_pruning_adapter
+
+    with pytest.raises(SystemExit) as exc:
+        bench_pruning_adapter.main(["--memory-only", "--no-memory", "--md", str(tmp_path / "b.md")])
+    assert exc.value.code == 2 and "leaves nothing to measure" in capsys.readouterr().err
