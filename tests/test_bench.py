@@ -134,6 +134,14 @@ def test_setup_run_sets_offline_defaults_for_subprocesses_without_overriding_the
 # ---- the Pruning-Adapter benchmark's memory table ------------------------------------------------------
 
 
+def _measured(job, increase_mb: float) -> TrainingMemoryResult:
+    """A memory measurement of ``job`` that found ``increase_mb`` over a 500 MB baseline."""
+    return TrainingMemoryResult(factory=job.factory, steps=job.steps, peak_rss_mb=500 + increase_mb,
+                                baseline_rss_mb=500, increase_mb=increase_mb, load_peak_rss_mb=500, hwm_reset=True,
+                                step_time_mean_s=0.1, step_time_median_s=0.1, first_step_s=0.1, trainable_params=1,
+                                total_params=1, device="cpu")
+
+
 def test_benchmark_memory_ratios_are_against_the_lora_and_full_rows(tmp_path, monkeypatch, capsys):
     from recipes import bench_pruning_adapter
 
@@ -144,11 +152,7 @@ def test_benchmark_memory_ratios_are_against_the_lora_and_full_rows(tmp_path, mo
 
     def fake_measure(job):
         jobs.append(job)
-        mb = increase[job.kwargs["kind"], job.kwargs["activation_checkpointing"]]
-        return TrainingMemoryResult(factory=job.factory, steps=job.steps, peak_rss_mb=500 + mb, baseline_rss_mb=500,
-                                    increase_mb=mb, load_peak_rss_mb=500, hwm_reset=True, step_time_mean_s=0.1,
-                                    step_time_median_s=0.1, first_step_s=0.1, trainable_params=1, total_params=1,
-                                    device="cpu")
+        return _measured(job, increase[job.kwargs["kind"], job.kwargs["activation_checkpointing"]])
 
     monkeypatch.setattr(bench_pruning_adapter, "peak_training_memory", fake_measure)
     md = tmp_path / "bench.md"
@@ -177,10 +181,7 @@ def test_benchmark_runs_every_pruning_adapter_kind_once_more_per_also_sparsity(t
     def fake_measure(job):
         measured.append((job.kwargs["kind"], job.kwargs["sparsity"]))
         mb = {"lora": 200.0, "pa-oneshot": 100.0}[job.kwargs["kind"]] / (2 if "hidden" in job.kwargs["sparsity"] else 1)
-        return TrainingMemoryResult(factory=job.factory, steps=job.steps, peak_rss_mb=500 + mb, baseline_rss_mb=500,
-                                    increase_mb=mb, load_peak_rss_mb=500, hwm_reset=True, step_time_mean_s=0.1,
-                                    step_time_median_s=0.1, first_step_s=0.1, trainable_params=1, total_params=1,
-                                    device="cpu")
+        return _measured(job, mb)
 
     monkeypatch.setattr(bench_pruning_adapter, "peak_training_memory", fake_measure)
     md = tmp_path / "bench.md"
