@@ -230,7 +230,8 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if backup is not None:
+        # kept when nothing is in place (putting it back failed): a later save restores it
+        if backup is not None and out.exists():
             shutil.rmtree(backup, ignore_errors=True)
 
 
