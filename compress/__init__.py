@@ -33,6 +33,7 @@ register_compact_models()
 
 # Importing the plugins registers every PEFT method with peft (see compress.registry).
 from compress.plugins import METHODS  # noqa: E402
+from compress.plugins.ladder_side import LadderSideConfig, LadderSideModel, apply_ladder_side  # noqa: E402
 from compress.plugins.pruning_adapter import (  # noqa: E402
     PruningAdapterCallback,
     PruningAdapterConfig,
@@ -45,12 +46,15 @@ __all__ = [
     "CompressError",
     "Importance",
     "InvalidOptionError",
+    "LadderSideConfig",
+    "LadderSideModel",
     "METHODS",
     "NothingToPruneError",
     "OutputFolderError",
     "PruningAdapterCallback",
     "PruningAdapterConfig",
     "PruningAdapterModel",
+    "apply_ladder_side",
     "apply_pruning_adapter",
     "PruneReport",
     "PruningSpec",

@@ -6,10 +6,11 @@ the test suite requires test cases for each entry.
 
 from __future__ import annotations
 
-from . import pruning_adapter
+from . import ladder_side, pruning_adapter
 
 METHODS = {
     "PRUNING_ADAPTER": pruning_adapter,
+    "LADDER_SIDE": ladder_side,
 }
 
 __all__ = ["METHODS"]

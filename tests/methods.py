@@ -49,6 +49,11 @@ CASES = [
                 "r": 4}),
     MethodCase("PRUNING_ADAPTER", "llama", compress.PruningAdapterConfig,
                {"sparsity": {"hidden": 0.25, "kv_heads": 0.5}, "r": 4}),
+    # the side network: pruned from the backbone (BERT: compact class), random, with dropped layers
+    MethodCase("LADDER_SIDE", "bert", compress.LadderSideConfig, {"r": 2}),
+    MethodCase("LADDER_SIDE", "roberta", compress.LadderSideConfig, {"r": 4, "side_layers": [1]}),
+    MethodCase("LADDER_SIDE", "llama", compress.LadderSideConfig, {"r": 2}),
+    MethodCase("LADDER_SIDE", "qwen2", compress.LadderSideConfig, {"r": 2, "side_init": "random"}),
 ]
 
 
@@ -56,8 +61,15 @@ def _prepare_pruning_adapter(peft_model, arch):
     peft_model.base_model.prune(data=tiny.make_batches(arch, 2))
 
 
+def _prepare_ladder_side(peft_model, arch):
+    if peft_model.peft_config["default"].side_init == "pruned":
+        peft_model.base_model.init_side(data=tiny.make_batches(arch, 2))  # the fisher initialisation
+
+
 #: per method: what turns a freshly wrapped model into its trained-shape form (e.g. oneshot pruning)
-PREPARE = {"PRUNING_ADAPTER": _prepare_pruning_adapter}
+PREPARE = {"PRUNING_ADAPTER": _prepare_pruning_adapter, "LADDER_SIDE": _prepare_ladder_side}
+#: methods whose adapters fold into the base model (``merge_and_unload``); the others refuse to merge
+MERGES = {"PRUNING_ADAPTER": True, "LADDER_SIDE": False}
 
 
 def build(case: MethodCase, init_weights: bool = True):

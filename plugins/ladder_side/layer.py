@@ -1,0 +1,108 @@
+"""The trainable part of Ladder Side-Tuning: the side network, its ladders (down-projections from the backbone's
+hidden states), the gates that mix ladder and side state, and the up-projection back to the backbone's width."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import PreTrainedModel
+
+from compress.pruning.arch import arch_spec
+
+
+class LadderSide(nn.Module):
+    """Side network plus ladders for one adapter.
+
+    ``forward(states, **side_inputs)`` takes the backbone's embedding output and the outputs of the backbone blocks
+    that feed ladders (``states[0]`` and ``states[1:]``, one per side block) and returns the side network's last
+    state projected up to the backbone's width. ``side_inputs`` are the side model's own keyword arguments
+    (attention mask, position ids, cache, ...).
+    """
+
+    def __init__(self, side: PreTrainedModel, backbone_width: int, gate_temperature: float, gate_init: float,
+                 kept_hidden: list[int] | None = None) -> None:
+        super().__init__()
+        side_width = side.config.hidden_size
+        self.side = side
+        blocks = arch_spec(side).stacks()[0].blocks
+        self.num_blocks = len(blocks)
+        self.down = nn.ModuleList(nn.Linear(backbone_width, side_width) for _ in range(self.num_blocks + 1))
+        self.gates = nn.Parameter(torch.full((self.num_blocks,), float(gate_init)))
+        self.up = nn.Linear(side_width, backbone_width)
+        self.gate_temperature = gate_temperature
+        dtype = next(side.parameters()).dtype
+        self.down.to(dtype)
+        self.up.to(dtype)
+        if kept_hidden is not None:
+            self.select_channels(kept_hidden)
+        self._ladders: list[torch.Tensor] | None = None
+        for j, block in enumerate(blocks):
+            block.register_forward_pre_hook(self._ladder_hook(j), with_kwargs=True)
+
+    @torch.no_grad()
+    def select_channels(self, kept: list[int]) -> None:
+        """Ladders that pick the backbone's ``kept`` hidden channels and an up-projection that puts them back:
+        with the pruned initialisation, side block ``j`` then starts from what the pruned copy of its backbone
+        block reads."""
+        index = torch.as_tensor(kept)
+        for down in self.down:
+            down.weight.zero_()
+            down.weight[torch.arange(len(kept)), index] = 1.0
+            down.bias.zero_()
+        self.up.weight.zero_()
+        self.up.weight[index, torch.arange(len(kept))] = 1.0
+        self.up.bias.zero_()
+
+    def gate_values(self) -> torch.Tensor:
+        """``sigmoid(alpha / T)`` per side block: the weight of the ladder against the side state."""
+        return torch.sigmoid(self.gates / self.gate_temperature)
+
+    def _ladder_hook(self, j: int):
+        def mix(module: nn.Module, args: tuple, kwargs: dict):
+            if self._ladders is None:
+                return None
+            ladder = self.down[j + 1](self._ladders[j + 1])
+            gate = self.gate_values()[j].to(ladder.dtype)
+            if args:
+                return (gate * ladder + (1 - gate) * args[0], *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": gate * ladder + (1 - gate) * kwargs["hidden_states"]}
+        return mix
+
+    def forward(self, states: list[torch.Tensor], **side_inputs):
+        """Run the side network on the backbone's ``states``; returns ``(up-projected last state, side outputs)``."""
+        if len(states) != self.num_blocks + 1:
+            raise ValueError(f"expected {self.num_blocks + 1} backbone states (embeddings + one per side block), "
+                             f"got {len(states)}")
+        dtype = self.up.weight.dtype
+        self._ladders = [s.to(dtype) for s in states]
+        try:
+            outputs = self.side(inputs_embeds=self.down[0](self._ladders[0]), return_dict=True, **side_inputs)
+        finally:
+            self._ladders = None
+        return self.up(outputs.last_hidden_state), outputs
+
+
+class LadderSideLayer(nn.Module, BaseTunerLayer):
+    """peft's view of the side networks: a tuner layer (no base layer) holding one :class:`LadderSide` per
+    adapter in ``lst_network``, so that peft's adapter switching, ``disable_adapter()`` and status reports see
+    them."""
+
+    adapter_layer_names = ("lst_network",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lst_network = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, network: LadderSide, trainable: bool) -> None:
+        self.lst_network[adapter_name] = network
+        network.requires_grad_(trainable)
+        self._active_adapter = adapter_name
+
+    def active_network(self) -> LadderSide | None:
+        """The side network that runs, or ``None`` while adapters are disabled."""
+        if self.disable_adapters:
+            return None
+        return next((self.lst_network[name] for name in self.active_adapters if name in self.lst_network), None)

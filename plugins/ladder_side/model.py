@@ -1,0 +1,240 @@
+"""Ladder Side-Tuning tuner: builds the side network beside the frozen backbone and runs it from forward hooks."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from transformers.utils import ModelOutput
+
+from compress.errors import CompressError
+from compress.export import TAG
+from compress.pruning.arch import arch_spec
+
+from .cache import LadderCache
+from .config import LadderSideConfig
+from .layer import LadderSide, LadderSideLayer
+from .side import (
+    backbone_stack,
+    build_pruned_side,
+    build_random_side,
+    side_config_dict,
+    side_from_config,
+    side_layer_indices,
+)
+
+logger = logging.getLogger(__name__)
+
+#: keyword arguments of the backbone's base model that the side network receives unchanged
+_SHARED_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "use_cache")
+
+
+class LadderSideModel(BaseTuner):
+    """Creates a Ladder Side-Tuning model from a pretrained transformers model.
+
+    The backbone stays as loaded and frozen, and runs without gradients. Forward hooks collect its embedding
+    output and the outputs of the blocks in ``side_layers``; when its base model (``model.bert``, ``model.model``,
+    ...) returns, the side network (:class:`~compress.plugins.ladder_side.layer.LadderSide`, on this tuner as
+    ``lst_side``) runs on them and its up-projected last state replaces the base model's ``last_hidden_state``
+    (and BERT's ``pooler_output``), so the task model's own head and loss run unchanged. With ``use_cache`` the
+    returned cache is a :class:`~compress.plugins.ladder_side.cache.LadderCache` holding both networks' keys and
+    values, which ``generate()`` passes back.
+
+    Saving writes the side network, ladders, gates, up-projection and ``modules_to_save``; the side network's
+    config goes into ``LadderSideConfig.side_config`` so that ``PeftModel.from_pretrained`` rebuilds its shapes.
+    There is nothing to merge: ``merge_and_unload()`` raises.
+
+    Example::
+
+        >>> import compress
+        >>> from peft import get_peft_model
+        >>> config = compress.LadderSideConfig(task_type="SEQ_CLS", r=8)
+        >>> model = get_peft_model(base_model, config)
+        >>> model.base_model.init_side(data=calibration_dataset, tokenizer=tokenizer)  # fisher initialisation
+    """
+
+    prefix: str = "lst_"
+    tuner_layer_cls = LadderSideLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
+        self.__dict__["_hook_handles"] = []
+        self.__dict__["_states"] = None  # backbone states of the running forward
+        self.__dict__["_grad_mode"] = None
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    @property
+    def active_config(self) -> LadderSideConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    # -- injection -----------------------------------------------------------------------------------------
+    def _check_new_adapter_config(self, config: LadderSideConfig) -> None:
+        if len(self.peft_config) > 1:
+            raise CompressError("Ladder Side-Tuning holds one side network per model; wrap a fresh base model for "
+                                "another adapter")
+
+    def _pre_injection_hook(self, model: nn.Module, config: LadderSideConfig, adapter_name: str) -> None:
+        backbone_stack(model)  # refuses families with more than one stack
+        side_layer_indices(model, config)
+        self._check_task(model, config)
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags([TAG])
+
+    @staticmethod
+    def _check_task(model: nn.Module, config: LadderSideConfig) -> None:
+        name = type(model).__name__.removeprefix("Compressed")
+        wanted = {"SEQ_CLS": "ForSequenceClassification", "CAUSAL_LM": "ForCausalLM",
+                  "TOKEN_CLS": "ForTokenClassification"}.get(str(config.task_type))
+        if wanted is not None and not name.endswith(wanted):
+            raise CompressError(f"task_type={config.task_type} needs a *{wanted} model, got {type(model).__name__}; "
+                                f"load the backbone with the matching Auto class or change task_type")
+
+    def _create_and_replace(self, *args, **kwargs) -> None:
+        raise CompressError("internal: Ladder Side-Tuning replaces no module")  # pragma: no cover
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)  # modules_to_save; freezes the backbone
+        config = self.peft_config[adapter_name]
+        network = self._build(model, config)
+        self.lst_side = LadderSideLayer()
+        self.lst_side.update_layer(adapter_name, network, trainable=not config.inference_mode)
+        self._attach_hooks()
+
+    def _build(self, model: nn.Module, config: LadderSideConfig, data=None, tokenizer=None,
+               **calibration) -> LadderSide:
+        width = arch_spec(model).hidden_site().width
+        kept = None
+        if config.side_config is not None:
+            side = side_from_config(config.side_config)  # loading: the weights come from the checkpoint
+        else:
+            built = (build_pruned_side(model, config, data, tokenizer, **calibration) if config.side_init == "pruned"
+                     else build_random_side(model, config))
+            side, kept = built.model, built.kept_hidden
+            if config.side_init == "pruned" and built.importance != config.importance:
+                logger.warning("the side network is initialised by %s: importance=%r needs calibration data; call "
+                               "model.base_model.init_side(data) (or compress.apply_ladder_side) before training",
+                               built.importance, config.importance)
+            config.side_config = side_config_dict(side)
+        device = next(p for p in model.parameters()).device
+        network = LadderSide(side, width, config.gate_temperature, config.gate_init, kept).to(device)
+        expected = len(side_layer_indices(model, config))
+        if network.num_blocks != expected:
+            raise CompressError(f"side_config describes {network.num_blocks} side blocks but side_layers names "
+                                f"{expected}; the adapter config was edited: rebuild it")
+        return network
+
+    def init_side(self, data=None, tokenizer=None, num_batches: int = 8, batch_size: int = 16) -> None:
+        """Rebuild the side network from the backbone pruned by ``importance`` on calibration ``data`` (a tokenized
+        dataset or batches; ``fisher`` needs ``labels`` unless the model is a causal LM). Widths may differ per
+        layer where importance decides them (BERT/RoBERTa), so call it before the optimizer is created (before
+        ``Trainer.train``)."""
+        adapter_name = self.active_adapters[0]
+        config = self.peft_config[adapter_name]
+        if config.side_init != "pruned":
+            raise CompressError("init_side rebuilds the pruned initialisation; this adapter has side_init='random'")
+        self._detach_hooks()
+        try:
+            config.side_config = None
+            network = self._build(self.model, config, data, tokenizer, num_batches=num_batches,
+                                  batch_size=batch_size)
+        finally:
+            self._attach_hooks()
+        self.lst_side.update_layer(adapter_name, network, trainable=not config.inference_mode)
+
+    # -- the forward ----------------------------------------------------------------------------------------
+    def _attach_hooks(self) -> None:
+        if self._hook_handles:
+            return
+        base = self.model.base_model
+        blocks = backbone_stack(self.model)
+        layers = side_layer_indices(self.model, self.active_config)
+        handles = [base.register_forward_pre_hook(self._before_backbone, with_kwargs=True),
+                   base.register_forward_hook(self._after_backbone, with_kwargs=True),
+                   blocks[0].register_forward_pre_hook(self._capture_input, with_kwargs=True)]
+        handles += [blocks[i].register_forward_hook(self._capture_output) for i in layers]
+        self._hook_handles.extend(handles)
+
+    def _detach_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+    def _network(self) -> LadderSide | None:
+        layer = self.__dict__["_modules"].get("lst_side")
+        return layer.active_network() if layer is not None else None
+
+    def _before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._network() is None:
+            return
+        self.__dict__["_states"] = []
+        self.__dict__["_grad_mode"] = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)  # the backbone is frozen: keep none of its activations
+
+    def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._states is not None:
+            self._states.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    def _capture_output(self, module: nn.Module, args: tuple, output) -> None:
+        if self._states is not None:
+            self._states.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    def _after_backbone(self, module: nn.Module, args: tuple, kwargs: dict, outputs):
+        states, self.__dict__["_states"] = self._states, None
+        if states is None:
+            return None
+        torch.set_grad_enabled(self._grad_mode)
+        if not isinstance(outputs, ModelOutput):
+            raise CompressError(f"{type(module).__name__} returned {type(outputs).__name__}; Ladder Side-Tuning "
+                                "needs the base model's ModelOutput (do not set return_dict=False)")
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        bound = {**bound.pop("kwargs", {}), **bound}
+        network = self._network()
+        accepted = inspect.signature(network.side.forward).parameters
+        side_inputs = {k: bound[k] for k in _SHARED_INPUTS if bound.get(k) is not None and k in accepted}
+        cache = outputs.get("cache")
+        if cache is not None:
+            side_inputs["cache"] = cache.side if isinstance(cache, LadderCache) else None
+            side_inputs["use_cache"] = True
+        final, side_outputs = network(states, **side_inputs)
+        outputs["last_hidden_state"] = final
+        if outputs.get("pooler_output") is not None and getattr(module, "pooler", None) is not None:
+            outputs["pooler_output"] = module.pooler(final)
+        if cache is not None:
+            outputs["cache"] = LadderCache.around(cache, side_outputs.cache)
+        return outputs
+
+    def forward(self, *args, **kwargs):
+        grad_mode = torch.is_grad_enabled()
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            torch.set_grad_enabled(grad_mode)  # also when the backbone raised between its two hooks
+
+    # -- adapters on and off, unloading -------------------------------------------------------------------
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self.lst_side.enable_adapters(enabled)
+
+    def _check_merge_allowed(self) -> None:
+        raise CompressError("Ladder Side-Tuning has nothing to merge: the side network is a separate model that "
+                            "reads the backbone. Save the adapter (save_pretrained) and load it onto the backbone "
+                            "with PeftModel.from_pretrained; unload() returns the plain backbone")
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
+        if merge:
+            self._check_merge_allowed()
+        self._detach_hooks()
+        if hasattr(self, "lst_side"):
+            del self.lst_side
+        return super()._unload_and_optionally_merge(merge=False, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        del self.peft_config[adapter_name]
+        self._detach_hooks()
+        self.lst_side.lst_network.pop(adapter_name, None)
+        self.active_adapter = list(self.peft_config)[:1]

@@ -1,0 +1,193 @@
+"""The side network: the backbone's own block type at ``1/r`` of its width, built from the backbone.
+
+``pruned`` initialisation copies the backbone and removes hidden channels, FFN neurons and heads with
+:func:`compress.prune_model` (the engine, its importance criteria and architecture specs), then keeps the blocks
+listed in ``side_layers``. ``random`` builds the same block type from a shrunk copy of the backbone's config.
+Either way the result is a bare transformers model (``BertModel``, ``LlamaModel``, or their compact classes)
+without input embeddings or pooler: its input comes through the first ladder.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+from compress.errors import CompressError, UnsupportedModelError
+from compress.pruning.arch import ArchSpec, arch_spec
+from compress.pruning.compact import PREFIX as COMPACT_PREFIX
+from compress.pruning.compact import make_compact
+from compress.pruning.engine import prune_model
+from compress.pruning.spec import InvalidOptionError
+
+from .config import LadderSideConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SideNetwork:
+    """A freshly built side network and, for the pruned initialisation, the backbone's kept hidden channels."""
+
+    model: PreTrainedModel
+    kept_hidden: list[int] | None
+    importance: str | None
+
+
+def backbone_stack(model: nn.Module) -> nn.ModuleList:
+    """The backbone's one stack of blocks (encoder-only or decoder-only families)."""
+    stacks = arch_spec(model).stacks()
+    if len(stacks) != 1:
+        raise UnsupportedModelError(f"{type(model).__name__}: Ladder Side-Tuning supports encoder-only and "
+                                    "decoder-only models (BERT/RoBERTa, Llama/Qwen2); encoder-decoder models "
+                                    "(T5) are not supported")
+    return stacks[0].blocks
+
+
+def side_layer_indices(model: nn.Module, config: LadderSideConfig) -> list[int]:
+    """``config.side_layers``, checked against the backbone's blocks (default: all of them)."""
+    count = len(backbone_stack(model))
+    if config.side_layers is None:
+        return list(range(count))
+    unknown = [i for i in config.side_layers if i >= count]
+    if unknown:
+        raise InvalidOptionError("side_layers", config.side_layers, f"blocks {unknown} do not exist: the backbone "
+                                 f"has {count} blocks (0..{count - 1})")
+    return list(config.side_layers)
+
+
+def side_widths(arch: ArchSpec, r: int) -> dict[str, int]:
+    """The side network's widths for reduction factor ``r``: hidden size, FFN width, heads and kv heads."""
+    hidden = arch.hidden_site().width
+    if hidden % r:
+        raise InvalidOptionError("r", r, f"must divide the backbone's hidden size {hidden} (the side network is "
+                                 f"hidden_size / r wide); e.g. r={_divisor_near(hidden, r)}")
+    widths = arch.widths()
+    if len(set(widths["ffn"])) > 1 or len(set(widths["heads"])) > 1:
+        raise UnsupportedModelError("Ladder Side-Tuning needs a backbone with the same width in every layer; this "
+                                    f"one has per-layer widths {widths}")
+    heads = widths["heads"][0]
+    kv_heads = widths.get("kv_heads", widths["heads"])[0]
+    kept_kv = max(1, kv_heads // r) if kv_heads < heads else None
+    return {
+        "hidden": hidden // r,
+        "ffn": max(1, widths["ffn"][0] // r),
+        "heads": kept_kv * (heads // kv_heads) if kept_kv is not None else max(1, heads // r),
+        "kv_heads": kept_kv if kept_kv is not None else max(1, heads // r),
+    }
+
+
+def _divisor_near(n: int, r: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - r), d))
+
+
+def _engine_sparsity(arch: ArchSpec, r: int) -> dict[str, float]:
+    """The fractions :func:`compress.prune_model` removes to reach :func:`side_widths` exactly."""
+    target = side_widths(arch, r)
+    widths = arch.widths()
+    current = {"hidden": arch.hidden_site().width, "ffn": widths["ffn"][0], "heads": widths["heads"][0],
+               "kv_heads": widths.get("kv_heads", widths["heads"])[0]}
+    grouped = current["kv_heads"] < current["heads"]
+    sparsity = {}
+    for name in ("hidden", "ffn", "kv_heads" if grouped else "heads"):
+        if target[name] < current[name]:
+            sparsity[name] = (current[name] - target[name]) / current[name]
+    return sparsity
+
+
+def _without_wrappers(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose peft ``modules_to_save`` wrappers are replaced by the modules they wrap."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.original_module)
+    return model
+
+
+def strip_side(side: PreTrainedModel) -> PreTrainedModel:
+    """Drop what the side network does not use: the token embeddings (its input comes through the first
+    ladder) and a pooler."""
+    side.set_input_embeddings(None)
+    if getattr(side, "pooler", None) is not None:
+        side.pooler = None
+    return side
+
+
+def build_pruned_side(model: PreTrainedModel, config: LadderSideConfig, data=None, tokenizer=None,
+                      num_batches: int = 8, batch_size: int = 16) -> SideNetwork:
+    """Prune a copy of ``model`` to ``1/r`` width with the engine and keep the blocks in ``side_layers``.
+
+    ``fisher`` scores the whole task model on ``data`` (its loss needs the head); without data, or with
+    ``magnitude``, the bare base model is scored by weight magnitude.
+    """
+    layers = side_layer_indices(model, config)
+    importance = config.importance if data is not None else "magnitude"
+    source = _without_wrappers(model if importance == "fisher" else model.base_model)
+    source.requires_grad_(False)
+    if source is source.base_model and getattr(source, "pooler", None) is not None:
+        source.pooler = None  # the side network has none; pruning the bare model need not reach it
+    arch = arch_spec(source)
+    width = arch.hidden_site().width
+    sparsity = _engine_sparsity(arch, config.r)
+    mode = "uniform" if all(s in arch.uniform_structures for s in sparsity) else "global"
+    try:
+        report = prune_model(source, sparsity=sparsity, importance=importance, data=data, mode=mode,
+                             tokenizer=tokenizer, num_batches=num_batches, batch_size=batch_size)
+    except CompressError as exc:
+        if importance == "fisher":
+            raise CompressError(f"the fisher initialisation of the side network could not score this model ({exc}); "
+                                "use importance='magnitude'") from exc
+        raise
+    side = source.base_model
+    stack = arch_spec(side).stacks()[0]
+    if len(layers) < len(stack.blocks):
+        arch_spec(side).remove_blocks(stack, layers)
+    if getattr(side, "pooler", None) is not None:
+        side.pooler = None
+    if side.config.model_type.startswith(COMPACT_PREFIX):
+        make_compact(side)  # record the side network's own projection shapes, at their paths after layer dropping
+    removed = set(report.removed.get("hidden", []))
+    kept = [c for c in range(width) if c not in removed]
+    logger.info("side network: %s blocks, hidden %d (pruned by %s)", len(layers), len(kept), importance)
+    return SideNetwork(strip_side(side), kept, importance)
+
+
+def build_random_side(model: PreTrainedModel, config: LadderSideConfig) -> SideNetwork:
+    """The same block type at ``1/r`` width with random weights (a standard config of the family)."""
+    layers = side_layer_indices(model, config)
+    widths = side_widths(arch_spec(model), config.r)
+    side_cfg = copy.deepcopy(model.config)
+    for name, value in (("hidden_size", widths["hidden"]), ("intermediate_size", widths["ffn"]),
+                        ("num_attention_heads", widths["heads"]), ("num_key_value_heads", widths["kv_heads"]),
+                        ("num_hidden_layers", len(layers))):
+        if hasattr(side_cfg, name):
+            setattr(side_cfg, name, value)
+    if getattr(side_cfg, "head_dim", None) is None and widths["hidden"] % widths["heads"]:
+        side_cfg.num_attention_heads = 1  # the family derives the head size from hidden_size / heads
+    if getattr(side_cfg, "layer_types", None):
+        side_cfg.layer_types = [side_cfg.layer_types[i] for i in layers]
+    return SideNetwork(strip_side(side_from_config(side_cfg.to_dict())), None, None)
+
+
+def side_from_config(side_config: dict) -> PreTrainedModel:
+    """Rebuild a side network (random weights, the recorded shapes) from its saved config."""
+    values = dict(side_config)
+    model_type = values.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **values)
+    with torch.device("cpu"):
+        side = AutoModel.from_config(cfg)
+    return strip_side(side)
+
+
+def side_config_dict(side: PreTrainedModel) -> dict:
+    """The side network's config as saved in ``LadderSideConfig.side_config``."""
+    values = side.config.to_dict()
+    for key in ("architectures", "_name_or_path", "transformers_version", "id2label", "label2id"):
+        values.pop(key, None)
+    return values
