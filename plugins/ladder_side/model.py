@@ -24,6 +24,7 @@ from .side import (
     side_config_dict,
     side_from_config,
     side_layer_indices,
+    side_widths,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class LadderSideModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: LadderSideConfig, adapter_name: str) -> None:
         backbone_stack(model)  # refuses families with more than one stack
         side_layer_indices(model, config)
+        side_widths(arch_spec(model), config.r)
         self._check_task(model, config)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags([TAG])
@@ -96,9 +98,9 @@ class LadderSideModel(BaseTuner):
         raise CompressError("internal: Ladder Side-Tuning replaces no module")  # pragma: no cover
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        super().inject_adapter(model, adapter_name, *args, **kwargs)  # modules_to_save; freezes the backbone
         config = self.peft_config[adapter_name]
-        network = self._build(model, config)
+        network = self._build(model, config)  # first: a refused side network leaves the model unwrapped
+        super().inject_adapter(model, adapter_name, *args, **kwargs)  # modules_to_save; freezes the backbone
         self.lst_side = LadderSideLayer()
         self.lst_side.update_layer(adapter_name, network, trainable=not config.inference_mode)
         self._attach_hooks()

@@ -1,0 +1,224 @@
+"""Ladder Side-Tuning on tiny random models: what the method matrix does not cover (tests/methods.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from transformers import BertModel, Trainer, TrainingArguments, pipeline
+
+import compress
+from compress.pruning.spec import InvalidOptionError
+from tests import tiny
+from tests.methods import perturb_adapters
+from tests.test_train import make_dataset, make_tokenizer
+
+TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM"}
+
+
+def wrap(arch: str, **kwargs):
+    kwargs.setdefault("r", 2)
+    kwargs.setdefault("importance", "magnitude")
+    return get_peft_model(tiny.make_model(arch), compress.LadderSideConfig(task_type=TASK[arch], **kwargs))
+
+
+def network(peft_model):
+    return peft_model.base_model.lst_side.lst_network["default"]
+
+
+def kept_channels(peft_model) -> list[int]:
+    """The backbone channels the first ladder selects (pruned initialisation)."""
+    return network(peft_model).down[0].weight.argmax(dim=1).tolist()
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_backbone_runs_without_gradients_and_is_left_unchanged(arch):
+    pristine = tiny.make_model(arch)
+    model = wrap(arch)
+    grad_modes = []
+    block = model.base_model.model.base_model
+    first = block.encoder.layer[0] if arch == "bert" else block.layers[0]
+    first.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in tiny.make_batches(arch, 3):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert grad_modes == [False] * 3 and torch.is_grad_enabled()
+    assert all(p.grad is None for n, p in model.named_parameters()
+               if "lst_side" not in n and "modules_to_save" not in n)
+    state = model.base_model.model.state_dict()
+    for name, tensor in pristine.state_dict().items():
+        if "classifier" not in name:
+            assert torch.equal(state[name], tensor), name
+    batch = tiny.make_batch(arch, labels=False)
+    model.eval()
+    with model.disable_adapter(), torch.no_grad():
+        off = model(**batch).logits
+    with torch.no_grad():
+        on = model(**batch).logits
+    if arch == "llama":  # the head is the backbone's own: with the side network off the logits are the backbone's
+        torch.testing.assert_close(off, pristine(**batch).logits, rtol=0, atol=0)
+    assert not torch.allclose(on, off)
+
+
+def test_pruned_initialisation_copies_backbone_weights():
+    model = wrap("llama")
+    kept = kept_channels(model)
+    assert len(kept) == 16 and len(set(kept)) == 16
+    backbone = model.base_model.model.model.layers[0].mlp.up_proj.weight[:, kept]
+    side = network(model).side.layers[0].mlp.up_proj.weight
+    assert side.shape == (32, 16)
+    for row in side:  # every side neuron is a backbone neuron, restricted to the kept hidden channels
+        assert (backbone == row).all(dim=1).any()
+    bert = wrap("bert")
+    kept = kept_channels(bert)
+    positions = bert.base_model.model.bert.embeddings.position_embeddings.weight
+    torch.testing.assert_close(network(bert).side.embeddings.position_embeddings.weight, positions[:, kept],
+                               rtol=0, atol=0)
+    up = network(bert).up.weight
+    assert torch.equal(up[kept], torch.eye(len(kept))) and up.abs().sum() == len(kept)
+
+
+def test_random_initialisation_copies_nothing():
+    model = wrap("llama", side_init="random")
+    side = network(model).side.layers[0].mlp.up_proj.weight
+    backbone = model.base_model.model.model.layers[0].mlp.up_proj.weight
+    assert side.shape == (32, 16)
+    assert not any((backbone[:, :16] == row).all(dim=1).any() for row in side)
+
+
+def test_layer_dropping_keeps_one_side_block_per_listed_layer():
+    full, dropped = wrap("bert"), wrap("bert", side_layers=[1])
+    assert len(network(full).side.encoder.layer) == 2 and len(network(dropped).side.encoder.layer) == 1
+    assert network(dropped).gates.shape == (1,) and len(network(dropped).down) == 2
+    assert dropped.peft_config["default"].side_config["num_hidden_layers"] == 1
+    assert sum(p.numel() for p in network(dropped).parameters()) < sum(p.numel() for p in network(full).parameters())
+
+
+def test_fisher_initialisation_needs_data_and_uses_it(caplog):
+    with caplog.at_level(logging.WARNING):
+        fallback = wrap("bert", importance="fisher")
+    assert "initialised by magnitude" in caplog.text
+    scored = compress.apply_ladder_side(tiny.make_model("bert"), compress.LadderSideConfig(task_type="SEQ_CLS", r=2),
+                               data=tiny.make_batches("bert", 2))
+    a, b = network(fallback).state_dict(), network(scored).state_dict()
+    assert a.keys() == b.keys()
+    assert any(a[k].shape != b[k].shape or not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainable_parameters_are_the_side_network_and_head(capsys):
+    model = wrap("bert")
+    trainable, total = model.get_nb_trainable_parameters()
+    side = sum(p.numel() for p in network(model).parameters())
+    head = sum(p.numel() for n, p in model.named_parameters() if "modules_to_save" in n)
+    assert trainable == side + head and head > 0
+    model.print_trainable_parameters()
+    assert f"trainable params: {trainable:,}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_with_the_ladder_cache_matches_generate_without_cache(arch):
+    model = wrap(arch)
+    perturb_adapters(model)
+    model.eval()
+    batch = tiny.make_batch(arch, labels=False)
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+    assert isinstance(out.cache, compress.METHODS["LADDER_SIDE"].LadderCache)
+    assert out.cache.side.get_seq_length() == batch["input_ids"].shape[1]
+    for beams in (1, 3):
+        cached = model.generate(**batch, max_new_tokens=5, do_sample=False, num_beams=beams)
+        uncached = model.generate(**batch, max_new_tokens=5, do_sample=False, num_beams=beams, use_cache=False)
+        assert torch.equal(cached, uncached)
+    with model.disable_adapter():
+        plain = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert torch.equal(plain, tiny.make_model(arch).generate(**batch, max_new_tokens=5, do_sample=False))
+
+
+def test_feature_extraction_on_a_bare_encoder():
+    backbone = tiny.make_model("bert").bert
+    features = get_peft_model(BertModel(backbone.config).eval(),
+                              compress.LadderSideConfig(task_type="FEATURE_EXTRACTION", r=4, importance="magnitude"))
+    perturb_adapters(features)
+    batch = tiny.make_batch("bert", labels=False)
+    with torch.no_grad():
+        out = features(**batch)
+        with features.disable_adapter():
+            plain = features(**batch)
+    assert out.last_hidden_state.shape == plain.last_hidden_state.shape == (2, 8, 32)
+    assert not torch.allclose(out.last_hidden_state, plain.last_hidden_state)
+    assert not torch.allclose(out.pooler_output, plain.pooler_output)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"r": 0}, "r=0: must be a positive integer"),
+    ({"side_layers": []}, "side_layers"),
+    ({"side_layers": [0, 0]}, "names a block twice"),
+    ({"gate_temperature": 0}, "gate_temperature"),
+    ({"side_init": "copy"}, "side_init"),
+    ({"importance": "taylor"}, "importance"),
+    ({"task_type": "SEQ_2_SEQ_LM"}, "SEQ_2_SEQ_LM"),
+])
+def test_bad_configs_name_the_field(kwargs, match):
+    with pytest.raises(InvalidOptionError, match=match):
+        compress.LadderSideConfig(**{"task_type": "SEQ_CLS", **kwargs})
+
+
+@pytest.mark.parametrize(("arch", "kwargs", "match"), [
+    ("bert", {"r": 3}, r"r=3: must divide the backbone's hidden size 32"),
+    ("bert", {"side_layers": [0, 5]}, r"blocks \[5\] do not exist: the backbone has 2 blocks"),
+    ("bert", {"task_type": "CAUSAL_LM"}, "task_type=CAUSAL_LM needs a \\*ForCausalLM model"),
+    ("llama", {"task_type": "SEQ_CLS"}, "ForSequenceClassification model"),
+    ("t5", {"task_type": "FEATURE_EXTRACTION"}, "encoder-decoder models \\(T5\\) are not supported"),
+])
+def test_configs_the_model_cannot_serve_raise_before_anything_changes(arch, kwargs, match):
+    model = tiny.make_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = compress.LadderSideConfig(**{"task_type": TASK.get(arch, "SEQ_CLS"), "importance": "magnitude", **kwargs})
+    with pytest.raises(compress.CompressError, match=match):
+        get_peft_model(model, config)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unload_returns_the_plain_backbone():
+    pristine = tiny.make_model("llama")
+    model = wrap("llama")
+    perturb_adapters(model)
+    plain = model.unload()
+    batch = tiny.make_batch("llama", labels=False)
+    assert not any("lst_" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(plain(**batch).logits, pristine(**batch).logits, rtol=0, atol=0)
+
+
+def _tokenized(tokenizer, n: int, seed: int) -> Dataset:
+    data = make_dataset(n, seed)
+    return data.map(lambda rows: tokenizer(rows["text"], truncation=True, max_length=32), batched=True,
+                    remove_columns=["text"]).rename_column("label", "labels")
+
+
+def test_trainer_with_gradient_accumulation_learns_and_the_pipeline_serves_it(tmp_path):
+    tokenizer = make_tokenizer()
+    model = compress.apply_ladder_side(tiny.make_model("bert"), compress.LadderSideConfig(task_type="SEQ_CLS", r=2),
+                              data=_tokenized(tokenizer, 32, seed=5), tokenizer=tokenizer)
+    backbone = {k: v.clone() for k, v in model.base_model.model.state_dict().items() if "classifier" not in k}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=80, per_device_train_batch_size=8,
+                             gradient_accumulation_steps=2, learning_rate=3e-3, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=_tokenized(tokenizer, 256, seed=1),
+            processing_class=tokenizer).train()
+    state = model.base_model.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in backbone.items())
+    test = make_dataset(64, seed=2)
+    classify = pipeline("text-classification", model=model, tokenizer=tokenizer, device="cpu")
+    predicted = [int(p["label"].rsplit("_", 1)[-1]) for p in classify(list(test["text"]))]
+    accuracy = sum(p == y for p, y in zip(predicted, test["label"])) / len(test)
+    assert accuracy >= 0.85, accuracy
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), tmp_path / "adapter")
+    again = pipeline("text-classification", model=reloaded, tokenizer=tokenizer, device="cpu")
+    assert [p["label"] for p in again(list(test["text"]))] == [p["label"] for p in classify(list(test["text"]))]
