@@ -101,8 +101,10 @@ def test_layer_dropping_keeps_one_side_block_per_listed_layer():
 
 
 def test_fisher_initialisation_needs_data_and_uses_it(caplog):
+    fallback = wrap("bert", importance="fisher")
     with caplog.at_level(logging.WARNING):
-        fallback = wrap("bert", importance="fisher")
+        fallback.train()
+        fallback(**tiny.make_batch("bert"))
     assert "initialised by magnitude" in caplog.text
     scored = compress.apply_ladder_side(tiny.make_model("bert"), compress.LadderSideConfig(task_type="SEQ_CLS", r=2),
                                data=tiny.make_batches("bert", 2))

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 
 import compress
 from compress.bench.head_warmup import warm_up_head
-from compress.bench.recipe import GLUE_TASKS, load_splits
+from compress.bench.recipe import GLUE_TASKS, load_splits, padded_batches
 from compress.bench.train import load_sequence_classifier, minilm_path, transformers_model
 from compress.data import calibration_batches, tokenize_dataset
 from compress.measure import TrainingSetup, count_parameters
@@ -154,15 +154,6 @@ def _defaults(**overrides) -> argparse.Namespace:
     return args
 
 
-def _padded_batches(tokenizer, texts: list[str], labels: list[int], batch_size: int, seq_len: int, n: int):
-    batches = []
-    for i in range(n):
-        rows = slice(i * batch_size, (i + 1) * batch_size)
-        enc = tokenizer(texts[rows], padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-        batches.append({**enc, "labels": torch.tensor(labels[rows])})
-    return batches
-
-
 def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, steps: int = 6,
                num_labels: int = 2, activation_checkpointing: bool = False, **overrides) -> TrainingSetup:
     """Factory for :func:`compress.measure.peak_training_memory`: one configuration, as a real run trains it.
@@ -189,7 +180,7 @@ def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: i
     model, tokenizer, _ = build(kind, args, prune=False)
     model.train()
     labels = [label % num_labels for label in train["label"]]
-    batches = _padded_batches(tokenizer, list(train["text"]), labels, batch_size, seq_len, n_batches)
+    batches = padded_batches(tokenizer, list(train["text"]), labels, batch_size, seq_len, n_batches)
     base = transformers_model(model)
 
     def on_train_begin() -> None:

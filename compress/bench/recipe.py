@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["GLUE_TASKS", "OFFLINE_ENV", "SHARED_DATA", "latency_inputs", "load_splits", "setup_run"]
+__all__ = ["GLUE_TASKS", "OFFLINE_ENV", "SHARED_DATA", "latency_inputs", "load_splits", "padded_batches", "setup_run"]
 
 #: environment that keeps Hugging Face libraries off the network (values the caller exported win)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -104,3 +106,13 @@ def latency_inputs(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | 
     second = [pairs[i % len(pairs)] for i in range(batch_size)] if pairs is not None else None
     return dict(tokenizer(rows, second, padding="max_length", truncation=True, max_length=seq_len,
                           return_tensors="pt"))
+
+
+def padded_batches(tokenizer, texts: list[str], labels: list[int], batch_size: int, seq_len: int, n: int):
+    """``n`` labelled batches of ``texts`` padded to ``seq_len`` tokens (memory measurements: only shapes matter)."""
+    batches = []
+    for i in range(n):
+        rows = slice(i * batch_size, (i + 1) * batch_size)
+        enc = tokenizer(texts[rows], padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+        batches.append({**enc, "labels": torch.tensor(labels[rows])})
+    return batches

@@ -65,6 +65,7 @@ class LadderSideModel(BaseTuner):
         self.__dict__["_hook_handles"] = []
         self.__dict__["_states"] = None  # backbone states of the running forward
         self.__dict__["_grad_mode"] = None
+        self.__dict__["_unscored"] = False  # pruned by magnitude while the config asks for a data-driven importance
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     @property
@@ -115,10 +116,8 @@ class LadderSideModel(BaseTuner):
             built = (build_pruned_side(model, config, data, tokenizer, **calibration) if config.side_init == "pruned"
                      else build_random_side(model, config))
             side, kept = built.model, built.kept_hidden
-            if config.side_init == "pruned" and built.importance != config.importance:
-                logger.warning("the side network is initialised by %s: importance=%r needs calibration data; call "
-                               "model.base_model.init_side(data) (or compress.apply_ladder_side) before training",
-                               built.importance, config.importance)
+            # warned at the first training step if init_side(data) has not scored it by then
+            self.__dict__["_unscored"] = config.side_init == "pruned" and built.importance != config.importance
             config.side_config = side_config_dict(side)
         device = next(p for p in model.parameters()).device
         network = LadderSide(side, width, config.gate_temperature, config.gate_init, kept).to(device)
@@ -171,6 +170,11 @@ class LadderSideModel(BaseTuner):
     def _before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._network() is None:
             return
+        if self._unscored and module.training and torch.is_grad_enabled():
+            self.__dict__["_unscored"] = False
+            logger.warning("training a side network initialised by magnitude: importance=%r needs calibration "
+                           "data; call model.base_model.init_side(data) (or compress.apply_ladder_side) before "
+                           "training", self.active_config.importance)
         self.__dict__["_states"] = []
         self.__dict__["_grad_mode"] = torch.is_grad_enabled()
         torch.set_grad_enabled(False)  # the backbone is frozen: keep none of its activations

@@ -1,0 +1,109 @@
+"""The Ladder Side-Tuning benchmark's configurations and its training-memory factory :func:`memory_job`.
+
+Configurations (``KINDS``): ``full`` (every parameter trains), ``lora`` (LoRA r=8 on every attention and FFN
+projection), ``lst-r8`` and ``lst-r4`` (side network at 1/8 and 1/4 of MiniLM's width, fisher-pruned from the
+backbone), ``lst-r8-drop`` (every other side block dropped). The factory lives in the package so that
+:func:`compress.measure.peak_training_memory`'s fresh subprocess can import it as
+``compress.bench.ladder_side:memory_job``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+import compress
+from compress.bench.pruning_adapter import TARGETS
+from compress.bench.recipe import GLUE_TASKS, load_splits, padded_batches
+from compress.bench.train import load_sequence_classifier, minilm_path
+from compress.data import tokenize_dataset
+from compress.measure import TrainingSetup
+
+KINDS = ("full", "lora", "lst-r8", "lst-r4", "lst-r8-drop")
+#: MiniLM-L6's blocks that keep a side block in ``lst-r8-drop``
+DROP_LAYERS = [1, 3, 5]
+
+
+def lst_config(kind: str, args) -> compress.LadderSideConfig:
+    r = 4 if kind == "lst-r4" else 8
+    return compress.LadderSideConfig(task_type="SEQ_CLS", r=r, importance=args.importance,
+                                     side_layers=DROP_LAYERS if kind.endswith("-drop") else None)
+
+
+def build(kind: str, args, calibration=None, init: bool = True):
+    """(model, tokenizer) for one configuration; an ``lst-*`` side network is fisher-initialised on
+    ``calibration`` rows here unless ``init=False`` (then call :func:`init_side`)."""
+    model, tokenizer = load_sequence_classifier(minilm_path(), num_labels=args.num_labels, seed=args.seed)
+    if kind == "lora":
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=TARGETS))
+    elif kind.startswith("lst-"):
+        model = get_peft_model(model, lst_config(kind, args))
+        if init:
+            init_side(model, tokenizer, args, calibration)
+    elif kind != "full":
+        raise ValueError(f"unknown configuration {kind!r}; choose from {', '.join(KINDS)}")
+    return model, tokenizer
+
+
+def init_side(model, tokenizer, args, calibration) -> None:
+    """The side network's pruned initialisation, scored on ``args.calib_batches`` calibration batches."""
+    data = tokenize_dataset(calibration, tokenizer, max_length=args.max_length)
+    model.base_model.init_side(data=data, tokenizer=tokenizer, num_batches=args.calib_batches,
+                               batch_size=args.calib_batch_size)
+
+
+def lr_for(kind: str, args) -> float:
+    return {"full": args.full_lr, "lora": args.lr}.get(kind, args.lst_lr)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Data, training and side-network options."""
+    p.add_argument("--glue-task", choices=GLUE_TASKS, help="use ../shared/data/glue/<task>")
+    p.add_argument("--train-rows", type=int, default=None, help="subsample the training set (all rows)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (1000)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of LoRA (1e-3)")
+    p.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of full fine-tuning (1e-4)")
+    p.add_argument("--lst-lr", type=float, default=3e-3, help="learning rate of the side networks (3e-3)")
+    p.add_argument("--importance", choices=["fisher", "magnitude"], default="fisher",
+                   help="side-network initialisation (fisher)")
+    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of the fisher init (8)")
+    p.add_argument("--calib-batch-size", type=int, default=8, help="rows per calibration batch (8)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _defaults(**overrides) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, num_labels: int = 2,
+               **overrides) -> TrainingSetup:
+    """Factory for :func:`compress.measure.peak_training_memory`: one configuration, as the benchmark trains it.
+
+    The baseline is the pretrained model loaded and wrapped; an ``lst-*`` side network's fisher initialisation
+    (scoring a pruned copy of the backbone on calibration rows) runs in ``on_train_begin``, so its memory
+    counts. Rows are SST-2 sentences padded to ``seq_len`` (only shapes matter).
+    """
+    args = _defaults(num_labels=num_labels, **overrides)
+    train, _, _ = load_splits(train_rows=2000)
+    model, tokenizer = build(kind, args, init=False)
+    model.train()
+    labels = [label % num_labels for label in train["label"]]
+    batches = padded_batches(tokenizer, list(train["text"]), labels, batch_size, seq_len, n_batches)
+
+    def on_train_begin() -> None:
+        if kind.startswith("lst-"):
+            init_side(model, tokenizer, args, calibration=train)
+
+    def build_optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr_for(kind, args))
+
+    return TrainingSetup(model, batches, build_optimizer, on_train_begin=on_train_begin)
