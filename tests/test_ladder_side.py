@@ -224,3 +224,48 @@ def test_trainer_with_gradient_accumulation_learns_and_the_pipeline_serves_it(tm
     reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), tmp_path / "adapter")
     again = pipeline("text-classification", model=reloaded, tokenizer=tokenizer, device="cpu")
     assert [p["label"] for p in again(list(test["text"]))] == [p["label"] for p in classify(list(test["text"]))]
+
+
+def _quantized_bert(folder, bits: str):
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    options = ({"load_in_8bit": True} if bits == "8bit" else
+               {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32})
+    return AutoModelForSequenceClassification.from_pretrained(
+        folder, quantization_config=BitsAndBytesConfig(llm_int8_skip_modules=["classifier", "pooler"], **options))
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_backbone_trains_the_side_network_and_reloads(bits, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    tiny.make_model("bert").save_pretrained(tmp_path / "base")
+    model = compress.apply_ladder_side(_quantized_bert(tmp_path / "base", bits),
+                                       compress.LadderSideConfig(task_type="SEQ_CLS", r=2),
+                                       data=tiny.make_batches("bert", 2))
+    query = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert type(query).__name__ == ("Linear8bitLt" if bits == "8bit" else "Linear4bit")
+    kept = kept_channels(model)
+    side_positions = network(model).side.embeddings.position_embeddings.weight
+    backbone_positions = model.base_model.model.bert.embeddings.position_embeddings.weight
+    torch.testing.assert_close(side_positions, backbone_positions[:, kept], rtol=0, atol=0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    side = {n: p.detach().clone() for n, p in network(model).named_parameters()}
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in tiny.make_batches("bert", 2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
+    assert all(not torch.equal(p, side[n]) for n, p in network(model).named_parameters() if n.startswith("down"))
+    expected = tests_logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(_quantized_bert(tmp_path / "base", bits), tmp_path / "adapter")
+    torch.testing.assert_close(tests_logits(reloaded), expected, rtol=0, atol=1e-6)
+
+
+def tests_logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**tiny.make_batch("bert", labels=False)).logits

@@ -2,7 +2,8 @@
 
 Configurations (``KINDS``): ``full`` (every parameter trains), ``lora`` (LoRA r=8 on every attention and FFN
 projection), ``lst-r8`` and ``lst-r4`` (side network at 1/8 and 1/4 of MiniLM's width, fisher-pruned from the
-backbone), ``lst-r8-drop`` (every other side block dropped). The factory lives in the package so that
+backbone), ``lst-r8-drop`` (every other side block dropped), ``lst-r8-8bit`` (``lst-r8`` on a backbone loaded in
+bitsandbytes 8-bit). The factory lives in the package so that
 :func:`compress.measure.peak_training_memory`'s fresh subprocess can import it as
 ``compress.bench.ladder_side:memory_job``.
 """
@@ -21,7 +22,7 @@ from compress.bench.train import load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 from compress.measure import TrainingSetup
 
-KINDS = ("full", "lora", "lst-r8", "lst-r4", "lst-r8-drop")
+KINDS = ("full", "lora", "lst-r8", "lst-r4", "lst-r8-drop", "lst-r8-8bit")
 #: MiniLM-L6's blocks that keep a side block in ``lst-r8-drop``
 DROP_LAYERS = [1, 3, 5]
 
@@ -35,7 +36,14 @@ def lst_config(kind: str, args) -> compress.LadderSideConfig:
 def build(kind: str, args, calibration=None, init: bool = True):
     """(model, tokenizer) for one configuration; an ``lst-*`` side network is fisher-initialised on
     ``calibration`` rows here unless ``init=False`` (then call :func:`init_side`)."""
-    model, tokenizer = load_sequence_classifier(minilm_path(), num_labels=args.num_labels, seed=args.seed)
+    load = {}
+    if kind.endswith("-8bit"):
+        from transformers import BitsAndBytesConfig
+
+        # the head stays float: bitsandbytes 8-bit cannot hold a freshly initialised layer on CPU
+        load["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True,
+                                                         llm_int8_skip_modules=["classifier", "pooler"])
+    model, tokenizer = load_sequence_classifier(minilm_path(), num_labels=args.num_labels, seed=args.seed, **load)
     if kind == "lora":
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=TARGETS))
     elif kind.startswith("lst-"):

@@ -98,7 +98,7 @@ def _init_new_parameters(model: nn.Module, names: set[str], seed: int) -> None:
 
 
 def load_sequence_classifier(path: str | os.PathLike[str], num_labels: int = 2,
-                             seed: int = 0) -> tuple[nn.Module, Any]:
+                             seed: int = 0, **load_kwargs: Any) -> tuple[nn.Module, Any]:
     """Load a local checkpoint as ``AutoModelForSequenceClassification`` plus its tokenizer.
 
     Weights missing from the checkpoint (the classification head of an encoder-only checkpoint such as
@@ -109,6 +109,7 @@ def load_sequence_classifier(path: str | os.PathLike[str], num_labels: int = 2,
         path: a local model folder (e.g. :func:`minilm_path`).
         num_labels: number of classes of the new head.
         seed: seed of the new head's initialisation.
+        load_kwargs: passed to ``from_pretrained`` (e.g. ``quantization_config``).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode.
@@ -116,7 +117,7 @@ def load_sequence_classifier(path: str | os.PathLike[str], num_labels: int = 2,
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=num_labels, local_files_only=True, output_loading_info=True
+        str(path), num_labels=num_labels, local_files_only=True, output_loading_info=True, **load_kwargs
     )
     missing = set(info.get("missing_keys", ()))
     if missing:

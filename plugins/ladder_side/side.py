@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from peft.utils.integrations import dequantize_module_weight, get_bnb_param_type
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
@@ -100,13 +101,33 @@ def _engine_sparsity(arch: ArchSpec, r: int) -> dict[str, float]:
     return sparsity
 
 
-def _without_wrappers(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose peft ``modules_to_save`` wrappers are replaced by the modules they wrap."""
+def float_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` the engine can prune: peft's ``modules_to_save`` wrappers replaced by the modules
+    they wrap, bitsandbytes 8/4-bit layers by float ``nn.Linear`` layers (dequantised by peft's helper)."""
     model = copy.deepcopy(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not get_bnb_param_type(p)),
+                 torch.float32)
+    replaced: list[str] = []
     for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix + ".") for prefix in replaced):
+            continue
+        replacement = None
         if isinstance(module, AuxiliaryTrainingWrapper):
+            replacement = module.original_module
+        elif isinstance(getattr(module, "weight", None), torch.Tensor) and get_bnb_param_type(module.weight):
+            weight = dequantize_module_weight(module).to(dtype)
+            replacement = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, dtype=dtype,
+                                    device=weight.device)
+            with torch.no_grad():
+                replacement.weight.copy_(weight)
+                if module.bias is not None:
+                    replacement.bias.copy_(module.bias)
+        if replacement is not None:
+            replaced.append(name)
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.original_module)
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # the copy is float: its config must not ask for quantisation
     return model
 
 
@@ -128,7 +149,7 @@ def build_pruned_side(model: PreTrainedModel, config: LadderSideConfig, data=Non
     """
     layers = side_layer_indices(model, config)
     importance = config.importance if data is not None else "magnitude"
-    source = _without_wrappers(model if importance == "fisher" else model.base_model)
+    source = float_copy(model if importance == "fisher" else model.base_model)
     source.requires_grad_(False)
     if source is source.base_model and getattr(source, "pooler", None) is not None:
         source.pooler = None  # the side network has none; pruning the bare model need not reach it
@@ -188,6 +209,7 @@ def side_from_config(side_config: dict) -> PreTrainedModel:
 def side_config_dict(side: PreTrainedModel) -> dict:
     """The side network's config as saved in ``LadderSideConfig.side_config``."""
     values = side.config.to_dict()
-    for key in ("architectures", "_name_or_path", "transformers_version", "id2label", "label2id"):
+    for key in ("architectures", "_name_or_path", "transformers_version", "id2label", "label2id",
+                "quantization_config"):
         values.pop(key, None)
     return values
