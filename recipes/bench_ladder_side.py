@@ -57,11 +57,15 @@ def main(argv=None) -> int:
     p.add_argument("--mem-seq-len", type=int, default=128, help="tokens per row in the memory measurement (128)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure training memory (--no-memory: accuracy and time only, e.g. for more seeds)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory columns (no training for accuracy): e.g. the sequence-length sweep alone")
     p.add_argument("--seq-lens", type=int, nargs="*", default=[],
                    help="also measure training memory of full, lora and lst-r8 at these sequence lengths")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_ladder_side"))
     p.add_argument("--md", default=str(REPO / "runs" / "bench_ladder_side.md"))
     args = p.parse_args(argv)
+    if args.memory_only and not args.memory:
+        p.error("--memory-only with --no-memory leaves nothing to measure; drop one of them")
     args.kinds = sorted(dict.fromkeys(args.kinds), key=KINDS.index)
     setup_run()
     started = time.time()
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
     args.num_labels = len(set(train["label"]))
 
     results = {}
-    for kind in args.kinds:
+    for kind in [] if args.memory_only else args.kinds:
         t0 = time.time()
         model, tokenizer = build(kind, args, calibration=train)
         trainable, _ = (model.get_nb_trainable_parameters() if hasattr(model, "get_nb_trainable_parameters")
@@ -96,7 +100,14 @@ def main(argv=None) -> int:
     step_run = {k: r["train_s"] for k, r in results.items()}
     rows = []
     for kind in args.kinds:
-        r, m = results[kind], memory.get(kind)
+        r, m = results.get(kind), memory.get(kind)
+        if r is None:  # --memory-only
+            rows.append({"config": kind, "train mem +MB": round(m.increase_mb),
+                         "x full": times(m.increase_mb, "full", increase),
+                         "x LoRA": times(m.increase_mb, "lora", increase), "peak RSS MB": round(m.peak_rss_mb),
+                         "s/step (mem)": f"{m.step_time_median_s:.2f}",
+                         "x full (mem)": times(m.step_time_median_s, "full", step_mem)})
+            continue
         rows.append({
             "config": kind,
             "test acc": f"{r['accuracy']:.2%}",
@@ -123,10 +134,12 @@ def main(argv=None) -> int:
             sweep_rows.append(row)
         text_parts.append("Training memory against sequence length (batch "
                           f"{args.batch_size}, +MB over the loaded model):\n\n" + format_table(sweep_rows))
-    notes = (f"all-MiniLM-L6-v2 + seeded head; data: {source}; train rows {len(train):,}, test rows {len(test):,}. "
-             f"Every configuration: {args.steps} steps, batch {args.batch_size}, max length {args.max_length}, "
-             f"seed {args.seed}; lr {args.full_lr} (full) / {args.lr} (LoRA) / {args.lst_lr} (LST). LST side "
-             f"networks initialised by {args.importance} on {args.calib_batches} x {args.calib_batch_size} rows. "
+    training = ("memory only (--memory-only). " if args.memory_only else
+                f"data: {source}; train rows {len(train):,}, test rows {len(test):,}. Every configuration: "
+                f"{args.steps} steps, batch {args.batch_size}, max length {args.max_length}, seed {args.seed}; lr "
+                f"{args.full_lr} (full) / {args.lr} (LoRA) / {args.lst_lr} (LST). ")
+    notes = (f"all-MiniLM-L6-v2 + seeded head; {training}LST side networks initialised by {args.importance} on "
+             f"{args.calib_batches} x {args.calib_batch_size} rows. "
              + (f"Memory: {args.mem_steps} steps at batch {args.batch_size} x {args.mem_seq_len} tokens in a fresh "
                 "process per configuration; 'train mem' is the RSS high-water mark minus the RSS once the model is "
                 "loaded and wrapped. " if args.memory else "Memory not measured (--no-memory). ")

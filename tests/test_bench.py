@@ -211,3 +211,38 @@ def test_benchmark_refuses_memory_only_without_memory(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         bench_pruning_adapter.main(["--memory-only", "--no-memory", "--md", str(tmp_path / "b.md")])
     assert exc.value.code == 2 and "leaves nothing to measure" in capsys.readouterr().err
+
+
+# ---- the Ladder Side-Tuning benchmark's memory tables ---------------------------------------------------
+
+
+def test_ladder_side_benchmark_ratios_and_sequence_length_sweep(tmp_path, monkeypatch):
+    from recipes import bench_ladder_side
+
+    monkeypatch.setattr(recipe, "SHARED_DATA", tmp_path)
+    increase = {"full": 400.0, "lora": 300.0, "lst-r8": 100.0}
+    jobs = []
+
+    def fake_measure(job):
+        jobs.append(job)
+        return _measured(job, increase[job.kwargs["kind"]] * job.kwargs["seq_len"] / 128)
+
+    monkeypatch.setattr(bench_ladder_side, "peak_training_memory", fake_measure)
+    md = tmp_path / "bench.md"
+    assert bench_ladder_side.main(["--memory-only", "--kinds", "lst-r8", "full", "lora", "--mem-steps", "2",
+                                   "--seq-lens", "64", "256", "--md", str(md)]) == 0
+    assert {job.factory for job in jobs} == {"compress.bench.ladder_side:memory_job"}
+    assert [(j.kwargs["kind"], j.kwargs["seq_len"]) for j in jobs][3:] == [
+        ("full", 64), ("full", 256), ("lora", 64), ("lora", 256), ("lst-r8", 64), ("lst-r8", 256)]
+    lines = md.read_text().splitlines()
+    header = next(line for line in lines if "+MB @ 64" in line)
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[:lines.index(header)]
+             if line.startswith("| "))}
+    # main table (KINDS order): train mem +MB, x full, x LoRA; the sweep table: +MB per sequence length
+    assert [rows[k][:3] for k in ("full", "lora", "lst-r8")] == [
+        ["400", "1.00", "1.33"], ["300", "0.75", "1.00"], ["100", "0.25", "0.33"]]
+    assert "+MB @ 256" in header
+    sweep = [[c.strip() for c in line.strip("|").split("|")] for line in lines[lines.index(header) + 2:]
+             if line.startswith("| ")]
+    assert sweep == [["full", "200", "800"], ["lora", "150", "600"], ["lst-r8", "50", "200"]]
