@@ -33,17 +33,24 @@ def lst_config(kind: str, args) -> compress.LadderSideConfig:
                                      side_layers=DROP_LAYERS if kind.endswith("-drop") else None)
 
 
+def backbone(args, quantize: str | None = None):
+    """(MiniLM-L6 with a seeded classification head, tokenizer); ``quantize`` ``"8bit"``/``"4bit"`` loads the
+    backbone in bitsandbytes form (pooler and head stay float: bitsandbytes cannot hold a freshly initialised
+    layer, and they train or feed the head)."""
+    load = {}
+    if quantize is not None:
+        from transformers import BitsAndBytesConfig
+
+        bits = ({"load_in_8bit": True} if quantize == "8bit" else
+                {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32})
+        load["quantization_config"] = BitsAndBytesConfig(llm_int8_skip_modules=["classifier", "pooler"], **bits)
+    return load_sequence_classifier(minilm_path(), num_labels=args.num_labels, seed=args.seed, **load)
+
+
 def build(kind: str, args, calibration=None, init: bool = True):
     """(model, tokenizer) for one configuration; an ``lst-*`` side network is fisher-initialised on
     ``calibration`` rows here unless ``init=False`` (then call :func:`init_side`)."""
-    load = {}
-    if kind.endswith("-8bit"):
-        from transformers import BitsAndBytesConfig
-
-        # the head stays float: bitsandbytes 8-bit cannot hold a freshly initialised layer on CPU
-        load["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True,
-                                                         llm_int8_skip_modules=["classifier", "pooler"])
-    model, tokenizer = load_sequence_classifier(minilm_path(), num_labels=args.num_labels, seed=args.seed, **load)
+    model, tokenizer = backbone(args, quantize="8bit" if kind.endswith("-8bit") else None)
     if kind == "lora":
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=TARGETS))
     elif kind.startswith("lst-"):
