@@ -7,6 +7,7 @@ Same run, identical data, steps, batch size and seed for every configuration:
 - ``lst-r8`` / ``lst-r4``: Ladder Side-Tuning, side network at 1/8 and 1/4 of the backbone's width, initialised
   from the backbone pruned by fisher importance on calibration rows (lr ``--lst-lr``);
 - ``lst-r8-drop``: ``lst-r8`` with side blocks only for backbone blocks 1, 3 and 5 (layer dropping);
+- ``lst-r8-add``: ``lst-r8`` whose up-projected output is added to the backbone's final hidden state;
 - ``lst-r8-8bit``: ``lst-r8`` on a backbone loaded in bitsandbytes 8-bit (the smaller frozen weights show in
   the absolute peak RSS, not in the increase over the loaded model).
 

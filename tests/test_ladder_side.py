@@ -84,6 +84,23 @@ def test_pruned_initialisation_copies_backbone_weights():
     assert torch.equal(up[kept], torch.eye(len(kept))) and up.abs().sum() == len(kept)
 
 
+def test_added_to_the_backbone_output_the_side_network_starts_from_the_backbone():
+    pristine = tiny.make_model("llama")
+    model = wrap("llama", add_backbone_output=True)
+    batch = tiny.make_batch("llama", labels=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, pristine(**batch).logits, rtol=0, atol=0)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step_batch in tiny.make_batches("llama", 2):
+        model(**step_batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, pristine(**batch).logits)
+
+
 def test_random_initialisation_copies_nothing():
     model = wrap("llama", side_init="random")
     side = network(model).side.layers[0].mlp.up_proj.weight

@@ -2,7 +2,8 @@
 
 Configurations (``KINDS``): ``full`` (every parameter trains), ``lora`` (LoRA r=8 on every attention and FFN
 projection), ``lst-r8`` and ``lst-r4`` (side network at 1/8 and 1/4 of MiniLM's width, fisher-pruned from the
-backbone), ``lst-r8-drop`` (every other side block dropped), ``lst-r8-8bit`` (``lst-r8`` on a backbone loaded in
+backbone), ``lst-r8-drop`` (every other side block dropped), ``lst-r8-add`` (side output added to the
+backbone's, ``add_backbone_output=True``), ``lst-r8-8bit`` (``lst-r8`` on a backbone loaded in
 bitsandbytes 8-bit). The factory lives in the package so that
 :func:`compress.measure.peak_training_memory`'s fresh subprocess can import it as
 ``compress.bench.ladder_side:memory_job``.
@@ -22,7 +23,7 @@ from compress.bench.train import load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 from compress.measure import TrainingSetup
 
-KINDS = ("full", "lora", "lst-r8", "lst-r4", "lst-r8-drop", "lst-r8-8bit")
+KINDS = ("full", "lora", "lst-r8", "lst-r4", "lst-r8-drop", "lst-r8-add", "lst-r8-8bit")
 #: MiniLM-L6's blocks that keep a side block in ``lst-r8-drop``
 DROP_LAYERS = [1, 3, 5]
 
@@ -30,7 +31,8 @@ DROP_LAYERS = [1, 3, 5]
 def lst_config(kind: str, args) -> compress.LadderSideConfig:
     r = 4 if kind == "lst-r4" else 8
     return compress.LadderSideConfig(task_type="SEQ_CLS", r=r, importance=args.importance,
-                                     side_layers=DROP_LAYERS if kind.endswith("-drop") else None)
+                                     side_layers=DROP_LAYERS if kind.endswith("-drop") else None,
+                                     add_backbone_output=kind.endswith("-add"))
 
 
 def backbone(args, quantize: str | None = None):

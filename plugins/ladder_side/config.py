@@ -52,6 +52,9 @@ class LadderSideConfig(PeftConfig):
             loss with respect to structure gates, on calibration data: pass it to
             :func:`~compress.plugins.ladder_side.apply_ladder_side` or ``model.base_model.init_side(data)``; until
             then the side network is initialised by ``magnitude``) or ``magnitude`` (no data).
+        add_backbone_output: add the up-projected side state to the backbone's own final hidden state instead of
+            replacing it; the up-projection then starts at zero, so training starts from the frozen backbone's
+            predictions and the side network learns a correction. Off by default (the paper's design).
         modules_to_save: modules trained and saved in full besides the side network; for ``SEQ_CLS`` peft adds the
             classifier itself.
         side_config: the side network's transformers config, filled in when it is built and saved with the
@@ -65,6 +68,8 @@ class LadderSideConfig(PeftConfig):
     gate_init: float = field(default=0.0, metadata={"help": "Initial alpha of every gate."})
     side_init: str = field(default="pruned", metadata={"help": "pruned (from the backbone) or random."})
     importance: str = field(default="fisher", metadata={"help": "Pruned initialisation: fisher or magnitude."})
+    add_backbone_output: bool = field(
+        default=False, metadata={"help": "Add the side output to the backbone's final state (zero-init up)."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved in full, e.g. the classifier."})
     side_config: dict[str, Any] | None = field(
@@ -91,6 +96,8 @@ class LadderSideConfig(PeftConfig):
                 raise InvalidOptionError(name, value, "must be a finite number")
         if self.gate_temperature <= 0:
             raise InvalidOptionError("gate_temperature", self.gate_temperature, "must be > 0")
+        if not isinstance(self.add_backbone_output, bool):
+            raise InvalidOptionError("add_backbone_output", self.add_backbone_output, "must be True or False")
         if self.side_init not in SIDE_INITS:
             raise InvalidOptionError("side_init", self.side_init, f"choose one of {', '.join(SIDE_INITS)}")
         if self.importance not in SIDE_IMPORTANCES:

@@ -21,7 +21,7 @@ class LadderSide(nn.Module):
     """
 
     def __init__(self, side: PreTrainedModel, backbone_width: int, gate_temperature: float, gate_init: float,
-                 kept_hidden: list[int] | None = None) -> None:
+                 kept_hidden: list[int] | None = None, zero_up: bool = False) -> None:
         super().__init__()
         side_width = side.config.hidden_size
         self.side = side
@@ -36,6 +36,9 @@ class LadderSide(nn.Module):
         self.up.to(dtype)
         if kept_hidden is not None:
             self.select_channels(kept_hidden)
+        if zero_up:  # added to the backbone's output: start from the backbone's own predictions
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
         self._ladders: list[torch.Tensor] | None = None
         for j, block in enumerate(blocks):
             block.register_forward_pre_hook(self._ladder_hook(j), with_kwargs=True)

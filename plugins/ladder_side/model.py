@@ -120,7 +120,8 @@ class LadderSideModel(BaseTuner):
             self.__dict__["_unscored"] = config.side_init == "pruned" and built.importance != config.importance
             config.side_config = side_config_dict(side)
         device = next(p for p in model.parameters()).device
-        network = LadderSide(side, width, config.gate_temperature, config.gate_init, kept).to(device)
+        network = LadderSide(side, width, config.gate_temperature, config.gate_init, kept,
+                             zero_up=config.add_backbone_output).to(device)
         expected = len(side_layer_indices(model, config))
         if network.num_blocks != expected:
             raise CompressError(f"side_config describes {network.num_blocks} side blocks but side_layers names "
@@ -205,6 +206,8 @@ class LadderSideModel(BaseTuner):
             side_inputs["cache"] = cache.side if isinstance(cache, LadderCache) else None
             side_inputs["use_cache"] = True
         final, side_outputs = network(states, **side_inputs)
+        if self.active_config.add_backbone_output:
+            final = final + outputs["last_hidden_state"]
         outputs["last_hidden_state"] = final
         if outputs.get("pooler_output") is not None and getattr(module, "pooler", None) is not None:
             outputs["pooler_output"] = module.pooler(final)
