@@ -54,6 +54,7 @@ CASES = [
     MethodCase("LADDER_SIDE", "roberta", compress.LadderSideConfig, {"r": 4, "side_layers": [1]}),
     MethodCase("LADDER_SIDE", "llama", compress.LadderSideConfig, {"r": 2}),
     MethodCase("LADDER_SIDE", "qwen2", compress.LadderSideConfig, {"r": 2, "side_init": "random"}),
+    MethodCase("LADDER_SIDE", "t5", compress.LadderSideConfig, {"r": 2}),
 ]
 
 

@@ -16,7 +16,7 @@ from tests import tiny
 from tests.methods import perturb_adapters
 from tests.test_train import make_dataset, make_tokenizer
 
-TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM"}
+TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
 
 def wrap(arch: str, **kwargs):
@@ -31,7 +31,7 @@ def network(peft_model):
 
 def kept_channels(peft_model) -> list[int]:
     """The backbone channels the first ladder selects (pruned initialisation)."""
-    return network(peft_model).down[0].weight.argmax(dim=1).tolist()
+    return network(peft_model).down[0][0].weight.argmax(dim=1).tolist()
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -112,7 +112,7 @@ def test_random_initialisation_copies_nothing():
 def test_layer_dropping_keeps_one_side_block_per_listed_layer():
     full, dropped = wrap("bert"), wrap("bert", side_layers=[1])
     assert len(network(full).side.encoder.layer) == 2 and len(network(dropped).side.encoder.layer) == 1
-    assert network(dropped).gates.shape == (1,) and len(network(dropped).down) == 2
+    assert network(dropped).gates.shape == (1, 1) and len(network(dropped).down[0]) == 2
     assert dropped.peft_config["default"].side_config["num_hidden_layers"] == 1
     assert sum(p.numel() for p in network(dropped).parameters()) < sum(p.numel() for p in network(full).parameters())
 
@@ -140,7 +140,7 @@ def test_trainable_parameters_are_the_side_network_and_head(capsys):
     assert f"trainable params: {trainable:,}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "t5"])
 def test_generate_with_the_ladder_cache_matches_generate_without_cache(arch):
     model = wrap(arch)
     perturb_adapters(model)
@@ -148,8 +148,11 @@ def test_generate_with_the_ladder_cache_matches_generate_without_cache(arch):
     batch = tiny.make_batch(arch, labels=False)
     with torch.no_grad():
         out = model(**batch, use_cache=True)
-    assert isinstance(out.cache, compress.METHODS["LADDER_SIDE"].LadderCache)
-    assert out.cache.side.get_seq_length() == batch["input_ids"].shape[1]
+    method = compress.METHODS["LADDER_SIDE"]
+    assert isinstance(out.cache, method.LadderEncoderDecoderCache if arch == "t5" else method.LadderCache)
+    decoded = batch.get("decoder_input_ids", batch["input_ids"])
+    assert out.cache.side.get_seq_length() == decoded.shape[1]
+    batch.pop("decoder_input_ids", None)
     for beams in (1, 3):
         cached = model.generate(**batch, max_new_tokens=5, do_sample=False, num_beams=beams)
         uncached = model.generate(**batch, max_new_tokens=5, do_sample=False, num_beams=beams, use_cache=False)
@@ -181,7 +184,7 @@ def test_feature_extraction_on_a_bare_encoder():
     ({"gate_temperature": 0}, "gate_temperature"),
     ({"side_init": "copy"}, "side_init"),
     ({"importance": "taylor"}, "importance"),
-    ({"task_type": "SEQ_2_SEQ_LM"}, "SEQ_2_SEQ_LM"),
+    ({"task_type": "QUESTION_ANS"}, "Ladder Side-Tuning serves SEQ_CLS, CAUSAL_LM, SEQ_2_SEQ_LM"),
 ])
 def test_bad_configs_name_the_field(kwargs, match):
     with pytest.raises(InvalidOptionError, match=match):
@@ -193,7 +196,8 @@ def test_bad_configs_name_the_field(kwargs, match):
     ("bert", {"side_layers": [0, 5]}, r"blocks \[5\] do not exist: the backbone has 2 blocks"),
     ("bert", {"task_type": "CAUSAL_LM"}, "task_type=CAUSAL_LM needs a \\*ForCausalLM model"),
     ("llama", {"task_type": "SEQ_CLS"}, "ForSequenceClassification model"),
-    ("t5", {"task_type": "FEATURE_EXTRACTION"}, "encoder-decoder models \\(T5\\) are not supported"),
+    ("t5", {"side_layers": [1]}, r"must include blocks \[0\]: .* relative position bias"),
+    ("t5", {"task_type": "SEQ_CLS"}, "ForSequenceClassification model"),
 ])
 def test_configs_the_model_cannot_serve_raise_before_anything_changes(arch, kwargs, match):
     model = tiny.make_model(arch)
@@ -276,13 +280,13 @@ def test_quantized_backbone_trains_the_side_network_and_reloads(bits, tmp_path):
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in frozen.items())
     assert all(not torch.equal(p, side[n]) for n, p in network(model).named_parameters() if n.startswith("down"))
-    expected = tests_logits(model)
+    expected = _logits(model)
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(_quantized_bert(tmp_path / "base", bits), tmp_path / "adapter")
-    torch.testing.assert_close(tests_logits(reloaded), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(reloaded), expected, rtol=0, atol=1e-6)
 
 
-def tests_logits(model) -> torch.Tensor:
+def _logits(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(**tiny.make_batch("bert", labels=False)).logits

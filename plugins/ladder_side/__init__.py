@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from compress.registry import register_method
 
-from .cache import LadderCache
+from .cache import LadderCache, LadderEncoderDecoderCache
 from .config import LADDER_SIDE, LadderSideConfig
 from .layer import LadderSide
 from .model import LadderSideModel
@@ -16,6 +16,7 @@ from .model import LadderSideModel
 __all__ = [
     "LADDER_SIDE",
     "LadderCache",
+    "LadderEncoderDecoderCache",
     "LadderSide",
     "LadderSideConfig",
     "LadderSideModel",

@@ -18,8 +18,8 @@ LADDER_SIDE = PeftMethodType("LADDER_SIDE")
 SIDE_INITS = ("pruned", "random")
 #: importances that score the backbone for the pruned initialisation (fisher needs calibration data)
 SIDE_IMPORTANCES = ("fisher", "magnitude")
-#: task types the side network serves; SEQ_2_SEQ_LM (T5) is not built yet
-TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "FEATURE_EXTRACTION")
+#: task types the side network serves
+TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "TOKEN_CLS", "FEATURE_EXTRACTION")
 
 
 @dataclass
@@ -103,8 +103,7 @@ class LadderSideConfig(PeftConfig):
         if self.importance not in SIDE_IMPORTANCES:
             raise InvalidOptionError("importance", self.importance, f"choose one of {', '.join(SIDE_IMPORTANCES)}")
         if self.task_type is not None and str(self.task_type) not in TASK_TYPES:
-            raise InvalidOptionError("task_type", self.task_type, f"Ladder Side-Tuning serves {', '.join(TASK_TYPES)}"
-                                     " (encoder-decoder SEQ_2_SEQ_LM is not supported)")
+            raise InvalidOptionError("task_type", self.task_type, f"Ladder Side-Tuning serves {', '.join(TASK_TYPES)}")
         if self.modules_to_save is not None and (not isinstance(self.modules_to_save, (list, tuple)) or not all(
                 isinstance(n, str) and n for n in self.modules_to_save)):
             raise InvalidOptionError("modules_to_save", self.modules_to_save, "must be a list of module names")

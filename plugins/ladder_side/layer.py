@@ -14,10 +14,11 @@ from compress.pruning.arch import arch_spec
 class LadderSide(nn.Module):
     """Side network plus ladders for one adapter.
 
-    ``forward(states, **side_inputs)`` takes the backbone's embedding output and the outputs of the backbone blocks
-    that feed ladders (``states[0]`` and ``states[1:]``, one per side block) and returns the side network's last
-    state projected up to the backbone's width. ``side_inputs`` are the side model's own keyword arguments
-    (attention mask, position ids, cache, ...).
+    The side network has one stack of blocks per backbone stack (encoder-only and decoder-only models: one; T5:
+    encoder and decoder). :meth:`run` runs stack ``s`` on the backbone's states of that stack: its embedding
+    output (``states[0]``, through the first ladder) and the outputs of the backbone blocks that feed ladders
+    (``states[1:]``, one per side block). :attr:`up` projects the last stack's output back to the backbone's
+    width.
     """
 
     def __init__(self, side: PreTrainedModel, backbone_width: int, gate_temperature: float, gate_init: float,
@@ -25,10 +26,13 @@ class LadderSide(nn.Module):
         super().__init__()
         side_width = side.config.hidden_size
         self.side = side
-        blocks = arch_spec(side).stacks()[0].blocks
-        self.num_blocks = len(blocks)
-        self.down = nn.ModuleList(nn.Linear(backbone_width, side_width) for _ in range(self.num_blocks + 1))
-        self.gates = nn.Parameter(torch.full((self.num_blocks,), float(gate_init)))
+        stacks = arch_spec(side).stacks()
+        self.stack_names = [stack.name for stack in stacks]
+        self.num_blocks = len(stacks[0].blocks)
+        self.down = nn.ModuleList(
+            nn.ModuleList(nn.Linear(backbone_width, side_width) for _ in range(len(stack.blocks) + 1))
+            for stack in stacks)
+        self.gates = nn.Parameter(torch.full((len(stacks), self.num_blocks), float(gate_init)))
         self.up = nn.Linear(side_width, backbone_width)
         self.gate_temperature = gate_temperature
         dtype = next(side.parameters()).dtype
@@ -39,17 +43,17 @@ class LadderSide(nn.Module):
         if zero_up:  # added to the backbone's output: start from the backbone's own predictions
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
-        self._ladders: list[torch.Tensor] | None = None
-        for j, block in enumerate(blocks):
-            block.register_forward_pre_hook(self._ladder_hook(j), with_kwargs=True)
+        self._ladders: tuple[int, list[torch.Tensor]] | None = None
+        for s, stack in enumerate(stacks):
+            for j, block in enumerate(stack.blocks):
+                block.register_forward_pre_hook(self._ladder_hook(s, j), with_kwargs=True)
 
     @torch.no_grad()
     def select_channels(self, kept: list[int]) -> None:
         """Ladders that pick the backbone's ``kept`` hidden channels and an up-projection that puts them back:
-        with the pruned initialisation, side block ``j`` then starts from what the pruned copy of its backbone
-        block reads."""
+        with the pruned initialisation, each side block then starts from the channels its pruned copy reads."""
         index = torch.as_tensor(kept)
-        for down in self.down:
+        for down in (d for stack in self.down for d in stack):
             down.weight.zero_()
             down.weight[torch.arange(len(kept)), index] = 1.0
             down.bias.zero_()
@@ -58,32 +62,38 @@ class LadderSide(nn.Module):
         self.up.bias.zero_()
 
     def gate_values(self) -> torch.Tensor:
-        """``sigmoid(alpha / T)`` per side block: the weight of the ladder against the side state."""
+        """``sigmoid(alpha / T)`` per stack and side block: the weight of the ladder against the side state."""
         return torch.sigmoid(self.gates / self.gate_temperature)
 
-    def _ladder_hook(self, j: int):
+    def _ladder_hook(self, stack: int, j: int):
         def mix(module: nn.Module, args: tuple, kwargs: dict):
-            if self._ladders is None:
+            if self._ladders is None or self._ladders[0] != stack:
                 return None
-            ladder = self.down[j + 1](self._ladders[j + 1])
-            gate = self.gate_values()[j].to(ladder.dtype)
+            ladder = self.down[stack][j + 1](self._ladders[1][j + 1])
+            gate = self.gate_values()[stack, j].to(ladder.dtype)
             if args:
                 return (gate * ladder + (1 - gate) * args[0], *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": gate * ladder + (1 - gate) * kwargs["hidden_states"]}
         return mix
 
-    def forward(self, states: list[torch.Tensor], **side_inputs):
-        """Run the side network on the backbone's ``states``; returns ``(up-projected last state, side outputs)``."""
-        if len(states) != self.num_blocks + 1:
-            raise ValueError(f"expected {self.num_blocks + 1} backbone states (embeddings + one per side block), "
+    def stack_module(self, stack: int) -> nn.Module:
+        """What runs side stack ``stack``: the side model itself, or its ``encoder``/``decoder``."""
+        return self.side if len(self.stack_names) == 1 else getattr(self.side, self.stack_names[stack])
+
+    def run(self, stack: int, states: list[torch.Tensor], **inputs):
+        """Run side stack ``stack`` on the backbone's ``states``; ``inputs`` are the stack's own keyword arguments
+        (attention mask, position ids, cache, encoder states, ...). Returns its outputs."""
+        if len(states) != len(self.down[stack]):
+            raise ValueError(f"expected {len(self.down[stack])} backbone states (embeddings + one per side block), "
                              f"got {len(states)}")
         dtype = self.up.weight.dtype
-        self._ladders = [s.to(dtype) for s in states]
+        ladders = [s.to(dtype) for s in states]
+        self._ladders = (stack, ladders)
         try:
-            outputs = self.side(inputs_embeds=self.down[0](self._ladders[0]), return_dict=True, **side_inputs)
+            return self.stack_module(stack)(inputs_embeds=self.down[stack][0](ladders[0]), return_dict=True,
+                                            **inputs)
         finally:
             self._ladders = None
-        return self.up(outputs.last_hidden_state), outputs
 
 
 class LadderSideLayer(nn.Module, BaseTunerLayer):

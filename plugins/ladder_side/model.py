@@ -14,11 +14,11 @@ from compress.errors import CompressError
 from compress.export import TAG
 from compress.pruning.arch import arch_spec
 
-from .cache import LadderCache
+from .cache import side_cache, with_side
 from .config import LadderSideConfig
 from .layer import LadderSide, LadderSideLayer
 from .side import (
-    backbone_stack,
+    backbone_stacks,
     build_pruned_side,
     build_random_side,
     side_config_dict,
@@ -29,8 +29,11 @@ from .side import (
 
 logger = logging.getLogger(__name__)
 
-#: keyword arguments of the backbone's base model that the side network receives unchanged
-_SHARED_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "use_cache")
+#: keyword arguments of the backbone's base model (or stack) that the side network receives unchanged
+_SHARED_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "use_cache", "encoder_attention_mask")
+#: where an encoder's outputs carry the side encoder's last state (``generate()`` passes them back, expanded
+#: for beam search like every tensor in them)
+SIDE_STATE = "ladder_side_state"
 
 
 class LadderSideModel(BaseTuner):
@@ -65,6 +68,7 @@ class LadderSideModel(BaseTuner):
         self.__dict__["_hook_handles"] = []
         self.__dict__["_states"] = None  # backbone states of the running forward
         self.__dict__["_grad_mode"] = None
+        self.__dict__["_side_memory"] = None  # the side encoder's last state (encoder-decoder models)
         self.__dict__["_unscored"] = False  # pruned by magnitude while the config asks for a data-driven importance
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
@@ -79,7 +83,6 @@ class LadderSideModel(BaseTuner):
                                 "another adapter")
 
     def _pre_injection_hook(self, model: nn.Module, config: LadderSideConfig, adapter_name: str) -> None:
-        backbone_stack(model)  # refuses families with more than one stack
         side_layer_indices(model, config)
         side_widths(arch_spec(model), config.r)
         self._check_task(model, config)
@@ -90,7 +93,8 @@ class LadderSideModel(BaseTuner):
     def _check_task(model: nn.Module, config: LadderSideConfig) -> None:
         name = type(model).__name__.removeprefix("Compressed")
         wanted = {"SEQ_CLS": "ForSequenceClassification", "CAUSAL_LM": "ForCausalLM",
-                  "TOKEN_CLS": "ForTokenClassification"}.get(str(config.task_type))
+                  "TOKEN_CLS": "ForTokenClassification",
+                  "SEQ_2_SEQ_LM": "ForConditionalGeneration"}.get(str(config.task_type))
         if wanted is not None and not name.endswith(wanted):
             raise CompressError(f"task_type={config.task_type} needs a *{wanted} model, got {type(model).__name__}; "
                                 f"load the backbone with the matching Auto class or change task_type")
@@ -147,16 +151,27 @@ class LadderSideModel(BaseTuner):
         self.lst_side.update_layer(adapter_name, network, trainable=not config.inference_mode)
 
     # -- the forward ----------------------------------------------------------------------------------------
+    def _stack_owners(self) -> list[nn.Module]:
+        """Per backbone stack, the module whose output the side network's replaces: the base model of an
+        encoder-only or decoder-only model (so that BERT's pooler and Llama's final norm see it), each stack
+        module of an encoder-decoder."""
+        stacks = backbone_stacks(self.model)
+        if len(stacks) == 1:
+            return [self.model.base_model]
+        return [self.model.get_submodule(stack.name) for stack in stacks]
+
     def _attach_hooks(self) -> None:
         if self._hook_handles:
             return
-        base = self.model.base_model
-        blocks = backbone_stack(self.model)
         layers = side_layer_indices(self.model, self.active_config)
-        handles = [base.register_forward_pre_hook(self._before_backbone, with_kwargs=True),
-                   base.register_forward_hook(self._after_backbone, with_kwargs=True),
-                   blocks[0].register_forward_pre_hook(self._capture_input, with_kwargs=True)]
-        handles += [blocks[i].register_forward_hook(self._capture_output) for i in layers]
+        handles = []
+        if len(backbone_stacks(self.model)) > 1:
+            handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        for s, (stack, owner) in enumerate(zip(backbone_stacks(self.model), self._stack_owners())):
+            handles += [owner.register_forward_pre_hook(self._before_stack, with_kwargs=True),
+                        owner.register_forward_hook(self._after_stack(s), with_kwargs=True),
+                        stack.blocks[0].register_forward_pre_hook(self._capture_input, with_kwargs=True)]
+            handles += [stack.blocks[i].register_forward_hook(self._capture_output) for i in layers]
         self._hook_handles.extend(handles)
 
     def _detach_hooks(self) -> None:
@@ -168,7 +183,14 @@ class LadderSideModel(BaseTuner):
         layer = self.__dict__["_modules"].get("lst_side")
         return layer.active_network() if layer is not None else None
 
-    def _before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Encoder-decoder: encoder outputs computed earlier (``generate()``) carry the side encoder's state."""
+        encoder_outputs = kwargs.get("encoder_outputs")
+        memory = encoder_outputs.get(SIDE_STATE) if isinstance(encoder_outputs, dict) else None
+        if encoder_outputs is not None:
+            self.__dict__["_side_memory"] = memory
+
+    def _before_stack(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._network() is None:
             return
         if self._unscored and module.training and torch.is_grad_enabled():
@@ -188,31 +210,46 @@ class LadderSideModel(BaseTuner):
         if self._states is not None:
             self._states.append((output[0] if isinstance(output, tuple) else output).detach())
 
-    def _after_backbone(self, module: nn.Module, args: tuple, kwargs: dict, outputs):
-        states, self.__dict__["_states"] = self._states, None
-        if states is None:
-            return None
-        torch.set_grad_enabled(self._grad_mode)
+    def _after_stack(self, stack: int):
+        def run_side(module: nn.Module, args: tuple, kwargs: dict, outputs):
+            states, self.__dict__["_states"] = self._states, None
+            if states is None:
+                return None
+            torch.set_grad_enabled(self._grad_mode)
+            return self._run_side(stack, module, args, kwargs, outputs, states)
+        return run_side
+
+    def _run_side(self, stack: int, module: nn.Module, args: tuple, kwargs: dict, outputs, states):
         if not isinstance(outputs, ModelOutput):
             raise CompressError(f"{type(module).__name__} returned {type(outputs).__name__}; Ladder Side-Tuning "
                                 "needs the base model's ModelOutput (do not set return_dict=False)")
         bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
         bound = {**bound.pop("kwargs", {}), **bound}
         network = self._network()
-        accepted = inspect.signature(network.side.forward).parameters
-        side_inputs = {k: bound[k] for k in _SHARED_INPUTS if bound.get(k) is not None and k in accepted}
+        accepted = inspect.signature(network.stack_module(stack).forward).parameters
+        inputs = {k: bound[k] for k in _SHARED_INPUTS if bound.get(k) is not None and k in accepted}
+        if bound.get("encoder_hidden_states") is not None:  # an encoder-decoder's decoder
+            if self._side_memory is None:
+                raise CompressError("the decoder runs on encoder outputs without the side encoder's state; pass "
+                                    "encoder_outputs computed by this PEFT model (or let it run the encoder)")
+            inputs["encoder_hidden_states"] = self._side_memory
         cache = outputs.get("cache")
         if cache is not None:
-            side_inputs["cache"] = cache.side if isinstance(cache, LadderCache) else None
-            side_inputs["use_cache"] = True
-        final, side_outputs = network(states, **side_inputs)
+            inputs["cache"] = side_cache(cache)
+            inputs["use_cache"] = True
+        side_outputs = network.run(stack, states, **inputs)
+        if stack < len(network.stack_names) - 1:  # the encoder: its state feeds the side decoder
+            self.__dict__["_side_memory"] = side_outputs.last_hidden_state
+            outputs[SIDE_STATE] = side_outputs.last_hidden_state  # generate() hands it back with encoder_outputs
+            return outputs
+        final = network.up(side_outputs.last_hidden_state)
         if self.active_config.add_backbone_output:
             final = final + outputs["last_hidden_state"]
         outputs["last_hidden_state"] = final
         if outputs.get("pooler_output") is not None and getattr(module, "pooler", None) is not None:
             outputs["pooler_output"] = module.pooler(final)
         if cache is not None:
-            outputs["cache"] = LadderCache.around(cache, side_outputs.cache)
+            outputs["cache"] = with_side(cache, side_outputs.cache)
         return outputs
 
     def forward(self, *args, **kwargs):

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from compress.errors import CompressError, UnsupportedModelError
-from compress.pruning.arch import ArchSpec, arch_spec
+from compress.pruning.arch import ArchSpec, LayerStack, arch_spec
 from compress.pruning.compact import PREFIX as COMPACT_PREFIX
 from compress.pruning.compact import make_compact
 from compress.pruning.engine import prune_model
@@ -40,25 +40,28 @@ class SideNetwork:
     importance: str | None
 
 
-def backbone_stack(model: nn.Module) -> nn.ModuleList:
-    """The backbone's one stack of blocks (encoder-only or decoder-only families)."""
-    stacks = arch_spec(model).stacks()
-    if len(stacks) != 1:
-        raise UnsupportedModelError(f"{type(model).__name__}: Ladder Side-Tuning supports encoder-only and "
-                                    "decoder-only models (BERT/RoBERTa, Llama/Qwen2); encoder-decoder models "
-                                    "(T5) are not supported")
-    return stacks[0].blocks
+def backbone_stacks(model: nn.Module) -> list[LayerStack]:
+    """The backbone's stacks of blocks: one (encoder-only, decoder-only) or two (T5: encoder, decoder)."""
+    return arch_spec(model).stacks()
 
 
 def side_layer_indices(model: nn.Module, config: LadderSideConfig) -> list[int]:
-    """``config.side_layers``, checked against the backbone's blocks (default: all of them)."""
-    count = len(backbone_stack(model))
+    """``config.side_layers``, checked against every stack of the backbone (default: every block)."""
+    stacks = backbone_stacks(model)
+    count = min(len(stack.blocks) for stack in stacks)
+    if len({len(stack.blocks) for stack in stacks}) > 1:
+        raise UnsupportedModelError(f"{type(model).__name__}: Ladder Side-Tuning needs stacks of equal depth, got "
+                                    f"{[len(stack.blocks) for stack in stacks]} blocks")
     if config.side_layers is None:
         return list(range(count))
     unknown = [i for i in config.side_layers if i >= count]
     if unknown:
         raise InvalidOptionError("side_layers", config.side_layers, f"blocks {unknown} do not exist: the backbone "
                                  f"has {count} blocks (0..{count - 1})")
+    protected = sorted(set().union(*(stack.protected for stack in stacks)) - set(config.side_layers))
+    if protected:
+        raise InvalidOptionError("side_layers", config.side_layers, f"must include blocks {protected}: in this "
+                                 "family they own what every later block uses (T5: the relative position bias)")
     return list(config.side_layers)
 
 
@@ -135,6 +138,9 @@ def strip_side(side: PreTrainedModel) -> PreTrainedModel:
     """Drop what the side network does not use: the token embeddings (its input comes through the first
     ladder) and a pooler."""
     side.set_input_embeddings(None)
+    for stack in ("encoder", "decoder"):  # T5's stacks hold their own reference to the shared embeddings
+        if hasattr(getattr(side, stack, None), "embed_tokens"):
+            getattr(side, stack).embed_tokens = None
     if getattr(side, "pooler", None) is not None:
         side.pooler = None
     return side
@@ -166,11 +172,16 @@ def build_pruned_side(model: PreTrainedModel, config: LadderSideConfig, data=Non
                                 "use importance='magnitude'") from exc
         raise
     side = source.base_model
-    stack = arch_spec(side).stacks()[0]
-    if len(layers) < len(stack.blocks):
-        arch_spec(side).remove_blocks(stack, layers)
+    for stack in arch_spec(side).stacks():
+        if len(layers) < len(stack.blocks):
+            arch_spec(side).remove_blocks(stack, layers)
     if getattr(side, "pooler", None) is not None:
         side.pooler = None
+    if len(arch_spec(side).stacks()) > 1:  # encoder-decoder: the bare model class holds just the two stacks
+        bare = side_from_config(side_config_dict(side))
+        own = {k: v for k, v in side.state_dict().items() if k in bare.state_dict()}
+        bare.load_state_dict(own, strict=True)
+        side = bare
     if side.config.model_type.startswith(COMPACT_PREFIX):
         make_compact(side)  # record the side network's own projection shapes, at their paths after layer dropping
     removed = set(report.removed.get("hidden", []))
@@ -184,11 +195,13 @@ def build_random_side(model: PreTrainedModel, config: LadderSideConfig) -> SideN
     layers = side_layer_indices(model, config)
     widths = side_widths(arch_spec(model), config.r)
     side_cfg = copy.deepcopy(model.config)
-    for name, value in (("hidden_size", widths["hidden"]), ("intermediate_size", widths["ffn"]),
-                        ("num_attention_heads", widths["heads"]), ("num_key_value_heads", widths["kv_heads"]),
-                        ("num_hidden_layers", len(layers))):
-        if hasattr(side_cfg, name):
-            setattr(side_cfg, name, value)
+    for names, value in ((("hidden_size", "d_model"), widths["hidden"]), (("intermediate_size", "d_ff"), widths["ffn"]),
+                         (("num_attention_heads", "num_heads"), widths["heads"]),
+                         (("num_key_value_heads",), widths["kv_heads"]),
+                         (("num_hidden_layers", "num_layers", "num_decoder_layers"), len(layers))):
+        for name in names:  # the family's own field names (BERT/Llama, T5)
+            if name in side_cfg.to_dict():
+                setattr(side_cfg, name, value)
     if getattr(side_cfg, "head_dim", None) is None and widths["hidden"] % widths["heads"]:
         side_cfg.num_attention_heads = 1  # the family derives the head size from hidden_size / heads
     if getattr(side_cfg, "layer_types", None):
