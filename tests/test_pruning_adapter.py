@@ -283,7 +283,6 @@ def test_schedule_longer_than_training_fails_clearly(tmp_path):
     ({"normalize": "zscore"}, "normalize='zscore': choose one of none, mean, l2"),
     ({"distill_weight": -1.0}, r"distill_weight=-1.0: must be a finite number >= 0"),
     ({"sparsity": {"ffn": 0.5, "layers": 0.5}, "distill_weight": 1.0}, "leave 'layers' out of sparsity"),
-    ({"sparsity": {"hidden": 0.25}, "distill_weight": 1.0}, "leave 'hidden' out of sparsity"),
     ({"distill_weight": 1.0, "quantize_backbone": "8bit"}, "use one or the other"),
     ({"max_keep": 0.4, "mode": "global"}, "set it to at least 0.50"),
     ({"max_keep": 0.75}, "caps per-layer widths in global mode"),
@@ -584,6 +583,32 @@ def test_distillation_adds_the_masked_hidden_state_error_against_a_weight_sharin
     assert reloaded.base_model.distillation is None  # inference: no teacher
     model.merge_and_unload()
     assert tuner.distillation.teacher is None  # merging writes into weights the teacher shared
+
+
+def test_distillation_with_hidden_pruning_compares_the_kept_channels():
+    from compress.pruning.distill import hidden_states_of
+
+    kept_hidden_channels = compress.METHODS["PRUNING_ADAPTER"].plan.kept_hidden_channels
+    events = [{"removed": {"hidden": [0, 5]}}, {"removed": {"ffn": [1]}}, {"removed": {"hidden": [0, 2]}}]
+    assert kept_hidden_channels(events, 8) == [2, 4, 6, 7]  # indices count what the events before left
+    base = _without_dropout(tiny.make_model("llama"))
+    model = get_peft_model(base, compress.PruningAdapterConfig(
+        task_type="CAUSAL_LM", r=4, sparsity={"hidden": 0.25, "ffn": 0.5}, distill_weight=10.0))
+    tuner = model.base_model
+    teacher = tuner.distillation.teacher
+    tuner.prune(data=tiny.make_batches("llama", 2))
+    perturb_adapters(model)
+    batch = tiny.make_batch("llama")
+    model.train()
+    trained = model(**batch)
+    model.eval()
+    with torch.no_grad():
+        plain = model(**batch, output_hidden_states=True)
+        target = hidden_states_of(teacher(**batch, output_hidden_states=True))
+    kept = kept_hidden_channels(tuner.active_config.pruning_plan, 32)
+    assert len(kept) == 24 and hidden_states_of(plain)[0].shape[-1] == 24
+    errors = [(s - t[..., kept]).pow(2).mean() for s, t in zip(hidden_states_of(plain), target)]
+    torch.testing.assert_close(trained.loss, plain.loss + 10.0 * torch.stack(errors).mean())
 
 
 def test_distillation_under_trainer_with_progressive_pruning(tmp_path):

@@ -77,8 +77,9 @@ class PruningAdapterConfig(PeftConfig):
             that shares the loaded weights and runs without gradients; see
             :mod:`compress.plugins.pruning_adapter.distill`). It tells the adapters what the pruned channels
             contributed. ``0`` (default) turns it off. Costs a dense forward pass per training step and keeps the
-            dense weights alive until merging; not combined with layer or hidden-size pruning (hidden states would
-            not align) or a quantised backbone.
+            dense weights alive until merging. With hidden-size pruning the teacher's states are compared on the
+            channels the student keeps. Not combined with layer pruning (the depths would differ) or a quantised
+            backbone.
         r: adapter rank.
         lora_alpha: adapter scaling numerator (scale = lora_alpha / r).
         lora_dropout: dropout on the adapter path.
@@ -180,11 +181,9 @@ class PruningAdapterConfig(PeftConfig):
         if self.quantize_backbone is not None and self.quantize_backbone not in QUANTIZATIONS:
             raise InvalidOptionError("quantize_backbone", self.quantize_backbone,
                                      f"choose one of {', '.join(QUANTIZATIONS)} or None")
-        for structure in ("layers", "hidden"):
-            if self.distill_weight and structure in self.sparsity:
-                raise InvalidOptionError("distill_weight", self.distill_weight, "needs every layer's hidden states "
-                                         "to have a teacher counterpart of the same shape: leave "
-                                         f"'{structure}' out of sparsity, or set it to 0")
+        if self.distill_weight and "layers" in self.sparsity:
+            raise InvalidOptionError("distill_weight", self.distill_weight, "needs every layer's hidden states to "
+                                     "have a teacher counterpart: leave 'layers' out of sparsity, or set it to 0")
         if self.distill_weight and self.quantize_backbone:
             raise InvalidOptionError("distill_weight", self.distill_weight, "keeps a float dense teacher, which "
                                      "defeats quantize_backbone: use one or the other")

@@ -27,6 +27,8 @@ from compress.pruning.distill import (
     hidden_states_of,
 )
 
+from .plan import kept_hidden_channels
+
 logger = logging.getLogger(__name__)
 
 
@@ -81,8 +83,13 @@ class Distillation:
             with torch.no_grad():
                 target = self.teacher(*args, **kwargs)
             masks = hidden_state_masks(outputs, kwargs.get("attention_mask"), kwargs.get("decoder_attention_mask"))
-            outputs.loss = outputs.loss + self.weight * hidden_state_loss(hidden_states_of(outputs),
-                                                                          hidden_states_of(target), masks)
+            student_states, teacher_states = hidden_states_of(outputs), hidden_states_of(target)
+            if student_states and teacher_states and student_states[0].shape[-1] < teacher_states[0].shape[-1]:
+                # hidden-size pruning: the student carries a subset of the teacher's channels
+                kept = kept_hidden_channels(tuner.active_config.pruning_plan, teacher_states[0].shape[-1])
+                index = torch.as_tensor(kept, device=teacher_states[0].device)
+                teacher_states = [t.index_select(-1, index) for t in teacher_states]
+            outputs.loss = outputs.loss + self.weight * hidden_state_loss(student_states, teacher_states, masks)
         if not asked:  # give the caller the output it asked for, and free the states early
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in HIDDEN_STATE_FIELDS})
         return outputs

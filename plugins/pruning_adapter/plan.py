@@ -191,6 +191,16 @@ def replay_events(model: nn.Module, events: list[dict], start: int = 0, source: 
                              f"records {event['widths_after']}", source)
 
 
+def kept_hidden_channels(plan: list[dict], width: int) -> list[int]:
+    """The original hidden channels a model pruned by ``plan`` still carries, in order (all ``width`` of them
+    when no event removed any). Each event's indices count the channels left by the events before it."""
+    kept = list(range(width))
+    for event in plan:
+        removed = set(event["removed"].get("hidden", ()))
+        kept = [channel for index, channel in enumerate(kept) if index not in removed]
+    return kept
+
+
 # -- the copy saved with the adapter weights -------------------------------------------------------------
 def _canonical(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
