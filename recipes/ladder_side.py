@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--side-layers", type=int, nargs="+", default=None,
                    help="backbone blocks that feed ladders (default: all six)")
     p.add_argument("--side-init", choices=["pruned", "random"], default="pruned")
+    p.add_argument("--gate-init", type=float, default=0.0,
+                   help="initial gate alpha: sigmoid(alpha / 0.1) of each side block's input is the ladder (0)")
+    p.add_argument("--add-backbone-output", action="store_true",
+                   help="add the side output to the backbone's final hidden state instead of replacing it")
     p.add_argument("--quantize", choices=["8bit", "4bit"], default=None,
                    help="load the frozen backbone in bitsandbytes 8-bit or nf4 4-bit")
     p.add_argument("--out", default=str(REPO / "runs" / "ladder_side"), help="output folder")
@@ -49,7 +53,8 @@ def main(argv=None) -> int:
     train, test, source = load_splits(args.glue_task, train_rows=args.train_rows, seed=args.seed)
     args.num_labels = len(set(train["label"]))
     config = compress.LadderSideConfig(task_type="SEQ_CLS", r=args.r, side_layers=args.side_layers,
-                                       side_init=args.side_init, importance=args.importance)
+                                       side_init=args.side_init, importance=args.importance,
+                                       gate_init=args.gate_init, add_backbone_output=args.add_backbone_output)
     model, tokenizer = backbone(args, quantize=args.quantize)
     model = get_peft_model(model, config)
     if args.side_init == "pruned":
