@@ -290,3 +290,16 @@ def _logits(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(**tiny.make_batch("bert", labels=False)).logits
+
+
+def test_a_failed_reinitialisation_leaves_the_adapter_as_it_was(tmp_path):
+    model = wrap("bert", importance="fisher")
+    recorded = dict(model.peft_config["default"].side_config)
+    before = {k: v.clone() for k, v in network(model).state_dict().items()}
+    with pytest.raises(compress.CompressError, match="labels"):
+        model.base_model.init_side(data=tiny.make_batches("bert", 2, labels=False))  # fisher needs the task loss
+    assert model.peft_config["default"].side_config == recorded
+    assert all(torch.equal(before[k], v) for k, v in network(model).state_dict().items())
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), tmp_path)
+    assert network(reloaded).state_dict().keys() == before.keys()

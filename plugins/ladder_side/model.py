@@ -40,12 +40,13 @@ class LadderSideModel(BaseTuner):
     """Creates a Ladder Side-Tuning model from a pretrained transformers model.
 
     The backbone stays as loaded and frozen, and runs without gradients. Forward hooks collect its embedding
-    output and the outputs of the blocks in ``side_layers``; when its base model (``model.bert``, ``model.model``,
-    ...) returns, the side network (:class:`~compress.plugins.ladder_side.layer.LadderSide`, on this tuner as
-    ``lst_side``) runs on them and its up-projected last state replaces the base model's ``last_hidden_state``
-    (and BERT's ``pooler_output``), so the task model's own head and loss run unchanged. With ``use_cache`` the
-    returned cache is a :class:`~compress.plugins.ladder_side.cache.LadderCache` holding both networks' keys and
-    values, which ``generate()`` passes back.
+    output and the outputs of the blocks in ``side_layers``; when its base model (``model.bert``, ``model.model``;
+    for T5 each of its stacks) returns, the side network (:class:`~compress.plugins.ladder_side.layer.LadderSide`,
+    in the tuner layer ``lst_side``) runs on them. The side decoder's up-projected last state replaces the base
+    model's ``last_hidden_state`` (and BERT's ``pooler_output``), so the task model's own head and loss run
+    unchanged; a T5 side encoder's state goes to the side decoder (and into the encoder outputs, for
+    ``generate()``). With ``use_cache`` the returned cache also holds the side network's keys and values
+    (:mod:`~compress.plugins.ladder_side.cache`), and ``generate()`` passes it back.
 
     Saving writes the side network, ladders, gates, up-projection and ``modules_to_save``; the side network's
     config goes into ``LadderSideConfig.side_config`` so that ``PeftModel.from_pretrained`` rebuilds its shapes.
@@ -141,11 +142,14 @@ class LadderSideModel(BaseTuner):
         config = self.peft_config[adapter_name]
         if config.side_init != "pruned":
             raise CompressError("init_side rebuilds the pruned initialisation; this adapter has side_init='random'")
+        recorded, config.side_config = config.side_config, None
         self._detach_hooks()
         try:
-            config.side_config = None
             network = self._build(self.model, config, data, tokenizer, num_batches=num_batches,
                                   batch_size=batch_size)
+        except BaseException:
+            config.side_config = recorded  # a failed re-initialisation leaves the adapter as it was
+            raise
         finally:
             self._attach_hooks()
         self.lst_side.update_layer(adapter_name, network, trainable=not config.inference_mode)
