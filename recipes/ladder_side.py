@@ -43,8 +43,8 @@ def main(argv=None) -> int:
                    help="initial gate alpha: sigmoid(alpha / 0.1) of each side block's input is the ladder (0)")
     p.add_argument("--add-backbone-output", action="store_true",
                    help="add the side output to the backbone's final hidden state instead of replacing it")
-    p.add_argument("--quantize", choices=["8bit", "4bit"], default=None,
-                   help="load the frozen backbone in bitsandbytes 8-bit or nf4 4-bit")
+    p.add_argument("--quantize", choices=["8bit", "4bit", "int8"], default=None,
+                   help="frozen backbone in bitsandbytes 8-bit or nf4 4-bit, or its encoder in torch's dynamic int8")
     p.add_argument("--out", default=str(REPO / "runs" / "ladder_side"), help="output folder")
     args = p.parse_args(argv)
     setup_run(verbose=True, log_format="%(message)s")

@@ -303,3 +303,27 @@ def test_a_failed_reinitialisation_leaves_the_adapter_as_it_was(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), tmp_path)
     assert network(reloaded).state_dict().keys() == before.keys()
+
+
+def test_torch_dynamic_int8_backbone_trains_the_side_network():
+    def int8(module):
+        return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+
+    config = compress.LadderSideConfig(task_type="SEQ_CLS", r=2, importance="magnitude")
+    whole = tiny.make_model("bert")
+    whole.bert = int8(whole.bert)  # the pooler too: no gradient would reach the side network
+    with pytest.raises(compress.CompressError, match="BertPooler sits between the side network and the loss"):
+        get_peft_model(whole, config)
+    model = tiny.make_model("bert")
+    model.bert.encoder = int8(model.bert.encoder)
+    peft_model = get_peft_model(model, config)
+    kept = kept_channels(peft_model)
+    query = model.bert.encoder.layer[0].attention.self.query.weight().dequantize()[:, kept]
+    side = network(peft_model).side.encoder.layer[0].attention.self.query.weight
+    assert all((query == row).all(dim=1).any() for row in side)  # the dequantised backbone, pruned
+    before = {k: v.clone() for k, v in network(peft_model).state_dict().items()}
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model(**tiny.make_batch("bert")).loss.backward()
+    opt.step()
+    assert any(not torch.equal(before[k], v) for k, v in network(peft_model).state_dict().items())

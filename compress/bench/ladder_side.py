@@ -4,8 +4,8 @@ Configurations (``KINDS``): ``full`` (every parameter trains), ``lora`` (LoRA r=
 projection), ``lst-r8`` and ``lst-r4`` (side network at 1/8 and 1/4 of MiniLM's width, fisher-pruned from the
 backbone), ``lst-r8-drop`` (every other side block dropped), ``lst-r8-add`` (side output added to the
 backbone's, ``add_backbone_output=True``), ``lst-r8-8bit`` (``lst-r8`` on a backbone loaded in
-bitsandbytes 8-bit). The factory lives in the package so that
-:func:`compress.measure.peak_training_memory`'s fresh subprocess can import it as
+bitsandbytes 8-bit), ``lst-r8-int8`` (``lst-r8`` with the encoder in torch's dynamic int8). The factory lives in
+the package so that :func:`compress.measure.peak_training_memory`'s fresh subprocess can import it as
 ``compress.bench.ladder_side:memory_job``.
 """
 
@@ -23,7 +23,7 @@ from compress.bench.train import load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 from compress.measure import TrainingSetup
 
-KINDS = ("full", "lora", "lst-r8", "lst-r4", "lst-r8-drop", "lst-r8-add", "lst-r8-8bit")
+KINDS = ("full", "lora", "lst-r8", "lst-r4", "lst-r8-drop", "lst-r8-add", "lst-r8-8bit", "lst-r8-int8")
 #: MiniLM-L6's blocks that keep a side block in ``lst-r8-drop``
 DROP_LAYERS = [1, 3, 5]
 
@@ -38,21 +38,28 @@ def lst_config(kind: str, args) -> compress.LadderSideConfig:
 def backbone(args, quantize: str | None = None):
     """(MiniLM-L6 with a seeded classification head, tokenizer); ``quantize`` ``"8bit"``/``"4bit"`` loads the
     backbone in bitsandbytes form (pooler and head stay float: bitsandbytes cannot hold a freshly initialised
-    layer, and they train or feed the head)."""
+    layer, and they train or feed the head); ``"int8"`` converts the encoder's linear layers to torch's dynamic
+    int8 (the pooler stays float: the gradient to the side network passes through it)."""
     load = {}
-    if quantize is not None:
+    if quantize in ("8bit", "4bit"):
         from transformers import BitsAndBytesConfig
 
         bits = ({"load_in_8bit": True} if quantize == "8bit" else
                 {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32})
         load["quantization_config"] = BitsAndBytesConfig(llm_int8_skip_modules=["classifier", "pooler"], **bits)
-    return load_sequence_classifier(minilm_path(), num_labels=args.num_labels, seed=args.seed, **load)
+    model, tokenizer = load_sequence_classifier(minilm_path(), num_labels=args.num_labels, seed=args.seed, **load)
+    if quantize == "int8":
+        encoder = model.base_model.encoder
+        model.base_model.encoder = torch.ao.quantization.quantize_dynamic(encoder, {torch.nn.Linear},
+                                                                          dtype=torch.qint8)
+    return model, tokenizer
 
 
 def build(kind: str, args, calibration=None, init: bool = True):
     """(model, tokenizer) for one configuration; an ``lst-*`` side network is fisher-initialised on
     ``calibration`` rows here unless ``init=False`` (then call :func:`init_side`)."""
-    model, tokenizer = backbone(args, quantize="8bit" if kind.endswith("-8bit") else None)
+    quantize = kind.rsplit("-", 1)[-1] if kind.endswith(("-8bit", "-int8")) else None
+    model, tokenizer = backbone(args, quantize=quantize)
     if kind == "lora":
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=TARGETS))
     elif kind.startswith("lst-"):

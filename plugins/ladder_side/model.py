@@ -87,6 +87,7 @@ class LadderSideModel(BaseTuner):
         side_layer_indices(model, config)
         side_widths(arch_spec(model), config.r)
         self._check_task(model, config)
+        self._check_gradient_path(model)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags([TAG])
 
@@ -99,6 +100,19 @@ class LadderSideModel(BaseTuner):
         if wanted is not None and not name.endswith(wanted):
             raise CompressError(f"task_type={config.task_type} needs a *{wanted} model, got {type(model).__name__}; "
                                 f"load the backbone with the matching Auto class or change task_type")
+
+    @staticmethod
+    def _check_gradient_path(model: nn.Module) -> None:
+        """The modules between the side network's output and the loss (BERT's pooler, the LM head) must pass
+        gradients back to it; torch's dynamic int8 layers do not."""
+        base = model.base_model
+        after_side = [getattr(base, "pooler", None), model.get_output_embeddings()]
+        for module in (m for m in after_side if m is not None):
+            if any(isinstance(sub, torch.ao.nn.quantized.dynamic.Linear) for sub in module.modules()):
+                raise CompressError(f"{type(module).__name__} sits between the side network and the loss but is a "
+                                    "torch dynamic int8 layer, which passes no gradient back; quantise only the "
+                                    "backbone's stacks (e.g. quantize_dynamic(model.bert.encoder, ...)) or use "
+                                    "bitsandbytes with llm_int8_skip_modules")
 
     def _create_and_replace(self, *args, **kwargs) -> None:
         raise CompressError("internal: Ladder Side-Tuning replaces no module")  # pragma: no cover

@@ -106,7 +106,8 @@ def _engine_sparsity(arch: ArchSpec, r: int) -> dict[str, float]:
 
 def float_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` the engine can prune: peft's ``modules_to_save`` wrappers replaced by the modules
-    they wrap, bitsandbytes 8/4-bit layers by float ``nn.Linear`` layers (dequantised by peft's helper)."""
+    they wrap, quantised linear layers (bitsandbytes 8/4-bit, dequantised by peft's helper; torch dynamic int8)
+    by float ``nn.Linear`` layers."""
     model = copy.deepcopy(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not get_bnb_param_type(p)),
                  torch.float32)
@@ -117,14 +118,8 @@ def float_copy(model: nn.Module) -> nn.Module:
         replacement = None
         if isinstance(module, AuxiliaryTrainingWrapper):
             replacement = module.original_module
-        elif isinstance(getattr(module, "weight", None), torch.Tensor) and get_bnb_param_type(module.weight):
-            weight = dequantize_module_weight(module).to(dtype)
-            replacement = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, dtype=dtype,
-                                    device=weight.device)
-            with torch.no_grad():
-                replacement.weight.copy_(weight)
-                if module.bias is not None:
-                    replacement.bias.copy_(module.bias)
+        else:
+            replacement = _float_linear(module, dtype)
         if replacement is not None:
             replaced.append(name)
             parent_name, _, attr = name.rpartition(".")
@@ -132,6 +127,23 @@ def float_copy(model: nn.Module) -> nn.Module:
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # the copy is float: its config must not ask for quantisation
     return model
+
+
+def _float_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear | None:
+    """A float ``nn.Linear`` equal to a quantised linear layer (bitsandbytes 8/4-bit, torch dynamic int8), or
+    ``None`` for any other module."""
+    if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+        weight, bias = module.weight().dequantize(), module.bias()
+    elif isinstance(getattr(module, "weight", None), torch.Tensor) and get_bnb_param_type(module.weight):
+        weight, bias = dequantize_module_weight(module), module.bias
+    else:
+        return None
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            linear.bias.copy_(bias.to(dtype))
+    return linear
 
 
 def strip_side(side: PreTrainedModel) -> PreTrainedModel:
