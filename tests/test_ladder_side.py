@@ -224,6 +224,7 @@ def _tokenized(tokenizer, n: int, seed: int) -> Dataset:
                     remove_columns=["text"]).rename_column("label", "labels")
 
 
+@pytest.mark.slow  # 80 Trainer steps
 def test_trainer_with_gradient_accumulation_learns_and_the_pipeline_serves_it(tmp_path):
     tokenizer = make_tokenizer()
     model = compress.apply_ladder_side(tiny.make_model("bert"), compress.LadderSideConfig(task_type="SEQ_CLS", r=2),
