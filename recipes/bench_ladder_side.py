@@ -32,7 +32,7 @@ from pathlib import Path
 
 import compress
 from compress.bench.ladder_side import KINDS, add_arguments, build, lr_for
-from compress.bench.recipe import load_splits, setup_run
+from compress.bench.recipe import add_memory_arguments, load_splits, setup_run
 from compress.bench.train import evaluate_accuracy, finetune_classifier
 from compress.measure import TrainingJob, folder_size, format_table, peak_training_memory
 
@@ -55,12 +55,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    p.add_argument("--mem-steps", type=int, default=6, help="training steps per memory measurement (6)")
-    p.add_argument("--mem-seq-len", type=int, default=128, help="tokens per row in the memory measurement (128)")
-    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure training memory (--no-memory: accuracy and time only, e.g. for more seeds)")
-    p.add_argument("--memory-only", action="store_true",
-                   help="only the memory columns (no training for accuracy): e.g. the sequence-length sweep alone")
+    add_memory_arguments(p)
     p.add_argument("--seq-lens", type=int, nargs="*", default=[],
                    help="also measure training memory of full, lora and lst-r8 at these sequence lengths")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_ladder_side"))

@@ -43,7 +43,7 @@ from compress.bench.pruning_adapter import (
     lr_for,
     merged,
 )
-from compress.bench.recipe import latency_inputs, load_splits, setup_run
+from compress.bench.recipe import add_memory_arguments, latency_inputs, load_splits, setup_run
 from compress.bench.train import evaluate_accuracy, finetune_classifier
 from compress.measure import TrainingJob, folder_size, format_table, interleaved_latency, peak_training_memory
 from compress.pruning.spec import parse_sparsity, sparsity_by_structure
@@ -67,17 +67,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    p.add_argument("--mem-steps", type=int, default=6, help="training steps per memory measurement (6)")
-    p.add_argument("--mem-seq-len", type=int, default=128, help="tokens per row in the memory measurement (128)")
+    add_memory_arguments(p)
     p.add_argument("--checkpointed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure every configuration's memory with activation checkpointing for the whole "
                         "run ('+ckpt' rows; same numbers, so accuracy and latency are not re-run)")
-    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure training memory (--no-memory: accuracy, time and latency only, e.g. for more "
-                        "seeds of a configuration whose memory is known)")
-    p.add_argument("--memory-only", action="store_true",
-                   help="only the memory columns (no training for accuracy, no latency): e.g. to see how the "
-                        "ratios move with --batch-size")
     p.add_argument("--also-sparsity", action="append", default=[], metavar="SPARSITY",
                    help="Pruning-Adapter rows for one more sparsity, e.g. ffn=0.5,heads=0.5,hidden=0.25 "
                         "(repeatable): every pa-* kind in --kinds runs once per sparsity in the same run")

@@ -29,6 +29,16 @@ def network(peft_model):
     return peft_model.base_model.lst_side.lst_network["default"]
 
 
+def train_steps(model, batches: list[dict], lr: float = 1e-2) -> None:
+    """One AdamW step per batch on the trainable parameters."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for batch in batches:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def kept_channels(peft_model) -> list[int]:
     """The backbone channels the first ladder selects (pruned initialisation)."""
     return network(peft_model).down[0][0].weight.argmax(dim=1).tolist()
@@ -42,12 +52,7 @@ def test_backbone_runs_without_gradients_and_is_left_unchanged(arch):
     block = model.base_model.model.base_model
     first = block.encoder.layer[0] if arch == "bert" else block.layers[0]
     first.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for batch in tiny.make_batches(arch, 3):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, tiny.make_batches(arch, 3))
     assert grad_modes == [False] * 3 and torch.is_grad_enabled()
     assert all(p.grad is None for n, p in model.named_parameters()
                if "lst_side" not in n and "modules_to_save" not in n)
@@ -90,12 +95,7 @@ def test_added_to_the_backbone_output_the_side_network_starts_from_the_backbone(
     batch = tiny.make_batch("llama", labels=False)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, pristine(**batch).logits, rtol=0, atol=0)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step_batch in tiny.make_batches("llama", 2):
-        model(**step_batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, tiny.make_batches("llama", 2))
     model.eval()
     with torch.no_grad():
         assert not torch.allclose(model(**batch).logits, pristine(**batch).logits)
@@ -272,12 +272,7 @@ def test_quantized_backbone_trains_the_side_network_and_reloads(bits, tmp_path):
     torch.testing.assert_close(side_positions, backbone_positions[:, kept], rtol=0, atol=0)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     side = {n: p.detach().clone() for n, p in network(model).named_parameters()}
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for batch in tiny.make_batches("bert", 2):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, tiny.make_batches("bert", 2))
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in frozen.items())
     assert all(not torch.equal(p, side[n]) for n, p in network(model).named_parameters() if n.startswith("down"))
@@ -323,8 +318,5 @@ def test_torch_dynamic_int8_backbone_trains_the_side_network():
     side = network(peft_model).side.encoder.layer[0].attention.self.query.weight
     assert all((query == row).all(dim=1).any() for row in side)  # the dequantised backbone, pruned
     before = {k: v.clone() for k, v in network(peft_model).state_dict().items()}
-    peft_model.train()
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    peft_model(**tiny.make_batch("bert")).loss.backward()
-    opt.step()
+    train_steps(peft_model, [tiny.make_batch("bert")])
     assert any(not torch.equal(before[k], v) for k, v in network(peft_model).state_dict().items())

@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 
 import compress
 from compress.bench.pruning_adapter import TARGETS
-from compress.bench.recipe import GLUE_TASKS, load_splits, padded_batches
+from compress.bench.recipe import add_data_arguments, default_arguments, load_splits, padded_batches
 from compress.bench.train import load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 from compress.measure import TrainingSetup
@@ -84,11 +84,7 @@ def lr_for(kind: str, args) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Data, training and side-network options."""
-    p.add_argument("--glue-task", choices=GLUE_TASKS, help="use ../shared/data/glue/<task>")
-    p.add_argument("--train-rows", type=int, default=None, help="subsample the training set (all rows)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps (1000)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    add_data_arguments(p)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of LoRA (1e-3)")
     p.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of full fine-tuning (1e-4)")
     p.add_argument("--lst-lr", type=float, default=3e-3, help="learning rate of the side networks (3e-3)")
@@ -96,16 +92,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="side-network initialisation (fisher)")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of the fisher init (8)")
     p.add_argument("--calib-batch-size", type=int, default=8, help="rows per calibration batch (8)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _defaults(**overrides) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args([])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
 
 
 def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, num_labels: int = 2,
@@ -116,7 +102,7 @@ def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: i
     (scoring a pruned copy of the backbone on calibration rows) runs in ``on_train_begin``, so its memory
     counts. Rows are SST-2 sentences padded to ``seq_len`` (only shapes matter).
     """
-    args = _defaults(num_labels=num_labels, **overrides)
+    args = default_arguments(add_arguments, num_labels=num_labels, **overrides)
     train, _, _ = load_splits(train_rows=2000)
     model, tokenizer = build(kind, args, init=False)
     model.train()

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 
 import compress
 from compress.bench.head_warmup import warm_up_head
-from compress.bench.recipe import GLUE_TASKS, load_splits, padded_batches
+from compress.bench.recipe import add_data_arguments, default_arguments, load_splits, padded_batches
 from compress.bench.train import load_sequence_classifier, minilm_path, transformers_model
 from compress.data import calibration_batches, tokenize_dataset
 from compress.measure import TrainingSetup, count_parameters
@@ -100,11 +100,7 @@ def merged(model):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options both Pruning-Adapter recipes take (data, training, Pruning-Adapter configuration)."""
-    p.add_argument("--glue-task", choices=GLUE_TASKS, help="use ../shared/data/glue/<task>")
-    p.add_argument("--train-rows", type=int, default=None, help="subsample the training set (all rows)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps (1000)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    add_data_arguments(p)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of adapters (1e-3)")
     p.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of full fine-tuning (1e-4)")
     p.add_argument("--r", type=int, default=8, help="adapter rank (8)")
@@ -137,21 +133,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="checkpoint activations for the whole run (Trainer option; less memory, slower steps)")
     p.add_argument("--quantize", choices=["8bit", "4bit"], default=None, help="quantise the frozen backbone")
-    p.add_argument("--seed", type=int, default=0)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Training memory (run by compress.measure in a fresh subprocess)
 # --------------------------------------------------------------------------------------------------------
-
-
-def _defaults(**overrides) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args([])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
 
 
 def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, steps: int = 6,
@@ -175,7 +161,7 @@ def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: i
         third = max(1, steps // 3)
         overrides = {"scoring_steps": third, "pruning_interval": third, "steps": steps,
                      "pruning_end": min(2 * third, steps - 1) / steps, **overrides}
-    args = _defaults(num_labels=num_labels, **overrides)
+    args = default_arguments(add_arguments, num_labels=num_labels, **overrides)
     train, _, _ = load_splits(train_rows=2000)
     model, tokenizer, _ = build(kind, args, prune=False)
     model.train()

@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GLUE_TASKS", "OFFLINE_ENV", "SHARED_DATA", "latency_inputs", "load_splits", "padded_batches", "setup_run"]
+__all__ = ["GLUE_TASKS", "OFFLINE_ENV", "SHARED_DATA", "add_data_arguments", "add_memory_arguments",
+           "default_arguments", "latency_inputs", "load_splits", "padded_batches", "setup_run"]
 
 #: environment that keeps Hugging Face libraries off the network (values the caller exported win)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -116,3 +118,36 @@ def padded_batches(tokenizer, texts: list[str], labels: list[int], batch_size: i
         enc = tokenizer(texts[rows], padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
         batches.append({**enc, "labels": torch.tensor(labels[rows])})
     return batches
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The data and training options every recipe takes: task, rows, steps, batch, length, seed."""
+    p.add_argument("--glue-task", choices=GLUE_TASKS, help="use ../shared/data/glue/<task>")
+    p.add_argument("--train-rows", type=int, default=None, help="subsample the training set (all rows)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (1000)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    """The training-memory options of the benchmarks: steps and tokens per measurement, on/off, alone."""
+    p.add_argument("--mem-steps", type=int, default=6, help="training steps per memory measurement (6)")
+    p.add_argument("--mem-seq-len", type=int, default=128, help="tokens per row in the memory measurement (128)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure training memory (--no-memory: accuracy, time and latency only, e.g. for more "
+                        "seeds of a configuration whose memory is known)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory columns (no training for accuracy, no latency)")
+
+
+def default_arguments(add_arguments: Callable[[argparse.ArgumentParser], None], **overrides) -> argparse.Namespace:
+    """A recipe's defaults (what ``add_arguments`` declares) with ``overrides``: how the memory factories, run in
+    a fresh process with only keyword arguments, rebuild the configuration the benchmark measured."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
