@@ -320,3 +320,17 @@ def test_torch_dynamic_int8_backbone_trains_the_side_network():
     before = {k: v.clone() for k, v in network(peft_model).state_dict().items()}
     train_steps(peft_model, [tiny.make_batch("bert")])
     assert any(not torch.equal(before[k], v) for k, v in network(peft_model).state_dict().items())
+
+
+def test_the_text_generation_pipeline_serves_a_decoder():
+    tokenizer = make_tokenizer()
+    model = wrap("llama")
+    perturb_adapters(model)
+    model.eval()
+    generate = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    out = generate("good w1 w2", max_new_tokens=4, do_sample=False, return_tensors=True)
+    expected = model.generate(**tokenizer("good w1 w2", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out[0]["generated_token_ids"] == expected[0].tolist()
+    with model.disable_adapter():
+        plain = model.generate(**tokenizer("good w1 w2", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert plain[0].tolist() != expected[0].tolist()  # the side network decides the tokens
