@@ -334,3 +334,17 @@ def test_the_text_generation_pipeline_serves_a_decoder():
     with model.disable_adapter():
         plain = model.generate(**tokenizer("good w1 w2", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert plain[0].tolist() != expected[0].tolist()  # the side network decides the tokens
+
+
+def test_token_classification_trains_the_side_network():
+    from transformers import BertForTokenClassification
+
+    model = get_peft_model(BertForTokenClassification(tiny.make_model("bert").config).eval(),
+                           compress.LadderSideConfig(task_type="TOKEN_CLS", r=2, importance="magnitude"))
+    batch = tiny.make_batch("bert", labels=False)
+    batch["labels"] = torch.randint(0, 2, batch["input_ids"].shape, generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(**batch).loss.backward()
+    side = {n: p.grad for n, p in network(model).named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in side.items() if n.startswith(("down", "up")))
+    assert all(p.grad is None for n, p in model.named_parameters() if "lst_side" not in n and "classifier" not in n)
