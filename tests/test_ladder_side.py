@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -348,3 +349,27 @@ def test_token_classification_trains_the_side_network():
     side = {n: p.grad for n, p in network(model).named_parameters()}
     assert all(g is not None and g.abs().sum() > 0 for n, g in side.items() if n.startswith(("down", "up")))
     assert all(p.grad is None for n, p in model.named_parameters() if "lst_side" not in n and "classifier" not in n)
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5"])
+def test_a_deep_copy_runs_its_own_side_network(arch):
+    """copy.deepcopy (as Trainer callbacks and model soups do) gives a model whose hooks drive the copy's side
+    network, not the original's."""
+    model = wrap(arch)
+    perturb_adapters(model)
+    model.eval()
+    batch = tiny.make_batch(arch)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in network(model).parameters():
+            p.zero_()
+        torch.testing.assert_close(twin(**batch).logits, expected, rtol=0, atol=0)
+        assert not torch.equal(model(**batch).logits, expected)
+    twin.train()
+    twin(**batch).loss.backward()
+    assert all(p.grad is not None for p in network(twin).parameters() if p.requires_grad)
+    assert all(p.grad is None for p in network(model).parameters())
+    plain = twin.unload()  # the copy's hook handles remove the copy's hooks
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())

@@ -3,6 +3,8 @@ hidden states), the gates that mix ladder and side state, and the up-projection 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -46,7 +48,8 @@ class LadderSide(nn.Module):
         self._ladders: tuple[int, list[torch.Tensor]] | None = None
         for s, stack in enumerate(stacks):
             for j, block in enumerate(stack.blocks):
-                block.register_forward_pre_hook(self._ladder_hook(s, j), with_kwargs=True)
+                # partials of a bound method, not closures: copy.deepcopy rebinds them to the copy
+                block.register_forward_pre_hook(partial(self._mix_ladder, s, j), with_kwargs=True)
 
     @torch.no_grad()
     def select_channels(self, kept: list[int]) -> None:
@@ -65,16 +68,15 @@ class LadderSide(nn.Module):
         """``sigmoid(alpha / T)`` per stack and side block: the weight of the ladder against the side state."""
         return torch.sigmoid(self.gates / self.gate_temperature)
 
-    def _ladder_hook(self, stack: int, j: int):
-        def mix(module: nn.Module, args: tuple, kwargs: dict):
-            if self._ladders is None or self._ladders[0] != stack:
-                return None
-            ladder = self.down[stack][j + 1](self._ladders[1][j + 1])
-            gate = self.gate_values()[stack, j].to(ladder.dtype)
-            if args:
-                return (gate * ladder + (1 - gate) * args[0], *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": gate * ladder + (1 - gate) * kwargs["hidden_states"]}
-        return mix
+    def _mix_ladder(self, stack: int, j: int, module: nn.Module, args: tuple, kwargs: dict):
+        """Pre-hook of side block ``j`` of ``stack``: its input becomes gate * ladder + (1 - gate) * side state."""
+        if self._ladders is None or self._ladders[0] != stack:
+            return None
+        ladder = self.down[stack][j + 1](self._ladders[1][j + 1])
+        gate = self.gate_values()[stack, j].to(ladder.dtype)
+        if args:
+            return (gate * ladder + (1 - gate) * args[0], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": gate * ladder + (1 - gate) * kwargs["hidden_states"]}
 
     def stack_module(self, stack: int) -> nn.Module:
         """What runs side stack ``stack``: the side model itself, or its ``encoder``/``decoder``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -187,7 +188,7 @@ class LadderSideModel(BaseTuner):
             handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         for s, (stack, owner) in enumerate(zip(backbone_stacks(self.model), self._stack_owners())):
             handles += [owner.register_forward_pre_hook(self._before_stack, with_kwargs=True),
-                        owner.register_forward_hook(self._after_stack(s), with_kwargs=True),
+                        owner.register_forward_hook(partial(self._after_stack, s), with_kwargs=True),
                         stack.blocks[0].register_forward_pre_hook(self._capture_input, with_kwargs=True)]
             handles += [stack.blocks[i].register_forward_hook(self._capture_output) for i in layers]
         self._hook_handles.extend(handles)
@@ -228,14 +229,13 @@ class LadderSideModel(BaseTuner):
         if self._states is not None:
             self._states.append((output[0] if isinstance(output, tuple) else output).detach())
 
-    def _after_stack(self, stack: int):
-        def run_side(module: nn.Module, args: tuple, kwargs: dict, outputs):
-            states, self.__dict__["_states"] = self._states, None
-            if states is None:
-                return None
-            torch.set_grad_enabled(self._grad_mode)
-            return self._run_side(stack, module, args, kwargs, outputs, states)
-        return run_side
+    def _after_stack(self, stack: int, module: nn.Module, args: tuple, kwargs: dict, outputs):
+        # a partial of a bound method, not a closure: copy.deepcopy rebinds it to the copied tuner
+        states, self.__dict__["_states"] = self._states, None
+        if states is None:
+            return None
+        torch.set_grad_enabled(self._grad_mode)
+        return self._run_side(stack, module, args, kwargs, outputs, states)
 
     def _run_side(self, stack: int, module: nn.Module, args: tuple, kwargs: dict, outputs, states):
         if not isinstance(outputs, ModelOutput):
