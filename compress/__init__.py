@@ -34,6 +34,12 @@ register_compact_models()
 # Importing the plugins registers every PEFT method with peft (see compress.registry).
 from compress.plugins import METHODS  # noqa: E402
 from compress.plugins.ladder_side import LadderSideConfig, LadderSideModel, apply_ladder_side  # noqa: E402
+from compress.plugins.multi_exit import (  # noqa: E402
+    MultiExitConfig,
+    MultiExitModel,
+    apply_multi_exit,
+    calibrate_exit_threshold,
+)
 from compress.plugins.pruning_adapter import (  # noqa: E402
     PruningAdapterCallback,
     PruningAdapterConfig,
@@ -49,18 +55,22 @@ __all__ = [
     "LadderSideConfig",
     "LadderSideModel",
     "METHODS",
+    "MultiExitConfig",
+    "MultiExitModel",
     "NothingToPruneError",
     "OutputFolderError",
     "PruningAdapterCallback",
     "PruningAdapterConfig",
     "PruningAdapterModel",
     "apply_ladder_side",
+    "apply_multi_exit",
     "apply_pruning_adapter",
     "PruneReport",
     "PruningSpec",
     "UnsupportedModelError",
     "UnsupportedStructureError",
     "available_importances",
+    "calibrate_exit_threshold",
     "prune_model",
     "register_importance",
     "save_pretrained",

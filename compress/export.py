@@ -237,8 +237,9 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
 
 # -- model card -----------------------------------------------------------------------------------------
 def needs_compress_to_load(model: nn.Module) -> bool:
-    """True when the model's config is a compact (per-layer width) type registered by ``import compress``."""
-    return str(getattr(model.config, "model_type", "")).startswith(PREFIX)
+    """True when the model's config is a type registered by ``import compress``: compact (per-layer widths) or
+    multi-exit."""
+    return str(getattr(model.config, "model_type", "")).startswith((PREFIX, "multi_exit_"))
 
 
 def removed_summary(report: dict) -> str:
@@ -283,7 +284,13 @@ def model_card(model: nn.Module, report: dict | None = None, title: str | None =
             lines.append(f"| {STRUCTURE_LABELS.get(structure, structure)} | {widths} |")
         lines.append("")
     lines += ["## Loading", ""]
-    if needs_compress_to_load(model):
+    if str(model.config.model_type).startswith("multi_exit_"):
+        lines += ["A multi-exit model (exits after blocks "
+                  f"{getattr(model.config, 'exit_layers', None) or 'all'}, policy {model.config.exit_policy}, "
+                  f"threshold {model.config.exit_threshold}): **`import compress` is needed** before loading (it "
+                  "registers the multi-exit classes; no remote code).", "", "```python",
+                  "import compress  # registers the multi-exit model classes"]
+    elif needs_compress_to_load(model):
         lines += ["Layers have different widths, which the standard config cannot express: "
                   "**`import compress` is needed** before loading (it registers the compact classes; no remote "
                   "code).", "", "```python", "import compress  # registers the compact model classes"]

@@ -37,8 +37,9 @@ def auto_class_name(task: str | None) -> str:
 
 def task_of_class(class_name: str) -> tuple[str | None, str] | None:
     """``(task, Auto class)`` of a transformers model class name such as ``BertForSequenceClassification``
-    (compact ``Compressed...`` classes count as their base class); ``None`` when no Auto class loads it."""
-    name = class_name.removeprefix("Compressed")
+    (compact ``Compressed...`` and multi-exit ``MultiExit...`` classes count as their base class); ``None`` when no
+    Auto class loads it."""
+    name = class_name.removeprefix("MultiExit").removeprefix("Compressed")
     for task in TASKS:
         if name in model_classes(task).values():
             return task, auto_class_name(task)

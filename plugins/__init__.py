@@ -6,11 +6,12 @@ the test suite requires test cases for each entry.
 
 from __future__ import annotations
 
-from . import ladder_side, pruning_adapter
+from . import ladder_side, multi_exit, pruning_adapter
 
 METHODS = {
     "PRUNING_ADAPTER": pruning_adapter,
     "LADDER_SIDE": ladder_side,
+    "MULTI_EXIT": multi_exit,
 }
 
 __all__ = ["METHODS"]

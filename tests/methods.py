@@ -55,6 +55,12 @@ CASES = [
     MethodCase("LADDER_SIDE", "llama", compress.LadderSideConfig, {"r": 2}),
     MethodCase("LADDER_SIDE", "qwen2", compress.LadderSideConfig, {"r": 2, "side_init": "random"}),
     MethodCase("LADDER_SIDE", "t5", compress.LadderSideConfig, {"r": 2}),
+    # exits on a frozen backbone (the backbone-training mode is covered in tests/test_multi_exit.py); the
+    # thresholds send every example out at the first exit, so the logits come from a trained exit head
+    MethodCase("MULTI_EXIT", "bert", compress.MultiExitConfig,
+               {"train_backbone": False, "exit_policy": "max_prob", "exit_threshold": 0.0}),
+    MethodCase("MULTI_EXIT", "roberta", compress.MultiExitConfig,
+               {"train_backbone": False, "exit_head": "linear", "exit_threshold": float("inf")}),
 ]
 
 
@@ -68,9 +74,10 @@ def _prepare_ladder_side(peft_model, arch):
 
 
 #: per method: what turns a freshly wrapped model into its trained-shape form (e.g. oneshot pruning)
-PREPARE = {"PRUNING_ADAPTER": _prepare_pruning_adapter, "LADDER_SIDE": _prepare_ladder_side}
+PREPARE = {"PRUNING_ADAPTER": _prepare_pruning_adapter, "LADDER_SIDE": _prepare_ladder_side,
+           "MULTI_EXIT": lambda peft_model, arch: None}
 #: methods whose adapters fold into the base model (``merge_and_unload``); the others refuse to merge
-MERGES = {"PRUNING_ADAPTER": True, "LADDER_SIDE": False}
+MERGES = {"PRUNING_ADAPTER": True, "LADDER_SIDE": False, "MULTI_EXIT": True}
 
 
 def build(case: MethodCase, init_weights: bool = True):

@@ -147,6 +147,13 @@ class ArchSpec:
         name = type(self.model).__name__
         return [self.model.get_submodule(path) for suffix, path in attributes.items() if name.endswith(suffix)]
 
+    def sequence_head(self) -> tuple[nn.Linear | None, nn.Linear]:
+        """The sequence-classification head's layers on the first token: ``(pooling dense or None, output
+        projection)``; families without such a head raise."""
+        raise UnsupportedModelError(f"{type(self.model).__name__}: no sequence-classification head on the first "
+                                    f"token in the {self.family} family (supported: BERT/RoBERTa *ForSequence"
+                                    "Classification)")
+
     # -- rewriting ---------------------------------------------------------------------------------
     def remove_blocks(self, stack: LayerStack, keep: list[int]) -> None:
         """Delete every block of ``stack`` not in ``keep`` (depth pruning), then refresh."""
@@ -221,7 +228,7 @@ class BertSpec(ArchSpec):
     @classmethod
     def position_limit(cls, config) -> int | None:
         limit = super().position_limit(config)
-        if limit is not None and str(config.model_type).removeprefix("compressed_") == "roberta":
+        if limit is not None and base_model_type(str(config.model_type)) == "roberta":
             limit -= (getattr(config, "pad_token_id", None) or 0) + 1  # RoBERTa's positions start after pad
         return limit
 
@@ -263,6 +270,15 @@ class BertSpec(ArchSpec):
         writers = [lin for b in layers for lin in (b.attention.output.dense, b.output.dense)]
         return HiddenSite(embeddings, norms, readers, writers, gate_points=[n for n, _ in norms],
                           roots=[emb.word_embeddings])
+
+    def sequence_head(self) -> tuple[nn.Linear | None, nn.Linear]:
+        name = type(self.model).__name__
+        if not name.endswith("ForSequenceClassification"):
+            return super().sequence_head()
+        head = self.model.classifier
+        if hasattr(head, "out_proj"):  # RoBERTa: dense + tanh + out_proj inside the classifier
+            return head.dense, head.out_proj
+        return self.model.base_model.pooler.dense, head  # BERT: the pooler, then the classifier
 
     def refresh(self) -> None:
         cfg = self.model.config
@@ -478,8 +494,9 @@ def spec_class(model_type: str) -> type[ArchSpec] | None:
 
 
 def base_model_type(model_type: str) -> str:
-    """``compressed_bert`` -> ``bert``: compact models keep their family's adapter."""
-    return model_type.removeprefix("compressed_")
+    """``compressed_bert`` -> ``bert``, ``multi_exit_compressed_bert`` -> ``bert``: compact and multi-exit
+    models keep their family's adapter."""
+    return model_type.removeprefix("multi_exit_").removeprefix("compressed_")
 
 
 def arch_spec(model: nn.Module) -> ArchSpec:

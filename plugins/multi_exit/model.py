@@ -1,0 +1,169 @@
+"""Multi-exit tuner: exit heads after the backbone's blocks, the joint loss, early exit, saved state, merging."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from compress.errors import CompressError
+from compress.export import TAG
+from compress.pruning.arch import arch_spec
+from compress.pruning.spec import InvalidOptionError
+
+from .config import MultiExitConfig
+from .layer import MultiExitLayer
+from .modeling import CONFIG_FIELDS, build_exit_heads, exit_blocks, make_multi_exit
+from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
+
+logger = logging.getLogger(__name__)
+
+
+class MultiExitModel(BaseTuner):
+    """Creates a multi-exit classifier from a pretrained transformers sequence classifier (BERT/RoBERTa family).
+
+    An :class:`~.layer.ExitHead` follows each block in ``exit_layers`` before the last; the model's own head is
+    the last exit. The forward runs the model unchanged and reads the blocks' outputs through hooks: while
+    training (or without ``exit_threshold``) every exit classifies and the loss combines them
+    (:mod:`.loss`); in eval mode with a threshold each example leaves at its first confident exit and the rest of
+    the batch runs on (:mod:`.runner`). ``train_backbone`` trains the backbone too, and its weights are saved
+    with the adapter; ``merge_and_unload()`` returns a standalone ``MultiExit<Model>`` (:mod:`.modeling`).
+
+    Example::
+
+        >>> import compress
+        >>> from peft import get_peft_model
+        >>> config = compress.MultiExitConfig(task_type="SEQ_CLS", distill_weight=0.5)
+        >>> model = get_peft_model(base_model, config)
+        >>> model.base_model.set_teacher(fine_tuned_model)  # for distillation
+    """
+
+    prefix: str = "exit_"
+    tuner_layer_cls = MultiExitLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
+        self.__dict__["_teacher"] = None  # kept out of the module tree: never trained, saved or moved with it
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    @property
+    def active_config(self) -> MultiExitConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    # -- injection -----------------------------------------------------------------------------------------
+    def _check_new_adapter_config(self, config: MultiExitConfig) -> None:
+        if len(self.peft_config) > 1:
+            raise CompressError("a multi-exit model holds one set of exits; wrap a fresh base model for another "
+                                "adapter")
+
+    def _pre_injection_hook(self, model: nn.Module, config: MultiExitConfig, adapter_name: str) -> None:
+        arch_spec(model).sequence_head()  # refuses models without a first-token sequence-classification head
+        blocks = arch_spec(model).stacks()[0].blocks
+        wrong = [layer for layer in config.exit_layers or [] if layer >= len(blocks)]
+        if wrong:
+            raise InvalidOptionError("exit_layers", config.exit_layers, f"names block {wrong[0]}, but the model has "
+                                     f"{len(blocks)} blocks (0..{len(blocks) - 1})")
+        exits = len(exit_blocks(model, config.exit_layers)[1]) + 1
+        weights = config.exit_loss_weights
+        if not isinstance(weights, str) and len(weights) != exits:
+            raise InvalidOptionError("exit_loss_weights", weights, f"needs one weight per exit: {exits} (the "
+                                     "exit_layers before the last block, plus the model's own head)")
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags([TAG])
+
+    def _create_and_replace(self, *args, **kwargs) -> None:
+        raise CompressError("internal: multi-exit models replace no module")  # pragma: no cover
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # BaseTuner's version re-ties `weight`/`bias` from the old child, which fails for a head without a weight
+        # (RobertaClassificationHead in modules_to_save); nothing here needs re-tying
+        setattr(parent, child_name, new_module)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        heads = build_exit_heads(model, config.exit_layers, config.exit_head)  # from the head before peft wraps it
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self.exit_layer = MultiExitLayer()
+        self.exit_layer.update_layer(adapter_name, heads, trainable=not config.inference_mode)
+        # the Trainer's predictions: the logits alone, not the per-exit extras
+        model.config.keys_to_ignore_at_inference = [
+            *getattr(model.config, "keys_to_ignore_at_inference", []), *OUTPUT_EXTRAS]
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        config = next(iter(self.peft_config.values()))
+        if config.train_backbone and not config.inference_mode:
+            for name, param in model.named_parameters():
+                if "original_module" not in name:  # peft's frozen original of a modules_to_save copy
+                    param.requires_grad = True
+
+    # -- teacher ---------------------------------------------------------------------------------------------
+    def set_teacher(self, teacher: nn.Module | None) -> None:
+        """The model whose logits (and hidden states) the exits distil; it runs in eval mode without gradients
+        and is neither trained nor saved. ``None`` removes it."""
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.__dict__["_teacher"] = teacher
+
+    # -- the forward ----------------------------------------------------------------------------------------
+    def _heads(self) -> nn.ModuleList | None:
+        layer = self.__dict__["_modules"].get("exit_layer")
+        return layer.active_heads() if layer is not None else None
+
+    def settings(self) -> ExitSettings:
+        config = self.active_config
+        return ExitSettings(config.exit_policy, config.exit_threshold, config.exit_loss_weights,
+                            config.distill_weight, config.distill_temperature, config.distill_hidden_weight)
+
+    def forward(self, *args, **kwargs):
+        heads = self._heads()
+        if heads is None:
+            return self.model(*args, **kwargs)
+        if args:
+            kwargs = dict(inspect.signature(self.model.forward).bind_partial(*args, **kwargs).arguments)
+            kwargs.update(kwargs.pop("kwargs", {}))
+        labels = kwargs.pop("labels", None)
+        kwargs.pop("return_dict", None)  # the output is always a ModelOutput (it carries the exits)
+        blocks, exits = exit_blocks(self.model, self.active_config.exit_layers)
+        return forward_with_exits(self.model, blocks, exits, heads, self.model.config, self.settings(), kwargs,
+                                  labels, training=self.model.training, teacher=self._teacher)
+
+    # -- saved state: with a trained backbone, its weights travel with the exits ------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: MultiExitConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor],
+                                unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        """The exit heads and, with ``train_backbone``, every backbone tensor under its model key (loading puts
+        them back in place; peft passes keys without an adapter parameter through unchanged)."""
+        entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if config.train_backbone:
+            aside = (".exit_layer.", ".original_module.", ".modules_to_save.")
+            entries.update({k: v for k, v in state_dict.items() if k not in entries and not any(a in k for a in aside)})
+        return entries
+
+    # -- merging --------------------------------------------------------------------------------------------
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
+        heads = self._heads() if merge else None
+        config = self.active_config
+        if hasattr(self, "exit_layer"):
+            del self.exit_layer
+        model = super()._unload_and_optionally_merge(merge=False, **kwargs)
+        extras = set(OUTPUT_EXTRAS)
+        ignored = [k for k in getattr(model.config, "keys_to_ignore_at_inference", []) if k not in extras]
+        if ignored:
+            model.config.keys_to_ignore_at_inference = ignored
+        else:
+            model.config.__dict__.pop("keys_to_ignore_at_inference", None)
+        if heads is None:
+            return model
+        return make_multi_exit(model, heads, {name: getattr(config, name) for name in CONFIG_FIELDS})
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        del self.peft_config[adapter_name]
+        self.exit_layer.exit_heads.pop(adapter_name, None)
+        self.active_adapter = list(self.peft_config)[:1]

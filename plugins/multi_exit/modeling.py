@@ -1,0 +1,133 @@
+"""Saved multi-exit models: transformers classes (``MultiExitBertForSequenceClassification``, ...) holding the
+backbone, its own head as the last exit and ``exits`` (exit heads) for the earlier ones, with early exit at inference.
+
+The config records the exits and the exit policy (``exit_layers``, ``exit_head``, ``exit_policy``,
+``exit_threshold``, ``exit_loss_weights``). ``import compress`` registers the classes with transformers' Auto
+classes (``AutoModelForSequenceClassification``, ``pipeline("text-classification")``): no remote code.
+"""
+
+from __future__ import annotations
+
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers.models.auto import configuration_auto
+
+from compress.pruning.arch import arch_spec
+from compress.pruning.compact import compact_config_class, compact_model_class
+
+from .layer import ExitHead
+from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
+
+PREFIX = "multi_exit_"
+#: the families with a first-token sequence-classification head (compress.pruning.arch.BertSpec)
+MODEL_TYPES = ("bert", "roberta")
+#: config attributes of a multi-exit model, with their defaults
+CONFIG_FIELDS = {"exit_layers": None, "exit_head": "pooled", "exit_policy": "entropy", "exit_threshold": None,
+                 "exit_loss_weights": "linear"}
+
+_CONFIG_CLASSES: dict[type, type] = {}
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def exit_blocks(model: nn.Module, exit_layers: list[int] | None) -> tuple[nn.ModuleList, list[int]]:
+    """The model's blocks and the (sorted) blocks before the last that carry an exit head."""
+    stacks = arch_spec(model).stacks()
+    blocks = stacks[0].blocks
+    layers = range(len(blocks)) if exit_layers is None else exit_layers
+    return blocks, [b for b in sorted(layers) if b != len(blocks) - 1]
+
+
+def build_exit_heads(model: nn.Module, exit_layers: list[int] | None, design: str) -> nn.ModuleList:
+    """One :class:`ExitHead` per exit before the last block, shaped like the model's own head (and, ``pooled``,
+    starting from its weights)."""
+    dense, out = arch_spec(model).sequence_head()
+    dense, out = _unwrapped(dense), _unwrapped(out)
+    cfg = model.config
+    dropout = getattr(cfg, "classifier_dropout", None)
+    dropout = cfg.hidden_dropout_prob if dropout is None else dropout
+    hidden = (dense.in_features if dense is not None else out.in_features)
+    pooled = dense.out_features if dense is not None else None
+    _, blocks = exit_blocks(model, exit_layers)
+    heads = nn.ModuleList(ExitHead(hidden, out.out_features, design, pooled, dropout) for _ in blocks)
+    for head in heads:
+        head.copy_from(dense, out)
+    return heads.to(dtype=out.weight.dtype, device=out.weight.device)
+
+
+def _unwrapped(module: nn.Module | None) -> nn.Module | None:
+    """The module peft's modules_to_save wrapper trains (or the module itself)."""
+    if module is not None and hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+        active = getattr(module, "active_adapters", None) or list(module.modules_to_save)
+        return module.modules_to_save[active[0]] if active and active[0] in module.modules_to_save else \
+            module.original_module
+    return module
+
+
+def settings_from_config(config) -> ExitSettings:
+    return ExitSettings(policy=config.exit_policy, threshold=config.exit_threshold,
+                        loss_weights=config.exit_loss_weights)
+
+
+def multi_exit_config_class(base_cls: type) -> type:
+    """``MultiExit<Base>Config``: the base config plus the exit fields (created once, then cached)."""
+    if base_cls not in _CONFIG_CLASSES:
+        ignored = [*getattr(base_cls, "keys_to_ignore_at_inference", []), *OUTPUT_EXTRAS]
+        _CONFIG_CLASSES[base_cls] = type(f"MultiExit{base_cls.__name__}", (base_cls,), {
+            "model_type": PREFIX + base_cls.model_type, "keys_to_ignore_at_inference": ignored,
+            "__module__": __name__})
+    return _CONFIG_CLASSES[base_cls]
+
+
+def multi_exit_model_class(base_cls: type) -> type:
+    """``MultiExit<Base>``: a sequence classifier with exit heads after earlier blocks and early exit."""
+    if base_cls in _MODEL_CLASSES.values():
+        return base_cls
+    if base_cls not in _MODEL_CLASSES:
+        def __init__(self, config, *args, **kwargs):
+            base_cls.__init__(self, config, *args, **kwargs)
+            for name, default in CONFIG_FIELDS.items():
+                if not hasattr(config, name):
+                    setattr(config, name, default)
+            self.exits = build_exit_heads(self, config.exit_layers, config.exit_head)
+
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            blocks, exits = exit_blocks(self, self.config.exit_layers)
+            inputs = {"input_ids": input_ids, **kwargs} if input_ids is not None else kwargs
+            return forward_with_exits(partial_forward(self, base_cls), blocks, exits, self.exits, self.config,
+                                      settings_from_config(self.config), inputs, labels, training=self.training)
+
+        _MODEL_CLASSES[base_cls] = type(f"MultiExit{base_cls.__name__}", (base_cls,), {
+            "config_class": multi_exit_config_class(base_cls.config_class), "__init__": __init__,
+            "forward": forward, "__module__": __name__})
+    return _MODEL_CLASSES[base_cls]
+
+
+def partial_forward(model: nn.Module, base_cls: type):
+    """The base class's forward bound to ``model`` (the multi-exit class's own forward adds the exits)."""
+    return lambda **inputs: base_cls.forward(model, **inputs)
+
+
+def make_multi_exit(model: nn.Module, heads: nn.ModuleList, settings: dict) -> nn.Module:
+    """Turn a sequence classifier and its exit heads into its multi-exit class in place (config included)."""
+    model.config.__class__ = multi_exit_config_class(type(model.config))
+    model.config.__dict__.pop("model_type", None)  # an instance value would shadow the class's model_type
+    for name in CONFIG_FIELDS:
+        setattr(model.config, name, settings[name])
+    model.__class__ = multi_exit_model_class(type(model))
+    model.exits = heads
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+def register_multi_exit_models() -> None:
+    """Register the multi-exit config/model classes of every supported family (plain and compact) with
+    transformers' Auto classes (idempotent)."""
+    for model_type in MODEL_TYPES:
+        base_cfg = getattr(transformers, configuration_auto.CONFIG_MAPPING_NAMES[model_type])
+        base_model = getattr(transformers, f"{base_cfg.__name__.removesuffix('Config')}ForSequenceClassification")
+        for cfg_cls, model_cls in ((base_cfg, base_model),
+                                   (compact_config_class(base_cfg), compact_model_class(base_model))):
+            exit_cfg = multi_exit_config_class(cfg_cls)
+            AutoConfig.register(exit_cfg.model_type, exit_cfg, exist_ok=True)
+            AutoModelForSequenceClassification.register(exit_cfg, multi_exit_model_class(model_cls), exist_ok=True)
