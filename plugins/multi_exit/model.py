@@ -144,6 +144,11 @@ class MultiExitModel(BaseTuner):
             entries.update({k: v for k, v in state_dict.items() if k not in entries and not any(a in k for a in aside)})
         return entries
 
+    # -- adapters on and off, merging -----------------------------------------------------------------------
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self.exit_layer.enable_adapters(enabled)
+
     # -- merging --------------------------------------------------------------------------------------------
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
         heads = self._heads() if merge else None

@@ -1,0 +1,293 @@
+"""Multi-exit models: exits, joint loss, early exit with a shrinking batch, calibration, saving and serving."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+)
+
+import compress
+from compress.pruning.spec import InvalidOptionError
+from tests import tiny
+from tests.test_train import make_dataset, make_tokenizer
+
+LAYERS = 4
+
+
+def make_encoder(arch: str = "bert", seed: int = 0):
+    """A 4-block random classifier (more blocks than tiny.make_model, so exits sit at several depths)."""
+    torch.manual_seed(seed)
+    common = {"vocab_size": tiny.VOCAB, "hidden_size": 32, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+              "intermediate_size": 64, "num_labels": 3}
+    if arch == "bert":
+        return BertForSequenceClassification(BertConfig(max_position_embeddings=64, **common)).eval()
+    return RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=70, pad_token_id=1,
+                                                          bos_token_id=0, eos_token_id=2, **common)).eval()
+
+
+def wrap(arch: str = "bert", **kwargs):
+    """The wrapped 4-block model with random exit heads (distinct from the model's own head)."""
+    model = get_peft_model(make_encoder(arch), compress.MultiExitConfig(task_type="SEQ_CLS", **kwargs))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.base_model.exit_layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def padded_batch(n: int = 6, seed: int = 3, labels: bool = False) -> dict:
+    """Rows of different lengths (right padding), so per-example masks matter when rows leave."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, tiny.VOCAB, (n, 10), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(n):
+        mask[row, 10 - row % 5:] = 0
+    ids[mask == 0] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels:
+        batch["labels"] = torch.randint(0, 3, (n,), generator=g)
+    return batch
+
+
+def config_of(model):
+    return model.peft_config["default"]
+
+
+def every_exit(model, batch) -> list[torch.Tensor]:
+    saved, config_of(model).exit_threshold = config_of(model).exit_threshold, None
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+    config_of(model).exit_threshold = saved
+    return list(out.exit_logits)
+
+
+def early(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch)
+
+
+def test_every_exit_produces_logits_and_the_loss_uses_all_of_them():
+    model = wrap(exit_layers=[0, 2])
+    model.train()
+    batch = padded_batch(labels=True)
+    out = model(**batch)
+    assert len(out.exit_logits) == 3  # blocks 0 and 2, then the model's own head after block 3
+    assert all(logits.shape == (6, 3) for logits in out.exit_logits)
+    torch.testing.assert_close(out.logits, out.exit_logits[-1])
+    ce = [torch.nn.functional.cross_entropy(logits, batch["labels"]) for logits in out.exit_logits]
+    expected = (1 * ce[0] + 3 * ce[1] + 4 * ce[2]) / 8  # linear weights: block index + 1
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    heads = model.base_model.exit_layer.exit_heads["default"]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
+    assert model.base_model.model.bert.embeddings.word_embeddings.weight.grad is not None  # joint training
+
+
+@pytest.mark.parametrize(("policy", "first", "last"), [
+    ("entropy", math.inf, 0.0), ("max_prob", 0.0, 1.0), ("patience", 0, math.inf)])
+def test_extreme_thresholds_give_first_and_last_exit_exactly(policy, first, last):
+    model = wrap(exit_policy=policy)
+    batch = padded_batch()
+    exits = every_exit(model, batch)
+    config_of(model).exit_threshold = first
+    out = early(model, batch)
+    assert out.exit_layers.tolist() == [0] * 6
+    torch.testing.assert_close(out.logits, exits[0], rtol=0, atol=1e-6)
+    config_of(model).exit_threshold = last
+    out = early(model, batch)
+    assert out.exit_layers.tolist() == [LAYERS - 1] * 6
+    torch.testing.assert_close(out.logits, exits[-1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("policy", ["entropy", "patience"])
+def test_removing_exited_rows_leaves_the_others_predictions_unchanged(arch, policy):
+    model = wrap(arch, exit_policy=policy)
+    batch = padded_batch(n=8)
+    exits = every_exit(model, batch)
+    threshold = 1 if policy == "patience" else float(torch.quantile(_entropy(torch.cat(exits[:-1])), 0.4))
+    config_of(model).exit_threshold = threshold
+    out = early(model, batch)
+    layers = out.exit_layers.tolist()
+    assert len(set(layers)) > 1, f"the threshold should split the batch: {layers}"
+    for row in range(8):
+        alone = early(model, {k: v[row:row + 1] for k, v in batch.items()})
+        assert alone.exit_layers.tolist() == [layers[row]]
+        torch.testing.assert_close(out.logits[row:row + 1], alone.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits[row], exits[layers[row]][row], rtol=1e-5, atol=1e-5)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def test_later_blocks_run_only_on_the_rows_still_running():
+    model = wrap(exit_policy="patience", exit_threshold=1)
+    seen = []
+    blocks = model.base_model.model.bert.encoder.layer
+    handles = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0])) for b in blocks]
+    out = early(model, padded_batch(n=8))
+    for handle in handles:
+        handle.remove()
+    running = [int((out.exit_layers >= b).sum()) for b in range(LAYERS)]
+    assert seen == running and running[-1] < running[0]
+
+
+def test_calibration_meets_its_target_and_matches_running_with_the_threshold():
+    model = wrap(exit_layers=[0, 1, 2])
+    rows = [padded_batch(n=8, seed=s, labels=True) for s in range(4)]
+    data = Dataset.from_dict({k: torch.cat([b[k] for b in rows]).tolist() for k in rows[0]})
+    choice = compress.calibrate_exit_threshold(model, data, target_speedup=1.5, batch_size=8)
+    assert choice.speedup >= 1.5 and config_of(model).exit_threshold == choice.threshold
+    assert any(c["speedup"] >= 1.5 and c["accuracy"] <= choice.accuracy for c in choice.candidates)
+    layers = torch.cat([early(model, {k: v for k, v in b.items() if k != "labels"}).exit_layers for b in rows])
+    assert (layers + 1).float().mean().item() == pytest.approx(choice.mean_blocks)
+    kept = compress.calibrate_exit_threshold(model, data, target_accuracy_drop=0.0, batch_size=8)
+    assert kept.accuracy >= kept.full_accuracy
+    with pytest.raises(compress.CompressError, match="exactly one"):
+        compress.calibrate_exit_threshold(model, data, batch_size=8)
+    with pytest.raises(compress.CompressError, match="no threshold reaches"):
+        compress.calibrate_exit_threshold(model, data, target_speedup=10.0, batch_size=8)
+
+
+def test_distillation_needs_a_teacher_and_uses_its_logits_without_training_it():
+    model = wrap(distill_weight=0.5, distill_temperature=2.0, distill_hidden_weight=0.1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # two training forwards below must agree
+    batch = padded_batch(labels=True)
+    model.train()
+    with pytest.raises(compress.CompressError, match="set_teacher"):
+        model(**batch)
+    teacher = make_encoder(seed=7)
+    model.base_model.set_teacher(teacher)
+    out = model(**batch)
+    out.loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    with torch.no_grad():
+        reference = teacher(**batch, output_hidden_states=True)
+    kd = [torch.nn.functional.kl_div(torch.log_softmax(s / 2, -1), torch.log_softmax(reference.logits / 2, -1),
+                                     reduction="batchmean", log_target=True) * 4 for s in out.exit_logits]
+    ce = [torch.nn.functional.cross_entropy(s, batch["labels"]) for s in out.exit_logits]
+    weights = [1, 2, 3, 4]
+    logits_part = sum(w * (0.5 * c + 0.5 * k) for w, c, k in zip(weights, ce, kd)) / 10
+    assert out.loss.item() > logits_part.item()  # plus the hidden-state term
+    model.peft_config["default"].distill_hidden_weight = 0.0
+    torch.testing.assert_close(model(**batch).loss, logits_part, rtol=1e-5, atol=1e-6)
+
+
+def test_trained_backbone_saves_and_reloads_with_the_exits(tmp_path):
+    model = wrap(exit_policy="patience", exit_threshold=1)
+    batch = padded_batch()
+    expected = early(model, batch)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(make_encoder(), tmp_path)
+    again = early(reloaded, batch)
+    torch.testing.assert_close(again.logits, expected.logits, rtol=0, atol=1e-6)
+    assert torch.equal(again.exit_layers, expected.exit_layers)
+
+
+def test_merged_model_reloads_through_the_auto_class_and_serves_a_pipeline(tmp_path):
+    model = wrap(exit_policy="patience", exit_threshold=1)
+    batch = padded_batch()
+    expected = early(model, batch)
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert type(merged).__name__ == "MultiExitBertForSequenceClassification"
+    tokenizer = make_tokenizer()
+    compress.save_pretrained(merged, tmp_path / "merged", tokenizer=tokenizer)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert type(loaded) is type(merged) and loaded.config.exit_threshold == 1
+    out = early(loaded, batch)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=1e-6)
+    assert torch.equal(out.exit_layers, expected.exit_layers)
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "import compress" in card and "multi-exit" in card
+    classify = pipeline("text-classification", model=str(tmp_path / "merged"), device="cpu")
+    texts = list(make_dataset(6, seed=1)["text"])
+    direct = loaded(**tokenizer(texts, return_tensors="pt", padding=True)).logits.argmax(-1).tolist()
+    assert [loaded.config.label2id[p["label"]] for p in classify(texts)] == direct
+
+
+def test_adapters_off_runs_the_plain_model():
+    model = wrap(exit_policy="max_prob", exit_threshold=0.0)
+    plain = make_encoder()
+    batch = padded_batch()
+    with model.disable_adapter():
+        out = early(model, batch)
+    torch.testing.assert_close(out.logits, plain(**batch).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"exit_layers": [0, 0]}, "twice"),
+    ({"exit_layers": [-1]}, "exit_layers"),
+    ({"exit_policy": "confidence"}, "exit_policy"),
+    ({"exit_policy": "max_prob", "exit_threshold": 1.5}, "domain of max_prob"),
+    ({"exit_policy": "entropy", "exit_threshold": -0.1}, "domain of entropy"),
+    ({"exit_policy": "patience", "exit_threshold": 1.5}, "domain of patience"),
+    ({"exit_threshold": float("nan")}, "exit_threshold"),
+    ({"distill_weight": 1.5}, "distill_weight"),
+    ({"exit_head": "mlp"}, "exit_head"),
+    ({"exit_loss_weights": [1, -1]}, "exit_loss_weights"),
+])
+def test_bad_configs_name_the_field(kwargs, match):
+    with pytest.raises(InvalidOptionError, match=match):
+        compress.MultiExitConfig(task_type="SEQ_CLS", **kwargs)
+
+
+@pytest.mark.parametrize(("model", "kwargs", "match"), [
+    (lambda: make_encoder(), {"exit_layers": [1, 4]}, "names block 4, but the model has 4 blocks"),
+    (lambda: make_encoder(), {"exit_loss_weights": [1.0, 2.0]}, "one weight per exit: 4"),
+    (lambda: tiny.make_model("llama"), {}, "sequence-classification head"),
+])
+def test_configs_the_model_cannot_serve_are_refused(model, kwargs, match):
+    with pytest.raises(compress.CompressError, match=match):
+        get_peft_model(model(), compress.MultiExitConfig(task_type="SEQ_CLS", **kwargs))
+
+
+def _tokenized(tokenizer, n: int, seed: int) -> Dataset:
+    data = make_dataset(n, seed)
+    return data.map(lambda rows: tokenizer(rows["text"], truncation=True, max_length=32), batched=True,
+                    remove_columns=["text"]).rename_column("label", "labels")
+
+
+@pytest.mark.slow  # 60 Trainer steps and an evaluation
+def test_trainer_trains_every_exit_and_evaluates_early_exits(tmp_path):
+    tokenizer = make_tokenizer()
+    base = tiny.make_model("bert")
+    model = get_peft_model(base, compress.MultiExitConfig(task_type="SEQ_CLS", exit_policy="max_prob"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=16,
+                             learning_rate=3e-3, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True, seed=0)
+
+    def accuracy(prediction) -> dict:
+        assert isinstance(prediction.predictions, np.ndarray)  # the exit extras stay out of the predictions
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    trainer = Trainer(model=model, args=args, train_dataset=_tokenized(tokenizer, 256, seed=1),
+                      eval_dataset=_tokenized(tokenizer, 64, seed=2), processing_class=tokenizer,
+                      compute_metrics=accuracy)
+    trainer.train()
+    full = trainer.evaluate()["eval_accuracy"]
+    assert full >= 0.9, full
+    choice = compress.calibrate_exit_threshold(model, _tokenized(tokenizer, 64, seed=3), tokenizer=tokenizer,
+                                               target_accuracy_drop=2.0)
+    early_accuracy = trainer.evaluate()["eval_accuracy"]
+    assert early_accuracy >= full - 0.05 and choice.threshold == config_of(model).exit_threshold
