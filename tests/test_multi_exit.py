@@ -246,6 +246,9 @@ def test_adapters_off_runs_the_plain_model():
     ({"distill_weight": 1.5}, "distill_weight"),
     ({"exit_head": "mlp"}, "exit_head"),
     ({"exit_loss_weights": [1, -1]}, "exit_loss_weights"),
+    ({"slenderize": {"hidden": 0.25}}, "width only"),
+    ({"slenderize": {"ffn": 1.0}}, "slenderize"),
+    ({"slenderize_importance": "random"}, "slenderize_importance"),
 ])
 def test_bad_configs_name_the_field(kwargs, match):
     with pytest.raises(InvalidOptionError, match=match):
@@ -291,3 +294,34 @@ def test_trainer_trains_every_exit_and_evaluates_early_exits(tmp_path):
                                                target_accuracy_drop=2.0)
     early_accuracy = trainer.evaluate()["eval_accuracy"]
     assert early_accuracy >= full - 0.05 and choice.threshold == config_of(model).exit_threshold
+
+
+@pytest.mark.parametrize("train_backbone", [True, False])
+def test_slenderization_scores_every_exit_and_reloads(train_backbone, tmp_path):
+    model = wrap(exit_policy="patience", exit_threshold=1, train_backbone=train_backbone,
+                 slenderize={"heads": 0.5, "ffn": 0.5})
+    calls = []
+    heads = model.base_model.exit_layer.exit_heads["default"]
+    handles = [h.register_forward_hook(lambda m, a, o: calls.append(1)) for h in heads]
+    report = model.base_model.slenderize(data=[padded_batch(n=8, seed=s, labels=True) for s in range(2)])
+    for handle in handles:
+        handle.remove()
+    assert calls, "the importance must come from the exits' losses too"
+    assert report.params_after < report.params_before
+    widths = compress.pruning.arch.arch_spec(model.base_model.model).widths()
+    assert sum(widths["heads"]) == 8 and sum(widths["ffn"]) == 128  # half of 4 x 4 heads, 4 x 64 neurons
+    assert model.peft_config["default"].slender_shapes
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("encoder.layer.0.intermediate" in n for n in trainable) == train_backbone
+    batch = padded_batch()
+    expected = early(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(make_encoder(), tmp_path / "adapter")
+    torch.testing.assert_close(early(reloaded, batch).logits, expected.logits, rtol=0, atol=1e-6)
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert type(merged).__name__ == "MultiExitCompressedBertForSequenceClassification"
+    compress.save_pretrained(merged, tmp_path / "merged")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(early(loaded, batch).logits, expected.logits, rtol=0, atol=1e-6)
+    with pytest.raises(compress.CompressError, match="already slenderized"):
+        model.base_model.slenderize(data=[padded_batch(labels=True)])

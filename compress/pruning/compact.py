@@ -72,6 +72,20 @@ def _apply_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
     arch_spec(model).refresh()
 
 
+def projection_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """``{path: [out_features, in_features]}`` of every linear layer (paths as in ``compress_shapes``)."""
+    return {path: [lin.out_features, lin.in_features] for path, lin in _projection_paths(model).items()}
+
+
+def reshape_to(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
+    """Give a freshly loaded model the projection ``shapes`` recorded from a pruned one (new layers where they
+    differ; their weights are to be loaded), then its compact class if the standard config cannot express them."""
+    _apply_shapes(model, shapes)
+    if not arch_spec(model).fits_standard_config():
+        make_compact(model)
+    return model
+
+
 def compact_config_class(base_cls: type) -> type:
     """The ``Compressed<Base>Config`` for a transformers config class (created once, then cached)."""
     model_type = PREFIX + base_cls.model_type
@@ -114,7 +128,7 @@ def compact_model_class(base_cls: type) -> type:
 
 def make_compact(model: nn.Module) -> nn.Module:
     """Turn a model with per-layer widths into its compact class in place (config included)."""
-    shapes = {path: [lin.out_features, lin.in_features] for path, lin in _projection_paths(model).items()}
+    shapes = projection_shapes(model)
     arch_spec(model).refresh()  # config fields now hold the largest width per field
     base_model_type = model.config.model_type.removeprefix(PREFIX)
     base_cfg_cls = type(model.config) if not model.config.model_type.startswith(PREFIX) else None

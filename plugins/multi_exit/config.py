@@ -17,6 +17,8 @@ MULTI_EXIT = PeftMethodType("MULTI_EXIT")
 
 EXIT_HEADS = ("pooled", "linear")
 LOSS_WEIGHTINGS = ("linear", "equal")
+SLENDER_STRUCTURES = ("heads", "ffn")
+SLENDER_IMPORTANCES = ("taylor", "fisher", "magnitude")
 
 
 @dataclass
@@ -56,6 +58,13 @@ class MultiExitConfig(PeftConfig):
         exit_threshold: the policy's threshold; ``None`` runs every block for every example (the output's logits
             are the last exit's). :func:`~compress.plugins.multi_exit.calibrate_exit_threshold` chooses one on
             validation data for a target accuracy drop or speedup and stores it here.
+        slenderize: fractions of attention heads and FFN neurons to remove before training, e.g.
+            ``{"heads": 0.5, "ffn": 0.5}`` (COST-EFF's slenderization: width shrinks, depth stays). Applied by
+            ``model.base_model.slenderize(data)`` through :func:`compress.prune_model` in ``global`` mode, with the
+            importance computed from the loss of every exit, so each exit keeps the structures it needs.
+        slenderize_importance: the engine importance for it: ``taylor`` (default), ``fisher`` or ``magnitude``.
+        slender_shapes: the projection shapes after slenderization, filled in by ``slenderize`` and saved with the
+            adapter, so that ``PeftModel.from_pretrained`` rebuilds them on the original model. Do not set by hand.
         modules_to_save: modules trained and saved in full besides the exits; for ``SEQ_CLS`` peft adds the
             classifier itself.
     """
@@ -73,6 +82,12 @@ class MultiExitConfig(PeftConfig):
     exit_policy: str = field(default="entropy", metadata={"help": "entropy, max_prob or patience."})
     exit_threshold: float | None = field(
         default=None, metadata={"help": "Threshold of the exit policy; None runs every block."})
+    slenderize: dict[str, float] | None = field(
+        default=None, metadata={"help": "Fractions of heads / ffn to remove before training, e.g. {'ffn': 0.5}."})
+    slenderize_importance: str = field(
+        default="taylor", metadata={"help": "Importance for slenderization: taylor, fisher or magnitude."})
+    slender_shapes: dict[str, list[int]] | None = field(
+        default=None, metadata={"help": "Filled by slenderize(); do not set by hand."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved in full, e.g. the classifier."})
     target_modules: str | None = field(
@@ -117,6 +132,19 @@ class MultiExitConfig(PeftConfig):
             raise InvalidOptionError("exit_policy", self.exit_policy, f"choose one of {', '.join(POLICIES)}")
         if self.exit_threshold is not None:
             self.exit_threshold = check_threshold(self.exit_policy, self.exit_threshold)
+        if self.slenderize is not None:
+            if not isinstance(self.slenderize, dict) or not self.slenderize or not all(
+                    k in SLENDER_STRUCTURES and is_number(v) and 0 < v < 1 for k, v in self.slenderize.items()):
+                raise InvalidOptionError("slenderize", self.slenderize, "must map heads and/or ffn to a fraction in "
+                                         "(0, 1), e.g. {'heads': 0.5, 'ffn': 0.5} (width only: exits need every "
+                                         "block and read the hidden size)")
+        if self.slenderize_importance not in SLENDER_IMPORTANCES:
+            raise InvalidOptionError("slenderize_importance", self.slenderize_importance,
+                                     f"choose one of {', '.join(SLENDER_IMPORTANCES)}")
+        if self.slender_shapes is not None and not (isinstance(self.slender_shapes, dict) and all(
+                isinstance(v, (list, tuple)) and len(v) == 2 for v in self.slender_shapes.values())):
+            raise InvalidOptionError("slender_shapes", "...", "is filled in by slenderize() (path -> [out, in]); "
+                                     "remove it from adapter_config.json only together with the weights")
         if self.task_type is not None and str(self.task_type) != "SEQ_CLS":
             raise InvalidOptionError("task_type", self.task_type, "multi-exit models classify sequences: use "
                                      "SEQ_CLS")

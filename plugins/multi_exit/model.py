@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 
@@ -12,10 +13,13 @@ from torch import nn
 from compress.errors import CompressError
 from compress.export import TAG
 from compress.pruning.arch import arch_spec
+from compress.pruning.compact import projection_shapes, reshape_to
+from compress.pruning.engine import PruneReport, prune_model
 from compress.pruning.spec import InvalidOptionError
 
 from .config import MultiExitConfig
 from .layer import MultiExitLayer
+from .loss import exit_weights, multi_exit_loss
 from .modeling import CONFIG_FIELDS, build_exit_heads, exit_blocks, make_multi_exit
 from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
 
@@ -84,6 +88,8 @@ class MultiExitModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
+        if config.slender_shapes:  # a saved slenderized adapter: its backbone weights have these shapes
+            reshape_to(model, config.slender_shapes)
         heads = build_exit_heads(model, config.exit_layers, config.exit_head)  # from the head before peft wraps it
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self.exit_layer = MultiExitLayer()
@@ -99,6 +105,58 @@ class MultiExitModel(BaseTuner):
             for name, param in model.named_parameters():
                 if "original_module" not in name:  # peft's frozen original of a modules_to_save copy
                     param.requires_grad = True
+
+    # -- slenderization ---------------------------------------------------------------------------------------
+    def slenderize(self, data=None, tokenizer=None, num_batches: int = 8, batch_size: int = 16) -> PruneReport:
+        """Remove the config's ``slenderize`` fractions of heads and FFN neurons with :func:`compress.prune_model`
+        (``global`` mode), scored on the loss of every exit for ``data`` (labelled calibration data; not needed
+        for ``magnitude``). Call it once, before training; the shapes are recorded in the config."""
+        config = self.active_config
+        if not config.slenderize:
+            raise CompressError("slenderize() needs MultiExitConfig(slenderize={'heads': ..., 'ffn': ...})")
+        if config.slender_shapes:
+            raise CompressError("this model is already slenderized (slender_shapes is set); slenderize once, on "
+                                "a freshly wrapped model")
+        if data is None and config.slenderize_importance != "magnitude":
+            raise CompressError(f"slenderize_importance={config.slenderize_importance!r} scores on labelled data: "
+                                "pass data= (e.g. a tokenized training subset), or use 'magnitude'")
+        with self._every_exit_loss():
+            report = prune_model(self.model, sparsity=dict(config.slenderize), structures=list(config.slenderize),
+                                 importance=config.slenderize_importance, data=data, mode="global",
+                                 num_batches=num_batches, batch_size=batch_size, tokenizer=tokenizer)
+        config.slender_shapes = projection_shapes(self.model)
+        self._mark_only_adapters_as_trainable(self.model)  # the engine replaced pruned layers' parameters
+        return report
+
+    @contextlib.contextmanager
+    def _every_exit_loss(self):
+        """While active, the wrapped model's own forward returns the multi-exit loss whenever it gets labels (what
+        the engine's importance differentiates); block outputs are only referenced until then."""
+        heads = self._heads()
+        blocks, exits = exit_blocks(self.model, self.active_config.exit_layers)
+        weights = exit_weights(self.active_config.exit_loss_weights, [*exits, len(blocks) - 1])
+        states: list[torch.Tensor] = []
+
+        def keep_state(module: nn.Module, args: tuple, output) -> None:
+            states.append(output[0] if isinstance(output, tuple) else output)
+
+        def replace_loss(module: nn.Module, args: tuple, kwargs: dict, output):
+            captured = states[:len(exits)]
+            states.clear()
+            labels = kwargs.get("labels")
+            if labels is None or heads is None:
+                return None
+            logits = [head(state) for head, state in zip(heads, captured)] + [output.logits]
+            output["loss"] = multi_exit_loss(logits, labels, weights, module.config)
+            return output
+
+        handles = [blocks[b].register_forward_hook(keep_state) for b in exits]
+        handles.append(self.model.register_forward_hook(replace_loss, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # -- teacher ---------------------------------------------------------------------------------------------
     def set_teacher(self, teacher: nn.Module | None) -> None:
@@ -136,10 +194,11 @@ class MultiExitModel(BaseTuner):
     def _get_adapter_state_dict(cls, model: nn.Module, config: MultiExitConfig, adapter_name: str,
                                 state_dict: dict[str, torch.Tensor],
                                 unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
-        """The exit heads and, with ``train_backbone``, every backbone tensor under its model key (loading puts
-        them back in place; peft passes keys without an adapter parameter through unchanged)."""
+        """The exit heads and, with ``train_backbone`` or after ``slenderize``, every backbone tensor under its
+        model key (loading puts them back in place; peft passes keys without an adapter parameter through
+        unchanged)."""
         entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if config.train_backbone:
+        if config.train_backbone or config.slender_shapes:  # trained, or pruned: the base checkpoint lacks it
             aside = (".exit_layer.", ".original_module.", ".modules_to_save.")
             entries.update({k: v for k, v in state_dict.items() if k not in entries and not any(a in k for a in aside)})
         return entries
