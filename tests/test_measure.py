@@ -20,6 +20,7 @@ from compress.measure import (
     format_table,
     inference_latency,
     interleaved_latency,
+    pass_latency,
     peak_training_memory,
     ratio,
 )
@@ -169,6 +170,16 @@ def test_inference_latency_counts_and_restores_state():
     assert model.training  # previous mode restored
     with pytest.raises(ValueError):
         inference_latency(model, {"input": torch.randn(2, 16)}, repeats=0)
+
+
+def test_pass_latency_times_whole_passes_over_the_batches():
+    model = _CountingLinear().train()
+    batches = [{"input": torch.randn(n, 16)} for n in (2, 3, 1)]
+    result = pass_latency(model, batches, warmup=1, repeats=4)
+    assert model.calls == 3 * (1 + 4) and result.repeats == 4
+    assert not any(model.grad_seen) and model.training
+    with pytest.raises(ValueError, match="at least one batch"):
+        pass_latency(model, [])
 
 
 def test_interleaved_latency_visits_every_model_in_each_round():

@@ -29,11 +29,11 @@ from tests.test_train import make_dataset, make_tokenizer
 LAYERS = 4
 
 
-def make_encoder(arch: str = "bert", seed: int = 0):
+def make_encoder(arch: str = "bert", seed: int = 0, num_labels: int = 3):
     """A 4-block random classifier (more blocks than tiny.make_model, so exits sit at several depths)."""
     torch.manual_seed(seed)
     common = {"vocab_size": tiny.VOCAB, "hidden_size": 32, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
-              "intermediate_size": 64, "num_labels": 3}
+              "intermediate_size": 64, "num_labels": num_labels}
     if arch == "bert":
         return BertForSequenceClassification(BertConfig(max_position_embeddings=64, **common)).eval()
     return RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=70, pad_token_id=1,

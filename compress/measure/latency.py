@@ -100,3 +100,34 @@ def interleaved_latency(
         for name, model in models.items():
             times[name] += inference_latency(model, inputs, warmup=warmup, repeats=repeats).times_s
     return {name: LatencyResult.from_times(values) for name, values in times.items()}
+
+
+def pass_latency(model: torch.nn.Module, batches: Sequence[Mapping[str, Any]], warmup: int = 1,
+                 repeats: int = 3) -> LatencyResult:
+    """Time ``repeats`` passes of ``model(**batch)`` over every batch of ``batches`` (after ``warmup`` untimed
+    passes); each timed call is one whole pass.
+
+    For models whose cost depends on the inputs (early exit), where one input says little: time a data set.
+    Same conditions as :func:`inference_latency` (inference mode, eval mode restored afterwards).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not batches:
+        raise ValueError("pass_latency needs at least one batch")
+    device = model_device(model)
+    moved = [to_device(batch, device) for batch in batches]
+    was_training = model.training
+    model.eval()
+    times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for index in range(warmup + repeats):
+                start = time.perf_counter()
+                for batch in moved:
+                    model(**batch)
+                sync(device)
+                if index >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return LatencyResult.from_times(times)

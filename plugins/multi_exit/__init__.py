@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from compress.registry import register_method
 
-from .calibrate import ThresholdChoice, calibrate_exit_threshold, collect_exit_logits
+from .calibrate import (
+    ThresholdChoice,
+    calibrate_exit_threshold,
+    choose_exit_threshold,
+    collect_exit_logits,
+    exit_block_indices,
+)
 from .config import MULTI_EXIT, MultiExitConfig
 from .layer import ExitHead
 from .model import MultiExitModel
@@ -25,7 +31,9 @@ __all__ = [
     "ThresholdChoice",
     "apply_multi_exit",
     "calibrate_exit_threshold",
+    "choose_exit_threshold",
     "collect_exit_logits",
+    "exit_block_indices",
     "make_multi_exit",
     "multi_exit_model_class",
     "register_multi_exit_models",

@@ -105,6 +105,57 @@ def _candidates(policy: str, exit_logits: list[torch.Tensor]) -> list[float]:
     return sorted(set(ends + [math.nextafter(q, math.inf) for q in quantiles]))
 
 
+def exit_block_indices(model: nn.Module) -> tuple[list[int], int]:
+    """The block after each exit of a multi-exit model (the last block included), and its number of blocks."""
+    from .modeling import exit_blocks
+
+    tuner = getattr(model, "base_model", None)
+    inner = tuner.model if hasattr(tuner, "settings") else model
+    blocks, exits = exit_blocks(inner, _exit_settings(model).exit_layers)
+    return [*exits, len(blocks) - 1], len(blocks)
+
+
+def choose_exit_threshold(exit_logits: list[torch.Tensor], labels: torch.Tensor, exit_blocks: list[int],
+                          num_blocks: int, policy: str, *, target_accuracy_drop: float | None = None,
+                          target_speedup: float | None = None, thresholds: list[float] | None = None
+                          ) -> ThresholdChoice:
+    """The threshold of ``policy`` that meets a target, from every exit's logits on validation data
+    (:func:`collect_exit_logits`): ``target_accuracy_drop`` (accuracy points): the fastest whose accuracy is at
+    most that far below running every block; ``target_speedup``: the most accurate that runs at most
+    ``1 / target_speedup`` of the blocks on average. Give exactly one."""
+    if (target_accuracy_drop is None) == (target_speedup is None):
+        raise CompressError("give exactly one of target_accuracy_drop (points) or target_speedup (x)")
+    if target_accuracy_drop is not None and not target_accuracy_drop >= 0:
+        raise CompressError(f"target_accuracy_drop={target_accuracy_drop!r}: must be >= 0 (accuracy points)")
+    if target_speedup is not None and not target_speedup >= 1:
+        raise CompressError(f"target_speedup={target_speedup!r}: must be >= 1")
+    blocks_of_exit = torch.tensor(exit_blocks)
+    predictions = torch.stack([logits.argmax(-1) for logits in exit_logits])  # exits x rows
+    full_accuracy = 100.0 * (predictions[-1] == labels).float().mean().item()
+    rows = []
+    for threshold in thresholds if thresholds is not None else _candidates(policy, exit_logits):
+        chosen = simulate_exits(exit_logits, policy, threshold)
+        correct = predictions[chosen, torch.arange(len(labels))] == labels
+        mean_blocks = (blocks_of_exit[chosen] + 1).float().mean().item()
+        rows.append({"threshold": threshold, "accuracy": 100.0 * correct.float().mean().item(),
+                     "mean_blocks": mean_blocks, "speedup": num_blocks / mean_blocks})
+    if target_accuracy_drop is not None:
+        fine = [r for r in rows if r["accuracy"] >= full_accuracy - target_accuracy_drop]
+        if not fine:
+            raise CompressError("no candidate threshold keeps the accuracy within target_accuracy_drop; pass "
+                                "thresholds that include running every block")
+        best = min(fine, key=lambda r: (r["mean_blocks"], -r["accuracy"]))
+    else:
+        fast = [r for r in rows if r["speedup"] >= target_speedup]
+        if not fast:
+            raise CompressError(f"no threshold reaches a {target_speedup}x speedup on this data (at most "
+                                f"{max(r['speedup'] for r in rows):.2f}x: every example leaving at the first exit); "
+                                "lower target_speedup or add an earlier exit")
+        best = max(fast, key=lambda r: (r["accuracy"], r["speedup"]))
+    return ThresholdChoice(policy, best["threshold"], best["accuracy"], full_accuracy, best["mean_blocks"],
+                           best["speedup"], rows)
+
+
 def calibrate_exit_threshold(model: nn.Module, data, *, target_accuracy_drop: float | None = None,
                              target_speedup: float | None = None, tokenizer=None, batch_size: int = 32,
                              thresholds: list[float] | None = None, store: bool = True) -> ThresholdChoice:
@@ -115,45 +166,19 @@ def calibrate_exit_threshold(model: nn.Module, data, *, target_accuracy_drop: fl
     far below running every block. ``target_speedup`` (e.g. ``3.0``): the most accurate threshold that runs at most
     ``1 / target_speedup`` of the blocks on average. Give exactly one. Each threshold's outcome is computed from
     one pass that records every exit (the decisions depend on each example's own logits only), so trying many
-    costs no extra forward passes.
+    costs no extra forward passes (:func:`choose_exit_threshold`).
     """
     if (target_accuracy_drop is None) == (target_speedup is None):
         raise CompressError("give exactly one of target_accuracy_drop (points) or target_speedup (x)")
-    if target_accuracy_drop is not None and not target_accuracy_drop >= 0:
-        raise CompressError(f"target_accuracy_drop={target_accuracy_drop!r}: must be >= 0 (accuracy points)")
-    if target_speedup is not None and not target_speedup >= 1:
-        raise CompressError(f"target_speedup={target_speedup!r}: must be >= 1")
     settings = _exit_settings(model)
-    tuner = getattr(model, "base_model", None)
-    inner = tuner.model if hasattr(tuner, "settings") else model
-    from .modeling import exit_blocks
-
-    blocks, exits = exit_blocks(inner, settings.exit_layers)
-    all_blocks = torch.tensor([*exits, len(blocks) - 1])
+    exit_blocks, num_blocks = exit_block_indices(model)
     exit_logits, labels = collect_exit_logits(model, data, tokenizer=tokenizer, batch_size=batch_size)
-    predictions = torch.stack([logits.argmax(-1) for logits in exit_logits])  # exits x rows
-    full_accuracy = 100.0 * (predictions[-1] == labels).float().mean().item()
-    rows = []
-    for threshold in thresholds if thresholds is not None else _candidates(settings.exit_policy, exit_logits):
-        chosen = simulate_exits(exit_logits, settings.exit_policy, threshold)
-        correct = predictions[chosen, torch.arange(len(labels))] == labels
-        mean_blocks = (all_blocks[chosen] + 1).float().mean().item()
-        rows.append({"threshold": threshold, "accuracy": 100.0 * correct.float().mean().item(),
-                     "mean_blocks": mean_blocks, "speedup": len(blocks) / mean_blocks})
-    if target_accuracy_drop is not None:
-        fine = [r for r in rows if r["accuracy"] >= full_accuracy - target_accuracy_drop]
-        best = min(fine, key=lambda r: (r["mean_blocks"], -r["accuracy"]))  # running every block always qualifies
-    else:
-        fast = [r for r in rows if r["speedup"] >= target_speedup]
-        if not fast:
-            raise CompressError(f"no threshold reaches a {target_speedup}x speedup on this data (at most "
-                                f"{max(r['speedup'] for r in rows):.2f}x: every example leaving at the first exit); "
-                                "lower target_speedup or add an earlier exit")
-        best = max(fast, key=lambda r: (r["accuracy"], r["speedup"]))
+    choice = choose_exit_threshold(exit_logits, labels, exit_blocks, num_blocks, settings.exit_policy,
+                                   target_accuracy_drop=target_accuracy_drop, target_speedup=target_speedup,
+                                   thresholds=thresholds)
     if store:
-        settings.exit_threshold = best["threshold"]
+        settings.exit_threshold = choice.threshold
     logger.info("exit threshold %s=%g: accuracy %.2f%% (every block: %.2f%%), %.2f blocks per example, %.2fx",
-                settings.exit_policy, best["threshold"], best["accuracy"], full_accuracy, best["mean_blocks"],
-                best["speedup"])
-    return ThresholdChoice(settings.exit_policy, best["threshold"], best["accuracy"], full_accuracy,
-                           best["mean_blocks"], best["speedup"], rows)
+                choice.policy, choice.threshold, choice.accuracy, choice.full_accuracy, choice.mean_blocks,
+                choice.speedup)
+    return choice

@@ -1,0 +1,105 @@
+"""The multi-exit benchmark's configurations and measurements, shared by ``recipes/multi_exit.py`` and
+``recipes/bench_multi_exit.py``.
+
+Configurations (``KINDS``), each a student started from the fine-tuned teacher and trained with every exit's
+loss and distillation from the teacher's logits: ``me`` (every block keeps its width; an exit after each
+block) and ``me-slim50`` (half of the heads and FFN neurons removed first by :func:`compress.prune_model`,
+scored on the loss of every exit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+
+import numpy as np
+import torch
+from peft import get_peft_model
+
+import compress
+from compress.bench.recipe import add_data_arguments
+from compress.data import tokenize_dataset
+from compress.measure import count_parameters, pass_latency
+
+KINDS = ("me", "me-slim50")
+SLENDERIZE = {"me-slim50": {"heads": 0.5, "ffn": 0.5}}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Data, teacher, student and exit-policy options."""
+    add_data_arguments(p)
+    p.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of the teacher's fine-tuning (1e-4)")
+    p.add_argument("--exit-lr", type=float, default=5e-5, help="learning rate of the multi-exit students (5e-5)")
+    p.add_argument("--student-steps", type=int, default=None, help="training steps of each student (--steps)")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="weight of the teacher's logits (0.5)")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (2)")
+    p.add_argument("--policy", choices=["entropy", "max_prob", "patience"], default="entropy")
+    p.add_argument("--calib-rows", type=int, default=1000,
+                   help="training rows held out to choose the thresholds (1000)")
+    p.add_argument("--slenderize-batches", type=int, default=8, help="batches scoring the slenderization (8)")
+
+
+def exit_config(kind: str, args) -> compress.MultiExitConfig:
+    return compress.MultiExitConfig(task_type="SEQ_CLS", exit_policy=args.policy, distill_weight=args.distill_weight,
+                                    distill_temperature=args.temperature, slenderize=SLENDERIZE.get(kind))
+
+
+def build_student(kind: str, teacher, tokenizer, args, calibration=None):
+    """A copy of the fine-tuned ``teacher`` with exits (slenderized on ``calibration`` rows for ``-slim``
+    kinds), distilling from ``teacher``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown configuration {kind!r}; choose from {', '.join(KINDS)}")
+    model = get_peft_model(copy.deepcopy(teacher), exit_config(kind, args))
+    model.base_model.set_teacher(teacher)
+    if kind in SLENDERIZE:
+        data = tokenize_dataset(calibration, tokenizer, max_length=args.max_length)
+        model.base_model.slenderize(data=data, tokenizer=tokenizer, num_batches=args.slenderize_batches,
+                                    batch_size=args.batch_size)
+    return model
+
+
+def test_batches(tokenizer, ds, batch_size: int, max_length: int) -> list[dict]:
+    """The test rows in their order, in batches padded to their longest row (labels kept aside)."""
+    batches = []
+    for start in range(0, len(ds), batch_size):
+        rows = ds[start:start + batch_size]
+        pairs = rows.get("text_pair")
+        batches.append(dict(tokenizer(rows["text"], pairs, padding=True, truncation=True, max_length=max_length,
+                                      return_tensors="pt")))
+    return batches
+
+
+@torch.no_grad()
+def outcome(model, batches: list[dict], labels: np.ndarray) -> dict:
+    """Accuracy and mean blocks run per example on ``batches``: a multi-exit model with its config's threshold,
+    or a plain classifier (every block)."""
+    model.eval()
+    predictions, layers = [], []
+    for batch in batches:
+        out = model(**batch)
+        predictions.append(out.logits.argmax(-1))
+        exits = getattr(out, "exit_layers", None)
+        last = model.config.num_hidden_layers - 1
+        layers.append(exits if exits is not None else torch.full((len(out.logits),), last))
+    predictions = torch.cat(predictions).numpy()
+    return {"accuracy": float(np.mean(predictions == labels)),
+            "mean_blocks": float((torch.cat(layers) + 1).float().mean())}
+
+
+def timed(model, batches_32: list[dict], rows_1: list[dict], repeats: int) -> dict:
+    """Seconds per pass over the batch-32 test batches and over the batch-1 rows."""
+    return {"b32_s": pass_latency(model, batches_32, warmup=1, repeats=repeats).median_s,
+            "b1_s": pass_latency(model, rows_1, warmup=1, repeats=repeats).median_s}
+
+
+def encoder_params(model) -> int:
+    """Parameters of the backbone's encoder and heads (embeddings excluded: a lookup, not compute)."""
+    total = count_parameters(model)
+    return total - model.get_input_embeddings().weight.numel()
+
+
+def threshold_label(value: float | None) -> str:
+    if value is None:
+        return "none"
+    return "inf" if math.isinf(value) else f"{value:.4g}"
