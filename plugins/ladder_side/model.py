@@ -7,13 +7,13 @@ import logging
 from functools import partial
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.utils import ModelOutput
 
 from compress.errors import CompressError
 from compress.export import TAG
 from compress.pruning.arch import arch_spec
+from compress.tuner import CompressTuner
 
 from .cache import side_cache, with_side
 from .config import LadderSideConfig
@@ -37,7 +37,7 @@ _SHARED_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "use_cache
 SIDE_STATE = "ladder_side_state"
 
 
-class LadderSideModel(BaseTuner):
+class LadderSideModel(CompressTuner):
     """Creates a Ladder Side-Tuning model from a pretrained transformers model.
 
     The backbone stays as loaded and frozen, and runs without gradients. Forward hooks collect its embedding

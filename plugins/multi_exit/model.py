@@ -7,7 +7,6 @@ import inspect
 import logging
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from compress.errors import CompressError
@@ -16,6 +15,7 @@ from compress.pruning.arch import arch_spec
 from compress.pruning.compact import projection_shapes, reshape_to
 from compress.pruning.engine import PruneReport, prune_model
 from compress.pruning.spec import InvalidOptionError
+from compress.tuner import CompressTuner
 
 from .config import MultiExitConfig
 from .layer import MultiExitLayer
@@ -26,7 +26,7 @@ from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
 logger = logging.getLogger(__name__)
 
 
-class MultiExitModel(BaseTuner):
+class MultiExitModel(CompressTuner):
     """Creates a multi-exit classifier from a pretrained transformers sequence classifier (BERT/RoBERTa family).
 
     An :class:`~.layer.ExitHead` follows each block in ``exit_layers`` before the last; the model's own head is
@@ -80,11 +80,6 @@ class MultiExitModel(BaseTuner):
 
     def _create_and_replace(self, *args, **kwargs) -> None:
         raise CompressError("internal: multi-exit models replace no module")  # pragma: no cover
-
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # BaseTuner's version re-ties `weight`/`bias` from the old child, which fails for a head without a weight
-        # (RobertaClassificationHead in modules_to_save); nothing here needs re-tying
-        setattr(parent, child_name, new_module)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]

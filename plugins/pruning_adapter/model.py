@@ -6,7 +6,7 @@ import logging
 
 import torch
 from peft.tuners.lora import LoraConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
@@ -17,6 +17,7 @@ from compress.pruning.arch import arch_spec, spec_class
 from compress.pruning.compact import make_compact
 from compress.pruning.engine import check_support
 from compress.pruning.surgery import build_dependency_graph, check_hidden_group
+from compress.tuner import CompressTuner
 
 from .config import PruningAdapterConfig
 from .distill import Distillation
@@ -47,7 +48,7 @@ def _is_saved_state(key: str) -> bool:
     return key == PLAN_KEY or key.startswith(SCHEDULE_PREFIX)
 
 
-class PruningAdapterModel(BaseTuner):
+class PruningAdapterModel(CompressTuner):
     """Creates a Pruning-Adapter model from a pretrained transformers model.
 
     The backbone is frozen; its FFN neurons, attention heads, blocks and hidden channels are scored by the task
@@ -141,12 +142,6 @@ class PruningAdapterModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # BaseTuner's version re-ties `weight`/`bias` from the old child, which fails for unloaded modules
-        # without a weight (e.g. RobertaClassificationHead in modules_to_save) and is unnecessary here:
-        # adapter layers wrap their base layer, and update_layer already placed adapters on its device.
-        setattr(parent, child_name, new_module)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
