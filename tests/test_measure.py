@@ -20,6 +20,7 @@ from compress.measure import (
     format_table,
     inference_latency,
     interleaved_latency,
+    interleaved_pass_latency,
     pass_latency,
     peak_training_memory,
     ratio,
@@ -180,6 +181,19 @@ def test_pass_latency_times_whole_passes_over_the_batches():
     assert not any(model.grad_seen) and model.training
     with pytest.raises(ValueError, match="at least one batch"):
         pass_latency(model, [])
+
+
+def test_interleaved_pass_latency_alternates_models_per_round():
+    order: list[str] = []
+    models = {}
+    for name in ("a", "b"):
+        model = _CountingLinear()
+        model.register_forward_pre_hook(lambda m, args, name=name: order.append(name))
+        models[name] = model
+    batches = [{"input": torch.randn(2, 16)}, {"input": torch.randn(1, 16)}]
+    results = interleaved_pass_latency(models, batches, rounds=3, warmup=1)
+    assert order == ["a"] * 2 + ["b"] * 2 + ["a", "a", "b", "b"] * 3
+    assert all(r.repeats == 3 for r in results.values())
 
 
 def test_interleaved_latency_visits_every_model_in_each_round():

@@ -20,7 +20,7 @@ from peft import get_peft_model
 import compress
 from compress.bench.recipe import add_data_arguments
 from compress.data import tokenize_dataset
-from compress.measure import count_parameters, pass_latency
+from compress.measure import count_parameters, interleaved_pass_latency
 
 KINDS = ("me", "me-slim50")
 SLENDERIZE = {"me-slim50": {"heads": 0.5, "ffn": 0.5}}
@@ -87,10 +87,13 @@ def outcome(model, batches: list[dict], labels: np.ndarray) -> dict:
             "mean_blocks": float((torch.cat(layers) + 1).float().mean())}
 
 
-def timed(model, batches_32: list[dict], rows_1: list[dict], repeats: int) -> dict:
-    """Seconds per pass over the batch-32 test batches and over the batch-1 rows."""
-    return {"b32_s": pass_latency(model, batches_32, warmup=1, repeats=repeats).median_s,
-            "b1_s": pass_latency(model, rows_1, warmup=1, repeats=repeats).median_s}
+def timed_against(dense, model, batches_32: list[dict], rows_1: list[dict], rounds: int) -> dict:
+    """Seconds per pass over the batch-32 batches and over the batch-1 rows, of ``model`` and of ``dense``
+    measured in alternation with it (median of ``rounds`` passes each)."""
+    b32 = interleaved_pass_latency({"dense": dense, "model": model}, batches_32, rounds=rounds)
+    b1 = interleaved_pass_latency({"dense": dense, "model": model}, rows_1, rounds=rounds)
+    return {"b32_s": b32["model"].median_s, "b1_s": b1["model"].median_s,
+            "dense_b32_s": b32["dense"].median_s, "dense_b1_s": b1["dense"].median_s}
 
 
 def encoder_params(model) -> int:

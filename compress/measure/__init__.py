@@ -6,7 +6,8 @@ One module per concern, every public name importable from here:
   :func:`ratio`;
 - :mod:`compress.measure.latency`: :func:`inference_latency` (median of timed forward calls after warm-up),
   :func:`interleaved_latency` (several models compared in rounds, so machine-load drift hits all alike) and
-  :func:`pass_latency` (one pass over a data set's batches, for input-dependent models such as early exit);
+  :func:`pass_latency` (one pass over a data set's batches, for input-dependent models such as early exit;
+  :func:`interleaved_pass_latency` compares several);
 - :mod:`compress.measure.memory`: :func:`peak_training_memory`, the peak resident memory of a few training
   steps measured in a fresh subprocess, as the increase over the RSS once the model is loaded
   (:class:`TrainingJob`, :class:`TrainingSetup`, :class:`TrainingMemoryResult`);
@@ -16,7 +17,13 @@ All helpers are side-effect free for the caller: nothing global (grad mode, a mo
 left changed after a call returns. Nothing here knows about a model family, a data set or a recipe.
 """
 
-from compress.measure.latency import LatencyResult, inference_latency, interleaved_latency, pass_latency
+from compress.measure.latency import (
+    LatencyResult,
+    inference_latency,
+    interleaved_latency,
+    interleaved_pass_latency,
+    pass_latency,
+)
 from compress.measure.memory import (
     DEFAULT_MALLOC_ENV,
     TrainingJob,
@@ -41,6 +48,7 @@ __all__ = [
     "format_table",
     "inference_latency",
     "interleaved_latency",
+    "interleaved_pass_latency",
     "pass_latency",
     "peak_training_memory",
     "ratio",

@@ -131,3 +131,20 @@ def pass_latency(model: torch.nn.Module, batches: Sequence[Mapping[str, Any]], w
     finally:
         model.train(was_training)
     return LatencyResult.from_times(times)
+
+
+def interleaved_pass_latency(models: Mapping[str, torch.nn.Module], batches: Sequence[Mapping[str, Any]],
+                             rounds: int = 3, warmup: int = 1) -> dict[str, LatencyResult]:
+    """:func:`pass_latency` of several models over the same batches, one timed pass per model per round in the
+    mapping's order (after ``warmup`` untimed passes each), so that a change in machine load hits every model
+    alike."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    for model in models.values():
+        if warmup:
+            pass_latency(model, batches, warmup=0, repeats=warmup)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name] += pass_latency(model, batches, warmup=0, repeats=1).times_s
+    return {name: LatencyResult.from_times(values) for name, values in times.items()}
