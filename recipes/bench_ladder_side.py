@@ -32,7 +32,7 @@ from pathlib import Path
 
 import compress
 from compress.bench.ladder_side import KINDS, add_arguments, build, lr_for
-from compress.bench.recipe import add_memory_arguments, load_splits, setup_run
+from compress.bench.recipe import add_memory_arguments, load_splits, setup_run, write_report
 from compress.bench.train import evaluate_accuracy, finetune_classifier
 from compress.measure import TrainingJob, folder_size, format_table, peak_training_memory
 
@@ -142,11 +142,7 @@ def main(argv=None) -> int:
                 "loaded and wrapped. " if args.memory else "Memory not measured (--no-memory). ")
              + "'s/step (run)': the accuracy run (dynamic padding); 's/step (mem)': median step of the memory job "
              f"(padded). Wall time {(time.time() - started) / 60:.1f} min.")
-    command = "python recipes/bench_ladder_side.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = f"# bench_ladder_side\n\n`{command.strip()}`\n\n" + "\n\n".join(text_parts) + f"\n\n{notes}\n"
-    print(text)
-    Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.md).write_text(text, encoding="utf-8")
+    print(write_report(__file__, argv, "\n\n".join([*text_parts, notes]), args.md))
     return 0
 
 

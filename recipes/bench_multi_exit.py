@@ -39,7 +39,7 @@ from compress.bench.multi_exit import (
     threshold_label,
     timed_against,
 )
-from compress.bench.recipe import load_splits, setup_run
+from compress.bench.recipe import load_splits, setup_run, write_report
 from compress.bench.train import finetune_classifier, load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 from compress.measure import format_table
@@ -173,11 +173,7 @@ def main(argv=None) -> int:
              f"{torch.get_num_threads()}. 'params (no emb.)': parameters without "
              f"the word embeddings. Best measured batch-32 speedup within 1.5 points of dense: {goal}. Wall time "
              f"{(time.time() - started) / 60:.1f} min.")
-    command = "python recipes/bench_multi_exit.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = f"# bench_multi_exit\n\n`{command.strip()}`\n\n{format_table(rows)}\n\n{notes}\n"
-    print(text)
-    Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.md).write_text(text, encoding="utf-8")
+    print(write_report(__file__, argv, f"{format_table(rows)}\n\n{notes}", args.md))
     return 0
 
 

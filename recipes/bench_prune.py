@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from compress.bench.recipe import GLUE_TASKS, latency_inputs, load_splits, setup_run
+from compress.bench.recipe import GLUE_TASKS, latency_inputs, load_splits, setup_run, write_report
 from compress.bench.train import finetune_classifier, glue_scores, load_sequence_classifier, minilm_path, predict_labels
 from compress.data import tokenize_dataset
 from compress.export import save_pretrained
@@ -180,7 +180,6 @@ def main(argv=None) -> int:
         table.append(entry)
     text = format_table(table)
     wall = time.perf_counter() - started
-    command = "python recipes/bench_prune.py " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = (
         f"all-MiniLM-L6-v2 + seeded head, {task}; data: {source}; train rows used {len(train):,}; "
         f"test rows {len(test):,}.\n"
@@ -195,13 +194,8 @@ def main(argv=None) -> int:
         f"threads. Dense accuracy after {args.steps} steps (before the extra steps): {base_scores['acc']:.4f}. "
         f"Wall time {wall / 60:.1f} min."
     )
-    print()
-    print(text)
-    print()
-    print(notes)
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(f"# bench_prune: {task}\n\n`{command}`\n\n{text}\n\n{notes}\n", encoding="utf-8")
-    print(f"\nwrote {md_path}")
+    print(write_report(__file__, argv, f"{text}\n\n{notes}", md_path, title=f"bench_prune: {task}"))
+    print(f"wrote {md_path}")
     return 0
 
 

@@ -43,7 +43,7 @@ from compress.bench.pruning_adapter import (
     lr_for,
     merged,
 )
-from compress.bench.recipe import add_memory_arguments, latency_inputs, load_splits, setup_run
+from compress.bench.recipe import add_memory_arguments, latency_inputs, load_splits, setup_run, write_report
 from compress.bench.train import evaluate_accuracy, finetune_classifier
 from compress.measure import TrainingJob, folder_size, format_table, interleaved_latency, peak_training_memory
 from compress.pruning.spec import parse_sparsity, sparsity_by_structure
@@ -194,11 +194,7 @@ def main(argv=None) -> int:
         f"all-MiniLM-L6-v2 + seeded head; {'memory only (--memory-only); ' if args.memory_only else ''}{setup}"
         f"{memory_note}{timing} Wall time {(time.time() - started) / 60:.1f} min."
     )
-    command = "python recipes/bench_pruning_adapter.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = f"# bench_pruning_adapter\n\n`{command.strip()}`\n\n{table}\n\n{notes}\n"
-    print(text)
-    Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.md).write_text(text, encoding="utf-8")
+    print(write_report(__file__, argv, f"{table}\n\n{notes}", args.md))
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,16 @@ def default_arguments(add_arguments: Callable[[argparse.ArgumentParser], None], 
         setattr(args, key, value)
     return args
 
+
+
+def write_report(script: str, argv: Sequence[str] | None, body: str, path: str | os.PathLike[str],
+                 title: str | None = None) -> str:
+    """A benchmark's markdown report: a title (the script's name), the command that made it (``argv``, or the
+    process's arguments), then ``body``; written to ``path`` and returned for printing."""
+    name = Path(script).stem
+    arguments = sys.argv[1:] if argv is None else argv
+    command = f"python recipes/{name}.py {' '.join(arguments)}".strip()
+    text = f"# {title or name}\n\n`{command}`\n\n{body}\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text, encoding="utf-8")
+    return text
