@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 
 import torch
 from torch import nn
@@ -22,8 +21,6 @@ from .layer import MultiExitLayer
 from .loss import exit_weights, multi_exit_loss
 from .modeling import CONFIG_FIELDS, build_exit_heads, exit_blocks, make_multi_exit
 from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
-
-logger = logging.getLogger(__name__)
 
 
 class MultiExitModel(CompressTuner):
