@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import torch
@@ -18,9 +17,8 @@ from compress.tuner import CompressTuner
 
 from .config import MultiExitConfig
 from .layer import MultiExitLayer
-from .loss import exit_weights, multi_exit_loss
 from .modeling import CONFIG_FIELDS, build_exit_heads, exit_blocks, make_multi_exit
-from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
+from .runner import OUTPUT_EXTRAS, ExitSettings, every_exit_loss, forward_with_exits
 
 
 class MultiExitModel(CompressTuner):
@@ -112,43 +110,14 @@ class MultiExitModel(CompressTuner):
         if data is None and config.slenderize_importance != "magnitude":
             raise CompressError(f"slenderize_importance={config.slenderize_importance!r} scores on labelled data: "
                                 "pass data= (e.g. a tokenized training subset), or use 'magnitude'")
-        with self._every_exit_loss():
+        blocks, exits = exit_blocks(self.model, config.exit_layers)
+        with every_exit_loss(self.model, blocks, exits, self._heads(), config.exit_loss_weights):
             report = prune_model(self.model, sparsity=dict(config.slenderize), structures=list(config.slenderize),
                                  importance=config.slenderize_importance, data=data, mode="global",
                                  num_batches=num_batches, batch_size=batch_size, tokenizer=tokenizer)
         config.slender_shapes = projection_shapes(self.model)
         self._mark_only_adapters_as_trainable(self.model)  # the engine replaced pruned layers' parameters
         return report
-
-    @contextlib.contextmanager
-    def _every_exit_loss(self):
-        """While active, the wrapped model's own forward returns the multi-exit loss whenever it gets labels (what
-        the engine's importance differentiates); block outputs are only referenced until then."""
-        heads = self._heads()
-        blocks, exits = exit_blocks(self.model, self.active_config.exit_layers)
-        weights = exit_weights(self.active_config.exit_loss_weights, [*exits, len(blocks) - 1])
-        states: list[torch.Tensor] = []
-
-        def keep_state(module: nn.Module, args: tuple, output) -> None:
-            states.append(output[0] if isinstance(output, tuple) else output)
-
-        def replace_loss(module: nn.Module, args: tuple, kwargs: dict, output):
-            captured = states[:len(exits)]
-            states.clear()
-            labels = kwargs.get("labels")
-            if labels is None or heads is None:
-                return None
-            logits = [head(state) for head, state in zip(heads, captured)] + [output.logits]
-            output["loss"] = multi_exit_loss(logits, labels, weights, module.config)
-            return output
-
-        handles = [blocks[b].register_forward_hook(keep_state) for b in exits]
-        handles.append(self.model.register_forward_hook(replace_loss, with_kwargs=True))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # -- teacher ---------------------------------------------------------------------------------------------
     def set_teacher(self, teacher: nn.Module | None) -> None:

@@ -8,7 +8,8 @@ unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -199,3 +200,34 @@ def forward_with_exits(forward: Callable, blocks: nn.ModuleList, exit_blocks: li
                                          settings.threshold)
     loss = task_loss(logits, labels, model_config) if labels is not None else None
     return MultiExitClassifierOutput(loss=loss, logits=logits, exit_layers=exit_layers)
+
+
+@contextlib.contextmanager
+def every_exit_loss(model: nn.Module, blocks: nn.ModuleList, exit_blocks: list[int], heads: nn.ModuleList | None,
+                    loss_weights: str | list[float]) -> Iterator[None]:
+    """While active, ``model``'s own forward returns the loss of every exit (:func:`~.loss.multi_exit_loss`,
+    without distillation) whenever it gets labels: what a pruning importance computed from ``model(**batch).loss``
+    then differentiates. Block outputs are only referenced until the forward returns."""
+    weights = exit_weights(loss_weights, [*exit_blocks, len(blocks) - 1])
+    states: list[torch.Tensor] = []
+
+    def keep_state(module: nn.Module, args: tuple, output) -> None:
+        states.append(_block_output(output))
+
+    def replace_loss(module: nn.Module, args: tuple, kwargs: dict, output):
+        captured = states[:len(exit_blocks)]
+        states.clear()
+        labels = kwargs.get("labels")
+        if labels is None or heads is None:
+            return None
+        logits = [head(state) for head, state in zip(heads, captured)] + [output.logits]
+        output["loss"] = multi_exit_loss(logits, labels, weights, module.config)
+        return output
+
+    handles = [blocks[b].register_forward_hook(keep_state) for b in exit_blocks]
+    handles.append(model.register_forward_hook(replace_loss, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
