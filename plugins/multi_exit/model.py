@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from compress.errors import CompressError
 from compress.export import TAG
-from compress.pruning.arch import arch_spec
 from compress.pruning.compact import projection_shapes, reshape_to
 from compress.pruning.engine import PruneReport, prune_model
-from compress.pruning.spec import InvalidOptionError
 from compress.tuner import CompressTuner
 
+from .attach import call_with_exits, check_exits, ignore_exit_outputs
 from .config import MultiExitConfig
 from .layer import MultiExitLayer
 from .modeling import CONFIG_FIELDS, build_exit_heads, exit_blocks, make_multi_exit
-from .runner import OUTPUT_EXTRAS, ExitSettings, every_exit_loss, forward_with_exits
+from .runner import ExitSettings, every_exit_loss
 
 
 class MultiExitModel(CompressTuner):
@@ -59,17 +56,7 @@ class MultiExitModel(CompressTuner):
                                 "adapter")
 
     def _pre_injection_hook(self, model: nn.Module, config: MultiExitConfig, adapter_name: str) -> None:
-        arch_spec(model).sequence_head()  # refuses models without a first-token sequence-classification head
-        blocks = arch_spec(model).stacks()[0].blocks
-        wrong = [layer for layer in config.exit_layers or [] if layer >= len(blocks)]
-        if wrong:
-            raise InvalidOptionError("exit_layers", config.exit_layers, f"names block {wrong[0]}, but the model has "
-                                     f"{len(blocks)} blocks (0..{len(blocks) - 1})")
-        exits = len(exit_blocks(model, config.exit_layers)[1]) + 1
-        weights = config.exit_loss_weights
-        if not isinstance(weights, str) and len(weights) != exits:
-            raise InvalidOptionError("exit_loss_weights", weights, f"needs one weight per exit: {exits} (the "
-                                     "exit_layers before the last block, plus the model's own head)")
+        check_exits(model, config.exit_layers, config.exit_loss_weights)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags([TAG])
 
@@ -84,9 +71,7 @@ class MultiExitModel(CompressTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self.exit_layer = MultiExitLayer()
         self.exit_layer.update_layer(adapter_name, heads, trainable=not config.inference_mode)
-        # the Trainer's predictions: the logits alone, not the per-exit extras
-        model.config.keys_to_ignore_at_inference = [
-            *getattr(model.config, "keys_to_ignore_at_inference", []), *OUTPUT_EXTRAS]
+        ignore_exit_outputs(model.config)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -141,14 +126,8 @@ class MultiExitModel(CompressTuner):
         heads = self._heads()
         if heads is None:
             return self.model(*args, **kwargs)
-        if args:
-            kwargs = dict(inspect.signature(self.model.forward).bind_partial(*args, **kwargs).arguments)
-            kwargs.update(kwargs.pop("kwargs", {}))
-        labels = kwargs.pop("labels", None)
-        kwargs.pop("return_dict", None)  # the output is always a ModelOutput (it carries the exits)
-        blocks, exits = exit_blocks(self.model, self.active_config.exit_layers)
-        return forward_with_exits(self.model, blocks, exits, heads, self.model.config, self.settings(), kwargs,
-                                  labels, training=self.model.training, teacher=self._teacher)
+        return call_with_exits(self.model, heads, self.active_config.exit_layers, self.settings(), args, kwargs,
+                               teacher=self._teacher)
 
     # -- saved state: with a trained backbone, its weights travel with the exits ------------------------------
     @classmethod
@@ -176,12 +155,7 @@ class MultiExitModel(CompressTuner):
         if hasattr(self, "exit_layer"):
             del self.exit_layer
         model = super()._unload_and_optionally_merge(merge=False, **kwargs)
-        extras = set(OUTPUT_EXTRAS)
-        ignored = [k for k in getattr(model.config, "keys_to_ignore_at_inference", []) if k not in extras]
-        if ignored:
-            model.config.keys_to_ignore_at_inference = ignored
-        else:
-            model.config.__dict__.pop("keys_to_ignore_at_inference", None)
+        ignore_exit_outputs(model.config, ignore=False)
         if heads is None:
             return model
         return make_multi_exit(model, heads, {name: getattr(config, name) for name in CONFIG_FIELDS})
