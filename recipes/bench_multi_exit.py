@@ -5,7 +5,9 @@ Same run, same data and seed:
 - ``dense``: MiniLM-L6 fully fine-tuned (``--steps`` at ``--full-lr``); it is also the teacher;
 - ``me``: a copy of it with an exit after every block, trained on every exit's loss plus distillation from the
   teacher's logits (``--student-steps`` at ``--exit-lr``);
-- ``me-slim50``: the same after removing half of the heads and FFN neurons (importance from every exit's loss).
+- ``me-slim50``: the same after removing half of the heads and FFN neurons (importance from every exit's loss);
+- ``pa-exits``: Pruning-Adapter with an exit after every block on the frozen pretrained backbone (progressive
+  FFN and heads 50%, scored on every exit's loss; adapters and exits trained together for ``--steps``).
 
 The held-out ``--calib-rows`` training rows choose the thresholds (for accuracy drops ``--drops`` and speedups
 ``--speedups`` on those rows); each threshold then runs on the test set: accuracy, mean blocks run per example,
@@ -32,6 +34,7 @@ import compress
 from compress.bench.multi_exit import (
     KINDS,
     add_arguments,
+    build_pa_exits,
     build_student,
     encoder_params,
     outcome,
@@ -120,12 +123,17 @@ def main(argv=None) -> int:
     calibration_data = tokenize_dataset(calibration, tokenizer, max_length=args.max_length)
     for kind in args.kinds:
         t0 = time.time()
-        student = build_student(kind, teacher, tokenizer, args, calibration=train)
-        finetune_classifier(student, tokenizer, train, steps=student_steps, batch_size=args.batch_size,
-                            lr=args.exit_lr, max_length=args.max_length, seed=args.seed)
+        if kind == "pa-exits":
+            student, callbacks, lr = build_pa_exits(args)
+            steps = args.steps
+        else:
+            student = build_student(kind, teacher, tokenizer, args, calibration=train)
+            callbacks, lr, steps = [], args.exit_lr, student_steps
+        finetune_classifier(student, tokenizer, train, steps=steps, batch_size=args.batch_size, lr=lr,
+                            max_length=args.max_length, seed=args.seed, callbacks=callbacks)
         model = student.merge_and_unload()
         compress.save_pretrained(model, Path(args.out) / kind, tokenizer=tokenizer, overwrite=True)
-        print(f"[{kind}] {student_steps} steps in {time.time() - t0:.0f} s", flush=True)
+        print(f"[{kind}] {steps} steps in {time.time() - t0:.0f} s", flush=True)
         exit_logits, held_labels = multi_exit.collect_exit_logits(model, calibration_data, tokenizer=tokenizer,
                                                                   batch_size=64)
         exit_blocks, num_blocks = multi_exit.exit_block_indices(model)

@@ -49,6 +49,10 @@ CASES = [
                 "r": 4}),
     MethodCase("PRUNING_ADAPTER", "llama", compress.PruningAdapterConfig,
                {"sparsity": {"hidden": 0.25, "kv_heads": 0.5}, "r": 4}),
+    # with exits after the blocks: every example leaves at the first, so the logits come from a trained exit head
+    MethodCase("PRUNING_ADAPTER", "bert", compress.PruningAdapterConfig,
+               {"sparsity": {"ffn": 0.5, "heads": 0.5}, "mode": "global", "r": 4,
+                "exits": {"exit_policy": "max_prob", "exit_threshold": 0.0}}),
     # the side network: pruned from the backbone (BERT: compact class), random, with dropped layers
     MethodCase("LADDER_SIDE", "bert", compress.LadderSideConfig, {"r": 2}),
     MethodCase("LADDER_SIDE", "roberta", compress.LadderSideConfig, {"r": 4, "side_layers": [1]}),

@@ -248,7 +248,7 @@ def test_ladder_side_benchmark_ratios_and_sequence_length_sweep(tmp_path, monkey
     assert sweep == [["full", "200", "800"], ["lora", "150", "600"], ["lst-r8", "50", "200"]]
 
 
-@pytest.mark.slow  # trains three tiny models with the Trainer
+@pytest.mark.slow  # trains four tiny models with the Trainer
 def test_multi_exit_benchmark_rows_ratios_and_plot(tmp_path, monkeypatch):
     """The whole benchmark on a tiny 4-block BERT and toy data: a dense row, one row per chosen threshold of
     each configuration, speedups against the dense row, and the plot."""
@@ -259,20 +259,24 @@ def test_multi_exit_benchmark_rows_ratios_and_plot(tmp_path, monkeypatch):
     def tiny_classifier(path, num_labels=2, seed=0):
         return make_encoder(seed=seed, num_labels=num_labels), make_tokenizer()
 
-    monkeypatch.setattr(bench_multi_exit, "load_sequence_classifier", tiny_classifier)
-    monkeypatch.setattr(bench_multi_exit, "minilm_path", lambda: "unused")
+    from compress.bench import multi_exit
+
+    for module in (bench_multi_exit, multi_exit):
+        monkeypatch.setattr(module, "load_sequence_classifier", tiny_classifier)
+        monkeypatch.setattr(module, "minilm_path", lambda: "unused")
     monkeypatch.setattr(bench_multi_exit, "load_splits",
                         lambda *a, **k: (make_dataset(96, seed=1), make_dataset(40, seed=2), "toy rows"))
     md, png = tmp_path / "bench.md", tmp_path / "bench.png"
-    assert bench_multi_exit.main(["--steps", "4", "--student-steps", "2", "--batch-size", "8", "--calib-rows", "32",
+    assert bench_multi_exit.main(["--steps", "80", "--student-steps", "2", "--batch-size", "8", "--calib-rows", "32",
                                   "--latency-rows", "4", "--repeats", "1", "--drops", "1", "--speedups", "1.5",
                                   "--slenderize-batches", "1", "--out", str(tmp_path / "out"), "--md", str(md),
                                   "--plot", str(png)]) == 0
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| config")]
-    assert rows[0][0] == "dense" and {r[0] for r in rows[1:]} == {"me", "me-slim50"}
+    assert rows[0][0] == "dense" and {r[0] for r in rows[1:]} == {"me", "me-slim50", "pa-exits"}
     assert all(r[1] for r in rows[1:]) and any(r[1].startswith("every block") for r in rows[1:])
     slim = next(r for r in rows if r[0] == "me-slim50")
     assert int(slim[-1].replace(",", "")) < int(rows[0][-1].replace(",", ""))  # fewer parameters
     assert png.stat().st_size > 0
     assert (tmp_path / "out" / "me" / "config.json").is_file()
+    assert "MultiExit" in (tmp_path / "out" / "pa-exits" / "config.json").read_text()

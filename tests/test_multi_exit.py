@@ -325,3 +325,52 @@ def test_slenderization_scores_every_exit_and_reloads(train_backbone, tmp_path):
     torch.testing.assert_close(early(loaded, batch).logits, expected.logits, rtol=0, atol=1e-6)
     with pytest.raises(compress.CompressError, match="already slenderized"):
         model.base_model.slenderize(data=[padded_batch(labels=True)])
+
+
+def _pa_with_exits(**exits):
+    config = compress.PruningAdapterConfig(task_type="SEQ_CLS", sparsity={"ffn": 0.5, "heads": 0.5}, mode="global",
+                                           r=4, exits={"exit_policy": "patience", "exit_threshold": 1, **exits})
+    return get_peft_model(make_encoder(), config)
+
+
+def test_pruning_adapter_with_exits_scores_every_exit_and_merges_to_a_multi_exit_model(tmp_path):
+    model = _pa_with_exits()
+    heads = model.base_model.exit_layer.exit_heads["default"]
+    assert len(heads) == LAYERS - 1 and all(p.requires_grad for p in heads.parameters())
+    calls = []
+    handles = [h.register_forward_hook(lambda m, a, o: calls.append(1)) for h in heads]
+    model.base_model.prune(data=[padded_batch(n=8, seed=s, labels=True) for s in range(2)])
+    for handle in handles:
+        handle.remove()
+    assert calls, "the pruning importance must come from the exits' losses too"
+    widths = compress.pruning.arch.arch_spec(model.base_model.model).widths()
+    assert sum(widths["heads"]) == 8 and sum(widths["ffn"]) == 128
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p))  # trained exits, distinct from the model's head
+    model.train()
+    out = model(**padded_batch(labels=True))
+    assert len(out.exit_logits) == LAYERS and out.loss.requires_grad
+    batch = padded_batch(n=8)
+    expected = early(model, batch)
+    assert len(set(expected.exit_layers.tolist())) > 1
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert type(merged).__name__ == "MultiExitCompressedBertForSequenceClassification"
+    compress.save_pretrained(merged, tmp_path / "merged")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    again = early(loaded, batch)
+    torch.testing.assert_close(again.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again.exit_layers, expected.exit_layers)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(make_encoder(), tmp_path / "adapter")
+    torch.testing.assert_close(early(reloaded, batch).logits, expected.logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"sparsity": {"ffn": 0.5, "layers": 0.5}, "exits": {}}, "ffn and heads only"),
+    ({"sparsity": 0.5, "exits": {"threshold": 1}}, "must be a dict of exit_layers"),
+    ({"sparsity": 0.5, "exits": {"exit_policy": "max_prob", "exit_threshold": 2}}, "domain of max_prob"),
+])
+def test_pruning_adapter_refuses_exits_it_cannot_serve(kwargs, match):
+    with pytest.raises(InvalidOptionError, match=match):
+        compress.PruningAdapterConfig(task_type="SEQ_CLS", **kwargs)

@@ -1,16 +1,20 @@
 """The multi-exit benchmark's configurations and measurements, shared by ``recipes/multi_exit.py`` and
 ``recipes/bench_multi_exit.py``.
 
-Configurations (``KINDS``), each a student started from the fine-tuned teacher and trained with every exit's
-loss and distillation from the teacher's logits: ``me`` (every block keeps its width; an exit after each
-block) and ``me-slim50`` (half of the heads and FFN neurons removed first by :func:`compress.prune_model`,
-scored on the loss of every exit).
+Configurations (``KINDS``): ``me`` and ``me-slim50`` are students started from the fine-tuned teacher and
+trained with every exit's loss and distillation from the teacher's logits, ``me`` at full width and
+``me-slim50`` after removing half of the heads and FFN neurons with :func:`compress.prune_model` (scored on
+the loss of every exit). ``pa-exits`` is Pruning-Adapter with exits on the frozen pretrained backbone: the
+progressive schedule of ``recipes/bench_pruning_adapter.py`` (FFN and heads 50%, global widths, rank-8
+adapters, LayerNorms trained) scored on every exit's loss, adapters and exit heads trained together (no
+teacher, no backbone gradient).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -18,11 +22,12 @@ import torch
 from peft import get_peft_model
 
 import compress
-from compress.bench.recipe import add_data_arguments
+from compress.bench.recipe import add_data_arguments, default_arguments
+from compress.bench.train import load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 from compress.measure import count_parameters, interleaved_pass_latency
 
-KINDS = ("me", "me-slim50")
+KINDS = ("me", "me-slim50", "pa-exits")
 SLENDERIZE = {"me-slim50": {"heads": 0.5, "ffn": 0.5}}
 
 
@@ -57,6 +62,18 @@ def build_student(kind: str, teacher, tokenizer, args, calibration=None):
         model.base_model.slenderize(data=data, tokenizer=tokenizer, num_batches=args.slenderize_batches,
                                     batch_size=args.batch_size)
     return model
+
+
+def build_pa_exits(args):
+    """(Pruning-Adapter model with exits on the pretrained backbone, its callbacks, its learning rate)."""
+    from compress.bench import pruning_adapter
+
+    pa_args = default_arguments(pruning_adapter.add_arguments, steps=args.steps, seed=args.seed,
+                                num_labels=args.num_labels)
+    config = dataclasses.replace(pruning_adapter.pa_config("pa-progressive", pa_args),
+                                 exits={"exit_policy": args.policy})
+    model, _ = load_sequence_classifier(minilm_path(), num_labels=args.num_labels, seed=args.seed)
+    return get_peft_model(model, config), [compress.PruningAdapterCallback()], pa_args.lr
 
 
 def test_batches(tokenizer, ds, batch_size: int, max_length: int) -> list[dict]:

@@ -12,7 +12,11 @@ from peft.config import PeftConfig
 from compress.pruning.spec import InvalidOptionError, PruningSpec, is_number, positive_int, sparsity_by_structure
 from compress.registry import PeftMethodType
 
+from ..multi_exit.config import MultiExitConfig
 from .plan import check_plan
+
+#: the multi-exit options ``exits`` may set
+EXIT_OPTIONS = ("exit_layers", "exit_head", "exit_loss_weights", "exit_policy", "exit_threshold")
 
 PRUNING_ADAPTER = PeftMethodType("PRUNING_ADAPTER")
 
@@ -91,6 +95,12 @@ class PruningAdapterConfig(PeftConfig):
         quantize_backbone: ``"8bit"`` (LLM.int8) or ``"4bit"`` (NF4) to keep the adapted, frozen base layers in
             bitsandbytes form once pruning is finished (needs the ``quant`` extra); ``None`` keeps them float.
             Merging dequantises them.
+        exits: exit classifiers after the blocks, so that one memory-lean run gives a narrower model (pruning)
+            that can also stop early (a multi-exit model, :class:`~compress.MultiExitConfig`): a dict of its
+            ``exit_layers``, ``exit_head``, ``exit_loss_weights``, ``exit_policy``, ``exit_threshold``. The exit
+            heads train with the adapters on every exit's loss, which also scores the pruning; merging gives a
+            ``MultiExit...`` model. Sequence classification, pruning ``ffn`` and ``heads`` only (the exits read
+            every block at the full hidden size).
         pruning_plan: filled in while pruning (one dict of removed indices per pruning event); saved with the
             adapter so that ``PeftModel.from_pretrained`` rebuilds the pruned shapes on the original base.
             Checked when loaded, event by event and against a copy kept in the adapter weights: do not edit it
@@ -131,6 +141,8 @@ class PruningAdapterConfig(PeftConfig):
         default=None, metadata={"help": "Modules trained and saved in full, e.g. the classifier."})
     quantize_backbone: str | None = field(
         default=None, metadata={"help": "'8bit' or '4bit': quantise the frozen base layers after pruning."})
+    exits: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Exit classifiers after the blocks (MultiExitConfig's exit_* options)."})
     pruning_plan: list[dict] = field(
         default_factory=list, metadata={"help": "Filled while pruning; replayed on load. Do not set by hand."})
 
@@ -143,6 +155,7 @@ class PruningAdapterConfig(PeftConfig):
         self.structures = list(spec.sparsity)
         self._check_training_fields()
         self._check_adapter_fields()
+        self._check_exits()
         check_plan(self.pruning_plan)  # loading a saved adapter: a hand-edited field fails before the model is touched
 
     @property
@@ -187,6 +200,20 @@ class PruningAdapterConfig(PeftConfig):
         if self.distill_weight and self.quantize_backbone:
             raise InvalidOptionError("distill_weight", self.distill_weight, "keeps a float dense teacher, which "
                                      "defeats quantize_backbone: use one or the other")
+
+    def _check_exits(self) -> None:
+        if self.exits is None:
+            return
+        if not isinstance(self.exits, dict) or set(self.exits) - set(EXIT_OPTIONS):
+            raise InvalidOptionError("exits", self.exits, f"must be a dict of {', '.join(EXIT_OPTIONS)}")
+        if self.task_type is not None and str(self.task_type) != "SEQ_CLS":
+            raise InvalidOptionError("exits", self.exits, "are sequence classifiers: use task_type='SEQ_CLS'")
+        moved = sorted(set(self.sparsity) & {"layers", "hidden"})
+        if moved:
+            raise InvalidOptionError("exits", self.exits, f"read every block at the full hidden size: prune ffn and "
+                                     f"heads only (not {', '.join(moved)})")
+        checked = MultiExitConfig(task_type="SEQ_CLS", **self.exits)  # validates, and normalises the values
+        self.exits = {name: getattr(checked, name) for name in self.exits}
 
     def _check_adapter_fields(self) -> None:
         positive_int("r", self.r)

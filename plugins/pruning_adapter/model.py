@@ -19,6 +19,11 @@ from compress.pruning.engine import check_support
 from compress.pruning.surgery import build_dependency_graph, check_hidden_group
 from compress.tuner import CompressTuner
 
+from ..multi_exit.attach import call_with_exits, check_exits, ignore_exit_outputs
+from ..multi_exit.layer import MultiExitLayer
+from ..multi_exit.modeling import CONFIG_FIELDS as EXIT_DEFAULTS
+from ..multi_exit.modeling import build_exit_heads, exit_blocks, make_multi_exit
+from ..multi_exit.runner import ExitSettings, every_exit_loss
 from .config import PruningAdapterConfig
 from .distill import Distillation
 from .layer import Linear, PruningAdapterLayer
@@ -92,6 +97,8 @@ class PruningAdapterModel(CompressTuner):
     def _pre_injection_hook(self, model: nn.Module, config: PruningAdapterConfig, adapter_name: str) -> None:
         check_support(arch_spec(model), config.spec.sparsity, config.mode)
         self._check_targets(model, config)
+        if config.exits is not None:
+            check_exits(model, config.exits.get("exit_layers"), config.exits.get("exit_loss_weights", "linear"))
         if "hidden" in config.spec.sparsity and not config.pruning_plan and not any(
                 isinstance(m, BaseTunerLayer) for m in model.modules()):
             _check_hidden_stream(model)  # traced on the plain model: adapter layers would be couplings it does not know
@@ -146,6 +153,13 @@ class PruningAdapterModel(CompressTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
+        if config.exits is not None:
+            options = self.exit_options()
+            self.exit_layer = MultiExitLayer()
+            self.exit_layer.update_layer(adapter_name, build_exit_heads(model, options["exit_layers"],
+                                                                        options["exit_head"]),
+                                         trainable=not config.inference_mode)
+            ignore_exit_outputs(model.config)
         if config.quantize_backbone and config.pruning_plan and config.pruning_plan[-1].get("final"):
             self.quantize_backbone(config.quantize_backbone)  # reloading a finished, quantised adapter
 
@@ -289,11 +303,43 @@ class PruningAdapterModel(CompressTuner):
             logger.warning("%d adapter tensors are missing from the saved weights and keep their initial values, "
                            "e.g. %s", len(missing), missing[0])
 
+    # -- exits (``exits``): a multi-exit model on the pruned backbone -------------------------------------------
+    def exit_options(self) -> dict:
+        """The active config's ``exits`` with the multi-exit defaults filled in (empty without exits)."""
+        exits = self.active_config.exits
+        return {} if exits is None else {**EXIT_DEFAULTS, **exits}
+
+    def _exit_heads(self) -> nn.ModuleList | None:
+        layer = self.__dict__["_modules"].get("exit_layer")
+        return layer.active_heads() if layer is not None else None
+
+    def forward(self, *args, **kwargs):
+        heads = self._exit_heads()
+        if heads is None:
+            return super().forward(*args, **kwargs)
+        options = self.exit_options()
+        settings = ExitSettings(options["exit_policy"], options["exit_threshold"], options["exit_loss_weights"])
+        return call_with_exits(self.model, heads, options["exit_layers"], settings, args, kwargs)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        if "exit_layer" in self.__dict__["_modules"]:
+            self.exit_layer.enable_adapters(enabled)
+
     # -- merging -------------------------------------------------------------------------------------
-    def _unload_and_optionally_merge(self, *args, **kwargs):
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
         if self.distillation is not None:
             self.distillation.release()  # merging writes into base weights the teacher may share
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        heads = self._exit_heads() if merge else None
+        options = self.exit_options()
+        if "exit_layer" in self.__dict__["_modules"]:
+            del self.exit_layer
+        model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
+        if options:
+            ignore_exit_outputs(model.config, ignore=False)
+        if heads is None:
+            return model
+        return make_multi_exit(model, heads, options)
 
     # -- pruning (see pruning.py and schedule.py) ---------------------------------------------------------
     @property
@@ -316,7 +362,13 @@ class PruningAdapterModel(CompressTuner):
         Returns:
             The recorded pruning event (structures, removed indices, widths before/after).
         """
-        return prune_oneshot(self, data, tokenizer, num_batches, batch_size, optimizer)
+        heads = self._exit_heads()
+        if heads is None:
+            return prune_oneshot(self, data, tokenizer, num_batches, batch_size, optimizer)
+        options = self.exit_options()
+        blocks, exits = exit_blocks(self.model, options["exit_layers"])
+        with every_exit_loss(self.model, blocks, exits, heads, options["exit_loss_weights"]):  # scored on every exit
+            return prune_oneshot(self, data, tokenizer, num_batches, batch_size, optimizer)
 
     def pruning_steps(self) -> list[int]:
         """Training steps (``global_step`` after the optimizer step) at which pruning happens."""
