@@ -1,7 +1,7 @@
 """peft-compress: model compression for Hugging Face transformers, built as PEFT methods.
 
-``import compress`` registers every PEFT method in ``compress.plugins`` with peft and the compact
-(per-layer width) model classes with transformers' Auto classes.
+``import compress`` registers every PEFT method in ``compress.plugins`` with peft, and the compact (per-layer
+width) and multi-exit model classes with transformers' Auto classes.
 """
 
 from __future__ import annotations
