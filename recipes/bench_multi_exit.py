@@ -36,8 +36,8 @@ from compress.bench.multi_exit import (
     add_arguments,
     build_pa_exits,
     build_student,
-    encoder_params,
     outcome,
+    params_without_word_embeddings,
     test_batches,
     threshold_label,
     timed_against,
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     timed_32 = test_batches(tokenizer, timed_rows, 32, args.max_length)
     single_rows = test_batches(tokenizer, timed_rows, 1, args.max_length)
     dense = {**outcome(teacher, batches, labels), **timed_against(teacher, teacher, timed_32, single_rows, 1)}
-    dense_params = encoder_params(teacher)
+    dense_params = params_without_word_embeddings(teacher)
     print(f"[dense] accuracy {dense['accuracy']:.2%}, {dense['b32_s']:.2f} s per batch-32 pass", flush=True)
     rows = [{"config": "dense", "chosen for": "", "threshold": "", "test acc": f"{dense['accuracy']:.2%}",
              "acc vs dense (pt)": "+0.0", "mean blocks": f"{dense['mean_blocks']:.2f}",
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
                 print(f"[{kind}] {label}: {exc}", flush=True)
                 continue
             chosen.setdefault(choice.threshold, []).append(label)
-        params = encoder_params(model)
+        params = params_without_word_embeddings(model)
         for threshold, reasons in chosen.items():
             model.config.exit_threshold = threshold
             result = {**outcome(model, batches, labels),

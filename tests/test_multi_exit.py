@@ -196,10 +196,15 @@ def test_distillation_needs_a_teacher_and_uses_its_logits_without_training_it():
 
 def test_trained_backbone_saves_and_reloads_with_the_exits(tmp_path):
     model = wrap(exit_policy="patience", exit_threshold=1)
+    with torch.no_grad():  # a trained backbone: the reload must take it from the adapter, not the base model
+        model.base_model.model.bert.encoder.layer[1].intermediate.dense.weight.mul_(1.5)
     batch = padded_batch()
     expected = early(model, batch)
     model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(make_encoder(), tmp_path)
+    base = make_encoder()
+    with torch.no_grad():
+        assert not torch.allclose(base(**batch).logits, model.base_model.model(**batch).logits)
+    reloaded = PeftModel.from_pretrained(base, tmp_path)
     again = early(reloaded, batch)
     torch.testing.assert_close(again.logits, expected.logits, rtol=0, atol=1e-6)
     assert torch.equal(again.exit_layers, expected.exit_layers)

@@ -113,8 +113,8 @@ def timed_against(dense, model, batches_32: list[dict], rows_1: list[dict], roun
             "dense_b32_s": b32["dense"].median_s, "dense_b1_s": b1["dense"].median_s}
 
 
-def encoder_params(model) -> int:
-    """Parameters of the backbone's encoder and heads (embeddings excluded: a lookup, not compute)."""
+def params_without_word_embeddings(model) -> int:
+    """Parameters of the model but its word embeddings (a lookup, not compute; what pruning can shrink)."""
     total = count_parameters(model)
     return total - model.get_input_embeddings().weight.numel()
 
