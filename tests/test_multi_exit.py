@@ -116,14 +116,35 @@ def test_extreme_thresholds_give_first_and_last_exit_exactly(policy, first, last
     torch.testing.assert_close(out.logits, exits[-1], rtol=0, atol=1e-6)
 
 
+def _center_exit_heads(model, batch: dict) -> None:
+    """Make each exit head's dense layer read its pooled input minus the batch mean: a random model's pooled
+    states share a large common part, which would give every row the same prediction."""
+    model.eval()
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+        for k, head in enumerate(model.base_model.exit_layer.exit_heads["default"]):
+            pooled = head.pool(hidden[k + 1], batch["attention_mask"])
+            head.dense.weight.mul_(4 / pooled.std(0).mean())
+            head.dense.bias.copy_(-(pooled @ head.dense.weight.T).mean(0))
+
+
+def _splitting_threshold(policy: str, exits: list[torch.Tensor]) -> float:
+    """A threshold under which some rows of the batch leave early and others do not."""
+    if policy == "entropy":
+        return float(torch.quantile(_entropy(torch.cat(exits[:-1])), 0.4))
+    simulate = compress.METHODS["MULTI_EXIT"].simulate_exits
+    return next(t for t in range(len(exits)) if len(set(simulate(exits, policy, t).tolist())) > 1)
+
+
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 @pytest.mark.parametrize("policy", ["entropy", "patience"])
-def test_removing_exited_rows_leaves_the_others_predictions_unchanged(arch, policy):
-    model = wrap(arch, exit_policy=policy)
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_removing_exited_rows_leaves_the_others_predictions_unchanged(arch, policy, pooling):
+    model = wrap(arch, exit_policy=policy, exit_pooling=pooling)
     batch = padded_batch(n=8)
+    _center_exit_heads(model, batch)
     exits = every_exit(model, batch)
-    threshold = 1 if policy == "patience" else float(torch.quantile(_entropy(torch.cat(exits[:-1])), 0.4))
-    config_of(model).exit_threshold = threshold
+    config_of(model).exit_threshold = _splitting_threshold(policy, exits)
     out = early(model, batch)
     layers = out.exit_layers.tolist()
     assert len(set(layers)) > 1, f"the threshold should split the batch: {layers}"
@@ -132,6 +153,15 @@ def test_removing_exited_rows_leaves_the_others_predictions_unchanged(arch, poli
         assert alone.exit_layers.tolist() == [layers[row]]
         torch.testing.assert_close(out.logits[row:row + 1], alone.logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out.logits[row], exits[layers[row]][row], rtol=1e-5, atol=1e-5)
+
+
+def test_mean_pooling_reads_the_real_tokens_only():
+    head = compress.METHODS["MULTI_EXIT"].ExitHead(8, 2, "pooled", pooling="mean").eval()
+    hidden = torch.randn(1, 5, 8)
+    padded = torch.cat([hidden, torch.randn(1, 3, 8)], dim=1)
+    mask = torch.tensor([[1] * 5 + [0] * 3])
+    torch.testing.assert_close(head(padded, mask), head(hidden))
+    assert not torch.allclose(head(padded), head(hidden))
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -250,6 +280,7 @@ def test_adapters_off_runs_the_plain_model():
     ({"exit_threshold": float("nan")}, "exit_threshold"),
     ({"distill_weight": 1.5}, "distill_weight"),
     ({"exit_head": "mlp"}, "exit_head"),
+    ({"exit_pooling": "max"}, "exit_pooling"),
     ({"exit_loss_weights": [1, -1]}, "exit_loss_weights"),
     ({"slenderize": {"hidden": 0.25}}, "width only"),
     ({"slenderize": {"ffn": 1.0}}, "slenderize"),

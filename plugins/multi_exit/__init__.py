@@ -20,10 +20,12 @@ from .config import MULTI_EXIT, MultiExitConfig
 from .layer import ExitHead
 from .model import MultiExitModel
 from .modeling import make_multi_exit, multi_exit_model_class, register_multi_exit_models
+from .policy import POLICIES, simulate_exits
 from .runner import MultiExitClassifierOutput
 
 __all__ = [
     "MULTI_EXIT",
+    "POLICIES",
     "ExitHead",
     "MultiExitClassifierOutput",
     "MultiExitConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "make_multi_exit",
     "multi_exit_model_class",
     "register_multi_exit_models",
+    "simulate_exits",
 ]
 
 register_method(MULTI_EXIT, MultiExitConfig, MultiExitModel, prefix=MultiExitModel.prefix)

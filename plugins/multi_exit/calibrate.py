@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from datasets import Dataset
 from torch import nn
 
 from compress.data_batches import calibration_batches
@@ -64,7 +65,9 @@ def collect_exit_logits(model: nn.Module, data, tokenizer=None, batch_size: int 
     """Every exit's logits for every row of ``data`` (a tokenized Dataset with labels, or batches), and the
     labels."""
     settings = _exit_settings(model)
-    batches = calibration_batches(data, batch_size=batch_size, num_batches=sys.maxsize, seed=None,
+    # every row: a Dataset's exact batch count (a larger one would be reported as missing rows), else all batches
+    num_batches = max(1, math.ceil(len(data) / batch_size)) if isinstance(data, Dataset) else sys.maxsize
+    batches = calibration_batches(data, batch_size=batch_size, num_batches=num_batches, seed=None,
                                   tokenizer=tokenizer)
     device = next(model.parameters()).device
     was_training = model.training

@@ -16,6 +16,7 @@ from .policy import POLICIES, check_threshold
 MULTI_EXIT = PeftMethodType("MULTI_EXIT")
 
 EXIT_HEADS = ("pooled", "linear")
+EXIT_POOLINGS = ("mean", "first")
 LOSS_WEIGHTINGS = ("linear", "equal")
 SLENDER_STRUCTURES = ("heads", "ffn")
 SLENDER_IMPORTANCES = ("taylor", "fisher", "magnitude")
@@ -35,9 +36,13 @@ class MultiExitConfig(PeftConfig):
     Args:
         exit_layers: indices of the blocks followed by an exit; default every block. The last block always has one
             (the model's own head).
-        exit_head: ``pooled`` (dense + tanh + linear on the first token, initialised from the model's own head:
-            BERT's pooler and classifier, RoBERTa's classification head) or ``linear`` (one linear layer on the
-            first token, random).
+        exit_head: ``pooled`` (dense + tanh + linear, initialised from the model's own head: BERT's pooler and
+            classifier, RoBERTa's classification head) or ``linear`` (one linear layer, random).
+        exit_pooling: what an exit head reads from its block's output: ``mean`` over the tokens the attention
+            mask keeps (default), or the ``first`` token, as the model's own head does (DeeBERT, PABEE). In early
+            blocks the first token's state barely varies from example to example (it has attended to little yet;
+            sentence-transformers checkpoints never train it at all), so a first-token exit there can stay at
+            chance; the mean of the tokens carries the input from the first block on.
         exit_loss_weights: ``linear`` (exit after block ``i`` weighs ``i + 1``, as PABEE), ``equal``, or one
             positive number per exit (``exit_layers`` plus the last block).
         distill_weight: ``alpha`` in ``(1 - alpha) * task loss + alpha * distillation loss`` per exit; the
@@ -72,6 +77,7 @@ class MultiExitConfig(PeftConfig):
     exit_layers: list[int] | None = field(
         default=None, metadata={"help": "Blocks followed by an exit (default: every block)."})
     exit_head: str = field(default="pooled", metadata={"help": "Exit classifier: pooled or linear."})
+    exit_pooling: str = field(default="mean", metadata={"help": "What an exit reads: mean (of tokens) or first."})
     exit_loss_weights: str | list[float] = field(
         default="linear", metadata={"help": "Loss weight per exit: linear, equal, or one number per exit."})
     distill_weight: float = field(default=0.0, metadata={"help": "Weight of teacher distillation per exit, in [0, 1]."})
@@ -107,6 +113,8 @@ class MultiExitConfig(PeftConfig):
             self.exit_layers = sorted(layers)
         if self.exit_head not in EXIT_HEADS:
             raise InvalidOptionError("exit_head", self.exit_head, f"choose one of {', '.join(EXIT_HEADS)}")
+        if self.exit_pooling not in EXIT_POOLINGS:
+            raise InvalidOptionError("exit_pooling", self.exit_pooling, f"choose one of {', '.join(EXIT_POOLINGS)}")
         weights = self.exit_loss_weights
         if isinstance(weights, str):
             if weights not in LOSS_WEIGHTINGS:

@@ -8,16 +8,18 @@ from torch import nn
 
 
 class ExitHead(nn.Module):
-    """A classifier on the first token of a block's output.
+    """A classifier on a block's output, read at the first token (``pooling="first"``) or as the mean over the
+    tokens the attention mask keeps (``"mean"``).
 
     ``pooled``: dense + tanh + dropout + linear (the shape of BERT's pooler and classifier, RoBERTa's
     classification head); ``linear``: dropout + linear.
     """
 
     def __init__(self, hidden_size: int, num_labels: int, design: str, pooled_size: int | None = None,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, pooling: str = "mean") -> None:
         super().__init__()
         pooled_size = pooled_size or hidden_size
+        self.pooling = pooling
         self.dense = nn.Linear(hidden_size, pooled_size) if design == "pooled" else None
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(pooled_size if design == "pooled" else hidden_size, num_labels)
@@ -29,8 +31,18 @@ class ExitHead(nn.Module):
             self.dense.load_state_dict(dense.state_dict())
             self.out.load_state_dict(out.state_dict())
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states[:, 0]
+    def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One vector per example: the first token's state, or the mean over unmasked tokens (every token when
+        ``attention_mask``, ``(batch, sequence)`` with 1 for real tokens, is not given)."""
+        if self.pooling == "first":
+            return hidden_states[:, 0]
+        if attention_mask is None:
+            return hidden_states.mean(1)
+        weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.pool(hidden_states, attention_mask)
         if self.dense is not None:
             x = torch.tanh(self.dense(x))
         return self.out(self.dropout(x))

@@ -67,7 +67,8 @@ class MultiExitModel(CompressTuner):
         config = self.peft_config[adapter_name]
         if config.slender_shapes:  # a saved slenderized adapter: its backbone weights have these shapes
             reshape_to(model, config.slender_shapes)
-        heads = build_exit_heads(model, config.exit_layers, config.exit_head)  # from the head before peft wraps it
+        # built from the model's own head before peft wraps it
+        heads = build_exit_heads(model, config.exit_layers, config.exit_head, config.exit_pooling)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self.exit_layer = MultiExitLayer()
         self.exit_layer.update_layer(adapter_name, heads, trainable=not config.inference_mode)

@@ -23,8 +23,8 @@ PREFIX = "multi_exit_"
 #: the families with a first-token sequence-classification head (compress.pruning.arch.BertSpec)
 MODEL_TYPES = ("bert", "roberta")
 #: config attributes of a multi-exit model, with their defaults
-CONFIG_FIELDS = {"exit_layers": None, "exit_head": "pooled", "exit_policy": "entropy", "exit_threshold": None,
-                 "exit_loss_weights": "linear"}
+CONFIG_FIELDS = {"exit_layers": None, "exit_head": "pooled", "exit_pooling": "mean", "exit_policy": "entropy",
+                 "exit_threshold": None, "exit_loss_weights": "linear"}
 
 _CONFIG_CLASSES: dict[type, type] = {}
 _MODEL_CLASSES: dict[type, type] = {}
@@ -38,9 +38,10 @@ def exit_blocks(model: nn.Module, exit_layers: list[int] | None) -> tuple[nn.Mod
     return blocks, [b for b in sorted(layers) if b != len(blocks) - 1]
 
 
-def build_exit_heads(model: nn.Module, exit_layers: list[int] | None, design: str) -> nn.ModuleList:
+def build_exit_heads(model: nn.Module, exit_layers: list[int] | None, design: str,
+                     pooling: str = "mean") -> nn.ModuleList:
     """One :class:`ExitHead` per exit before the last block, shaped like the model's own head (and, ``pooled``,
-    starting from its weights)."""
+    starting from its weights), reading its block's output by ``pooling``."""
     dense, out = arch_spec(model).sequence_head()
     dense, out = _unwrapped(dense), _unwrapped(out)
     cfg = model.config
@@ -49,7 +50,7 @@ def build_exit_heads(model: nn.Module, exit_layers: list[int] | None, design: st
     hidden = (dense.in_features if dense is not None else out.in_features)
     pooled = dense.out_features if dense is not None else None
     _, blocks = exit_blocks(model, exit_layers)
-    heads = nn.ModuleList(ExitHead(hidden, out.out_features, design, pooled, dropout) for _ in blocks)
+    heads = nn.ModuleList(ExitHead(hidden, out.out_features, design, pooled, dropout, pooling) for _ in blocks)
     for head in heads:
         head.copy_from(dense, out)
     return heads.to(dtype=out.weight.dtype, device=out.weight.device)
@@ -89,7 +90,7 @@ def multi_exit_model_class(base_cls: type) -> type:
             for name, default in CONFIG_FIELDS.items():
                 if not hasattr(config, name):
                     setattr(config, name, default)
-            self.exits = build_exit_heads(self, config.exit_layers, config.exit_head)
+            self.exits = build_exit_heads(self, config.exit_layers, config.exit_head, config.exit_pooling)
 
         def forward(self, input_ids=None, labels=None, **kwargs):
             blocks, exits = exit_blocks(self, self.config.exit_layers)

@@ -44,6 +44,12 @@ class _AllExited(Exception):
     """Raised from a block's hook when no example is left to run the remaining blocks."""
 
 
+def _token_mask(inputs: dict) -> torch.Tensor | None:
+    """The ``(batch, sequence)`` padding mask of a model call, which mean-pooling exit heads read."""
+    mask = inputs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
 def _block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -71,10 +77,11 @@ def run_every_exit(forward: Callable, blocks: nn.ModuleList, exit_blocks: list[i
     """Run ``forward(**inputs)`` once, evaluating ``heads[k]`` on the output of block ``exit_blocks[k]``.
     The last exit's logits are the model's own."""
     captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    mask = _token_mask(inputs)
 
     def capture(k: int, module: nn.Module, args: tuple, output) -> None:
         hidden = _block_output(output)
-        captured.append((heads[k](hidden), hidden[:, 0] if keep_hidden else None))
+        captured.append((heads[k](hidden, mask), hidden[:, 0] if keep_hidden else None))
 
     last: list[torch.Tensor] = []
     handles = [blocks[b].register_forward_hook(partial(capture, k)) for k, b in enumerate(exit_blocks)]
@@ -104,6 +111,7 @@ def run_early_exit(forward: Callable, blocks: nn.ModuleList, exit_blocks: list[i
     state = {"keep": torch.arange(batch, device=reference.device), "logits": None}
     exit_layers = torch.full((batch,), last_block, dtype=torch.long, device=reference.device)
     decide = ExitDecision(policy, threshold)
+    mask = _token_mask(inputs)
 
     def store(rows: torch.Tensor, logits: torch.Tensor) -> None:
         if state["logits"] is None:
@@ -125,11 +133,11 @@ def run_early_exit(forward: Callable, blocks: nn.ModuleList, exit_blocks: list[i
 
     def exit_after(k: int, module: nn.Module, args: tuple, output):
         hidden = _block_output(output)
-        logits = heads[k](hidden)
+        keep = state["keep"]
+        logits = heads[k](hidden, None if mask is None else mask[keep])
         leaves = decide(logits)
         if not bool(leaves.any()):
             return None
-        keep = state["keep"]
         store(keep[leaves], logits[leaves])
         exit_layers[keep[leaves]] = exit_blocks[k]
         stays = ~leaves
@@ -220,7 +228,8 @@ def every_exit_loss(model: nn.Module, blocks: nn.ModuleList, exit_blocks: list[i
         labels = kwargs.get("labels")
         if labels is None or heads is None:
             return None
-        logits = [head(state) for head, state in zip(heads, captured)] + [output.logits]
+        mask = _token_mask(kwargs)
+        logits = [head(state, mask) for head, state in zip(heads, captured)] + [output.logits]
         output["loss"] = multi_exit_loss(logits, labels, weights, module.config)
         return output
 

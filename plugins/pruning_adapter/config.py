@@ -16,7 +16,7 @@ from ..multi_exit.config import MultiExitConfig
 from .plan import check_plan
 
 #: the multi-exit options ``exits`` may set
-EXIT_OPTIONS = ("exit_layers", "exit_head", "exit_loss_weights", "exit_policy", "exit_threshold")
+EXIT_OPTIONS = ("exit_layers", "exit_head", "exit_pooling", "exit_loss_weights", "exit_policy", "exit_threshold")
 
 PRUNING_ADAPTER = PeftMethodType("PRUNING_ADAPTER")
 
@@ -97,10 +97,10 @@ class PruningAdapterConfig(PeftConfig):
             Merging dequantises them.
         exits: exit classifiers after the blocks, so that one memory-lean run gives a narrower model (pruning)
             that can also stop early (a multi-exit model, :class:`~compress.MultiExitConfig`): a dict of its
-            ``exit_layers``, ``exit_head``, ``exit_loss_weights``, ``exit_policy``, ``exit_threshold``. The exit
-            heads train with the adapters on every exit's loss, which also scores the pruning; merging gives a
-            ``MultiExit...`` model. Sequence classification, pruning ``ffn`` and ``heads`` only (the exits read
-            every block at the full hidden size).
+            ``exit_layers``, ``exit_head``, ``exit_pooling``, ``exit_loss_weights``, ``exit_policy``,
+            ``exit_threshold``. The exit heads train with the adapters on every exit's loss, which also scores the
+            pruning; merging gives a ``MultiExit...`` model. Sequence classification, pruning ``ffn`` and
+            ``heads`` only (the exits read every block at the full hidden size).
         pruning_plan: filled in while pruning (one dict of removed indices per pruning event); saved with the
             adapter so that ``PeftModel.from_pretrained`` rebuilds the pruned shapes on the original base.
             Checked when loaded, event by event and against a copy kept in the adapter weights: do not edit it

@@ -157,7 +157,8 @@ class PruningAdapterModel(CompressTuner):
             options = self.exit_options()
             self.exit_layer = MultiExitLayer()
             self.exit_layer.update_layer(adapter_name, build_exit_heads(model, options["exit_layers"],
-                                                                        options["exit_head"]),
+                                                                        options["exit_head"],
+                                                                        options["exit_pooling"]),
                                          trainable=not config.inference_mode)
             ignore_exit_outputs(model.config)
         if config.quantize_backbone and config.pruning_plan and config.pruning_plan[-1].get("final"):
