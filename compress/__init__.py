@@ -46,6 +46,9 @@ from compress.plugins.pruning_adapter import (  # noqa: E402
     PruningAdapterModel,
     apply_pruning_adapter,
 )
+from compress.plugins.sparse_soup import SparseSoupConfig, SparseSoupModel, apply_sparse_soup  # noqa: E402
+from compress.soup import make_soup  # noqa: E402
+from compress.sparse_format import load_sparse, save_sparse  # noqa: E402
 
 __all__ = [
     "CalibrationError",
@@ -62,9 +65,14 @@ __all__ = [
     "PruningAdapterCallback",
     "PruningAdapterConfig",
     "PruningAdapterModel",
+    "SparseSoupConfig",
+    "SparseSoupModel",
     "apply_ladder_side",
     "apply_multi_exit",
     "apply_pruning_adapter",
+    "apply_sparse_soup",
+    "load_sparse",
+    "make_soup",
     "PruneReport",
     "PruningSpec",
     "UnsupportedModelError",
@@ -74,5 +82,6 @@ __all__ = [
     "prune_model",
     "register_importance",
     "save_pretrained",
+    "save_sparse",
     "supported_model_types",
 ]

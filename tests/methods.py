@@ -65,6 +65,14 @@ CASES = [
                {"train_backbone": False, "exit_policy": "max_prob", "exit_threshold": 0.0}),
     MethodCase("MULTI_EXIT", "roberta", compress.MultiExitConfig,
                {"train_backbone": False, "exit_head": "linear", "exit_threshold": float("inf")}),
+    # sparse fine-tuning: dense updates or masked LoRA, unstructured (per layer, global) or n:m, magnitude or wanda
+    MethodCase("SPARSE_SOUP", "bert", compress.SparseSoupConfig, {"sparsity": 0.5}),
+    MethodCase("SPARSE_SOUP", "roberta", compress.SparseSoupConfig, {"pattern": "2:4", "train": "lora", "r": 4}),
+    MethodCase("SPARSE_SOUP", "llama", compress.SparseSoupConfig, {"sparsity": 0.6, "importance": "wanda"}),
+    MethodCase("SPARSE_SOUP", "llama", compress.SparseSoupConfig, {"sparsity": 0.6, "scope": "global"}),
+    MethodCase("SPARSE_SOUP", "qwen2", compress.SparseSoupConfig,
+               {"sparsity": 0.5, "train": "lora", "r": 4, "importance": "wanda"}),
+    MethodCase("SPARSE_SOUP", "t5", compress.SparseSoupConfig, {"pattern": "4:8"}),
 ]
 
 
@@ -77,11 +85,16 @@ def _prepare_ladder_side(peft_model, arch):
         peft_model.base_model.init_side(data=tiny.make_batches(arch, 2))  # the fisher initialisation
 
 
+def _prepare_sparse_soup(peft_model, arch):
+    if peft_model.peft_config["default"].importance == "wanda":
+        peft_model.base_model.prune(data=tiny.make_batches(arch, 2))  # masks from the calibration inputs
+
+
 #: per method: what turns a freshly wrapped model into its trained-shape form (e.g. oneshot pruning)
 PREPARE = {"PRUNING_ADAPTER": _prepare_pruning_adapter, "LADDER_SIDE": _prepare_ladder_side,
-           "MULTI_EXIT": lambda peft_model, arch: None}
+           "MULTI_EXIT": lambda peft_model, arch: None, "SPARSE_SOUP": _prepare_sparse_soup}
 #: methods whose adapters fold into the base model (``merge_and_unload``); the others refuse to merge
-MERGES = {"PRUNING_ADAPTER": True, "LADDER_SIDE": False, "MULTI_EXIT": True}
+MERGES = {"PRUNING_ADAPTER": True, "LADDER_SIDE": False, "MULTI_EXIT": True, "SPARSE_SOUP": True}
 
 
 def build(case: MethodCase, init_weights: bool = True):

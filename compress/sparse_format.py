@@ -1,0 +1,157 @@
+"""A compact file for sparse models: each sparse tensor as its kept values plus a bit-packed mask.
+
+``save_sparse`` writes a folder like :func:`compress.save_pretrained` (config, tokenizer, model card), with the
+weights in ``model.sparse.safetensors``: a tensor with zeros is stored as ``<name>.__values__`` (the nonzero
+entries in row-major order) and ``<name>.__mask__`` (one bit per entry, packed eight to a byte); other tensors
+are stored as they are. ``load_sparse`` rebuilds the model exactly (``import compress`` is needed: transformers
+does not read this file).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from compress.errors import CompressError
+
+logger = logging.getLogger(__name__)
+
+SPARSE_WEIGHTS = "model.sparse.safetensors"
+FORMAT = "compress-sparse-bitmask-v1"
+_VALUES, _MASK = ".__values__", ".__mask__"
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as bytes, eight entries per byte (row-major, least significant bit first)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    return (flat.reshape(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` bits of :func:`pack_bits`'s bytes, as a flat boolean tensor."""
+    return ((packed.reshape(-1, 1) & _BITS) != 0).reshape(-1)[:numel]
+
+
+def _sparse_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors worth storing as values + mask: floating point with at least one zero. Tied tensors once."""
+    state, seen, out = model.state_dict(), {}, {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue  # tied (e.g. input and output embeddings): transformers re-ties it on load
+        seen[key] = name
+        out[name] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def save_sparse(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write ``model`` as a compact sparse folder (see the module docstring); atomic like
+    :func:`compress.save_pretrained`. Returns the folder."""
+    from compress.export import atomic_directory, model_card
+
+    tensors, shapes = {}, {}
+    for name, tensor in _sparse_tensors(model).items():
+        if tensor.is_floating_point() and tensor.dim() >= 2 and bool((tensor == 0).any()):
+            mask = tensor != 0
+            tensors[name + _VALUES] = tensor[mask].contiguous()
+            tensors[name + _MASK] = pack_bits(mask)
+            shapes[name] = list(tensor.shape)
+        else:
+            tensors[name] = tensor
+    sources = [getattr(model, "name_or_path", None), getattr(tokenizer, "name_or_path", None)]
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # which class load_sparse builds
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=sources) as tmp:
+        config.save_pretrained(tmp)
+        save_file(tensors, tmp / SPARSE_WEIGHTS, metadata={"format": FORMAT, "shapes": json.dumps(shapes)})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(model), encoding="utf-8")
+    return Path(out_dir)
+
+
+def read_sparse_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full tensors stored in a ``model.sparse.safetensors`` file.
+
+    Raises:
+        CompressError: not this format, or a mask whose kept count differs from its values' length.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise CompressError(f"{path} is not a compact sparse file ({FORMAT}); it says format "
+                                f"{metadata.get('format')!r}")
+        shapes = json.loads(metadata.get("shapes", "{}"))
+        stored = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    state = {k: v for k, v in stored.items() if not k.endswith((_VALUES, _MASK))}
+    for name, shape in shapes.items():
+        values, packed = stored.get(name + _VALUES), stored.get(name + _MASK)
+        if values is None or packed is None:
+            raise CompressError(f"{path}: tensor {name} lacks its {'values' if values is None else 'mask'}")
+        numel = int(torch.Size(shape).numel())
+        if packed.numel() * 8 < numel:
+            raise CompressError(f"{path}: the mask of {name} holds {packed.numel() * 8} bits for {numel} entries "
+                                f"(shape {shape})")
+        mask = unpack_bits(packed, numel)
+        kept = int(mask.sum())
+        if kept != values.numel():
+            raise CompressError(f"{path}: the mask of {name} keeps {kept} entries but {values.numel()} values are "
+                                "stored; the file is damaged or was edited")
+        full = torch.zeros(numel, dtype=values.dtype)
+        full[mask] = values
+        state[name] = full.reshape(shape)
+    return state
+
+
+def load_sparse(folder: str | os.PathLike, auto_class: str | None = None) -> nn.Module:
+    """Rebuild the model saved by :func:`save_sparse`, with the Auto class its config names (or ``auto_class``).
+
+    Raises:
+        CompressError: the folder is not a compact sparse folder, or its tensors do not fit the model its config
+            builds (naming the first mismatching tensor).
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    from compress.tasks import task_of_class
+
+    folder = Path(folder)
+    if not (folder / SPARSE_WEIGHTS).exists():
+        raise CompressError(f"{folder} has no {SPARSE_WEIGHTS}: not a compact sparse folder (save_sparse writes one)")
+    config = AutoConfig.from_pretrained(folder)
+    if auto_class is None:
+        found = task_of_class((getattr(config, "architectures", None) or [""])[0])
+        auto_class = found[1] if found else "AutoModel"
+    model = getattr(transformers, auto_class).from_config(config)
+    state = read_sparse_state(folder / SPARSE_WEIGHTS)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
+            raise CompressError(f"{folder}: {name} has shape {tuple(tensor.shape)} in the file, but the config builds "
+                                f"{tuple(expected[name].shape)}; the weights and config.json do not belong together")
+    result = model.load_state_dict(state, strict=False)
+    tied = {k for k in result.missing_keys if _is_tied(model, k, state)}
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        what = f"missing {missing[0]}" if missing else f"unexpected {result.unexpected_keys[0]}"
+        raise CompressError(f"{folder}: the stored tensors do not match the model its config builds ({what}; "
+                            f"{len(missing)} missing, {len(result.unexpected_keys)} unexpected)")
+    model.tie_weights()
+    return model.eval()
+
+
+def _is_tied(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
+    """Whether a missing key is a tied copy of a stored tensor (saved once)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(key)
+    return target is not None and any(p is target and n in state for n, p in params.items() if n != key)

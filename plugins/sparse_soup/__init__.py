@@ -1,0 +1,44 @@
+"""Sparse model soups: fine-tuning under one fixed sparsity mask, so that fine-tunes from the same sparse start
+average into a soup that keeps the mask.
+
+After "Sparse Model Soups: A Recipe for Improved Pruning via Model Averaging" (Zimmer, Spiegel, Pokutta,
+ICLR 2024); ``wanda`` importance after Sun et al., "A Simple and Effective Pruning Approach for Large Language
+Models" (2023). Averaging lives in :mod:`compress.soup`, the compact sparse file format in
+:mod:`compress.sparse_format`.
+"""
+
+from __future__ import annotations
+
+from compress.registry import register_method
+
+from .config import SPARSE_SOUP, SparseSoupConfig, parse_n_m
+from .layer import SparseLinear, SparseLoraLinear, SparseMask
+from .mask import masks_from_scores, n_m_mask
+from .model import SparseSoupModel
+
+__all__ = [
+    "SPARSE_SOUP",
+    "SparseLinear",
+    "SparseLoraLinear",
+    "SparseMask",
+    "SparseSoupConfig",
+    "SparseSoupModel",
+    "apply_sparse_soup",
+    "masks_from_scores",
+    "n_m_mask",
+    "parse_n_m",
+]
+
+register_method(SPARSE_SOUP, SparseSoupConfig, SparseSoupModel, prefix=SparseSoupModel.prefix)
+
+
+def apply_sparse_soup(model, config: SparseSoupConfig, data=None, tokenizer=None, num_batches: int = 8,
+                      batch_size: int = 8):
+    """``get_peft_model`` plus, for ``importance="wanda"``, the masks from calibration ``data`` (the function
+    form of the method). Returns the ``PeftModel``."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config)
+    if config.importance == "wanda":
+        peft_model.base_model.prune(data=data, tokenizer=tokenizer, num_batches=num_batches, batch_size=batch_size)
+    return peft_model

@@ -1,0 +1,172 @@
+"""Sparse-soup tuner: sparse layers in place of the target linear layers, their masks, saved state, merging."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft.tuners.lora import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.integrations import get_bnb_param_type
+from torch import nn
+
+from compress.errors import CompressError
+from compress.export import TAG
+from compress.pruning.arch import arch_spec
+from compress.tuner import CompressTuner
+
+from .config import SparseSoupConfig
+from .importance import magnitude_scores, wanda_scores
+from .layer import SparseLinear, SparseLoraLinear, SparseMask
+from .mask import masks_from_scores
+
+logger = logging.getLogger(__name__)
+
+#: how saved adapter weights name peft's LoRA matrices: under the method's own prefix (peft finds them by it)
+_SAVED_NAMES = {".lora_A.": ".sparse_A.", ".lora_B.": ".sparse_B."}
+
+
+class SparseSoupModel(CompressTuner):
+    """Creates a sparse fine-tuning model from a pretrained transformers model (any family with transformer blocks
+    that :mod:`compress.pruning.arch` knows: BERT/RoBERTa, Llama/Qwen2, T5).
+
+    Every target linear layer becomes a :class:`~.layer.SparseLinear` (``train="weights"``) or
+    :class:`~.layer.SparseLoraLinear` (``train="lora"``) computing with ``(W + update) * mask``. The masks are
+    computed when the model is wrapped (``magnitude``) or by :meth:`prune` (``wanda``, on calibration data) and
+    saved with the adapter; ``merge_and_unload()`` writes the masked weights into the base model, which then holds
+    exact zeros wherever the mask removed a weight. Fine-tunes of one sparse start share the mask, so
+    :func:`compress.make_soup` can average them.
+
+    Example::
+
+        >>> import compress
+        >>> from peft import get_peft_model
+        >>> config = compress.SparseSoupConfig(task_type="SEQ_CLS", sparsity=0.5)
+        >>> model = get_peft_model(base_model, config)  # masks by magnitude; train with Trainer
+        >>> sparse = model.merge_and_unload()
+    """
+
+    prefix: str = "sparse_"
+    tuner_layer_cls = (SparseLinear, SparseLoraLinear)
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
+        #: whether the masks are computed (prune) or loaded; the config is not the place: users reuse one config
+        #: for every ingredient
+        self.__dict__["masks_ready"] = False
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    @property
+    def active_config(self) -> SparseSoupConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    # -- injection -----------------------------------------------------------------------------------------
+    def _check_new_adapter_config(self, config: SparseSoupConfig) -> None:
+        if len(self.peft_config) > 1:
+            raise CompressError("a sparse-soup model holds one adapter (one mask); wrap a fresh base model for "
+                                "another fine-tune, and average them with compress.make_soup")
+
+    def _pre_injection_hook(self, model: nn.Module, config: SparseSoupConfig, adapter_name: str) -> None:
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags([TAG])
+
+    def _prepare_adapter_config(self, peft_config: SparseSoupConfig, model_config: dict) -> SparseSoupConfig:
+        if peft_config.target_modules is None:
+            # every linear layer inside the transformer blocks, by full name (embeddings and heads stay dense)
+            names = []
+            for stack in arch_spec(self.model).stacks():
+                prefix = next(n for n, m in self.model.named_modules() if m is stack.blocks)
+                names += [f"{prefix}.{n}" for n, m in stack.blocks.named_modules() if isinstance(m, nn.Linear)]
+            peft_config.target_modules = names
+        return peft_config
+
+    def _create_and_replace(self, config: SparseSoupConfig, adapter_name: str, target: nn.Module,
+                            target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear) or get_bnb_param_type(base.weight):
+            raise CompressError(f"target module {current_key!r} is a {type(base).__name__}; sparse soups sparsify "
+                                "float torch.nn.Linear layers; adjust target_modules")
+        if config.train == "lora":
+            lora_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                     init_lora_weights=config.init_weights, inference_mode=config.inference_mode)
+            new_module = SparseLoraLinear(target, adapter_name, config=lora_config, r=config.r,
+                                          lora_alpha=config.lora_alpha)
+        else:
+            new_module = SparseLinear(target, adapter_name, init_weights=config.init_weights)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if config.importance == "magnitude" or config.sparsity == 0:
+            self.prune()  # (loading a saved adapter then puts its own masks in place)
+        else:
+            logger.info("sparse soup with wanda importance: call model.base_model.prune(data) before training")
+
+    # -- masks ----------------------------------------------------------------------------------------------
+    def sparse_layers(self) -> dict[str, SparseMask]:
+        """The sparse layers, by module name."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, SparseMask)}
+
+    def prune(self, data=None, tokenizer=None, num_batches: int = 8, batch_size: int = 8) -> dict[str, float]:
+        """Compute the masks of the active adapter from the base weights (``magnitude``) or from the base weights
+        and calibration ``data`` (``wanda``: a tokenized Dataset or batches). Returns each layer's sparsity."""
+        config = self.active_config
+        adapter = self.active_adapters[0]
+        layers = self.sparse_layers()
+        if config.importance == "wanda":
+            scores = wanda_scores(self.model, layers, data, tokenizer, num_batches=num_batches, batch_size=batch_size)
+        else:
+            scores = magnitude_scores(layers)
+        masks = masks_from_scores(scores, config.sparsity, config.n_m, config.scope)
+        for name, layer in layers.items():
+            layer.set_mask(adapter, masks[name])
+        self.__dict__["masks_ready"] = True
+        return self.sparsity()
+
+    def sparsity(self) -> dict[str, float]:
+        """The fraction of each sparse layer's weights its mask removes."""
+        adapter = self.active_adapters[0]
+        return {name: 1 - layer.sparse_mask[adapter].float().mean().item()
+                for name, layer in self.sparse_layers().items()}
+
+    def forward(self, *args, **kwargs):
+        if not self.masks_ready and not self._adapters_off():
+            raise CompressError("the masks are not computed yet: importance='wanda' needs "
+                                "model.base_model.prune(data=calibration_data) (or compress.apply_sparse_soup(..., "
+                                "data=...)) before the first forward")
+        return self.model(*args, **kwargs)
+
+    def _adapters_off(self) -> bool:
+        return any(m.disable_adapters for m in self.sparse_layers().values())
+
+    # -- saved state ----------------------------------------------------------------------------------------
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        key = super()._remove_adapter_name_from_key(key, adapter_name)
+        for ours, saved in _SAVED_NAMES.items():
+            key = key.replace(ours, saved)
+        return key
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: SparseSoupConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loading saved weights: their masks take the place of the computed ones."""
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, cls) and any(".sparse_mask." in k for k in state_dict):
+            tuner.__dict__["masks_ready"] = True
+        return state_dict
+
+    # -- merging ----------------------------------------------------------------------------------------------
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
+        if merge and not self.masks_ready:
+            raise CompressError("nothing to merge yet: the masks are not computed (call model.base_model.prune)")
+        return super()._unload_and_optionally_merge(merge=merge, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        raise CompressError("a sparse-soup model holds one adapter; unload() returns the base model instead")
+
+
