@@ -48,6 +48,7 @@ from compress.plugins.pruning_adapter import (  # noqa: E402
 )
 from compress.plugins.sparse_soup import SparseSoupConfig, SparseSoupModel, apply_sparse_soup  # noqa: E402
 from compress.soup import make_soup  # noqa: E402
+from compress.soup_cycles import SoupRun, run_sparse_soup  # noqa: E402
 from compress.sparse_format import load_sparse, save_sparse  # noqa: E402
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "PruningAdapterConfig",
     "PruningAdapterModel",
     "SparseSoupConfig",
+    "SoupRun",
     "SparseSoupModel",
     "apply_ladder_side",
     "apply_multi_exit",
@@ -81,6 +83,7 @@ __all__ = [
     "calibrate_exit_threshold",
     "prune_model",
     "register_importance",
+    "run_sparse_soup",
     "save_pretrained",
     "save_sparse",
     "supported_model_types",

@@ -341,3 +341,72 @@ def test_unmerging_is_refused():
     model.base_model.model.bert.encoder.layer[0].attention.self.query.merge()
     with pytest.raises(compress.CompressError, match="cannot be unmerged"):
         model.base_model.model.bert.encoder.layer[0].attention.self.query.unmerge()
+
+
+# -- prune-retrain cycles -------------------------------------------------------------------------------------------
+def _train_fn(peft_model, seed: int = 0, steps: int = 4) -> None:
+    train(peft_model, steps=steps, seed=seed)
+
+
+def _train_without_dropout(peft_model, seed: int = 0, steps: int = 4) -> None:
+    """Training that uses no random numbers (the worker threads below share torch's global generator)."""
+    peft_model.eval()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in tiny.make_batches("bert", steps)[seed:]:  # the ingredients differ by the batches they see
+        peft_model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _fixed_score(model) -> float:
+    return float(sum(p.double().sum() for p in model.parameters()))
+
+
+def test_cycles_raise_the_sparsity_from_the_previous_soup():
+    start = tiny.make_model("bert")
+    run = compress.run_sparse_soup(start, sparsities=[0.3, 0.6], train_fn=_train_fn, ingredients_per_cycle=2,
+                                   eval_fn=_fixed_score)
+    assert [c.sparsity for c in run.cycles] == [0.3, 0.6]
+    assert all(len(c.ingredient_scores) == 2 and c.soup_score is not None for c in run.cycles)
+    blocks = {n: p for n, p in run.model.named_parameters() if ".layer." in n and p.dim() == 2}
+    for name, p in blocks.items():
+        assert int((p == 0).sum()) == round(0.6 * p.numel()), name
+    assert all((p != 0).all() for n, p in start.named_parameters() if ".layer." in n and p.dim() == 2), \
+        "the dense start was modified"
+
+
+def test_cycles_reject_bad_schedules():
+    start = tiny.make_model("bert")
+    with pytest.raises(compress.CompressError, match="non-decreasing"):
+        compress.run_sparse_soup(start, sparsities=[0.6, 0.3], train_fn=_train_fn)
+    with pytest.raises(compress.CompressError, match="vary has 1 entries"):
+        compress.run_sparse_soup(start, sparsities=[0.5], train_fn=_train_fn, vary=[{"seed": 0}])
+    with pytest.raises(compress.CompressError, match="train_only needs a workdir"):
+        compress.run_sparse_soup(start, sparsities=[0.5], train_fn=_train_fn, train_only=[0])
+
+
+def test_two_workers_share_a_cycle_through_the_workdir(tmp_path):
+    import threading
+
+    start = tiny.make_model("bert")
+    results = {}
+
+    def worker(index: int) -> None:
+        results[index] = compress.run_sparse_soup(copy.deepcopy(start), sparsities=[0.5],
+                                                  train_fn=_train_without_dropout,
+                                                  ingredients_per_cycle=2, workdir=tmp_path, train_only=[index],
+                                                  wait_timeout=120)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(results) == {0, 1}
+    alone = compress.run_sparse_soup(copy.deepcopy(start), sparsities=[0.5], train_fn=_train_without_dropout,
+                                     ingredients_per_cycle=2)
+    for a, b, c in zip(results[0].model.state_dict().values(), results[1].model.state_dict().values(),
+                       alone.model.state_dict().values()):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-6)
+    assert (tmp_path / "cycle0" / "ingredient1" / "model.safetensors").exists()

@@ -1,0 +1,145 @@
+"""Sparse model soups on MiniLM-L6 + SST-2 (or a GLUE task): prune-retrain cycles whose retraining averages
+several fine-tunes, against plain iterative magnitude pruning (IMP) with the same training steps.
+
+1. ``dense``: MiniLM-L6 fine-tuned for ``--steps`` (the start of every sparse run, and the dense baseline).
+2. Unstructured cycles at ``--sparsities`` (e.g. 50% -> 70% -> 90%): each cycle prunes the previous soup by
+   magnitude, fine-tunes ``--ingredients`` copies of it for ``--cycle-steps`` each (seeds differ), and averages
+   them (``soup``, the next cycle's start); the ``greedy`` soup of the same ingredients is reported beside it.
+3. ``IMP``: the same cycles with one fine-tune of ``--ingredients x --cycle-steps`` steps each: the same compute.
+4. Each ``--patterns`` (e.g. 2:4): one cycle from the dense model, soup against one fine-tune of the same steps.
+
+Test accuracy of every ingredient, both soups, IMP and the dense model; validation (``--val-rows`` held-out
+training rows) chooses the greedy soup. Also the size of the final soups as a plain transformers folder (dense
+tensors with zeros) and as the compact sparse file (values + bitmask, ``compress.load_sparse``). Figures are
+printed and written as markdown (``--md``), never asserted.
+
+    python recipes/sparse_soup.py --steps 1000 --cycle-steps 150 --sparsities 0.5 0.7 0.9 --patterns 2:4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import compress
+from compress.bench.recipe import add_data_arguments, load_splits, setup_run, write_report
+from compress.bench.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
+from compress.measure import format_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(p)
+    p.add_argument("--cycle-steps", type=int, default=150, help="training steps of each ingredient per cycle (150)")
+    p.add_argument("--ingredients", type=int, default=3, help="fine-tunes averaged per cycle (3)")
+    p.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.7, 0.9],
+                   help="unstructured sparsity of each cycle, non-decreasing (0.5 0.7 0.9)")
+    p.add_argument("--patterns", nargs="*", default=["2:4"], help="n:m patterns, one cycle each (2:4)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the dense fine-tune (1e-4)")
+    p.add_argument("--cycle-lr", type=float, default=5e-5, help="learning rate of the retraining (5e-5)")
+    p.add_argument("--val-rows", type=int, default=500, help="training rows held out to score the greedy soup")
+    p.add_argument("--out", default=str(REPO / "runs" / "sparse_soup"))
+    p.add_argument("--md", default=str(REPO / "runs" / "sparse_soup.md"))
+    args = p.parse_args(argv)
+    setup_run()
+    started = time.time()
+    train, test, source = load_splits(args.glue_task, train_rows=args.train_rows, seed=args.seed)
+    shuffled = train.shuffle(seed=args.seed)
+    validation = shuffled.select(range(args.val_rows))
+    train = shuffled.select(range(args.val_rows, len(shuffled)))
+    num_labels = len(set(train["label"]))
+    out = Path(args.out)
+
+    dense, tokenizer = load_sequence_classifier(minilm_path(), num_labels=num_labels, seed=args.seed)
+    finetune_classifier(dense, tokenizer, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        max_length=args.max_length, seed=args.seed)
+
+    def accuracy(model, ds=test) -> float:
+        return evaluate_accuracy(model, tokenizer, ds, max_length=args.max_length)
+
+    def val_score(model) -> float:
+        return accuracy(model, validation)
+
+    def retrain(steps: int):
+        def train_fn(peft_model, seed: int = 0) -> None:
+            finetune_classifier(peft_model, tokenizer, train, steps=steps, batch_size=args.batch_size,
+                                lr=args.cycle_lr, max_length=args.max_length, seed=args.seed * 100 + seed)
+        return train_fn
+
+    dense_acc = accuracy(dense)
+    print(f"[dense] test accuracy {dense_acc:.2%}", flush=True)
+    rows = [{"config": "dense", "sparsity": "0%", "ingredients (test acc)": "", "uniform soup": "",
+             "greedy soup": "", "IMP (same steps)": "", "best ingredient": f"{dense_acc:.2%}", "soup - IMP (pt)": ""}]
+    vary = [{"seed": i} for i in range(args.ingredients)]
+    schedules = []
+    if args.sparsities:
+        schedules.append(("unstructured", args.sparsities, compress.SparseSoupConfig(
+            task_type="SEQ_CLS", sparsity=args.sparsities[0])))
+    sizes = []
+    for pattern in args.patterns:
+        schedules.append((pattern, [None], compress.SparseSoupConfig(task_type="SEQ_CLS", pattern=pattern)))
+    for name, sparsities, config in schedules:
+        workdir = out / name.replace(":", "-")
+        if sparsities == [None]:  # an n:m pattern: one cycle
+            soup_run = _one_cycle(dense, config, retrain(args.cycle_steps), vary, val_score, workdir / "soup",
+                                  tokenizer)
+            imp_run = _one_cycle(dense, config, retrain(args.ingredients * args.cycle_steps), [{"seed": 0}],
+                                 None, workdir / "imp", tokenizer)
+            sparsities = [config.sparsity]
+        else:
+            soup_run = compress.run_sparse_soup(dense, sparsities, retrain(args.cycle_steps), args.ingredients,
+                                                eval_fn=val_score, vary=vary, config=config,
+                                                workdir=workdir / "soup", tokenizer=tokenizer)
+            imp_run = compress.run_sparse_soup(dense, sparsities, retrain(args.ingredients * args.cycle_steps), 1,
+                                               config=config, workdir=workdir / "imp", tokenizer=tokenizer)
+        for c, sparsity in enumerate(sparsities):
+            cycle = workdir / "soup" / f"cycle{c}"
+            ingredients = [cycle / f"ingredient{i}" for i in range(args.ingredients)]
+            scores = [accuracy(compress.soup.load_ingredient(f)) for f in ingredients]
+            uniform = compress.soup.load_ingredient(cycle / "soup")
+            greedy = compress.make_soup(ingredients, strategy="greedy", eval_fn=val_score)
+            imp = compress.soup.load_ingredient(workdir / "imp" / f"cycle{c}" / "soup")
+            uniform_acc, greedy_acc, imp_acc = accuracy(uniform), accuracy(greedy), accuracy(imp)
+            label = f"{sparsity:.0%}" if name == "unstructured" else name
+            rows.append({"config": f"{name} cycle {c + 1}" if name == "unstructured" else name, "sparsity": label,
+                         "ingredients (test acc)": " / ".join(f"{s:.2%}" for s in scores),
+                         "uniform soup": f"{uniform_acc:.2%}",
+                         "greedy soup": f"{greedy_acc:.2%} ({len(greedy.config.soup['kept'])} kept)",
+                         "IMP (same steps)": f"{imp_acc:.2%}", "best ingredient": f"{max(scores):.2%}",
+                         "soup - IMP (pt)": f"{100 * (uniform_acc - imp_acc):+.1f}"})
+            print(f"[{label}] ingredients {scores}, uniform {uniform_acc:.2%}, greedy {greedy_acc:.2%}, "
+                  f"IMP {imp_acc:.2%}", flush=True)
+        final = compress.soup.load_ingredient(workdir / "soup" / f"cycle{len(sparsities) - 1}" / "soup")
+        compress.save_sparse(final, workdir / "compact", tokenizer=tokenizer, overwrite=True)
+        dense_folder = workdir / "soup" / f"cycle{len(sparsities) - 1}" / "soup"
+        hf_mb, compact_mb = _weights_mb(dense_folder), _weights_mb(workdir / "compact")
+        sizes.append({"soup": f"{name} at {sparsities[-1]:.0%}", "HF folder (zeros) MB": f"{hf_mb:.1f}",
+                      "compact sparse MB": f"{compact_mb:.1f}", "compact / HF": f"{compact_mb / hf_mb:.2f}"})
+        del soup_run, imp_run
+    notes = (f"all-MiniLM-L6-v2 + seeded head; data: {source}; train rows {len(train):,} (+{args.val_rows} held out "
+             f"for the greedy soup), test rows {len(test):,}. Dense: {args.steps} steps at lr {args.lr}. Each cycle: "
+             f"magnitude masks on the previous soup (per layer, every linear layer of the blocks), "
+             f"{args.ingredients} ingredients x {args.cycle_steps} steps at lr {args.cycle_lr} (seeds differ), "
+             f"uniform soup as the next start; IMP: one run of {args.ingredients * args.cycle_steps} steps per cycle. "
+             f"Batch {args.batch_size}, max length {args.max_length}, seed {args.seed}. Sizes: the weights file "
+             f"of the final soup. Wall time {(time.time() - started) / 60:.1f} min.")
+    print(write_report(__file__, argv, f"{format_table(rows)}\n\n{format_table(sizes)}\n\n{notes}", args.md))
+    return 0
+
+
+def _weights_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+
+
+def _one_cycle(start, config, train_fn, vary, eval_fn, workdir: Path, tokenizer):
+    """One cycle at a fixed pattern, saved like run_sparse_soup's first cycle."""
+    return compress.run_sparse_soup(start, [config.sparsity], train_fn, len(vary), eval_fn=eval_fn, vary=vary,
+                                    config=config, workdir=workdir, tokenizer=tokenizer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
