@@ -28,7 +28,8 @@ class MethodCase:
         return f"{self.method.lower()}-{self.arch}-{options}"
 
 
-TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+TASK = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM",
+        "llama-cls": "SEQ_CLS"}
 
 CASES = [
     MethodCase("PRUNING_ADAPTER", "bert", compress.PruningAdapterConfig,
@@ -65,6 +66,8 @@ CASES = [
                {"train_backbone": False, "exit_policy": "max_prob", "exit_threshold": 0.0}),
     MethodCase("MULTI_EXIT", "roberta", compress.MultiExitConfig,
                {"train_backbone": False, "exit_head": "linear", "exit_threshold": float("inf")}),
+    MethodCase("MULTI_EXIT", "llama-cls", compress.MultiExitConfig,
+               {"train_backbone": False, "exit_pooling": "last", "exit_policy": "max_prob", "exit_threshold": 0.0}),
     # sparse fine-tuning: dense updates or masked LoRA, unstructured (per layer, global) or n:m, magnitude or wanda
     MethodCase("SPARSE_SOUP", "bert", compress.SparseSoupConfig, {"sparsity": 0.5}),
     MethodCase("SPARSE_SOUP", "roberta", compress.SparseSoupConfig, {"pattern": "2:4", "train": "lora", "r": 4}),

@@ -14,6 +14,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
     Trainer,
@@ -36,6 +38,9 @@ def make_encoder(arch: str = "bert", seed: int = 0, num_labels: int = 3):
               "intermediate_size": 64, "num_labels": num_labels}
     if arch == "bert":
         return BertForSequenceClassification(BertConfig(max_position_embeddings=64, **common)).eval()
+    if arch == "llama":  # the decoder's own head reads the last real token (found by pad_token_id)
+        return LlamaForSequenceClassification(LlamaConfig(max_position_embeddings=64, num_key_value_heads=2,
+                                                          head_dim=8, pad_token_id=0, **common)).eval()
     return RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=70, pad_token_id=1,
                                                           bos_token_id=0, eos_token_id=2, **common)).eval()
 
@@ -124,8 +129,10 @@ def _center_exit_heads(model, batch: dict) -> None:
         hidden = model(**batch, output_hidden_states=True).hidden_states
         for k, head in enumerate(model.base_model.exit_layer.exit_heads["default"]):
             pooled = head.pool(hidden[k + 1], batch["attention_mask"])
-            head.dense.weight.mul_(4 / pooled.std(0).mean())
-            head.dense.bias.copy_(-(pooled @ head.dense.weight.T).mean(0))
+            first = head.dense if head.dense is not None else head.out  # a decoder's pooled head has no dense
+            first.weight.mul_(4 / pooled.std(0).mean())
+            if first.bias is not None:
+                first.bias.copy_(-(pooled @ first.weight.T).mean(0))
 
 
 def _splitting_threshold(policy: str, exits: list[torch.Tensor]) -> float:
@@ -136,9 +143,9 @@ def _splitting_threshold(policy: str, exits: list[torch.Tensor]) -> float:
     return next(t for t in range(len(exits)) if len(set(simulate(exits, policy, t).tolist())) > 1)
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "llama"])
 @pytest.mark.parametrize("policy", ["entropy", "patience"])
-@pytest.mark.parametrize("pooling", ["mean", "first"])
+@pytest.mark.parametrize("pooling", ["mean", "first", "last"])
 def test_removing_exited_rows_leaves_the_others_predictions_unchanged(arch, policy, pooling):
     model = wrap(arch, exit_policy=policy, exit_pooling=pooling)
     batch = padded_batch(n=8)

@@ -11,6 +11,7 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     Qwen2Config,
     Qwen2ForCausalLM,
     RobertaConfig,
@@ -39,6 +40,11 @@ def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
                           num_key_value_heads=2, head_dim=8, intermediate_size=64,
                           max_position_embeddings=64, tie_word_embeddings=False)
         model = LlamaForCausalLM(cfg)
+    elif arch == "llama-cls":  # a decoder classifier: its head reads the last token that is not padding
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                          max_position_embeddings=64, num_labels=2, pad_token_id=0)
+        model = LlamaForSequenceClassification(cfg)
     elif arch == "qwen2":
         cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
@@ -59,7 +65,7 @@ def make_batch(arch: str, batch_size: int = 2, seq_len: int = 8, seed: int = 1, 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if arch in ("bert", "roberta"):
+    if arch in ("bert", "roberta", "llama-cls"):
         if labels:
             batch["labels"] = torch.randint(0, 2, (batch_size,), generator=g)
     elif arch == "t5":

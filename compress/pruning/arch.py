@@ -148,11 +148,11 @@ class ArchSpec:
         return [self.model.get_submodule(path) for suffix, path in attributes.items() if name.endswith(suffix)]
 
     def sequence_head(self) -> tuple[nn.Linear | None, nn.Linear]:
-        """The sequence-classification head's layers on the first token: ``(pooling dense or None, output
-        projection)``; families without such a head raise."""
-        raise UnsupportedModelError(f"{type(self.model).__name__}: no sequence-classification head on the first "
-                                    f"token in the {self.family} family (supported: BERT/RoBERTa *ForSequence"
-                                    "Classification)")
+        """The sequence-classification head's layers: ``(pooling dense or None, output projection)``; models
+        without such a head raise."""
+        raise UnsupportedModelError(f"{type(self.model).__name__}: no sequence-classification head in the "
+                                    f"{self.family} family (supported: BERT/RoBERTa and Llama/Qwen2 "
+                                    "*ForSequenceClassification)")
 
     # -- rewriting ---------------------------------------------------------------------------------
     def remove_blocks(self, stack: LayerStack, keep: list[int]) -> None:
@@ -331,6 +331,11 @@ class LlamaSpec(ArchSpec):
 
     def stacks(self) -> list[LayerStack]:
         return [LayerStack("decoder", "layers", self._layers())]
+
+    def sequence_head(self) -> tuple[nn.Linear | None, nn.Linear]:
+        if not type(self.model).__name__.endswith("ForSequenceClassification"):
+            return super().sequence_head()
+        return None, self.model.score  # one projection of the last real token's state
 
     def attention_sites(self) -> list[AttentionSite]:
         return [AttentionSite(f"decoder.{i}.attention", "decoder", i, b.self_attn, b.self_attn.q_proj,

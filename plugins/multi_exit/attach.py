@@ -17,7 +17,7 @@ from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
 
 
 def check_exits(model: nn.Module, exit_layers: list[int] | None, loss_weights: str | list[float]) -> None:
-    """Refuse a model without a first-token classification head, exit layers out of range, or a weight list
+    """Refuse a model without a sequence-classification head, exit layers out of range, or a weight list
     that does not give one weight per exit, before anything changes."""
     arch_spec(model).sequence_head()
     blocks = arch_spec(model).stacks()[0].blocks
@@ -53,4 +53,5 @@ def call_with_exits(model: nn.Module, heads: nn.ModuleList, exit_layers: list[in
     kwargs.pop("return_dict", None)  # the output is always a ModelOutput (it carries the exits)
     blocks, exits = exit_blocks(model, exit_layers)
     return forward_with_exits(model, blocks, exits, heads, model.config, settings, kwargs, labels,
-                              training=model.training, teacher=teacher)
+                              training=model.training, teacher=teacher,
+                              final_head=arch_spec(model).sequence_head()[1])

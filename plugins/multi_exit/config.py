@@ -16,7 +16,7 @@ from .policy import POLICIES, check_threshold
 MULTI_EXIT = PeftMethodType("MULTI_EXIT")
 
 EXIT_HEADS = ("pooled", "linear")
-EXIT_POOLINGS = ("mean", "first")
+EXIT_POOLINGS = ("mean", "first", "last")
 LOSS_WEIGHTINGS = ("linear", "equal")
 SLENDER_STRUCTURES = ("heads", "ffn")
 SLENDER_IMPORTANCES = ("taylor", "fisher", "magnitude")
@@ -39,10 +39,11 @@ class MultiExitConfig(PeftConfig):
         exit_head: ``pooled`` (dense + tanh + linear, initialised from the model's own head: BERT's pooler and
             classifier, RoBERTa's classification head) or ``linear`` (one linear layer, random).
         exit_pooling: what an exit head reads from its block's output: ``mean`` over the tokens the attention
-            mask keeps (default), or the ``first`` token, as the model's own head does (DeeBERT, PABEE). In early
-            blocks the first token's state barely varies from example to example (it has attended to little yet;
-            sentence-transformers checkpoints never train it at all), so a first-token exit there can stay at
-            chance; the mean of the tokens carries the input from the first block on.
+            mask keeps (default), the ``first`` token, as an encoder's own head does (DeeBERT, PABEE), or the
+            ``last`` real token, as a decoder's own head does. In an encoder's early blocks the first token's state
+            barely varies from example to example (it has attended to little yet; sentence-transformers
+            checkpoints never train it at all), so a first-token exit there can stay at chance; the mean of the
+            tokens carries the input from the first block on. In a decoder the first token sees only itself.
         exit_loss_weights: ``linear`` (exit after block ``i`` weighs ``i + 1``, as PABEE), ``equal``, or one
             positive number per exit (``exit_layers`` plus the last block).
         distill_weight: ``alpha`` in ``(1 - alpha) * task loss + alpha * distillation loss`` per exit; the
@@ -77,7 +78,7 @@ class MultiExitConfig(PeftConfig):
     exit_layers: list[int] | None = field(
         default=None, metadata={"help": "Blocks followed by an exit (default: every block)."})
     exit_head: str = field(default="pooled", metadata={"help": "Exit classifier: pooled or linear."})
-    exit_pooling: str = field(default="mean", metadata={"help": "What an exit reads: mean (of tokens) or first."})
+    exit_pooling: str = field(default="mean", metadata={"help": "What an exit reads: mean (of tokens), first or last."})
     exit_loss_weights: str | list[float] = field(
         default="linear", metadata={"help": "Loss weight per exit: linear, equal, or one number per exit."})
     distill_weight: float = field(default=0.0, metadata={"help": "Weight of teacher distillation per exit, in [0, 1]."})

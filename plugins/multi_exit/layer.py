@@ -8,34 +8,43 @@ from torch import nn
 
 
 class ExitHead(nn.Module):
-    """A classifier on a block's output, read at the first token (``pooling="first"``) or as the mean over the
-    tokens the attention mask keeps (``"mean"``).
+    """A classifier on a block's output, read as the mean over the tokens the attention mask keeps
+    (``pooling="mean"``), at the first token (``"first"``) or at the last real token (``"last"``).
 
-    ``pooled``: dense + tanh + dropout + linear (the shape of BERT's pooler and classifier, RoBERTa's
-    classification head); ``linear``: dropout + linear.
+    ``pooled``: the shape of the model's own head: with ``pooled_size`` (BERT's pooler, RoBERTa's classification
+    head) dense + tanh + dropout + linear, else (a decoder's ``score``) dropout + linear; ``linear``: dropout +
+    linear.
     """
 
     def __init__(self, hidden_size: int, num_labels: int, design: str, pooled_size: int | None = None,
-                 dropout: float = 0.1, pooling: str = "mean") -> None:
+                 dropout: float = 0.1, pooling: str = "mean", bias: bool = True) -> None:
         super().__init__()
-        pooled_size = pooled_size or hidden_size
         self.pooling = pooling
-        self.dense = nn.Linear(hidden_size, pooled_size) if design == "pooled" else None
+        self.design = design
+        self.dense = nn.Linear(hidden_size, pooled_size) if design == "pooled" and pooled_size else None
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(pooled_size if design == "pooled" else hidden_size, num_labels)
+        self.out = nn.Linear(pooled_size if self.dense is not None else hidden_size, num_labels, bias=bias)
 
     @torch.no_grad()
     def copy_from(self, dense: nn.Linear | None, out: nn.Linear) -> None:
-        """Start from the weights of the model's own head (``dense`` is skipped by a ``linear`` head)."""
+        """Start a ``pooled`` head from the weights of the model's own head (a ``linear`` head stays random)."""
+        if self.design != "pooled":
+            return
         if self.dense is not None and dense is not None:
             self.dense.load_state_dict(dense.state_dict())
-            self.out.load_state_dict(out.state_dict())
+        self.out.load_state_dict(out.state_dict())
 
     def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One vector per example: the first token's state, or the mean over unmasked tokens (every token when
-        ``attention_mask``, ``(batch, sequence)`` with 1 for real tokens, is not given)."""
+        """One vector per example: the first token's state, the last real token's, or the mean over real tokens
+        (``attention_mask``: ``(batch, sequence)``, 1 for real tokens; without it every token is real)."""
         if self.pooling == "first":
             return hidden_states[:, 0]
+        if self.pooling == "last":
+            if attention_mask is None:
+                return hidden_states[:, -1]
+            positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+            last = (positions * attention_mask.to(positions.dtype)).argmax(-1)  # right or left padding
+            return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
         if attention_mask is None:
             return hidden_states.mean(1)
         weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)

@@ -19,7 +19,7 @@ from .runner import ExitSettings, every_exit_loss
 
 
 class MultiExitModel(CompressTuner):
-    """Creates a multi-exit classifier from a pretrained transformers sequence classifier (BERT/RoBERTa family).
+    """Creates a multi-exit classifier from a pretrained transformers sequence classifier (BERT/RoBERTa, Llama/Qwen2).
 
     An :class:`~.layer.ExitHead` follows each block in ``exit_layers`` before the last; the model's own head is
     the last exit. The forward runs the model unchanged and reads the blocks' outputs through hooks: while

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 from transformers.models.auto import configuration_auto
 
 from compress.pruning.arch import arch_spec
@@ -20,14 +20,15 @@ from .layer import ExitHead
 from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
 
 PREFIX = "multi_exit_"
-#: the families with a first-token sequence-classification head (compress.pruning.arch.BertSpec)
-MODEL_TYPES = ("bert", "roberta")
+#: the families with a sequence-classification head (compress.pruning.arch: BertSpec, LlamaSpec)
+MODEL_TYPES = ("bert", "roberta", "llama", "qwen2")
 #: config attributes of a multi-exit model, with their defaults
 CONFIG_FIELDS = {"exit_layers": None, "exit_head": "pooled", "exit_pooling": "mean", "exit_policy": "entropy",
                  "exit_threshold": None, "exit_loss_weights": "linear"}
 
 _CONFIG_CLASSES: dict[type, type] = {}
 _MODEL_CLASSES: dict[type, type] = {}
+_BACKBONE_CLASSES: dict[tuple[type, type], type] = {}
 
 
 def exit_blocks(model: nn.Module, exit_layers: list[int] | None) -> tuple[nn.ModuleList, list[int]]:
@@ -46,11 +47,12 @@ def build_exit_heads(model: nn.Module, exit_layers: list[int] | None, design: st
     dense, out = _unwrapped(dense), _unwrapped(out)
     cfg = model.config
     dropout = getattr(cfg, "classifier_dropout", None)
-    dropout = cfg.hidden_dropout_prob if dropout is None else dropout
+    dropout = getattr(cfg, "hidden_dropout_prob", 0.0) if dropout is None else dropout
     hidden = (dense.in_features if dense is not None else out.in_features)
     pooled = dense.out_features if dense is not None else None
     _, blocks = exit_blocks(model, exit_layers)
-    heads = nn.ModuleList(ExitHead(hidden, out.out_features, design, pooled, dropout, pooling) for _ in blocks)
+    heads = nn.ModuleList(ExitHead(hidden, out.out_features, design, pooled, dropout, pooling,
+                                   bias=out.bias is not None) for _ in blocks)
     for head in heads:
         head.copy_from(dense, out)
     return heads.to(dtype=out.weight.dtype, device=out.weight.device)
@@ -96,7 +98,8 @@ def multi_exit_model_class(base_cls: type) -> type:
             blocks, exits = exit_blocks(self, self.config.exit_layers)
             inputs = {"input_ids": input_ids, **kwargs} if input_ids is not None else kwargs
             return forward_with_exits(partial_forward(self, base_cls), blocks, exits, self.exits, self.config,
-                                      settings_from_config(self.config), inputs, labels, training=self.training)
+                                      settings_from_config(self.config), inputs, labels, training=self.training,
+                                      final_head=arch_spec(self).sequence_head()[1])
 
         _MODEL_CLASSES[base_cls] = type(f"MultiExit{base_cls.__name__}", (base_cls,), {
             "config_class": multi_exit_config_class(base_cls.config_class), "__init__": __init__,
@@ -121,6 +124,15 @@ def make_multi_exit(model: nn.Module, heads: nn.ModuleList, settings: dict) -> n
     return model
 
 
+def _backbone_class(backbone: type, config_cls: type) -> type:
+    """The backbone class that reads a multi-exit config (AutoModel requires its ``config_class`` to match)."""
+    key = (backbone, config_cls)
+    if key not in _BACKBONE_CLASSES:
+        _BACKBONE_CLASSES[key] = type(f"MultiExit{backbone.__name__}", (backbone,),
+                                      {"config_class": config_cls, "__module__": __name__})
+    return _BACKBONE_CLASSES[key]
+
+
 def register_multi_exit_models() -> None:
     """Register the multi-exit config/model classes of every supported family (plain and compact) with
     transformers' Auto classes (idempotent)."""
@@ -132,3 +144,7 @@ def register_multi_exit_models() -> None:
             exit_cfg = multi_exit_config_class(cfg_cls)
             AutoConfig.register(exit_cfg.model_type, exit_cfg, exist_ok=True)
             AutoModelForSequenceClassification.register(exit_cfg, multi_exit_model_class(model_cls), exist_ok=True)
+            # decoder classifiers build their backbone with AutoModel.from_config(config): the plain backbone
+            backbone = AutoModel._model_mapping.get(cfg_cls, None)
+            if backbone is not None:
+                AutoModel.register(exit_cfg, _backbone_class(backbone, exit_cfg), exist_ok=True)

@@ -99,11 +99,14 @@ def run_every_exit(forward: Callable, blocks: nn.ModuleList, exit_blocks: list[i
 
 
 def run_early_exit(forward: Callable, blocks: nn.ModuleList, exit_blocks: list[int], heads: nn.ModuleList,
-                   inputs: dict, policy: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   inputs: dict, policy: str, threshold: float,
+                   final_head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``forward(**inputs)`` with early exit: after block ``exit_blocks[k]``, ``heads[k]`` classifies the
     running examples and those that ``policy`` lets leave are removed from the batch (from the hidden states and
-    from every per-example tensor the following blocks receive). Returns each example's logits and the block
-    after which it left."""
+    from every per-example tensor the following blocks receive). ``final_head``, the model's own output
+    projection, gets its rows put back in place in a full-batch output, because a decoder's head indexes its
+    output with the whole batch's ``input_ids``. Returns each example's logits and the block after which it
+    left."""
     reference = inputs.get("input_ids")
     reference = inputs.get("inputs_embeds") if reference is None else reference
     batch = reference.shape[0]
@@ -119,11 +122,14 @@ def run_early_exit(forward: Callable, blocks: nn.ModuleList, exit_blocks: list[i
         state["logits"][rows] = logits
 
     def rows_only(value):
-        # per-example tensors the model hands every block (attention masks) still hold the whole batch;
-        # 1-d tensors (cache positions) and broadcast ones (batch dimension 1) are shared by all rows
+        # per-example tensors the model hands every block (attention masks, a decoder's rotary cos/sin pair)
+        # still hold the whole batch; 1-d tensors (cache positions) and broadcast ones (batch dimension 1) are
+        # shared by all rows
         keep = state["keep"]
         if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[0] == batch:
             return value[keep]
+        if isinstance(value, tuple):
+            return tuple(rows_only(v) for v in value)
         return value
 
     def slice_inputs(module: nn.Module, args: tuple, kwargs: dict):
@@ -147,11 +153,22 @@ def run_early_exit(forward: Callable, blocks: nn.ModuleList, exit_blocks: list[i
             raise _AllExited
         return _replace_block_output(output, hidden[stays], stays)
 
+    def full_batch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        keep = state["keep"]
+        if keep.shape[0] == batch or output.shape[0] != keep.shape[0]:
+            return None
+        full = output.new_zeros((batch, *output.shape[1:]))
+        full[keep] = output
+        return full
+
     handles = [block.register_forward_pre_hook(slice_inputs, with_kwargs=True) for block in blocks]
     handles += [blocks[b].register_forward_hook(partial(exit_after, k)) for k, b in enumerate(exit_blocks)]
+    if final_head is not None:
+        handles.append(final_head.register_forward_hook(full_batch))
     try:
         outputs = forward(**inputs)
-        store(state["keep"], outputs.logits)
+        logits = outputs.logits
+        store(state["keep"], logits[state["keep"]] if logits.shape[0] == batch else logits)
     except _AllExited:
         pass
     finally:
@@ -174,10 +191,12 @@ class ExitSettings:
 
 def forward_with_exits(forward: Callable, blocks: nn.ModuleList, exit_blocks: list[int], heads: nn.ModuleList,
                        model_config, settings: ExitSettings, inputs: dict, labels: torch.Tensor | None,
-                       training: bool, teacher: nn.Module | None = None) -> MultiExitClassifierOutput:
+                       training: bool, teacher: nn.Module | None = None,
+                       final_head: nn.Module | None = None) -> MultiExitClassifierOutput:
     """A multi-exit classifier's forward. Training, or without a threshold: every exit runs and the loss is
     :func:`~.loss.multi_exit_loss` (with distillation from ``teacher`` while training). Otherwise early exit,
-    and the loss (given labels) is the task loss of each example's chosen exit."""
+    and the loss (given labels) is the task loss of each example's chosen exit (``final_head``: see
+    :func:`run_early_exit`)."""
     if training or settings.threshold is None:
         distill = training and settings.distill_weight > 0
         distill_hidden = training and settings.distill_hidden_weight > 0
@@ -205,7 +224,7 @@ def forward_with_exits(forward: Callable, blocks: nn.ModuleList, exit_blocks: li
                                          hidden_states=getattr(outputs, "hidden_states", None),
                                          attentions=getattr(outputs, "attentions", None))
     logits, exit_layers = run_early_exit(forward, blocks, exit_blocks, heads, inputs, settings.policy,
-                                         settings.threshold)
+                                         settings.threshold, final_head=final_head)
     loss = task_loss(logits, labels, model_config) if labels is not None else None
     return MultiExitClassifierOutput(loss=loss, logits=logits, exit_layers=exit_layers)
 
