@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  compress info ./bert-sst2\n"
             "  compress prune ./bert-sst2 --out ./bert-sst2-ffn50 --sparsity 0.5 --structures ffn "
             "--data sst2-sample\n"
+            "  compress push ./bert-sst2-ffn50 my-user/bert-sst2-ffn50\n"
             "  compress prune --help\n\n"
             "exit status: 0 success, 2 bad arguments or inputs, 1 a run that failed part-way."
         ),
@@ -119,7 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by save_pretrained")
     _common_flags(info, top=False)
     info.set_defaults(command_module="info")
+    _push_parser(sub)
     return parser
+
+
+def _push_parser(sub) -> None:
+    push = sub.add_parser(
+        "push",
+        formatter_class=_Formatter,
+        help="check a saved folder and upload it to a Hugging Face Hub model repository",
+        description=(
+            "Upload a folder written by peft-compress (a pruned or merged model, a compact sparse folder, a\n"
+            "PEFT adapter folder) to the model repository REPO_ID, creating it if missing. The folder is\n"
+            "checked first: its README.md model card must parse with metadata, and its weights must load;\n"
+            "a folder that fails is not uploaded. Nothing local is written. The token comes from --token,\n"
+            "HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub."
+        ),
+        epilog="example:\n  compress push ./bert-ffn50 my-user/bert-sst2-ffn50 --private",
+    )
+    push.add_argument("folder", metavar="DIR", help="folder to upload")
+    push.add_argument("repo_id", metavar="REPO_ID", help="model repository, e.g. my-user/bert-sst2-ffn50")
+    push.add_argument("--private", action="store_true", help="create the repository private (if it is new)")
+    push.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing; default main)")
+    push.add_argument("--token", metavar="TOKEN", help="Hub token with write access (default: HF_TOKEN / login)")
+    push.add_argument("--message", metavar="TEXT", help="commit message")
+    _common_flags(push, top=False)
+    push.set_defaults(command_module="push")
 
 
 def _prune_parser(sub, types: str) -> None:

@@ -235,6 +235,11 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
             shutil.rmtree(backup, ignore_errors=True)
 
 
+def method_tag(peft_type: str) -> str:
+    """The Hub tag of a PEFT method of ours, e.g. ``sparse-soup`` for ``SPARSE_SOUP``."""
+    return str(peft_type).lower().replace("_", "-")
+
+
 # -- model card -----------------------------------------------------------------------------------------
 def needs_compress_to_load(model: nn.Module) -> bool:
     """True when the model's config is a type registered by ``import compress``: compact (per-layer widths) or
@@ -256,12 +261,34 @@ def removed_summary(report: dict) -> str:
     return ", ".join(parts)
 
 
+#: transformers task -> the Hub's pipeline tag
+PIPELINE_TAGS = {"sequence-classification": "text-classification", "causal-lm": "text-generation",
+                 "seq2seq": "text2text-generation", "masked-lm": "fill-mask",
+                 "token-classification": "token-classification", "question-answering": "question-answering",
+                 None: "feature-extraction"}
+
+
+def _tags(model: nn.Module) -> list[str]:
+    """The card's tags: ours, what the model is, and the tags the model carries (e.g. a PEFT method's)."""
+    model_type = str(getattr(model.config, "model_type", ""))
+    tags = [TAG, "multi-exit" if model_type.startswith("multi_exit_") else "pruning"]
+    if getattr(model.config, "soup", None):
+        tags.append("sparse-soup")
+    tags += [t for t in (getattr(model, "model_tags", None) or []) if t not in tags]
+    return tags
+
+
 def model_card(model: nn.Module, report: dict | None = None, title: str | None = None) -> str:
-    """A README.md for a pruned model: metadata, what was removed, parameters before/after, how to load it."""
+    """A README.md for a saved model: metadata (library, pipeline tag, tags), what was removed, parameters
+    before/after, how to load it."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from compress.tasks import task_of_class
+
     auto = _auto_class_name(model)
-    data = ModelCardData(library_name="transformers", tags=[TAG, "pruning", "structured-pruning"])
+    found = task_of_class(type(model).__name__)
+    data = ModelCardData(library_name="transformers", tags=_tags(model),
+                         pipeline_tag=PIPELINE_TAGS.get(found[0] if found else None))
     lines = [
         f"# {title or 'Structurally pruned ' + str(model.config.model_type)}",
         "",

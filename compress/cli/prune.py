@@ -45,7 +45,7 @@ def _run_phase() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
+def progress_bars(enabled: bool) -> Iterator[None]:
     """Turn transformers' and datasets' progress bars off for the block (restored afterwards)."""
     import datasets
     from transformers.utils import logging as hf_logging
@@ -70,7 +70,7 @@ def _positive(flag: str, value: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with _progress_bars(not args.no_progress):
+    with progress_bars(not args.no_progress):
         return _prune(args)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from compress.errors import CompressError
-from compress.export import TAG
+from compress.export import TAG, method_tag
 from compress.pruning.arch import arch_spec
 from compress.tuner import CompressTuner
 
@@ -90,7 +90,7 @@ class LadderSideModel(CompressTuner):
         self._check_task(model, config)
         self._check_gradient_path(model)
         if hasattr(model, "add_model_tags"):
-            model.add_model_tags([TAG])
+            model.add_model_tags([TAG, method_tag(config.peft_type)])
 
     @staticmethod
     def _check_task(model: nn.Module, config: LadderSideConfig) -> None:

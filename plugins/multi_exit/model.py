@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.export import TAG
+from compress.export import TAG, method_tag
 from compress.pruning.compact import projection_shapes, reshape_to
 from compress.pruning.engine import PruneReport, prune_model
 from compress.tuner import CompressTuner
@@ -58,7 +58,7 @@ class MultiExitModel(CompressTuner):
     def _pre_injection_hook(self, model: nn.Module, config: MultiExitConfig, adapter_name: str) -> None:
         check_exits(model, config.exit_layers, config.exit_loss_weights)
         if hasattr(model, "add_model_tags"):
-            model.add_model_tags([TAG])
+            model.add_model_tags([TAG, method_tag(config.peft_type)])
 
     def _create_and_replace(self, *args, **kwargs) -> None:
         raise CompressError("internal: multi-exit models replace no module")  # pragma: no cover

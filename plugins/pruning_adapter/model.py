@@ -12,7 +12,7 @@ from torch import nn
 
 from compress._allocator import map_large_cpu_allocations, release_freed_memory
 from compress.errors import CompressError
-from compress.export import TAG
+from compress.export import TAG, method_tag
 from compress.pruning.arch import arch_spec, spec_class
 from compress.pruning.compact import make_compact
 from compress.pruning.engine import check_support
@@ -102,8 +102,8 @@ class PruningAdapterModel(CompressTuner):
         if "hidden" in config.spec.sparsity and not config.pruning_plan and not any(
                 isinstance(m, BaseTunerLayer) for m in model.modules()):
             _check_hidden_stream(model)  # traced on the plain model: adapter layers would be couplings it does not know
-        if hasattr(model, "add_model_tags"):
-            model.add_model_tags([TAG])  # peft's model card of the saved adapter carries it
+        if hasattr(model, "add_model_tags"):  # peft's model card of the saved adapter carries them
+            model.add_model_tags([TAG, method_tag(config.peft_type)])
         if config.distill_weight and not config.inference_mode and self.distillation is None:
             # before replay/pruning: the teacher is the dense original
             self.__dict__["distillation"] = Distillation.attach(self, model, config.distill_weight)

@@ -11,7 +11,7 @@ from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
 from compress.errors import CompressError
-from compress.export import TAG
+from compress.export import TAG, method_tag
 from compress.pruning.arch import arch_spec
 from compress.tuner import CompressTuner
 
@@ -68,7 +68,7 @@ class SparseSoupModel(CompressTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: SparseSoupConfig, adapter_name: str) -> None:
         if hasattr(model, "add_model_tags"):
-            model.add_model_tags([TAG])
+            model.add_model_tags([TAG, method_tag(config.peft_type)])
 
     def _prepare_adapter_config(self, peft_config: SparseSoupConfig, model_config: dict) -> SparseSoupConfig:
         if peft_config.target_modules is None:
