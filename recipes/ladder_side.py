@@ -20,12 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from peft import PeftModel, get_peft_model
 
 import compress
 from compress.bench.ladder_side import add_arguments, backbone, init_side
-from compress.bench.recipe import load_splits, setup_run
+from compress.bench.recipe import finish_run, load_splits, parse_recipe_args, setup_run
 from compress.bench.train import evaluate_accuracy, finetune_classifier
 from compress.export import atomic_directory
 
@@ -46,9 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--quantize", choices=["8bit", "4bit", "int8"], default=None,
                    help="frozen backbone in bitsandbytes 8-bit or nf4 4-bit, or its encoder in torch's dynamic int8")
     p.add_argument("--out", default=str(REPO / "runs" / "ladder_side"), help="output folder")
-    args = p.parse_args(argv)
+    args = parse_recipe_args(p, argv)
     setup_run(verbose=True, log_format="%(message)s")
-    torch.manual_seed(args.seed)
+    print(f"config: {vars(args)}")
 
     train, test, source = load_splits(args.glue_task, train_rows=args.train_rows, seed=args.seed)
     args.num_labels = len(set(train["label"]))
@@ -73,6 +72,8 @@ def main(argv=None) -> int:
           f"(reloaded adapter: {again:.2%})")
     print(f"trainable params: {trainable:,} of {total:,} ({trainable / total:.2%})")
     print(f"saved: {out / 'adapter'} (PeftModel.from_pretrained onto MiniLM-L6 after `import compress`)")
+    finish_run(out, args, {"test_accuracy": accuracy, "trainable_params": trainable}, model_folder=out / "adapter",
+               datasets=["glue"], task="text-classification")
     return 0
 
 

@@ -22,12 +22,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers import AutoModelForSequenceClassification, pipeline
 
 import compress
 from compress.bench.multi_exit import add_arguments, build_student, outcome, test_batches
-from compress.bench.recipe import load_splits, setup_run
+from compress.bench.recipe import finish_run, load_splits, parse_recipe_args, setup_run
 from compress.bench.train import finetune_classifier, load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 
@@ -43,11 +42,11 @@ def main(argv=None) -> int:
                         help="accuracy points the exits may lose on held-out rows (default 1.0)")
     target.add_argument("--target-speedup", type=float, default=None, help="fewer blocks per example, e.g. 3")
     p.add_argument("--out", default=str(REPO / "runs" / "multi_exit"), help="output folder")
-    args = p.parse_args(argv)
+    args = parse_recipe_args(p, argv)
     if args.target_speedup is None and args.target_drop is None:
         args.target_drop = 1.0
     setup_run(verbose=True, log_format="%(message)s")
-    torch.manual_seed(args.seed)
+    print(f"config: {vars(args)}")
 
     train, test, source = load_splits(args.glue_task, train_rows=args.train_rows, seed=args.seed)
     shuffled = train.shuffle(seed=args.seed)
@@ -82,6 +81,9 @@ def main(argv=None) -> int:
           f"{exits['mean_blocks']:.2f} blocks per example")
     print(f"pipeline from {folder}: {sum(int(a == b) for a, b in zip(served, labels))} of {len(served)} rows right")
     print(f"saved: {folder} (AutoModelForSequenceClassification after `import compress`)")
+    finish_run(args.out, args, {"test_accuracy": exits["accuracy"], "dense_test_accuracy": dense["accuracy"],
+                                "mean_blocks": exits["mean_blocks"], "exit_threshold": choice.threshold},
+               model_folder=folder, datasets=["glue"], task="text-classification")
     return 0
 
 

@@ -22,13 +22,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 import compress
 from compress.bench.pruning_adapter import add_arguments, build, encoder_layer_params, lr_for, merged
-from compress.bench.recipe import load_splits, setup_run
+from compress.bench.recipe import finish_run, load_splits, parse_recipe_args, setup_run
 from compress.bench.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
 from compress.export import atomic_directory
+from compress.hub import annotate_card
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,9 +37,9 @@ def main(argv=None) -> int:
     add_arguments(p)
     p.add_argument("--schedule", choices=["oneshot", "progressive"], default="progressive")
     p.add_argument("--out", default=str(REPO / "runs" / "pruning_adapter"), help="output folder")
-    args = p.parse_args(argv)
+    args = parse_recipe_args(p, argv)
     setup_run(verbose=True, log_format="%(message)s")  # the library's INFO lines narrate pruning
-    torch.manual_seed(args.seed)
+    print(f"config: {vars(args)}")
 
     train, test, source = load_splits(args.glue_task, train_rows=args.train_rows, seed=args.seed)
     args.num_labels = len(set(train["label"]))
@@ -63,6 +62,9 @@ def main(argv=None) -> int:
           " of dense)")
     print(f"widths: {model.peft_config['default'].pruning_plan[-1]['widths_after']}")
     print(f"saved: {out / 'adapter'} (PeftModel.from_pretrained after `import compress`), {out / 'merged'}")
+    metrics = {"test_accuracy": accuracy, "encoder_params_vs_dense": encoder_layer_params(plain) / dense_encoder}
+    finish_run(out, args, metrics, model_folder=out / "merged", datasets=["glue"], task="text-classification")
+    annotate_card(out / "adapter", datasets=["glue"], metrics=metrics, task="text-classification")
     return 0
 
 

@@ -24,7 +24,14 @@ import time
 from pathlib import Path
 
 import compress
-from compress.bench.recipe import add_data_arguments, load_splits, setup_run, write_report
+from compress.bench.recipe import (
+    add_data_arguments,
+    finish_run,
+    load_splits,
+    parse_recipe_args,
+    setup_run,
+    write_report,
+)
 from compress.bench.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
 from compress.measure import format_table
 
@@ -44,8 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--val-rows", type=int, default=500, help="training rows held out to score the greedy soup")
     p.add_argument("--out", default=str(REPO / "runs" / "sparse_soup"))
     p.add_argument("--md", default=str(REPO / "runs" / "sparse_soup.md"))
-    args = p.parse_args(argv)
+    args = parse_recipe_args(p, argv)
     setup_run()
+    print(f"config: {vars(args)}")
     started = time.time()
     train, test, source = load_splits(args.glue_task, train_rows=args.train_rows, seed=args.seed)
     shuffled = train.shuffle(seed=args.seed)
@@ -79,7 +87,7 @@ def main(argv=None) -> int:
     if args.sparsities:
         schedules.append(("unstructured", args.sparsities, compress.SparseSoupConfig(
             task_type="SEQ_CLS", sparsity=args.sparsities[0])))
-    sizes = []
+    sizes, metrics = [], {"dense_test_accuracy": dense_acc}
     for pattern in args.patterns:
         schedules.append((pattern, [None], compress.SparseSoupConfig(task_type="SEQ_CLS", pattern=pattern)))
     for name, sparsities, config in schedules:
@@ -111,6 +119,8 @@ def main(argv=None) -> int:
                          "greedy soup": f"{greedy_acc:.2%} ({len(greedy.config.soup['kept'])} kept)",
                          "IMP (same steps)": f"{imp_acc:.2%}", "best ingredient": f"{max(scores):.2%}",
                          "soup - IMP (pt)": f"{100 * (uniform_acc - imp_acc):+.1f}"})
+            metrics[f"{label}_uniform_soup_test_accuracy"] = uniform_acc
+            metrics[f"{label}_imp_test_accuracy"] = imp_acc
             print(f"[{label}] ingredients {scores}, uniform {uniform_acc:.2%}, greedy {greedy_acc:.2%}, "
                   f"IMP {imp_acc:.2%}", flush=True)
         final = compress.soup.load_ingredient(workdir / "soup" / f"cycle{len(sparsities) - 1}" / "soup")
@@ -128,6 +138,7 @@ def main(argv=None) -> int:
              f"Batch {args.batch_size}, max length {args.max_length}, seed {args.seed}. Sizes: the weights file "
              f"of the final soup. Wall time {(time.time() - started) / 60:.1f} min.")
     print(write_report(__file__, argv, f"{format_table(rows)}\n\n{format_table(sizes)}\n\n{notes}", args.md))
+    finish_run(out, args, metrics)
     return 0
 
 

@@ -75,7 +75,7 @@ CASES = [
     MethodCase("SPARSE_SOUP", "llama", compress.SparseSoupConfig, {"sparsity": 0.6, "scope": "global"}),
     MethodCase("SPARSE_SOUP", "qwen2", compress.SparseSoupConfig,
                {"sparsity": 0.5, "train": "lora", "r": 4, "importance": "wanda"}),
-    MethodCase("SPARSE_SOUP", "t5", compress.SparseSoupConfig, {"pattern": "4:8"}),
+    MethodCase("SPARSE_SOUP", "t5", compress.SparseSoupConfig, {"pattern": "4:8", "importance": "wanda"}),
 ]
 
 

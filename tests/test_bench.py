@@ -280,3 +280,58 @@ def test_multi_exit_benchmark_rows_ratios_and_plot(tmp_path, monkeypatch):
     assert png.stat().st_size > 0
     assert (tmp_path / "out" / "me" / "config.json").is_file()
     assert "MultiExit" in (tmp_path / "out" / "pa-exits" / "config.json").read_text()
+
+
+def _recipe_parser():
+    import argparse
+
+    from compress.bench.recipe import add_data_arguments
+
+    p = argparse.ArgumentParser()
+    add_data_arguments(p)
+    p.add_argument("--schedule", choices=["oneshot", "progressive"], default="progressive")
+    return p
+
+
+def test_recipe_options_come_from_a_config_file_and_flags_win(tmp_path):
+    from compress.bench.recipe import parse_recipe_args
+
+    (tmp_path / "run.yaml").write_text("steps: 50\nbatch-size: 8\nschedule: oneshot\nglue_task: MRPC\n")
+    args = parse_recipe_args(_recipe_parser(), ["--config", str(tmp_path / "run.yaml"), "--steps", "7"])
+    assert (args.steps, args.batch_size, args.schedule, args.glue_task) == (7, 8, "oneshot", "MRPC")
+    (tmp_path / "run.json").write_text('{"seed": 3}')
+    assert parse_recipe_args(_recipe_parser(), ["--config", str(tmp_path / "run.json")]).seed == 3
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("stepz: 5\n", "unknown option(s) stepz"),
+    ("schedule: sometimes\n", "schedule='sometimes' is not one of oneshot, progressive"),
+    ("steps: [1, 2\n", "does not parse"),
+    ("- 1\n- 2\n", "expected a mapping"),
+])
+def test_a_bad_config_file_is_one_clear_error(tmp_path, capsys, text, message):
+    from compress.bench.recipe import parse_recipe_args
+
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_recipe_args(_recipe_parser(), ["--config", str(tmp_path / "run.yaml")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_finish_run_writes_the_run_folder_and_the_card(tmp_path):
+    import argparse
+    import json
+
+    from huggingface_hub import ModelCard
+
+    import compress
+    from compress.bench.recipe import finish_run
+    from tests import tiny
+
+    compress.save_pretrained(tiny.make_model("bert"), tmp_path / "model")
+    finish_run(tmp_path, argparse.Namespace(steps=5, config=None), {"test_accuracy": 0.75},
+               model_folder=tmp_path / "model", datasets=["glue"], task="text-classification")
+    assert json.loads((tmp_path / "resolved_config.json").read_text()) == {"steps": 5}
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"test_accuracy": 0.75}
+    card = ModelCard.load(tmp_path / "model" / "README.md")
+    assert card.data.datasets == ["glue"] and "| test_accuracy | 0.75 |" in card.text

@@ -172,3 +172,6 @@ def test_multi_exit_recipe_trains_calibrates_saves_and_serves(tmp_path, capsys):
     assert sum(len(layer.attention.self.query.weight) for layer in model.bert.encoder.layer) == 6 * 384 // 2
     printed = capsys.readouterr().out
     assert re.search(r"pipeline from .*: \d+ of 64 rows right", printed)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1 and json.loads((out / "resolved_config.json").read_text())["slim"]
+    assert "test_accuracy" in (out / "model" / "README.md").read_text()

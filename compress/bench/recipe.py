@@ -5,6 +5,8 @@
 - :func:`load_splits`: ``(train, test, source)`` from ``../shared/data`` beside the checkout (SST-2, or a GLUE
   task with dev.tsv as the test set), an explicit folder, or the SST-2 sample shipped in the package.
 - :func:`latency_inputs`: a fixed batch of real sentences padded to the full sequence length.
+- :func:`parse_recipe_args` / :func:`finish_run`: flags over a YAML/JSON ``--config`` file, seeding; the run
+  folder's resolved config, metrics and model card.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["GLUE_TASKS", "OFFLINE_ENV", "SHARED_DATA", "add_data_arguments", "add_memory_arguments",
-           "default_arguments", "latency_inputs", "load_splits", "padded_batches", "setup_run"]
+           "default_arguments", "finish_run", "latency_inputs", "load_splits", "padded_batches",
+           "parse_recipe_args", "setup_run"]
 
 #: environment that keeps Hugging Face libraries off the network (values the caller exported win)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -165,3 +168,73 @@ def write_report(script: str, argv: Sequence[str] | None, body: str, path: str |
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text, encoding="utf-8")
     return text
+
+
+CONFIG_FLAG = "--config"
+
+
+def parse_recipe_args(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a recipe's flags with defaults from ``--config FILE`` (YAML or JSON, keys spelled as the flags or
+    with underscores; flags on the command line win), check the file's values like flags (unknown names and
+    values outside ``choices`` are errors), and seed Python, numpy and torch with ``--seed`` when the recipe
+    has one."""
+    if not any(CONFIG_FLAG in action.option_strings for action in p._actions):
+        p.add_argument(CONFIG_FLAG, metavar="FILE", help="YAML or JSON file of options (flags given here win)")
+    known, _ = p.parse_known_args(argv)
+    path = getattr(known, "config", None)
+    if path:
+        values = _read_config_file(p, Path(path))
+        actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+        unknown = sorted(set(values) - set(actions))
+        if unknown:
+            p.error(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(actions))}")
+        for name, value in values.items():
+            choices = actions[name].choices
+            items = value if isinstance(value, list) else [value]
+            if choices is not None and any(item not in choices for item in items):
+                p.error(f"{path}: {name}={value!r} is not one of {', '.join(map(str, choices))}")
+        p.set_defaults(**values)
+    args = p.parse_args(argv)
+    if getattr(args, "seed", None) is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    return args
+
+
+def _read_config_file(p: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    import json
+
+    if not path.is_file():
+        p.error(f"{CONFIG_FLAG} {path}: no such file")
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        p.error(f"{CONFIG_FLAG} {path}: use a .yaml, .yml or .json file")
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}
+    except (ValueError, yaml.YAMLError) as exc:  # json.JSONDecodeError is a ValueError
+        p.error(f"{CONFIG_FLAG} {path} does not parse: {' '.join(str(exc).split())}")
+    if not isinstance(values, dict):
+        p.error(f"{CONFIG_FLAG} {path}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def finish_run(folder: str | os.PathLike[str], args: argparse.Namespace, metrics: dict[str, float],
+               model_folder: str | os.PathLike[str] | None = None, datasets: list[str] | None = None,
+               task: str | None = None) -> Path:
+    """Complete a run folder: ``resolved_config.json`` (every option, after the config file and flags),
+    ``metrics.json``, and the metrics in the saved model's card (``model_folder``). Returns ``folder``."""
+    import json
+
+    from compress.hub import annotate_card
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = {k: v for k, v in vars(args).items() if k != "config"}
+    (folder / "resolved_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if model_folder is not None:
+        annotate_card(model_folder, datasets=datasets, metrics=metrics, task=task)
+    return folder

@@ -37,7 +37,7 @@ def wanda_scores(model: nn.Module, layers: dict[str, nn.Module], data, tokenizer
     try:
         with _adapters_disabled(layers):
             for batch in calibration_batches(data, batch_size=batch_size, num_batches=num_batches, seed=0,
-                                             tokenizer=tokenizer, include_labels=False):
+                                             tokenizer=tokenizer, include_labels=True):  # seq2seq: decoder inputs
                 model(**{k: v.to(device) for k, v in batch.items()})
     finally:
         for handle in handles:
