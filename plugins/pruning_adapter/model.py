@@ -80,6 +80,7 @@ class PruningAdapterModel(CompressTuner):
     """
 
     prefix: str = "pa_"
+    saved_names = _SAVED_NAMES
     tuner_layer_cls = PruningAdapterLayer
     target_module_mapping: dict[str, list[str]] = {}  # defaults come from the architecture (ArchSpec)
 
@@ -213,14 +214,11 @@ class PruningAdapterModel(CompressTuner):
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """peft's key translation, with LoRA's matrices saved as ``pa_A``/``pa_B``: every saved adapter key carries
-        the method's prefix. Loading inverts it (peft builds the inverse mapping from this function)."""
+        """peft's key translation with LoRA's matrices saved as ``pa_A``/``pa_B`` (:attr:`saved_names`); the plan
+        copy and schedule statistics keep their keys."""
         if _is_saved_state(key):
             return key  # written without an adapter name; a unit key could end like one
-        key = super()._remove_adapter_name_from_key(key, adapter_name)
-        for ours, saved in _SAVED_NAMES.items():
-            key = key.replace(ours, saved)
-        return key
+        return super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PruningAdapterConfig, adapter_name: str,

@@ -23,7 +23,8 @@ _NO_UNMERGE = ("a merged sparse layer cannot be unmerged: merging zeroed the pru
 
 
 class SparseMask:
-    """The mask half of a sparse layer: one boolean mask per adapter, shaped like the base weight."""
+    """The mask half of a sparse layer: one boolean mask per adapter, shaped like the base weight, and merging
+    (first among the layer's bases, so that its ``merge`` replaces LoRA's)."""
 
     def _init_masks(self) -> None:
         self.sparse_mask = BufferDict({}, persistent=True)
@@ -48,10 +49,15 @@ class SparseMask:
     def update_weight(self, adapter_name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def _active_sparse_adapter(self) -> str | None:
+    def _adapter_in_use(self) -> str | None:
+        """The active adapter with a mask, or ``None`` when the layer computes as its base layer (adapters off,
+        or merged)."""
+        if self.disable_adapters or self.merged:
+            return None
         return next((a for a in self.active_adapters if a in self.sparse_mask), None)
 
-    def _merge_masked(self, safe_merge: bool, adapter_names: list[str] | None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Write ``(W + update) * mask`` into the base weight."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if len(adapter_names) > 1:
             raise CompressError("merge one sparse adapter at a time: each carries its own mask")
@@ -62,8 +68,11 @@ class SparseMask:
             self.get_base_layer().weight.data.copy_(weight)
             self.merged_adapters.append(name)
 
+    def unmerge(self) -> None:
+        raise CompressError(_NO_UNMERGE)
 
-class SparseLinear(nn.Module, BaseTunerLayer, SparseMask):
+
+class SparseLinear(SparseMask, nn.Module, BaseTunerLayer):
     """``train="weights"``: a dense update ``sparse_delta`` of the base weight, trained on the kept entries only."""
 
     adapter_layer_names = ("sparse_delta",)
@@ -90,15 +99,9 @@ class SparseLinear(nn.Module, BaseTunerLayer, SparseMask):
     def update_weight(self, adapter_name: str) -> torch.Tensor:
         return self.sparse_delta[adapter_name]
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        self._merge_masked(safe_merge, adapter_names)
-
-    def unmerge(self) -> None:
-        raise CompressError(_NO_UNMERGE)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter = self._active_sparse_adapter()
-        if self.disable_adapters or self.merged or adapter is None:
+        adapter = self._adapter_in_use()
+        if adapter is None:
             return self.base_layer(x, *args, **kwargs)
         return F.linear(x, self.masked_weight(adapter), self.get_base_layer().bias)
 
@@ -106,7 +109,7 @@ class SparseLinear(nn.Module, BaseTunerLayer, SparseMask):
         return "sparse_soup." + super().__repr__()
 
 
-class SparseLoraLinear(LoraLinear, SparseMask):
+class SparseLoraLinear(SparseMask, LoraLinear):
     """``train="lora"``: peft's LoRA update ``B @ A * scaling``, masked like the weight it updates, so that the
     trained function and the merged sparse layer are the same. The LoRA input keeps its dropout:
     ``y = x (W*M)^T + dropout(x) (dW*M)^T + b``."""
@@ -126,15 +129,9 @@ class SparseLoraLinear(LoraLinear, SparseMask):
     def update_weight(self, adapter_name: str) -> torch.Tensor:
         return self.get_delta_weight(adapter_name)
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        self._merge_masked(safe_merge, adapter_names)
-
-    def unmerge(self) -> None:
-        raise CompressError(_NO_UNMERGE)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter = self._active_sparse_adapter()
-        if self.disable_adapters or self.merged or adapter is None:
+        adapter = self._adapter_in_use()
+        if adapter is None:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         mask = self.sparse_mask[adapter].to(base.weight.dtype)

@@ -47,6 +47,7 @@ class SparseSoupModel(CompressTuner):
     """
 
     prefix: str = "sparse_"
+    saved_names = _SAVED_NAMES
     tuner_layer_cls = (SparseLinear, SparseLoraLinear)
     target_module_mapping: dict[str, list[str]] = {}
 
@@ -143,13 +144,6 @@ class SparseSoupModel(CompressTuner):
         return any(m.disable_adapters for m in self.sparse_layers().values())
 
     # -- saved state ----------------------------------------------------------------------------------------
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        key = super()._remove_adapter_name_from_key(key, adapter_name)
-        for ours, saved in _SAVED_NAMES.items():
-            key = key.replace(ours, saved)
-        return key
-
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: SparseSoupConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
