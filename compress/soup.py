@@ -69,7 +69,7 @@ def _merged_keeping_zeros(peft_model) -> nn.Module:
 
     if isinstance(peft_model.base_model, SparseSoupModel):
         return peft_model.merge_and_unload()
-    zeros = {name: p.detach() == 0 for name, p in _base_parameters(peft_model).items()}
+    zeros = {name: p.detach() == 0 for name, p in _base_parameters(peft_model).items() if _is_masked(p)}
     merged = peft_model.merge_and_unload()
     dropped = 0
     with torch.no_grad():
