@@ -42,8 +42,8 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return ((packed.reshape(-1, 1) & _BITS) != 0).reshape(-1)[:numel]
 
 
-def _sparse_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors worth storing as values + mask: floating point with at least one zero. Tied tensors once."""
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state tensors on CPU, tied ones (the same storage under two names) once."""
     state, seen, out = model.state_dict(), {}, {}
     for name, tensor in state.items():
         key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
@@ -60,7 +60,7 @@ def save_sparse(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, ov
     from compress.export import atomic_directory, model_card
 
     tensors, shapes = {}, {}
-    for name, tensor in _sparse_tensors(model).items():
+    for name, tensor in _unique_tensors(model).items():
         if tensor.is_floating_point() and tensor.dim() >= 2 and bool((tensor == 0).any()):
             mask = tensor != 0
             tensors[name + _VALUES] = tensor[mask].contiguous()
