@@ -289,13 +289,18 @@ def model_card(model: nn.Module, report: dict | None = None, title: str | None =
     found = task_of_class(type(model).__name__)
     data = ModelCardData(library_name="transformers", tags=_tags(model),
                          pipeline_tag=PIPELINE_TAGS.get(found[0] if found else None))
-    lines = [
-        f"# {title or 'Structurally pruned ' + str(model.config.model_type)}",
-        "",
-        "Pruned with [peft-compress](https://pypi.org/project/peft-compress/): parameters are physically "
-        "removed, so this folder is smaller and inference is cheaper than the original model.",
-        "",
-    ]
+    model_type = str(model.config.model_type)
+    soup = getattr(model.config, "soup", None)
+    if soup:
+        default_title = f"Sparse model soup ({model_type})"
+        summary = (f"Made with [peft-compress](https://pypi.org/project/peft-compress/): the {soup['strategy']} "
+                   f"average of {soup['ingredients']} fine-tunes that share one sparsity mask; the zeros are "
+                   "stored as dense tensors.")
+    else:
+        default_title = ("Multi-exit " if model_type.startswith("multi_exit_") else "Structurally pruned ") + model_type
+        summary = ("Made with [peft-compress](https://pypi.org/project/peft-compress/): parameters are physically "
+                   "removed or exits let examples stop early, so inference is cheaper than the original model's.")
+    lines = [f"# {title or default_title}", "", summary, ""]
     if report:
         before, after = report.get("params_before"), report.get("params_after")
         lines += [
