@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.integrations import get_bnb_param_type
 from torch import nn
+
+from compress.errors import CompressError
 
 
 class CompressTuner(BaseTuner):
@@ -21,6 +24,22 @@ class CompressTuner(BaseTuner):
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
+
+    @staticmethod
+    def float_linear(target: nn.Module, current_key: str, refusal: str) -> nn.Linear:
+        """The float ``nn.Linear`` a target is (or wraps); otherwise an error naming the module, then
+        ``refusal`` (what the method adapts and what to do)."""
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear) or get_bnb_param_type(base.weight):
+            raise CompressError(f"target module {current_key!r} is a {type(base).__name__}; {refusal}")
+        return base
+
+    def _install(self, parent: nn.Module, target_name: str, new_module: nn.Module, target: nn.Module,
+                 adapter_name: str) -> None:
+        """Put a new tuner layer in place of ``target`` (frozen unless its adapter is active)."""
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:

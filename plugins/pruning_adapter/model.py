@@ -7,7 +7,6 @@ import logging
 import torch
 from peft.tuners.lora import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
 from compress._allocator import map_large_cpu_allocations, release_freed_memory
@@ -141,15 +140,10 @@ class PruningAdapterModel(CompressTuner):
         if isinstance(target, PruningAdapterLayer):
             target.update_layer(adapter_name, config=lora_config, **kwargs)
             return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear) or get_bnb_param_type(base.weight):
-            raise CompressError(f"target module {current_key!r} is a {type(base).__name__}; Pruning-Adapter adapts "
-                                "float torch.nn.Linear layers only (load the base model unquantised: "
-                                "quantize_backbone quantises after pruning); adjust target_modules")
-        new_module = Linear(target, adapter_name, config=lora_config, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self.float_linear(target, current_key, "Pruning-Adapter adapts float torch.nn.Linear layers only (load the "
+                          "base model unquantised: quantize_backbone quantises after pruning); adjust target_modules")
+        self._install(parent, target_name, Linear(target, adapter_name, config=lora_config, **kwargs), target,
+                      adapter_name)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)

@@ -6,8 +6,6 @@ import logging
 
 import torch
 from peft.tuners.lora import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
 from compress.errors import CompressError
@@ -83,10 +81,8 @@ class SparseSoupModel(CompressTuner):
 
     def _create_and_replace(self, config: SparseSoupConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear) or get_bnb_param_type(base.weight):
-            raise CompressError(f"target module {current_key!r} is a {type(base).__name__}; sparse soups sparsify "
-                                "float torch.nn.Linear layers; adjust target_modules")
+        self.float_linear(target, current_key, "sparse soups sparsify float torch.nn.Linear layers; adjust "
+                          "target_modules")
         if config.train == "lora":
             lora_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                      init_lora_weights=config.init_weights, inference_mode=config.inference_mode)
@@ -94,9 +90,7 @@ class SparseSoupModel(CompressTuner):
                                           lora_alpha=config.lora_alpha)
         else:
             new_module = SparseLinear(target, adapter_name, init_weights=config.init_weights)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self._install(parent, target_name, new_module, target, adapter_name)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
