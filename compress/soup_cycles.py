@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from compress.distributed import is_main_process, wait_for_everyone, world_size
 from compress.errors import CompressError
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,10 @@ def run_sparse_soup(model: nn.Module, sparsities: Sequence[float], train_fn: Cal
         config: a :class:`~compress.SparseSoupConfig` whose ``sparsity`` each cycle replaces (default: magnitude,
             per layer, ``SEQ_CLS``); its pattern must be unstructured.
         workdir: where cycle ``c``'s ingredient ``i`` and soup are saved (``cycle<c>/ingredient<i>``,
-            ``cycle<c>/soup``, written by the process that trains ingredient 0); saved ingredients are reused.
-        train_only: the ingredient indices this process trains; the others are waited for in ``workdir``.
+            ``cycle<c>/soup``, written by the process that trains ingredient 0, or under ``torchrun`` by the main
+            process while the others wait); saved ingredients are reused.
+        train_only: the ingredient indices this process trains; the others are waited for in ``workdir``. For
+            separate processes; ranks of one ``torchrun`` job train every ingredient together instead.
         wait_timeout: seconds to wait for ingredients other processes train.
         tokenizer: saved with the folders in ``workdir``.
 
@@ -81,7 +84,7 @@ def run_sparse_soup(model: nn.Module, sparsities: Sequence[float], train_fn: Cal
         CompressError: bad sparsities, ``vary`` of the wrong length, ``train_only`` without ``workdir``, or an
             ingredient that did not appear within ``wait_timeout``.
     """
-    from compress import SparseSoupConfig, save_pretrained
+    from compress import SparseSoupConfig
     from compress.soup import load_ingredient, make_soup
 
     if not sparsities or any(not 0 <= s < 1 for s in sparsities) or list(sparsities) != sorted(sparsities):
@@ -93,6 +96,10 @@ def run_sparse_soup(model: nn.Module, sparsities: Sequence[float], train_fn: Cal
         raise CompressError(f"vary has {len(vary)} entries for {ingredients_per_cycle} ingredients per cycle")
     if train_only is not None and workdir is None:
         raise CompressError("train_only needs a workdir, where the other processes' ingredients appear")
+    if train_only is not None and world_size() > 1:
+        raise CompressError("train_only splits a cycle's ingredients over independent processes, but this one is "
+                            f"one of {world_size()} ranks (torchrun), which train every ingredient together: drop "
+                            "train_only, or start the workers as separate processes")
     config = config if config is not None else SparseSoupConfig(task_type="SEQ_CLS", sparsity=sparsities[0])
     if config.n_m is not None and any(abs(s - config.sparsity) > 1e-9 for s in sparsities):
         raise CompressError(f"pattern {config.pattern} has one sparsity ({config.sparsity:g}): give it for every "
@@ -120,7 +127,7 @@ def run_sparse_soup(model: nn.Module, sparsities: Sequence[float], train_fn: Cal
             train_fn(peft_model, **vary[i])
             merged = peft_model.merge_and_unload()
             if folder is not None:
-                save_pretrained(merged, folder, tokenizer=tokenizer, overwrite=True)
+                _save_once(merged, folder, tokenizer)
             ingredients.append(merged)
         ingredients = [_wait_for(x, wait_timeout) if isinstance(x, Path) else x for x in ingredients]
         if eval_fn is not None:
@@ -130,12 +137,22 @@ def run_sparse_soup(model: nn.Module, sparsities: Sequence[float], train_fn: Cal
             record.soup_score = float(eval_fn(soup))
         record.kept = soup.config.soup.get("kept") if hasattr(soup, "config") else None
         if workdir is not None and (train_only is None or 0 in mine):  # one writer per cycle
-            save_pretrained(soup, workdir / f"cycle{c}" / "soup", tokenizer=tokenizer, overwrite=True)
+            _save_once(soup, workdir / f"cycle{c}" / "soup", tokenizer)
         logger.info("cycle %d (sparsity %.2f): ingredients %s, soup %s", c, sparsity, record.ingredient_scores,
                     record.soup_score)
         cycles.append(record)
         current = soup
     return SoupRun(model=current, cycles=cycles)
+
+
+def _save_once(model: nn.Module, folder: Path, tokenizer) -> None:
+    """Save on the main process; under ``torchrun`` every rank trains the same model, and the others wait for
+    the folder before anything reads it."""
+    from compress import save_pretrained
+
+    if is_main_process():
+        save_pretrained(model, folder, tokenizer=tokenizer, overwrite=True)
+    wait_for_everyone()
 
 
 def _wait_for(folder: Path, timeout: float) -> Path:

@@ -6,6 +6,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
+from compress.distributed import mark_mean_loss
 from compress.errors import CompressError
 
 
@@ -21,6 +22,10 @@ class CompressTuner(BaseTuner):
     #: renames of peft's own adapter matrices in saved keys (e.g. LoRA's ``.lora_A.`` as ``.pa_A.``): every saved
     #: key must carry the method's prefix, which is what peft looks for when loading
     saved_names: dict[str, str] = {}
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
+        mark_mean_loss(model)  # the same gradients under torchrun as in one process
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)

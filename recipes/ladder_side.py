@@ -26,6 +26,7 @@ import compress
 from compress.bench.ladder_side import add_arguments, backbone, init_side
 from compress.bench.recipe import finish_run, load_splits, parse_recipe_args, setup_run
 from compress.bench.train import evaluate_accuracy, finetune_classifier
+from compress.distributed import is_main_process, wait_for_everyone
 from compress.export import atomic_directory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,15 +61,19 @@ def main(argv=None) -> int:
         init_side(model, tokenizer, args, calibration=train)
     trainable, total = model.get_nb_trainable_parameters()
     stats = finetune_classifier(model, tokenizer, train, steps=args.steps, batch_size=args.batch_size,
-                                lr=args.lst_lr, max_length=args.max_length, seed=args.seed)
-    accuracy = evaluate_accuracy(model, tokenizer, test, max_length=args.max_length)
+                                lr=args.lst_lr, max_length=args.max_length, seed=args.seed,
+                                group_by_length=args.group_by_length)
+    accuracy = evaluate_accuracy(model, tokenizer, test, max_length=args.max_length)  # every process takes part
     out = Path(args.out)
-    with atomic_directory(out / "adapter", overwrite=True, writes_adapter=True) as tmp:
-        model.save_pretrained(tmp)
+    if is_main_process():
+        with atomic_directory(out / "adapter", overwrite=True, writes_adapter=True) as tmp:
+            model.save_pretrained(tmp)
+    wait_for_everyone()  # every process reloads what the main process saved
     reloaded = PeftModel.from_pretrained(backbone(args, quantize=args.quantize)[0], out / "adapter")
     again = evaluate_accuracy(reloaded, tokenizer, test, max_length=args.max_length)
     print(f"data: {source}")
-    print(f"trained {stats['steps']} steps in {stats['train_time_s']:.0f} s; test accuracy {accuracy:.2%} "
+    print(f"trained {stats['steps']} steps on {stats['processes']} process(es) in {stats['train_time_s']:.0f} s; "
+          f"test accuracy {accuracy:.2%} "
           f"(reloaded adapter: {again:.2%})")
     print(f"trainable params: {trainable:,} of {total:,} ({trainable / total:.2%})")
     print(f"saved: {out / 'adapter'} (PeftModel.from_pretrained onto MiniLM-L6 after `import compress`)")

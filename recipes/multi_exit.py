@@ -29,6 +29,7 @@ from compress.bench.multi_exit import add_arguments, build_student, outcome, tes
 from compress.bench.recipe import finish_run, load_splits, parse_recipe_args, setup_run
 from compress.bench.train import finetune_classifier, load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
+from compress.distributed import is_main_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,10 +55,13 @@ def main(argv=None) -> int:
     args.num_labels = len(set(train["label"]))
     teacher, tokenizer = load_sequence_classifier(minilm_path(), num_labels=args.num_labels, seed=args.seed)
     finetune_classifier(teacher, tokenizer, train, steps=args.steps, batch_size=args.batch_size, lr=args.full_lr,
-                        max_length=args.max_length, seed=args.seed)
+                        max_length=args.max_length, seed=args.seed, group_by_length=args.group_by_length)
     student = build_student("me-slim50" if args.slim else "me", teacher, tokenizer, args, calibration=train)
     finetune_classifier(student, tokenizer, train, steps=args.student_steps or args.steps,
-                        batch_size=args.batch_size, lr=args.exit_lr, max_length=args.max_length, seed=args.seed)
+                        batch_size=args.batch_size, lr=args.exit_lr, max_length=args.max_length, seed=args.seed,
+                        group_by_length=args.group_by_length)
+    if not is_main_process():  # the main process calibrates, saves and reports; the others are done
+        return 0
     choice = compress.calibrate_exit_threshold(
         student, tokenize_dataset(held_out, tokenizer, max_length=args.max_length), tokenizer=tokenizer,
         target_accuracy_drop=args.target_drop, target_speedup=args.target_speedup)

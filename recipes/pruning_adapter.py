@@ -26,6 +26,7 @@ import compress
 from compress.bench.pruning_adapter import add_arguments, build, encoder_layer_params, lr_for, merged
 from compress.bench.recipe import finish_run, load_splits, parse_recipe_args, setup_run
 from compress.bench.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
+from compress.distributed import is_main_process
 from compress.export import atomic_directory
 from compress.hub import annotate_card
 
@@ -48,8 +49,11 @@ def main(argv=None) -> int:
     dense_encoder = encoder_layer_params(load_sequence_classifier(minilm_path(), num_labels=args.num_labels)[0])
     stats = finetune_classifier(model, tokenizer, train, steps=args.steps, batch_size=args.batch_size,
                                 lr=lr_for(kind, args), max_length=args.max_length, seed=args.seed,
-                                callbacks=callbacks, activation_checkpointing=args.activation_checkpointing)
-    accuracy = evaluate_accuracy(model, tokenizer, test, max_length=args.max_length)
+                                callbacks=callbacks, activation_checkpointing=args.activation_checkpointing,
+                                group_by_length=args.group_by_length)
+    accuracy = evaluate_accuracy(model, tokenizer, test, max_length=args.max_length)  # every process takes part
+    if not is_main_process():  # the main process saves and reports; the others are done
+        return 0
     out = Path(args.out)
     with atomic_directory(out / "adapter", overwrite=True, writes_adapter=True) as tmp:
         model.save_pretrained(tmp)
@@ -57,7 +61,8 @@ def main(argv=None) -> int:
     compress.save_pretrained(plain, out / "merged", tokenizer=tokenizer, overwrite=True,
                              title="MiniLM-L6 pruned with Pruning-Adapter")
     print(f"data: {source}")
-    print(f"trained {stats['steps']} steps in {stats['train_time_s']:.0f} s; test accuracy {accuracy:.2%}")
+    print(f"trained {stats['steps']} steps on {stats['processes']} process(es) in {stats['train_time_s']:.0f} s; "
+          f"test accuracy {accuracy:.2%}")
     print(f"encoder-layer params: {encoder_layer_params(plain):,} ({encoder_layer_params(plain) / dense_encoder:.1%}"
           " of dense)")
     print(f"widths: {model.peft_config['default'].pruning_plan[-1]['widths_after']}")

@@ -33,6 +33,7 @@ from compress.bench.recipe import (
     write_report,
 )
 from compress.bench.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
+from compress.distributed import is_main_process, wait_for_everyone
 from compress.measure import format_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
 
     dense, tokenizer = load_sequence_classifier(minilm_path(), num_labels=num_labels, seed=args.seed)
     finetune_classifier(dense, tokenizer, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        max_length=args.max_length, seed=args.seed)
+                        max_length=args.max_length, seed=args.seed, group_by_length=args.group_by_length)
 
     def accuracy(model, ds=test) -> float:
         return evaluate_accuracy(model, tokenizer, ds, max_length=args.max_length)
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
     def retrain(steps: int):
         def train_fn(peft_model, seed: int = 0) -> None:
             finetune_classifier(peft_model, tokenizer, train, steps=steps, batch_size=args.batch_size,
-                                lr=args.cycle_lr, max_length=args.max_length, seed=args.seed * 100 + seed)
+                                lr=args.cycle_lr, max_length=args.max_length, seed=args.seed * 100 + seed,
+                                group_by_length=args.group_by_length)
         return train_fn
 
     dense_acc = accuracy(dense)
@@ -124,7 +126,9 @@ def main(argv=None) -> int:
             print(f"[{label}] ingredients {scores}, uniform {uniform_acc:.2%}, greedy {greedy_acc:.2%}, "
                   f"IMP {imp_acc:.2%}", flush=True)
         final = compress.soup.load_ingredient(workdir / "soup" / f"cycle{len(sparsities) - 1}" / "soup")
-        compress.save_sparse(final, workdir / "compact", tokenizer=tokenizer, overwrite=True)
+        if is_main_process():
+            compress.save_sparse(final, workdir / "compact", tokenizer=tokenizer, overwrite=True)
+        wait_for_everyone()
         dense_folder = workdir / "soup" / f"cycle{len(sparsities) - 1}" / "soup"
         hf_mb, compact_mb = _weights_mb(dense_folder), _weights_mb(workdir / "compact")
         sizes.append({"soup": f"{name} at {sparsities[-1]:.0%}", "HF folder (zeros) MB": f"{hf_mb:.1f}",
@@ -137,7 +141,8 @@ def main(argv=None) -> int:
              f"uniform soup as the next start; IMP: one run of {args.ingredients * args.cycle_steps} steps per cycle. "
              f"Batch {args.batch_size}, max length {args.max_length}, seed {args.seed}. Sizes: the weights file "
              f"of the final soup. Wall time {(time.time() - started) / 60:.1f} min.")
-    print(write_report(__file__, argv, f"{format_table(rows)}\n\n{format_table(sizes)}\n\n{notes}", args.md))
+    if is_main_process():
+        print(write_report(__file__, argv, f"{format_table(rows)}\n\n{format_table(sizes)}\n\n{notes}", args.md))
     finish_run(out, args, metrics)
     return 0
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
-from transformers import BertModel, Trainer, TrainingArguments, pipeline
+from transformers import BertForSequenceClassification, BertModel, Trainer, TrainingArguments, pipeline
 
 import compress
 from compress.pruning.spec import InvalidOptionError
@@ -252,6 +252,15 @@ def test_trainer_with_gradient_accumulation_learns_and_the_pipeline_serves_it(tm
     assert [p["label"] for p in again(list(test["text"]))] == [p["label"] for p in classify(list(test["text"]))]
 
 
+def _save_bert_for_bitsandbytes(folder) -> None:
+    """A tiny BERT whose layers bitsandbytes' CPU 4-bit kernel accepts: on CPUs with avx512_bf16 an eval forward
+    repacks the weights in blocks of 64 inputs, which a 32-wide layer does not fill."""
+    config = tiny.make_model("bert").config
+    config.hidden_size, config.intermediate_size = 64, 128
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+
+
 def _quantized_bert(folder, bits: str):
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
@@ -264,7 +273,7 @@ def _quantized_bert(folder, bits: str):
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
 def test_quantized_backbone_trains_the_side_network_and_reloads(bits, tmp_path):
     pytest.importorskip("bitsandbytes")
-    tiny.make_model("bert").save_pretrained(tmp_path / "base")
+    _save_bert_for_bitsandbytes(tmp_path / "base")
     model = compress.apply_ladder_side(_quantized_bert(tmp_path / "base", bits),
                                        compress.LadderSideConfig(task_type="SEQ_CLS", r=2),
                                        data=tiny.make_batches("bert", 2))

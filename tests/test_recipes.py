@@ -175,3 +175,26 @@ def test_multi_exit_recipe_trains_calibrates_saves_and_serves(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and json.loads((out / "resolved_config.json").read_text())["slim"]
     assert "test_accuracy" in (out / "model" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("recipe", ["pruning_adapter", "ladder_side"])
+def test_recipe_runs_unchanged_under_torchrun_and_writes_once(recipe, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / recipe
+    options = {"pruning_adapter": ["--scoring-steps", "1", "--pruning-interval", "1", "--pruning-end", "0.75"],
+               "ladder_side": ["--side-init", "random"]}[recipe]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(repo / "recipes" / f"{recipe}.py"), "--steps", "4", "--train-rows", "64", "--batch-size", "8",
+               "--no-group-by-length", "--out", str(out), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("config: ") == 1  # the main process reports, the other is silent
+    assert re.search(r"trained 4 steps on 2 process\(es\)", done.stdout)
+    assert 0 <= json.loads((out / "metrics.json").read_text())["test_accuracy"] <= 1
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left by a second writer

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -47,10 +48,18 @@ def setup_run(verbose: bool = False, log_format: str = "%(levelname)s %(name)s: 
     and data from local files either way.
 
     Logging goes to stderr at INFO with ``verbose``, else WARNING; without ``verbose``, transformers' and
-    datasets' progress bars and their and bitsandbytes' info and warning messages are switched off.
+    datasets' progress bars and their and bitsandbytes' info and warning messages are switched off. Under
+    several processes (``torchrun``, ``accelerate launch``) only the main process prints and logs below
+    WARNING, and the process group is destroyed at exit.
     """
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    replica = int(os.environ.get("RANK", "0")) > 0  # torchrun and accelerate launch set RANK before Python starts
+    if replica:  # the main process reports; the others would print the same lines again
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - open for the life of the process
+        verbose = False
+    if "RANK" in os.environ:
+        atexit.register(_leave_process_group)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=log_format)
     if verbose:
         return
@@ -63,6 +72,12 @@ def setup_run(verbose: bool = False, log_format: str = "%(levelname)s %(name)s: 
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group the Trainer started: an exit with it alive sometimes aborts."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _has_split(folder: Path, split: str) -> bool:
@@ -129,7 +144,11 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--glue-task", choices=GLUE_TASKS, help="use ../shared/data/glue/<task>")
     p.add_argument("--train-rows", type=int, default=None, help="subsample the training set (all rows)")
     p.add_argument("--steps", type=int, default=1000, help="training steps (1000)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="rows per optimizer step, split over the processes when several train (32)")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch rows of similar length (less padding); the batches then depend on the number of "
+                        "processes: --no-group-by-length trains on the same batches whatever that number")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
 
@@ -228,9 +247,12 @@ def finish_run(folder: str | os.PathLike[str], args: argparse.Namespace, metrics
     ``metrics.json``, and the metrics in the saved model's card (``model_folder``). Returns ``folder``."""
     import json
 
+    from compress.distributed import is_main_process
     from compress.hub import annotate_card
 
     folder = Path(folder)
+    if not is_main_process():  # the main process writes the run folder
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     resolved = {k: v for k, v in vars(args).items() if k != "config"}
     (folder / "resolved_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")

@@ -176,7 +176,8 @@ def finetune_classifier(
         tokenizer: its tokenizer (pads batches dynamically).
         train_ds: raw text dataset with ``text`` (optionally ``text_pair``) and ``label`` columns.
         steps: number of optimizer steps (``max_steps``).
-        batch_size: rows per step.
+        batch_size: rows per optimizer step, whatever the number of processes (each of ``n`` processes
+            takes ``batch_size / n`` of them).
         lr: peak learning rate (linear warm-up over ``warmup`` of the steps, then linear decay).
         max_length: truncation length in tokens.
         seed: seed for data order, dropout and anything else the Trainer seeds.
@@ -184,7 +185,8 @@ def finetune_classifier(
         warmup: warm-up steps, as a fraction of ``steps`` (< 1) or a number of steps.
         weight_decay: AdamW weight decay.
         group_by_length: batch rows of similar length together (less padding, faster on CPU); the
-            order is still random and seeded.
+            order is still random and seeded, but depends on the number of processes (``False``: the same
+            batches whatever that number).
         freeze_embeddings: keep the word embeddings (``model.get_input_embeddings()``; in MiniLM-L6 over
             half the parameters) frozen: a much cheaper optimizer step on CPU. Their ``requires_grad``
             flags are restored afterwards.
@@ -196,7 +198,7 @@ def finetune_classifier(
 
     Returns:
         ``{"train_loss": mean loss over the steps, "train_time_s": wall time, "steps": steps done,
-        "samples_per_s": throughput}``. The model is left in eval mode.
+        "samples_per_s": throughput, "processes": how many processes trained}``. The model is left in eval mode.
     """
     from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
 
@@ -229,6 +231,10 @@ def finetune_classifier(
             activation_checkpointing=activation_checkpointing or None,
             activation_checkpointing_kwargs={"use_reentrant": False} if activation_checkpointing else None,
         )
+        # under torchrun / accelerate launch the arguments have joined the process group: split the step's rows
+        if batch_size % args.world_size:
+            raise ValueError(f"batch_size {batch_size} does not split evenly over {args.world_size} processes")
+        args.per_device_train_batch_size = batch_size // args.world_size
         trainer = Trainer(
             model=model,
             args=args,
@@ -254,6 +260,7 @@ def finetune_classifier(
         "train_time_s": float(elapsed),
         "steps": int(output.global_step),
         "samples_per_s": float(output.global_step * batch_size / elapsed) if elapsed > 0 else float("nan"),
+        "processes": int(args.world_size),
     }
     logger.info("fine-tuned %d steps in %.1f s, mean loss %.4f", result["steps"], elapsed, result["train_loss"])
     return result

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from compress.distributed import check_same_on_ranks, check_unsharded, mark_mean_loss
 from compress.errors import CalibrationError, CompressError, UnsupportedStructureError
 from compress.pruning.arch import ArchSpec, arch_spec
 from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_means
@@ -191,6 +192,7 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
            progress: bool) -> PruneReport:
     from compress.pruning.compact import make_compact
 
+    check_unsharded(model, "prune the model")
     arch = arch_spec(model)
     check_support(arch, spec.sparsity, spec.mode)
     criterion = get_importance(spec.importance)
@@ -215,6 +217,7 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
             forward_passes(model, batches)
     removals = plan_removals(arch, units, scores, spec.sparsity, spec.mode, round_to=spec.round_to,
                              normalize=spec.normalize, max_keep=spec.max_keep)
+    check_same_on_ranks(removals, "the channels, heads and blocks chosen for removal")
     achieved = achieved_sparsity(units, removals, spec.sparsity)
     for structure, value in achieved.items():
         if value == 0.0:  # checked before anything changes: the model is left as it was
@@ -231,6 +234,7 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
         raise CompressError("internal: uniform pruning produced unequal layer widths")  # pragma: no cover
     if not arch.fits_standard_config():
         make_compact(model)
+    mark_mean_loss(model)  # the pruned model is fine-tuned next: the same gradients under torchrun as in one process
     report = PruneReport(
         model_type=model.config.model_type,
         mode=spec.mode,

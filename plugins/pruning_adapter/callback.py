@@ -54,6 +54,7 @@ class PruningAdapterCallback(TrainerCallback):
             raise CompressError(
                 f"the pruning schedule ends at step {last} but training has only {state.max_steps} steps: "
                 "lower scoring_steps / pruning_end_step or train longer")
+        _check_wrapper(args)
         tuner.start_scoring()
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -65,6 +66,18 @@ class PruningAdapterCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         find_tuner(model).stop_scoring()
+
+
+def _check_wrapper(args) -> None:
+    """Pruning during training replaces parameters; DDP's buckets are rebuilt for that, DeepSpeed's and FSDP's
+    flattened parameters and optimizer partitions are not."""
+    wrapper = "DeepSpeed" if getattr(args, "deepspeed", None) else "FSDP" if getattr(args, "fsdp", None) else None
+    if wrapper:
+        raise CompressError(
+            f"Pruning-Adapter's progressive schedule prunes during training, which {wrapper} does not allow (it "
+            "flattens and partitions the parameters when training starts): use schedule='oneshot' and call "
+            "model.base_model.prune(data=...) before training with it, or train the progressive schedule with "
+            "DDP (torchrun / accelerate launch without DeepSpeed or FSDP)")
 
 
 def _check_resumed_schedule(tuner: PruningAdapterModel, global_step: int) -> None:

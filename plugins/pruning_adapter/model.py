@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from compress._allocator import map_large_cpu_allocations, release_freed_memory
+from compress.distributed import check_unsharded
 from compress.errors import CompressError
 from compress.export import TAG, method_tag
 from compress.pruning.arch import arch_spec, spec_class
@@ -355,6 +356,7 @@ class PruningAdapterModel(CompressTuner):
         Returns:
             The recorded pruning event (structures, removed indices, widths before/after).
         """
+        check_unsharded(self.model, "prune a Pruning-Adapter model")  # before scoring: its passes would fail obscurely
         heads = self._exit_heads()
         if heads is None:
             return prune_oneshot(self, data, tokenizer, num_batches, batch_size, optimizer)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from compress.distributed import check_same_on_ranks, check_unsharded
 from compress.errors import CompressError
 from compress.pruning.arch import arch_spec
 from compress.pruning.compensate import bias_shifts, output_projection, record_input_means
@@ -80,10 +81,12 @@ def prune_event(tuner: PruningAdapterModel, sparsity: dict[str, float], scores: 
     """Remove ``sparsity`` of the model's current structures by ``scores``; returns the recorded event."""
     config = tuner.active_config
     spec = config.spec
+    check_unsharded(tuner.model, "prune a Pruning-Adapter model")
     arch = arch_spec(tuner.model)
     units = units_for(arch, sparsity)
     removals = plan_removals(arch, units, scores, sparsity, spec.mode, round_to=spec.round_to,
                              normalize=spec.normalize, max_widths=_width_caps(tuner, sparsity))
+    check_same_on_ranks(removals, "the channels, heads and blocks chosen for removal")
     checked = check_removals(tuner.model, arch, units, removals)  # a refused event leaves the adapters as they were
     if means:
         _compensate(units, removals, means)

@@ -15,10 +15,19 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
 
+from compress.distributed import (
+    active_ddp,
+    all_reduce_mean,
+    all_reduce_sum,
+    check_unsharded,
+    refresh_ddp,
+    world_size,
+)
 from compress.errors import CompressError
 from compress.pruning.arch import arch_spec
 from compress.pruning.compensate import InputMeans, record_input_means
@@ -61,6 +70,10 @@ class PruningSchedule:
         self._means_ctx = None
         self._means: InputMeans | None = None
         self._checkpointing_by_us = False
+        #: the DistributedDataParallel wrapper training the model (seen in its forward), re-registered after pruning
+        #: (a weak reference: the schedule must not keep the wrapper alive, nor take it along into copies)
+        self._ddp: weakref.ref[torch.nn.Module] | None = None
+        self._ddp_hook = None
         #: statistics loaded from a checkpoint, taken up by the next :meth:`start`
         self._pending: dict[str, dict[str, torch.Tensor]] | None = None
 
@@ -86,6 +99,7 @@ class PruningSchedule:
         tuner = self.tuner
         if tuner.pruning_finished or self._gates_ctx is not None:
             return
+        check_unsharded(tuner.model, "prune a Pruning-Adapter model during training")
         criterion = get_importance(tuner.active_config.spec.importance)
         if criterion.needs_calibration and not getattr(criterion, "needs_gradients", True):
             raise CompressError(f"importance={tuner.active_config.importance!r} scores on calibration data, not on "
@@ -95,6 +109,7 @@ class PruningSchedule:
         self._gates_ctx = attach_gates(units)
         self._gates = self._gates_ctx.__enter__()
         self._stats = {}
+        self._ddp_hook = tuner.model.register_forward_pre_hook(self._note_ddp)
         if tuner.active_config.compensate_bias:
             self._means_ctx = record_input_means(tuner.model, units)
             self._means = self._means_ctx.__enter__()
@@ -112,6 +127,9 @@ class PruningSchedule:
             self._gates_ctx.__exit__(None, None, None)
         if self._means_ctx is not None:
             self._means_ctx.__exit__(None, None, None)
+        if self._ddp_hook is not None:
+            self._ddp_hook.remove()
+            self._ddp_hook = None
         self._gates_ctx, self._gates, self._stats = None, {}, {}
         self._means_ctx, self._means = None, None
 
@@ -138,6 +156,8 @@ class PruningSchedule:
         tuner, config = self.tuner, self.tuner.active_config
         beta = config.ema_beta if config.schedule == "progressive" else 1.0
         fisher = config.spec.importance == "fisher"
+        # each rank saw its shard of the batch: average the gradients so every rank scores the global batch
+        all_reduce_mean([gate.grad for _, gate in sorted(self._gates.items()) if gate.grad is not None])
         for key, gate in self._gates.items():
             if gate.grad is None:
                 continue
@@ -162,10 +182,13 @@ class PruningSchedule:
             scores = score_units(tuner.model, units, criterion, None)
         final = global_step == steps[-1]
         sparsity = self.sparsity_at(global_step, final)
-        means = self._means.means() if self._means else None
+        means = self._reduced_means()
         self.stop(keep_checkpointing=not final)
         event = prune_event(tuner, sparsity, scores, optimizer, final=final, means=means, step=global_step) \
             if sparsity else None
+        ddp = self._ddp() if self._ddp is not None else None
+        if event is not None and ddp is not None:
+            refresh_ddp(ddp)
         if event is None and final and config.pruning_plan:
             config.pruning_plan[-1]["final"] = True
             if config.quantize_backbone:
@@ -173,6 +196,23 @@ class PruningSchedule:
         if not final:
             self.start()
         return event
+
+    def _note_ddp(self, module: torch.nn.Module, args) -> None:
+        ddp = active_ddp()
+        if ddp is not None:
+            self._ddp = weakref.ref(ddp)
+
+    def _reduced_means(self) -> dict[str, torch.Tensor] | None:
+        """The input means for bias compensation, over every rank's batches."""
+        if not self._means:
+            return None
+        if world_size() == 1:
+            return self._means.means()
+        totals = sorted(self._means.totals().items())
+        sums = [total.detach().clone() for _, (total, _) in totals]
+        counts = torch.tensor([count for _, (_, count) in totals], dtype=torch.float64, device=sums[0].device)
+        all_reduce_sum([*sums, counts])
+        return {key: total / count for (key, _), total, count in zip(totals, sums, counts.tolist()) if count > 0}
 
     def sparsity_at(self, step: int, final: bool) -> dict[str, float]:
         """Sparsity relative to the *current* widths that reaches the scheduled sparsity of the original widths."""

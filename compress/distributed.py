@@ -1,0 +1,174 @@
+"""Working under several processes (``torchrun``, ``accelerate launch``): the same decisions on every rank.
+
+The HF ``Trainer`` wraps the model in ``DistributedDataParallel`` when it runs under several processes. Three
+things then need care, and this module holds them:
+
+* statistics gathered from the training batches (importance, input means) see only the local shard of each
+  batch: :func:`all_reduce_mean` / :func:`all_reduce_sum` combine them so that every rank decides on the
+  global batch, as one process would;
+* a structural decision (which channels go) must be the same on every rank: :func:`check_same_on_ranks`
+  compares it and fails loudly instead of letting the replicas drift apart;
+* the ``Trainer`` multiplies the loss of any model whose ``forward`` takes ``**kwargs`` by the number of
+  processes, assuming the model divides it by the global token count: :func:`mark_mean_loss` tells it that a
+  sequence classifier returns the batch mean instead;
+* pruning during training replaces trainable parameters, which ``DistributedDataParallel`` registered when it
+  wrapped the model: :func:`refresh_ddp` re-registers them. Sharded parameters (FSDP, DeepSpeed ZeRO-3) cannot
+  be pruned in place: :func:`check_unsharded` says what to do instead.
+
+Everything here is a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+logger = logging.getLogger(__name__)
+
+
+def world_size() -> int:
+    """The number of processes in the default group (1 when ``torch.distributed`` is not initialised)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 when ``torch.distributed`` is not initialised)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def is_main_process() -> bool:
+    """Whether this process writes artifacts and reports (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def wait_for_everyone() -> None:
+    """Block until every rank gets here (no-op in one process): e.g. before other ranks read what the main
+    process has just written."""
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum ``tensors`` in place over every rank, in a fixed order (no-op in one process)."""
+    if world_size() == 1:
+        return
+    for tensor in tensors:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average ``tensors`` in place over every rank (no-op in one process).
+
+    Under ``DistributedDataParallel`` each rank's loss is the mean over its shard of the batch, so the mean of
+    the ranks' gradients is the gradient of the global batch's loss: the same statistic one process computes.
+    """
+    size = world_size()
+    if size == 1:
+        return
+    all_reduce_sum(tensors)
+    for tensor in tensors:
+        tensor.div_(size)
+
+
+def check_same_on_ranks(value: Any, what: str) -> None:
+    """Raise unless every rank holds an equal ``value`` (a picklable object, e.g. the removed indices).
+
+    A structural decision that differs between ranks would give replicas of different shapes; this turns that
+    into one clear error instead of a hang or a silently inconsistent model.
+    """
+    size = world_size()
+    if size == 1:
+        return
+    gathered: list[Any] = [None] * size
+    torch.distributed.all_gather_object(gathered, value)
+    differing = [r for r, other in enumerate(gathered) if other != gathered[0]]
+    if differing:
+        raise CompressError(
+            f"{what} differ between ranks (rank {differing[0]} disagrees with rank 0): every rank must score on "
+            "the same statistics. Calibration data must be the same on every rank; training-batch statistics are "
+            "reduced across ranks by peft-compress, so a difference means a rank ran a different configuration")
+
+
+def mark_mean_loss(model: nn.Module) -> None:
+    """Tell the HF ``Trainer`` that a sequence classifier's loss is the mean over its batch.
+
+    The ``Trainer`` takes a ``forward`` with ``**kwargs`` to mean a loss normalised by the global
+    ``num_items_in_batch``, and under several processes multiplies the loss by their number to undo DDP's
+    averaging. Sequence classifiers take ``**kwargs`` but return the plain batch mean, so their gradients came out
+    ``world_size`` times too large and ``torchrun`` trained differently from one process. ``accepts_loss_kwargs``
+    is the ``Trainer``'s own switch for this; other models (language-model losses that do use
+    ``num_items_in_batch``) are left alone.
+    """
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        model.accepts_loss_kwargs = False
+
+
+def active_ddp() -> nn.Module | None:
+    """The ``DistributedDataParallel`` wrapper whose forward is running now, if any (call from a forward hook)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module()
+
+
+def refresh_ddp(ddp: nn.Module) -> None:
+    """Re-register a ``DistributedDataParallel`` wrapper's parameters after its module's were replaced.
+
+    DDP binds the trainable parameters (their objects and shapes) into its gradient buckets when it wraps the
+    model; a pruning step replaces them with smaller ones. This builds the buckets again from the parameters the
+    module has now, exactly as DDP's constructor does, keeping the wrapper object the ``Trainer`` holds. Call it
+    between steps (after the optimizer step, before the next forward).
+    """
+    needed = ("_build_params_for_reducer", "_build_debug_param_to_name_mapping", "_ddp_init_helper")
+    if not all(hasattr(ddp, name) for name in needed):
+        raise CompressError(
+            f"this torch ({torch.__version__}) has a DistributedDataParallel that peft-compress cannot re-register "
+            "after pruning: prune before training (model.base_model.prune(data=...)) and then train with DDP, or "
+            "install the torch version pinned in pyproject.toml")
+    ignored = ddp.parameters_to_ignore
+    ddp._module_parameters = [p for name, p in ddp.module.named_parameters() if name not in ignored]
+    parameters, expect_sparse_gradient = ddp._build_params_for_reducer()
+    names = ddp._build_debug_param_to_name_mapping(parameters)
+    ddp._ddp_init_helper(parameters, expect_sparse_gradient, names, ddp.static_graph)
+    logger.info("re-registered %d trainable parameters with DistributedDataParallel after pruning", len(parameters))
+
+
+def check_unsharded(model: nn.Module, action: str) -> None:
+    """Refuse ``action`` on a model whose parameters are sharded (FSDP, DeepSpeed ZeRO-3).
+
+    Structural pruning slices whole weight matrices; a rank holding a shard cannot do that, and gathering and
+    re-sharding in the middle of training is what these wrappers are built to avoid.
+    """
+    sharded = None
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id") or hasattr(param, "ds_status"):  # DeepSpeed ZeRO-3 partitioned parameter
+            sharded = ("DeepSpeed ZeRO-3", name)
+        elif getattr(param, "_is_flat_param", False) or type(param).__name__ == "FlatParameter":
+            sharded = ("FSDP", name)
+        elif _is_dtensor(param):
+            sharded = ("FSDP2 (DTensor)", name)
+        if sharded:
+            break
+    if sharded:
+        wrapper, name = sharded
+        raise CompressError(
+            f"cannot {action}: the model's parameters are sharded by {wrapper} (e.g. {name!r}). Prune before "
+            "sharding: prune the model first (compress.prune_model, or model.base_model.prune(data=...) for "
+            "Pruning-Adapter's oneshot), then train the pruned model with FSDP/ZeRO; or train with DDP "
+            "(torchrun / accelerate launch without FSDP), which the progressive schedule supports")
+
+
+def _is_dtensor(param: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():  # torch built without distributed support
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
