@@ -98,17 +98,23 @@ def check_same_on_ranks(value: Any, what: str) -> None:
             "reduced across ranks by peft-compress, so a difference means a rank ran a different configuration")
 
 
+#: model classes whose loss is the mean over their own batch although ``forward`` takes ``**kwargs``: sequence
+#: classifiers (``...ForSequenceClassification``) and T5 (a token mean with ``CrossEntropyLoss``); transformers'
+#: causal language models divide by ``num_items_in_batch`` as the ``Trainer`` expects
+MEAN_LOSS_CLASSES = ("T5ForConditionalGeneration",)
+
+
 def mark_mean_loss(model: nn.Module) -> None:
-    """Tell the HF ``Trainer`` that a sequence classifier's loss is the mean over its batch.
+    """Tell the HF ``Trainer`` that ``model``'s loss is the mean over its batch.
 
     The ``Trainer`` takes a ``forward`` with ``**kwargs`` to mean a loss normalised by the global
     ``num_items_in_batch``, and under several processes multiplies the loss by their number to undo DDP's
-    averaging. Sequence classifiers take ``**kwargs`` but return the plain batch mean, so their gradients came out
-    ``world_size`` times too large and ``torchrun`` trained differently from one process. ``accepts_loss_kwargs``
-    is the ``Trainer``'s own switch for this; other models (language-model losses that do use
-    ``num_items_in_batch``) are left alone.
+    averaging. Sequence classifiers and T5 take ``**kwargs`` but return the plain batch mean, so their gradients
+    came out ``world_size`` times too large and ``torchrun`` trained differently from one process.
+    ``accepts_loss_kwargs`` is the ``Trainer``'s own switch for this; other models are left alone.
     """
-    if type(model).__name__.endswith("ForSequenceClassification"):
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification") or name in MEAN_LOSS_CLASSES:
         model.accepts_loss_kwargs = False
 
 
