@@ -1,6 +1,6 @@
 """Working under several processes (``torchrun``, ``accelerate launch``): the same decisions on every rank.
 
-The HF ``Trainer`` wraps the model in ``DistributedDataParallel`` when it runs under several processes. Three
+The HF ``Trainer`` wraps the model in ``DistributedDataParallel`` when it runs under several processes. Four
 things then need care, and this module holds them:
 
 * statistics gathered from the training batches (importance, input means) see only the local shard of each
@@ -9,8 +9,8 @@ things then need care, and this module holds them:
 * a structural decision (which channels go) must be the same on every rank: :func:`check_same_on_ranks`
   compares it and fails loudly instead of letting the replicas drift apart;
 * the ``Trainer`` multiplies the loss of any model whose ``forward`` takes ``**kwargs`` by the number of
-  processes, assuming the model divides it by the global token count: :func:`mark_mean_loss` tells it that a
-  sequence classifier returns the batch mean instead;
+  processes, assuming the model divides it by the global token count: :func:`mark_mean_loss` tells it that
+  sequence classifiers and T5 return the batch mean instead;
 * pruning during training replaces trainable parameters, which ``DistributedDataParallel`` registered when it
   wrapped the model: :func:`refresh_ddp` re-registers them. Sharded parameters (FSDP, DeepSpeed ZeRO-3) cannot
   be pruned in place: :func:`check_unsharded` says what to do instead.
