@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
@@ -266,6 +270,60 @@ def test_merged_model_reloads_through_the_auto_class_and_serves_a_pipeline(tmp_p
     texts = list(make_dataset(6, seed=1)["text"])
     direct = loaded(**tokenizer(texts, return_tensors="pt", padding=True)).logits.argmax(-1).tolist()
     assert [loaded.config.label2id[p["label"]] for p in classify(texts)] == direct
+
+
+@pytest.fixture(scope="module")
+def merged_folder(tmp_path_factory):
+    """A saved merged multi-exit model: an exit after every block, patience 1."""
+    folder = tmp_path_factory.mktemp("merged") / "model"
+    compress.save_pretrained(wrap(exit_policy="patience", exit_threshold=1).merge_and_unload(), folder)
+    return folder
+
+
+def edited_copy(folder, tmp_path, **fields):
+    """A copy of a saved folder with fields of its config.json replaced."""
+    edited = tmp_path / "edited"
+    shutil.copytree(folder, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, **fields}))
+    return edited
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"exit_policy": "bogus"}, "exit_policy='bogus': choose one of entropy, max_prob, patience"),
+    ({"exit_policy": ["entropy"]}, "exit_policy=['entropy']: choose one of entropy"),
+    ({"exit_threshold": -3}, "exit_threshold=-3: is outside the domain of patience"),
+    ({"exit_layers": [0, 9]}, "exit_layers=[0, 9]: names block 9, but the model has 4 blocks (0..3)"),
+    ({"exit_layers": "all"}, "exit_layers='all': must be a non-empty list of block indices"),
+    ({"exit_pooling": "max"}, "exit_pooling='max': choose one of mean, first, last"),
+    ({"exit_head": "mlp"}, "exit_head='mlp': choose one of pooled, linear"),
+    ({"exit_loss_weights": [1, 2]}, "exit_loss_weights=[1, 2]: needs one weight per exit: 4"),
+])
+def test_a_merged_folder_with_a_bad_exit_field_is_refused_on_load(merged_folder, tmp_path, fields, match):
+    edited = edited_copy(merged_folder, tmp_path, **fields)
+    expected = re.escape(f"{edited}/config.json: {match}")
+    with pytest.raises(InvalidOptionError, match=expected):
+        AutoConfig.from_pretrained(edited)  # the config alone, without building the model
+    with pytest.raises(InvalidOptionError, match=expected):
+        AutoModelForSequenceClassification.from_pretrained(edited)
+
+
+@pytest.mark.parametrize("fields", [{"exit_layers": [0]}, {"exit_head": "linear"}])
+def test_a_merged_folder_whose_exit_fields_disagree_with_its_exit_heads_is_refused(merged_folder, tmp_path, fields):
+    edited = edited_copy(merged_folder, tmp_path, **fields)
+    with pytest.raises(compress.CompressError, match=re.escape(f"{edited}/config.json: exit_layers=") +
+                       ".* do not describe the saved exit heads: .* saved exit weights unused"):
+        AutoModelForSequenceClassification.from_pretrained(edited)
+
+
+def test_exit_fields_set_after_loading_are_checked_before_use(merged_folder):
+    loaded = AutoModelForSequenceClassification.from_pretrained(merged_folder)
+    loaded.config.exit_policy = "bogus"
+    with pytest.raises(InvalidOptionError, match="exit_policy='bogus': choose one of"):
+        early(loaded, padded_batch())
+    loaded.config.exit_policy, loaded.config.exit_layers = "patience", [7]
+    with pytest.raises(InvalidOptionError, match="exit_layers=\\[7\\]: names block 7"):
+        type(loaded)(loaded.config)
 
 
 def test_adapters_off_runs_the_plain_model():

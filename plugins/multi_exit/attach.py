@@ -10,8 +10,8 @@ import inspect
 from torch import nn
 
 from compress.pruning.arch import arch_spec
-from compress.pruning.spec import InvalidOptionError
 
+from .config import check_exits_fit
 from .modeling import exit_blocks
 from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
 
@@ -20,15 +20,7 @@ def check_exits(model: nn.Module, exit_layers: list[int] | None, loss_weights: s
     """Refuse a model without a sequence-classification head, exit layers out of range, or a weight list
     that does not give one weight per exit, before anything changes."""
     arch_spec(model).sequence_head()
-    blocks = arch_spec(model).stacks()[0].blocks
-    wrong = [layer for layer in exit_layers or [] if layer >= len(blocks)]
-    if wrong:
-        raise InvalidOptionError("exit_layers", exit_layers, f"names block {wrong[0]}, but the model has "
-                                 f"{len(blocks)} blocks (0..{len(blocks) - 1})")
-    exits = len(exit_blocks(model, exit_layers)[1]) + 1
-    if not isinstance(loss_weights, str) and len(loss_weights) != exits:
-        raise InvalidOptionError("exit_loss_weights", loss_weights, f"needs one weight per exit: {exits} (the "
-                                 "exit_layers before the last block, plus the model's own head)")
+    check_exits_fit(exit_layers, loss_weights, len(arch_spec(model).stacks()[0].blocks))
 
 
 def ignore_exit_outputs(config, ignore: bool = True) -> None:

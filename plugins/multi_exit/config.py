@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from peft.config import PeftConfig
 from peft.utils.constants import DUMMY_TARGET_MODULES
@@ -20,6 +22,86 @@ EXIT_POOLINGS = ("mean", "first", "last")
 LOSS_WEIGHTINGS = ("linear", "equal")
 SLENDER_STRUCTURES = ("heads", "ffn")
 SLENDER_IMPORTANCES = ("taylor", "fisher", "magnitude")
+
+#: the exit fields, with their defaults: a MultiExitConfig's, and what a saved multi-exit model's config.json holds
+EXIT_FIELDS: dict[str, Any] = {"exit_layers": None, "exit_head": "pooled", "exit_pooling": "mean",
+                               "exit_policy": "entropy", "exit_threshold": None, "exit_loss_weights": "linear"}
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...] | dict, extra: str = "") -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidOptionError(name, value, f"choose one of {', '.join(allowed)}{extra}")
+
+
+def check_exit_fields(settings: Mapping[str, Any] | object, num_blocks: int | None = None) -> dict[str, Any]:
+    """The exit fields (:data:`EXIT_FIELDS`) of ``settings`` (a mapping, a :class:`MultiExitConfig` or a saved
+    multi-exit model's transformers config), checked and normalised: ``exit_layers`` sorted, the threshold a
+    float; a missing field takes its default. With ``num_blocks`` (the model's depth), ``exit_layers`` must name
+    existing blocks and a list of ``exit_loss_weights`` must give one weight per exit.
+
+    Raises:
+        InvalidOptionError: naming the first bad field, its value and what it allows.
+    """
+    def get(name: str) -> Any:
+        if isinstance(settings, Mapping):
+            return settings.get(name, EXIT_FIELDS[name])
+        return getattr(settings, name, EXIT_FIELDS[name])
+
+    values = {name: get(name) for name in EXIT_FIELDS}
+    layers = values["exit_layers"]
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)) or not layers or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            raise InvalidOptionError("exit_layers", layers, "must be a non-empty list of block indices "
+                                     "(integers >= 0), or None for every block")
+        if len(set(layers)) != len(layers):
+            raise InvalidOptionError("exit_layers", layers, "names a block twice")
+        values["exit_layers"] = layers = sorted(layers)
+    _choice("exit_head", values["exit_head"], EXIT_HEADS)
+    _choice("exit_pooling", values["exit_pooling"], EXIT_POOLINGS)
+    weights = values["exit_loss_weights"]
+    if isinstance(weights, str):
+        _choice("exit_loss_weights", weights, LOSS_WEIGHTINGS, " or give one number per exit")
+    elif not isinstance(weights, (list, tuple)) or not weights or not all(
+            is_number(w) and math.isfinite(w) and w > 0 for w in weights):
+        raise InvalidOptionError("exit_loss_weights", weights, "must be linear, equal, or a list of positive "
+                                 "numbers (one per exit)")
+    _choice("exit_policy", values["exit_policy"], POLICIES)
+    if values["exit_threshold"] is not None:
+        values["exit_threshold"] = check_threshold(values["exit_policy"], values["exit_threshold"])
+    if num_blocks is not None:
+        check_exits_fit(layers, weights, num_blocks)
+    return values
+
+
+def check_exits_fit(exit_layers: list[int] | None, loss_weights: str | list[float], num_blocks: int) -> None:
+    """Refuse exit layers beyond a model of ``num_blocks`` blocks, or a weight list that does not give one weight
+    per exit."""
+    wrong = [layer for layer in exit_layers or [] if layer >= num_blocks]
+    if wrong:
+        raise InvalidOptionError("exit_layers", exit_layers, f"names block {wrong[0]}, but the model has "
+                                 f"{num_blocks} blocks (0..{num_blocks - 1})")
+    exits = len([b for b in (range(num_blocks) if exit_layers is None else exit_layers) if b != num_blocks - 1]) + 1
+    if not isinstance(loss_weights, str) and len(loss_weights) != exits:
+        raise InvalidOptionError("exit_loss_weights", loss_weights, f"needs one weight per exit: {exits} (the "
+                                 "exit_layers before the last block, plus the model's own head)")
+
+
+def validate_exit_config(config, source: str | None = None) -> None:
+    """Check the exit fields of a saved multi-exit model's transformers config (``MultiExit<Base>Config``) against
+    the allowed values and the model's depth (``num_hidden_layers``), without building the model. Loading such a
+    config (``AutoConfig.from_pretrained``, the Auto model classes, ``pipeline``) runs it; ``source`` (e.g. the
+    folder's ``config.json``) opens the message.
+
+    Raises:
+        InvalidOptionError: naming ``source``, the field, its value and what it allows.
+    """
+    depth = getattr(config, "num_hidden_layers", None)
+    try:
+        check_exit_fields(config, depth if isinstance(depth, int) and depth > 0 else None)
+    except InvalidOptionError as exc:
+        exc.args = (f"{source or 'multi-exit model config'}: {exc.args[0]}",)
+        raise
 
 
 @dataclass
@@ -103,28 +185,8 @@ class MultiExitConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = MULTI_EXIT
-        if self.exit_layers is not None:
-            layers = self.exit_layers
-            if not isinstance(layers, (list, tuple)) or not layers or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-                raise InvalidOptionError("exit_layers", layers, "must be a non-empty list of block indices "
-                                         "(integers >= 0), or None for every block")
-            if len(set(layers)) != len(layers):
-                raise InvalidOptionError("exit_layers", layers, "names a block twice")
-            self.exit_layers = sorted(layers)
-        if self.exit_head not in EXIT_HEADS:
-            raise InvalidOptionError("exit_head", self.exit_head, f"choose one of {', '.join(EXIT_HEADS)}")
-        if self.exit_pooling not in EXIT_POOLINGS:
-            raise InvalidOptionError("exit_pooling", self.exit_pooling, f"choose one of {', '.join(EXIT_POOLINGS)}")
-        weights = self.exit_loss_weights
-        if isinstance(weights, str):
-            if weights not in LOSS_WEIGHTINGS:
-                raise InvalidOptionError("exit_loss_weights", weights,
-                                         f"choose one of {', '.join(LOSS_WEIGHTINGS)} or give one number per exit")
-        elif not isinstance(weights, (list, tuple)) or not weights or not all(
-                is_number(w) and math.isfinite(w) and w > 0 for w in weights):
-            raise InvalidOptionError("exit_loss_weights", weights, "must be linear, equal, or a list of positive "
-                                     "numbers (one per exit)")
+        for name, value in check_exit_fields(self).items():
+            setattr(self, name, value)
         for name in ("distill_weight", "distill_temperature", "distill_hidden_weight"):
             value = getattr(self, name)
             if not (is_number(value) and math.isfinite(value)):
@@ -137,19 +199,13 @@ class MultiExitConfig(PeftConfig):
             raise InvalidOptionError("distill_hidden_weight", self.distill_hidden_weight, "must be >= 0")
         if not isinstance(self.train_backbone, bool):
             raise InvalidOptionError("train_backbone", self.train_backbone, "must be True or False")
-        if self.exit_policy not in POLICIES:
-            raise InvalidOptionError("exit_policy", self.exit_policy, f"choose one of {', '.join(POLICIES)}")
-        if self.exit_threshold is not None:
-            self.exit_threshold = check_threshold(self.exit_policy, self.exit_threshold)
         if self.slenderize is not None:
             if not isinstance(self.slenderize, dict) or not self.slenderize or not all(
                     k in SLENDER_STRUCTURES and is_number(v) and 0 < v < 1 for k, v in self.slenderize.items()):
                 raise InvalidOptionError("slenderize", self.slenderize, "must map heads and/or ffn to a fraction in "
                                          "(0, 1), e.g. {'heads': 0.5, 'ffn': 0.5} (width only: exits need every "
                                          "block and read the hidden size)")
-        if self.slenderize_importance not in SLENDER_IMPORTANCES:
-            raise InvalidOptionError("slenderize_importance", self.slenderize_importance,
-                                     f"choose one of {', '.join(SLENDER_IMPORTANCES)}")
+        _choice("slenderize_importance", self.slenderize_importance, SLENDER_IMPORTANCES)
         if self.slender_shapes is not None and not (isinstance(self.slender_shapes, dict) and all(
                 isinstance(v, (list, tuple)) and len(v) == 2 for v in self.slender_shapes.values())):
             raise InvalidOptionError("slender_shapes", "...", "is filled in by slenderize() (path -> [out, in]); "

@@ -13,9 +13,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 from transformers.models.auto import configuration_auto
 
+from compress.errors import CompressError
 from compress.pruning.arch import arch_spec
 from compress.pruning.compact import compact_config_class, compact_model_class
 
+from .config import EXIT_FIELDS, validate_exit_config
 from .layer import ExitHead
 from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
 
@@ -23,8 +25,7 @@ PREFIX = "multi_exit_"
 #: the families with a sequence-classification head (compress.pruning.arch: BertSpec, LlamaSpec)
 MODEL_TYPES = ("bert", "roberta", "llama", "qwen2")
 #: config attributes of a multi-exit model, with their defaults
-CONFIG_FIELDS = {"exit_layers": None, "exit_head": "pooled", "exit_pooling": "mean", "exit_policy": "entropy",
-                 "exit_threshold": None, "exit_loss_weights": "linear"}
+CONFIG_FIELDS = EXIT_FIELDS
 
 _CONFIG_CLASSES: dict[type, type] = {}
 _MODEL_CLASSES: dict[type, type] = {}
@@ -72,13 +73,24 @@ def settings_from_config(config) -> ExitSettings:
                         loss_weights=config.exit_loss_weights)
 
 
+def config_source(name_or_path: object) -> str | None:
+    """How messages name a saved config: ``<folder>/config.json``."""
+    return f"{name_or_path}/config.json" if name_or_path else None
+
+
 def multi_exit_config_class(base_cls: type) -> type:
-    """``MultiExit<Base>Config``: the base config plus the exit fields (created once, then cached)."""
+    """``MultiExit<Base>Config``: the base config plus the exit fields, checked whenever a config is built or
+    loaded (:func:`~.config.validate_exit_config`); created once, then cached."""
     if base_cls not in _CONFIG_CLASSES:
         ignored = [*getattr(base_cls, "keys_to_ignore_at_inference", []), *OUTPUT_EXTRAS]
+
+        def __post_init__(self, **kwargs):
+            base_cls.__post_init__(self, **kwargs)
+            validate_exit_config(self, config_source(kwargs.get("name_or_path")))
+
         _CONFIG_CLASSES[base_cls] = type(f"MultiExit{base_cls.__name__}", (base_cls,), {
             "model_type": PREFIX + base_cls.model_type, "keys_to_ignore_at_inference": ignored,
-            "__module__": __name__})
+            "__post_init__": __post_init__, "__module__": __name__})
     return _CONFIG_CLASSES[base_cls]
 
 
@@ -88,11 +100,20 @@ def multi_exit_model_class(base_cls: type) -> type:
         return base_cls
     if base_cls not in _MODEL_CLASSES:
         def __init__(self, config, *args, **kwargs):
+            validate_exit_config(config)  # fields set after the config was built
             base_cls.__init__(self, config, *args, **kwargs)
             for name, default in CONFIG_FIELDS.items():
                 if not hasattr(config, name):
                     setattr(config, name, default)
             self.exits = build_exit_heads(self, config.exit_layers, config.exit_head, config.exit_pooling)
+
+        base_from_pretrained = base_cls.from_pretrained.__func__
+
+        def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+            model, info = base_from_pretrained(cls, *args, output_loading_info=True, **kwargs)
+            folder = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            check_loaded_exits(model.config, info, config_source(folder))
+            return (model, info) if output_loading_info else model
 
         def forward(self, input_ids=None, labels=None, **kwargs):
             blocks, exits = exit_blocks(self, self.config.exit_layers)
@@ -103,8 +124,26 @@ def multi_exit_model_class(base_cls: type) -> type:
 
         _MODEL_CLASSES[base_cls] = type(f"MultiExit{base_cls.__name__}", (base_cls,), {
             "config_class": multi_exit_config_class(base_cls.config_class), "__init__": __init__,
-            "forward": forward, "__module__": __name__})
+            "from_pretrained": classmethod(from_pretrained), "forward": forward, "__module__": __name__})
     return _MODEL_CLASSES[base_cls]
+
+
+def check_loaded_exits(config, loading_info: dict, source: str | None) -> None:
+    """Refuse a loaded multi-exit model whose exit heads are not the saved ones: ``exit_layers`` (how many exits)
+    or ``exit_head`` (their design) in ``source`` changed after saving, so heads would stay random or saved ones be
+    dropped."""
+    def exits(keys) -> list[str]:
+        return sorted(k[0] if isinstance(k, tuple) else k for k in keys
+                      if (k[0] if isinstance(k, tuple) else k).startswith("exits."))
+
+    missing = exits(loading_info.get("missing_keys", ())) + exits(loading_info.get("mismatched_keys", ()))
+    unexpected = exits(loading_info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        found = [f"{len(missing)} exit weights missing or of another shape (e.g. {missing[0]})"] if missing else []
+        found += [f"{len(unexpected)} saved exit weights unused (e.g. {unexpected[0]})"] if unexpected else []
+        raise CompressError(f"{source or 'multi-exit model config'}: exit_layers={config.exit_layers!r} and "
+                            f"exit_head={config.exit_head!r} do not describe the saved exit heads: "
+                            f"{'; '.join(found)}. Put back the values the model was saved with")
 
 
 def partial_forward(model: nn.Module, base_cls: type):

@@ -37,6 +37,8 @@ class ExitDecision:
     stayed so that per-example state (patience) follows them."""
 
     def __init__(self, policy: str, threshold: float) -> None:
+        if not isinstance(policy, str) or policy not in POLICIES:  # a config attribute set after validation
+            raise InvalidOptionError("exit_policy", policy, f"choose one of {', '.join(POLICIES)}")
         self.policy = policy
         self.threshold = check_threshold(policy, threshold)
         self._previous: torch.Tensor | None = None  # patience: each running row's last prediction
