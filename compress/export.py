@@ -1,11 +1,11 @@
-"""Saving pruned models: compact safetensors folders, written atomically, with a model card.
+"""Saving artifacts: compact safetensors folders with a model card, written atomically; the overwrite rule.
 
-Output folders follow one rule wherever peft-compress writes (``compress prune --out``,
-:func:`save_pretrained`, the recipes): a new folder is written beside the destination and renamed into place,
-so a crash never leaves a half-written artifact; an existing destination is replaced only with
-``overwrite`` and only when it is a previous output of peft-compress (it holds ``compress_report.json``
-or a model card tagged ``peft-compress``) of the same kind (a model never replaces a PEFT adapter), that
-holds no training state and contains none of the run's inputs.
+The rules every save of peft-compress follows (models, PEFT adapters, compact sparse files, recipe run folders)
+are stated once in docs/internals.md, "Saving and overwriting". Here: :func:`check_output_folder` (the overwrite
+rule), :func:`atomic_directory` (a new artifact, swapped into place), :func:`atomic_update` (files written into an
+existing folder, as peft's ``PeftModel.save_pretrained`` does, swapped in together), :func:`write_text_atomically`
+(one file), :func:`apply_umask` / :func:`current_umask` (permissions), :func:`clean_stale_temporaries` (what killed
+saves left behind), :func:`save_pretrained` (a model with its card and report).
 """
 
 from __future__ import annotations
@@ -151,37 +151,68 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _apply_umask(folder: Path) -> None:
-    """Give ``folder`` and everything in it the permissions the umask gives new files: ``mkdtemp`` makes
-    0o700 folders and some writers (safetensors files) 0o600 files, which other users then cannot read."""
-    mask = _umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for dirpath, dirnames, filenames in os.walk(folder):
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions the umask gives new files and
+    folders: ``mkdtemp``/``mkstemp`` make 0o700/0o600 entries and some writers (safetensors files) 0o600 files,
+    which other users then cannot read."""
+    path = Path(path)
+    mask = current_umask()
+    if not path.is_dir():
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(path):
         for name in dirnames:
             os.chmod(Path(dirpath, name), 0o777 & ~mask)
         for name in filenames:
             os.chmod(Path(dirpath, name), 0o666 & ~mask)
 
 
-def clean_stale_temporaries(out: Path) -> None:
-    """Remove the hidden temporary folders that saves to ``out`` left behind when their process died.
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it and one rename: a reader (or a process killed
+    meanwhile) sees the previous file or the new one, never part of it. The file gets the umask's permissions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
 
-    ``.<name>.tmp-<pid>-*`` is a half-written artifact: deleted. ``.<name>.old-<pid>-*`` holds the previous
-    artifact set aside during a replacement: put back when ``out`` is missing (the process died between
-    the two renames), deleted otherwise. Folders of processes that are still running are left alone.
+
+def clean_stale_temporaries(out: Path) -> None:
+    """Remove the hidden temporaries that saves to ``out`` left behind when their process died.
+
+    ``.<name>.tmp-<pid>-*`` is a half-written artifact (a folder, or a file of :func:`write_text_atomically`):
+    deleted. ``.<name>.old-<pid>-*`` holds the previous artifact set aside during a replacement: put back when
+    ``out`` is missing (the process died between the two renames), deleted otherwise. Temporaries of processes
+    that are still running are left alone.
     """
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-")
     if not out.parent.is_dir():
         return
     for entry in out.parent.iterdir():
         match = pattern.match(entry.name)
-        if not match or not entry.is_dir() or _process_alive(int(match.group(2))):
+        if not match or _process_alive(int(match.group(2))):
+            continue
+        if not entry.is_dir():
+            if match.group(1) == "tmp":
+                entry.unlink(missing_ok=True)
+                logger.info("removed %s, left by an interrupted save", entry)
             continue
         previous = entry / out.name
         if match.group(1) == "old" and previous.is_dir() and not out.exists():
@@ -191,48 +222,153 @@ def clean_stale_temporaries(out: Path) -> None:
         logger.info("removed %s, left by an interrupted save", entry)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where the
+    system or the filesystem cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without renameat2
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def _swap_into_place(tmp: Path, out: Path, race: str) -> None:
+    """Put the finished folder ``tmp`` at ``out``: one rename when ``out`` is absent, else one exchange of the two
+    (the previous folder, then at ``tmp``, is deleted). Where the system cannot exchange, the previous folder is
+    moved aside first and deleted afterwards; a process killed between those two renames gets it back from
+    :func:`clean_stale_temporaries`, an exception puts it back at once. ``race``: the error when another process
+    created ``out`` meanwhile."""
+    if not out.exists():
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise OutputFolderError(race) from None
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    try:
+        os.replace(out, backup / out.name)
+        os.replace(tmp, out)
+    except BaseException:
+        if (backup / out.name).is_dir() and not out.exists():
+            os.replace(backup / out.name, out)
+        raise
+    finally:
+        if out.exists():  # kept when nothing is in place (putting it back failed): a later save restores it
+            shutil.rmtree(backup, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
                      inputs: Iterable[str | os.PathLike | None] = (),
                      option: str = _API_OVERWRITE, writes_adapter: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
+    """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir`` in one step.
 
-    The destination is checked with :func:`check_output_folder` before and again just before the rename (a
+    The destination is checked with :func:`check_output_folder` before and again just before the swap (a
     concurrent run may have written it meanwhile). An interrupted write leaves only a hidden
     ``.<name>.tmp-<pid>-*`` folder, never a half-written ``out_dir``; the next save to the same place
-    removes it. An exception while the previous artifact is set aside puts it back. The folder and its
-    files get the permissions the process's umask gives new ones.
+    removes it. The folder and its files get the permissions the process's umask gives new ones.
     """
     checks = {"overwrite": overwrite, "inputs": inputs, "option": option, "writes_adapter": writes_adapter}
     out = check_output_folder(out_dir, **checks)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    backup: Path | None = None
     try:
         yield tmp
-        _apply_umask(tmp)
+        apply_umask(tmp)
         check_output_folder(out, name=str(out_dir), **checks)
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-            os.replace(out, backup / out.name)
-            os.replace(tmp, out)
-        else:
-            try:
-                os.replace(tmp, out)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-                raise OutputFolderError(f"{out_dir} was written by another process while this one was saving; "
-                                        f"choose another folder or pass {option}") from None
+        _swap_into_place(tmp, out, f"{out_dir} was written by another process while this one was saving; choose "
+                                   f"another folder or pass {option}")
     except BaseException:
-        if backup is not None and (backup / out.name).is_dir() and not out.exists():
-            os.replace(backup / out.name, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        # kept when nothing is in place (putting it back failed): a later save restores it
-        if backup is not None and out.exists():
-            shutil.rmtree(backup, ignore_errors=True)
+
+
+def _in_place_reason(out: Path) -> str | None:
+    """Why ``out`` cannot be replaced by a folder written beside it, or None."""
+    if _inside(Path.cwd().resolve(), out):
+        return "it holds the current directory"
+    if out.exists() and os.path.ismount(out):
+        return "it is a mount point"
+    parent = next(p for p in out.parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"no new folder can be made in {parent}"
+    return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed there
+        shutil.copy2(src, dst)
+
+
+def _keep_unwritten(previous: Path, new: Path) -> None:
+    """Add to ``new`` everything of ``previous`` that ``new`` does not hold (hard links where possible); folders
+    present in both are merged and keep ``previous``'s permissions."""
+    def written(folder: str, names: list[str]) -> list[str]:
+        target = new / Path(folder).relative_to(previous)
+        return [name for name in names if os.path.lexists(target / name)
+                and not (os.path.isdir(Path(folder, name)) and not os.path.islink(Path(folder, name))
+                         and (target / name).is_dir() and not (target / name).is_symlink())]
+
+    shutil.copytree(previous, new, symlinks=True, ignore=written, copy_function=_link_or_copy, dirs_exist_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_update(folder: str | os.PathLike, carry: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``folder``; on success, what was written there replaces the same
+    paths in ``folder`` in one step, and everything else ``folder`` held stays (hard links, not copies).
+
+    For writers that add to a folder in place, as peft's ``PeftModel.save_pretrained`` does: an interrupted
+    write leaves ``folder`` as it was, and a hidden ``.<name>.tmp-<pid>-*`` folder that the next save to the same
+    place removes. ``carry``: files of ``folder`` the writer reads and updates (peft's model card), copied into
+    the temporary folder first. Written files get the umask's permissions; kept ones keep theirs. A folder that
+    cannot be swapped (it holds the current directory, is a mount point, or no folder can be made beside it) is
+    written in place, with a warning saying why.
+    """
+    out = Path(os.fspath(folder)).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"{folder} is a file, not a folder; choose a folder to write to")
+    clean_stale_temporaries(out)
+    obstacle = _in_place_reason(out)
+    if obstacle:
+        logger.warning("writing into %s in place, not atomically: %s", folder, obstacle)
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        for name in carry:
+            if (out / name).is_file():
+                shutil.copy2(out / name, tmp / name)
+        yield tmp
+        apply_umask(tmp)  # what was written; the files kept below keep their own permissions
+        if out.is_dir():
+            _keep_unwritten(out, tmp)
+        _swap_into_place(tmp, out, f"{folder} was created by another process while this one was saving; save "
+                                   "again")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def method_tag(peft_type: str) -> str:

@@ -4,7 +4,8 @@ peft 0.21's public ``peft.register_peft_method`` accepts only names that are mem
 enum, so a third-party method cannot use it. Registration therefore writes peft's mapping dicts in
 ``peft.mapping`` directly. After that, ``get_peft_model``, ``PeftModel.save_pretrained``,
 ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` work for a config whose ``peft_type`` is the
-registered name.
+registered name. Registering also makes ``PeftModel.save_pretrained`` write the method's adapters atomically
+and ``PeftModel.from_pretrained``/``load_adapter`` check a local adapter folder first (:mod:`compress.adapter_io`).
 
 Usage, in the module that defines a method::
 
@@ -93,6 +94,11 @@ logger = logging.getLogger(__name__)
 #     prompt-learning types ("Not supported" otherwise), so PromptLearningConfig subclasses are rejected here.
 #   peft.get_model_status reports peft types as `str(config.peft_type).partition(".")[-1]`, which is "" for
 #   any `str` type. That is cosmetic and not worth patching peft over.
+# * What does need peft's PeftModel changed: saving and loading. PeftModel.save_pretrained writes into the folder
+#   in place and calls no tuner or config hook that knows the folder before the weights are written, so an
+#   interrupted save over an existing adapter mixes two adapters; loading parses adapter_config.json and looks up
+#   its peft_type before any class of ours is known. compress.adapter_io.install() (called here, once) wraps
+#   PeftModel.save_pretrained, from_pretrained and load_adapter; for other methods' adapters they call peft as is.
 # * peft's own register_peft_method tests prefix uniqueness with `prefix in PEFT_TYPE_TO_PREFIX_MAPPING`,
 #   which looks at the keys (peft types), not the prefixes, so that check never fires. This module checks
 #   the values.
@@ -190,6 +196,9 @@ def register_method(
         )
 
     record = RegisteredMethod(name, config_cls, model_cls, prefix, is_mixed_compatible)
+    from compress import adapter_io
+
+    adapter_io.install()
     with _LOCK:
         configs = _peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING
         tuners = _peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING

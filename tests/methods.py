@@ -79,6 +79,13 @@ CASES = [
 ]
 
 
+def one_case_per_method() -> list[MethodCase]:
+    """The first case of each method in ``compress.METHODS``, for tests too slow to run on every case (a method
+    without cases is an error in itself: ``test_every_method_has_cases``)."""
+    return [next(case for case in CASES if case.method == method) for method in compress.METHODS
+            if any(case.method == method for case in CASES)]
+
+
 def _prepare_pruning_adapter(peft_model, arch):
     peft_model.base_model.prune(data=tiny.make_batches(arch, 2))
 

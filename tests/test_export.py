@@ -11,8 +11,9 @@ import pytest
 from transformers import AutoModelForSequenceClassification
 
 import compress
+from compress import export
 from compress.errors import OutputFolderError
-from compress.export import atomic_directory, is_compress_output
+from compress.export import atomic_directory, is_compress_output, write_text_atomically
 from tests import tiny
 
 
@@ -126,7 +127,20 @@ def test_overwrite_never_replaces_an_adapter_with_a_model_or_any_training_state(
     assert (run / "checkpoint-10").is_dir()
 
 
+def test_a_replacement_is_one_exchange_of_the_two_folders(tmp_path, monkeypatch):
+    out = compress.save_pretrained(tiny.make_model("bert"), tmp_path / "out")
+    (out / "marker").write_text("previous", encoding="utf-8")
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renames.append(dst) or real_replace(src, dst))
+    compress.save_pretrained(tiny.make_model("bert", seed=1), out, overwrite=True)
+    assert renames == [] and not (out / "marker").exists()  # no moment without a folder at `out`
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_an_exception_between_the_renames_puts_the_previous_output_back(tmp_path, monkeypatch):
+    # where the system cannot exchange two folders, the previous one is moved aside, then the new one in
+    monkeypatch.setattr(export, "_exchange", lambda a, b: False)
     out = compress.save_pretrained(tiny.make_model("bert"), tmp_path / "out")
     before = (out / "model.safetensors").read_bytes()
     real_replace = os.replace
@@ -144,3 +158,27 @@ def test_an_exception_between_the_renames_puts_the_previous_output_back(tmp_path
     monkeypatch.setattr(os, "replace", real_replace)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden .tmp or .old folders
+
+
+def test_a_text_file_is_replaced_whole_with_the_umask_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    path.write_text("old", encoding="utf-8")
+    stale = tmp_path / f".metrics.json.tmp-{_dead_pid()}-abc"  # left by a killed write
+    stale.write_text("half", encoding="utf-8")
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomically(path, "new")
+    assert path.read_text(encoding="utf-8") == "old" and not stale.exists()
+    monkeypatch.setattr(os, "replace", real_replace)
+    previous = os.umask(0o027)
+    try:
+        write_text_atomically(path, "new")
+    finally:
+        os.umask(previous)
+    assert path.read_text(encoding="utf-8") == "new" and stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
