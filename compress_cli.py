@@ -132,9 +132,12 @@ def _push_parser(sub) -> None:
         description=(
             "Upload a folder written by peft-compress (a pruned or merged model, a compact sparse folder, a\n"
             "PEFT adapter folder) to the model repository REPO_ID, creating it if missing. The folder is\n"
-            "checked first: its README.md model card must parse with metadata, and its weights must load;\n"
-            "a folder that fails is not uploaded. Nothing local is written. The token comes from --token,\n"
-            "HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub."
+            "checked first, without the base model: its README.md model card must parse with metadata, its\n"
+            "config must pass its own validation, its weights must load and have the shapes its config (or\n"
+            "adapter config) gives them, a Pruning-Adapter's pruning_plan must equal the copy saved with its\n"
+            "weights, and no symbolic link may point outside the folder. A folder that fails is not\n"
+            "uploaded. Nothing local is written. The token comes from --token, HF_TOKEN or `hf auth login`;\n"
+            "HF_ENDPOINT selects another Hub."
         ),
         epilog="example:\n  compress push ./bert-ffn50 my-user/bert-sst2-ffn50 --private",
     )

@@ -3,13 +3,16 @@
 Every folder peft-compress writes (``compress.save_pretrained``, ``compress.save_sparse``, a PEFT model's
 ``save_pretrained``) has a README.md model card with YAML metadata (library, tags including ``peft-compress``
 and the method, base model, pipeline tag). :func:`annotate_card` adds what a run knows (datasets, metrics, base
-model) through ``huggingface_hub.ModelCard``; :func:`push_to_hub` checks the folder and uploads it as it is.
+model) through ``huggingface_hub.ModelCard``; :func:`push_to_hub` checks the folder (:func:`check_folder`: what
+the folder's configs claim against its weights, without the base model) and uploads it as it is.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +67,16 @@ def annotate_card(folder: str | os.PathLike, base_model: str | None = None, data
 
 
 def check_folder(folder: str | os.PathLike) -> FolderCheck:
-    """Check that a folder can be published: its card parses with metadata naming the library, and its weights
-    load (a model through its Auto class, a compact sparse folder through :func:`compress.load_sparse`, a PEFT
-    adapter's config and safetensors header).
+    """Check that a folder can be published as it is, and that what it claims holds, without the base model:
+
+    - no symbolic link leads out of the folder (an upload would send the file it points to);
+    - its card parses, with metadata naming the library;
+    - a model folder's config loads through its config class (with that class's validation) and its weights
+      load with it (shapes included);
+    - a compact sparse folder loads through :func:`compress.load_sparse`;
+    - a PEFT adapter's config loads (with its method's validation), its weights file is readable and each
+      tensor has the shape the adapter config gives it (ranks, side-network config, exit heads, recorded
+      projection shapes, masks), and a Pruning-Adapter's ``pruning_plan`` equals the copy saved with the weights.
 
     Raises:
         CompressError: naming what is missing or broken.
@@ -76,6 +86,7 @@ def check_folder(folder: str | os.PathLike) -> FolderCheck:
     folder = Path(folder)
     if not folder.is_dir():
         raise CompressError(f"{folder} is not a folder")
+    _check_links(folder)
     card_path = folder / CARD
     if not card_path.is_file():
         raise CompressError(f"{folder} has no model card ({CARD}); save it with compress.save_pretrained or the "
@@ -90,36 +101,305 @@ def check_folder(folder: str | os.PathLike) -> FolderCheck:
     return FolderCheck(kind=kind, metadata=metadata)
 
 
-def _load_weights(folder: Path) -> str:
-    from safetensors import safe_open
+def _check_links(folder: Path) -> None:
+    """Refuse symbolic links that point outside ``folder`` or nowhere: the Hub client uploads what a link points
+    to, so a link to a private file elsewhere would publish that file."""
+    root = folder.resolve()
+    for directory, subfolders, files in os.walk(folder):  # linked folders are listed, not entered
+        for name in sorted(subfolders + files):
+            path = Path(directory) / name
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if not target.exists():
+                raise CompressError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: remove "
+                                    "the link or put the file itself in the folder")
+            if not target.is_relative_to(root):
+                raise CompressError(f"{path} is a symbolic link to {target}, outside {folder}: pushing would upload "
+                                    "that file; copy the file into the folder if it belongs there, else remove the "
+                                    "link")
 
+
+def _load_weights(folder: Path) -> str:
     from compress.sparse_format import SPARSE_WEIGHTS, load_sparse
 
+    if (folder / "adapter_config.json").is_file():
+        _check_adapter(folder)
+        return "adapter"
     try:
-        if (folder / "adapter_config.json").is_file():
-            from peft import PeftConfig
-
-            PeftConfig.from_pretrained(folder)
-            weights = folder / "adapter_model.safetensors"
-            if not weights.is_file():
-                raise CompressError(f"{folder}: adapter_config.json without adapter_model.safetensors")
-            with safe_open(str(weights), framework="pt") as f:
-                if not list(f.keys()):
-                    raise CompressError(f"{weights} holds no tensors")
-            return "adapter"
         if (folder / SPARSE_WEIGHTS).is_file():
             load_sparse(folder)
             return "sparse"
-        from compress.soup import load_ingredient
-
         if not list(folder.glob("*.safetensors")):
             raise CompressError(f"{folder} has no safetensors weights")
+        _load_config(folder)
+        from compress.soup import load_ingredient
+
         load_ingredient(folder)
         return "model"
     except CompressError:
         raise
     except Exception as exc:  # whatever transformers/safetensors raise for a damaged folder
         raise CompressError(f"{folder}: the weights do not load ({type(exc).__name__}: {exc})") from None
+
+
+def _load_config(folder: Path) -> None:
+    """A model folder's config.json through its config class (``import compress`` registers ours), so that the
+    class's own validation of the fields runs."""
+    from transformers import AutoConfig
+
+    config_file = folder / "config.json"
+    try:
+        AutoConfig.from_pretrained(folder)
+    except CompressError as exc:
+        raise CompressError(str(exc) if str(config_file) in str(exc) else f"{config_file}: {exc}") from None
+    except Exception as exc:  # transformers' validation errors have no common base class
+        raise CompressError(f"{config_file} does not load ({type(exc).__name__}: {exc}); fix it or save the model "
+                            "again") from None
+
+
+# -- adapters: what the config says against what the weights hold ---------------------------------------------
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _check_adapter(folder: Path) -> None:
+    from peft import PeftConfig
+    from safetensors import safe_open
+
+    from compress.plugins.pruning_adapter.plan import PLAN_KEY
+
+    try:
+        config = PeftConfig.from_pretrained(folder)
+    except CompressError as exc:
+        config_file = str(folder / "adapter_config.json")
+        raise CompressError(str(exc) if config_file in str(exc) else f"{config_file}: {exc}") from None
+    except Exception as exc:  # JSON errors, an unknown peft_type, fields the config class rejects
+        raise CompressError(f"{folder / 'adapter_config.json'} does not load ({type(exc).__name__}: {exc}); fix it "
+                            "or save the adapter again") from None
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CompressError(f"{folder}: adapter_config.json without {ADAPTER_WEIGHTS}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            plan = f.get_tensor(PLAN_KEY) if PLAN_KEY in shapes and _is_pruning_adapter(config) else None
+    except Exception as exc:  # safetensors' errors for a truncated or damaged file
+        raise CompressError(f"{weights} is not a readable safetensors file ({exc}); save the adapter again") from None
+    if not shapes:
+        raise CompressError(f"{weights} holds no tensors")
+    problems = adapter_shape_problems(config, shapes)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CompressError(f"{weights} does not match adapter_config.json: {problems[0]}{more}; the adapter would "
+                            "not load: save it again from the trained model")
+    if _is_pruning_adapter(config):
+        _check_saved_plan(config.pruning_plan, plan, folder)
+
+
+def _is_pruning_adapter(config) -> bool:
+    return str(config.peft_type) == "PRUNING_ADAPTER"
+
+
+def _check_saved_plan(plan: list[dict], saved_copy, folder: Path) -> None:
+    """The config's ``pruning_plan`` must equal the copy saved in the weights file (what loading replays is
+    checked against it, so an edited plan would not load)."""
+    from compress.plugins.pruning_adapter.plan import ADVICE, decode_plan, describe_difference, same_events
+
+    config_file = folder / "adapter_config.json"
+    if saved_copy is None:
+        if plan:
+            logger.warning("%s carries no copy of the pruning plan (saved by an older peft-compress): pruning_plan "
+                           "cannot be checked against it; save the adapter again to add it", folder / ADAPTER_WEIGHTS)
+        return
+    saved = decode_plan(saved_copy)
+    for index, (ours, theirs) in enumerate(zip(plan, saved)):
+        if not same_events(ours, theirs):
+            raise CompressError(f"{config_file}: pruning_plan[{index}] differs from the copy saved with the adapter "
+                                f"weights ({ADAPTER_WEIGHTS}) in {describe_difference(ours, theirs)}. {ADVICE}")
+    if len(plan) != len(saved):
+        raise CompressError(f"{config_file}: pruning_plan has {len(plan)} events, the copy saved with the adapter "
+                            f"weights ({ADAPTER_WEIGHTS}) {len(saved)}. {ADVICE}")
+
+
+def adapter_shape_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """What in an adapter's weights contradicts its config, checked without the base model: one line per
+    problem (empty when none is found).
+
+    ``config`` is the adapter's :class:`peft.PeftConfig`; ``shapes`` maps each tensor of its weights file to its
+    shape. Checked for our methods: low-rank pairs against ``r`` and each other (Pruning-Adapter, sparse-soup
+    LoRA), masks against the weights they mask, exit heads against each other, ``exit_layers`` and the model's own
+    head, recorded projection shapes (``slender_shapes``), and a Ladder Side-Tuning side network against the
+    network ``side_config`` builds.
+    """
+    method = str(config.peft_type)
+    if method == "PRUNING_ADAPTER":
+        exits = config.exits
+        return _low_rank_problems("pa", config.r, shapes) + (
+            _exit_problems(exits.get("exit_layers"), exits.get("exit_head", "pooled"), shapes) if exits else [])
+    if method == "SPARSE_SOUP":
+        return _low_rank_problems("sparse", config.r, shapes)
+    if method == "MULTI_EXIT":
+        return _exit_problems(config.exit_layers, config.exit_head, shapes) + _slender_problems(config, shapes)
+    if method == "LADDER_SIDE":
+        return _side_problems(config, shapes)
+    return []
+
+
+_ADAPTED = re.compile(r"^(?P<module>.+)\.(?P<prefix>pa|sparse)_(?P<part>A\.weight|B\.weight|bias|mask|delta)$")
+
+
+def _low_rank_problems(prefix: str, rank: int, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """``<prefix>_A.weight`` is ``[r, in]``, ``<prefix>_B.weight`` ``[out, r]``; a bias is ``[out]``; a mask covers
+    the adapted weight (``[out, in]``) and a dense update has the mask's shape."""
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        found = _ADAPTED.match(key)
+        if found and found["prefix"] == prefix:
+            modules.setdefault(found["module"], {})[found["part"]] = shape
+    problems = []
+    for module, parts in sorted(modules.items()):
+        a, b = parts.get("A.weight"), parts.get("B.weight")
+        name = f"{module}.{prefix}_"
+        if (a is None) != (b is None):
+            problems.append(f"{name}{'A' if a is not None else 'B'}.weight has no {'B' if a is not None else 'A'} "
+                            "partner")
+        weight = None  # [out, in] of the adapted layer, as the low-rank pair gives it
+        if a is not None and b is not None:
+            if len(a) != 2 or a[0] != rank:
+                problems.append(f"{name}A.weight is {list(a)}, expected [r={rank}, in_features]")
+            elif len(b) != 2 or b[1] != rank:
+                problems.append(f"{name}B.weight is {list(b)}, expected [out_features, r={rank}]")
+            else:
+                weight = (b[0], a[1])
+        bias = parts.get("bias")
+        if bias is not None and weight is not None and bias != weight[:1]:
+            problems.append(f"{name}bias is {list(bias)}, expected [{weight[0]}] ({name}B.weight's out_features)")
+        mask, delta = parts.get("mask"), parts.get("delta")
+        if mask is not None and (len(mask) != 2 or (weight is not None and mask != weight)):
+            expected = f"{list(weight)} (from {prefix}_B and {prefix}_A)" if weight else "[out_features, in_features]"
+            problems.append(f"{name}mask is {list(mask)}, expected {expected}")
+        if delta is not None and delta != mask:
+            problems.append(f"{name}delta is {list(delta)}, its mask {list(mask) if mask else 'is missing'}")
+    return problems
+
+
+_EXIT_HEAD = re.compile(r"\.exit_heads\.(?:[^.]+\.)?(?P<index>\d+)\.(?P<part>(?:dense|out)\.(?:weight|bias))$")
+#: the model's own classification head, whose classes the exit heads predict (BERT, RoBERTa, Llama/Qwen2)
+_OWN_HEADS = (".classifier.weight", ".classifier.out_proj.weight", ".score.weight")
+
+
+def _exit_problems(exit_layers: list[int] | None, design: str, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Exit heads: numbered 0..n-1, one per listed block before the last, all of one shape (``dense`` only for the
+    ``pooled`` design), predicting as many classes as the model's own head."""
+    heads: dict[int, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        found = _EXIT_HEAD.search(key)
+        if found:
+            heads.setdefault(int(found["index"]), {})[found["part"]] = shape
+    if not heads:
+        return []
+    problems = []
+    indices = sorted(heads)
+    if indices != list(range(len(indices))):
+        problems.append(f"the exit heads are numbered {indices}, expected 0..{len(indices) - 1}")
+    if exit_layers is not None and len(heads) not in (len(exit_layers), len(exit_layers) - 1):
+        problems.append(f"{len(heads)} exit heads, but exit_layers={exit_layers} gives one per listed block (the "
+                        "last block's exit is the model's own head)")
+    first = heads[indices[0]]
+    for index in indices[1:]:
+        for part in sorted(set(first) | set(heads[index])):
+            if heads[index].get(part) != first.get(part):
+                problems.append(f"exit head {index}: {part} is {_listed(heads[index].get(part))}, exit head "
+                                f"{indices[0]}'s is {_listed(first.get(part))}; every exit head has one shape")
+                break
+    dense, dense_bias = first.get("dense.weight"), first.get("dense.bias")
+    out, out_bias = first.get("out.weight"), first.get("out.bias")
+    if out is None or len(out) != 2:
+        return problems + [f"exit head {indices[0]}: out.weight is {_listed(out)}, expected [num_labels, width]"]
+    if design == "linear" and dense is not None:
+        problems.append("exit_head='linear' heads have no dense layer, but the weights hold exit_heads.*.dense")
+    if dense is not None and (len(dense) != 2 or out[1] != dense[0]):
+        problems.append(f"exit heads: dense.weight is {list(dense)} but out.weight {list(out)} (out reads what dense "
+                        "writes)")
+    if dense is not None and dense_bias is not None and dense_bias != dense[:1]:
+        problems.append(f"exit heads: dense.bias is {list(dense_bias)}, dense.weight {list(dense)}")
+    if out_bias is not None and out_bias != out[:1]:
+        problems.append(f"exit heads: out.bias is {list(out_bias)}, out.weight {list(out)}")
+    own = next(((key, shape) for key, shape in sorted(shapes.items()) if key.endswith(_OWN_HEADS) and len(shape) == 2),
+               None)
+    if own is not None and own[1][0] != out[0]:
+        problems.append(f"the exit heads predict {out[0]} classes, the model's own head ({own[0]}) {own[1][0]}")
+    return problems
+
+
+def _listed(shape: tuple[int, ...] | None) -> str:
+    return "missing" if shape is None else str(list(shape))
+
+
+def _slender_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Saved backbone projections have the ``[out, in]`` shapes ``slender_shapes`` records."""
+    problems = []
+    for path, (out_features, in_features) in sorted((config.slender_shapes or {}).items()):
+        for key, shape in shapes.items():
+            if key.endswith(f".{path}.weight") and shape != (out_features, in_features):
+                problems.append(f"{key} is {list(shape)}, slender_shapes records [{out_features}, {in_features}]")
+            elif key.endswith(f".{path}.bias") and shape != (out_features,):
+                problems.append(f"{key} is {list(shape)}, slender_shapes records [{out_features}] outputs")
+    return problems
+
+
+_SIDE_PARTS = ("down", "up", "side", "gates")
+
+
+def _side_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The side network, ladders, up-projection and gates have the shapes of the network ``side_config``
+    describes (at the backbone width the ladders read)."""
+    ours: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        _, found, rest = key.partition(".lst_network.")
+        if found:
+            head, _, tail = rest.partition(".")
+            ours[rest if head in _SIDE_PARTS else tail] = shape  # (an adapter name before the part)
+    if not ours or config.side_config is None:
+        return []
+    widths = Counter(shape[1] for name, shape in ours.items()
+                     if name.startswith("down.") and name.endswith(".weight") and len(shape) == 2)
+    widths.update(shape[0] for name, shape in ours.items() if name == "up.weight" and len(shape) == 2)
+    if not widths:
+        return ["the weights hold no ladder (lst_network.down.*.weight) or up-projection (lst_network.up.weight)"]
+    try:
+        expected, blocks = _side_shapes(config, widths.most_common(1)[0][0])
+    except Exception as exc:  # transformers' errors for a config that builds no model
+        return [f"side_config does not build a side network ({type(exc).__name__}: {exc})"]
+    problems = []
+    if config.side_layers is not None and blocks != len(config.side_layers):
+        problems.append(f"side_config describes {blocks} side blocks, side_layers names {len(config.side_layers)}")
+    for name, shape in sorted(ours.items()):
+        if name not in expected:
+            problems.append(f"lst_network.{name} is not part of the side network side_config describes")
+        elif expected[name] != shape:
+            problems.append(f"lst_network.{name} is {list(shape)}, side_config gives {list(expected[name])}")
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        problems.append(f"{len(missing)} tensors of the side network are missing, e.g. lst_network.{missing[0]}")
+    return problems
+
+
+def _side_shapes(config, width: int) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Tensor shapes of the side network ``config.side_config`` describes, built on the meta device, and its
+    number of blocks."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from compress.plugins.ladder_side.layer import LadderSide
+    from compress.plugins.ladder_side.side import strip_side
+
+    values = dict(config.side_config)
+    model_type = values.pop("model_type")
+    with torch.device("meta"):  # (side_from_config builds on the CPU: loading needs the weights there)
+        side = strip_side(AutoModel.from_config(AutoConfig.for_model(model_type, **values)))
+        network = LadderSide(side, width, config.gate_temperature, config.gate_init)
+    return {name: tuple(tensor.shape) for name, tensor in network.state_dict().items()}, network.num_blocks
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, revision: str | None = None,

@@ -5,16 +5,21 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import re
+import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 from peft import get_peft_model
+from safetensors.torch import load_file, save_file
 
 import compress
+from compress.cli import main
 from compress.export import TAG
 from compress.hub import annotate_card, check_folder, push_to_hub
 from tests import tiny
@@ -79,6 +84,35 @@ def _merged_bert(tmp_path: Path) -> Path:
     return compress.save_pretrained(model, tmp_path / "pruned", report=report)
 
 
+def _saved_adapter(case_index: int, folder: Path) -> Path:
+    _, model = build(CASES[case_index])
+    perturb_adapters(model)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _rewrite_weights(folder: Path, name: str, change) -> None:
+    """Replace the tensors of ``folder``'s weights file ``name`` by ``change(tensors)``."""
+    tensors = load_file(folder / name)
+    save_file(change(tensors), folder / name, metadata={"format": "pt"})
+
+
+#: tensors a method adds (not the modules_to_save copies, which only the base model can check)
+_ADAPTER_TENSOR = re.compile(r"\.(pa_|sparse_)|exit_heads|lst_network")
+
+
+def _assert_reshaped_tensors_are_refused(folder: Path, broken: Path) -> None:
+    """The folder check compares each tensor a method adds with what the adapter config gives it (no base model)."""
+    keys = sorted(k for k in load_file(folder / "adapter_model.safetensors") if _ADAPTER_TENSOR.search(k))
+    for key in {keys[0], keys[len(keys) // 2], keys[-1]}:  # one more row and column: what no config gives
+        shutil.copytree(folder, broken, dirs_exist_ok=True)
+        _rewrite_weights(broken, "adapter_model.safetensors",
+                         lambda t, key=key: {**t, key: torch.zeros([n + 1 for n in t[key].shape])})
+        with pytest.raises(compress.CompressError, match="adapter_model.safetensors does not match "
+                                                         "adapter_config.json"):
+            check_folder(broken)
+
+
 # -- cards ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_every_method_saves_hub_ready_folders(case, tmp_path):
@@ -86,6 +120,7 @@ def test_every_method_saves_hub_ready_folders(case, tmp_path):
     perturb_adapters(model)
     model.save_pretrained(tmp_path / "adapter")
     checked = check_folder(tmp_path / "adapter")
+    _assert_reshaped_tensors_are_refused(tmp_path / "adapter", tmp_path / "broken")
     method = compress.export.method_tag(case.method)
     assert checked.kind == "adapter" and checked.metadata["library_name"] == "peft"
     assert {TAG, method} <= set(checked.metadata["tags"]) and checked.metadata.get("base_model") is not None
@@ -132,6 +167,79 @@ def test_broken_folders_are_refused_before_anything_is_sent(tmp_path, hub):
     with pytest.raises(compress.CompressError, match="weights do not load"):
         push_to_hub(damaged, "user/model", endpoint=endpoint)
     assert calls == []
+
+
+def test_the_check_refuses_an_edited_pruning_plan(tmp_path):
+    folder = _saved_adapter(0, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    event = config["pruning_plan"][0]
+    unit, removed = next((k, v) for k, v in event["removed"].items() if k.endswith("ffn"))
+    removed[0] = next(i for i in range(event["widths_before"]["ffn"][0]) if i not in removed)  # still a valid plan
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(compress.CompressError, match=r"pruning_plan\[0\] differs from the copy saved with the "
+                                                     rf"adapter weights .* 'removed'\['{unit}'\]"):
+        check_folder(folder)
+
+
+def test_the_check_validates_a_merged_multi_exit_config(tmp_path):
+    # the config class's own validation on load (plugins/multi_exit) refuses an exit policy it does not know
+    _, model = build(next(c for c in CASES if c.method == "MULTI_EXIT"))
+    folder = compress.save_pretrained(model.merge_and_unload(), tmp_path / "merged")
+    assert check_folder(folder).kind == "model"
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "exit_policy": "bogus"}))
+    with pytest.raises(compress.CompressError, match="exit_policy"):
+        check_folder(folder)
+
+
+def test_links_out_of_the_folder_are_refused_by_name(tmp_path, hub):
+    endpoint, calls = hub
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    folder = _merged_bert(tmp_path)
+    (folder / "card-copy.md").symlink_to(folder / "README.md")  # inside the folder: uploaded as a copy, fine
+    assert check_folder(folder).kind == "model"
+    (folder / "notes.txt").symlink_to(secret)
+    with pytest.raises(compress.CompressError) as error:
+        push_to_hub(folder, "user/model", endpoint=endpoint)
+    assert f"{folder / 'notes.txt'} is a symbolic link to {secret}, outside" in str(error.value)
+    (folder / "notes.txt").unlink()
+    (folder / "extra").symlink_to(tmp_path, target_is_directory=True)  # a linked folder, too
+    with pytest.raises(compress.CompressError, match="extra is a symbolic link"):
+        push_to_hub(folder, "user/model", endpoint=endpoint)
+    (folder / "extra").unlink()
+    (folder / "dangling.txt").symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(compress.CompressError, match="dangling.txt is a symbolic link to .*gone.txt, which does not"):
+        push_to_hub(folder, "user/model", endpoint=endpoint)
+    assert calls == []
+
+
+def _linked_folder(tmp_path: Path) -> tuple[Path, Path]:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    folder = _merged_bert(tmp_path)
+    (folder / "notes.txt").symlink_to(secret)
+    return folder, secret
+
+
+def test_push_command_refuses_a_link_out_of_the_folder(tmp_path, capsys):
+    folder, secret = _linked_folder(tmp_path)
+    capsys.readouterr()
+    assert main(["push", str(folder), "user/model", "--token", "hf_x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("compress: error:")
+    assert str(folder / "notes.txt") in err and str(secret) in err
+
+
+@pytest.mark.slow
+def test_push_command_refuses_a_link_out_of_the_folder_through_the_entry_point(tmp_path):
+    folder, secret = _linked_folder(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "compress", "push", str(folder), "user/model"],
+                          capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_TOKEN": "hf_x",
+                               "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and str(folder / "notes.txt") in proc.stderr and str(secret) in proc.stderr
 
 
 # -- pushing ----------------------------------------------------------------------------------------------------
