@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
+import numbers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +26,65 @@ logger = logging.getLogger(__name__)
 
 STRATEGIES = ("uniform", "greedy")
 Ingredient = nn.Module | str | os.PathLike
+
+
+def check_ingredients(ingredients: object) -> list[Ingredient]:
+    """``ingredients`` as a list, after checking that it is a non-empty list of models, PEFT models or existing
+    folders (before anything is loaded)."""
+    if isinstance(ingredients, (str, bytes, os.PathLike, nn.Module)) or not isinstance(ingredients, Sequence):
+        raise CompressError(f"ingredients must be a list of models, PEFT models or folders, got "
+                            f"{type(ingredients).__name__}; pass a list, e.g. make_soup([model_a, model_b])")
+    if not ingredients:
+        raise CompressError("make_soup needs at least one ingredient")
+    for index, source in enumerate(ingredients):
+        if isinstance(source, (str, os.PathLike)):
+            if not Path(source).is_dir():
+                raise CompressError(f"soup ingredient #{index} ({source}) is not a folder; pass saved model, adapter "
+                                    "or compact sparse folders")
+        elif not isinstance(source, nn.Module):
+            raise CompressError(f"soup ingredient #{index} is a {type(source).__name__}; an ingredient is a model, "
+                                "a PEFT model or a folder")
+    return list(ingredients)
+
+
+def check_weights(weights: object, count: int) -> list[float]:
+    """``weights`` normalised to sum 1, after checking that they are ``count`` finite, non-negative numbers with a
+    positive sum."""
+    expected = (f"weights must be {count} finite, non-negative numbers (one per ingredient) with a positive sum, "
+                "e.g. [1, 1, 2]")
+    if hasattr(weights, "tolist") and not isinstance(weights, (str, bytes)):
+        weights = weights.tolist()  # a numpy array or a tensor
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise CompressError(f"{expected}; got {type(weights).__name__} {weights!r}")
+    if len(weights) != count:
+        raise CompressError(f"{expected}; got {len(weights)}")
+    for index, weight in enumerate(weights):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise CompressError(f"{expected}; weight #{index} is {weight!r} ({type(weight).__name__})")
+        if not math.isfinite(weight) or weight < 0:
+            raise CompressError(f"{expected}; weight #{index} is {weight!r}")
+    total = sum(float(w) for w in weights)
+    if not (math.isfinite(total) and total > 0):
+        raise CompressError(f"{expected}; these sum to {total!r}")
+    return [float(w) / total for w in weights]
+
+
+def score(eval_fn: Callable[[nn.Module], float], model: nn.Module, what: str, finite: bool = True) -> float:
+    """``eval_fn(model)`` as a float; a value that is not a number (or, with ``finite``, is NaN or infinite) is
+    refused naming ``what`` was scored."""
+    value = eval_fn(model)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        try:  # a 0-d tensor or array scores too
+            value = float(value)
+        except (TypeError, ValueError):
+            raise CompressError(f"eval_fn returned {value!r} ({type(value).__name__}) for {what}; it must return a "
+                                "number (the validation score, higher is better)") from None
+    value = float(value)
+    if finite and not math.isfinite(value):
+        raise CompressError(f"eval_fn scored {what} {value}: the greedy soup compares scores, and a {value} score "
+                            "compares with nothing. Make eval_fn return a finite score (a NaN often means a diverged "
+                            "ingredient, or a metric over no examples), or use strategy='uniform'")
+    return value
 
 
 def load_ingredient(source: Ingredient) -> nn.Module:
@@ -95,8 +156,27 @@ def _base_parameters(peft_model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.state_dict().items()}
+def check_weights_loaded(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse tensors on the meta device (a model built under ``torch.device("meta")`` or ``init_empty_weights``,
+    or offloaded by ``device_map``), which hold no values, naming ``what`` holds them and the first one."""
+    meta = [name for name, tensor in tensors.items() if tensor.is_meta]
+    if meta:
+        raise CompressError(f"{what} has {len(meta)} tensors on the meta device (e.g. {meta[0]}), which hold no "
+                            "weights: load the weights first (from_pretrained onto one device, or to_empty() and "
+                            "load_state_dict)")
+
+
+def _tensors(model: nn.Module, which: str) -> dict[str, torch.Tensor]:
+    """The state tensors of an ingredient, after checking that they hold weights (not the meta device) and that
+    its floating tensors are finite."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    check_weights_loaded(state, f"soup ingredient {which}")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CompressError(f"soup ingredient {which} has {bad} non-finite values (NaN or infinite) in {name}: "
+                                "its fine-tune diverged or it was damaged; leave it out of the soup")
+    return state
 
 
 def check_same_mask(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor], which: str) -> None:
@@ -166,20 +246,24 @@ def make_soup(ingredients: Sequence[Ingredient], strategy: str = "uniform",
         strategy: ``uniform`` (the mean of all, or the ``weights``-weighted mean) or ``greedy`` (Wortsman et al.
             2022: ingredients sorted by ``eval_fn``, each added only if the soup's score does not drop).
         eval_fn: the validation score of a model, higher is better (``greedy`` only).
-        weights: one non-negative weight per ingredient, normalised to sum 1 (``uniform`` only).
+        weights: one finite, non-negative weight per ingredient, normalised to sum 1 (``uniform`` only).
 
     Returns:
         a new model (a copy of the first ingredient's architecture) holding the soup. Its config records the
         strategy and, for ``greedy``, which ingredients were kept (``config.soup``).
 
     Raises:
-        CompressError: fewer than one ingredient, an unknown strategy, ``weights``/``eval_fn`` not matching the
-            strategy, or ingredients whose architecture or mask differ (naming the first differing tensor).
+        CompressError: any argument of the wrong type or value (checked before anything is loaded: no ingredient,
+            a folder that does not exist, an unknown strategy, ``weights`` that are not finite non-negative numbers
+            with a positive sum, ``weights``/``eval_fn`` not matching the strategy); ingredients whose architecture
+            or mask differ (naming the first differing tensor), with weights on the meta device or non-finite
+            values; a score from ``eval_fn`` that is not a finite number (``greedy``).
     """
-    if strategy not in STRATEGIES:
+    ingredients = check_ingredients(ingredients)
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise CompressError(f"unknown soup strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if not ingredients:
-        raise CompressError("make_soup needs at least one ingredient")
+    if eval_fn is not None and not callable(eval_fn):
+        raise CompressError(f"eval_fn must be a function (model -> validation score), got {type(eval_fn).__name__}")
     if strategy == "greedy":
         if eval_fn is None:
             raise CompressError("a greedy soup needs eval_fn (model -> validation score, higher is better)")
@@ -187,17 +271,14 @@ def make_soup(ingredients: Sequence[Ingredient], strategy: str = "uniform",
             raise CompressError("weights apply to the uniform soup; the greedy soup chooses its ingredients itself")
         return _greedy(ingredients, eval_fn)
     if weights is not None:
-        if len(weights) != len(ingredients) or any(w < 0 for w in weights) or not sum(weights) > 0:
-            raise CompressError(f"weights must be {len(ingredients)} non-negative numbers (one per ingredient) with a "
-                                "positive sum")
-        weights = [w / sum(weights) for w in weights]
+        weights = check_weights(weights, len(ingredients))
     else:
         weights = [1 / len(ingredients)] * len(ingredients)
     template = load_ingredient(ingredients[0])
-    reference = _tensors(template)
+    reference = _tensors(template, "#0")
     total = {k: (v.double() * weights[0] if v.is_floating_point() else v.clone()) for k, v in reference.items()}
     for index in range(1, len(ingredients)):  # one ingredient in memory at a time beside the running sum
-        state = _tensors(load_ingredient(ingredients[index]))
+        state = _tensors(load_ingredient(ingredients[index]), f"#{index}")
         check_same_mask(reference, state, f"#{index}")
         for name, value in state.items():
             if value.is_floating_point():
@@ -211,21 +292,21 @@ def make_soup(ingredients: Sequence[Ingredient], strategy: str = "uniform",
 
 def _greedy(ingredients: Sequence[Ingredient], eval_fn: Callable[[nn.Module], float]) -> nn.Module:
     models = [load_ingredient(source) for source in ingredients]
-    states = [_tensors(m) for m in models]
+    states = [_tensors(m, f"#{index}") for index, m in enumerate(models)]
     for index in range(1, len(states)):
         check_same_mask(states[0], states[index], f"#{index}")
-    scores = [float(eval_fn(m)) for m in models]
+    scores = [score(eval_fn, m, f"ingredient #{index}") for index, m in enumerate(models)]
     order = sorted(range(len(models)), key=lambda i: -scores[i])
     kept, best = [order[0]], scores[order[0]]
     for index in order[1:]:
         chosen = [*kept, index]
         candidate = _with_state(models[0], _average([states[i] for i in chosen], [1 / len(chosen)] * len(chosen)))
-        score = float(eval_fn(candidate))
+        with_it = score(eval_fn, candidate, f"the soup of ingredients {sorted(chosen)}")
         logger.info("greedy soup: ingredient #%d scores %.4f alone; the soup with it %.4f (without: %.4f)",
-                    index, scores[index], score, best)
-        if score >= best:
+                    index, scores[index], with_it, best)
+        if with_it >= best:
             kept.append(index)
-            best = score
+            best = with_it
     soup = _with_state(models[0], _average([states[i] for i in kept], [1 / len(kept)] * len(kept)))
     _record(soup, {"strategy": "greedy", "ingredients": len(models), "kept": sorted(kept), "scores": scores,
                    "soup_score": best})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import zlib
 
 import torch
 from peft.tuners.lora import LoraConfig
@@ -11,17 +13,96 @@ from torch import nn
 from compress.errors import CompressError
 from compress.export import TAG, method_tag
 from compress.pruning.arch import arch_spec
+from compress.soup import check_weights_loaded
+from compress.sparse_format import checksum, pack_bits
 from compress.tuner import CompressTuner
 
 from .config import SparseSoupConfig
 from .importance import magnitude_scores, wanda_scores
 from .layer import SparseLinear, SparseLoraLinear, SparseMask
-from .mask import masks_from_scores
+from .mask import masks_from_scores, removed_count
 
 logger = logging.getLogger(__name__)
 
 #: how saved adapter weights name peft's LoRA matrices: under the method's own prefix (peft finds them by it)
 _SAVED_NAMES = {".lora_A.": ".sparse_A.", ".lora_B.": ".sparse_B."}
+#: state-dict key of the masks' checksums in the adapter weights (a uint8 tensor of zlib-compressed JSON: saved
+#: mask key -> :func:`~compress.sparse_format.checksum` of its packed bits), like the Pruning-Adapter's plan copy
+CHECKSUMS_KEY = "sparse_mask_checksums"
+_MASK_SUFFIX = ".sparse_mask"
+_SAVED_WEIGHTS = "the saved adapter weights (adapter_model.safetensors)"
+_RESAVE = ("Use the adapter folder as it was saved, or save it again from the trained model "
+           "(peft_model.save_pretrained)")
+
+
+def _layer_name(key: str) -> str:
+    return key.removeprefix("base_model.model.").removesuffix(_MASK_SUFFIX)
+
+
+def encode_checksums(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The checksums of saved masks (by saved key) as a uint8 tensor for the adapter's state dict."""
+    table = {key: checksum(pack_bits(mask.bool())) for key, mask in sorted(masks.items())}
+    data = zlib.compress(json.dumps(table, sort_keys=True, separators=(",", ":")).encode("utf-8"), 9)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_checksums(tensor: torch.Tensor) -> dict[str, str]:
+    """The table :func:`encode_checksums` stored."""
+    try:
+        table = json.loads(zlib.decompress(tensor.detach().cpu().to(torch.uint8).numpy().tobytes()).decode("utf-8"))
+    except (zlib.error, UnicodeDecodeError, ValueError) as exc:
+        raise CompressError(f"the mask checksums ({CHECKSUMS_KEY!r}) in {_SAVED_WEIGHTS} are unreadable ({exc}): "
+                            f"the file is damaged. {_RESAVE}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise CompressError(f"the mask checksums ({CHECKSUMS_KEY!r}) in {_SAVED_WEIGHTS} are not a table of "
+                            f"checksums: the file is damaged. {_RESAVE}")
+    return table
+
+
+def check_saved_masks(masks: dict[str, torch.Tensor], config: SparseSoupConfig,
+                      checksums: dict[str, str] | None) -> None:
+    """Check saved masks (by saved key) against the checksums saved with them and against what the config
+    promises: per layer or overall, the removed count its ``sparsity`` gives (exactly, as the masks are computed),
+    or ``n`` kept in every group of ``m`` (``n:m``)."""
+    for key, mask in masks.items():
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise CompressError(f"the mask of {_layer_name(key)} in {_SAVED_WEIGHTS} is {mask.dtype} of shape "
+                                f"{tuple(mask.shape)}; a mask is a boolean weight matrix. {_RESAVE}")
+    if checksums is not None:
+        for key in sorted(set(checksums) | set(masks)):
+            if key not in masks:
+                raise CompressError(f"the mask of {_layer_name(key)} is missing from {_SAVED_WEIGHTS}, which "
+                                    f"lists its checksum. {_RESAVE}")
+            if checksums.get(key) != checksum(pack_bits(masks[key])):
+                problem = "has no checksum" if key not in checksums else "differs from the checksum saved with it"
+                raise CompressError(f"the mask of {_layer_name(key)} in {_SAVED_WEIGHTS} {problem}: the file was "
+                                    f"edited or damaged. {_RESAVE}")
+    said = f"adapter_config.json says sparsity {config.sparsity:g}"
+    if config.n_m is not None:
+        n, m = config.n_m
+        for key, mask in masks.items():
+            kept = mask.reshape(mask.shape[0], -1, m).sum(-1) if mask.shape[1] % m == 0 else None
+            if kept is None or bool((kept != n).any()):
+                found = "rows that are not whole groups" if kept is None else \
+                    f"{int(kept[kept != n][0])} in a group"
+                raise CompressError(f"the mask of {_layer_name(key)} in {_SAVED_WEIGHTS} keeps {found}, but "
+                                    f"adapter_config.json says pattern {config.pattern!r} ({n} kept in every "
+                                    f"group of {m}): the masks or the config were edited. {_RESAVE}")
+        return
+    if config.scope == "layer":
+        for key, mask in masks.items():
+            removed, expected = int((~mask).sum()), removed_count(mask.numel(), config.sparsity)
+            if removed != expected:
+                raise CompressError(f"the mask of {_layer_name(key)} in {_SAVED_WEIGHTS} removes {removed} of "
+                                    f"{mask.numel()} weights ({removed / max(mask.numel(), 1):.3g}), but {said} "
+                                    f"per layer ({expected}): the masks or the config were edited. {_RESAVE}")
+        return
+    total = sum(mask.numel() for mask in masks.values())
+    removed, expected = sum(int((~mask).sum()) for mask in masks.values()), removed_count(total, config.sparsity)
+    if removed != expected:
+        raise CompressError(f"the masks in {_SAVED_WEIGHTS} remove {removed} of {total} weights "
+                            f"({removed / max(total, 1):.3g}), but {said} overall ({expected}): the masks or the "
+                            f"config were edited. {_RESAVE}")
 
 
 class SparseSoupModel(CompressTuner):
@@ -33,7 +114,8 @@ class SparseSoupModel(CompressTuner):
     computed when the model is wrapped (``magnitude``) or by :meth:`prune` (``wanda``, on calibration data) and
     saved with the adapter; ``merge_and_unload()`` writes the masked weights into the base model, which then holds
     exact zeros wherever the mask removed a weight. Fine-tunes of one sparse start share the mask, so
-    :func:`compress.make_soup` can average them.
+    :func:`compress.make_soup` can average them. Saved adapter weights carry a checksum of each mask, and loading
+    checks the masks against it and against the config's sparsity and pattern (:func:`check_saved_masks`).
 
     Example::
 
@@ -93,6 +175,9 @@ class SparseSoupModel(CompressTuner):
         self._install(parent, target_name, new_module, target, adapter_name)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # the masks are computed from the weights: refuse before anything is replaced
+        check_weights_loaded({**dict(model.named_parameters()), **dict(model.named_buffers())},
+                             "the model given to a sparse soup (get_peft_model with SparseSoupConfig)")
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
         if config.importance == "magnitude" or config.sparsity == 0:
@@ -137,11 +222,31 @@ class SparseSoupModel(CompressTuner):
     def _adapters_off(self) -> bool:
         return any(m.disable_adapters for m in self.sparse_layers().values())
 
-    # -- saved state ----------------------------------------------------------------------------------------
+    # -- saved state: the masks travel with a checksum of each (see check_saved_masks) ----------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: SparseSoupConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor],
+                                unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        """The adapter's tensors and the checksums of its masks (keyed as the masks are saved)."""
+        entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        masks = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in entries.items()
+                 if cls._remove_adapter_name_from_key(k, adapter_name).endswith(_MASK_SUFFIX)}
+        entries[CHECKSUMS_KEY] = encode_checksums(masks)
+        return entries
+
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: SparseSoupConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loading saved weights: their masks take the place of the computed ones."""
+        """Loading saved weights: their masks, checked against the checksums saved with them and the config's
+        sparsity and pattern (:func:`check_saved_masks`), take the place of the computed ones."""
+        state_dict = dict(state_dict)
+        saved_checksums = state_dict.pop(CHECKSUMS_KEY, None)
+        masks = {k: v for k, v in state_dict.items() if k.endswith(_MASK_SUFFIX)}
+        if saved_checksums is None:
+            logger.warning("these sparse-soup adapter weights carry no checksums of their masks (saved by an older "
+                           "peft-compress): the masks are checked against the config's sparsity only. Save the "
+                           "adapter again to add them")
+        check_saved_masks(masks, config, None if saved_checksums is None else decode_checksums(saved_checksums))
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         tuner = getattr(model, "base_model", None)
         if isinstance(tuner, cls) and any(".sparse_mask." in k for k in state_dict):
