@@ -356,6 +356,105 @@ def test_bad_configs_name_the_field(kwargs, match):
         compress.MultiExitConfig(task_type="SEQ_CLS", **kwargs)
 
 
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    """A saved multi-exit adapter of the 4-block, 3-label encoder: exits after blocks 0 and 1, backbone trained."""
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    wrap(exit_layers=[0, 1]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("fields", "base", "match"), [
+    ({"exit_layers": [0]}, make_encoder, "exit_layers=[0] and exit_head='pooled' on this 4-block "
+     "BertForSequenceClassification do not describe the saved exit heads (4 saved exit weights unused"),
+    ({"exit_layers": [0, 1, 2]}, make_encoder, "do not describe the saved exit heads (4 exit weights missing"),
+    ({"exit_head": "linear"}, make_encoder, "exit_head='linear' on this 4-block"),
+    ({"exit_layers": [0, 9]}, make_encoder, "exit_layers=[0, 9]: names block 9, but the model has 4 blocks"),
+    ({}, lambda: make_encoder(num_labels=2), "does not fit this BertForSequenceClassification: "
+     "base_model.exit_layer.exit_heads.default.0.out.bias has shape (3,) in adapter_model.safetensors but (2,)"),
+    ({}, lambda: tiny.make_model("bert"), "holds 32 tensors this BertForSequenceClassification lacks (e.g. "
+     "base_model.model.bert.encoder.layer.2."),
+])
+def test_a_saved_adapter_that_does_not_fit_names_the_cause(saved_adapter, tmp_path, fields, base, match):
+    edited = tmp_path / "edited"
+    shutil.copytree(saved_adapter, edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(compress.CompressError, match=re.escape(match)):
+        PeftModel.from_pretrained(base(), edited)
+
+
+def _wide_encoder(hidden: int = 64):
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=tiny.VOCAB, hidden_size=hidden, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64,
+                                                    max_position_embeddings=64, num_labels=3)).eval()
+
+
+class _BareTeacher(torch.nn.Module):
+    """A teacher without a config: only its outputs tell its widths."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+
+@pytest.mark.parametrize(("options", "teacher", "match"), [
+    ({"distill_weight": 0.5}, lambda: make_encoder(num_labels=2), "the teacher (BertForSequenceClassification) "
+     "predicts 2 labels but the model 3 (their config.num_labels): distill_weight=0.5"),
+    ({"distill_hidden_weight": 0.1}, _wide_encoder, "the teacher's hidden size is 64 but the model's 32 (their "
+     "config.hidden_size): distill_hidden_weight=0.1"),
+])
+def test_a_teacher_that_cannot_be_distilled_is_refused_before_wrapping(options, teacher, match):
+    model = make_encoder()
+    config = compress.MultiExitConfig(task_type="SEQ_CLS", **options)
+    with pytest.raises(compress.CompressError, match=re.escape(match)):
+        compress.apply_multi_exit(model, config, teacher=teacher())
+    assert type(model) is BertForSequenceClassification and not hasattr(model, "peft_config")
+    wrapped = compress.apply_multi_exit(model, config)
+    with pytest.raises(compress.CompressError, match=re.escape(match)):
+        wrapped.base_model.set_teacher(teacher())
+    wrapped.base_model.set_teacher(_BareTeacher(teacher()))  # no config to check: the first step checks
+    wrapped.train()
+    with pytest.raises(compress.CompressError, match="the teacher"):
+        wrapped(**padded_batch(labels=True))
+
+
+def _labelled(labels: list) -> Dataset:
+    batch = padded_batch(n=len(labels))
+    return Dataset.from_dict({"input_ids": batch["input_ids"].tolist(),
+                              "attention_mask": batch["attention_mask"].tolist(), "labels": labels})
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (lambda: _labelled(["pos", "neg"] * 3), "integer class ids, but the 'labels' column holds strings (e.g. 'pos'): "
+     "map them to the model's class ids first, e.g. data.map(lambda row: {'labels': "
+     "model.config.label2id[row['labels']]})"),
+    (lambda: [{**padded_batch(n=2), "labels": ["pos", "neg"]}], "the batches' labels are strings (e.g. ['pos', "),
+    (lambda: _labelled([0.5, 1.0] * 3), "one integer class id per example, but the labels are torch.float32"),
+    (lambda: _labelled([0, 7] * 3), "the labels hold class id 7, outside the model's 3 classes (0..2)"),
+])
+def test_calibration_refuses_labels_that_are_not_class_ids(data, match):
+    model = wrap()
+    with pytest.raises(compress.CompressError, match=re.escape(match)):
+        compress.calibrate_exit_threshold(model, data(), target_speedup=1.2, batch_size=3)
+    assert config_of(model).exit_threshold is None
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        meta = make_encoder()
+    with pytest.raises(compress.CompressError, match=r"the model has \d+ tensors on the meta device, which hold no "
+                       r"values \(e\.g\. bert\.embeddings\.word_embeddings\.weight.*load its weights first"):
+        compress.apply_multi_exit(meta, compress.MultiExitConfig(task_type="SEQ_CLS"))
+    with pytest.raises(compress.CompressError, match="the teacher has .* tensors on the meta device"):
+        compress.apply_multi_exit(make_encoder(), compress.MultiExitConfig(task_type="SEQ_CLS", distill_weight=0.5),
+                                  teacher=meta)
+
+
 @pytest.mark.parametrize(("model", "kwargs", "match"), [
     (lambda: make_encoder(), {"exit_layers": [1, 4]}, "names block 4, but the model has 4 blocks"),
     (lambda: make_encoder(), {"exit_loss_weights": [1.0, 2.0]}, "one weight per exit: 4"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from compress.registry import register_method
 
+from .attach import check_teacher
 from .calibrate import (
     ThresholdChoice,
     calibrate_exit_threshold,
@@ -51,6 +52,8 @@ def apply_multi_exit(model, config: MultiExitConfig, teacher=None):
     ``PeftModel``."""
     from peft import get_peft_model
 
+    if teacher is not None:  # before wrapping: a refused teacher leaves the model as it was
+        check_teacher(model, teacher, config)
     peft_model = get_peft_model(model, config)
     if teacher is not None:
         peft_model.base_model.set_teacher(teacher)

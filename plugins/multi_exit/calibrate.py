@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +65,7 @@ def collect_exit_logits(model: nn.Module, data, tokenizer=None, batch_size: int 
     """Every exit's logits for every row of ``data`` (a tokenized Dataset with labels, or batches), and the
     labels."""
     settings = _exit_settings(model)
+    _check_label_column(data)
     # every row: a Dataset's exact batch count (a larger one would be reported as missing rows), else all batches
     num_batches = max(1, math.ceil(len(data) / batch_size)) if isinstance(data, Dataset) else sys.maxsize
     batches = calibration_batches(data, batch_size=batch_size, num_batches=num_batches, seed=None,
@@ -88,7 +89,42 @@ def collect_exit_logits(model: nn.Module, data, tokenizer=None, batch_size: int 
                     per_exit[index].append(logits.float().cpu())
     finally:
         model.train(was_training)
-    return [torch.cat(chunks) for chunks in per_exit], torch.cat(labels)
+    exit_logits, labels = [torch.cat(chunks) for chunks in per_exit], torch.cat(labels)
+    _check_class_ids(labels, exit_logits[-1].shape[-1])
+    return exit_logits, labels
+
+
+_MAP_LABELS = ("map them to the model's class ids first, e.g. data.map(lambda row: {'labels': "
+               "model.config.label2id[row['labels']]})")
+
+
+def _check_label_column(data) -> None:
+    """Refuse labels that are not class ids before anything runs: a Dataset's string column (its batches would
+    silently leave it out) or string labels in the first of a list of batches."""
+    if isinstance(data, Dataset):
+        name = next((n for n in ("labels", "label") if n in data.column_names), None)
+        dtype = getattr(data.features[name], "dtype", None) if name is not None else None
+        if dtype in ("string", "large_string"):
+            raise CompressError(f"calibrating the exit threshold measures accuracy against integer class ids, but "
+                                f"the {name!r} column holds strings (e.g. {data[0][name]!r}): {_MAP_LABELS}")
+    elif isinstance(data, (list, tuple)) and data and isinstance(data[0], Mapping):
+        labels = data[0].get("labels", data[0].get("label"))
+        if isinstance(labels, str) or (isinstance(labels, (list, tuple)) and any(isinstance(v, str) for v in labels)):
+            raise CompressError("calibrating the exit threshold measures accuracy against integer class ids, but "
+                                f"the batches' labels are strings (e.g. {labels!r}): {_MAP_LABELS}")
+
+
+def _check_class_ids(labels: torch.Tensor, num_classes: int) -> None:
+    """Accuracy compares each exit's predicted class with the label: one integer id in ``0..num_classes - 1`` per
+    example."""
+    if labels.dim() != 1 or labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise CompressError(f"calibrating the exit threshold measures accuracy against one integer class id per "
+                            f"example, but the labels are {labels.dtype} of shape {tuple(labels.shape)} (regression "
+                            "or multi-label targets?): calibrate a single-label classifier on its class ids")
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.numel():
+        raise CompressError(f"the labels hold class id {int(outside[0])}, outside the model's {num_classes} classes "
+                            f"(0..{num_classes - 1}): {_MAP_LABELS}")
 
 
 def _candidates(policy: str, exit_logits: list[torch.Tensor]) -> list[float]:

@@ -11,7 +11,14 @@ from compress.pruning.compact import projection_shapes, reshape_to
 from compress.pruning.engine import PruneReport, prune_model
 from compress.tuner import CompressTuner
 
-from .attach import call_with_exits, check_exits, ignore_exit_outputs
+from .attach import (
+    call_with_exits,
+    check_exits,
+    check_saved_exits,
+    check_teacher,
+    ignore_exit_outputs,
+    refuse_meta_weights,
+)
 from .config import MultiExitConfig
 from .layer import MultiExitLayer
 from .modeling import CONFIG_FIELDS, build_exit_heads, exit_blocks, make_multi_exit
@@ -64,6 +71,7 @@ class MultiExitModel(CompressTuner):
         raise CompressError("internal: multi-exit models replace no module")  # pragma: no cover
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        refuse_meta_weights(model)
         config = self.peft_config[adapter_name]
         if config.slender_shapes:  # a saved slenderized adapter: its backbone weights have these shapes
             reshape_to(model, config.slender_shapes)
@@ -110,6 +118,7 @@ class MultiExitModel(CompressTuner):
         """The model whose logits (and hidden states) the exits distil; it runs in eval mode without gradients
         and is neither trained nor saved. ``None`` removes it."""
         if teacher is not None:
+            check_teacher(self.model, teacher, self.active_config)
             teacher.eval().requires_grad_(False)
         self.__dict__["_teacher"] = teacher
 
@@ -143,6 +152,15 @@ class MultiExitModel(CompressTuner):
             aside = (".exit_layer.", ".original_module.", ".modules_to_save.")
             entries.update({k: v for k, v in state_dict.items() if k not in entries and not any(a in k for a in aside)})
         return entries
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: MultiExitConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft's key mapping, then a check that the saved tensors are the ones this model and config expect
+        (before peft's ``load_state_dict``, whose errors name neither the config field nor the cause)."""
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_saved_exits(model, config, adapter_name, state_dict)
+        return state_dict
 
     # -- adapters on and off, merging -----------------------------------------------------------------------
     def _enable_adapter_layers(self, enabled: bool = True) -> None:

@@ -209,6 +209,7 @@ def forward_with_exits(forward: Callable, blocks: nn.ModuleList, exit_blocks: li
         if distill or distill_hidden:
             with torch.no_grad():
                 teacher_out = teacher(**{**inputs, "output_hidden_states": distill_hidden})
+            _check_teacher_output(teacher_out, run, distill, distill_hidden)
         loss = None
         all_blocks = [*exit_blocks, len(blocks) - 1]
         if labels is not None or distill:
@@ -227,6 +228,21 @@ def forward_with_exits(forward: Callable, blocks: nn.ModuleList, exit_blocks: li
                                          settings.threshold, final_head=final_head)
     loss = task_loss(logits, labels, model_config) if labels is not None else None
     return MultiExitClassifierOutput(loss=loss, logits=logits, exit_layers=exit_layers)
+
+
+def _check_teacher_output(teacher_out, run: ExitsRun, logits: bool, hidden: bool) -> None:
+    """The teacher's logits and hidden states must have the student's widths (a teacher without a config is not
+    checked when it is set)."""
+    theirs, ours = teacher_out.logits.shape[-1], run.exit_logits[-1].shape[-1]
+    if logits and theirs != ours:
+        raise CompressError(f"the teacher predicts {theirs} classes but the model {ours}: distill_weight compares "
+                            "their logits class by class; use a teacher fine-tuned on the same labels")
+    if hidden:
+        theirs, ours = teacher_out.hidden_states[-1].shape[-1], run.exit_hidden[-1].shape[-1]
+        if theirs != ours:
+            raise CompressError(f"the teacher's hidden size is {theirs} but the model's {ours}: "
+                                "distill_hidden_weight compares their hidden states; use a teacher of the same "
+                                "width, or distill_hidden_weight=0")
 
 
 @contextlib.contextmanager
