@@ -199,15 +199,38 @@ def scan_delimited(path: Path, dialect: Dialect) -> tuple[list[str], int]:
     # row with only a warning, so a broken row would shift or lose columns silently: count fields here first.
     try:
         rows = _rows(path, dialect)
-        _, _, first = next(rows, (0, 0, []))
+        last_start, last_end, first = next(rows, (0, 0, []))
         following = 0
         for start, end, row in rows:
             following += 1
             if len(row) != len(first):
                 raise _field_count_error(path, dialect, [cell.strip() for cell in first], start, end, len(row))
+            last_start, last_end = start, end
+        if first and dialect.quoting != csv.QUOTE_NONE and _quote_left_open(path, dialect, last_start):
+            # the csv reader (and pandas) end the open field at the end of the file: the rows after the quote
+            # would silently merge into one, with the right number of fields when the quote is in the last column
+            raise ValueError(
+                f"{path}:{last_start}: unbalanced quote: a \" in the row that starts on line {last_start} is never "
+                f"closed, so lines {last_start}-{last_end} (the rest of the file) would be read as one row; close the "
+                'quote, write a " that is part of the text as "", or save the file as .tsv (read with quoting '
+                "disabled, as GLUE files are)"
+            )
         return first, following
     except UnicodeDecodeError:
         raise _not_utf8_error(path) from None
+
+
+def _quote_left_open(path: Path, dialect: Dialect, start: int) -> bool:
+    """Whether the row that starts on line ``start`` (the last one) still has a quote open at the end of the file."""
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(itertools.islice(handle, start - 1, None), delimiter=dialect.delimiter,
+                            quoting=dialect.quoting, strict=True)  # strict: an open quote at the end is an error
+        try:
+            for _ in reader:
+                pass
+        except csv.Error as err:
+            return "unexpected end of data" in str(err)
+    return False
 
 
 def _field_count_error(

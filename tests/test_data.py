@@ -402,6 +402,14 @@ BAD_FILES = {
         r"q.csv:3: expected 2 comma-separated fields .*got 1: fewer fields than header columns, because the "
         r"quote opened on line 3 runs on to line 4",
     ),
+    "csv-unterminated-quote-last-column": (  # the right number of fields: the rest of the file as one row
+        "l.csv", b'label,sentence\n0,fine\n1,"the movie\n0,good\n1,bad\n',
+        r"l.csv:3: unbalanced quote: a \" in the row that starts on line 3 is never closed, so lines 3-5 \(the rest "
+        r"of the file\) would be read as one row; close the quote, .* or save the file as .tsv \(read with quoting "
+        r"disabled",
+    ),
+    "csv-unterminated-quote-last-row": ("r.csv", b'sentence,label\nfine,1\ngood,"0\n', r"r.csv:3: unbalanced quote"),
+    "csv-unterminated-quote-in-header": ("k.csv", b'sentence,"label\nfine,1\n', r"k.csv:1: unbalanced quote"),
     "csv-extra-field": ("e.csv", b"text,label\nok,1\nhello, world,1\n", r"e.csv:3: .*got 3: more fields"),
     "csv-duplicate-column": ("d.csv", b"text,text\na,b\n", r"d.csv: the header names column\(s\) \['text'\] more"),
     "csv-header-only": ("h.csv", b"text,label\n", r"h.csv has no data rows"),
@@ -434,6 +442,12 @@ def test_bad_files_get_one_clear_error(tmp_path, name):
     with pytest.raises(ValueError, match=message) as info:
         load_task(_write(tmp_path / filename, content), "train")
     assert "\n" not in str(info.value)
+
+
+def test_closed_quotes_in_a_csv_may_span_lines(tmp_path):
+    """Only a quote left open at the end of the file is refused: a quoted field may hold newlines and commas."""
+    csv_file = _write(tmp_path / "ok.csv", 'label,text\n1,"two\nlines, one field"\n0,"a ""quoted"" word"\n')
+    assert load_task(csv_file, "train")["text"][:] == ["two\nlines, one field", 'a "quoted" word']
 
 
 def test_fractional_labels_are_kept_for_the_caller_to_judge(tmp_path):
