@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from compress.plugins.sparse_soup.model import check_saved_adapter
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -91,6 +92,14 @@ def test_saved_masks_that_disagree_with_their_checksum_or_config_are_refused(tmp
     edit(folder)
     with pytest.raises(compress.CompressError, match=match):
         load_adapter(folder)
+
+
+def test_saved_masks_are_checked_without_the_base_model(tmp_path):
+    folder = saved_adapter(tmp_path)
+    check_saved_adapter(load_file(folder / ADAPTER_WEIGHTS), PeftConfig.from_pretrained(folder))
+    edit_masks(folder, swap_one_kept_and_one_removed)
+    with pytest.raises(compress.CompressError, match="differs from the checksum"):
+        check_saved_adapter(load_file(folder / ADAPTER_WEIGHTS), PeftConfig.from_pretrained(folder))
 
 
 def test_masks_without_checksums_load_with_a_warning_and_are_still_counted(tmp_path, caplog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from collections.abc import Mapping
 
 import torch
 from peft.tuners.lora import LoraConfig
@@ -103,6 +104,19 @@ def check_saved_masks(masks: dict[str, torch.Tensor], config: SparseSoupConfig,
         raise CompressError(f"the masks in {_SAVED_WEIGHTS} remove {removed} of {total} weights "
                             f"({removed / max(total, 1):.3g}), but {said} overall ({expected}): the masks or the "
                             f"config were edited. {_RESAVE}")
+
+
+def check_saved_adapter(state_dict: Mapping[str, torch.Tensor], config: SparseSoupConfig) -> None:
+    """Check the masks in saved sparse-soup adapter weights (keyed as saved, e.g. read from
+    ``adapter_model.safetensors``) with :func:`check_saved_masks`; weights saved without checksums (by an older
+    peft-compress) are checked against the config only, with a warning. Needs no base model."""
+    saved_checksums = state_dict.get(CHECKSUMS_KEY)
+    masks = {k: v for k, v in state_dict.items() if k.endswith(_MASK_SUFFIX)}
+    if saved_checksums is None:
+        logger.warning("these sparse-soup adapter weights carry no checksums of their masks (saved by an older "
+                       "peft-compress): the masks are checked against the config's sparsity only. Save the adapter "
+                       "again to add them")
+    check_saved_masks(masks, config, None if saved_checksums is None else decode_checksums(saved_checksums))
 
 
 class SparseSoupModel(CompressTuner):
@@ -239,14 +253,8 @@ class SparseSoupModel(CompressTuner):
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loading saved weights: their masks, checked against the checksums saved with them and the config's
         sparsity and pattern (:func:`check_saved_masks`), take the place of the computed ones."""
-        state_dict = dict(state_dict)
-        saved_checksums = state_dict.pop(CHECKSUMS_KEY, None)
-        masks = {k: v for k, v in state_dict.items() if k.endswith(_MASK_SUFFIX)}
-        if saved_checksums is None:
-            logger.warning("these sparse-soup adapter weights carry no checksums of their masks (saved by an older "
-                           "peft-compress): the masks are checked against the config's sparsity only. Save the "
-                           "adapter again to add them")
-        check_saved_masks(masks, config, None if saved_checksums is None else decode_checksums(saved_checksums))
+        check_saved_adapter(state_dict, config)
+        state_dict = {k: v for k, v in state_dict.items() if k != CHECKSUMS_KEY}
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         tuner = getattr(model, "base_model", None)
         if isinstance(tuner, cls) and any(".sparse_mask." in k for k in state_dict):
