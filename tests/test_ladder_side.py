@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import re
+import shutil
 
 import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
-from transformers import BertForSequenceClassification, BertModel, Trainer, TrainingArguments, pipeline
+from transformers import BertConfig, BertForSequenceClassification, BertModel, Trainer, TrainingArguments, pipeline
 
 import compress
 from compress.pruning.spec import InvalidOptionError
@@ -207,6 +210,76 @@ def test_configs_the_model_cannot_serve_raise_before_anything_changes(arch, kwar
     with pytest.raises(compress.CompressError, match=match):
         get_peft_model(model, config)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _bert(hidden: int = 32, layers: int = 2, num_labels: int = 2):
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=tiny.VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                                    num_attention_heads=4, intermediate_size=64,
+                                                    max_position_embeddings=64, num_labels=num_labels)).eval()
+
+
+@pytest.fixture(scope="module")
+def saved_bert_adapter(tmp_path_factory):
+    """A saved adapter of the tiny 2-block BERT (hidden size 32, r=2: a 16-wide side network)."""
+    folder = tmp_path_factory.mktemp("lst") / "adapter"
+    wrap("bert").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("base", "fields", "match"), [
+    (lambda: tiny.make_model("roberta"), {}, "this Ladder Side-Tuning adapter was built for a bert backbone "
+     "(side_config model_type 'compressed_bert'), but the model is RobertaForSequenceClassification (roberta)"),
+    (lambda: tiny.make_model("llama-cls"), {}, "was built for a bert backbone (side_config model_type "
+     "'compressed_bert'), but the model is LlamaForSequenceClassification (llama)"),
+    (lambda: _bert(hidden=64), {}, "was built for a backbone of hidden size 32, but BertForSequenceClassification "
+     "has hidden size 64"),
+    (lambda: _bert(layers=3), {}, "side network has 2 blocks, one per block of the backbone it was built for, but "
+     "BertForSequenceClassification has 3 blocks"),
+    (lambda: _bert(num_labels=3), {}, "does not fit this BertForSequenceClassification: "
+     "base_model.model.classifier.modules_to_save.default.weight has shape (2, 32) in adapter_model.safetensors but "
+     "(3, 32) in the model; it was trained with another number of labels (num_labels)"),
+    (_bert, {"r": 4}, "adapter_config.json: r=4 does not match the saved side network (hidden size 16 for a backbone "
+     "of 32, r=2)"),
+    (_bert, {"side_layers": [1]}, "adapter_config.json: side_layers=[1] names 1 block but side_config describes 2 "
+     "side blocks"),
+    (_bert, {"side_config": {"hidden_size": 8}}, "adapter_config.json: side_config does not describe the saved side "
+     "network (base_model.lst_side.lst_network.default.down.0.0.bias has shape (16,)"),
+    (_bert, {"side_layers": [1], "side_config": {"num_hidden_layers": 1}}, "adapter_config.json: side_config does "
+     "not build a side network (AttributeError: "),
+    (_bert, {"side_config": {"model_type": "compressed_roberta"}}, "built for a roberta backbone"),
+])
+def test_a_saved_adapter_that_does_not_fit_names_the_cause(saved_bert_adapter, tmp_path, base, fields, match):
+    edited = tmp_path / "edited"
+    shutil.copytree(saved_bert_adapter, edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    if "side_config" in fields:
+        fields = {**fields, "side_config": {**config["side_config"], **fields["side_config"]}}
+    (edited / "adapter_config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(compress.CompressError, match=re.escape(match)):
+        PeftModel.from_pretrained(base(), edited)
+
+
+def test_a_saved_side_network_with_fewer_blocks_than_its_weights_is_refused(tmp_path):
+    wrap("bert", side_init="random").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["side_layers"], config["side_config"]["num_hidden_layers"] = [1], 1
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(compress.CompressError, match=re.escape(
+            "adapter_config.json: side_config and side_layers do not describe the saved side network (") +
+            r"18 saved tensors unused \(e\.g\. base_model\.lst_side\.lst_network\.default\.down\.0\.2\."):
+        PeftModel.from_pretrained(_bert(), tmp_path)
+
+
+@pytest.mark.parametrize("side_init", ["pruned", "random"])
+def test_a_backbone_on_the_meta_device_is_refused(side_init):
+    with torch.device("meta"):
+        meta = _bert()
+    with pytest.raises(compress.CompressError, match=r"the backbone has \d+ tensors on the meta device, which hold no "
+                       r"values \(e\.g\. bert\.embeddings\.word_embeddings\.weight.*load its weights first"):
+        compress.apply_ladder_side(meta, compress.LadderSideConfig(task_type="SEQ_CLS", r=2, side_init=side_init,
+                                                                   importance="magnitude"))
+    assert type(meta) is BertForSequenceClassification and not hasattr(meta, "peft_config")
 
 
 @pytest.mark.parametrize("arch", ["llama", "roberta"])  # roberta: a head without weight in modules_to_save

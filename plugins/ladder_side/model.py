@@ -16,6 +16,7 @@ from compress.pruning.arch import arch_spec
 from compress.tuner import CompressTuner
 
 from .cache import side_cache, with_side
+from .checks import check_saved_side, check_side_family, refuse_meta_weights
 from .config import LadderSideConfig
 from .layer import LadderSide, LadderSideLayer
 from .side import (
@@ -25,7 +26,6 @@ from .side import (
     side_config_dict,
     side_from_config,
     side_layer_indices,
-    side_widths,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ class LadderSideModel(CompressTuner):
                                 "another adapter")
 
     def _pre_injection_hook(self, model: nn.Module, config: LadderSideConfig, adapter_name: str) -> None:
-        side_layer_indices(model, config)
-        side_widths(arch_spec(model), config.r)
+        side_layer_indices(model, config)  # r is checked by _build (a loaded adapter's by check_saved_side)
         self._check_task(model, config)
         self._check_gradient_path(model)
         if hasattr(model, "add_model_tags"):
@@ -119,6 +118,7 @@ class LadderSideModel(CompressTuner):
         raise CompressError("internal: Ladder Side-Tuning replaces no module")  # pragma: no cover
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        refuse_meta_weights(model)
         config = self.peft_config[adapter_name]
         network = self._build(model, config)  # first: a refused side network leaves the model unwrapped
         super().inject_adapter(model, adapter_name, *args, **kwargs)  # modules_to_save; freezes the backbone
@@ -131,7 +131,13 @@ class LadderSideModel(CompressTuner):
         width = arch_spec(model).hidden_site().width
         kept = None
         if config.side_config is not None:
-            side = side_from_config(config.side_config)  # loading: the weights come from the checkpoint
+            check_side_family(model, config.side_config)
+            try:
+                side = side_from_config(config.side_config)  # loading: the weights come from the checkpoint
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:  # an edited side_config
+                raise CompressError(f"adapter_config.json: side_config does not build a side network "
+                                    f"({type(exc).__name__}: {exc}): put back the side_config the adapter was saved "
+                                    "with") from None
         else:
             built = (build_pruned_side(model, config, data, tokenizer, **calibration) if config.side_init == "pruned"
                      else build_random_side(model, config))
@@ -143,9 +149,15 @@ class LadderSideModel(CompressTuner):
         network = LadderSide(side, width, config.gate_temperature, config.gate_init, kept,
                              zero_up=config.add_backbone_output).to(device)
         expected = len(side_layer_indices(model, config))
+        if network.num_blocks != expected and config.side_layers is None:
+            raise CompressError(f"this Ladder Side-Tuning adapter's side network has {network.num_blocks} blocks, one "
+                                f"per block of the backbone it was built for, but {type(model).__name__} has "
+                                f"{expected} blocks: load it onto the backbone it was trained with")
         if network.num_blocks != expected:
-            raise CompressError(f"side_config describes {network.num_blocks} side blocks but side_layers names "
-                                f"{expected}; the adapter config was edited: rebuild it")
+            raise CompressError(f"adapter_config.json: side_layers={config.side_layers} names {expected} "
+                                f"block{'s' if expected != 1 else ''} but "
+                                f"side_config describes {network.num_blocks} side blocks: put back the values the "
+                                "adapter was saved with")
         return network
 
     def init_side(self, data=None, tokenizer=None, num_batches: int = 8, batch_size: int = 16) -> None:
@@ -276,6 +288,16 @@ class LadderSideModel(CompressTuner):
             return self.model(*args, **kwargs)
         finally:
             torch.set_grad_enabled(grad_mode)  # also when the backbone raised between its two hooks
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: LadderSideConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft's key mapping, then a check that the saved tensors fit the backbone and the config (before peft's
+        ``load_state_dict``, whose errors name neither the config field nor the cause)."""
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_saved_side(model, config, adapter_name, state_dict)
+        return state_dict
 
     # -- adapters on and off, unloading -------------------------------------------------------------------
     def _enable_adapter_layers(self, enabled: bool = True) -> None:

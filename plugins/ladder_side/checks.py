@@ -1,0 +1,76 @@
+"""What Ladder Side-Tuning checks before it builds or loads a side network: a backbone with weights, and a saved
+adapter that fits the backbone (family, width, number of labels) and its own ``adapter_config.json``."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.pruning.arch import arch_spec, base_model_type
+
+from .config import LadderSideConfig
+
+
+def refuse_meta_weights(model: nn.Module) -> None:
+    """Refuse a backbone whose tensors are on the meta device (built under ``torch.device("meta")`` or
+    ``init_empty_weights``): the side network is pruned from its weights and reads its hidden states."""
+    meta = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+            if tensor.is_meta]
+    if meta:
+        raise CompressError(f"the backbone has {len(meta)} tensors on the meta device, which hold no values (e.g. "
+                            f"{', '.join(meta[:3])}): load its weights first (from_pretrained without "
+                            "init_empty_weights or a meta device, or model.to_empty(device='cpu') and "
+                            "load_state_dict), then add the side network")
+
+
+def check_side_family(model: nn.Module, side_config: dict) -> None:
+    """A saved side network is of its backbone's family: refuse loading it onto another one."""
+    built_for = base_model_type(str(side_config.get("model_type", "")))
+    family = base_model_type(str(getattr(model.config, "model_type", "")))
+    if built_for != family:
+        raise CompressError(f"this Ladder Side-Tuning adapter was built for a {built_for} backbone (side_config "
+                            f"model_type {side_config.get('model_type')!r}), but the model is "
+                            f"{type(model).__name__} ({family}): load it onto the {built_for} model it was "
+                            "trained with")
+
+
+def check_saved_side(model: nn.Module, config: LadderSideConfig, adapter_name: str,
+                     state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse a saved adapter (``state_dict``, keyed as the PEFT ``model``'s) that does not fit, naming the cause:
+    a backbone of another width (the ladders' input size), an ``r`` or ``side_config`` edited in
+    ``adapter_config.json``, or a task head of another number of labels."""
+    backbone = model.get_base_model()
+    width = arch_spec(backbone).hidden_site().width
+    current = model.state_dict()
+    network = f".lst_side.lst_network.{adapter_name}."
+    ladder = next((v for k, v in state_dict.items() if k.endswith(f"{network}down.0.0.weight")), None)
+    if ladder is not None and ladder.dim() == 2:
+        side_width, built_for = ladder.shape
+        if built_for != width:
+            raise CompressError(f"this Ladder Side-Tuning adapter was built for a backbone of hidden size "
+                                f"{built_for}, but {type(backbone).__name__} has hidden size {width}: load it onto "
+                                "the model it was trained with")
+        if side_width * config.r != built_for:
+            raise CompressError(f"adapter_config.json: r={config.r} does not match the saved side network (hidden "
+                                f"size {side_width} for a backbone of {built_for}, r={built_for // side_width}): put "
+                                "back the r the adapter was saved with")
+    missing = sorted(k for k in current if network in k and k not in state_dict)
+    unused = sorted(k for k in state_dict if k not in current)
+    if missing or unused:
+        found = [f"{len(missing)} side weights missing (e.g. {missing[0]})"] if missing else []
+        found += [f"{len(unused)} saved tensors unused (e.g. {unused[0]})"] if unused else []
+        raise CompressError(f"adapter_config.json: side_config and side_layers do not describe the saved side "
+                            f"network ({'; '.join(found)}): put back the values the adapter was saved with")
+    for key, saved in state_dict.items():
+        if saved.shape == current[key].shape:
+            continue
+        where = f"{key} has shape {tuple(saved.shape)} in adapter_model.safetensors but {tuple(current[key].shape)}"
+        if network in key:
+            raise CompressError(f"adapter_config.json: side_config does not describe the saved side network ({where} "
+                                "as built from it): put back the side_config the adapter was saved with")
+        raise CompressError(f"the saved Ladder Side-Tuning adapter does not fit this {type(backbone).__name__}: "
+                            f"{where} in the model; it was trained with another number of labels (num_labels) or "
+                            "another model: load it onto that model, with the same num_labels")
