@@ -17,7 +17,7 @@ from .calibrate import (
     collect_exit_logits,
     exit_block_indices,
 )
-from .config import MULTI_EXIT, MultiExitConfig
+from .config import MULTI_EXIT, MultiExitConfig, check_exit_fields, validate_exit_config
 from .layer import ExitHead
 from .model import MultiExitModel
 from .modeling import make_multi_exit, multi_exit_model_class, register_multi_exit_models
@@ -34,6 +34,7 @@ __all__ = [
     "ThresholdChoice",
     "apply_multi_exit",
     "calibrate_exit_threshold",
+    "check_exit_fields",
     "choose_exit_threshold",
     "collect_exit_logits",
     "exit_block_indices",
@@ -41,6 +42,7 @@ __all__ = [
     "multi_exit_model_class",
     "register_multi_exit_models",
     "simulate_exits",
+    "validate_exit_config",
 ]
 
 register_method(MULTI_EXIT, MultiExitConfig, MultiExitModel, prefix=MultiExitModel.prefix)
