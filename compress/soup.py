@@ -47,7 +47,7 @@ def check_ingredients(ingredients: object) -> list[Ingredient]:
     return list(ingredients)
 
 
-def check_weights(weights: object, count: int) -> list[float]:
+def soup_weights(weights: object, count: int) -> list[float]:
     """``weights`` normalised to sum 1, after checking that they are ``count`` finite, non-negative numbers with a
     positive sum."""
     expected = (f"weights must be {count} finite, non-negative numbers (one per ingredient) with a positive sum, "
@@ -271,7 +271,7 @@ def make_soup(ingredients: Sequence[Ingredient], strategy: str = "uniform",
             raise CompressError("weights apply to the uniform soup; the greedy soup chooses its ingredients itself")
         return _greedy(ingredients, eval_fn)
     if weights is not None:
-        weights = check_weights(weights, len(ingredients))
+        weights = soup_weights(weights, len(ingredients))
     else:
         weights = [1 / len(ingredients)] * len(ingredients)
     template = load_ingredient(ingredients[0])
