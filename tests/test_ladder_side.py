@@ -282,6 +282,12 @@ def test_a_backbone_on_the_meta_device_is_refused(side_init):
     assert type(meta) is BertForSequenceClassification and not hasattr(meta, "peft_config")
 
 
+def test_loading_onto_the_meta_device_is_refused(saved_bert_adapter):
+    with pytest.raises(compress.CompressError, match="low_cpu_mem_usage=True builds the adapter on the meta device, "
+                       "which Ladder Side-Tuning's side network does not support"):
+        PeftModel.from_pretrained(_bert(), saved_bert_adapter, low_cpu_mem_usage=True)
+
+
 @pytest.mark.parametrize("arch", ["llama", "roberta"])  # roberta: a head without weight in modules_to_save
 def test_unload_returns_the_plain_backbone(arch):
     pristine = tiny.make_model(arch)

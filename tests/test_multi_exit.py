@@ -455,6 +455,12 @@ def test_a_model_on_the_meta_device_is_refused():
                                   teacher=meta)
 
 
+def test_loading_onto_the_meta_device_is_refused(saved_adapter):
+    with pytest.raises(compress.CompressError, match="low_cpu_mem_usage=True builds the adapter on the meta device, "
+                       "which multi-exit models do not support"):
+        PeftModel.from_pretrained(make_encoder(), saved_adapter, low_cpu_mem_usage=True)
+
+
 @pytest.mark.parametrize(("model", "kwargs", "match"), [
     (lambda: make_encoder(), {"exit_layers": [1, 4]}, "names block 4, but the model has 4 blocks"),
     (lambda: make_encoder(), {"exit_loss_weights": [1.0, 2.0]}, "one weight per exit: 4"),

@@ -26,6 +26,16 @@ def refuse_meta_weights(model: nn.Module) -> None:
                             "load_state_dict), then add the side network")
 
 
+def refuse_low_cpu_mem_usage(low_cpu_mem_usage: bool, what: str) -> None:
+    """peft's ``low_cpu_mem_usage`` builds adapter modules on the meta device (``PeftModel.from_pretrained`` creates
+    the tuner under accelerate's ``init_empty_weights``, where new parameters are meta) and fills them from the
+    checkpoint, which leaves what the checkpoint does not hold (e.g. non-persistent buffers) without values."""
+    if low_cpu_mem_usage or nn.Linear(1, 1).weight.is_meta:
+        raise CompressError(f"low_cpu_mem_usage=True builds the adapter on the meta device, which {what} does not "
+                            "support (the parts its checkpoint does not hold would have no values); load it without "
+                            "low_cpu_mem_usage: the adapter is small")
+
+
 def check_side_family(model: nn.Module, side_config: dict) -> None:
     """A saved side network is of its backbone's family: refuse loading it onto another one."""
     built_for = base_model_type(str(side_config.get("model_type", "")))

@@ -16,7 +16,7 @@ from compress.pruning.arch import arch_spec
 from compress.tuner import CompressTuner
 
 from .cache import side_cache, with_side
-from .checks import check_saved_side, check_side_family, refuse_meta_weights
+from .checks import check_saved_side, check_side_family, refuse_low_cpu_mem_usage, refuse_meta_weights
 from .config import LadderSideConfig
 from .layer import LadderSide, LadderSideLayer
 from .side import (
@@ -26,6 +26,7 @@ from .side import (
     side_config_dict,
     side_from_config,
     side_layer_indices,
+    side_widths,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class LadderSideModel(CompressTuner):
         self.__dict__["_grad_mode"] = None
         self.__dict__["_side_memory"] = None  # the side encoder's last state (encoder-decoder models)
         self.__dict__["_unscored"] = False  # pruned by magnitude while the config asks for a data-driven importance
+        refuse_low_cpu_mem_usage(low_cpu_mem_usage, "Ladder Side-Tuning's side network")
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     @property
@@ -85,7 +87,10 @@ class LadderSideModel(CompressTuner):
                                 "another adapter")
 
     def _pre_injection_hook(self, model: nn.Module, config: LadderSideConfig, adapter_name: str) -> None:
-        side_layer_indices(model, config)  # r is checked by _build (a loaded adapter's by check_saved_side)
+        refuse_meta_weights(model)
+        side_layer_indices(model, config)
+        if config.side_config is None:  # a saved side network's r is checked against its weights on loading
+            side_widths(arch_spec(model), config.r)
         self._check_task(model, config)
         self._check_gradient_path(model)
         if hasattr(model, "add_model_tags"):
@@ -118,7 +123,6 @@ class LadderSideModel(CompressTuner):
         raise CompressError("internal: Ladder Side-Tuning replaces no module")  # pragma: no cover
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        refuse_meta_weights(model)
         config = self.peft_config[adapter_name]
         network = self._build(model, config)  # first: a refused side network leaves the model unwrapped
         super().inject_adapter(model, adapter_name, *args, **kwargs)  # modules_to_save; freezes the backbone

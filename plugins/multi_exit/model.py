@@ -50,6 +50,12 @@ class MultiExitModel(CompressTuner):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         self.__dict__["_teacher"] = None  # kept out of the module tree: never trained, saved or moved with it
+        # PeftModel.from_pretrained(low_cpu_mem_usage=True) creates the tuner under init_empty_weights: new
+        # parameters are meta, and the exit heads cannot start from the model's head
+        if low_cpu_mem_usage or nn.Linear(1, 1).weight.is_meta:
+            raise CompressError("low_cpu_mem_usage=True builds the adapter on the meta device, which multi-exit "
+                                "models do not support (exit heads start from the model's own head); load it "
+                                "without low_cpu_mem_usage: the adapter is small")
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     @property
@@ -63,6 +69,7 @@ class MultiExitModel(CompressTuner):
                                 "adapter")
 
     def _pre_injection_hook(self, model: nn.Module, config: MultiExitConfig, adapter_name: str) -> None:
+        refuse_meta_weights(model)
         check_exits(model, config.exit_layers, config.exit_loss_weights)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags([TAG, method_tag(config.peft_type)])
@@ -71,7 +78,6 @@ class MultiExitModel(CompressTuner):
         raise CompressError("internal: multi-exit models replace no module")  # pragma: no cover
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        refuse_meta_weights(model)
         config = self.peft_config[adapter_name]
         if config.slender_shapes:  # a saved slenderized adapter: its backbone weights have these shapes
             reshape_to(model, config.slender_shapes)
