@@ -90,6 +90,12 @@ def _setup_mismatch(work: Path) -> None:
     _edit_config(_copy_model(work, "broken"), intermediate_size=48)
 
 
+def _config_with(**changes):
+    def setup(work: Path) -> None:
+        _edit_config(_copy_model(work, "broken"), **changes)
+    return setup
+
+
 def _setup_adapter_out(work: Path) -> None:
     folder = work / "adapter"  # what Pruning-Adapter's save_pretrained writes: our tag in the card
     folder.mkdir()
@@ -183,14 +189,40 @@ CASES = {
     "pickle-weights": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE], "loads safetensors only",
                            _setup_pickle),
     "config-wrong-type": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE],
-                              "config.json is not a valid config: Validation error for field 'hidden_size'",
-                              _setup_bad_type),
-    "info-config-wrong-type": Case(["info", "{w}/broken"], "Validation error for field 'hidden_size'",
+                              'config.json: hidden_size is "abc": it must be a positive integer', _setup_bad_type),
+    "info-config-wrong-type": Case(["info", "{w}/broken"], 'hidden_size is "abc": it must be a positive integer',
                                    _setup_bad_type),
     "config-disagrees-with-weights": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE],
                                           "config.json disagrees with the weights", _setup_mismatch),
     "info-config-disagrees-with-weights": Case(["info", "{w}/broken"], "config.json disagrees with the weights",
                                                _setup_mismatch),
+    # config.json fields transformers trusts and crashes on (or reads wrongly): the file, the field and the fix
+    "config-negative-size": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE],
+                                 "config.json: intermediate_size is -5: it must be a positive integer; restore",
+                                 _config_with(intermediate_size=-5)),
+    "info-config-negative-size": Case(["info", "{w}/broken"], "config.json: intermediate_size is -5: it must be a "
+                                      "positive integer", _config_with(intermediate_size=-5)),
+    "config-id2label-list": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE],
+                                 'config.json: id2label is [1, 2]: it must map class ids to label names; write '
+                                 'id2label as {"0": "negative", "1": "positive"}', _config_with(id2label=[1, 2])),
+    "info-config-id2label-list": Case(["info", "{w}/broken"], "config.json: id2label is [1, 2]",
+                                      _config_with(id2label=[1, 2])),
+    "config-zero-heads": Case(["info", "{w}/broken"], "config.json: num_attention_heads is 0: it must be a positive "
+                              "integer", _config_with(num_attention_heads=0)),
+    "config-architectures-not-a-list": Case(["info", "{w}/broken"], "config.json: architectures is [3]: it must be a "
+                                            "list of class names", _config_with(architectures=[3])),
+    "config-unknown-activation": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE],
+                                      'config.json: hidden_act is "nope", which is not an activation',
+                                      _config_with(hidden_act="nope")),
+    "config-unknown-dtype": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE],
+                                 'config.json: dtype is "float99", which is not a torch dtype',
+                                 _config_with(dtype="float99")),
+    "config-pad-beyond-vocab": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE],
+                                    "config.json: pad_token_id is 500: it must be a token id below vocab_size (128)",
+                                    _config_with(pad_token_id=500)),
+    "config-builds-no-model": Case(["prune", "{w}/broken", "--out", "{w}/out", *MAGNITUDE],
+                                   "config.json describes no model AutoModelForSequenceClassification can build "
+                                   "(ValueError: dropout probability", _config_with(hidden_dropout_prob=5)),
     "tokenizer-of-another-model": Case(["prune", "{w}/bert", "--out", "{w}/out", "--tokenizer", "{w}/big-tok",
                                         "--data", "{w}/big.tsv", "--no-progress"],
                                        "but the model's embedding has 128 rows", _setup_foreign_tokenizer),

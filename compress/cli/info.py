@@ -11,10 +11,10 @@ from pathlib import Path
 from compress_cli import UsageError
 
 from .inputs import (
+    build_meta_model,
     check_weight_files,
     has_tokenizer,
     load_config,
-    meta_model,
     read_config_json,
     resolve_task,
     shape_mismatches,
@@ -43,25 +43,18 @@ def run(args: argparse.Namespace) -> int:
     spec_cls = spec_class(model_type)
     _, auto_name = resolve_task(config_dict)
     check_weight_files(model_dir, required=False)
-    config = load_config(model_dir)
+    config = load_config(model_dir, config_dict)
 
-    model = None
-    try:
-        model = meta_model(config, auto_name)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
-        logger.info("cannot build %s from its config (%s)", auto_name, exc)
-    mismatches = shape_mismatches(model_dir, model) if model is not None else []
+    model = build_meta_model(model_dir, config, auto_name)  # a config that builds no model: the folder cannot load
+    mismatches = shape_mismatches(model_dir, model)
     weights = _count_weights(model_dir)
-    params = model.num_parameters() if model is not None else weights
+    params = model.num_parameters()
     has_weights = weights is not None or any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt"))
 
     out(f"folder:       {model_dir.resolve()} ({format_size(folder_size(model_dir))})")
     out(f"architecture: {architectures} (model_type {model_type or '?'})")
-    if params is None:
-        out("parameters:   unknown (no safetensors weights)")
-    else:
-        out(f"parameters:   {params:,}" + ("" if has_weights else " (from config.json; no weight files in folder)"))
-    if model is not None and needs_compress_to_load(model):
+    out(f"parameters:   {params:,}" + ("" if has_weights else " (from config.json; no weight files in folder)"))
+    if needs_compress_to_load(model):
         out(f"loading:      needs `import compress` (compact per-layer widths), then {auto_name}.from_pretrained")
     else:
         out(f"loading:      standard transformers folder ({auto_name}.from_pretrained)")
@@ -83,10 +76,9 @@ def run(args: argparse.Namespace) -> int:
         out(f"pruning:      model_type {model_type or '?'!r} is not supported for structured pruning "
             f"(supported: {', '.join(supported_model_types())})")
         return _status(model_dir, mismatches)
-    if model is not None:
-        out()
-        out(format_table([{"structure": STRUCTURE_LABELS.get(name, name), "per layer": format_widths(values),
-                           "total": sum(values)} for name, values in arch_spec(model).widths().items()]))
+    out()
+    out(format_table([{"structure": STRUCTURE_LABELS.get(name, name), "per layer": format_widths(values),
+                       "total": sum(values)} for name, values in arch_spec(model).widths().items()]))
     uniform = ", ".join(spec_cls.uniform_structures)
     extra = [s for s in spec_cls.supported_structures if s not in spec_cls.uniform_structures]
     out()

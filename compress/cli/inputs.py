@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,69 @@ def read_config_json(model_dir: str) -> tuple[Path, dict[str, Any]]:
         raise UsageError(f"cannot read {config_file}: {exc}") from None
     if not isinstance(config, dict):
         raise UsageError(f"{config_file} does not hold a JSON object")
+    check_config_fields(config_file, config)
     return path, config
+
+
+#: config fields that count or size something (families' own names: BERT/Llama, T5, compact models): where set,
+#: a positive integer. transformers builds the model from them without checking, and fails deep inside (a negative
+#: tensor dimension, a division by zero) or builds a model the weights do not fit.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "type_vocab_size", "num_labels",
+               "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+               "relative_attention_num_buckets", "relative_attention_max_distance", "compress_head_dim")
+_RESTORE = "restore the value the model was saved with, or re-save the model with save_pretrained"
+
+
+def check_config_fields(config_file: Path, config: dict[str, Any]) -> None:
+    """Refuse config.json fields that transformers would trust and crash on (or read wrongly), each with one
+    error naming the file, the field and the fix: sizes, ``id2label`` / ``label2id``, ``architectures``,
+    ``model_type``, ``pad_token_id``, the compact models' ``compress_shapes``."""
+    def refuse(field: str, problem: str, fix: str = _RESTORE) -> UsageError:
+        return UsageError(f"{config_file}: {field} is {_short(config[field])}: {problem}; {fix}")
+
+    for field in SIZE_FIELDS:
+        value = config.get(field)
+        if value is not None and not (_is_int(value) and value > 0):
+            raise refuse(field, "it must be a positive integer")
+    model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise refuse("model_type", "it must be a string naming the model family, e.g. \"bert\"")
+    architectures = config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(name, str) for name in architectures)):
+        raise refuse("architectures", "it must be a list of class names, e.g. [\"BertForSequenceClassification\"]",
+                     "write it as a list, or remove it")
+    label_fix = 'write id2label as {"0": "negative", "1": "positive"} and label2id as its inverse, or remove them'
+    id2label = config.get("id2label")
+    if id2label is not None and not (isinstance(id2label, dict) and all(
+            INTEGER_KEY.fullmatch(str(key)) and isinstance(name, str) for key, name in id2label.items())):
+        raise refuse("id2label", "it must map class ids to label names", label_fix)
+    label2id = config.get("label2id")
+    if label2id is not None and not (isinstance(label2id, dict) and all(_is_int(i) for i in label2id.values())):
+        raise refuse("label2id", "it must map label names to class ids", label_fix)
+    vocab_size, pad = config.get("vocab_size"), config.get("pad_token_id")
+    if pad is not None and not (_is_int(pad) and (vocab_size is None or -vocab_size <= pad < vocab_size)):
+        raise refuse("pad_token_id", f"it must be a token id below vocab_size ({vocab_size})" if vocab_size else
+                     "it must be an integer token id", "set the tokenizer's pad token id, or remove it")
+    shapes = config.get("compress_shapes")
+    if shapes is not None and not (isinstance(shapes, dict) and all(
+            isinstance(shape, list) and len(shape) == 2 and all(_is_int(n) and n > 0 for n in shape)
+            for shape in shapes.values())):
+        raise refuse("compress_shapes", "it must map each projection to [out_features, in_features], positive "
+                     "integers", "it is written by `compress prune --mode global`: " + _RESTORE)
+
+
+INTEGER_KEY = re.compile(r"-?\d+")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_weight_files(model_dir: Path, required: bool = True) -> None:
@@ -61,15 +124,46 @@ def check_weight_files(model_dir: Path, required: bool = True) -> None:
                              "corrupt: save the model again") from None
 
 
-def load_config(model_dir: Path):
-    """The folder's config through AutoConfig, its validation errors reported on one line naming the file."""
+def load_config(model_dir: Path, config_dict: Mapping[str, Any]):
+    """The folder's config through AutoConfig, its validation errors reported on one line naming the file;
+    ``config_dict`` is config.json as :func:`read_config_json` read it."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    _check_activation_and_dtype(model_dir / "config.json", config_dict)
     try:
         return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (StrictDataclassError, OSError, ValueError, TypeError, KeyError) as exc:
+    except (StrictDataclassError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise UsageError(f"{model_dir / 'config.json'} is not a valid config: {exc}") from None
+
+
+def _check_activation_and_dtype(config_file: Path, config: Mapping[str, Any]) -> None:
+    """The activation function and dtype config.json names exist (transformers looks them up only when it builds
+    the model or converts the dtype, and fails there with a bare KeyError / AttributeError)."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    for field in ("hidden_act", "hidden_activation"):
+        name = config.get(field)
+        if name is not None and (not isinstance(name, str) or name not in ACT2FN):
+            raise UsageError(f"{config_file}: {field} is {_short(name)}, which is not an activation transformers "
+                             "knows; restore the model's own, e.g. \"gelu\", \"relu\" or \"silu\"")
+    for field in ("dtype", "torch_dtype"):
+        dtype = config.get(field)
+        if dtype is not None and dtype != "auto" and not (
+                isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+            raise UsageError(f"{config_file}: {field} is {_short(dtype)}, which is not a torch dtype; use e.g. "
+                             '"float32", "bfloat16" or "float16", or remove it')
+
+
+def build_meta_model(model_dir: Path, config, auto_name: str):
+    """:func:`meta_model`, with a config that builds no model reported on one line naming config.json."""
+    try:
+        return meta_model(config, auto_name)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, RuntimeError,
+            AssertionError) as exc:  # what transformers' and torch's constructors raise for values they cannot use
+        raise UsageError(f"{model_dir / 'config.json'} describes no model {auto_name} can build "
+                         f"({type(exc).__name__}: {exc}); {_RESTORE}") from None
 
 
 def weight_shapes(model_dir: Path) -> dict[str, list[int]]:

@@ -13,10 +13,10 @@ from compress_cli import RunFailed, UsageError
 
 from .inputs import (
     build_calibration,
+    build_meta_model,
     check_weight_files,
     load_config,
     load_tokenizer,
-    meta_model,
     position_limit,
     read_config_json,
     resolve_device,
@@ -105,7 +105,7 @@ def _prune(args: argparse.Namespace) -> int:
                         name=f"--out {args.out}")
     device = resolve_device(args.device)
     check_weight_files(model_dir)
-    config = load_config(model_dir)
+    config = load_config(model_dir, config_dict)
 
     dataset = None
     if criterion.needs_calibration or spec.compensate_bias:
@@ -136,7 +136,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     import transformers
 
-    mismatches = shape_mismatches(model_dir, meta_model(config, auto_name))
+    mismatches = shape_mismatches(model_dir, build_meta_model(model_dir, config, auto_name))
     if mismatches:
         raise UsageError(f"{model_dir / 'config.json'} disagrees with the weights: {mismatches[0]}"
                          + (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
