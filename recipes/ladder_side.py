@@ -24,7 +24,7 @@ from peft import PeftModel, get_peft_model
 
 import compress
 from compress.bench.ladder_side import add_arguments, backbone, init_side
-from compress.bench.recipe import finish_run, load_splits, parse_recipe_args, setup_run
+from compress.bench.recipe import claim_run_folder, finish_run, load_splits, parse_recipe_args, setup_run
 from compress.bench.train import evaluate_accuracy, finetune_classifier
 from compress.distributed import is_main_process, wait_for_everyone
 from compress.export import atomic_directory
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
                    help="frozen backbone in bitsandbytes 8-bit or nf4 4-bit, or its encoder in torch's dynamic int8")
     p.add_argument("--out", default=str(REPO / "runs" / "ladder_side"), help="output folder")
     args = parse_recipe_args(p, argv)
+    claim_run_folder(args, p.description)
     setup_run(verbose=True, log_format="%(message)s")
     print(f"config: {vars(args)}")
 

@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, pipeline
 
 import compress
 from compress.bench.multi_exit import add_arguments, build_student, outcome, test_batches
-from compress.bench.recipe import finish_run, load_splits, parse_recipe_args, setup_run
+from compress.bench.recipe import claim_run_folder, finish_run, load_splits, parse_recipe_args, setup_run
 from compress.bench.train import finetune_classifier, load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 from compress.distributed import is_main_process
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     args = parse_recipe_args(p, argv)
     if args.target_speedup is None and args.target_drop is None:
         args.target_drop = 1.0
+    claim_run_folder(args, p.description)
     setup_run(verbose=True, log_format="%(message)s")
     print(f"config: {vars(args)}")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import compress
 from compress.bench.pruning_adapter import add_arguments, build, encoder_layer_params, lr_for, merged
-from compress.bench.recipe import finish_run, load_splits, parse_recipe_args, setup_run
+from compress.bench.recipe import claim_run_folder, finish_run, load_splits, parse_recipe_args, setup_run
 from compress.bench.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
 from compress.distributed import is_main_process
 from compress.export import atomic_directory
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--schedule", choices=["oneshot", "progressive"], default="progressive")
     p.add_argument("--out", default=str(REPO / "runs" / "pruning_adapter"), help="output folder")
     args = parse_recipe_args(p, argv)
+    claim_run_folder(args, p.description)
     setup_run(verbose=True, log_format="%(message)s")  # the library's INFO lines narrate pruning
     print(f"config: {vars(args)}")
 

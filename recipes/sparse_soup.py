@@ -30,6 +30,7 @@ from pathlib import Path
 import compress
 from compress.bench.recipe import (
     add_data_arguments,
+    claim_run_folder,
     finish_run,
     load_splits,
     parse_recipe_args,
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
     if args.start is not None and not (Path(args.start) / "config.json").is_file():
         p.error(f"--start {args.start} is not a model folder (no config.json): give a fine-tuned classifier saved "
                 "with save_pretrained, e.g. <out>/dense of an earlier run")
+    claim_run_folder(args, p.description)
     setup_run()
     print(f"config: {vars(args)}")
     started = time.time()

