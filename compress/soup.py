@@ -116,11 +116,25 @@ def _load_folder(folder: Path) -> nn.Module:
     from compress.tasks import task_of_class
 
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    _refuse_compressed_tensors_sparsity(folder, config)
     found = task_of_class((config.get("architectures") or [""])[0])
     if found is None:
         raise CompressError(f"{folder} holds no model transformers can load (no config.json naming its "
                             "architecture, no adapter_config.json, no compact sparse weights)")
     return getattr(transformers, found[1]).from_pretrained(folder)
+
+
+def _refuse_compressed_tensors_sparsity(folder: Path, config: dict) -> None:
+    """Refuse a compressed-tensors checkpoint stored in a sparse format: transformers 5 ignores its
+    ``sparsity_config`` and loads it with the sparse weights newly initialised, without an error."""
+    quantization = config.get("quantization_config")
+    sparsity = quantization.get("sparsity_config") if isinstance(quantization, dict) else None
+    stored_as = sparsity.get("format") if isinstance(sparsity, dict) else None
+    if stored_as not in (None, "dense"):
+        raise CompressError(f"{folder / 'config.json'} describes a compressed-tensors checkpoint in the sparse format "
+                            f"{stored_as!r}, which transformers 5 no longer reads (its sparse weights would load "
+                            "randomly initialised). Decompress it with compressed-tensors 0.14 or earlier under "
+                            "transformers 4 and save it dense, then pass that folder")
 
 
 def _merged_keeping_zeros(peft_model) -> nn.Module:

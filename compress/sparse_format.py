@@ -6,7 +6,13 @@ entries in row-major order) and ``<name>.__mask__`` (one bit per entry, packed e
 are stored as they are. The file's metadata holds each sparse tensor's shape (``shapes``) and a CRC-32 of its
 mask and values (``checksums``), so that an edited or damaged mask (a kept bit swapped with a removed one keeps
 every count) is refused on load. ``load_sparse`` rebuilds the model exactly (``import compress`` is needed:
-transformers does not read this file).
+transformers does not read this file, and ``from_pretrained`` on the folder fails naming the missing weights file).
+
+Not compressed-tensors' ``sparse-bitmask`` / ``sparse-24-bitmask``: no reader of those formats works with
+transformers 5. compressed-tensors removed its sparse compressors in 0.15, the first release that accepts
+transformers 5; transformers 5 ignores a checkpoint's ``sparsity_config`` and loads such a folder with its sparse
+weights newly initialised; vLLM no longer serves sparse compressed-tensors checkpoints. To serve a sparse model
+with transformers or vLLM, save it dense (:func:`compress.save_pretrained`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -31,19 +38,18 @@ logger = logging.getLogger(__name__)
 SPARSE_WEIGHTS = "model.sparse.safetensors"
 FORMAT = "compress-sparse-bitmask-v1"
 _VALUES, _MASK = ".__values__", ".__mask__"
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor as bytes, eight entries per byte (row-major, least significant bit first)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
-    return (flat.reshape(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
+    """A boolean tensor as bytes, eight entries per byte (row-major, least significant bit first, the last byte
+    padded with zeros)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy(), bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The first ``numel`` bits of :func:`pack_bits`'s bytes, as a flat boolean tensor."""
-    return ((packed.reshape(-1, 1) & _BITS) != 0).reshape(-1)[:numel]
+    bits = np.unpackbits(packed.detach().cpu().reshape(-1).numpy(), count=numel, bitorder="little")
+    return torch.from_numpy(bits.astype(bool))
 
 
 def checksum(*tensors: torch.Tensor) -> str:

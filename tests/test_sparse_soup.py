@@ -274,6 +274,8 @@ def test_lora_adapters_of_a_sparse_base_merge_into_a_soup_with_its_zeros(caplog)
 def test_bits_pack_and_unpack():
     mask = torch.rand(7, 13) > 0.5
     assert torch.equal(unpack_bits(pack_bits(mask), mask.numel()).reshape(7, 13), mask)
+    # the byte layout is part of saved files and adapter checksums: least significant bit first, zero padded
+    assert pack_bits(torch.tensor([True] + [False] * 8 + [True])).tolist() == [1, 2]
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])

@@ -192,6 +192,27 @@ def test_a_compact_file_without_checksums_loads_with_a_warning(tmp_path, caplog)
     assert "no checksums" in caplog.text
 
 
+def test_a_compressed_tensors_sparse_checkpoint_is_refused_not_loaded_with_random_weights(tmp_path):
+    """transformers 5 ignores a compressed-tensors ``sparsity_config``: the weights stored as values + bitmask
+    would be newly initialised."""
+    model = sparse_bert().merge_and_unload()
+    model.save_pretrained(tmp_path / "ct")
+    weights = tmp_path / "ct" / "model.safetensors"
+    tensors = load_file(weights)
+    name = "bert.encoder.layer.0.attention.self.query"
+    dense = tensors.pop(name + ".weight")
+    tensors.update({name + ".compressed": dense[dense != 0], name + ".bitmask": pack_bits(dense != 0),
+                    name + ".shape": torch.tensor(dense.shape)})
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "version": "0.14.0",
+                                     "sparsity_config": {"format": "sparse-bitmask", "global_sparsity": 0.5,
+                                                         "sparsity_structure": "unstructured"}}
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(compress.CompressError, match=r"config\.json .* compressed-tensors .* 'sparse-bitmask'"):
+        compress.make_soup([tmp_path / "ct"])
+
+
 # -- meta-device models ------------------------------------------------------------------------------------------------
 def test_meta_device_models_are_refused_with_the_fix(tmp_path):
     config = compress.SparseSoupConfig(task_type="SEQ_CLS", sparsity=0.5)
