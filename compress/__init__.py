@@ -46,10 +46,16 @@ from compress.plugins.pruning_adapter import (  # noqa: E402
     PruningAdapterModel,
     apply_pruning_adapter,
 )
-from compress.plugins.sparse_soup import SparseSoupConfig, SparseSoupModel, apply_sparse_soup  # noqa: E402
-from compress.soup import make_soup  # noqa: E402
-from compress.soup_cycles import SoupRun, run_sparse_soup  # noqa: E402
-from compress.sparse_format import load_sparse, save_sparse  # noqa: E402
+from compress.plugins.sparse_soup import (  # noqa: E402
+    SoupRun,
+    SparseSoupConfig,
+    SparseSoupModel,
+    apply_sparse_soup,
+    load_sparse,
+    make_soup,
+    run_sparse_soup,
+    save_sparse,
+)
 
 __all__ = [
     "CalibrationError",
@@ -88,3 +94,24 @@ __all__ = [
     "save_sparse",
     "supported_model_types",
 ]
+
+#: modules that moved into a plugin: the old attribute path works, with a warning, until the next release
+_MOVED_MODULES = {
+    "soup": "compress.plugins.sparse_soup.soup",
+    "soup_cycles": "compress.plugins.sparse_soup.cycles",
+    "sparse_format": "compress.plugins.sparse_soup.format",
+}
+
+
+def __getattr__(name: str):
+    """``compress.soup`` and the other moved modules (PEP 562), warning once each."""
+    if name not in _MOVED_MODULES:
+        raise AttributeError(f"module 'compress' has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(f"compress.{name} moved to {_MOVED_MODULES[name]}; the old name will be removed in the next "
+                  "release (the public functions stay importable from compress)", FutureWarning, stacklevel=2)
+    module = importlib.import_module(_MOVED_MODULES[name])
+    globals()[name] = module  # found directly from now on: the warning is given once
+    return module

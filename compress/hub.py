@@ -121,7 +121,7 @@ def _check_links(folder: Path) -> None:
 
 
 def _load_weights(folder: Path) -> str:
-    from compress.sparse_format import SPARSE_WEIGHTS, load_sparse
+    from compress.plugins.sparse_soup.format import SPARSE_WEIGHTS, load_sparse
 
     if (folder / "adapter_config.json").is_file():
         _check_adapter(folder)
@@ -133,7 +133,7 @@ def _load_weights(folder: Path) -> str:
         if not list(folder.glob("*.safetensors")):
             raise CompressError(f"{folder} has no safetensors weights")
         _load_config(folder)
-        from compress.soup import load_ingredient
+        from compress.plugins.sparse_soup.soup import load_ingredient
 
         load_ingredient(folder)
         return "model"

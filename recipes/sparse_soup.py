@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from compress.plugins.sparse_soup.soup import load_ingredient
+
 import compress
 from compress.bench.recipe import (
     add_data_arguments,
@@ -134,10 +136,10 @@ def main(argv=None) -> int:
         for c, sparsity in enumerate(sparsities):
             cycle = workdir / "soup" / f"cycle{c}"
             ingredients = [cycle / f"ingredient{i}" for i in range(args.ingredients)]
-            scores = [accuracy(compress.soup.load_ingredient(f)) for f in ingredients]
-            uniform = compress.soup.load_ingredient(cycle / "soup")
+            scores = [accuracy(load_ingredient(f)) for f in ingredients]
+            uniform = load_ingredient(cycle / "soup")
             greedy = compress.make_soup(ingredients, strategy="greedy", eval_fn=val_score)
-            imp = compress.soup.load_ingredient(workdir / "imp" / f"cycle{c}" / "soup")
+            imp = load_ingredient(workdir / "imp" / f"cycle{c}" / "soup")
             uniform_acc, greedy_acc, imp_acc = accuracy(uniform), accuracy(greedy), accuracy(imp)
             label = f"{sparsity:.0%}" if name == "unstructured" else name
             rows.append({"config": f"{name} cycle {c + 1}" if name == "unstructured" else name, "sparsity": label,
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
             metrics[f"{label}_imp_test_accuracy"] = imp_acc
             print(f"[{label}] ingredients {scores}, uniform {uniform_acc:.2%}, greedy {greedy_acc:.2%}, "
                   f"IMP {imp_acc:.2%}", flush=True)
-        final = compress.soup.load_ingredient(workdir / "soup" / f"cycle{len(sparsities) - 1}" / "soup")
+        final = load_ingredient(workdir / "soup" / f"cycle{len(sparsities) - 1}" / "soup")
         if is_main_process():
             compress.save_sparse(final, workdir / "compact", tokenizer=tokenizer, overwrite=True)
         wait_for_everyone()

@@ -5,14 +5,15 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 
 import pytest
 import torch
+from compress.plugins.sparse_soup.format import SPARSE_WEIGHTS, pack_bits, unpack_bits
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import compress
-from compress.sparse_format import SPARSE_WEIGHTS, pack_bits, unpack_bits
 from tests import tiny
 
 sparse_soup = compress.METHODS["SPARSE_SOUP"]
@@ -263,7 +264,7 @@ def test_lora_adapters_of_a_sparse_base_merge_into_a_soup_with_its_zeros(caplog)
         run = get_peft_model(copy.deepcopy(base), config)
         train(run, steps=5, seed=seed)
         runs.append(run)
-    with caplog.at_level(logging.WARNING, logger="compress.soup"):
+    with caplog.at_level(logging.WARNING, logger="compress.plugins.sparse_soup.soup"):
         soup = compress.make_soup(runs)
     assert "train='lora'" in caplog.text  # the plain LoRA update fell on pruned positions, and says so
     for (name, p), q in zip(soup.named_parameters(), base.parameters()):
@@ -317,6 +318,21 @@ def test_damaged_compact_files_fail_clearly(tmp_path):
         compress.load_sparse(tmp_path / "sparse")
     with pytest.raises(compress.CompressError, match="not a compact sparse folder"):
         compress.load_sparse(tmp_path)
+
+
+def test_the_moved_modules_keep_their_old_names_for_a_release_with_one_warning(monkeypatch):
+    from compress.plugins.sparse_soup import cycles, soup
+    from compress.plugins.sparse_soup import format as sparse_format
+
+    for old, module in {"soup": soup, "soup_cycles": cycles, "sparse_format": sparse_format}.items():
+        monkeypatch.delitem(vars(compress), old, raising=False)
+        with pytest.warns(FutureWarning, match=rf"compress\.{old} moved to {module.__name__}"):
+            assert getattr(compress, old) is module
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert getattr(compress, old) is module  # warned once
+    with pytest.raises(AttributeError, match="no attribute 'soups'"):
+        compress.soups  # noqa: B018
 
 
 # -- configuration ---------------------------------------------------------------------------------------------------

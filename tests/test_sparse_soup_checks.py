@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from compress.plugins.sparse_soup.format import SPARSE_WEIGHTS, pack_bits, unpack_bits
 from compress.plugins.sparse_soup.model import check_saved_adapter
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import compress
-from compress.sparse_format import SPARSE_WEIGHTS, pack_bits, unpack_bits
 from tests import tiny
 
 

@@ -3,8 +3,9 @@ average into a soup that keeps the mask.
 
 After "Sparse Model Soups: A Recipe for Improved Pruning via Model Averaging" (Zimmer, Spiegel, Pokutta,
 ICLR 2024); ``wanda`` importance after Sun et al., "A Simple and Effective Pruning Approach for Large Language
-Models" (2023). Averaging lives in :mod:`compress.soup`, the compact sparse file format in
-:mod:`compress.sparse_format`.
+Models" (2023). The method's adapter is ``config``/``layer``/``mask``/``importance``/``model``; averaging is
+``soup`` (``make_soup``), prune-retrain cycles ``cycles`` (``run_sparse_soup``), the compact sparse file
+``format`` (``save_sparse``/``load_sparse``).
 """
 
 from __future__ import annotations
@@ -12,21 +13,29 @@ from __future__ import annotations
 from compress.registry import register_method
 
 from .config import SPARSE_SOUP, SparseSoupConfig, parse_n_m
+from .cycles import SoupRun, run_sparse_soup
+from .format import load_sparse, save_sparse
 from .layer import SparseLinear, SparseLoraLinear, SparseMask
 from .mask import masks_from_scores, n_m_mask
 from .model import SparseSoupModel
+from .soup import make_soup
 
 __all__ = [
     "SPARSE_SOUP",
+    "SoupRun",
     "SparseLinear",
     "SparseLoraLinear",
     "SparseMask",
     "SparseSoupConfig",
     "SparseSoupModel",
     "apply_sparse_soup",
+    "load_sparse",
+    "make_soup",
     "masks_from_scores",
     "n_m_mask",
     "parse_n_m",
+    "run_sparse_soup",
+    "save_sparse",
 ]
 
 register_method(SPARSE_SOUP, SparseSoupConfig, SparseSoupModel, prefix=SparseSoupModel.prefix)

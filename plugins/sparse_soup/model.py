@@ -14,21 +14,21 @@ from torch import nn
 from compress.errors import CompressError
 from compress.export import TAG, method_tag
 from compress.pruning.arch import arch_spec
-from compress.soup import check_weights_loaded
-from compress.sparse_format import checksum, pack_bits
 from compress.tuner import CompressTuner
 
 from .config import SparseSoupConfig
+from .format import checksum, pack_bits
 from .importance import magnitude_scores, wanda_scores
 from .layer import SparseLinear, SparseLoraLinear, SparseMask
 from .mask import masks_from_scores, removed_count
+from .soup import check_weights_loaded
 
 logger = logging.getLogger(__name__)
 
 #: how saved adapter weights name peft's LoRA matrices: under the method's own prefix (peft finds them by it)
 _SAVED_NAMES = {".lora_A.": ".sparse_A.", ".lora_B.": ".sparse_B."}
 #: state-dict key of the masks' checksums in the adapter weights (a uint8 tensor of zlib-compressed JSON: saved
-#: mask key -> :func:`~compress.sparse_format.checksum` of its packed bits), like the Pruning-Adapter's plan copy
+#: mask key -> :func:`~.format.checksum` of its packed bits), like the Pruning-Adapter's plan copy
 CHECKSUMS_KEY = "sparse_mask_checksums"
 _MASK_SUFFIX = ".sparse_mask"
 _SAVED_WEIGHTS = "the saved adapter weights (adapter_model.safetensors)"

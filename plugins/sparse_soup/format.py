@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.errors import CompressError
-from compress.soup import check_weights_loaded
+
+from .soup import check_weights_loaded
 
 logger = logging.getLogger(__name__)
 

@@ -101,7 +101,7 @@ def load_ingredient(source: Ingredient) -> nn.Module:
 
 
 def _load_folder(folder: Path) -> nn.Module:
-    from compress.sparse_format import SPARSE_WEIGHTS, load_sparse
+    from .format import SPARSE_WEIGHTS, load_sparse
 
     if not folder.is_dir():
         raise CompressError(f"soup ingredient {folder} is not a folder")
@@ -140,7 +140,7 @@ def _refuse_compressed_tensors_sparsity(folder: Path, config: dict) -> None:
 def _merged_keeping_zeros(peft_model) -> nn.Module:
     """Merge a PEFT model. A sparse-soup adapter keeps its mask itself; for any other adapter the zeros of the
     base weights are restored after merging (the adapter's update at those positions is dropped)."""
-    from compress.plugins.sparse_soup import SparseSoupModel
+    from .model import SparseSoupModel
 
     if isinstance(peft_model.base_model, SparseSoupModel):
         return peft_model.merge_and_unload()

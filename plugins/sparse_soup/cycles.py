@@ -33,6 +33,10 @@ from torch import nn
 
 from compress.distributed import is_main_process, wait_for_everyone, world_size
 from compress.errors import CompressError
+from compress.export import save_pretrained
+
+from .config import SparseSoupConfig
+from .soup import STRATEGIES, check_weights_loaded, load_ingredient, make_soup, score
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +88,6 @@ def _check_arguments(model, train_fn, ingredients_per_cycle, eval_fn, vary, stra
                      wait_timeout, tokenizer) -> None:
     """Every argument of :func:`run_sparse_soup` except ``sparsities``, before any training."""
     from peft import PeftModel
-
-    from compress import SparseSoupConfig
-    from compress.soup import STRATEGIES, check_weights_loaded
 
     if isinstance(model, PeftModel) or not isinstance(model, nn.Module):
         what = "a PEFT model: merge it first (model.merge_and_unload())" if isinstance(model, PeftModel) else \
@@ -257,7 +258,7 @@ def run_sparse_soup(model: nn.Module, sparsities: Sequence[float], train_fn: Cal
     first; the previous zeros have the lowest scores, so masks only grow), then fine-tunes each ingredient from
     that sparse start with ``train_fn(peft_model, **vary[i])`` (a PEFT model whose pruned weights stay zero:
     train it with the ``Trainer`` or any loop), merges them and averages them with
-    :func:`~compress.soup.make_soup` (``strategy``; ``greedy`` needs ``eval_fn``).
+    :func:`~compress.make_soup` (``strategy``; ``greedy`` needs ``eval_fn``).
 
     Args:
         model: the dense start (e.g. a fine-tuned model); not modified.
@@ -289,9 +290,6 @@ def run_sparse_soup(model: nn.Module, sparsities: Sequence[float], train_fn: Cal
             ``train_only`` without ``workdir``, ``greedy`` without ``eval_fn``, a model on the meta device); a
             ``workdir`` holding another run's cycles; an ingredient that did not appear within ``wait_timeout``.
     """
-    from compress import SparseSoupConfig
-    from compress.soup import load_ingredient, make_soup, score
-
     sparsities = _check_sparsities(sparsities)
     _check_arguments(model, train_fn, ingredients_per_cycle, eval_fn, vary, strategy, config, workdir, train_only,
                      wait_timeout, tokenizer)
@@ -354,8 +352,6 @@ def run_sparse_soup(model: nn.Module, sparsities: Sequence[float], train_fn: Cal
 def _save_once(model: nn.Module, folder: Path, tokenizer) -> None:
     """Save on the main process; under ``torchrun`` every rank trains the same model, and the others wait for
     the folder before anything reads it."""
-    from compress import save_pretrained
-
     if is_main_process():
         save_pretrained(model, folder, tokenizer=tokenizer, overwrite=True)
     wait_for_everyone()
