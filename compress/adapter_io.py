@@ -117,8 +117,8 @@ def _read_peft_type(config_file: Path) -> str:
 
         raise UnknownPeftTypeError(
             f"{config_file}: peft_type {peft_type!r} is neither a peft method nor one registered by an imported "
-            f"package (import compress registers {', '.join(registered_methods()) or 'none'}); import the package "
-            "that defines the method before loading, or correct the field")
+            f"package (registered through peft-compress: {', '.join(registered_methods()) or 'none'}); import the "
+            "package that defines the method before loading, or correct the field")
     return peft_type
 
 

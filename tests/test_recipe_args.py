@@ -132,3 +132,22 @@ def test_a_run_refuses_an_out_that_is_a_file(tmp_path, capsys):
         _recipe("--out", str(tmp_path / "out"))
     assert "is a file, not a folder" in capsys.readouterr().err
 
+
+
+def test_a_benchmark_report_is_replaced_whole(tmp_path, monkeypatch):
+    import os
+
+    from compress.bench.recipe import write_report
+
+    report = tmp_path / "bench.md"
+    write_report("recipes/bench_x.py", ["--steps", "3"], "| a |", report)
+    before = report.read_text(encoding="utf-8")
+    assert before.startswith("# bench_x\n\n`python recipes/bench_x.py --steps 3`")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report("recipes/bench_x.py", [], "| b |", report)
+    assert report.read_text(encoding="utf-8") == before and [p.name for p in tmp_path.iterdir()] == ["bench.md"]

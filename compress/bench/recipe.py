@@ -185,8 +185,9 @@ def write_report(script: str, argv: Sequence[str] | None, body: str, path: str |
     arguments = sys.argv[1:] if argv is None else argv
     command = f"python recipes/{name}.py {' '.join(arguments)}".strip()
     text = f"# {title or name}\n\n`{command}`\n\n{body}\n"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text, encoding="utf-8")
+    from compress.export import write_text_atomically
+
+    write_text_atomically(path, text)
     return text
 
 
