@@ -234,10 +234,10 @@ def adapter_shape_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[s
     method = str(config.peft_type)
     if method == "PRUNING_ADAPTER":
         exits = config.exits
-        return _low_rank_problems("pa", config.r, shapes) + (
+        return _low_rank_problems(("pa", "lora"), config, shapes) + (
             _exit_problems(exits.get("exit_layers"), exits.get("exit_head", "pooled"), shapes) if exits else [])
     if method == "SPARSE_SOUP":
-        return _low_rank_problems("sparse", config.r, shapes)
+        return _low_rank_problems(("sparse", "lora"), config, shapes)
     if method == "MULTI_EXIT":
         return _exit_problems(config.exit_layers, config.exit_head, shapes) + _slender_problems(config, shapes)
     if method == "LADDER_SIDE":
@@ -245,41 +245,43 @@ def adapter_shape_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[s
     return []
 
 
-_ADAPTED = re.compile(r"^(?P<module>.+)\.(?P<prefix>pa|sparse)_(?P<part>A\.weight|B\.weight|bias|mask|delta)$")
+_ADAPTED = re.compile(r"^(?P<module>.+)\.(?P<prefix>pa|sparse|lora)_(?P<part>A\.weight|B\.weight|bias|mask|delta)$")
 
 
-def _low_rank_problems(prefix: str, rank: int, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """``<prefix>_A.weight`` is ``[r, in]``, ``<prefix>_B.weight`` ``[out, r]``; a bias is ``[out]``; a mask covers
-    the adapted weight (``[out, in]``) and a dense update has the mask's shape."""
-    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+def _low_rank_problems(prefixes: tuple[str, ...], config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """``A.weight`` is ``[r, in]``, ``B.weight`` ``[out, r]`` (``r`` from the config, unless a ``rank_pattern``
+    varies it); a bias is ``[out]``; a mask covers the adapted weight (``[out, in]``) and a dense update has the
+    mask's shape. ``prefixes``: the method's tensor-name prefixes (``pa_A``, ``lora_A``, ``sparse_mask``, ...)."""
+    rank = None if getattr(config, "rank_pattern", None) else config.r
+    modules: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
     for key, shape in shapes.items():
         found = _ADAPTED.match(key)
-        if found and found["prefix"] == prefix:
-            modules.setdefault(found["module"], {})[found["part"]] = shape
+        if found and found["prefix"] in prefixes:
+            modules.setdefault(found["module"], {})[found["part"]] = (f"{found['module']}.{found['prefix']}_"
+                                                                      f"{found['part']}", shape)
     problems = []
-    for module, parts in sorted(modules.items()):
-        a, b = parts.get("A.weight"), parts.get("B.weight")
-        name = f"{module}.{prefix}_"
+    for parts in (modules[name] for name in sorted(modules)):
+        (a_name, a), (b_name, b) = parts.get("A.weight", (None, None)), parts.get("B.weight", (None, None))
         if (a is None) != (b is None):
-            problems.append(f"{name}{'A' if a is not None else 'B'}.weight has no {'B' if a is not None else 'A'} "
-                            "partner")
+            problems.append(f"{a_name or b_name} has no {'B' if a is not None else 'A'} partner")
         weight = None  # [out, in] of the adapted layer, as the low-rank pair gives it
         if a is not None and b is not None:
-            if len(a) != 2 or a[0] != rank:
-                problems.append(f"{name}A.weight is {list(a)}, expected [r={rank}, in_features]")
-            elif len(b) != 2 or b[1] != rank:
-                problems.append(f"{name}B.weight is {list(b)}, expected [out_features, r={rank}]")
+            wanted = rank if rank is not None else (a[0] if len(a) == 2 else None)
+            if len(a) != 2 or a[0] != wanted:
+                problems.append(f"{a_name} is {list(a)}, expected [r={wanted}, in_features]")
+            elif len(b) != 2 or b[1] != wanted:
+                problems.append(f"{b_name} is {list(b)}, expected [out_features, r={wanted}]")
             else:
                 weight = (b[0], a[1])
-        bias = parts.get("bias")
+        bias_name, bias = parts.get("bias", (None, None))
         if bias is not None and weight is not None and bias != weight[:1]:
-            problems.append(f"{name}bias is {list(bias)}, expected [{weight[0]}] ({name}B.weight's out_features)")
-        mask, delta = parts.get("mask"), parts.get("delta")
+            problems.append(f"{bias_name} is {list(bias)}, expected [{weight[0]}] ({b_name}'s out_features)")
+        (mask_name, mask), (delta_name, delta) = parts.get("mask", (None, None)), parts.get("delta", (None, None))
         if mask is not None and (len(mask) != 2 or (weight is not None and mask != weight)):
-            expected = f"{list(weight)} (from {prefix}_B and {prefix}_A)" if weight else "[out_features, in_features]"
-            problems.append(f"{name}mask is {list(mask)}, expected {expected}")
+            expected = f"{list(weight)} (from the A and B matrices)" if weight else "[out_features, in_features]"
+            problems.append(f"{mask_name} is {list(mask)}, expected {expected}")
         if delta is not None and delta != mask:
-            problems.append(f"{name}delta is {list(delta)}, its mask {list(mask) if mask else 'is missing'}")
+            problems.append(f"{delta_name} is {list(delta)}, its mask {list(mask) if mask else 'is missing'}")
     return problems
 
 

@@ -98,7 +98,7 @@ def _rewrite_weights(folder: Path, name: str, change) -> None:
 
 
 #: tensors a method adds (not the modules_to_save copies, which only the base model can check)
-_ADAPTER_TENSOR = re.compile(r"\.(pa_|sparse_)|exit_heads|lst_network")
+_ADAPTER_TENSOR = re.compile(r"\.(pa_|sparse_|lora_)|exit_heads|lst_network")
 
 
 def _assert_reshaped_tensors_are_refused(folder: Path, broken: Path) -> None:
