@@ -42,6 +42,13 @@ def train(model, arch: str = "bert", steps: int = 30, lr: float = 1e-2, seed: in
         opt.zero_grad()
 
 
+def by_key(a, b) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The tensors of two state dicts (or ``named_parameters()``) paired by name, once both hold the same names."""
+    a, b = dict(a), dict(b)
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    return [(name, a[name], b[name]) for name in a]
+
+
 def _sparse_weight_names(model) -> list[str]:
     return [f"{name}.weight" for name in model.base_model.sparse_layers()]
 
@@ -126,6 +133,25 @@ def test_wanda_scores_weights_by_their_input_norms():
     assert different > 0, "wanda chose exactly the magnitude masks: the input norms had no effect"
 
 
+def test_wanda_scores_the_base_model_and_leaves_the_adapters_as_they_were():
+    data = tiny.make_batches("bert", 3)
+    model = wrap("bert", sparsity=0.5, importance="wanda")
+    model.base_model.prune(data=data)
+    first = {name: mask.clone() for name, mask in masks(model).items()}
+    torch.manual_seed(1)
+    layers = model.base_model.sparse_layers()
+    for layer in layers.values():
+        layer.sparse_delta["default"].data.normal_(0, 1.0)  # updates that change every layer's inputs
+    frozen = next(iter(layers.values())).sparse_delta["default"]
+    frozen.requires_grad_(False)  # e.g. a layer the user froze: re-enabling the adapters must not unfreeze it
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.base_model.prune(data=data)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert not any(layer.disable_adapters for layer in layers.values())
+    for name, mask in masks(model).items():  # scored on the base weights and their inputs, as the first time
+        assert torch.equal(mask, first[name]), name
+
+
 def test_wanda_without_calibration_data_refuses_to_run():
     model = wrap("bert", importance="wanda")
     with pytest.raises(compress.CompressError, match="prune"):
@@ -165,7 +191,7 @@ def test_the_base_weights_are_not_modified_until_merging():
     model = get_peft_model(copy.deepcopy(original), compress.SparseSoupConfig(task_type="SEQ_CLS", sparsity=0.5))
     train(model, steps=5)
     restored = model.unload()
-    for (name, a), (_, b) in zip(original.named_parameters(), restored.named_parameters()):
+    for name, a, b in by_key(original.named_parameters(), restored.named_parameters()):
         if "classifier" not in name:
             assert torch.equal(a, b), name
 
@@ -191,7 +217,7 @@ def test_uniform_soup_is_the_mean_and_keeps_the_mask_bit_for_bit():
     ingredients = [_sparse_model(v) for v in (1.0, 2.0, 6.0)]
     soup = compress.make_soup(ingredients)
     assert _kept_values(soup) == {3.0}
-    for (name, p), q in zip(soup.named_parameters(), ingredients[0].parameters()):
+    for name, p, q in by_key(soup.named_parameters(), ingredients[0].named_parameters()):
         assert torch.equal(p == 0, q == 0), name
     weighted = compress.make_soup(ingredients, weights=[1, 1, 0])
     assert _kept_values(weighted) == {1.5}
@@ -249,7 +275,7 @@ def test_soup_of_sparse_fine_tunes_from_peft_models_and_folders(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), tmp_path / "adapter")
     soup = compress.make_soup([runs[0], reloaded, str(tmp_path / "merged")])
     expected = compress.make_soup([copy.deepcopy(r).merge_and_unload() for r in runs])
-    for (name, a), b in zip(soup.state_dict().items(), expected.state_dict().values()):
+    for name, a, b in by_key(soup.state_dict(), expected.state_dict()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     mask = masks(runs[0])
     weights = dict(soup.named_parameters())
@@ -267,7 +293,7 @@ def test_lora_adapters_of_a_sparse_base_merge_into_a_soup_with_its_zeros(caplog)
     with caplog.at_level(logging.WARNING, logger="compress.plugins.sparse_soup.soup"):
         soup = compress.make_soup(runs)
     assert "train='lora'" in caplog.text  # the plain LoRA update fell on pruned positions, and says so
-    for (name, p), q in zip(soup.named_parameters(), base.parameters()):
+    for name, p, q in by_key(soup.named_parameters(), base.named_parameters()):
         assert torch.equal(p == 0, q == 0), name
 
 
@@ -288,12 +314,12 @@ def test_compact_sparse_folder_round_trips_bit_exactly_and_is_smaller(arch, tmp_
     compress.save_pretrained(merged, tmp_path / "dense")
     loaded = compress.load_sparse(tmp_path / "sparse")
     assert type(loaded) is type(merged)
-    for (name, a), b in zip(merged.state_dict().items(), loaded.state_dict().values()):
+    for name, a, b in by_key(merged.state_dict(), loaded.state_dict()):
         assert torch.equal(a, b), name
     dense_size = (tmp_path / "dense" / "model.safetensors").stat().st_size
     assert (tmp_path / "sparse" / SPARSE_WEIGHTS).stat().st_size < dense_size
     soup = compress.make_soup([str(tmp_path / "sparse"), merged])  # a compact folder is an ingredient too
-    assert all(torch.equal(a, b) for a, b in zip(soup.state_dict().values(), merged.state_dict().values()))
+    assert all(torch.equal(a, b) for _, a, b in by_key(soup.state_dict(), merged.state_dict()))
 
 
 def test_damaged_compact_files_fail_clearly(tmp_path):
@@ -423,8 +449,9 @@ def test_two_workers_share_a_cycle_through_the_workdir(tmp_path):
     assert set(results) == {0, 1}
     alone = compress.run_sparse_soup(copy.deepcopy(start), sparsities=[0.5], train_fn=_train_without_dropout,
                                      ingredients_per_cycle=2)
-    for a, b, c in zip(results[0].model.state_dict().values(), results[1].model.state_dict().values(),
-                       alone.model.state_dict().values()):
-        assert torch.equal(a, b)
-        torch.testing.assert_close(a, c, rtol=0, atol=1e-6)
+    alone_state = alone.model.state_dict()
+    for name, a, b in by_key(results[0].model.state_dict(), results[1].model.state_dict()):
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, alone_state[name], rtol=0, atol=1e-6, msg=name)
+    assert alone_state.keys() == results[0].model.state_dict().keys()
     assert (tmp_path / "cycle0" / "ingredient1" / "model.safetensors").exists()

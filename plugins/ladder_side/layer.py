@@ -108,7 +108,6 @@ class LadderSideLayer(nn.Module, BaseTunerLayer):
     def __init__(self) -> None:
         super().__init__()
         self.lst_network = nn.ModuleDict()
-        self._disable_adapters = False
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, network: LadderSide, trainable: bool) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -51,18 +54,22 @@ def wanda_scores(model: nn.Module, layers: dict[str, nn.Module], data, tokenizer
         layer.get_base_layer().weight.device)[None, :] for name, layer in layers.items()}
 
 
-class _adapters_disabled:
-    """Run the layers as their base layers (``(W + update) * mask`` would hide pruned inputs' weights)."""
+@contextmanager
+def _adapters_disabled(layers: dict[str, nn.Module]) -> Iterator[None]:
+    """Run the layers as their base layers (``(W + update) * mask`` would hide pruned inputs' weights).
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
-        self.layers = list(layers.values())
-
-    def __enter__(self) -> None:
-        # the flag itself: peft's enable_adapters() would also change which parameters train
-        self.saved = [layer._disable_adapters for layer in self.layers]
-        for layer in self.layers:
-            layer._disable_adapters = True
-
-    def __exit__(self, *exc) -> None:
-        for layer, disabled in zip(self.layers, self.saved):
-            layer._disable_adapters = disabled
+    peft's ``enable_adapters`` switches them; switching back marks the active adapter's parameters trainable,
+    so which parameters train (a frozen or inference-mode model stays frozen) is put back as it was.
+    """
+    modules = list(layers.values())
+    disabled = [layer.disable_adapters for layer in modules]
+    trainable = [(parameter, parameter.requires_grad) for layer in modules for parameter in layer.parameters()]
+    for layer in modules:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, was_disabled in zip(modules, disabled, strict=True):
+            layer.enable_adapters(not was_disabled)
+        for parameter, requires_grad in trainable:
+            parameter.requires_grad_(requires_grad)

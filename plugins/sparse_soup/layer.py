@@ -83,7 +83,6 @@ class SparseLinear(SparseMask, nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.sparse_delta = nn.ParameterDict()
         self._init_masks()
-        self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self._active_adapter = adapter_name
