@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 #: the tag every model card we write carries; it marks a folder as an output of peft-compress
 TAG = "peft-compress"
 REPORT_FILE = "compress_report.json"
+#: the model_type of multi-exit models (``multi_exit``; ``multi_exit_<family>`` in folders of the earlier format)
+MULTI_EXIT = "multi_exit"
 _API_OVERWRITE = "overwrite=True"
 
 
@@ -380,7 +382,7 @@ def method_tag(peft_type: str) -> str:
 def needs_compress_to_load(model: nn.Module) -> bool:
     """True when the model's config is a type registered by ``import compress``: compact (per-layer widths) or
     multi-exit."""
-    return str(getattr(model.config, "model_type", "")).startswith((PREFIX, "multi_exit_"))
+    return str(getattr(model.config, "model_type", "")).startswith((PREFIX, MULTI_EXIT))
 
 
 def removed_summary(report: dict) -> str:
@@ -407,7 +409,7 @@ PIPELINE_TAGS = {"sequence-classification": "text-classification", "causal-lm": 
 def _tags(model: nn.Module) -> list[str]:
     """The card's tags: ours, what the model is, and the tags the model carries (e.g. a PEFT method's)."""
     model_type = str(getattr(model.config, "model_type", ""))
-    tags = [TAG, "multi-exit" if model_type.startswith("multi_exit_") else "pruning"]
+    tags = [TAG, "multi-exit" if model_type.startswith(MULTI_EXIT) else "pruning"]
     if getattr(model.config, "soup", None):
         tags.append("sparse-soup")
     tags += [t for t in (getattr(model, "model_tags", None) or []) if t not in tags]
@@ -433,7 +435,9 @@ def model_card(model: nn.Module, report: dict | None = None, title: str | None =
                    f"average of {soup['ingredients']} fine-tunes that share one sparsity mask; the zeros are "
                    "stored as dense tensors.")
     else:
-        default_title = ("Multi-exit " if model_type.startswith("multi_exit_") else "Structurally pruned ") + model_type
+        backbone = getattr(getattr(model.config, "backbone", None), "model_type", None)  # a multi-exit model's
+        default_title = (f"Multi-exit {backbone or model_type}" if model_type.startswith(MULTI_EXIT)
+                         else f"Structurally pruned {model_type}")
         summary = ("Made with [peft-compress](https://pypi.org/project/peft-compress/): parameters are physically "
                    "removed or exits let examples stop early, so inference is cheaper than the original model's.")
     lines = [f"# {title or default_title}", "", summary, ""]
@@ -452,7 +456,7 @@ def model_card(model: nn.Module, report: dict | None = None, title: str | None =
             lines.append(f"| {STRUCTURE_LABELS.get(structure, structure)} | {widths} |")
         lines.append("")
     lines += ["## Loading", ""]
-    if str(model.config.model_type).startswith("multi_exit_"):
+    if str(model.config.model_type).startswith(MULTI_EXIT):
         lines += ["A multi-exit model (exits after blocks "
                   f"{getattr(model.config, 'exit_layers', None) or 'all'}, policy {model.config.exit_policy}, "
                   f"threshold {model.config.exit_threshold}): **`import compress` is needed** before loading (it "

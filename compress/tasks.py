@@ -35,10 +35,26 @@ def auto_class_name(task: str | None) -> str:
     return TASKS[task][0] if task is not None else BASE[0]
 
 
+#: model classes of plugins registered with an Auto class (transformers lists no such registrations): name -> task
+_REGISTERED_CLASSES: dict[str, str | None] = {}
+
+
+def register_task_class(class_name: str, task: str | None) -> None:
+    """Record that the Auto class of ``task`` (``None``: ``AutoModel``) loads ``class_name``, a model class that a
+    plugin registered with it (e.g. ``MultiExitForSequenceClassification``)."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    _REGISTERED_CLASSES[class_name] = task
+
+
 def task_of_class(class_name: str) -> tuple[str | None, str] | None:
     """``(task, Auto class)`` of a transformers model class name such as ``BertForSequenceClassification``
-    (compact ``Compressed...`` and multi-exit ``MultiExit...`` classes count as their base class); ``None`` when no
-    Auto class loads it."""
+    (compact ``Compressed...`` classes and the per-family ``MultiExit...`` classes of earlier multi-exit folders
+    count as their base class; classes of :func:`register_task_class` as registered); ``None`` when no Auto class
+    loads it."""
+    if class_name in _REGISTERED_CLASSES:
+        task = _REGISTERED_CLASSES[class_name]
+        return task, auto_class_name(task)
     name = class_name.removeprefix("MultiExit").removeprefix("Compressed")
     for task in TASKS:
         if name in model_classes(task).values():

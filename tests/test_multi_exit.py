@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from compress.plugins.multi_exit import MultiExitForSequenceClassification
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import (
@@ -20,6 +21,8 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
     Trainer,
@@ -45,6 +48,9 @@ def make_encoder(arch: str = "bert", seed: int = 0, num_labels: int = 3):
     if arch == "llama":  # the decoder's own head reads the last real token (found by pad_token_id)
         return LlamaForSequenceClassification(LlamaConfig(max_position_embeddings=64, num_key_value_heads=2,
                                                           head_dim=8, pad_token_id=0, **common)).eval()
+    if arch == "qwen2":
+        return Qwen2ForSequenceClassification(Qwen2Config(max_position_embeddings=64, num_key_value_heads=2,
+                                                          pad_token_id=0, **common)).eval()
     return RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=70, pad_token_id=1,
                                                           bos_token_id=0, eos_token_id=2, **common)).eval()
 
@@ -256,7 +262,8 @@ def test_merged_model_reloads_through_the_auto_class_and_serves_a_pipeline(tmp_p
     batch = padded_batch()
     expected = early(model, batch)
     merged = copy.deepcopy(model).merge_and_unload()
-    assert type(merged).__name__ == "MultiExitBertForSequenceClassification"
+    assert isinstance(merged, MultiExitForSequenceClassification)
+    assert type(merged.backbone) is BertForSequenceClassification and merged.config.backbone is merged.backbone.config
     tokenizer = make_tokenizer()
     compress.save_pretrained(merged, tmp_path / "merged", tokenizer=tokenizer)
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
@@ -525,7 +532,7 @@ def test_slenderization_scores_every_exit_and_reloads(train_backbone, tmp_path):
     reloaded = PeftModel.from_pretrained(make_encoder(), tmp_path / "adapter")
     torch.testing.assert_close(early(reloaded, batch).logits, expected.logits, rtol=0, atol=1e-6)
     merged = copy.deepcopy(model).merge_and_unload()
-    assert type(merged).__name__ == "MultiExitCompressedBertForSequenceClassification"
+    assert type(merged.backbone).__name__ == "CompressedBertForSequenceClassification"
     compress.save_pretrained(merged, tmp_path / "merged")
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(early(loaded, batch).logits, expected.logits, rtol=0, atol=1e-6)
@@ -561,7 +568,7 @@ def test_pruning_adapter_with_exits_scores_every_exit_and_merges_to_a_multi_exit
     expected = early(model, batch)
     assert len(set(expected.exit_layers.tolist())) > 1
     merged = copy.deepcopy(model).merge_and_unload()
-    assert type(merged).__name__ == "MultiExitCompressedBertForSequenceClassification"
+    assert type(merged.backbone).__name__ == "CompressedBertForSequenceClassification"
     compress.save_pretrained(merged, tmp_path / "merged")
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     again = early(loaded, batch)

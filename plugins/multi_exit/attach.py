@@ -1,12 +1,23 @@
-"""Exits on a tuner's model: what a PEFT tuner that carries exit heads does at injection, forward and merge.
+"""Exit heads on a PEFT tuner: what a tuner that carries exits does at injection, forward, pruning and merge.
 
-Used by :class:`~.model.MultiExitModel` and by Pruning-Adapter's ``exits`` option.
+This is the multi-exit plugin's public API for tuners (exported by the package): :class:`~.model.MultiExitModel`
+uses it, and so does Pruning-Adapter's ``exits`` option. A tuner keeps its exit heads in a
+:class:`~.layer.MultiExitLayer` at ``tuner.exit_layer``, so that they are saved with the adapter
+(``exit_layer.exit_heads.<adapter>.<k>``).
+
+- before injection: :func:`check_exits`; at injection: :func:`~.modeling.build_exit_heads` and
+  :func:`attach_exit_heads`;
+- forward: :func:`active_exit_heads`, then :func:`call_with_exits`; adapters on and off: :func:`enable_exit_heads`;
+- pruning scored on every exit's loss: :func:`scoring_every_exit`;
+- merging: :func:`detach_exit_heads`, then :func:`~.modeling.make_multi_exit` on the unloaded model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -15,8 +26,9 @@ from compress.errors import CompressError
 from compress.pruning.arch import arch_spec
 
 from .config import check_exits_fit
+from .layer import MultiExitLayer
 from .modeling import exit_blocks
-from .runner import OUTPUT_EXTRAS, ExitSettings, forward_with_exits
+from .runner import OUTPUT_EXTRAS, ExitSettings, every_exit_loss, forward_with_exits
 
 
 def check_exits(model: nn.Module, exit_layers: list[int] | None, loss_weights: str | list[float]) -> None:
@@ -117,3 +129,54 @@ def call_with_exits(model: nn.Module, heads: nn.ModuleList, exit_layers: list[in
     return forward_with_exits(model, blocks, exits, heads, model.config, settings, kwargs, labels,
                               training=model.training, teacher=teacher,
                               final_head=arch_spec(model).sequence_head()[1])
+
+
+def _exit_layer(tuner: nn.Module) -> MultiExitLayer | None:
+    # a child module looked up directly: peft's tuners forward unknown attributes to the wrapped model
+    return dict(tuner.named_children()).get("exit_layer")
+
+
+def attach_exit_heads(tuner: nn.Module, model: nn.Module, adapter_name: str, heads: nn.ModuleList,
+                      trainable: bool) -> None:
+    """Give ``tuner`` the exit heads of ``adapter_name`` (built from ``model``'s head by
+    :func:`~.modeling.build_exit_heads`), trained with the adapter unless not ``trainable``; the Trainer's predictions
+    stay the logits alone."""
+    tuner.exit_layer = MultiExitLayer()
+    tuner.exit_layer.update_layer(adapter_name, heads, trainable=trainable)
+    ignore_exit_outputs(model.config)
+
+
+def active_exit_heads(tuner: nn.Module) -> nn.ModuleList | None:
+    """The exit heads ``tuner`` uses now, or ``None`` (no exits, or adapters disabled)."""
+    layer = _exit_layer(tuner)
+    return layer.active_heads() if layer is not None else None
+
+
+def enable_exit_heads(tuner: nn.Module, enabled: bool = True) -> None:
+    """Turn ``tuner``'s exit heads on or off with its adapters (off: the model runs as it was)."""
+    layer = _exit_layer(tuner)
+    if layer is not None:
+        layer.enable_adapters(enabled)
+
+
+def detach_exit_heads(tuner: nn.Module) -> nn.ModuleList | None:
+    """Remove ``tuner``'s exit heads (before unloading) and return those in use, or ``None`` (no exits, or adapters
+    disabled); the model's outputs are its own again."""
+    layer = _exit_layer(tuner)
+    if layer is None:
+        return None
+    heads = layer.active_heads()
+    del tuner.exit_layer
+    ignore_exit_outputs(tuner.model.config, ignore=False)
+    return heads
+
+
+@contextlib.contextmanager
+def scoring_every_exit(model: nn.Module, heads: nn.ModuleList, exit_layers: list[int] | None,
+                       loss_weights: str | list[float]) -> Iterator[None]:
+    """While active, ``model(**batch).loss`` (given labels) is the loss of every exit
+    (:func:`~.runner.every_exit_loss`): what pruning importance computed from it then scores, so that each exit
+    keeps the structures it needs."""
+    blocks, exits = exit_blocks(model, exit_layers)
+    with every_exit_loss(model, blocks, exits, heads, loss_weights):
+        yield

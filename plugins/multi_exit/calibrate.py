@@ -16,6 +16,7 @@ from torch import nn
 from compress.data_batches import calibration_batches
 from compress.errors import CompressError
 
+from .modeling import MultiExitForSequenceClassification, exit_blocks
 from .policy import simulate_exits
 
 logger = logging.getLogger(__name__)
@@ -146,11 +147,12 @@ def _candidates(policy: str, exit_logits: list[torch.Tensor]) -> list[float]:
 
 def exit_block_indices(model: nn.Module) -> tuple[list[int], int]:
     """The block after each exit of a multi-exit model (the last block included), and its number of blocks."""
-    from .modeling import exit_blocks
-
-    tuner = getattr(model, "base_model", None)
-    inner = tuner.model if hasattr(tuner, "settings") else model
-    blocks, exits = exit_blocks(inner, _exit_settings(model).exit_layers)
+    if isinstance(model, MultiExitForSequenceClassification):
+        blocks, exits = model.exit_block_indices()
+    else:
+        tuner = getattr(model, "base_model", None)
+        inner = tuner.model if hasattr(tuner, "settings") else model
+        blocks, exits = exit_blocks(inner, _exit_settings(model).exit_layers)
     return [*exits, len(blocks) - 1], len(blocks)
 
 

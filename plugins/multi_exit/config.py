@@ -88,10 +88,10 @@ def check_exits_fit(exit_layers: list[int] | None, loss_weights: str | list[floa
 
 
 def validate_exit_config(config, source: str | None = None) -> None:
-    """Check the exit fields of a saved multi-exit model's transformers config (``MultiExit<Base>Config``) against
-    the allowed values and the model's depth (``num_hidden_layers``), without building the model. Loading such a
-    config (``AutoConfig.from_pretrained``, the Auto model classes, ``pipeline``) runs it; ``source`` (e.g. the
-    folder's ``config.json``) opens the message.
+    """Check the exit fields of a saved multi-exit model's transformers config (``MultiExitClassifierConfig``)
+    against the allowed values and the model's depth (``num_hidden_layers``, the backbone's), without building the
+    model. Loading such a config (``AutoConfig.from_pretrained``, the Auto model classes, ``pipeline``) runs it;
+    ``source`` (e.g. the folder's ``config.json``) opens the message.
 
     Raises:
         InvalidOptionError: naming ``source``, the field, its value and what it allows.

@@ -12,17 +12,21 @@ from compress.pruning.engine import PruneReport, prune_model
 from compress.tuner import CompressTuner
 
 from .attach import (
+    active_exit_heads,
+    attach_exit_heads,
     call_with_exits,
     check_exits,
     check_saved_exits,
     check_teacher,
-    ignore_exit_outputs,
+    detach_exit_heads,
+    enable_exit_heads,
     refuse_meta_weights,
+    scoring_every_exit,
 )
-from .config import MultiExitConfig
+from .config import EXIT_FIELDS, MultiExitConfig
 from .layer import MultiExitLayer
-from .modeling import CONFIG_FIELDS, build_exit_heads, exit_blocks, make_multi_exit
-from .runner import ExitSettings, every_exit_loss
+from .modeling import build_exit_heads, make_multi_exit
+from .runner import ExitSettings
 
 
 class MultiExitModel(CompressTuner):
@@ -33,7 +37,8 @@ class MultiExitModel(CompressTuner):
     training (or without ``exit_threshold``) every exit classifies and the loss combines them
     (:mod:`.loss`); in eval mode with a threshold each example leaves at its first confident exit and the rest of
     the batch runs on (:mod:`.runner`). ``train_backbone`` trains the backbone too, and its weights are saved
-    with the adapter; ``merge_and_unload()`` returns a standalone ``MultiExit<Model>`` (:mod:`.modeling`).
+    with the adapter; ``merge_and_unload()`` returns a standalone
+    :class:`~.modeling.MultiExitForSequenceClassification`.
 
     Example::
 
@@ -84,9 +89,7 @@ class MultiExitModel(CompressTuner):
         # built from the model's own head before peft wraps it
         heads = build_exit_heads(model, config.exit_layers, config.exit_head, config.exit_pooling)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self.exit_layer = MultiExitLayer()
-        self.exit_layer.update_layer(adapter_name, heads, trainable=not config.inference_mode)
-        ignore_exit_outputs(model.config)
+        attach_exit_heads(self, model, adapter_name, heads, trainable=not config.inference_mode)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -110,8 +113,7 @@ class MultiExitModel(CompressTuner):
         if data is None and config.slenderize_importance != "magnitude":
             raise CompressError(f"slenderize_importance={config.slenderize_importance!r} scores on labelled data: "
                                 "pass data= (e.g. a tokenized training subset), or use 'magnitude'")
-        blocks, exits = exit_blocks(self.model, config.exit_layers)
-        with every_exit_loss(self.model, blocks, exits, self._heads(), config.exit_loss_weights):
+        with scoring_every_exit(self.model, self._heads(), config.exit_layers, config.exit_loss_weights):
             report = prune_model(self.model, sparsity=dict(config.slenderize), structures=list(config.slenderize),
                                  importance=config.slenderize_importance, data=data, mode="global",
                                  num_batches=num_batches, batch_size=batch_size, tokenizer=tokenizer)
@@ -130,8 +132,7 @@ class MultiExitModel(CompressTuner):
 
     # -- the forward ----------------------------------------------------------------------------------------
     def _heads(self) -> nn.ModuleList | None:
-        layer = self.__dict__["_modules"].get("exit_layer")
-        return layer.active_heads() if layer is not None else None
+        return active_exit_heads(self)
 
     def settings(self) -> ExitSettings:
         config = self.active_config
@@ -171,19 +172,16 @@ class MultiExitModel(CompressTuner):
     # -- adapters on and off, merging -----------------------------------------------------------------------
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
-        self.exit_layer.enable_adapters(enabled)
+        enable_exit_heads(self, enabled)
 
     # -- merging --------------------------------------------------------------------------------------------
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
-        heads = self._heads() if merge else None
         config = self.active_config
-        if hasattr(self, "exit_layer"):
-            del self.exit_layer
+        heads = detach_exit_heads(self)
         model = super()._unload_and_optionally_merge(merge=False, **kwargs)
-        ignore_exit_outputs(model.config, ignore=False)
-        if heads is None:
+        if heads is None or not merge:
             return model
-        return make_multi_exit(model, heads, {name: getattr(config, name) for name in CONFIG_FIELDS})
+        return make_multi_exit(model, heads, {name: getattr(config, name) for name in EXIT_FIELDS})
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:

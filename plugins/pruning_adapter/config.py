@@ -12,11 +12,11 @@ from peft.config import PeftConfig
 from compress.pruning.spec import InvalidOptionError, PruningSpec, is_number, positive_int, sparsity_by_structure
 from compress.registry import PeftMethodType
 
-from ..multi_exit.config import MultiExitConfig
+from ..multi_exit import EXIT_FIELDS, check_exit_fields
 from .plan import check_plan
 
 #: the multi-exit options ``exits`` may set
-EXIT_OPTIONS = ("exit_layers", "exit_head", "exit_pooling", "exit_loss_weights", "exit_policy", "exit_threshold")
+EXIT_OPTIONS = tuple(EXIT_FIELDS)
 
 PRUNING_ADAPTER = PeftMethodType("PRUNING_ADAPTER")
 
@@ -212,8 +212,8 @@ class PruningAdapterConfig(PeftConfig):
         if moved:
             raise InvalidOptionError("exits", self.exits, f"read every block at the full hidden size: prune ffn and "
                                      f"heads only (not {', '.join(moved)})")
-        checked = MultiExitConfig(task_type="SEQ_CLS", **self.exits)  # validates, and normalises the values
-        self.exits = {name: getattr(checked, name) for name in self.exits}
+        checked = check_exit_fields(self.exits)  # validates, and normalises the values
+        self.exits = {name: checked[name] for name in self.exits}
 
     def _check_adapter_fields(self) -> None:
         positive_int("r", self.r)

@@ -19,11 +19,19 @@ from compress.pruning.engine import check_support
 from compress.pruning.surgery import build_dependency_graph, check_hidden_group
 from compress.tuner import CompressTuner
 
-from ..multi_exit.attach import call_with_exits, check_exits, ignore_exit_outputs
-from ..multi_exit.layer import MultiExitLayer
-from ..multi_exit.modeling import CONFIG_FIELDS as EXIT_DEFAULTS
-from ..multi_exit.modeling import build_exit_heads, exit_blocks, make_multi_exit
-from ..multi_exit.runner import ExitSettings, every_exit_loss
+from ..multi_exit import (
+    EXIT_FIELDS,
+    ExitSettings,
+    active_exit_heads,
+    attach_exit_heads,
+    build_exit_heads,
+    call_with_exits,
+    check_exits,
+    detach_exit_heads,
+    enable_exit_heads,
+    make_multi_exit,
+    scoring_every_exit,
+)
 from .config import PruningAdapterConfig
 from .distill import Distillation
 from .layer import Linear, PruningAdapterLayer
@@ -151,12 +159,8 @@ class PruningAdapterModel(CompressTuner):
         config = self.peft_config[adapter_name]
         if config.exits is not None:
             options = self.exit_options()
-            self.exit_layer = MultiExitLayer()
-            self.exit_layer.update_layer(adapter_name, build_exit_heads(model, options["exit_layers"],
-                                                                        options["exit_head"],
-                                                                        options["exit_pooling"]),
-                                         trainable=not config.inference_mode)
-            ignore_exit_outputs(model.config)
+            heads = build_exit_heads(model, options["exit_layers"], options["exit_head"], options["exit_pooling"])
+            attach_exit_heads(self, model, adapter_name, heads, trainable=not config.inference_mode)
         if config.quantize_backbone and config.pruning_plan and config.pruning_plan[-1].get("final"):
             self.quantize_backbone(config.quantize_backbone)  # reloading a finished, quantised adapter
 
@@ -301,11 +305,10 @@ class PruningAdapterModel(CompressTuner):
     def exit_options(self) -> dict:
         """The active config's ``exits`` with the multi-exit defaults filled in (empty without exits)."""
         exits = self.active_config.exits
-        return {} if exits is None else {**EXIT_DEFAULTS, **exits}
+        return {} if exits is None else {**EXIT_FIELDS, **exits}
 
     def _exit_heads(self) -> nn.ModuleList | None:
-        layer = self.__dict__["_modules"].get("exit_layer")
-        return layer.active_heads() if layer is not None else None
+        return active_exit_heads(self)
 
     def forward(self, *args, **kwargs):
         heads = self._exit_heads()
@@ -317,21 +320,16 @@ class PruningAdapterModel(CompressTuner):
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
-        if "exit_layer" in self.__dict__["_modules"]:
-            self.exit_layer.enable_adapters(enabled)
+        enable_exit_heads(self, enabled)
 
     # -- merging -------------------------------------------------------------------------------------
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
         if self.distillation is not None:
             self.distillation.release()  # merging writes into base weights the teacher may share
-        heads = self._exit_heads() if merge else None
         options = self.exit_options()
-        if "exit_layer" in self.__dict__["_modules"]:
-            del self.exit_layer
+        heads = detach_exit_heads(self)
         model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
-        if options:
-            ignore_exit_outputs(model.config, ignore=False)
-        if heads is None:
+        if heads is None or not merge:
             return model
         return make_multi_exit(model, heads, options)
 
@@ -361,8 +359,7 @@ class PruningAdapterModel(CompressTuner):
         if heads is None:
             return prune_oneshot(self, data, tokenizer, num_batches, batch_size, optimizer)
         options = self.exit_options()
-        blocks, exits = exit_blocks(self.model, options["exit_layers"])
-        with every_exit_loss(self.model, blocks, exits, heads, options["exit_loss_weights"]):  # scored on every exit
+        with scoring_every_exit(self.model, heads, options["exit_layers"], options["exit_loss_weights"]):
             return prune_oneshot(self, data, tokenizer, num_batches, batch_size, optimizer)
 
     def pruning_steps(self) -> list[int]:
