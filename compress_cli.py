@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Describe a model folder without loading its weights: architecture, parameter count, per-layer\n"
             "widths, whether loading it needs `import compress` (a compact model from --mode global), the\n"
             "pruning record of a folder written by `compress prune`, and which --structures each --mode\n"
-            "supports for this architecture. Weights that disagree with config.json are an error."
+            "can prune from this model (a multi-exit model keeps its blocks and hidden size; a model whose\n"
+            "layers differ in width is pruned in global mode); `compress prune` refuses the rest. Weights\n"
+            "that disagree with config.json are an error."
         ),
         epilog="example:\n  compress info ./bert-sst2",
     )

@@ -19,6 +19,7 @@ from .inputs import (
     resolve_task,
     shape_mismatches,
 )
+from .prunable import describe, family_type, is_multi_exit, prunable, pruned_module
 from .summary import STRUCTURE_LABELS, format_size, format_widths, out
 
 logger = logging.getLogger("compress.cli")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir, config_dict = read_config_json(args.model_dir)
     model_type = str(config_dict.get("model_type", ""))
     architectures = ", ".join(config_dict.get("architectures") or []) or "(not recorded)"
-    spec_cls = spec_class(model_type)
+    spec_cls = spec_class(family_type(config_dict))  # a multi-exit model: its backbone's family
     _, auto_name = resolve_task(config_dict)
     check_weight_files(model_dir, required=False)
     config = load_config(model_dir, config_dict)
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     out(f"architecture: {architectures} (model_type {model_type or '?'})")
     out(f"parameters:   {params:,}" + ("" if has_weights else " (from config.json; no weight files in folder)"))
     if needs_compress_to_load(model):
-        out(f"loading:      needs `import compress` (compact per-layer widths), then {auto_name}.from_pretrained")
+        why = "a multi-exit model" if is_multi_exit(model_type) else "compact per-layer widths"
+        out(f"loading:      needs `import compress` ({why}), then {auto_name}.from_pretrained")
     else:
         out(f"loading:      standard transformers folder ({auto_name}.from_pretrained)")
     out(f"tokenizer:    {'yes' if has_tokenizer(model_dir) else 'no'}")
@@ -77,19 +79,13 @@ def run(args: argparse.Namespace) -> int:
             f"(supported: {', '.join(supported_model_types())})")
         return _status(model_dir, mismatches)
     out()
+    arch = arch_spec(pruned_module(model))  # a multi-exit model: its backbone
     out(format_table([{"structure": STRUCTURE_LABELS.get(name, name), "per layer": format_widths(values),
-                       "total": sum(values)} for name, values in arch_spec(model).widths().items()]))
-    uniform = ", ".join(spec_cls.uniform_structures)
-    extra = [s for s in spec_cls.supported_structures if s not in spec_cls.uniform_structures]
+                       "total": sum(values)} for name, values in arch.widths().items()]))
+    allowed = prunable(spec_cls, model_type, per_layer_widths=not arch.fits_standard_config())
     out()
-    out("prunable structures (compress prune --structures ...):")
-    out(f"  --mode uniform: {uniform}  (result loads with plain transformers)")
-    note = ""
-    if spec_cls.uniform_only_structures:
-        note = f"; {', '.join(spec_cls.uniform_only_structures)} stay equal across layers"
-    out(f"  --mode global:  {', '.join(spec_cls.supported_structures)}  "
-        f"(per-layer widths need `import compress` to load{note})"
-        + (f"; {', '.join(extra)} only in global mode" if extra else ""))
+    for line in describe(allowed, tuple(spec_cls.uniform_only_structures)):
+        out(line)
     return _status(model_dir, mismatches)
 
 

@@ -51,12 +51,16 @@ SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 _RESTORE = "restore the value the model was saved with, or re-save the model with save_pretrained"
 
 
-def check_config_fields(config_file: Path, config: dict[str, Any]) -> None:
+def check_config_fields(config_file: Path, config: dict[str, Any], prefix: str = "") -> None:
     """Refuse config.json fields that transformers would trust and crash on (or read wrongly), each with one
     error naming the file, the field and the fix: sizes, ``id2label`` / ``label2id``, ``architectures``,
-    ``model_type``, ``pad_token_id``, the compact models' ``compress_shapes``."""
+    ``model_type``, ``pad_token_id``, the compact models' ``compress_shapes``; in a multi-exit model's ``backbone``
+    sub-config too (``prefix``: where the fields sit)."""
     def refuse(field: str, problem: str, fix: str = _RESTORE) -> UsageError:
-        return UsageError(f"{config_file}: {field} is {_short(config[field])}: {problem}; {fix}")
+        return UsageError(f"{config_file}: {prefix}{field} is {_short(config[field])}: {problem}; {fix}")
+
+    if isinstance(config.get("backbone"), dict):
+        check_config_fields(config_file, config["backbone"], f"{prefix}backbone.")
 
     for field in SIZE_FIELDS:
         value = config.get(field)

@@ -23,6 +23,7 @@ from .inputs import (
     resolve_task,
     shape_mismatches,
 )
+from .prunable import family_type, is_multi_exit, prunable, pruned_module, refuse_unavailable
 from .summary import format_size, forward_flops, out, summary_rows
 
 logger = logging.getLogger("compress.cli")
@@ -64,6 +65,18 @@ def progress_bars(enabled: bool) -> Iterator[None]:
                 datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def pruning_target(model) -> Iterator:
+    """The module to give :func:`compress.prune_model`: the model, or a multi-exit model's backbone while its forward
+    returns the loss of every exit (so that the scores keep what each exit needs)."""
+    every_exit_loss = getattr(model, "every_exit_loss", None)
+    if every_exit_loss is None:
+        yield model
+        return
+    with every_exit_loss() as backbone:
+        yield backbone
+
+
 def _positive(flag: str, value: int) -> None:
     if value < 1:
         raise UsageError(f"{flag} must be a positive integer, got {value}")
@@ -78,7 +91,7 @@ def _prune(args: argparse.Namespace) -> int:
     from compress.errors import CalibrationError
     from compress.export import check_output_folder, needs_compress_to_load, removed_summary, save_pretrained
     from compress.measure import folder_size, format_table
-    from compress.pruning.arch import spec_class, supported_model_types
+    from compress.pruning.arch import arch_spec, base_model_type, spec_class, supported_model_types
     from compress.pruning.engine import check_support, prune_model
     from compress.pruning.importance import get_importance
     from compress.pruning.spec import PruningSpec, parse_sparsity
@@ -92,11 +105,11 @@ def _prune(args: argparse.Namespace) -> int:
     criterion = get_importance(spec.importance)
     model_dir, config_dict = read_config_json(args.model_dir)
     model_type = str(config_dict.get("model_type", ""))
-    spec_cls = spec_class(model_type)
+    spec_cls = spec_class(family_type(config_dict))  # a multi-exit model: its backbone's family
     if spec_cls is None:
         raise UsageError(f"{model_dir}: model_type {model_type or '(none)'!r} is not supported for structured "
                          f"pruning; supported model types: {', '.join(supported_model_types())}")
-    check_support(spec_cls, spec.sparsity, spec.mode)  # the class's structure tables suffice
+    check_support(spec_cls, spec.sparsity, spec.mode)  # the family's structure tables suffice
     out_dir = Path(args.out).expanduser()
     if out_dir.resolve() == model_dir.resolve():
         raise UsageError("--out is MODEL_DIR itself; write the pruned model to a new folder")
@@ -106,6 +119,17 @@ def _prune(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_weight_files(model_dir)
     config = load_config(model_dir, config_dict)
+    task, auto_name = resolve_task(config_dict, args.task_type)
+    structure = build_meta_model(model_dir, config, auto_name)  # the model's shapes, nothing allocated
+    mismatches = shape_mismatches(model_dir, structure)
+    if mismatches:
+        raise UsageError(f"{model_dir / 'config.json'} disagrees with the weights: {mismatches[0]}"
+                         + (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
+                         + "; fix config.json or re-save the model with save_pretrained")
+    # a multi-exit model, or one whose widths differ per layer, allows less than its family: as info lists
+    per_layer_widths = not arch_spec(pruned_module(structure)).fits_standard_config()
+    refuse_unavailable(prunable(spec_cls, model_type, per_layer_widths), spec.sparsity, spec.mode, str(model_dir))
+    del structure
 
     dataset = None
     if criterion.needs_calibration or spec.compensate_bias:
@@ -128,7 +152,6 @@ def _prune(args: argparse.Namespace) -> int:
     elif args.data:
         logger.warning("--data ignored: --importance %s needs no calibration data", spec.importance_name)
 
-    task, auto_name = resolve_task(config_dict, args.task_type)
     tokenizer_dir = Path(args.tokenizer).expanduser() if args.tokenizer else model_dir
     tokenizer = load_tokenizer(tokenizer_dir, explicit=args.tokenizer is not None)
     if dataset is not None and tokenizer is None:
@@ -136,11 +159,6 @@ def _prune(args: argparse.Namespace) -> int:
 
     import transformers
 
-    mismatches = shape_mismatches(model_dir, build_meta_model(model_dir, config, auto_name))
-    if mismatches:
-        raise UsageError(f"{model_dir / 'config.json'} disagrees with the weights: {mismatches[0]}"
-                         + (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
-                         + "; fix config.json or re-save the model with save_pretrained")
     logger.info("loading %s with %s", model_dir, auto_name)
     try:
         model = getattr(transformers, auto_name).from_pretrained(str(model_dir), config=config, local_files_only=True,
@@ -166,8 +184,9 @@ def _prune(args: argparse.Namespace) -> int:
     with _run_phase():
         started = time.perf_counter()
         flops_before = forward_flops(model, seq_len)
-        report = prune_model(model, data=batches, num_batches=args.num_batches, batch_size=args.batch_size,
-                             tokenizer=tokenizer, progress=not args.no_progress, spec=spec)
+        with pruning_target(model) as target:
+            report = prune_model(target, data=batches, num_batches=args.num_batches, batch_size=args.batch_size,
+                                 tokenizer=tokenizer, progress=not args.no_progress, spec=spec)
         elapsed = time.perf_counter() - started
         flops_after = forward_flops(model, seq_len)
         model.to("cpu")
@@ -182,14 +201,17 @@ def _prune(args: argparse.Namespace) -> int:
                 else _WHOLE_UNITS.get(name, "whole units")
             logger.warning("%s: removed %.1f%%, not the %.1f%% asked (%s)", name, 100 * achieved, 100 * asked, why)
     calibration = f", {len(batches)} calibration batches" if batches else ""
-    out(f"Pruned {model_type} ({type(model).__name__}): removed {removed_summary(report.to_dict())}; {spec.mode} "
+    what = f"multi-exit {base_model_type(family_type(config_dict))}" if is_multi_exit(model_type) else model_type
+    out(f"Pruned {what} ({type(model).__name__}): removed {removed_summary(report.to_dict())}; {spec.mode} "
         f"mode, {spec.importance_name} importance{calibration}; {elapsed:.1f} s")
     out()
     out(format_table(summary_rows(report, flops_before, flops_after, seq_len)))
     out()
     contents = "weights, config, " + ("tokenizer, " if tokenizer is not None else "no tokenizer, ")
     out(f"saved:   {saved} ({format_size(size)}: {contents}model card README.md, compress_report.json)")
-    if needs_compress_to_load(model):
+    if is_multi_exit(model_type):
+        out(f"loading: multi-exit model: run `import compress` before {auto_name}.from_pretrained")
+    elif needs_compress_to_load(model):
         out(f"loading: compact model (model_type {model.config.model_type}, widths the standard config cannot "
             f"express): run `import compress` before {auto_name}.from_pretrained")
     else:
