@@ -173,9 +173,10 @@ def test_multi_exit_recipe_trains_calibrates_saves_and_serves(tmp_path, capsys):
                             "--batch-size", "8", "--slim", "--slenderize-batches", "1", "--target-speedup", "1.2",
                             "--out", str(out)]) == 0
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")
-    assert type(model).__name__ == "MultiExitCompressedBertForSequenceClassification"
+    assert type(model).__name__ == "MultiExitForSequenceClassification"
+    assert type(model.backbone).__name__ == "CompressedBertForSequenceClassification"  # slenderized
     assert model.config.exit_threshold is not None and model.config.exit_policy == "entropy"
-    assert sum(len(layer.attention.self.query.weight) for layer in model.bert.encoder.layer) == 6 * 384 // 2
+    assert sum(len(layer.attention.self.query.weight) for layer in model.backbone.bert.encoder.layer) == 6 * 384 // 2
     printed = capsys.readouterr().out
     assert re.search(r"pipeline from .*: \d+ of 64 rows right", printed)
     metrics = json.loads((out / "metrics.json").read_text())
