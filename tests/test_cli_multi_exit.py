@@ -3,8 +3,10 @@ prune removes exactly what info lists, and refuses the rest before loading the w
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +139,16 @@ def test_prune_a_multi_exit_model_through_the_entry_point(work, tmp_path):
     assert refused.returncode == 2 and len(errors) == 1 and "its exits sit after" in errors[0], refused.stderr
     assert "Traceback" not in refused.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_a_multi_exit_backbone_config_is_checked_like_any_config(work, tmp_path, capsys):
+    folder = shutil.copytree(work / "multi-exit", tmp_path / "edited")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["backbone"]["intermediate_size"] = -5
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    for command in (["info", str(folder)], ["prune", str(folder), "--out", str(tmp_path / "out"), "--importance",
+                                            "magnitude", "--no-progress"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("compress: error:") == 1 and "Traceback" not in err
+        assert "config.json: backbone.intermediate_size is -5: it must be a positive integer" in err
