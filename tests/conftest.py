@@ -12,6 +12,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from tests import tiny  # noqa: E402
 
+# Tiny models compute fastest on one thread; a second OpenMP thread spin-waits, which makes them many times
+# slower whenever other processes share the cores. Subprocesses get OMP_NUM_THREADS=1 from their tests.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -90,6 +90,7 @@ def _crash_and_resume(name: str, step: int, out) -> tuple:
     return model, trainer
 
 
+@pytest.mark.slow  # Trainer runs of more than a second
 @pytest.mark.parametrize("name,step", [
     ("global", 2),    # before the first event: only importance statistics
     ("global", 10),   # between events (8 and 12): two events to replay, statistics of steps 9-10
@@ -125,6 +126,7 @@ def test_loading_an_earlier_checkpoint_into_a_further_pruned_model_fails_clearly
         straight.load_adapter(str(tmp_path / "checkpoint-10"), "default", is_trainable=True)
 
 
+@pytest.mark.slow  # Trainer runs of more than a second
 def test_resuming_with_another_schedule_fails_clearly(tmp_path):
     with pytest.raises(Crash):
         _trainer(_model("global"), tmp_path, [CrashAt(10)], save_strategy="steps", save_steps=10).train()

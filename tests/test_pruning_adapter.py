@@ -225,6 +225,7 @@ def test_progressive_max_keep_caps_every_pruning_step(tmp_path, max_keep):
         assert all(max(e["widths_after"]["ffn"]) - min(e["widths_after"]["ffn"]) <= 1 for e in callback.events)
 
 
+@pytest.mark.slow  # Trainer runs of more than a second
 def test_user_checkpointing_stays_on_through_pruning_and_changes_no_numbers(tmp_path):
     """Trainer(activation_checkpointing=True) checkpoints the whole run, pruned steps included (the leanest
     memory setting); the callback never switches it off, and the trained model is the same as without it."""
@@ -611,6 +612,7 @@ def test_distillation_with_hidden_pruning_compares_the_kept_channels():
     torch.testing.assert_close(trained.loss, plain.loss + 10.0 * torch.stack(errors).mean())
 
 
+@pytest.mark.slow  # Trainer runs of more than a second
 def test_distillation_under_trainer_with_progressive_pruning(tmp_path):
     model = _bert_peft(sparsity={"ffn": 0.5, "heads": 0.5}, mode="global", schedule="progressive",
                        scoring_steps=2, pruning_interval=2, pruning_end_step=4, distill_weight=1.0)

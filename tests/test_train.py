@@ -50,6 +50,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
 
 
+@pytest.mark.slow  # Trainer runs of more than a second
 def test_finetune_learns_separable_task(tokenizer):
     model = tiny.make_model("bert")
     train_ds, test_ds = make_dataset(256, seed=1), make_dataset(128, seed=2)
@@ -86,6 +87,7 @@ class _WatchCheckpointing(TrainerCallback):
         self.seen.append(model.is_activation_checkpointing)
 
 
+@pytest.mark.slow  # Trainer runs of more than a second
 def test_activation_checkpointing_changes_no_numbers_and_is_switched_off(tokenizer):
     data = make_dataset(64, seed=4)
     trained = {}
