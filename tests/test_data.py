@@ -107,7 +107,6 @@ def test_shipped_sample_files_exist_and_are_small():
     train, test = shipped_sample_path("train"), shipped_sample_path("test")
     assert train.is_file() and test.is_file()
     assert train.stat().st_size + test.stat().st_size < 400_000
-    assert (train.parent / "README.md").is_file()
 
 
 def test_shipped_train_sample_is_balanced_and_filtered():
