@@ -139,7 +139,14 @@ def test_inside_every_exit_loss_the_backbone_returns_the_loss_of_every_exit():
     assert not torch.allclose(own, combined)  # outside, the backbone's loss is its own head's again
 
 
-@pytest.mark.slow  # the pruning engine traces the dependency graph (about a second)
+def test_removing_blocks_under_the_exits_is_refused():
+    merged = merged_model()
+    with pytest.raises(compress.CompressError, match=r"the backbone changed under its exits \(blocks 4 -> 3\).*"
+                                                     "prune only within blocks"):
+        with merged.every_exit_loss() as backbone:
+            del backbone.bert.encoder.layer[2]
+
+
 def test_pruning_the_backbone_scores_every_exit_and_the_compact_result_saves_and_reloads(tmp_path):
     merged = merged_model()
     calls = []

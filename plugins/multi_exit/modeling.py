@@ -255,8 +255,22 @@ class MultiExitForSequenceClassification(PreTrainedModel):
         the backbone is yielded: what :func:`compress.prune_model` run on it scores, so that pruning its width
         keeps what each exit needs (the exit heads read the hidden size, which must then stay)."""
         blocks, exits = self.exit_block_indices()
+        depth, width = len(blocks), self._exit_input_width()
         with every_exit_loss(self.backbone, blocks, exits, self.exits, self.config.exit_loss_weights):
             yield self.backbone
+        self.config.backbone = self.backbone.config  # the same object, unless the change replaced the config
+        changed = [f"{what} {before} -> {after}" for what, before, after in (
+            ("blocks", depth, len(self.exit_block_indices()[0])), ("hidden size", width, self._exit_input_width()))
+            if before != after]
+        if changed:
+            raise CompressError(f"the backbone changed under its exits ({', '.join(changed)}): exit heads sit after "
+                                "given blocks (exit_layers) and read the hidden size, so prune only within blocks "
+                                "(ffn, heads, kv_heads); start again from the saved model")
+
+    def _exit_input_width(self) -> int:
+        """The width the exit heads read: the backbone head's input (the hidden size)."""
+        dense, out = arch_spec(self.backbone).sequence_head()
+        return (dense if dense is not None else out).in_features
 
 
 def check_loaded_exits(config, loading_info: dict, source: str | None) -> None:
