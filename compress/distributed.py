@@ -15,7 +15,9 @@ things then need care, and this module holds them:
   wrapped the model: :func:`refresh_ddp` re-registers them. Sharded parameters (FSDP, DeepSpeed ZeRO-3) cannot
   be pruned in place: :func:`check_unsharded` says what to do instead.
 
-Everything here is a no-op in a single process.
+The process count, rank, barrier, reductions and gathering are accelerate's (``PartialState``,
+``accelerate.utils.reduce`` / ``gather_object``), as the ``Trainer`` sees them. Everything here is a no-op in a
+single process.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import logging
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, reduce
 from torch import nn
 
 from compress.errors import CompressError
@@ -31,38 +35,51 @@ from compress.errors import CompressError
 logger = logging.getLogger(__name__)
 
 
-def world_size() -> int:
-    """The number of processes in the default group (1 when ``torch.distributed`` is not initialised)."""
+def _state() -> PartialState:
+    """accelerate's view of the processes, which the ``Trainer`` shares.
+
+    ``TrainingArguments`` sets it up for the run; before that (``compress.prune_model`` under ``torchrun``, a
+    recipe's first check) it is made here, for the CPU on a machine without an accelerator: ``PartialState()``
+    alone would take each of ``torchrun``'s gloo processes for a single one. A process group of another size
+    than accelerate's (made by hand after accelerate looked, or a ``Trainer`` set to its GPU default on a machine
+    without one) would silently skip the reductions and checks: that is refused.
+    """
+    state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+        processes = torch.distributed.get_world_size()
+        if processes != state.num_processes:
+            raise CompressError(
+                f"torch.distributed runs {processes} processes but accelerate's state (the Trainer's) sees "
+                f"{state.num_processes}, so the ranks would not combine their statistics: on a machine without "
+                "GPUs pass TrainingArguments(use_cpu=True), or create accelerate.PartialState(cpu=True) before "
+                "anything else; a process group started by hand must exist before accelerate's state is created")
+    return state
+
+
+def world_size() -> int:
+    """The number of processes (1 in a single process)."""
+    return _state().num_processes
 
 
 def rank() -> int:
-    """This process's rank in the default group (0 when ``torch.distributed`` is not initialised)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
+    """This process's index among them (0 in a single process)."""
+    return _state().process_index
 
 
 def is_main_process() -> bool:
     """Whether this process writes artifacts and reports (rank 0, or the only process)."""
-    return rank() == 0
+    return _state().is_main_process
 
 
 def wait_for_everyone() -> None:
     """Block until every rank gets here (no-op in one process): e.g. before other ranks read what the main
     process has just written."""
-    if world_size() > 1:
-        torch.distributed.barrier()
+    _state().wait_for_everyone()
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """Sum ``tensors`` in place over every rank, in a fixed order (no-op in one process)."""
-    if world_size() == 1:
-        return
-    for tensor in tensors:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    _reduce_in_place(tensors, "sum")
 
 
 def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
@@ -71,12 +88,16 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
     Under ``DistributedDataParallel`` each rank's loss is the mean over its shard of the batch, so the mean of
     the ranks' gradients is the gradient of the global batch's loss: the same statistic one process computes.
     """
-    size = world_size()
-    if size == 1:
+    _reduce_in_place(tensors, "mean")
+
+
+def _reduce_in_place(tensors: list[torch.Tensor], reduction: str) -> None:
+    # the statistics live in gradients and buffers that their owners keep referring to: reduce() returns new
+    # tensors, so the results are copied back
+    if not tensors or _state().num_processes == 1:
         return
-    all_reduce_sum(tensors)
-    for tensor in tensors:
-        tensor.div_(size)
+    for tensor, reduced in zip(tensors, reduce(list(tensors), reduction=reduction), strict=True):
+        tensor.copy_(reduced)
 
 
 def check_same_on_ranks(value: Any, what: str) -> None:
@@ -85,11 +106,9 @@ def check_same_on_ranks(value: Any, what: str) -> None:
     A structural decision that differs between ranks would give replicas of different shapes; this turns that
     into one clear error instead of a hang or a silently inconsistent model.
     """
-    size = world_size()
-    if size == 1:
+    if _state().num_processes == 1:
         return
-    gathered: list[Any] = [None] * size
-    torch.distributed.all_gather_object(gathered, value)
+    gathered = gather_object([value])  # one entry per rank, in rank order
     differing = [r for r, other in enumerate(gathered) if other != gathered[0]]
     if differing:
         raise CompressError(

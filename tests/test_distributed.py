@@ -52,6 +52,18 @@ def test_single_process_helpers_are_no_ops():
     check_same_on_ranks({"ffn": [1, 2]}, "removed indices")  # nothing to compare with
 
 
+def test_a_process_group_that_accelerate_does_not_see_is_refused(monkeypatch):
+    """Reductions and checks follow accelerate's state (the Trainer's); one that counts fewer processes than
+    torch.distributed runs would silently skip them."""
+    assert world_size() == 1  # accelerate's state: one process
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    for helper in (lambda: check_same_on_ranks([1], "removed indices"), lambda: all_reduce_mean([torch.ones(2)]),
+                   world_size):
+        with pytest.raises(CompressError, match=r"runs 2 processes but accelerate's state .* sees 1.*use_cpu=True"):
+            helper()
+
+
 def test_sharded_parameters_are_refused_with_the_alternative():
     model = tiny.make_model("bert")
     model.bert.encoder.layer[0].output.dense.weight.ds_id = 7  # what DeepSpeed ZeRO-3 puts on a partitioned one
