@@ -117,6 +117,7 @@ def test_resumed_run_ends_with_the_uninterrupted_model(name, step, tmp_path, tmp
             assert torch.equal(got_state[index][key], value), (index, key)
 
 
+@pytest.mark.slow  # Trainer runs of more than a second
 def test_loading_an_earlier_checkpoint_into_a_further_pruned_model_fails_clearly(tmp_path, tmp_path_factory):
     straight, _ = _uninterrupted("global", tmp_path_factory)
     with pytest.raises(Crash):
