@@ -286,8 +286,9 @@ def test_bad_input_through_the_entry_point(name, work):
     case = CASES[name]
     kept = _prepare(case, work)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    script = "import sys; from compress.cli import main; sys.exit(main())"
-    proc = subprocess.run([sys.executable, "-c", script, *case.args(work)], capture_output=True, text=True,
+    script = Path(sys.executable).with_name("compress")  # the console script the package installs
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "compress"]
+    proc = subprocess.run([*command, *case.args(work)], capture_output=True, text=True,
                           cwd=work / (case.cwd or ""), env=env, timeout=300)
     _check(case, work, proc.returncode, proc.stdout, proc.stderr, kept)
 
