@@ -31,7 +31,7 @@ job=${1:-}
 shift || true
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case "$job" in
-  demo) exec "$VENV/bin/python" -m compress.bench.demo "$@" ;;
+  demo) exec "$VENV/bin/python" recipes/demo.py "$@" ;;
   test)
     "$VENV/bin/ruff" check .
     exec "$VENV/bin/python" -m pytest -q -m "not slow" "$@" ;;

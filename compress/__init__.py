@@ -24,6 +24,7 @@ from compress.export import save_pretrained  # noqa: E402
 from compress.pruning.arch import supported_model_types  # noqa: E402
 from compress.pruning.compact import register_compact_models  # noqa: E402
 from compress.pruning.engine import PruneReport, prune_model  # noqa: E402
+from compress.pruning.head_warmup import warm_up_head  # noqa: E402
 from compress.pruning.importance import Importance, available_importances, register_importance  # noqa: E402
 from compress.pruning.spec import InvalidOptionError, PruningSpec  # noqa: E402
 
@@ -93,6 +94,7 @@ __all__ = [
     "save_pretrained",
     "save_sparse",
     "supported_model_types",
+    "warm_up_head",
 ]
 
 #: modules that moved into a plugin: the old attribute path works, with a warning, until the next release

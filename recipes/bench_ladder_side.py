@@ -31,16 +31,17 @@ import time
 from pathlib import Path
 
 import compress
-from compress.bench.ladder_side import KINDS, add_arguments, build, lr_for
-from compress.bench.recipe import add_memory_arguments, load_splits, setup_run, write_report
-from compress.bench.train import evaluate_accuracy, finetune_classifier
-from compress.measure import TrainingJob, folder_size, format_table, peak_training_memory
+from common.ladder_side import KINDS, add_arguments, build, lr_for
+from common.memory import TrainingJob, peak_training_memory
+from common.recipe import add_memory_arguments, load_splits, setup_run, write_report
+from common.train import evaluate_accuracy, finetune_classifier
+from compress.measure import folder_size, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _memory(kind: str, args, seq_len: int):
-    job = TrainingJob("compress.bench.ladder_side:memory_job", steps=args.mem_steps,
+    job = TrainingJob("common.ladder_side:memory_job", steps=args.mem_steps,
                       kwargs={"kind": kind, "batch_size": args.batch_size, "seq_len": seq_len,
                               "num_labels": args.num_labels, "importance": args.importance,
                               "calib_batches": args.calib_batches, "calib_batch_size": args.calib_batch_size,

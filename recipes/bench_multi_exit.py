@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import compress
-from compress.bench.multi_exit import (
+from common.multi_exit import (
     KINDS,
     add_arguments,
     build_pa_exits,
@@ -42,8 +42,8 @@ from compress.bench.multi_exit import (
     threshold_label,
     timed_against,
 )
-from compress.bench.recipe import load_splits, setup_run, write_report
-from compress.bench.train import finetune_classifier, load_sequence_classifier, minilm_path
+from common.recipe import load_splits, setup_run, write_report
+from common.train import finetune_classifier, load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 from compress.measure import format_table
 

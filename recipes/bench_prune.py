@@ -16,7 +16,7 @@ Data: ``../shared/data/sst2`` (train.tsv / test.tsv = official SST-2 dev set) ne
 the shipped SST-2 sample when absent; ``--glue-task MRPC`` (CoLA, RTE, SST-2) uses
 ``../shared/data/glue/<task>`` with dev.tsv as the test set. Prints a table and writes it as markdown
 (``--md``). Timings are printed, never asserted. Run it with the package installed (``pip install -e .``;
-``./run.sh`` does); data paths, latency batch and offline set-up come from :mod:`compress.bench.recipe`.
+``./run.sh`` does); data paths, latency batch and offline set-up come from :mod:`common.recipe`.
 
     python recipes/bench_prune.py                      # SST-2: about an hour on 2 CPU cores
     python recipes/bench_prune.py --glue-task MRPC --steps 300 --recovery-steps 100   # about 15-30 minutes
@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
-from compress.bench.recipe import GLUE_TASKS, latency_inputs, load_splits, setup_run, write_report
-from compress.bench.train import finetune_classifier, glue_scores, load_sequence_classifier, minilm_path, predict_labels
+from common.latency import interleaved_latency
+from common.recipe import GLUE_TASKS, latency_inputs, load_splits, setup_run, write_report
+from common.train import finetune_classifier, glue_scores, load_sequence_classifier, minilm_path, predict_labels
 from compress.data import tokenize_dataset
 from compress.export import save_pretrained
-from compress.measure import folder_size, format_table, interleaved_latency
+from compress.measure import folder_size, format_table
 from compress.pruning.arch import arch_spec, spec_class
 from compress.pruning.engine import prune_model
 from compress.pruning.spec import parse_sparsity, sparsity_by_structure

@@ -21,7 +21,7 @@ and written as markdown (``--md``), never asserted.
     python recipes/bench_pruning_adapter.py --glue-task MRPC --kinds lora pa-oneshot --steps 300 --mem-steps 3 # 13 min
 
 The memory measurement uses SST-2 rows padded to ``--mem-seq-len`` tokens (only shapes matter), with the
-task's number of labels; its factory is ``compress.bench.pruning_adapter:memory_job``, which the measuring
+task's number of labels; its factory is ``common.pruning_adapter:memory_job``, which the measuring
 subprocess imports from the installed package (``pip install -e .``; ``./run.sh`` does).
 """
 
@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 import compress
-from compress.bench.pruning_adapter import (
+from common.latency import interleaved_latency
+from common.memory import TrainingJob, peak_training_memory
+from common.pruning_adapter import (
     KINDS,
     MIN_PROGRESSIVE_MEM_STEPS,
     SHAPE_ARGS,
@@ -43,9 +45,9 @@ from compress.bench.pruning_adapter import (
     lr_for,
     merged,
 )
-from compress.bench.recipe import add_memory_arguments, latency_inputs, load_splits, setup_run, write_report
-from compress.bench.train import evaluate_accuracy, finetune_classifier
-from compress.measure import TrainingJob, folder_size, format_table, interleaved_latency, peak_training_memory
+from common.recipe import add_memory_arguments, latency_inputs, load_splits, setup_run, write_report
+from common.train import evaluate_accuracy, finetune_classifier
+from compress.measure import folder_size, format_table
 from compress.pruning.spec import parse_sparsity, sparsity_by_structure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
         settings += [(config, True) for config in configs]
     memory = {}
     for (label, kind, config_args), checkpointing in settings if args.memory else []:
-        job = TrainingJob("compress.bench.pruning_adapter:memory_job", steps=args.mem_steps,
+        job = TrainingJob("common.pruning_adapter:memory_job", steps=args.mem_steps,
                           kwargs={"kind": kind, "batch_size": args.batch_size, "seq_len": args.mem_seq_len,
                                   "steps": args.mem_steps, "num_labels": args.num_labels,
                                   "activation_checkpointing": checkpointing,

@@ -10,7 +10,7 @@ from every (or every listed) backbone block. Training is an unchanged ``Trainer`
 network, ladders, gates, classifier: a few MB) is saved atomically and reloaded onto a fresh backbone to check
 that it gives the same accuracy.
 
-The configuration is built with :mod:`compress.bench.ladder_side`, shared with ``recipes/bench_ladder_side.py``.
+The configuration is built with :mod:`common.ladder_side`, shared with ``recipes/bench_ladder_side.py``.
 Run with the package installed (``pip install -e .``; ``./run.sh`` does).
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 from peft import PeftModel, get_peft_model
 
 import compress
-from compress.bench.ladder_side import add_arguments, backbone, init_side
-from compress.bench.recipe import claim_run_folder, finish_run, load_splits, parse_recipe_args, setup_run
-from compress.bench.train import evaluate_accuracy, finetune_classifier
+from common.ladder_side import add_arguments, backbone, init_side
+from common.recipe import claim_run_folder, finish_run, load_splits, parse_recipe_args, setup_run
+from common.train import evaluate_accuracy, finetune_classifier
 from compress.distributed import is_main_process, wait_for_everyone
 from compress.export import atomic_directory
 

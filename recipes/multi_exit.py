@@ -11,7 +11,7 @@ threshold is chosen on held-out training rows for ``--target-drop`` accuracy poi
 and saved in the model's config. The merged model is written atomically as safetensors with a model card and
 reloaded through ``AutoModelForSequenceClassification`` (after ``import compress``) to check it.
 
-Configurations are built with :mod:`compress.bench.multi_exit`, shared with ``recipes/bench_multi_exit.py``.
+Configurations are built with :mod:`common.multi_exit`, shared with ``recipes/bench_multi_exit.py``.
 Run with the package installed (``pip install -e .``; ``./run.sh`` does).
 """
 
@@ -25,9 +25,9 @@ import numpy as np
 from transformers import AutoModelForSequenceClassification, pipeline
 
 import compress
-from compress.bench.multi_exit import add_arguments, build_student, outcome, test_batches
-from compress.bench.recipe import claim_run_folder, finish_run, load_splits, parse_recipe_args, setup_run
-from compress.bench.train import finetune_classifier, load_sequence_classifier, minilm_path
+from common.multi_exit import add_arguments, build_student, outcome, test_batches
+from common.recipe import claim_run_folder, finish_run, load_splits, parse_recipe_args, setup_run
+from common.train import finetune_classifier, load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 from compress.distributed import is_main_process
 

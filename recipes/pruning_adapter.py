@@ -12,7 +12,7 @@ scores FFN neurons and heads with gate gradients of the task loss on calibration
 trains adapters on the smaller model. The merged model is saved as a compact safetensors folder
 (``global`` mode: load it after ``import compress``) next to the adapter checkpoint.
 
-The configurations are built by :mod:`compress.bench.pruning_adapter`, shared with
+The configurations are built by :mod:`common.pruning_adapter`, shared with
 ``recipes/bench_pruning_adapter.py``. Run with the package installed (``pip install -e .``; ``./run.sh`` does).
 """
 
@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 import compress
-from compress.bench.pruning_adapter import add_arguments, build, encoder_layer_params, lr_for, merged
-from compress.bench.recipe import claim_run_folder, finish_run, load_splits, parse_recipe_args, setup_run
-from compress.bench.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
+from common.pruning_adapter import add_arguments, build, encoder_layer_params, lr_for, merged
+from common.recipe import claim_run_folder, finish_run, load_splits, parse_recipe_args, setup_run
+from common.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
 from compress.distributed import is_main_process
 from compress.export import atomic_directory
 from compress.hub import annotate_card

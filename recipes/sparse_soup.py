@@ -30,7 +30,7 @@ from pathlib import Path
 from compress.plugins.sparse_soup.soup import load_ingredient
 
 import compress
-from compress.bench.recipe import (
+from common.recipe import (
     add_data_arguments,
     claim_run_folder,
     finish_run,
@@ -39,7 +39,7 @@ from compress.bench.recipe import (
     setup_run,
     write_report,
 )
-from compress.bench.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
+from common.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
 from compress.distributed import is_main_process, wait_for_everyone
 from compress.measure import format_table
 

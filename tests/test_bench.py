@@ -1,5 +1,6 @@
-"""compress.bench, the application subpackage: kept apart from the library, its shared recipe helper, and the
-Pruning-Adapter benchmark's memory table (with the subprocess measurement replaced by known figures)."""
+"""The application code in recipes/ (the recipes' shared package ``common``): kept apart from the library, its
+shared recipe helper, and the benchmarks' memory tables (with the subprocess measurement replaced by known
+figures)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from compress.bench import recipe
-from compress.measure import TrainingMemoryResult
+from common import recipe
+from common.memory import TrainingMemoryResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,21 +33,28 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_library_core_imports_no_application_code():
-    core = [p for folder in ("compress", "plugins") for p in (ROOT / folder).rglob("*.py")
-            if "bench" not in p.relative_to(ROOT).parts]
-    assert len(core) > 10
+#: what a module of recipes/ can be imported as: the shared package and every script, as ``recipes.<name>`` or, with
+#: recipes/ on sys.path as the scripts have it, by its own name
+APPLICATION = ("recipes", "common", *(p.stem for p in (ROOT / "recipes").glob("*.py")))
+
+
+def test_library_imports_no_application_code():
+    library = [p for folder in ("compress", "plugins") for p in (ROOT / folder).rglob("*.py")]
+    assert len(library) > 10 and "demo" in APPLICATION and "bench_prune" in APPLICATION
     offenders = {str(p.relative_to(ROOT)): sorted(m for m in _imported_modules(p)
-                                                  if m.startswith(("compress.bench", "recipes")))
-                 for p in core}
+                                                  if m.split(".")[0] in APPLICATION)
+                 for p in library}
     assert {path: mods for path, mods in offenders.items() if mods} == {}
+    assert not (ROOT / "compress" / "bench" / "demo.py").exists()  # the demo is a script of recipes/
 
 
 @pytest.mark.slow
-def test_import_compress_does_not_load_the_application_package():
-    code = ("import sys, compress; loaded = sorted(m for m in sys.modules if m.startswith('compress.bench')); "
-            "assert not loaded, loaded")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def test_the_library_loads_no_application_module_even_where_it_could():
+    code = ("import sys, compress, compress.plugins, compress.cli.prune, compress.hub; "
+            f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {APPLICATION!r} or "
+            "m.startswith('compress.bench')); assert not loaded, loaded")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "recipes"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -67,8 +75,9 @@ def test_every_package_folder_is_in_the_wheel():
         for init in (ROOT / folder).rglob("__init__.py"):
             if "__pycache__" not in init.parts:
                 expected.add(".".join((name, *init.parent.relative_to(ROOT / folder).parts)))
-    assert {"compress.bench", "compress.measure", "compress.plugins.pruning_adapter"} <= expected
+    assert {"compress.measure", "compress.cli", "compress.plugins.pruning_adapter"} <= expected
     assert set(captured["packages"]) == expected
+    assert not [name for name in captured["packages"] if name.split(".")[0] in ("recipes", "common")]  # not shipped
 
 
 # ---- the shared recipe helper ------------------------------------------------------------------------
@@ -83,7 +92,7 @@ def _write_glue(folder: Path, rows: int = 6) -> None:
 
 def test_load_splits_falls_back_to_the_shipped_sample_and_says_so(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(recipe, "SHARED_DATA", tmp_path / "absent")
-    with caplog.at_level(logging.WARNING, logger="compress.bench.recipe"):
+    with caplog.at_level(logging.WARNING, logger="common.recipe"):
         train, test, source = recipe.load_splits()
     assert (len(train), len(test)) == (2000, 872)
     assert "shipped" in source and str(tmp_path / "absent" / "sst2") in source
@@ -159,7 +168,7 @@ def test_benchmark_memory_ratios_are_against_the_lora_and_full_rows(tmp_path, mo
     assert bench_pruning_adapter.main(["--memory-only", "--kinds", "pa-oneshot", "lora", "full", "--mem-steps", "2",
                                        "--sparsity", "ffn=0.3", "--md", str(md)]) == 0
     # each configuration measured as configured, by a factory the measuring subprocess can import
-    assert {job.factory for job in jobs} == {"compress.bench.pruning_adapter:memory_job"}
+    assert {job.factory for job in jobs} == {"common.pruning_adapter:memory_job"}
     assert all(job.kwargs["sparsity"] == "ffn=0.3" and job.steps == 2 for job in jobs)
     rows = {cells[0]: cells[1:] for cells in
             ([c.strip() for c in line.strip("|").split("|")] for line in md.read_text().splitlines()
@@ -231,7 +240,7 @@ def test_ladder_side_benchmark_ratios_and_sequence_length_sweep(tmp_path, monkey
     md = tmp_path / "bench.md"
     assert bench_ladder_side.main(["--memory-only", "--kinds", "lst-r8", "full", "lora", "--mem-steps", "2",
                                    "--seq-lens", "64", "256", "--md", str(md)]) == 0
-    assert {job.factory for job in jobs} == {"compress.bench.ladder_side:memory_job"}
+    assert {job.factory for job in jobs} == {"common.ladder_side:memory_job"}
     assert [(j.kwargs["kind"], j.kwargs["seq_len"]) for j in jobs][3:] == [
         ("full", 64), ("full", 256), ("lora", 64), ("lora", 256), ("lst-r8", 64), ("lst-r8", 256)]
     lines = md.read_text().splitlines()
@@ -259,7 +268,7 @@ def test_multi_exit_benchmark_rows_ratios_and_plot(tmp_path, monkeypatch):
     def tiny_classifier(path, num_labels=2, seed=0):
         return make_encoder(seed=seed, num_labels=num_labels), make_tokenizer()
 
-    from compress.bench import multi_exit
+    from common import multi_exit
 
     for module in (bench_multi_exit, multi_exit):
         monkeypatch.setattr(module, "load_sequence_classifier", tiny_classifier)
@@ -285,7 +294,7 @@ def test_multi_exit_benchmark_rows_ratios_and_plot(tmp_path, monkeypatch):
 def _recipe_parser():
     import argparse
 
-    from compress.bench.recipe import add_data_arguments
+    from common.recipe import add_data_arguments
 
     p = argparse.ArgumentParser()
     add_data_arguments(p)
@@ -294,7 +303,7 @@ def _recipe_parser():
 
 
 def test_recipe_options_come_from_a_config_file_and_flags_win(tmp_path):
-    from compress.bench.recipe import parse_recipe_args
+    from common.recipe import parse_recipe_args
 
     (tmp_path / "run.yaml").write_text("steps: 50\nbatch-size: 8\nschedule: oneshot\nglue_task: MRPC\n")
     args = parse_recipe_args(_recipe_parser(), ["--config", str(tmp_path / "run.yaml"), "--steps", "7"])
@@ -310,7 +319,7 @@ def test_recipe_options_come_from_a_config_file_and_flags_win(tmp_path):
     ("- 1\n- 2\n", "expected a mapping"),
 ])
 def test_a_bad_config_file_is_one_clear_error(tmp_path, capsys, text, message):
-    from compress.bench.recipe import parse_recipe_args
+    from common.recipe import parse_recipe_args
 
     (tmp_path / "run.yaml").write_text(text)
     with pytest.raises(SystemExit) as exit_info:
@@ -325,7 +334,7 @@ def test_finish_run_writes_the_run_folder_and_the_card(tmp_path):
     from huggingface_hub import ModelCard
 
     import compress
-    from compress.bench.recipe import finish_run
+    from common.recipe import finish_run
     from tests import tiny
 
     compress.save_pretrained(tiny.make_model("bert"), tmp_path / "model")

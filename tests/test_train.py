@@ -1,4 +1,5 @@
-"""compress.bench.train on a tiny random BERT: fine-tuning learns a separable toy task; predictions are exact."""
+"""The recipes' training helpers (common.train) on a tiny random BERT: fine-tuning learns a separable toy task;
+predictions are exact."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-from compress.bench import train
+from common import train
 from tests import tiny
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]

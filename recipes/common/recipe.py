@@ -32,8 +32,8 @@ __all__ = ["GLUE_TASKS", "OFFLINE_ENV", "SHARED_DATA", "add_data_arguments", "ad
 #: environment that keeps Hugging Face libraries off the network (values the caller exported win)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
-#: ``shared/data`` beside the repository this package is run from (``../shared/data`` from its root); a
-#: package installed from a wheel has no such folder, and the recipes fall back to the shipped sample
+#: ``shared/data`` beside the repository the recipes are run from (``../shared/data`` from its root); without
+#: it the recipes fall back to the sample shipped in the package
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 GLUE_TASKS = ("SST-2", "CoLA", "MRPC", "RTE")
 _SHIPPED = "the SST-2 sample shipped in the package (2,000 train rows; test = the 872-row official dev set)"

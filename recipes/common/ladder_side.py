@@ -4,9 +4,8 @@ Configurations (``KINDS``): ``full`` (every parameter trains), ``lora`` (LoRA r=
 projection), ``lst-r8`` and ``lst-r4`` (side network at 1/8 and 1/4 of MiniLM's width, fisher-pruned from the
 backbone), ``lst-r8-drop`` (every other side block dropped), ``lst-r8-add`` (side output added to the
 backbone's, ``add_backbone_output=True``), ``lst-r8-8bit`` (``lst-r8`` on a backbone loaded in
-bitsandbytes 8-bit), ``lst-r8-int8`` (``lst-r8`` with the encoder in torch's dynamic int8). The factory lives in
-the package so that :func:`compress.measure.peak_training_memory`'s fresh subprocess can import it as
-``compress.bench.ladder_side:memory_job``.
+bitsandbytes 8-bit), ``lst-r8-int8`` (``lst-r8`` with the encoder in torch's dynamic int8). The measuring
+subprocess of :func:`common.memory.peak_training_memory` imports the factory as ``common.ladder_side:memory_job``.
 """
 
 from __future__ import annotations
@@ -17,11 +16,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import compress
-from compress.bench.pruning_adapter import TARGETS
-from compress.bench.recipe import add_data_arguments, default_arguments, load_splits, padded_batches
-from compress.bench.train import load_sequence_classifier, minilm_path
+from common.memory import TrainingSetup
+from common.pruning_adapter import TARGETS
+from common.recipe import add_data_arguments, default_arguments, load_splits, padded_batches
+from common.train import load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
-from compress.measure import TrainingSetup
 
 KINDS = ("full", "lora", "lst-r8", "lst-r4", "lst-r8-drop", "lst-r8-add", "lst-r8-8bit", "lst-r8-int8")
 #: MiniLM-L6's blocks that keep a side block in ``lst-r8-drop``
@@ -96,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, num_labels: int = 2,
                **overrides) -> TrainingSetup:
-    """Factory for :func:`compress.measure.peak_training_memory`: one configuration, as the benchmark trains it.
+    """Factory for :func:`common.memory.peak_training_memory`: one configuration, as the benchmark trains it.
 
     The baseline is the pretrained model loaded and wrapped; an ``lst-*`` side network's fisher initialisation
     (scoring a pruned copy of the backbone on calibration rows) runs in ``on_train_begin``, so its memory

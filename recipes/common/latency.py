@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from compress.measure._device import model_device, sync, to_device
+from common.device import model_device, sync, to_device
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,11 @@ import torch
 from peft import get_peft_model
 
 import compress
-from compress.bench.recipe import add_data_arguments, default_arguments
-from compress.bench.train import load_sequence_classifier, minilm_path
+from common.latency import interleaved_pass_latency
+from common.recipe import add_data_arguments, default_arguments
+from common.train import load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
-from compress.measure import count_parameters, interleaved_pass_latency
+from compress.measure import count_parameters
 
 KINDS = ("me", "me-slim50", "pa-exits")
 SLENDERIZE = {"me-slim50": {"heads": 0.5, "ffn": 0.5}}
@@ -66,7 +67,7 @@ def build_student(kind: str, teacher, tokenizer, args, calibration=None):
 
 def build_pa_exits(args):
     """(Pruning-Adapter model with exits on the pretrained backbone, its callbacks, its learning rate)."""
-    from compress.bench import pruning_adapter
+    from common import pruning_adapter
 
     pa_args = default_arguments(pruning_adapter.add_arguments, steps=args.steps, seed=args.seed,
                                 num_labels=args.num_labels)

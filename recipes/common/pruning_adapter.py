@@ -3,8 +3,8 @@
 
 Configurations (``KINDS``): ``full`` (every parameter trains), ``lora`` (LoRA on every attention and FFN
 projection), ``pa-oneshot`` and ``pa-progressive`` (Pruning-Adapter, pruned before or during training). The
-factory lives in the package so that :func:`compress.measure.peak_training_memory`'s fresh subprocess can
-import it as ``compress.bench.pruning_adapter:memory_job`` wherever the package is installed.
+measuring subprocess of :func:`common.memory.peak_training_memory` imports the factory as
+``common.pruning_adapter:memory_job``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import compress
-from compress.bench.head_warmup import warm_up_head
-from compress.bench.recipe import add_data_arguments, default_arguments, load_splits, padded_batches
-from compress.bench.train import load_sequence_classifier, minilm_path, transformers_model
+from common.memory import TrainingSetup
+from common.recipe import add_data_arguments, default_arguments, load_splits, padded_batches
+from common.train import load_sequence_classifier, minilm_path, transformers_model
 from compress.data import calibration_batches, tokenize_dataset
-from compress.measure import TrainingSetup, count_parameters
+from compress.measure import count_parameters
+from compress.pruning.head_warmup import warm_up_head
 from compress.pruning.spec import parse_sparsity
 
 KINDS = ("full", "lora", "pa-oneshot", "pa-progressive")
@@ -136,13 +137,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Training memory (run by compress.measure in a fresh subprocess)
+# Training memory (run by common.memory in a fresh subprocess)
 # --------------------------------------------------------------------------------------------------------
 
 
 def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: int = 2, steps: int = 6,
                num_labels: int = 2, activation_checkpointing: bool = False, **overrides) -> TrainingSetup:
-    """Factory for :func:`compress.measure.peak_training_memory`: one configuration, as a real run trains it.
+    """Factory for :func:`common.memory.peak_training_memory`: one configuration, as a real run trains it.
 
     The baseline is the same for every configuration: the pretrained model loaded (and wrapped). Everything
     a method does after that counts: ``pa-oneshot``'s head warm-up, calibration scoring and pruning run in

@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from compress.measure._device import model_device, sync, to_device
+import compress
+from common.device import model_device, sync, to_device
 from compress.measure.static import count_parameters
 
 logger = logging.getLogger(__name__)
@@ -337,15 +338,17 @@ def _child_main(argv: Sequence[str]) -> int:
     return 0
 
 
-_CHILD_CODE = "import sys; from compress.measure.memory import _child_main; sys.exit(_child_main(sys.argv[1:]))"
+_CHILD_CODE = "import sys; from common.memory import _child_main; sys.exit(_child_main(sys.argv[1:]))"
 
 
 def _child_env(extra_env: Mapping[str, str | None] | None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(DEFAULT_MALLOC_ENV)
-    # Make this very copy of `compress` and the parent's working directory importable in the child.
-    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding this copy of `compress`
-    roots = [package_root, os.getcwd()]
+    # Make `common` (the recipes' folder, which holds this file's package), this very copy of `compress` and the
+    # parent's working directory importable in the child.
+    recipes_folder = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(compress.__file__).resolve().parents[1])  # the folder holding the parent's `compress`
+    roots = [recipes_folder, package_root, os.getcwd()]
     if env.get("PYTHONPATH"):
         roots.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(roots)
