@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from compress.data_batches import calibration_batches
+from compress.data import calibration_batches
 from compress.errors import CompressError
 
 from .modeling import MultiExitForSequenceClassification, exit_blocks

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from compress.data_batches import calibration_batches
+from compress.data import calibration_batches
 from compress.errors import CompressError
 
 

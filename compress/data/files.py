@@ -1,7 +1,7 @@
 """Loading one split of a classification task (see :mod:`compress.data`): the shipped SST-2 sample, folders of
 split files, single .tsv/.csv/.jsonl files and ``save_to_disk`` folders, normalised to ``text`` / ``text_pair`` /
-``label``. Files are parsed by :mod:`compress.data_parse` (``datasets.load_dataset``), GLUE files by
-:mod:`compress.data_glue`.
+``label``. Files are parsed by :mod:`compress.data.parse` (``datasets.load_dataset``), GLUE files by
+:mod:`compress.data.glue`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Literal
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_from_disk
 
-from compress.data_glue import infer_task, read_glue, read_glue_tsv, resolve_task
-from compress.data_parse import (
+from compress.data.glue import infer_task, read_glue, read_glue_tsv, resolve_task
+from compress.data.parse import (
     CSV,
     INTEGER,
     TSV,

@@ -11,7 +11,7 @@ from typing import Any
 
 from datasets import ClassLabel, Dataset
 
-from compress.data_parse import INTEGER, TSV, delimited_where, parse_delimited, scan_delimited, strip_text
+from compress.data.parse import INTEGER, TSV, delimited_where, parse_delimited, scan_delimited, strip_text
 
 logger = logging.getLogger("compress.data")
 
