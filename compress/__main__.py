@@ -2,7 +2,7 @@
 
 import sys
 
-from compress_cli import main
+from compress.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,8 +6,6 @@ loading snippet of model cards, and the compact classes registered with the Auto
 
 from __future__ import annotations
 
-from transformers.models.auto import modeling_auto
-
 #: task (CLI ``--task-type``) -> (Auto class, the transformers mapping of model types to its model classes)
 TASKS: dict[str, tuple[str, str]] = {
     "sequence-classification": ("AutoModelForSequenceClassification",
@@ -26,6 +24,8 @@ SCORABLE_TASKS = ("sequence-classification", "causal-lm", "seq2seq", "masked-lm"
 
 def model_classes(task: str | None) -> dict[str, str]:
     """``model_type -> model class name`` for a task (``None``: the bare models)."""
+    from transformers.models.auto import modeling_auto  # here: the command line's parser reads TASKS alone
+
     names = TASKS[task][1] if task is not None else BASE[1]
     return {k: v for k, v in getattr(modeling_auto, names).items() if isinstance(v, str)}
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import compress  # noqa: F401  (compact Auto classes)
+from compress.cli import main
 from compress.cli.inputs import build_calibration
 from compress.cli.summary import format_widths, summary_rows
-from compress_cli import main
 from tests import tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,7 +202,10 @@ BAD_ARGUMENTS = {
     "sparsity-repeated-key": (["--sparsity", "ffn=0.5,ffn=0.3"], "names 'ffn' twice"),
     "unknown-structure": (["--structures", "ffn,neurons", "--importance", "magnitude"],
                           "--structures ffn,neurons: unknown structure 'neurons'"),
-    "unknown-importance": (["--importance", "entropy"], "argument --importance: invalid choice: 'entropy'"),
+    "unknown-importance": (["--importance", "entropy"], "--importance entropy: unknown criterion; choose one of "),
+    "importance-module-missing": (["--importance", "no_such_module_here:entropy"],
+                                  "--importance no_such_module_here:entropy: there is no module 'no_such_module_here'"),
+    "importance-without-name": (["--importance", "my_criteria:"], "expected NAME or MODULE:NAME"),
     "taylor-without-data": ([], "needs --data"),
     "compensation-without-data": (["--importance", "magnitude", "--compensate-bias"],
                                   "--compensate-bias measures mean activations and needs --data"),
@@ -321,28 +324,59 @@ def test_summary_rows_and_widths():
     assert format_widths(list(range(1, 33))).startswith("1..32, mean 16.5")
 
 
-def test_the_parser_offers_the_library_vocabulary():
-    """The stand-alone parser writes its choices out (no heavy import); they must be the library's own."""
-    import compress_cli
-    from compress.pruning import spec
-    from compress.pruning.arch import supported_model_types
-    from compress.pruning.importance import available_importances
-    from compress.tasks import TASKS
+CRITERION_MODULE = """
+import compress
+from compress.pruning.importance import MagnitudeImportance
 
-    assert compress_cli.STRUCTURES == spec.STRUCTURES
-    assert compress_cli.MODES == spec.MODES
-    assert compress_cli.NORMALIZATIONS == spec.NORMALIZATIONS
-    assert list(compress_cli.IMPORTANCES) == available_importances()
-    assert list(compress_cli.MODEL_TYPES) == supported_model_types()
-    assert compress_cli.TASK_TYPES == tuple(TASKS)
+
+class Reversed(MagnitudeImportance):
+    def __call__(self, unit, stats):
+        return -super().__call__(unit, stats)
+
+
+compress.register_importance("reversed_magnitude", Reversed)
+"""
+
+
+@pytest.fixture
+def criteria_module(tmp_path, monkeypatch):
+    """A module of the user's, ``my_criteria.py`` in the current folder, that registers ``reversed_magnitude``; the
+    criteria registered during the test are forgotten afterwards."""
+    from compress.pruning import importance
+
+    monkeypatch.setattr(importance, "_IMPORTANCES", dict(importance._IMPORTANCES))
+    (tmp_path / "my_criteria.py").write_text(CRITERION_MODULE, encoding="utf-8")
+    (tmp_path / "registers_nothing.py").write_text("VALUE = 1\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    for name in ("my_criteria", "registers_nothing"):
+        sys.modules.pop(name, None)
+
+
+def test_importance_takes_a_criterion_that_a_module_registers(work, criteria_module, capsys):
+    out = criteria_module / "reversed"
+    assert main(["prune", str(work / "bert"), "--out", str(out), "--sparsity", "0.25", "--importance",
+                 "my_criteria:reversed_magnitude", "--no-progress"]) == 0
+    assert json.loads((out / "compress_report.json").read_text())["importance"] == "reversed_magnitude"
+    assert "reversed_magnitude importance" in capsys.readouterr().out
+    assert str(criteria_module) not in sys.path  # the current folder was on the path for the import only
+    # once registered (here by the import above), the plain name works as well
+    assert main(["prune", str(work / "bert"), "--out", str(criteria_module / "again"), "--sparsity", "0.25",
+                 "--importance", "reversed_magnitude", "--no-progress"]) == 0
+
+
+def test_importance_refuses_a_module_that_registers_no_such_criterion(work, criteria_module, capsys):
+    _assert_one_line_error(main(_prune_args(work, "--importance", "registers_nothing:entropy")), capsys,
+                           "--importance registers_nothing:entropy: registers_nothing registers no criterion "
+                           "'entropy'")
 
 
 @pytest.mark.slow
 def test_help_and_argument_errors_import_no_torch():
-    script = ("import sys, compress_cli; codes = [compress_cli.main(['--help']), "
-              "compress_cli.main(['prune', 'm', '--out', 'o', '--mode', 'sideways'])]; "
-              "assert codes == [0, 2], codes; "
-              "heavy = {'torch', 'transformers', 'peft', 'compress'} & set(sys.modules); assert not heavy, heavy")
+    script = ("import sys; from compress.cli import main; codes = [main(['--help']), main(['prune', '--help']), "
+              "main(['prune', 'm', '--out', 'o', '--mode', 'sideways'])]; "
+              "assert codes == [0, 0, 2], codes; "
+              "heavy = {'torch', 'transformers', 'peft', 'datasets'} & set(sys.modules); assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "invalid choice: 'sideways'" in proc.stderr

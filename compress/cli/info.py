@@ -8,8 +8,7 @@ import logging
 import math
 from pathlib import Path
 
-from compress_cli import UsageError
-
+from .errors import UsageError
 from .inputs import (
     build_meta_model,
     check_weight_files,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from compress_cli import UsageError
+from .errors import UsageError
 
 logger = logging.getLogger("compress.cli")
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from compress_cli import UsageError
+from compress.pruning.spec import MODES
 
-MODES = ("uniform", "global")
+from .errors import UsageError
+
 #: a multi-exit model's model_type (``multi_exit_<family>`` in folders of the earlier format)
 MULTI_EXIT = "multi_exit"
 

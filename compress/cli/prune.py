@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
+import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from compress_cli import RunFailed, UsageError
-
+from .errors import RunFailed, UsageError
 from .inputs import (
     build_calibration,
     build_meta_model,
@@ -82,6 +84,44 @@ def _positive(flag: str, value: int) -> None:
         raise UsageError(f"{flag} must be a positive integer, got {value}")
 
 
+def criterion_name(option: str) -> str:
+    """The criterion ``--importance`` names: ``NAME`` as it is, or for ``MODULE:NAME`` the NAME that MODULE registers
+    with :func:`compress.register_importance` when imported (from the current folder or ``PYTHONPATH``, as
+    ``python -m`` would find it). The library then checks the name against every registered criterion."""
+    from compress.pruning.importance import available_importances
+
+    module, colon, name = option.partition(":")
+    if not colon:
+        if option.lower() not in available_importances():
+            raise UsageError(f"--importance {option}: unknown criterion; choose one of "
+                             f"{', '.join(available_importances())}, or MODULE:NAME for a criterion that a module "
+                             "of yours registers with compress.register_importance")
+        return option
+    if not module or not name:
+        raise UsageError(f"--importance {option}: expected NAME or MODULE:NAME (e.g. my_criteria:entropy)")
+    folder = os.getcwd()
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module + ".").startswith(exc.name + "."):
+            raise UsageError(f"--importance {option}: there is no module {exc.name!r} in the current folder or on "
+                             "PYTHONPATH") from None
+        raise UsageError(f"--importance {option}: importing {module} failed ({exc})") from exc
+    except Exception as exc:  # the user's module: any failure is theirs to fix (--debug shows the traceback)
+        raise UsageError(f"--importance {option}: importing {module} failed ({type(exc).__name__}: {exc})") from exc
+    finally:
+        if added:
+            sys.path.remove(folder)
+    if name.lower() not in available_importances():
+        raise UsageError(f"--importance {option}: {module} registers no criterion {name!r} (registered: "
+                         f"{', '.join(available_importances())}); call compress.register_importance({name!r}, "
+                         "YourImportance) in it")
+    return name
+
+
 def run(args: argparse.Namespace) -> int:
     with progress_bars(not args.no_progress):
         return _prune(args)
@@ -100,8 +140,9 @@ def _prune(args: argparse.Namespace) -> int:
     for name in ("num_batches", "batch_size", "max_length"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     spec = PruningSpec.from_options(parse_sparsity(args.sparsity), args.structures, mode=args.mode,
-                                    importance=args.importance, normalize=args.normalize, max_keep=args.max_keep,
-                                    round_to=args.round_to, compensate_bias=args.compensate_bias)
+                                    importance=criterion_name(args.importance), normalize=args.normalize,
+                                    max_keep=args.max_keep, round_to=args.round_to,
+                                    compensate_bias=args.compensate_bias)
     criterion = get_importance(spec.importance)
     model_dir, config_dict = read_config_json(args.model_dir)
     model_type = str(config_dict.get("model_type", ""))

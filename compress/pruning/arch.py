@@ -11,10 +11,12 @@ quirks. A new architecture is one new :class:`ArchSpec` subclass listed in :data
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from compress.errors import UnsupportedModelError, UnsupportedStructureError
+
+if TYPE_CHECKING:  # annotations only: the command line's parser reads the families without importing torch
+    from torch import nn
 
 
 @dataclass

@@ -1,51 +1,22 @@
-"""The ``compress`` command line: argument parsing and dispatch, with nothing but the standard library.
+"""The ``compress`` command's parser: flags, help and choices, with the vocabulary read from the library.
 
-This module stands outside the ``compress`` package on purpose: ``import compress`` registers the PEFT
-methods and compact model classes, which imports torch, transformers and peft (seconds). ``compress --help``,
-``--version`` and malformed command lines are answered from here without that import; a command imports
-the package only when it runs (:mod:`compress.cli`).
-
-``main(argv)`` returns the exit status: 0 on success, 2 for bad arguments or inputs (one
-``compress: error: ...`` line, no traceback), 1 when a valid run fails part-way. ``--debug`` re-raises with
-the full traceback instead.
+Standard library only, as are the modules it reads the vocabulary from (:mod:`compress.pruning.spec`,
+:mod:`compress.pruning.arch`, :mod:`compress.tasks`), so that ``compress --help`` and a malformed command line
+are answered without importing torch. Criteria (``--importance``) are checked by the library when the command
+runs: a criterion added with :func:`compress.register_importance` is accepted there.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import sys
-from collections.abc import Iterator
+
+from compress.pruning.arch import ARCH_SPECS, supported_model_types
+from compress.pruning.spec import MODES, NORMALIZATIONS, STRUCTURES
+from compress.tasks import TASKS
+
+from .errors import UsageError
 
 PROG = "compress"
-
-# The vocabulary the parser offers, written out so that parsing needs no heavy import. tests/test_cli.py
-# checks each against the library's own definition (compress.pruning.spec, .arch, .importance, compress.tasks).
-STRUCTURES = ("ffn", "heads", "kv_heads", "layers", "hidden")
-MODES = ("uniform", "global")
-NORMALIZATIONS = ("none", "mean", "l2")
-IMPORTANCES = ("activation", "fisher", "l1", "l2", "magnitude", "random", "taylor")
-MODEL_TYPES = ("bert", "llama", "qwen2", "roberta", "t5")
-TASK_TYPES = ("sequence-classification", "causal-lm", "seq2seq", "masked-lm", "token-classification",
-              "question-answering")
-STRUCTURES_BY_FAMILY = (
-    "  bert, roberta: ffn, layers / heads, hidden\n"
-    "  llama, qwen2:  ffn, heads, kv_heads, layers, hidden\n"
-    "  t5:            ffn, heads, hidden (heads always uniform: T5 shares its position bias across layers)\n"
-)
-
-
-class UsageError(Exception):
-    """A bad command line or input: reported on one line, exit status 2."""
-
-
-class RunFailed(Exception):
-    """A valid run failed part-way (pruning, saving): reported on one line, exit status 1."""
-
-    def __init__(self, cause: BaseException):
-        super().__init__(str(cause))
-        self.cause = cause
 
 
 def _version() -> str:
@@ -55,6 +26,19 @@ def _version() -> str:
         return version("peft-compress")
     except PackageNotFoundError:  # running from a checkout that is not installed
         return "unknown"
+
+
+def _structures_by_family() -> str:
+    """One line per family: the structures of uniform mode / those global mode adds (ArchSpec's tables)."""
+    rows = []
+    for spec in ARCH_SPECS:
+        added = [s for s in spec.supported_structures if s not in spec.uniform_structures]
+        text = ", ".join(spec.uniform_structures) + (f" / {', '.join(added)}" if added else "")
+        if spec.uniform_only_structures:
+            text += f" ({', '.join(spec.uniform_only_structures)}: equal across layers in either mode)"
+        rows.append((f"{', '.join(spec.model_types)}:", text))
+    width = max(len(name) for name, _ in rows)
+    return "".join(f"  {name:<{width}} {text}\n" for name, text in rows)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +65,7 @@ def _common_flags(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    types = ", ".join(MODEL_TYPES)
+    types = ", ".join(supported_model_types())
     parser = _Parser(
         prog=PROG,
         formatter_class=_Formatter,
@@ -186,7 +170,7 @@ def _prune_parser(sub, types: str) -> None:
             "  compress prune ./bert-sst2 --out ./bert-mixed --sparsity ffn=0.5,layers=0.25 --importance l1\n\n"
             f"supported model types: {types}\n"
             "structures by family (uniform mode / also in global mode):\n"
-            f"{STRUCTURES_BY_FAMILY}"
+            f"{_structures_by_family()}"
             "`compress info MODEL_DIR` lists what a given model supports."
         ),
     )
@@ -202,10 +186,13 @@ def _prune_parser(sub, types: str) -> None:
     what.add_argument("--structures", default=None, metavar="S[,S...]",
                       help=f"comma-separated structures to prune, from: {', '.join(STRUCTURES)} "
                            "(default: ffn, or the names given in --sparsity)")
-    what.add_argument("--importance", default="taylor", metavar="NAME", type=str.lower, choices=IMPORTANCES,
-                      help=f"how units are scored: {', '.join(IMPORTANCES)}. taylor and fisher use gradients of "
-                           "the task loss on --data; activation (mean activation magnitude, no labels) uses --data; "
-                           "magnitude/l1/l2 (weight norms) and random need no data (default: %(default)s)")
+    what.add_argument("--importance", default="taylor", metavar="NAME",
+                      help="how units are scored (an unknown name lists them all): taylor and fisher use "
+                           "gradients of the task loss on --data; "
+                           "activation (mean activation magnitude, no labels) uses --data; magnitude/l1/l2 "
+                           "(weight norms) and random need no data; or a criterion of your own, registered with "
+                           "compress.register_importance by a module: MODULE:NAME imports MODULE (from the "
+                           "current folder or PYTHONPATH) and uses its criterion NAME (default: %(default)s)")
     what.add_argument("--mode", default="uniform", choices=MODES,
                       help="uniform: same width in every layer, plain transformers folder; global: rank "
                            "units across layers, needs `import compress` to load (default: %(default)s)")
@@ -235,7 +222,7 @@ def _prune_parser(sub, types: str) -> None:
                       help="tokens per row (truncation), also the sequence length of the FLOPs estimate; "
                            "capped at the model's position limit (default: %(default)s)")
     model = prune.add_argument_group("loading and saving")
-    model.add_argument("--task-type", default="auto", choices=("auto", *TASK_TYPES),
+    model.add_argument("--task-type", default="auto", choices=("auto", *TASKS),
                        help="which head to load MODEL_DIR with; auto reads `architectures` in config.json "
                             "(default: %(default)s)")
     model.add_argument("--tokenizer", default=None, metavar="DIR",
@@ -249,91 +236,3 @@ def _prune_parser(sub, types: str) -> None:
     model.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _common_flags(prune, top=False)
     prune.set_defaults(command_module="prune")
-
-
-class _StderrHandler(logging.StreamHandler):
-    """A handler that writes to whatever ``sys.stderr`` is at emit time (pytest swaps it per test)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _cli_logging(verbose: bool, debug: bool) -> Iterator[None]:
-    """Log the package's messages to stderr for one command; the logger is restored afterwards, so
-    calling :func:`main` in-process leaves no trace on logging."""
-    log = logging.getLogger("compress")
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-
-
-def spell_option(option: str) -> str:
-    """A library option name as the command line spells it: ``max_keep`` -> ``--max-keep``."""
-    return "--" + option.replace("_", "-")
-
-
-def error_line(exc: BaseException) -> str:
-    """``compress: error: <message>`` on one line (newlines folded; library option names spelled as flags)."""
-    spelled = getattr(exc, "spelled", None)  # compress.pruning.spec.InvalidOptionError
-    message = spelled(spell_option(exc.option)) if callable(spelled) else str(exc)
-    return f"{PROG}: error: {' '.join(message.split()) or type(exc).__name__}"
-
-
-# What a user can cause and fix (CompressError is a ValueError): reported on one line, exit status 2.
-_EXPECTED_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, OSError)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``compress`` command line; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    try:
-        parser = build_parser()
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as exc:  # --help / --version
-            return exc.code if isinstance(exc.code, int) else 0
-        debug = bool(getattr(args, "debug", False))
-        if getattr(args, "command_module", None) is None:
-            parser.print_help(sys.stderr)
-            return 2
-        with _cli_logging(bool(getattr(args, "verbose", False)), debug):
-            from importlib import import_module
-
-            command = import_module(f"compress.cli.{args.command_module}")
-            return int(command.run(args) or 0)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
-    except RunFailed as exc:
-        if debug:
-            raise exc.cause from None
-        sys.stderr.write(error_line(exc.cause) + "\n")
-        return 1
-    except _EXPECTED_ERRORS as exc:
-        if debug:
-            raise
-        sys.stderr.write(error_line(exc) + "\n")
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
