@@ -454,6 +454,7 @@ def model_card(model: nn.Module, report: dict | None = None, title: str | None =
             lines.append(f"| parameters | {before:,} -> {after:,} ({after / before:.1%}) |")
         for structure, widths in report.get("widths_after", {}).items():
             lines.append(f"| {STRUCTURE_LABELS.get(structure, structure)} | {widths} |")
+        lines += [f"| note | {note} |" for note in report.get("notes", [])]
         lines.append("")
     lines += ["## Loading", ""]
     if str(model.config.model_type).startswith(MULTI_EXIT):

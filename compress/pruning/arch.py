@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from compress.errors import UnsupportedModelError, UnsupportedStructureError
 
 if TYPE_CHECKING:  # annotations only: the command line's parser reads the families without importing torch
+    from collections.abc import Callable, Iterable
+
     from torch import nn
 
 
@@ -94,6 +96,18 @@ class HiddenSite:
 
 
 @dataclass
+class BiasFlag:
+    """A config flag that gives an output projection a bias: ``flag`` (e.g. ``mlp_bias``) adds one to every layer
+    ``layers(block)`` returns for each block; ``carrier`` names the projection that holds the compensation and
+    ``zeros`` the others, whose biases stay zero."""
+
+    flag: str
+    layers: Callable[[nn.Module], list[nn.Module]]
+    carrier: str
+    zeros: str
+
+
+@dataclass
 class LayerStack:
     """A ``nn.ModuleList`` of transformer blocks plus how to read a block's sites."""
 
@@ -125,6 +139,9 @@ class ArchSpec:
     #: which maps channel indices one-to-one across q/k/v/o (wrong for GQA's fewer kv channels and for T5's
     #: per-head position bias)
     explicit_head_groups: bool = False
+    #: why blocks cannot be run one at a time on a stored calibration stream (what least-squares reconstruction
+    #: does), or ``None`` when every block of the one stack takes the stream and the same other arguments
+    sequential_reason: str | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -167,6 +184,65 @@ class ArchSpec:
 
     def _after_blocks_removed(self, keep: list[int], blocks_before: int) -> None:
         """Hook for per-layer config lists that must follow the kept blocks."""
+
+    # -- biases of the output projections ----------------------------------------------------------
+    def bias_flags(self) -> dict[str, BiasFlag]:
+        """The config flags that give the FFN (``"ffn"``) or attention (``"heads"``) output projections a bias,
+        where the family's config has one."""
+        return {}
+
+    def _output_projections(self, kind: str) -> list[nn.Module]:
+        layers = [s.output for s in self.ffn_sites()] if kind == "ffn" else [s.o for s in self.attention_sites()]
+        return [layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer for layer in layers]
+
+    def _bias_kinds(self, structures: Iterable[str]) -> list[str]:
+        """The output projections (``ffn``, ``heads``) whose input channels ``structures`` remove, still without a
+        bias."""
+        kinds = dict.fromkeys("ffn" if s == "ffn" else "heads" for s in structures if s in ("ffn", "heads", "kv_heads"))
+        return [kind for kind in kinds if any(layer.bias is None for layer in self._output_projections(kind))]
+
+    def check_output_biases(self, structures: Iterable[str]) -> None:
+        """Raise :class:`UnsupportedStructureError` unless the output projections that ``structures`` prune have a
+        bias or the family's config can give them one (see :meth:`add_output_biases`); changes nothing."""
+        flags = self.bias_flags()
+        for kind in self._bias_kinds(structures):
+            if kind not in flags:
+                what = "FFN output" if kind == "ffn" else "attention output"
+                model_type = base_model_type(str(getattr(self.model.config, "model_type", self.family)))
+                refit = "" if self.sequential_reason else \
+                    " (reconstruct='least_squares' still refits the kept weights, without a bias)"
+                raise UnsupportedStructureError(
+                    f"{model_type}: the {what} projections have no bias and the {model_type} config cannot give "
+                    f"them one, so compensate_bias cannot be saved in a standard folder; leave compensate_bias "
+                    f"out{refit}")
+
+    def add_output_biases(self, structures: Iterable[str]) -> list[str]:
+        """Give the output projections that ``structures`` prune a bias through the config flag that expresses it
+        (:meth:`bias_flags`): the flag is set and every layer it covers gets a zero bias where it has none, so the
+        model computes what it did and a standard folder reloads it. Returns one sentence per flag set, for the
+        report and model card.
+
+        Raises:
+            UnsupportedStructureError: the config cannot express such a bias (checked before anything changes).
+        """
+        import torch
+
+        self.check_output_biases(structures)
+        notes = []
+        for kind in self._bias_kinds(structures):
+            option = self.bias_flags()[kind]
+            setattr(self.model.config, option.flag, True)
+            for stack in self.stacks():
+                for block in stack.blocks:
+                    for layer in option.layers(block):
+                        base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+                        if base.bias is None:
+                            base.bias = torch.nn.Parameter(
+                                torch.zeros(base.out_features, dtype=base.weight.dtype, device=base.weight.device),
+                                requires_grad=base.weight.requires_grad)
+            notes.append(f"{option.flag} enabled: {option.carrier} biases carry the compensation; {option.zeros} "
+                         "biases are zero")
+        return notes
 
     def refresh(self) -> None:
         """Re-derive module attributes and config fields from the current weight shapes."""
@@ -325,6 +401,18 @@ class LlamaSpec(ArchSpec):
     projection_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     explicit_head_groups = True
 
+    def bias_flags(self) -> dict[str, BiasFlag]:
+        # Qwen2 builds its MLP and o_proj without a bias whatever the config says
+        if base_model_type(str(self.model.config.model_type)) != "llama":
+            return {}
+        return {
+            "ffn": BiasFlag("mlp_bias", lambda b: [b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj], "down_proj",
+                            "gate_proj/up_proj"),
+            "heads": BiasFlag("attention_bias", lambda b: [b.self_attn.q_proj, b.self_attn.k_proj,
+                                                           b.self_attn.v_proj, b.self_attn.o_proj], "o_proj",
+                              "q_proj/k_proj/v_proj"),
+        }
+
     def _layers(self) -> nn.ModuleList:
         base = self.model.base_model
         if not hasattr(base, "layers"):
@@ -408,6 +496,8 @@ class T5Spec(ArchSpec):
     # The relative position bias (and the cross-attention bias) is computed in the first block and
     # reused by every later block of the stack, with one head count from the config.
     uniform_only_structures = ("heads",)
+    sequential_reason = ("T5's decoder blocks read the encoder's output, and each stack's blocks receive the position "
+                         "bias its first block computes")
 
     def stacks(self) -> list[LayerStack]:
         out = []

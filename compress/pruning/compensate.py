@@ -8,8 +8,9 @@ projection's bias keeps the expected output unchanged (the fluctuation-based com
 al. 2024) at no inference cost. The means are measured on the same batches that score the channels, over
 real tokens only (padding excluded).
 
-Layers without a bias (Llama, Qwen2 and T5 output projections) cannot hold the shift in a standard
-config, so they are left as they are and :func:`bias_shifts` reports them.
+:func:`bias_shifts` reports layers without a bias and leaves them as they are; the engine first gives the
+output projections a bias where the family's config can express one
+(:meth:`compress.pruning.arch.ArchSpec.add_output_biases`) and refuses compensation where it cannot.
 """
 
 from __future__ import annotations
@@ -20,18 +21,13 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from compress.pruning.importance import TokenMasks, Unit, sum_over_real_tokens
+from compress.pruning.importance import TokenMasks, Unit, effective_weight, output_projection, sum_over_real_tokens
 
 __all__ = [
     "InputMeans", "add_to_bias", "bias_shifts", "output_projection", "record_input_means", "removed_input_channels",
 ]
 
 _CHANNEL_STRUCTURES = ("ffn", "heads")
-
-
-def output_projection(unit: Unit) -> nn.Module:
-    """The layer whose *input* channels a unit's channels are (FFN output / attention output projection)."""
-    return unit.site.output if unit.structure == "ffn" else unit.site.o
 
 
 def removed_input_channels(unit: Unit, removed: list[int]) -> list[int]:
@@ -96,17 +92,6 @@ def record_input_means(model: nn.Module, units: list[Unit]) -> Iterator[InputMea
             handle.remove()
 
 
-def _effective_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight a layer applies: an adapter layer's base weight plus its unmerged low-rank updates."""
-    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-    weight = base.weight.detach().float()
-    if base is not layer and not getattr(layer, "merged", False) and not getattr(layer, "disable_adapters", False):
-        for adapter in layer.active_adapters:
-            if adapter in getattr(layer, "lora_A", {}):
-                weight = weight + layer.get_delta_weight(adapter).detach()
-    return weight
-
-
 def bias_shifts(units: list[Unit], removals: Mapping[str, list[int]],
                 means: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """What each output projection must add to its bias to keep its expected output after ``removals``.
@@ -130,7 +115,7 @@ def bias_shifts(units: list[Unit], removals: Mapping[str, list[int]],
             continue
         channels = torch.tensor(removed_input_channels(unit, removed), dtype=torch.long)
         mean = means[unit.key].to(base.weight.device)
-        shifts[unit.key] = _effective_weight(layer)[:, channels] @ mean[channels]
+        shifts[unit.key] = effective_weight(layer)[:, channels] @ mean[channels]
     return shifts, skipped
 
 

@@ -22,14 +22,18 @@ from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_m
 from compress.pruning.importance import (
     GateStats,
     Importance,
+    InputStatisticsImportance,
+    MagnitudeImportance,
     Unit,
     check_scorable,
     collect_gate_stats,
     get_importance,
+    is_causal_lm,
     units_for,
 )
 from compress.pruning.plan import achieved_sparsity, nothing_removed_error, plan_removals
-from compress.pruning.spec import PruningSpec, positive_int
+from compress.pruning.reconstruct import check_reconstructable, prune_sequentially
+from compress.pruning.spec import RECONSTRUCTED_STRUCTURES, PruningSpec, positive_int
 from compress.pruning.surgery import apply_checked, check_removals, preserve_training_modes
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ class PruneReport:
     #: fraction of each structure actually removed: whole channels, heads and blocks make it differ from
     #: ``sparsity`` by rounding, or more when ``round_to`` or a minimum width limits it
     achieved_sparsity: dict[str, float] = field(default_factory=dict)
+    #: sentences for the model card: what else changed (biases the config now enables, refit weights)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def params_ratio(self) -> float:
@@ -102,7 +108,8 @@ def score_units(model: nn.Module, units: list[Unit], importance: Importance,
                 "datasets.Dataset with input_ids/labels, or an iterable of model-input dicts), or use "
                 "importance='magnitude' or 'random'")
         stats = collect_gate_stats(model, units, batches, progress=progress,
-                                   gradients=getattr(importance, "needs_gradients", True))
+                                   gradients=getattr(importance, "needs_gradients", True),
+                                   weight_gradients=getattr(importance, "needs_weight_gradients", False))
     return {u.key: importance(u, stats).detach().float().cpu() for u in units}
 
 
@@ -136,6 +143,9 @@ def prune_model(
     compensate_bias: bool = False,
     max_keep: float | None = None,
     *,
+    min_keep: float | None = None,
+    reconstruct: str = "none",
+    damping: float | None = None,
     spec: PruningSpec | None = None,
 ) -> PruneReport:
     """Structurally prune ``model`` in place and rewrite its config.
@@ -149,22 +159,28 @@ def prune_model(
             blocks), ``hidden`` (channels of the residual stream, removed from every tensor that carries it;
             BERT/RoBERTa need ``mode="global"``); a list or a comma-separated string. Default: ``ffn``, or the
             keys of a ``sparsity`` mapping.
-        importance: ``taylor`` (default), ``fisher``, ``activation`` (mean activation magnitude, no labels
-            needed; scores every structure but ``layers``), ``magnitude``/``l2``, ``l1``, ``random``, a name
+        importance: ``taylor`` (default; gate gradients, LLM-Pruner's vector-wise first-order Taylor),
+            ``taylor_elementwise`` (LLM-Pruner's element-wise form), ``fisher``, ``activation`` (mean activation
+            magnitude, no labels needed; scores every structure but ``layers``), ``flap`` (FLAP's fluctuation:
+            input variance times squared weight column), ``wanda_sp`` (weight magnitude times input norm),
+            ``block_influence`` (ShortGPT, ``layers`` only), ``magnitude``/``l2``, ``l1``, ``random``, a name
             registered with :func:`compress.register_importance`, or an
             :class:`~compress.pruning.importance.Importance` instance.
-        data: calibration data for ``taylor``/``fisher``/``activation`` and ``compensate_bias``: a tokenized
-            ``datasets.Dataset`` or any iterable of model-input dicts (tensors). For ``taylor``/``fisher``,
-            batches need ``labels`` unless the model is a causal LM.
+        data: calibration data for data-driven criteria, ``compensate_bias`` and ``reconstruct``: a tokenized
+            ``datasets.Dataset`` or any iterable of model-input dicts (tensors). For gradient criteria
+            (``taylor``, ``taylor_elementwise``, ``fisher``), batches need ``labels`` unless the model is a
+            causal LM.
         mode: ``uniform`` keeps one width per layer so plain transformers reloads the result; ``global`` ranks
             channels across layers (widths differ per layer; reloading needs ``import compress``).
         num_batches, batch_size: how much calibration data to use.
         round_to: keep FFN widths and the hidden size a multiple of this (e.g. 8 for faster kernels).
         tokenizer: pads a tokenized Dataset's rows into batches.
         progress: show a progress bar while scoring.
-        normalize, compensate_bias, max_keep: see :class:`~compress.pruning.spec.PruningSpec`.
+        normalize, compensate_bias, max_keep, min_keep, reconstruct, damping: see
+            :class:`~compress.pruning.spec.PruningSpec` (``damping=None``: its default).
         spec: a ready :class:`~compress.pruning.spec.PruningSpec`, used instead of ``sparsity``, ``structures``,
-            ``importance``, ``mode``, ``round_to``, ``normalize``, ``compensate_bias`` and ``max_keep``.
+            ``importance``, ``mode``, ``round_to``, ``normalize``, ``compensate_bias``, ``max_keep``, ``min_keep``,
+            ``reconstruct`` and ``damping``.
 
     Returns:
         A :class:`PruneReport` with the sparsity asked for and achieved (whole units). The model is modified
@@ -176,12 +192,17 @@ def prune_model(
         InvalidOptionError: an option has a bad value (the error names it).
         NothingToPruneError: a requested structure would lose nothing (e.g. ``round_to`` larger than the FFN
             width, heads of a one-head model); raised before the model changes.
+        UnsupportedStructureError: the family cannot prune a structure in this mode, cannot express
+            ``compensate_bias`` in its config (Qwen2, T5), or cannot run ``reconstruct`` (T5); raised before
+            calibration.
         CompressError: the removal cannot be carried out on this model (e.g. the hidden size of a task head
             the architecture spec does not know); raised before the model changes.
     """
     if spec is None:
+        extra = {} if damping is None else {"damping": damping}
         spec = PruningSpec.from_options(sparsity, structures, mode=mode, importance=importance, normalize=normalize,
-                                        max_keep=max_keep, round_to=round_to, compensate_bias=compensate_bias)
+                                        max_keep=max_keep, min_keep=min_keep, round_to=round_to,
+                                        compensate_bias=compensate_bias, reconstruct=reconstruct, **extra)
     positive_int("num_batches", num_batches)
     positive_int("batch_size", batch_size)
     with preserve_training_modes(model):
@@ -196,11 +217,23 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
     arch = arch_spec(model)
     check_support(arch, spec.sparsity, spec.mode)
     criterion = get_importance(spec.importance)
-    if (criterion.needs_calibration or spec.compensate_bias) and data is None:
-        needs = f"importance={spec.importance_name!r} scores structures with the task loss" \
-            if criterion.needs_calibration else "compensate_bias=True measures mean activations"
+    reconstruct = spec.reconstruct == "least_squares"
+    if (criterion.needs_calibration or spec.compensate_bias or reconstruct) and data is None:
+        if criterion.needs_calibration:
+            needs = f"importance={spec.importance_name!r} scores structures on calibration data"
+        elif reconstruct:
+            needs = "reconstruct='least_squares' refits weights on calibration activations"
+        else:
+            needs = "compensate_bias=True measures mean activations"
         raise CalibrationError(f"{needs} and needs `data`; pass calibration data or use "
-                               "importance='magnitude'/'random' without compensate_bias")
+                               "importance='magnitude'/'random' without compensate_bias or reconstruct")
+    if reconstruct:
+        check_reconstructable(arch)
+    biased = [s for s in spec.sparsity if s in RECONSTRUCTED_STRUCTURES] if spec.compensate_bias else []
+    arch.check_output_biases(biased)  # before any calibration: refused where the config cannot hold a bias
+    if isinstance(criterion, MagnitudeImportance) and is_causal_lm(model):
+        logger.warning("importance=%r on a causal LM: weight norms miss the activation outliers of real LLMs and "
+                       "can break the model; flap or wanda_sp score with activations", spec.importance_name)
     batches = None
     if data is not None:
         from compress.data import calibration_batches
@@ -210,13 +243,19 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
     widths_before = _report_widths(arch, spec)
     params_before = _num_parameters(model)
     units = units_for(arch, spec.sparsity)
-    with record_input_means(model, units) if spec.compensate_bias else contextlib.nullcontext() as recorder:
-        scores = score_units(model, units, criterion, batches if criterion.needs_calibration else None,
-                             progress=progress)
-        if recorder is not None and not criterion.needs_calibration:
-            forward_passes(model, batches)
+    recorder = None
+    if reconstruct and spec.mode == "uniform" and isinstance(criterion, InputStatisticsImportance):
+        # widths are fixed and the sequential pass chooses every channel on the pruned stream: no dense pass
+        scores = {u.key: torch.zeros(u.size) for u in units}
+    else:
+        compensating = spec.compensate_bias and not reconstruct
+        with record_input_means(model, units) if compensating else contextlib.nullcontext() as recorder:
+            scores = score_units(model, units, criterion, batches if criterion.needs_calibration else None,
+                                 progress=progress)
+            if recorder is not None and not criterion.needs_calibration:
+                forward_passes(model, batches)
     removals = plan_removals(arch, units, scores, spec.sparsity, spec.mode, round_to=spec.round_to,
-                             normalize=spec.normalize, max_keep=spec.max_keep)
+                             normalize=spec.normalize, max_keep=spec.max_keep, min_keep=spec.min_keep)
     check_same_on_ranks(removals, "the channels, heads and blocks chosen for removal")
     achieved = achieved_sparsity(units, removals, spec.sparsity)
     for structure, value in achieved.items():
@@ -225,10 +264,21 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
     # every check of the removal runs before bias compensation changes a tensor: a refused removal (e.g. the
     # hidden size of an unknown task head) leaves the model as it was
     checked = check_removals(model, arch, units, removals)
-    if recorder is not None:
-        shifts, _ = bias_shifts(units, removals, recorder.means())
-        add_to_bias(units, shifts)
-    apply_checked(checked)
+    notes = arch.add_output_biases(biased)
+    if reconstruct:
+        result = prune_sequentially(model, arch, units, removals, criterion, batches, damping=spec.damping,
+                                    fit_bias=spec.compensate_bias, whole_kv_groups="kv_heads" in spec.sparsity,
+                                    progress=progress)
+        check_same_on_ranks(result.removed, "the channels and heads chosen on the pruned stream")
+        removals = result.removed
+        notes.append(f"{'/'.join(result.projections)} kept weights{' and biases' if spec.compensate_bias else ''} "
+                     f"refit by ridge least squares (damping {spec.damping:g}) on {result.tokens:,} calibration "
+                     "tokens, block by block on the pruned stream")
+    else:
+        if recorder is not None:
+            shifts, _ = bias_shifts(units, removals, recorder.means())
+            add_to_bias(units, shifts)
+        apply_checked(checked)
     arch = arch_spec(model)
     if spec.mode == "uniform" and not arch.fits_standard_config():
         raise CompressError("internal: uniform pruning produced unequal layer widths")  # pragma: no cover
@@ -246,6 +296,7 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
         widths_after=_report_widths(arch, spec),
         removed={k: v for k, v in removals.items() if v},
         achieved_sparsity=achieved,
+        notes=notes,
     )
     logger.info("pruned %s: %d -> %d params", report.model_type, params_before, report.params_after)
     return report

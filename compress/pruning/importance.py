@@ -3,10 +3,15 @@
 A *unit* is one prunable structure instance (the FFN of one layer, the heads of one attention block,
 the blocks of one stack) and the scores hold one value per channel/head/block; higher means keep.
 
-Data-driven criteria (Taylor, Fisher) do not need weight gradients: every unit gets a gate of ones
+Gate criteria (``taylor``, ``fisher``) do not need weight gradients: every unit gets a gate of ones
 multiplied into its output, the backbone's parameters are frozen, and only the gates receive gradients.
 The gradient of the task loss with respect to a gate is the first-order estimate of what removing that
 channel would cost, which keeps scoring as cheap in memory as an adapter's forward/backward.
+
+Input-statistics criteria (``flap``, ``wanda_sp``, :class:`InputStatisticsImportance`) score the input channels
+of each unit's output projection (FFN down / attention output) from their moments over calibration tokens and
+that projection's weight; the sequential pass of least-squares reconstruction
+(:mod:`compress.pruning.reconstruct`) re-scores them on the stream of the already pruned blocks.
 """
 
 from __future__ import annotations
@@ -40,20 +45,103 @@ class Unit:
 
 
 @dataclass
+class InputMoments:
+    """Per-channel moments of a projection's inputs over real (non-padding) calibration tokens, in float64: how many
+    tokens, and the sum and sum of squares of ``x - shift``. The shift (the first batch's mean, set by
+    :meth:`add_states`) keeps the variance of a channel with a large mean and little spread from vanishing in
+    rounding."""
+
+    count: float = 0.0
+    total: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+    def add(self, total: torch.Tensor, squares: torch.Tensor, count: float) -> None:
+        """Add sums of ``x - shift`` (of ``x`` while no shift is set) over ``count`` tokens."""
+        total, squares = total.detach().double(), squares.detach().double()
+        self.total = total if self.total is None else self.total + total
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.count += count
+
+    def add_states(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add the tokens of ``states`` (``... x channels``) where ``mask`` (of the states' leading shape) is not 0."""
+        rows = real_token_rows(states, mask).double()
+        if rows.shape[0] == 0:
+            return
+        if self.shift is None:
+            self.shift = rows.mean(0)
+        rows = rows - self.shift
+        self.add(rows.sum(0), (rows * rows).sum(0), rows.shape[0])
+
+    def _checked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.total is None or self.squares is None or self.count < 1:
+            raise CalibrationError("no calibration tokens reached this projection: nothing to measure")
+        return self.total, self.squares
+
+    @property
+    def mean(self) -> torch.Tensor:
+        total, _ = self._checked()
+        mean = total / self.count
+        return mean if self.shift is None else mean + self.shift
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """The sample variance per channel (divided by count - 1)."""
+        total, squares = self._checked()
+        if self.count < 2:
+            return torch.zeros_like(total)
+        return ((squares - total * total / self.count) / (self.count - 1)).clamp_min(0.0)
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """E[x^2] per channel."""
+        total, squares = self._checked()
+        if self.shift is None:
+            return squares / self.count
+        return (squares + 2 * self.shift * total) / self.count + self.shift * self.shift
+
+
+def real_token_rows(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``states`` (``... x channels``) as rows, one per position where ``mask`` is not 0 (every position when no
+    mask is given or it does not fit the states' leading shape)."""
+    states = states.detach()
+    if mask is not None and tuple(mask.shape) == tuple(states.shape[:-1]):
+        return states[mask.to(states.device).bool()]
+    return states.reshape(-1, states.shape[-1])
+
+
+@dataclass
 class GateStats:
-    """Per-unit statistics over calibration batches: accumulated gate gradients, and the summed magnitude of
-    each channel's activation over real (non-padding) tokens with how many tokens that was."""
+    """Per-unit statistics over calibration batches: accumulated gate gradients, the summed magnitude of each
+    channel's activation over real (non-padding) tokens with how many tokens that was, the moments of each FFN /
+    attention output projection's inputs (``inputs``), each block's summed cosine similarity between its input and
+    output states (``block_cosine``, for ``layers`` units), and, for criteria that need them, the weight gradients
+    summed over batches (``weight_grad_sum``, keyed by ``id`` of the parameter)."""
 
     abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)
     sq_sum: dict[str, torch.Tensor] = field(default_factory=dict)
     activation_sum: dict[str, torch.Tensor] = field(default_factory=dict)
     activation_count: dict[str, float] = field(default_factory=dict)
+    inputs: dict[str, InputMoments] = field(default_factory=dict)
+    block_cosine: dict[str, torch.Tensor] = field(default_factory=dict)
+    block_count: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight_grad_sum: dict[int, torch.Tensor] = field(default_factory=dict)
     batches: int = 0
 
     def add_activation(self, key: str, total: torch.Tensor, count: float) -> None:
         previous = self.activation_sum.get(key)
         self.activation_sum[key] = total if previous is None else previous + total
         self.activation_count[key] = self.activation_count.get(key, 0.0) + count
+
+    def add_inputs(self, key: str, states: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self.inputs.setdefault(key, InputMoments()).add_states(states, mask)
+
+    def add_block_cosine(self, key: str, size: int, index: int, total: float, count: float) -> None:
+        if key not in self.block_cosine:
+            self.block_cosine[key] = torch.zeros(size, dtype=torch.float64)
+            self.block_count[key] = torch.zeros(size, dtype=torch.float64)
+        self.block_cosine[key][index] += total
+        self.block_count[key][index] += count
 
 
 def sum_over_real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, float]:
@@ -193,7 +281,7 @@ def frozen(model: nn.Module) -> Iterator[None]:
 def task_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """The model's own loss for ``batch``; causal LMs without labels use next-token prediction."""
     inputs = dict(batch)
-    if "labels" not in inputs and "input_ids" in inputs and _is_causal_lm(model):
+    if "labels" not in inputs and "input_ids" in inputs and is_causal_lm(model):
         inputs["labels"] = inputs["input_ids"]
     out = model(**inputs)
     loss = getattr(out, "loss", None)
@@ -206,7 +294,8 @@ def task_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return loss
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal language model (its class name ends in ``ForCausalLM``)."""
     return type(model).__name__.endswith("ForCausalLM")
 
 
@@ -215,13 +304,15 @@ def record_activations(model: nn.Module, units: list[Unit], stats: GateStats) ->
     """While open, add to ``stats`` the magnitude of each unit's channels on every forward pass (real tokens
     only, see :class:`TokenMasks`): |input| of the FFN output projection per neuron, the L2 norm of each head's
     output, and |output| of every norm on the residual stream per hidden channel (the normalised hidden state, as
-    in Minitron)."""
+    in Minitron); the moments of every FFN / attention output projection's inputs (:class:`InputMoments`); and for
+    ``layers`` units the cosine similarity between each block's input and output states per token."""
     masks = TokenMasks(model)
     handles = []
 
     def ffn_hook(key: str, mask: str):
         def hook(module, args):
             stats.add_activation(key, *sum_over_real_tokens(args[0].abs(), masks.get(mask)))
+            stats.add_inputs(key, args[0], masks.get(mask))
         return hook
 
     def heads_hook(key: str, head_dim: int, mask: str):
@@ -229,6 +320,17 @@ def record_activations(model: nn.Module, units: list[Unit], stats: GateStats) ->
             x = args[0]
             per_head = x.detach().float().reshape(*x.shape[:-1], -1, head_dim).norm(dim=-1)
             stats.add_activation(key, *sum_over_real_tokens(per_head, masks.get(mask)))
+            stats.add_inputs(key, x, masks.get(mask))
+        return hook
+
+    def block_hook(key: str, size: int, index: int, mask: str):
+        def hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            cosine = torch.nn.functional.cosine_similarity(hidden_in.detach().float(), hidden_out.detach().float(),
+                                                           dim=-1)
+            total, count = sum_over_real_tokens(cosine.unsqueeze(-1), masks.get(mask))
+            stats.add_block_cosine(key, size, index, float(total), count)
         return hook
 
     def hidden_hook(key: str, mask: str):
@@ -249,6 +351,9 @@ def record_activations(model: nn.Module, units: list[Unit], stats: GateStats) ->
             elif unit.structure == "hidden":
                 handles += [norm.register_forward_hook(hidden_hook(unit.key, masks.mask_name(norm)))
                             for norm, _ in site.norms]
+            elif unit.structure == "layers":
+                handles += [block.register_forward_hook(block_hook(unit.key, unit.size, i, masks.mask_name(block)),
+                                                        with_kwargs=True) for i, block in enumerate(site.blocks)]
         yield
     finally:
         for handle in handles:
@@ -256,10 +361,11 @@ def record_activations(model: nn.Module, units: list[Unit], stats: GateStats) ->
 
 
 def collect_gate_stats(model: nn.Module, units: list[Unit], batches: list[dict],
-                       progress: bool = False, gradients: bool = True) -> GateStats:
+                       progress: bool = False, gradients: bool = True, weight_gradients: bool = False) -> GateStats:
     """Run the calibration batches once, accumulating |dL/dg| and (dL/dg)^2 for every gate (with
-    ``gradients``) and the activation magnitudes of every unit (:func:`record_activations`). Without
-    ``gradients`` the passes are forward-only and need no labels."""
+    ``gradients``), the gradients of the units' weights summed over batches (with ``weight_gradients``; see
+    :func:`unit_tensors`) and the activation statistics of every unit (:func:`record_activations`). Without
+    either kind of gradient the passes are forward-only and need no labels."""
     if not batches:
         raise CalibrationError("no calibration batches: pass `data` (a datasets.Dataset or an iterable of "
                                "model-input dicts) or use importance='magnitude' / 'random'.")
@@ -267,26 +373,87 @@ def collect_gate_stats(model: nn.Module, units: list[Unit], batches: list[dict],
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout off: scores should reflect the model, not the noise
+    weights = list({id(t): t for u in units for t, _ in unit_tensors(u)}.values()) if weight_gradients else []
     try:
         with frozen(model), record_activations(model, units, stats), \
-                attach_gates(units if gradients else []) as gates:
+                attach_gates(units if gradients else []) as gates, _requiring_grad(weights):
             for batch in tqdm(batches, desc="scoring", disable=not progress, leave=False):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                if not gradients:
+                if not gradients and not weight_gradients:
                     with torch.no_grad():  # labels stay: seq2seq models make their decoder inputs from them
                         model(**batch)
                     stats.batches += 1
                     continue
                 loss = task_loss(model, batch)
-                grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
-                for key, grad in zip(gates, grads):
+                grads = torch.autograd.grad(loss, [*gates.values(), *weights], allow_unused=True)
+                for key, grad in zip(gates, grads[:len(gates)]):
                     g = torch.zeros_like(gates[key]) if grad is None else grad.detach().float()
                     stats.abs_sum[key] = stats.abs_sum.get(key, 0) + g.abs()
                     stats.sq_sum[key] = stats.sq_sum.get(key, 0) + g.pow(2)
+                for weight, grad in zip(weights, grads[len(gates):]):
+                    if grad is not None:
+                        previous = stats.weight_grad_sum.get(id(weight))
+                        grad = grad.detach().float()
+                        stats.weight_grad_sum[id(weight)] = grad if previous is None else previous + grad
                 stats.batches += 1
     finally:
         model.train(was_training)
     return stats
+
+
+@contextlib.contextmanager
+def _requiring_grad(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Let autograd reach ``tensors`` (inside :func:`frozen`), and freeze them again afterwards."""
+    try:
+        for tensor in tensors:
+            tensor.requires_grad_(True)
+        yield
+    finally:
+        for tensor in tensors:
+            tensor.requires_grad_(False)
+
+
+def unit_tensors(unit: Unit) -> list[tuple[torch.Tensor, int]]:
+    """Every weight that belongs to a unit's channels, with the dimension that indexes them: the FFN output
+    projection's columns and its input projections' rows; the query and output projections' rows/columns of each
+    head (plus keys and values without grouped-query attention, where each head has its own); for ``hidden``
+    every embedding, reader, writer and norm on the residual stream (tied tensors once); for ``layers`` every
+    parameter of each block (dimension -1: the whole tensor belongs to one block)."""
+    site = unit.site
+    if unit.structure == "ffn":
+        return [(site.output.weight, 1), *((lin.weight, 0) for lin in site.inputs)]
+    if unit.structure == "heads":
+        tensors = [(site.q.weight, 0), (site.o.weight, 1)]
+        return tensors if site.is_gqa else [*tensors, (site.k.weight, 0), (site.v.weight, 0)]
+    if unit.structure == "hidden":
+        rows = [(m.weight, 1) for m in (*site.embeddings, *site.readers)] + [(m.weight, 0) for m in site.writers]
+        rows += [(norm.weight, 0) for norm, _ in site.norms]
+        return _first_of_each(rows)  # tied tensors count once
+    return [(p, -1) for block in site.blocks for p in block.parameters()]
+
+
+def _first_of_each(rows: list[tuple[torch.Tensor, int]]) -> list[tuple[torch.Tensor, int]]:
+    seen: set[int] = set()
+    out = []
+    for weight, dim in rows:
+        if id(weight) not in seen:
+            seen.add(id(weight))
+            out.append((weight, dim))
+    return out
+
+
+def per_channel_sums(unit: Unit, values) -> torch.Tensor:
+    """``values(tensor)`` (a tensor of the same shape) summed per channel/head/block of ``unit`` over
+    :func:`unit_tensors`, on the CPU in float32."""
+    if unit.structure == "layers":
+        site = unit.site
+        return torch.stack([sum(values(p).detach().float().sum().cpu() for p in block.parameters())
+                            for block in site.blocks])
+    score = torch.zeros(unit.size)
+    for tensor, dim in unit_tensors(unit):
+        per = values(tensor).detach().float().movedim(dim, 0).reshape(unit.size, -1).sum(1)
+        score = score + per.cpu()
+    return score
 
 
 # -- criteria -----------------------------------------------------------------------------------------
@@ -297,6 +464,8 @@ class Importance(ABC):
     needs_calibration: bool = False
     #: whether those statistics include gate gradients of the task loss (else forward passes suffice)
     needs_gradients: bool = True
+    #: whether they include gradients of the task loss with respect to the units' weights (:func:`unit_tensors`)
+    needs_weight_gradients: bool = False
     #: the structures this criterion can score (``None``: every one); checked when the options are validated
     structures: tuple[str, ...] | None = None
 
@@ -306,7 +475,7 @@ class Importance(ABC):
 
 
 class MagnitudeImportance(Importance):
-    """L_p norm of the weights that belong to each channel/head/block (no data needed)."""
+    """L_p norm of the weights that belong to each channel/head/block (no data needed; see :func:`unit_tensors`)."""
 
     # Not torch-pruning's MagnitudeImportance: it scores dependency-graph groups, and grouped-query heads, T5's
     # shared heads and whole layers are not graph groups here (see compress.pruning.surgery).
@@ -314,48 +483,51 @@ class MagnitudeImportance(Importance):
     def __init__(self, p: int = 2):
         self.p = p
 
-    def _norm(self, rows: torch.Tensor, groups: int) -> torch.Tensor:
-        return rows.detach().float().reshape(groups, -1).abs().pow(self.p).sum(1)
-
     def __call__(self, unit: Unit, stats: GateStats | None) -> torch.Tensor:
-        site = unit.site
-        n = unit.size
-        if unit.structure == "ffn":
-            score = self._norm(site.output.weight.t(), n)
-            for lin in site.inputs:
-                score = score + self._norm(lin.weight, n)
-        elif unit.structure == "heads":
-            score = self._norm(site.q.weight, n) + self._norm(site.o.weight.t().contiguous(), n)
-            if not site.is_gqa:
-                score = score + self._norm(site.k.weight, n) + self._norm(site.v.weight, n)
-        elif unit.structure == "hidden":
-            score = torch.zeros(n)
-            seen: set[int] = set()  # tied tensors count once
-            rows = [(m.weight, 1) for m in (*site.embeddings, *site.readers)] + [(m.weight, 0) for m in site.writers]
-            rows += [(norm.weight, 0) for norm, _ in site.norms]
-            for weight, dim in rows:
-                if id(weight) not in seen:
-                    seen.add(id(weight))
-                    score = score + self._norm(weight.detach().movedim(dim, 0).contiguous(), n).cpu()
-        else:
-            score = torch.stack([
-                sum(p.detach().float().abs().pow(self.p).sum() for p in block.parameters()) for block in site.blocks
-            ])
-        return score.pow(1.0 / self.p)
+        return per_channel_sums(unit, lambda weight: weight.detach().float().abs().pow(self.p)).pow(1.0 / self.p)
 
 
 class TaylorImportance(Importance):
-    """First-order Taylor: sum over calibration batches of |g * dL/dg| at g = 1.
+    """First-order Taylor estimate of removing each whole channel/head/block: sum over calibration batches of
+    |g * dL/dg| at g = 1, for a gate g on the structure's output.
 
-    The absolute value is taken per batch (of the batch-mean gradient), not per example, so effects of
-    opposite sign within one batch cancel (the same holds for ``fisher``, which squares that gradient);
-    smaller calibration batches give finer-grained estimates.
+    This is LLM-Pruner's *vector-wise* importance of the structure: for an FFN neuron, dL/dg is the sum over tokens
+    of x * dL/dx for its activation x, which equals <W, dL/dW> over the neuron's column of the output projection (and
+    over its row of the up projection); LLM-Pruner's ``vectorize`` option adds the gate projection's row as a
+    further term. The absolute value is taken per batch (of the batch-mean gradient), not per example, so
+    effects of opposite sign within one batch cancel (the same holds for ``fisher``, which squares that gradient);
+    smaller calibration batches give finer-grained estimates. ``taylor_elementwise`` is the element-wise form.
     """
 
     needs_calibration = True
 
     def __call__(self, unit: Unit, stats: GateStats | None) -> torch.Tensor:
         return _stat(stats, unit, "abs_sum")
+
+
+class ElementwiseTaylorImportance(Importance):
+    """LLM-Pruner's *element-wise* first-order Taylor importance: |w * dL/dw| for every weight of the structure
+    (:func:`unit_tensors`), with dL/dw summed over the calibration batches, then summed per channel/head/block.
+
+    Each weight's own first-order effect counts with its absolute value, so effects of opposite sign within one
+    structure do not cancel (``taylor``, the vector-wise form, lets them cancel). Needs gradients of the scored
+    weights: memory for one gradient per scored weight.
+    """
+
+    needs_calibration = True
+    needs_gradients = False  # no gates
+    needs_weight_gradients = True
+
+    def __call__(self, unit: Unit, stats: GateStats | None) -> torch.Tensor:
+        if stats is None or not stats.weight_grad_sum:
+            raise CalibrationError(f"no weight gradients for {unit.key}: calibration did not run for this unit")
+
+        def first_order(weight: torch.Tensor) -> torch.Tensor:
+            grad = stats.weight_grad_sum.get(id(weight))
+            return torch.zeros_like(weight, dtype=torch.float32) if grad is None else \
+                (weight.detach().float() * grad).abs()
+
+        return per_channel_sums(unit, first_order)
 
 
 class FisherImportance(Importance):
@@ -381,6 +553,94 @@ class ActivationImportance(Importance):
         if stats is None or unit.key not in stats.activation_sum:
             raise CalibrationError(f"no activations recorded for {unit.key}: calibration did not run for this unit")
         return (stats.activation_sum[unit.key] / max(stats.activation_count[unit.key], 1.0)).cpu()
+
+
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a layer applies (float32, detached): an adapter layer's base weight plus its unmerged low-rank
+    updates."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    weight = base.weight.detach().float()
+    if base is not layer and not getattr(layer, "merged", False) and not getattr(layer, "disable_adapters", False):
+        for adapter in layer.active_adapters:
+            if adapter in getattr(layer, "lora_A", {}):
+                weight = weight + layer.get_delta_weight(adapter).detach().float()
+    return weight
+
+
+def output_projection(unit: Unit) -> nn.Module:
+    """The layer whose *input* channels a unit's channels are (FFN output / attention output projection)."""
+    return unit.site.output if unit.structure == "ffn" else unit.site.o
+
+
+class InputStatisticsImportance(Importance):
+    """A criterion computed from the moments of the inputs of a unit's output projection and that projection's
+    weight: one score per input channel (:meth:`channel_scores`), summed over each head's channels for ``heads``.
+
+    The calibration pass measures the moments on the dense model; with ``reconstruct="least_squares"`` the
+    sequential pass measures them again on the stream of the already pruned blocks and re-chooses each layer's
+    channels (the number per layer stays as planned). Subclass and implement :meth:`channel_scores`.
+    """
+
+    needs_calibration = True
+    needs_gradients = False
+    structures = ("ffn", "heads", "kv_heads")
+
+    @abstractmethod
+    def channel_scores(self, moments: InputMoments, weight: torch.Tensor) -> torch.Tensor:
+        """One score per input channel of a projection with ``weight`` (out x in, float32) whose inputs have
+        ``moments``; higher means keep."""
+
+    def score(self, unit: Unit, moments: InputMoments) -> torch.Tensor:
+        """Scores of ``unit``'s channels (neurons or heads) from the moments of its output projection's inputs."""
+        weight = effective_weight(output_projection(unit))
+        channels = self.channel_scores(moments, weight).float().cpu()
+        if unit.structure == "heads":
+            channels = channels.view(unit.size, -1).sum(1)
+        return channels
+
+    def __call__(self, unit: Unit, stats: GateStats | None) -> torch.Tensor:
+        if stats is None or unit.key not in stats.inputs:
+            raise CalibrationError(f"no input statistics for {unit.key}: calibration did not run for this unit")
+        return self.score(unit, stats.inputs[unit.key])
+
+
+class FluctuationImportance(InputStatisticsImportance):
+    """FLAP's fluctuation metric (An et al. 2024): the sample variance of each input channel of the output
+    projection over calibration tokens times the squared L2 norm of the weight column it meets, i.e. how much the
+    projection's output varies through that channel, which a bias cannot absorb. A head scores the sum over its
+    channels (FLAP's own code squares the channel scores before that sum).
+    """
+
+    def channel_scores(self, moments: InputMoments, weight: torch.Tensor) -> torch.Tensor:
+        return moments.variance.to(weight.device) * weight.double().pow(2).sum(0)
+
+
+class WandaStructuredImportance(InputStatisticsImportance):
+    """Wanda-sp (the structured Wanda of FLAP's comparison): |W| times the L2 norm of the input channel over
+    calibration tokens, averaged over the output rows of the projection per input channel; a head scores the sum
+    over its channels.
+    """
+
+    def channel_scores(self, moments: InputMoments, weight: torch.Tensor) -> torch.Tensor:
+        norms = (moments.mean_square * moments.count).sqrt().to(weight.device)
+        return weight.double().abs().mean(0) * norms
+
+
+class BlockInfluenceImportance(Importance):
+    """ShortGPT's block influence (Men et al. 2024) for depth pruning: 1 - the mean cosine similarity between a
+    block's input and output hidden states over calibration tokens. A block that barely turns the residual stream
+    scores low and goes first. Forward passes only (no labels).
+    """
+
+    needs_calibration = True
+    needs_gradients = False
+    structures = ("layers",)
+
+    def __call__(self, unit: Unit, stats: GateStats | None) -> torch.Tensor:
+        if stats is None or unit.key not in stats.block_cosine:
+            raise CalibrationError(f"no block statistics for {unit.key}: calibration did not run for this unit")
+        mean_cosine = stats.block_cosine[unit.key] / stats.block_count[unit.key].clamp_min(1.0)
+        return (1.0 - mean_cosine).float()
 
 
 class RandomImportance(Importance):
@@ -411,8 +671,10 @@ def register_importance(name: str, importance: type[Importance] | Importance) ->
 
 for _name, _imp in {"magnitude": MagnitudeImportance, "l2": MagnitudeImportance,
                     "l1": MagnitudeImportance(p=1), "taylor": TaylorImportance,
+                    "taylor_elementwise": ElementwiseTaylorImportance,
                     "fisher": FisherImportance, "random": RandomImportance,
-                    "activation": ActivationImportance}.items():
+                    "activation": ActivationImportance, "flap": FluctuationImportance,
+                    "wanda_sp": WandaStructuredImportance, "block_influence": BlockInfluenceImportance}.items():
     register_importance(_name, _imp)
 
 

@@ -83,11 +83,15 @@ def _cap(size: int, sparsity: float, max_keep: float | None, max_width: int | No
 
 
 def normalize_scores(units: list[Unit], scores: Mapping[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
-    """Scale each unit's channel scores by their mean (``"mean"``) or L2 norm (``"l2"``) before global ranking.
+    """Scale each unit's channel scores by their mean (``"mean"``) or L2 norm (``"l2"``), or standardise them
+    (``"standardize"``: minus their mean, over their standard deviation, as FLAP's adaptive structure does) before
+    global ranking.
 
     Gradient-based scores grow towards the loss, so ranking raw scores across layers strips early layers
     and leaves the last one whole; normalising per layer ranks channels by how they compare within their
-    own layer, while still letting layers end up with different widths.
+    own layer, while still letting layers end up with different widths. Standardised scores rank a channel by how
+    far it stands out from its own layer's typical channel, so a layer whose scores spread widely gives up its
+    weakest channels first.
     """
     if how not in NORMALIZATIONS:
         raise InvalidOptionError("normalize", how, f"choose one of {', '.join(NORMALIZATIONS)}")
@@ -97,22 +101,56 @@ def normalize_scores(units: list[Unit], scores: Mapping[str, torch.Tensor], how:
     for u in units:
         if u.structure in ("ffn", "heads"):
             s = scores[u.key].float()
+            if how == "standardize":
+                centred = s - s.mean()
+                spread = s.std() if s.numel() > 1 else torch.tensor(0.0)
+                out[u.key] = centred / spread if spread > 0 else centred
+                continue
             scale = s.mean() if how == "mean" else s.norm()
             out[u.key] = s / scale if scale > 0 else s
     return out
 
 
+def _floor(size: int, min_keep: float | None, base: int, per: int = 1) -> int:
+    """The fewest channels of ``size`` one layer keeps: ``base``, or ``min_keep`` of them rounded up to whole
+    groups of ``per`` (a row of query heads, one per kv group), whichever is larger."""
+    if min_keep is None:
+        return base
+    return min(size, max(base, math.ceil(math.ceil(min_keep * size - 1e-9) / per) * per))
+
+
+def reselect(unit: Unit, planned: list[int], scores: torch.Tensor, whole_kv_groups: bool) -> list[int]:
+    """The lowest-scoring channels of ``unit`` removed the way ``planned`` removes them: as many FFN neurons; for
+    heads as many whole kv groups (``whole_kv_groups``, or without grouped-query attention) or as many query heads
+    from every kv group. Used when a layer's channels are chosen again on new scores (the sequential pass of
+    least-squares reconstruction) with the widths planned from the first scores."""
+    if unit.structure != "heads":
+        return _lowest(scores, len(planned))
+    n_kv = unit.site.num_kv_heads
+    per = unit.size // n_kv
+    if whole_kv_groups or not unit.site.is_gqa:
+        dead = _lowest(scores.view(n_kv, per).sum(1), len(planned) // per)
+        return [g * per + j for g in dead for j in range(per)]
+    per_group = len(planned) // n_kv
+    grouped = scores.view(n_kv, per)
+    return sorted(g * per + j for g in range(n_kv) for j in _lowest(grouped[g], per_group))
+
+
 def plan_removals(arch: ArchSpec, units: list[Unit], scores: dict[str, torch.Tensor],
                   sparsity: Mapping[str, float], mode: str, round_to: int = 1,
                   normalize: str = "none", max_keep: float | None = None,
-                  max_widths: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+                  max_widths: Mapping[str, int] | None = None, min_keep: float | None = None) -> dict[str, list[int]]:
     """Indices to remove per unit key: channels for ffn, query heads for heads/kv_heads, blocks for layers.
 
     ``normalize`` (global mode): see :func:`normalize_scores`. ``max_keep`` (global mode): no layer keeps
     more than this fraction of its current FFN neurons or heads (see :class:`~compress.pruning.spec.PruningSpec`).
     ``max_widths`` (global mode) caps widths in absolute terms instead, per structure (``ffn``, ``heads``,
     ``kv_heads``): for pruning in several steps, where the cap refers to the widths before the first.
+    ``min_keep`` (global mode): every layer keeps at least this fraction of its FFN neurons, query heads (whole
+    rows, one head per kv group) and kv heads.
     """
+    if min_keep is not None and mode != "global":
+        raise CompressError("min_keep sets a floor on per-layer widths in mode='global' only")
     if max_widths is not None and mode != "global":
         raise CompressError("max_widths caps per-layer widths in mode='global' only")
     caps = dict(max_widths or {})
@@ -123,7 +161,8 @@ def plan_removals(arch: ArchSpec, units: list[Unit], scores: dict[str, torch.Ten
     if ffn_units:
         fraction = sparsity["ffn"]
         if mode == "global":
-            counts = _global_counts(ffn_units, scores, fraction, {u.key: min(u.size, round_to) for u in ffn_units},
+            floors = {u.key: _floor(u.size, min_keep, min(u.size, round_to), per=round_to) for u in ffn_units}
+            counts = _global_counts(ffn_units, scores, fraction, floors,
                                     {u.key: _forced(u.size, _cap(u.size, fraction, max_keep, caps.get("ffn")))
                                      for u in ffn_units})
             if round_to > 1:
@@ -137,7 +176,7 @@ def plan_removals(arch: ArchSpec, units: list[Unit], scores: dict[str, torch.Ten
     head_units = [u for u in units if u.structure == "heads"]
     if head_units and ("heads" in sparsity or "kv_heads" in sparsity):
         head_mode = "uniform" if "heads" in arch.uniform_only_structures else mode
-        removals.update(_plan_heads(head_units, scores, sparsity, head_mode, max_keep, caps))
+        removals.update(_plan_heads(head_units, scores, sparsity, head_mode, max_keep, caps, min_keep))
 
     for u in units:
         if u.structure == "hidden":  # one residual stream: the same count in either mode
@@ -152,7 +191,7 @@ def plan_removals(arch: ArchSpec, units: list[Unit], scores: dict[str, torch.Ten
 
 def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], sparsity: Mapping[str, float],
                 mode: str, max_keep: float | None = None,
-                caps: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+                caps: Mapping[str, int] | None = None, min_keep: float | None = None) -> dict[str, list[int]]:
     caps = caps or {}
     removals: dict[str, list[int]] = {}
     whole_kv = "kv_heads" in sparsity
@@ -182,7 +221,8 @@ def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], sparsity: Ma
         kv_units = [Unit("kv_heads", u.key, groups_of(u)[0], u.site) for u in free]
         cap_key = "kv_heads" if whole_kv else "heads"  # without GQA, kv groups are the heads
         if mode == "global":
-            counts = _global_counts(kv_units, kv_scores, fraction, {u.key: 1 for u in kv_units},
+            floors = {u.key: _floor(u.size, min_keep, 1) for u in kv_units}
+            counts = _global_counts(kv_units, kv_scores, fraction, floors,
                                     {u.key: _forced(u.size, _cap(u.size, fraction, max_keep, caps.get(cap_key)))
                                      for u in kv_units})
         else:
@@ -196,7 +236,8 @@ def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], sparsity: Ma
     # query heads: an equal number from every kv group, so heads // kv_heads stays an integer
     if mode == "global":
         # the cap counts whole rows (one head per kv group), so the equal-per-group rounding below keeps it
-        counts = _global_counts(free, scores, fraction, {u.key: groups_of(u)[0] for u in free},
+        floors = {u.key: _floor(u.size, min_keep, groups_of(u)[0], per=groups_of(u)[0]) for u in free}
+        counts = _global_counts(free, scores, fraction, floors,
                                 {u.key: _forced(u.size, _cap(u.size, fraction, max_keep, caps.get("heads")),
                                                 per=groups_of(u)[0]) for u in free})
     else:

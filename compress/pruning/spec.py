@@ -1,9 +1,10 @@
 """What to prune and how, in one validated object shared by the engine, the PEFT configs and the CLI.
 
 The same names are used everywhere: ``sparsity`` (the fraction of a structure removed, per structure),
-``mode``, ``importance``, ``normalize``, ``max_keep``, ``round_to``, ``compensate_bias``; the command line
-spells them ``--sparsity``, ``--mode``, ... Invalid values raise :class:`InvalidOptionError`, which names
-the option, so each caller can print it in its own spelling.
+``mode``, ``importance``, ``normalize``, ``max_keep``, ``min_keep``, ``round_to``, ``compensate_bias``,
+``reconstruct``, ``damping``; the command line spells them ``--sparsity``, ``--mode``, ``--min-keep``, ...
+Invalid values raise :class:`InvalidOptionError`, which names the option, so each caller can print it in its
+own spelling.
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ STRUCTURE_LABELS = {"ffn": "FFN width per layer", "heads": "attention heads per 
                     "kv_heads": "kv heads per layer", "layers": "layers per stack", "hidden": "hidden size"}
 #: ``uniform``: every layer keeps the same width (plain transformers configs); ``global``: ranked across layers
 MODES = ("uniform", "global")
-#: per-layer scaling of scores before ranking them across layers (``global`` mode)
-NORMALIZATIONS = ("none", "mean", "l2")
+#: per-layer scaling of scores before ranking them across layers (``global`` mode); ``standardize`` subtracts
+#: each layer's mean and divides by its standard deviation (FLAP's adaptive structure)
+NORMALIZATIONS = ("none", "mean", "l2", "standardize")
+#: how the kept weights are set: ``none`` keeps them as they are; ``least_squares`` prunes block by block on the
+#: calibration stream of the already pruned blocks and refits each output projection's kept columns
+RECONSTRUCTIONS = ("none", "least_squares")
+#: the structures whose removal least-squares reconstruction compensates (input channels of an output projection)
+RECONSTRUCTED_STRUCTURES = ("ffn", "heads", "kv_heads")
+#: the default ridge of least-squares reconstruction, relative to the mean variance of the kept channels
+DEFAULT_DAMPING = 0.01
 
 
 class InvalidOptionError(CompressError):
@@ -145,17 +154,29 @@ class PruningSpec:
             number and a list of structures with :meth:`from_options`.
         mode: ``uniform`` (the same width in every layer, so a plain transformers config expresses the result)
             or ``global`` (units ranked across layers; per-layer widths need ``import compress`` to load).
-        importance: a criterion name (``taylor``, ``fisher``, ``activation``, ``magnitude``/``l2``, ``l1``,
-            ``random`` or one registered with :func:`compress.register_importance`) or an
-            :class:`~compress.Importance`. A criterion that cannot score a structure (``activation`` and
-            ``layers``) is refused here.
-        normalize: ``global`` mode: ``"mean"``/``"l2"`` divide each layer's scores by their mean / L2 norm
-            before ranking across layers; ``"none"`` ranks raw scores.
+        importance: a criterion name (``taylor``, ``taylor_elementwise``, ``fisher``, ``activation``,
+            ``flap``, ``wanda_sp``, ``block_influence``, ``magnitude``/``l2``, ``l1``, ``random`` or one
+            registered with :func:`compress.register_importance`) or an :class:`~compress.Importance`. A
+            criterion that cannot score a structure (e.g. ``activation`` and ``layers``) is refused here.
+        normalize: ``global`` mode: ``"mean"``/``"l2"`` divide each layer's scores by their mean / L2 norm,
+            ``"standardize"`` subtracts their mean and divides by their standard deviation, before ranking
+            across layers; ``"none"`` ranks raw scores.
         max_keep: ``global`` mode: the largest fraction of its FFN neurons and of its heads one layer keeps (at
             least ``1 - sparsity``); ``None``: no cap.
+        min_keep: ``global`` mode: the smallest fraction of its FFN neurons, of its query heads and of its kv
+            heads one layer keeps (at most ``1 - sparsity``); ``None``: one neuron, one head per kv group.
         round_to: keep FFN widths and the hidden size a multiple of this.
         compensate_bias: add removed channels' mean contribution, measured on calibration data, to the bias of
-            the projection they fed.
+            the projection they fed. Families whose output projections have no bias get one where their config
+            can say so (Llama: ``mlp_bias`` / ``attention_bias``); where it cannot (Qwen2, T5) it is refused.
+        reconstruct: ``"none"`` (default) or ``"least_squares"``: prune block by block, each block's
+            statistics taken on the calibration stream of the already pruned blocks, and refit the kept columns
+            of each FFN / attention output projection by ridge least squares so that it reproduces its
+            unpruned output (with the bias when ``compensate_bias`` is set). Needs calibration data; applies to
+            ``ffn``, ``heads`` and ``kv_heads``.
+        damping: the ridge of ``reconstruct="least_squares"``, relative to the mean variance of the kept input
+            channels: larger values keep the weights closer to plain removal (with ``compensate_bias``, FLAP's
+            bias compensation in the limit), smaller ones fit the calibration data more closely.
     """
 
     sparsity: Mapping[str, float] = field(default_factory=lambda: {"ffn": 0.5})
@@ -163,8 +184,11 @@ class PruningSpec:
     importance: Any = "taylor"
     normalize: str = "none"
     max_keep: float | None = None
+    min_keep: float | None = None
     round_to: int = 1
     compensate_bias: bool = False
+    reconstruct: str = "none"
+    damping: float = DEFAULT_DAMPING
 
     @classmethod
     def from_options(cls, sparsity: float | Mapping[str, float] = 0.5,
@@ -193,6 +217,8 @@ class PruningSpec:
         if not isinstance(self.compensate_bias, bool):
             raise InvalidOptionError("compensate_bias", self.compensate_bias, "must be True or False")
         self._check_max_keep()
+        self._check_min_keep()
+        self._check_reconstruct()
 
     def _check_max_keep(self) -> None:
         if self.max_keep is None:
@@ -207,6 +233,41 @@ class PruningSpec:
             if name in self.sparsity and self.max_keep < 1.0 - self.sparsity[name] - 1e-9:
                 raise InvalidOptionError("max_keep", self.max_keep, f"would remove more than the {name} sparsity "
                                          f"{self.sparsity[name]:g}: set it to at least {1 - self.sparsity[name]:.2f}")
+
+    def _check_min_keep(self) -> None:
+        if self.min_keep is None:
+            return
+        if not is_number(self.min_keep) or not 0.0 < self.min_keep <= 1.0:
+            raise InvalidOptionError("min_keep", self.min_keep, "the smallest fraction of its channels one layer "
+                                     "keeps must be in (0, 1]")
+        if self.mode != "global":
+            raise InvalidOptionError("min_keep", self.min_keep, "sets a floor on per-layer widths in global mode; "
+                                     "uniform mode already keeps 1 - sparsity in every layer")
+        for name in ("ffn", "heads", "kv_heads"):
+            if name in self.sparsity and self.min_keep > 1.0 - self.sparsity[name] + 1e-9:
+                raise InvalidOptionError("min_keep", self.min_keep, f"leaves too little to remove the {name} "
+                                         f"sparsity {self.sparsity[name]:g}: set it to at most "
+                                         f"{1 - self.sparsity[name]:.2f}")
+
+    def _check_reconstruct(self) -> None:
+        if self.reconstruct not in RECONSTRUCTIONS:
+            raise InvalidOptionError("reconstruct", self.reconstruct, f"choose one of {', '.join(RECONSTRUCTIONS)}")
+        if not is_number(self.damping) or not math.isfinite(self.damping) or self.damping <= 0:
+            raise InvalidOptionError("damping", self.damping, "the ridge of least-squares reconstruction must be a "
+                                     "positive number (relative to the mean variance of the kept channels)")
+        if self.reconstruct == "none":
+            if self.damping != DEFAULT_DAMPING:
+                raise InvalidOptionError("damping", self.damping, "is the ridge of reconstruct='least_squares'; "
+                                         "set reconstruct too, or leave damping out")
+            return
+        if "hidden" in self.sparsity:
+            raise InvalidOptionError("reconstruct", self.reconstruct, "refits the output projections of the FFN "
+                                     "and attention blocks, which does not apply to 'hidden': prune the hidden size "
+                                     "in a separate call without reconstruct")
+        if not set(self.sparsity) & set(RECONSTRUCTED_STRUCTURES):
+            raise InvalidOptionError("reconstruct", self.reconstruct, f"has nothing to refit: it applies to "
+                                     f"{', '.join(RECONSTRUCTED_STRUCTURES)}, and the sparsity names only "
+                                     f"{', '.join(self.sparsity)}")
 
     @property
     def importance_name(self) -> str:

@@ -198,7 +198,27 @@ def _prune_heads_explicitly(site: AttentionSite, dead_q: list[int]) -> None:
         tp.prune_embedding_out_channels(site.relative_bias, dead_q)
 
 
-def _declared_layers(unit: Unit) -> list[nn.Module]:
+def remove_unit_channels(unit: Unit, removed: list[int]) -> None:
+    """Remove ``removed`` neurons (``ffn``) or query heads (``heads``, with their kv heads when a whole kv group
+    goes) of one unit from its declared layers directly, without the dependency graph (the caller has checked the
+    removal with :func:`check_removals`, and refreshes the architecture afterwards)."""
+    site = unit.site
+    if unit.structure == "ffn":
+        for lin in site.inputs:
+            _prune_out(lin, removed)
+        _prune_in(site.output, removed)
+    elif unit.structure == "heads":
+        _prune_heads_explicitly(site, removed)
+    else:
+        raise CompressError(f"internal: {unit.structure} units have no channels to remove")  # pragma: no cover
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    """Whether a layer wraps its base layer with adapters (a peft tuner layer, or any :class:`PrunableLayer`)."""
+    return isinstance(module, (PrunableLayer, BaseTunerLayer))
+
+
+def declared_layers(unit: Unit) -> list[nn.Module]:
     """Every layer a unit's channels live in, as its site declares them (none for whole blocks)."""
     site = unit.site
     if unit.structure == "ffn":
@@ -206,11 +226,6 @@ def _declared_layers(unit: Unit) -> list[nn.Module]:
     if unit.structure == "heads":
         return [site.q, site.k, site.v, site.o]
     return site.modules() if unit.structure == "hidden" else []
-
-
-def _is_wrapped(module: nn.Module) -> bool:
-    """Whether a layer wraps its base layer with adapters (a peft tuner layer, or any :class:`PrunableLayer`)."""
-    return isinstance(module, (PrunableLayer, BaseTunerLayer))
 
 
 def check_hidden_group(model: nn.Module, site: HiddenSite, dg: tp.DependencyGraph) -> None:
@@ -349,8 +364,8 @@ def check_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
     channel_units = [u for u in units if u.structure in ("ffn", "heads") and removals.get(u.key)]
     hidden_units = [u for u in units if u.structure == "hidden" and removals.get(u.key)]
     copies = module_copies(model) if hidden_units else {}
-    declared = [m for u in (*channel_units, *hidden_units) for m in _declared_layers(u)]
-    foreign = [m for m in declared if _is_wrapped(m) and not isinstance(m, PrunableLayer)]
+    declared = [m for u in (*channel_units, *hidden_units) for m in declared_layers(u)]
+    foreign = [m for m in declared if is_wrapped(m) and not isinstance(m, PrunableLayer)]
     if foreign:
         layer = foreign[0]
         name = next((n for n, m in model.named_modules() if m is layer), type(layer).__name__)
@@ -359,7 +374,7 @@ def check_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
                             "Pruning-Adapter")
     # Any wrapped layer (or, on the residual stream, a module PEFT keeps in several copies) sends every unit to
     # direct pruning of its declared layers: the graph would find the adapter matrices as extra couplings.
-    wrapped = any(_is_wrapped(m) for m in declared) or any(m in copies for u in hidden_units
+    wrapped = any(is_wrapped(m) for m in declared) or any(m in copies for u in hidden_units
                                                            for m in u.site.modules())
     use_graph = not wrapped and (bool(hidden_units) or any(u.structure == "ffn" or not arch.explicit_head_groups
                                                            for u in channel_units))

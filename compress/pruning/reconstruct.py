@@ -1,0 +1,325 @@
+"""Sequential pruning with least-squares reconstruction of the output projections.
+
+Removing input channels of a block's output projection (``down_proj`` / ``o_proj``, BERT's ``output.dense``)
+changes that projection's output. Given the second moments of its inputs over calibration tokens, the kept
+columns can be refit so that the projection reproduces its unpruned output as closely as possible: the
+structured form of optimal brain surgeon (as in ZipLM and SlimGPT). With ``W`` the dense weight, ``K`` the kept and
+``R`` the removed input channels and ``S`` the covariance of the inputs (their second moment when no bias takes
+part), the refit is
+
+    W'_K = W_K + W_R S_RK (S_KK + lambda I)^-1,        b' = b + W_R mu_R - (W'_K - W_K) mu_K,
+
+the ridge solution of min E||W x + b - W'_K x_K - b'||^2 + lambda ||W'_K - W_K||^2. ``lambda`` is ``damping`` times
+the mean variance of the kept channels. Nothing removed leaves the weights exactly as they were; a large damping
+leaves only the bias term (FLAP's bias compensation, measured on the pruned stream).
+
+The pruning runs block by block: the calibration stream (the input states of the first block, one tensor per batch)
+is kept, and for each block in order the inputs of each output projection are measured on that stream, which has
+already passed through the pruned earlier blocks (and, for the FFN, through this block's pruned attention); then the
+channels are chosen, the projection refit, the channels removed, and the stream run through the finished block.
+Memory: the stream (tokens x hidden size), and the count, sum and Gram matrix of one projection at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.errors import CalibrationError, CompressError, UnsupportedStructureError
+from compress.pruning.arch import ArchSpec, LayerStack
+from compress.pruning.importance import (
+    Importance,
+    InputMoments,
+    InputStatisticsImportance,
+    Unit,
+    output_projection,
+    real_token_rows,
+)
+from compress.pruning.plan import reselect
+from compress.pruning.surgery import declared_layers, is_wrapped, remove_unit_channels
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BlockStream", "ProjectionStatistics", "SequentialResult", "check_reconstructable", "least_squares_update",
+    "prune_sequentially",
+]
+
+
+class ProjectionStatistics:
+    """The count, per-channel sum and Gram matrix (sum of products) of a projection's inputs over real
+    (non-padding) calibration tokens, accumulated in float64 about a shift (the first batch's mean), so that channels
+    with a large mean keep their covariance through rounding."""
+
+    def __init__(self, width: int, device: torch.device | str = "cpu") -> None:
+        self.count = 0.0
+        self.shift: torch.Tensor | None = None
+        self.total = torch.zeros(width, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+
+    def add(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add the tokens of ``states`` (``... x width``) where ``mask`` (of the states' leading shape) is not 0."""
+        rows = real_token_rows(states, mask).float()
+        if rows.shape[0] == 0:
+            return
+        if self.shift is None:
+            self.shift = rows.double().mean(0)
+        rows = rows - self.shift.float()
+        self.count += rows.shape[0]
+        self.total += rows.sum(0).double()
+        self.gram += (rows.T @ rows).double()  # float32 per batch, float64 across batches
+
+    @property
+    def mean(self) -> torch.Tensor:
+        mean = self.total / max(self.count, 1.0)
+        return mean if self.shift is None else mean + self.shift
+
+    def second_moment(self, centred: bool) -> torch.Tensor:
+        """E[x x^T], or the covariance E[(x - mu)(x - mu)^T] when ``centred``."""
+        count = max(self.count, 1.0)
+        offset = self.total / count  # the mean of x - shift
+        covariance = self.gram / count - torch.outer(offset, offset)
+        return covariance if centred else covariance + torch.outer(self.mean, self.mean)
+
+    def moments(self) -> InputMoments:
+        """The per-channel moments (what input-statistics criteria score from)."""
+        return InputMoments(count=self.count, total=self.total.clone(), squares=self.gram.diagonal().clone(),
+                            shift=None if self.shift is None else self.shift.clone())
+
+
+def least_squares_update(weight: torch.Tensor, bias: torch.Tensor | None, stats: ProjectionStatistics,
+                         removed: list[int], damping: float,
+                         fit_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kept columns of ``weight`` (out x in) refit after input channels ``removed`` go, and the new bias.
+
+    With ``fit_bias`` the fit is centred and the bias absorbs the mean (``bias`` ``None`` counts as zero); without,
+    the fit uses the uncentred second moment and ``bias`` is returned unchanged. See the module docstring.
+
+    Returns:
+        ``(weight of shape out x kept, bias)`` in float32.
+    """
+    width = weight.shape[1]
+    dead = torch.zeros(width, dtype=torch.bool)
+    dead[torch.as_tensor(removed, dtype=torch.long)] = True
+    keep, gone = (~dead).nonzero().flatten(), dead.nonzero().flatten()
+    w = weight.detach().double()
+    if len(gone) == 0:
+        return w.float(), bias
+    moment = stats.second_moment(centred=fit_bias).to(w.device)
+    kept_moment = moment[keep][:, keep]
+    ridge = damping * float(kept_moment.diagonal().mean())
+    if ridge <= 0.0:  # every kept channel constant (or zero): nothing to regress on, the ridge only keeps H regular
+        ridge = damping
+    hessian = kept_moment + ridge * torch.eye(len(keep), dtype=moment.dtype, device=moment.device)
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    target = moment[keep][:, gone] @ w[:, gone].T  # S_KR W_R^T: kept x out
+    if int(info) == 0:
+        correction = torch.cholesky_solve(target, factor).T
+    else:  # not positive definite in floating point: a least-squares solve still gives the ridge solution
+        correction = torch.linalg.lstsq(hessian, target).solution.T
+    new_weight = w[:, keep] + correction
+    if not fit_bias:
+        return new_weight.float(), bias
+    mean = stats.mean.to(w.device)
+    base = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.detach().double()
+    new_bias = base + w[:, gone] @ mean[gone] - correction @ mean[keep]
+    return new_weight.float(), new_bias.float()
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it measures has been seen."""
+
+
+@dataclass
+class _Entry:
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    mask: torch.Tensor | None
+
+
+class BlockStream:
+    """The calibration stream of a stack: for each batch, the states entering the next block to run and the other
+    arguments the model passes every block (masks, position embeddings), captured at the stack's first block."""
+
+    def __init__(self, entries: list[_Entry]) -> None:
+        self.entries = entries
+
+    @classmethod
+    def capture(cls, model: nn.Module, first_block: nn.Module, batches: list[dict]) -> BlockStream:
+        """Run ``model`` on each batch up to ``first_block`` and keep what it receives."""
+        device = next(model.parameters()).device
+        entries: list[_Entry] = []
+        mask: list[torch.Tensor | None] = [None]
+
+        def grab(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            entries.append(_Entry(hidden.detach(), tuple(args[1:]), kwargs, mask[0]))
+            raise _Stop
+
+        handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+                    mask[0] = inputs.get("attention_mask")
+                    if getattr(model.config, "use_cache", None) is not None:
+                        inputs["use_cache"] = False  # a cache would grow with every replay of a block
+                    try:
+                        model(**inputs)
+                    except _Stop:
+                        continue
+                    raise CompressError("internal: the model's forward pass did not reach its first block")
+        finally:
+            handle.remove()
+        return cls(entries)
+
+    @property
+    def tokens(self) -> int:
+        """How many real (non-padding) tokens the stream carries."""
+        return int(sum(e.mask.sum() if e.mask is not None else e.hidden.shape[:-1].numel() for e in self.entries))
+
+    def _run(self, block: nn.Module, entry: _Entry) -> torch.Tensor:
+        out = block(entry.hidden, *entry.args, **entry.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def measure(self, block: nn.Module, projection: nn.Module) -> ProjectionStatistics:
+        """The statistics of ``projection``'s inputs when ``block`` runs on the stream (each pass ends there)."""
+        stats = ProjectionStatistics(projection.in_features, device=projection.weight.device)
+        current: list[torch.Tensor | None] = [None]
+
+        def record(module, args):
+            stats.add(args[0], current[0])
+            raise _Stop
+
+        handle = projection.register_forward_pre_hook(record)
+        try:
+            with torch.no_grad():
+                for entry in self.entries:
+                    current[0] = entry.mask
+                    try:
+                        self._run(block, entry)
+                    except _Stop:
+                        continue
+                    raise CompressError("internal: the block's forward pass did not reach its output projection")
+        finally:
+            handle.remove()
+        return stats
+
+    def advance(self, block: nn.Module) -> None:
+        """Run ``block`` on the stream: its outputs become the states entering the next block."""
+        with torch.no_grad():
+            for entry in self.entries:
+                entry.hidden = self._run(block, entry).detach()
+
+
+@dataclass
+class SequentialResult:
+    """What :func:`prune_sequentially` removed (indices per unit key, as :func:`~compress.pruning.plan.plan_removals`
+    gives them) and over how many calibration tokens the projections were refit."""
+
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    tokens: int = 0
+    #: the refit projections' paths inside a block, e.g. ``["self_attn.o_proj", "mlp.down_proj"]``
+    projections: list[str] = field(default_factory=list)
+
+
+def check_reconstructable(arch: ArchSpec) -> None:
+    """Refuse a family whose blocks cannot be run one by one on a stored stream (before any calibration)."""
+    if arch.sequential_reason is not None:
+        raise UnsupportedStructureError(f"{arch.family}: reconstruct='least_squares' runs one stack's blocks one at a "
+                                        f"time on the calibration stream, which {arch.family} does not allow "
+                                        f"({arch.sequential_reason}); use reconstruct='none'")
+    if len(arch.stacks()) != 1:  # pragma: no cover - every family with a sequential path has one stack
+        raise UnsupportedStructureError(f"{arch.family}: reconstruct='least_squares' needs a single stack of blocks")
+
+
+def _units_by_block(stack: LayerStack, units: list[Unit]) -> Iterator[tuple[nn.Module, list[Unit]]]:
+    """Each block of ``stack`` with its channel units, attention before FFN (the order of the block's forward)."""
+    order = {"heads": 0, "ffn": 1}
+    owner = {id(module): i for i, block in enumerate(stack.blocks) for module in block.modules()}
+    by_block: dict[int, list[Unit]] = {}
+    for unit in units:
+        index = owner.get(id(output_projection(unit)))
+        if index is not None:
+            by_block.setdefault(index, []).append(unit)
+    for i, block in enumerate(stack.blocks):
+        yield block, sorted(by_block.get(i, []), key=lambda u: order[u.structure])
+
+
+def _path_in(block: nn.Module, module: nn.Module) -> str:
+    """``module``'s path inside ``block`` (``mlp.down_proj``, ``output.dense``)."""
+    return next((name for name, m in block.named_modules() if m is module), type(module).__name__)
+
+
+def prune_sequentially(model: nn.Module, arch: ArchSpec, units: list[Unit], removals: Mapping[str, list[int]],
+                       criterion: Importance, batches: list[dict], *, damping: float, fit_bias: bool,
+                       whole_kv_groups: bool, progress: bool = False) -> SequentialResult:
+    """Carry out ``removals`` block by block on the calibration stream, refitting each output projection.
+
+    Whole blocks (``layers`` units) go first; then, for each remaining block in order and each of its FFN / heads
+    units with planned removals: measure the output projection's inputs on the stream, choose the channels again
+    from those statistics when ``criterion`` is an :class:`~compress.pruning.importance.InputStatisticsImportance`
+    (as many per layer as planned, see :func:`~compress.pruning.plan.reselect`; other criteria keep the planned
+    channels), refit the kept columns (:func:`least_squares_update`; the bias with ``fit_bias``, which needs the
+    projection to have one), remove the channels, and run the finished block on the stream.
+
+    Raises:
+        CompressError: a layer to refit is wrapped by adapters, or has no bias to fit.
+        CalibrationError: no calibration batches.
+    """
+    if not batches:
+        raise CalibrationError("reconstruct='least_squares' needs calibration batches: pass `data`")
+    check_reconstructable(arch)
+    channel_units = [u for u in units if u.structure in ("ffn", "heads") and removals.get(u.key)]
+    for unit in channel_units:
+        wrapped = [m for m in declared_layers(unit) if is_wrapped(m)]
+        if wrapped:
+            raise CompressError(f"{unit.key}: reconstruct='least_squares' rewrites the weights of the output "
+                                "projections, which adapter layers wrap here; prune the base model before adding "
+                                "adapters")
+        if fit_bias and output_projection(unit).bias is None:
+            raise CompressError(f"internal: {unit.key}'s output projection has no bias to fit")  # pragma: no cover
+    result = SequentialResult(removed={k: list(v) for k, v in removals.items() if v})
+    for unit in units:
+        if unit.structure == "layers" and removals.get(unit.key):
+            arch.remove_blocks(unit.site, [i for i in range(unit.size) if i not in removals[unit.key]])
+    stack = arch.stacks()[0]
+    stream = BlockStream.capture(model, stack.blocks[0], batches)
+    result.tokens = stream.tokens
+    rescore = isinstance(criterion, InputStatisticsImportance)
+    names: dict[str, None] = {}
+    blocks = list(_units_by_block(stack, channel_units))
+    last = max((i for i, (_, block_units) in enumerate(blocks) if block_units), default=-1)
+    for block, block_units in tqdm(blocks[:last + 1], desc="reconstructing", disable=not progress, leave=False):
+        for unit in block_units:
+            projection = output_projection(unit)
+            stats = stream.measure(block, projection)
+            if stats.count < 1:
+                raise CalibrationError(f"{unit.key}: no calibration tokens reached its output projection")
+            planned = removals[unit.key]
+            chosen = reselect(unit, planned, criterion.score(unit, stats.moments()), whole_kv_groups) if rescore \
+                else sorted(planned)
+            channels = chosen if unit.structure == "ffn" else \
+                [h * unit.site.head_dim + j for h in chosen for j in range(unit.site.head_dim)]
+            weight, bias = least_squares_update(projection.weight, projection.bias, stats, channels, damping,
+                                                fit_bias)
+            remove_unit_channels(unit, chosen)
+            projection = output_projection(unit)  # surgery may have replaced the parameters, not the module
+            with torch.no_grad():
+                projection.weight.copy_(weight.to(projection.weight.dtype))
+                if fit_bias:
+                    projection.bias.copy_(bias.to(projection.bias.dtype))
+            arch.refresh()  # head counts and kv groups of this block, before it runs again
+            result.removed[unit.key] = chosen
+            names[_path_in(block, projection)] = None
+            del stats
+        stream.advance(block)
+    result.projections = list(names)
+    return result
