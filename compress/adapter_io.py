@@ -7,8 +7,8 @@ weights and the config leaves the previous config beside the new weights, and ne
 reads ``adapter_config.json`` and picks the config class before any code of a method runs, and a folder without
 weights is looked up on the Hub.
 
-So :func:`install` (run by ``register_method``) wraps three methods of ``peft.PeftModel``; for adapters of
-other methods each calls peft unchanged:
+So :func:`install` (run by ``register_method``) wraps three methods of ``peft.PeftModel``, through
+:func:`compress._compat.wrap_peft_model_methods`; for adapters of other methods each calls peft unchanged:
 
 - ``save_pretrained``: for a registered method, peft writes into a temporary folder beside the destination,
   which then replaces the destination's files in one step (:func:`compress.export.atomic_update`): files already
@@ -38,7 +38,6 @@ __all__ = ["AdapterFolderError", "UnknownPeftTypeError", "check_adapter_folder",
 
 logger = logging.getLogger(__name__)
 
-_WRAPPED = "__compress_wrapped__"
 _SAVE_AGAIN = "save the adapter again with PeftModel.save_pretrained, or copy the whole folder again"
 
 
@@ -143,7 +142,6 @@ def _atomic_save(save_pretrained):
             given["save_directory"] = str(folder)
             return save_pretrained(*bound.args, **bound.kwargs)
 
-    setattr(wrapper, _WRAPPED, True)
     return wrapper
 
 
@@ -158,7 +156,6 @@ def _checked_from_pretrained(from_pretrained):
                              peft_type=getattr(config, "peft_type", None))
         return from_pretrained(cls, *args, **kwargs)
 
-    setattr(wrapper, _WRAPPED, True)
     return wrapper
 
 
@@ -173,16 +170,13 @@ def _checked_load_adapter(load_adapter):
                              peft_type=getattr(existing, "peft_type", None))
         return load_adapter(self, *args, **kwargs)
 
-    setattr(wrapper, _WRAPPED, True)
     return wrapper
 
 
 def install() -> None:
     """Wrap ``PeftModel.save_pretrained``, ``from_pretrained`` and ``load_adapter`` (see the module docstring);
     calling it again does nothing."""
-    if getattr(PeftModel.save_pretrained, _WRAPPED, False):
-        return
-    PeftModel.save_pretrained = _atomic_save(PeftModel.save_pretrained)
-    PeftModel.from_pretrained = classmethod(_checked_from_pretrained(PeftModel.__dict__["from_pretrained"].__func__))
-    PeftModel.load_adapter = _checked_load_adapter(PeftModel.load_adapter)
+    from compress._compat import wrap_peft_model_methods
+
+    wrap_peft_model_methods(_atomic_save, _checked_from_pretrained, _checked_load_adapter)
     logger.debug("PeftModel saves registered methods atomically and checks adapter folders before loading")

@@ -1,11 +1,11 @@
-"""The one place where peft-compress methods are registered with peft.
+"""Registering a peft-compress method with peft: what ``peft.register_peft_method`` lacks.
 
-peft 0.21's public ``peft.register_peft_method`` accepts only names that are members of its ``PeftType``
-enum, so a third-party method cannot use it. Registration therefore writes peft's mapping dicts in
-``peft.mapping`` directly. After that, ``get_peft_model``, ``PeftModel.save_pretrained``,
-``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` work for a config whose ``peft_type`` is the
-registered name. Registering also makes ``PeftModel.save_pretrained`` write the method's adapters atomically
-and ``PeftModel.from_pretrained``/``load_adapter`` check a local adapter folder first (:mod:`compress.adapter_io`).
+peft 0.21's ``register_peft_method`` accepts only names that are members of its ``PeftType`` enum, so a
+third-party method cannot use it. :func:`register_method` writes the same entries into peft's mapping dicts
+(``peft.mapping``), with the same checks, for a name of its own; ``get_peft_model``, ``PeftModel.save_pretrained``,
+``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` then work for a config whose ``peft_type`` is that
+name. Registering also makes ``PeftModel.save_pretrained`` write the method's adapters atomically and
+``PeftModel.from_pretrained``/``load_adapter`` check a local adapter folder first (:mod:`compress.adapter_io`).
 
 Usage, in the module that defines a method::
 
@@ -14,7 +14,7 @@ Usage, in the module that defines a method::
     PRUNING_ADAPTER = PeftMethodType("PRUNING_ADAPTER")
 
     @dataclass
-    class PruningAdapterConfig(PeftConfig):
+    class PruningAdapterConfig(LoraConfig):
         ...
         def __post_init__(self):
             super().__post_init__()
@@ -24,6 +24,9 @@ Usage, in the module that defines a method::
 
 That module must be imported before a checkpoint of the method is loaded. If it is not, peft raises
 ``KeyError: 'PRUNING_ADAPTER'``.
+
+A method's prefix need not be unique: peft 0.21 finds a method's tensors through its tuner layers, not by
+prefix, and a method built on LoRA keeps LoRA's ``lora_`` (as peft's AdaLoRA does).
 """
 
 from __future__ import annotations
@@ -53,62 +56,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Which peft 0.21.2 internals this module writes, and why
-# ----------------------------------------------------------
-# The four dicts in peft.mapping are mutated in place, never rebound: peft modules hold their own references
-# to them (`from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING`).
-#
-# * PEFT_TYPE_TO_CONFIG_MAPPING: PeftConfig.from_pretrained / from_peft_type, PeftModel.from_pretrained,
-#   PeftModel.load_adapter and get_peft_config read it to pick the config class from the `peft_type` string
-#   in adapter_config.json.
-# * PEFT_TYPE_TO_TUNER_MAPPING: PeftModel.__init__ reads it to pick the tuner that wraps the model, and so do
-#   inject_adapter_in_model and get_/set_peft_model_state_dict (the tuner selects and renames the adapter's
-#   state-dict entries when saving and loading).
-# * PEFT_TYPE_TO_PREFIX_MAPPING: read by BaseTuner.inject_adapter when injecting from a state dict, by
-#   PeftModel.load_adapter to filter missing keys, by the adapter-name-inside-prefix warnings, and by the
-#   transformers v5 weight-conversion helpers.
-# * PEFT_TYPE_TO_MIXED_MODEL_MAPPING: read only by PeftMixedModel.from_pretrained. Never written here (below).
-#
-# Does a plain `str` peft_type break anything? (audit of peft 0.21.2)
-# * Every dispatch on peft_type is a dict lookup. PeftType is a `str` enum, so built-in keys hash and compare
-#   like their string values, and our string keys sit beside them. PeftConfig._get_peft_type returns the raw
-#   JSON string, which is used as the key unchanged.
-# * peft never calls PeftType(x) or PeftType[x]. Its comparisons `peft_type == PeftType.X` and
-#   `peft_type in (PeftType.X, ...)` (the IA3 case in BaseTuner.inject_adapter, the TRAINABLE_TOKENS and
-#   LORA/ADALORA branches of get_peft_model_state_dict, the LORA branch of PeftModel.save_pretrained, the
-#   LORA-only transformers weight conversion, and so on) are `str` comparisons. They are False for our names,
-#   so our methods take the generic BaseTuner paths, which is what we want. Nothing to patch.
-# * What breaks is `peft_type.value`, which a plain `str` lacks. transformers' own PEFT integration needs it
-#   on its main path: PreTrainedModel.load_adapter and delete_adapter call `peft_type.value.lower()`, so
-#   `model.load_adapter(path)` on a plain transformers model fails with AttributeError. That is why configs
-#   should set `peft_type` to a PeftMethodType (below), a `str` that also has `.value`, and why
-#   register_method warns when a config's default peft_type lacks it. peft itself uses `.value` only in error
-#   messages, on paths that cannot serve our methods anyway (with a plain str they raise AttributeError
-#   instead of ValueError):
-#   - PeftMixedModel (mixed_model._check_config_compatible, tuners/mixed/model.py) accepts only its hard-coded
-#     COMPATIBLE_TUNER_TYPES (LoRA, LoHa, LoKr, AdaLoRA, OFT, SHiRA) and dispatches on built-in config
-#     classes, whether or not PEFT_TYPE_TO_MIXED_MODEL_MAPPING has an entry. So register_method rejects
-#     is_mixed_compatible=True up front instead of writing that dict.
-#   - hotswap_adapter supports LoRA only.
-#   - the prompt-learning paths of PeftModel. PeftModel._setup_prompt_encoder also hard-codes the built-in
-#     prompt-learning types ("Not supported" otherwise), so PromptLearningConfig subclasses are rejected here.
-#   peft.get_model_status reports peft types as `str(config.peft_type).partition(".")[-1]`, which is "" for
-#   any `str` type. That is cosmetic and not worth patching peft over.
-# * What does need peft's PeftModel changed: saving and loading. PeftModel.save_pretrained writes into the folder
-#   in place and calls no tuner or config hook that knows the folder before the weights are written, so an
-#   interrupted save over an existing adapter mixes two adapters; loading parses adapter_config.json and looks up
-#   its peft_type before any class of ours is known. compress.adapter_io.install() (called here, once) wraps
-#   PeftModel.save_pretrained, from_pretrained and load_adapter; for other methods' adapters they call peft as is.
-# * peft's own register_peft_method tests prefix uniqueness with `prefix in PEFT_TYPE_TO_PREFIX_MAPPING`,
-#   which looks at the keys (peft types), not the prefixes, so that check never fires. This module checks
-#   the values.
+# peft's dispatch on peft_type is a dict lookup (PeftType is a str enum), and its comparisons with PeftType members
+# are str comparisons, False for our names: our methods take the generic BaseTuner paths. What a plain str lacks is
+# `.value`, which transformers' PreTrainedModel.load_adapter reads: hence PeftMethodType. PeftMixedModel accepts
+# only its built-in types, and PeftModel builds prompt encoders only for its built-in prompt-learning types, so
+# both are refused here. peft's dicts are mutated in place, never rebound: peft modules hold references to them.
 
 # Upper-case ASCII identifier that neither starts nor ends with "_" (peft rejects a trailing "_" as well).
 _NAME_RE = re.compile(r"[A-Z](?:[A-Z0-9_]*[A-Z0-9])?")
 
 
 class MethodRegistrationError(CompressError):
-    """Raised when a PEFT method cannot be registered: a bad argument, or a name or prefix in use.
+    """Raised when a PEFT method cannot be registered: a bad argument, or a name in use.
 
     A ``ValueError``, through :class:`compress.errors.CompressError`.
     """
@@ -174,15 +133,14 @@ def register_method(
             transformers' ``PreTrainedModel.load_adapter``; registering such a config logs a warning).
         model_cls: The method's tuner: a subclass of ``peft.tuners.tuners_utils.BaseTuner`` with a ``prefix``
             class attribute.
-        prefix: The prefix of the adapter's parameter names, such as ``"prune_"``. Defaults to
-            ``model_cls.prefix``; if given, it must equal it. No other method may use it, peft's built-in
-            methods included.
+        prefix: The prefix of the adapter's parameter names, such as ``"lora_"``. Defaults to
+            ``model_cls.prefix``; if given, it must equal it.
         is_mixed_compatible: Must be False: peft 0.21's ``PeftMixedModel`` mixes only its built-in adapter
             types. The parameter keeps the signature of ``peft.register_peft_method``.
 
     Raises:
-        MethodRegistrationError: if an argument is invalid, or ``name`` or ``prefix`` is already used by a
-            different method. peft's dicts are left unchanged.
+        MethodRegistrationError: if an argument is invalid, or ``name`` is already used by a different method.
+            peft's dicts are left unchanged.
     """
     _check_classes(config_cls, model_cls)
     _check_name(name)
@@ -219,15 +177,6 @@ def register_method(
                 logger.debug("PEFT method %r is already registered; nothing to do.", name)
                 return
             raise MethodRegistrationError(_name_clash_message(name, config_cls, model_cls, prefix))
-
-        owners = sorted(_owner(k) for k, v in prefixes.items() if v == prefix)
-        if owners:
-            raise MethodRegistrationError(
-                f"Cannot register PEFT method {name!r}: prefix {prefix!r} is already used by "
-                f"{', '.join(owners)}. peft finds a method's parameters in state dicts by its prefix, so it "
-                f"must be unique. Choose another prefix, e.g. {name.lower() + '_'!r}, and set it as "
-                f"`prefix` on {_qualname(model_cls)}."
-            )
 
         _check_config_defaults(name, config_cls)
 
@@ -316,7 +265,7 @@ def _check_name(name: Any) -> None:
             f"A PEFT method name must be a non-empty upper-case ASCII identifier that neither starts nor "
             f"ends with '_', such as 'PRUNING_ADAPTER'; got {name!r}."
         )
-    if name in PeftType._value2member_map_:
+    if name in {member.value for member in PeftType}:
         raise MethodRegistrationError(
             f"PEFT method name {name!r} is reserved by peft's built-in PeftType.{name}. Choose a different "
             f"name, e.g. 'COMPRESS_{name}'."
@@ -417,14 +366,6 @@ def _qualname(obj: Any) -> str:
     if obj is None:
         return "None"
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
-
-
-def _owner(peft_type: Any) -> str:
-    if isinstance(peft_type, PeftType):
-        return f"{peft_type.value} (peft built-in)"
-    if peft_type in _REGISTRY:
-        return f"{peft_type} (registered through compress.registry)"
-    return f"{peft_type} (registered outside compress.registry)"
 
 
 def _describe(obj: Any) -> str:

@@ -112,8 +112,8 @@ def build(case: MethodCase, init_weights: bool = True):
     base = tiny.make_model(case.arch)
     pristine = tiny.make_model(case.arch)
     kwargs = dict(case.kwargs)
-    if "init_weights" in case.config_cls.__dataclass_fields__:
-        kwargs["init_weights"] = init_weights
+    if "init_lora_weights" in case.config_cls.__dataclass_fields__:
+        kwargs["init_lora_weights"] = init_weights
     config = case.config_cls(task_type=TASK[case.arch], **kwargs)
     peft_model = get_peft_model(base, config)
     PREPARE[case.method](peft_model, case.arch)

@@ -1,5 +1,6 @@
 """Adapter folders saved by earlier releases of Pruning-Adapter and sparse soups load onto the original base model
-with the same logits (LoRA matrices renamed on load)."""
+with the same logits: their LoRA matrices are renamed on load and their config's ``init_weights`` read as
+``init_lora_weights``, each with a FutureWarning."""
 
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ def test_a_folder_of_the_earlier_format_loads_with_identical_logits(build, old_n
     assert all(any(name in key for key in saved) for name in old_names)  # the folder really is in the old format
     assert "init_weights" in json.loads((folder / "adapter_config.json").read_text())
 
-    reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), folder)
+    old = "/".join(name.strip(".") for name in old_names)
+    with pytest.warns(FutureWarning) as caught:
+        reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), folder)
+    messages = [str(w.message) for w in caught]
+    assert any(f"name LoRA's matrices {old}" in m for m in messages), messages
+    assert any("init_weights=...) is deprecated" in m for m in messages), messages
     torch.testing.assert_close(logits(reloaded, "bert"), expected, rtol=0, atol=1e-6)
-    assert isinstance(PeftConfig.from_pretrained(folder), type(model.peft_config["default"]))
+    with pytest.warns(FutureWarning, match="init_lora_weights"):
+        config = PeftConfig.from_pretrained(folder)
+    assert isinstance(config, type(model.peft_config["default"])) and config.init_lora_weights is True

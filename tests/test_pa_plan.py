@@ -36,7 +36,7 @@ def saved(tmp_path_factory) -> tuple:
     tuner.start_scoring()  # what PruningAdapterCallback does, without a Trainer
     for step, batch in enumerate(tiny.make_batches("bert", 4), 1):
         model(**batch).loss.backward()
-        tuner.scoring_step(step)
+        tuner.update_and_prune(step)
         model.zero_grad()
     tuner.stop_scoring()
     assert len(config.pruning_plan) == 2 and tuner.pruning_finished
@@ -183,7 +183,7 @@ def test_missing_adapter_tensor_is_reported(saved, tmp_path, caplog):
     folder = _copy(saved, tmp_path)
     path = folder / "adapter_model.safetensors"
     tensors = load_file(path)
-    key = next(k for k in sorted(tensors) if ".pa_B." in k)  # saved under the method's prefix
+    key = next(k for k in sorted(tensors) if ".lora_B." in k)
     del tensors[key]
     save_file(tensors, path, metadata={"format": "pt"})
     with caplog.at_level("WARNING"):

@@ -117,12 +117,19 @@ class OtherModel(ShiftModel):
     prefix = "tother_"
 
 
-class SamePrefixModel(ShiftModel):  # prefix "tshift_" inherited: clashes with ShiftModel
+class SamePrefixModel(ShiftModel):  # prefix "tshift_" inherited
     pass
 
 
 class LoraPrefixModel(ShiftModel):
     prefix = "lora_"  # peft's built-in LORA and ADALORA prefix
+
+
+@dataclass
+class LoraPrefixConfig(ShiftConfig):
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftMethodType("TEST_LORA_PREFIX")
 
 
 @dataclass
@@ -377,19 +384,13 @@ def test_name_of_peft_builtin_is_reserved():
         register_method("LORA", ShiftConfig, ShiftModel)
 
 
-def test_prefix_clash_with_registered_method(shift_registered):
-    match = r"prefix 'tshift_' is already used by TEST_SHIFT \(registered through compress.registry\)"
-    with pytest.raises(MethodRegistrationError, match=match) as err:
-        register_method(OTHER, OtherConfig, SamePrefixModel)
-    assert "Choose another prefix" in str(err.value)
-    assert OTHER not in registered_methods()
-
-
-def test_prefix_clash_with_peft_builtin():
-    with pytest.raises(MethodRegistrationError, match=r"prefix 'lora_' is already used by .*LORA") as err:
-        register_method(METHOD, ShiftConfig, LoraPrefixModel)
-    # peft itself uses 'lora_' for two methods; both owners are named
-    assert "ADALORA (peft built-in), LORA (peft built-in)" in str(err.value)
+def test_a_prefix_may_be_shared_as_adalora_shares_loras(shift_registered):
+    # peft finds a method's tensors through its tuner layers, not by prefix: a method built on another keeps its
+    # prefix (peft's own AdaLoRA keeps LoRA's), and both methods' adapters still save and load
+    register_method(OTHER, OtherConfig, SamePrefixModel)
+    register_method("TEST_LORA_PREFIX", LoraPrefixConfig, LoraPrefixModel)
+    assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[OTHER] == peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[METHOD]
+    assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING["TEST_LORA_PREFIX"] == "lora_"
 
 
 def test_prefix_must_match_model_cls_prefix():

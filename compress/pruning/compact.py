@@ -15,6 +15,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig
 
+from compress._compat import change_class
 from compress.pruning.arch import ARCH_SPECS, arch_spec
 
 logger = logging.getLogger(__name__)
@@ -127,17 +128,19 @@ def compact_model_class(base_cls: type) -> type:
 
 
 def make_compact(model: nn.Module) -> nn.Module:
-    """Turn a model with per-layer widths into its compact class in place (config included)."""
+    """Turn a model with per-layer widths into its compact class in place (config included): whatever holds the
+    model (a ``PeftModel``, a merged multi-exit model, an optimizer, a ``Trainer``) keeps working with it
+    (:func:`compress._compat.change_class` says why this is done in place)."""
     shapes = projection_shapes(model)
     arch_spec(model).refresh()  # config fields now hold the largest width per field
     base_model_type = model.config.model_type.removeprefix(PREFIX)
     base_cfg_cls = type(model.config) if not model.config.model_type.startswith(PREFIX) else None
     if base_cfg_cls is not None:
-        model.config.__class__ = compact_config_class(base_cfg_cls)
+        change_class(model.config, compact_config_class(base_cfg_cls))
     # from_pretrained stores `model_type` on the instance too, which would shadow the compact class's
     model.config.__dict__.pop("model_type", None)
     model.config.compress_shapes = shapes
-    model.__class__ = compact_model_class(type(model))
+    change_class(model, compact_model_class(type(model)))
     model.config.architectures = [type(model).__name__]
     logger.debug("made %s compact (%s)", type(model).__name__, base_model_type)
     return model

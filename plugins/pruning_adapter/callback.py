@@ -58,7 +58,7 @@ class PruningAdapterCallback(TrainerCallback):
         tuner.start_scoring()
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        event = find_tuner(model).scoring_step(state.global_step, optimizer)
+        event = find_tuner(model).update_and_prune(state.global_step, optimizer)
         if event is not None:
             event = {"step": state.global_step, **event}
             self.events.append(event)

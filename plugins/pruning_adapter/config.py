@@ -4,13 +4,14 @@ schedule, and the low-rank adapters."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
-from peft.config import PeftConfig
+from peft.tuners.lora import LoraConfig
 
 from compress.pruning.spec import InvalidOptionError, PruningSpec, is_number, positive_int, sparsity_by_structure
 from compress.registry import PeftMethodType
+from compress.tuner import check_lora_options, take_deprecated_init_weights
 
 from ..multi_exit import EXIT_FIELDS, check_exit_fields
 from .plan import check_plan
@@ -25,9 +26,16 @@ QUANTIZATIONS = ("8bit", "4bit")
 
 
 @dataclass
-class PruningAdapterConfig(PeftConfig):
+class PruningAdapterConfig(LoraConfig):
     """Configuration for :class:`PruningAdapterModel`: task-oriented structured pruning of a frozen
     backbone plus low-rank adapters trained on the smaller model.
+
+    A ``LoraConfig`` (as peft's ``AdaLoraConfig`` is): the adapters are peft's LoRA layers and take LoRA's options
+    (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``rank_pattern``,
+    ``alpha_pattern``, ``exclude_modules``, ``layers_to_transform``, ...), except those that change the base weights
+    or the layer's computation (DoRA and the other LoRA variants, PiSSA/OLoRA/CorDA/LoftQ/EVA/LoRA-GA initialisations,
+    ``bias``, ``target_parameters``, ``layer_replication``, ``trainable_token_indices``), which a pruned backbone
+    rebuilt from the original base model cannot reproduce.
 
     The pruning options are those of :func:`compress.prune_model` and are validated by the same
     :class:`~compress.pruning.spec.PruningSpec` (:attr:`spec`); a bad value raises
@@ -84,13 +92,15 @@ class PruningAdapterConfig(PeftConfig):
             dense weights alive until merging. With hidden-size pruning the teacher's states are compared on the
             channels the student keeps. Not combined with layer pruning (the depths would differ) or a quantised
             backbone.
-        r: adapter rank.
-        lora_alpha: adapter scaling numerator (scale = lora_alpha / r).
+        r: adapter rank (LoRA's).
+        lora_alpha: adapter scaling numerator (scale = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``);
+            default 16.
         lora_dropout: dropout on the adapter path.
         target_modules: modules that get adapters; default: every attention and FFN projection of the
             architecture family (:attr:`compress.pruning.arch.ArchSpec.projection_names`).
-        init_weights: ``True`` initialises B to zero so the adapted model starts equal to the pruned base;
-            ``False`` leaves both adapter matrices random.
+        init_lora_weights: ``True`` (default) initialises B to zero so the adapted model starts equal to the pruned
+            base; ``False`` leaves both adapter matrices random; ``"gaussian"``/``"orthogonal"`` as in LoRA.
+        init_weights: deprecated name of ``init_lora_weights`` (True or False), read for one more release.
         modules_to_save: extra modules trained and saved in full (e.g. a classification head).
         quantize_backbone: ``"8bit"`` (LLM.int8) or ``"4bit"`` (NF4) to keep the adapted, frozen base layers in
             bitsandbytes form once pruning is finished (needs the ``quant`` extra); ``None`` keeps them float.
@@ -131,22 +141,18 @@ class PruningAdapterConfig(PeftConfig):
         default=True, metadata={"help": "Gradient checkpointing during training steps before the final pruning."})
     distill_weight: float = field(
         default=0.0, metadata={"help": "Weight of hidden-state distillation from the frozen dense model (0: off)."})
-    r: int = field(default=8, metadata={"help": "Adapter rank."})
     lora_alpha: float = field(default=16, metadata={"help": "Adapter scale numerator (scale = lora_alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter path."})
-    target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Modules to adapt (names or regex); default: attention and FFN projections."})
-    init_weights: bool = field(default=True, metadata={"help": "Zero-init B so training starts at the pruned base."})
-    modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Modules trained and saved in full, e.g. the classifier."})
     quantize_backbone: str | None = field(
         default=None, metadata={"help": "'8bit' or '4bit': quantise the frozen base layers after pruning."})
     exits: dict[str, Any] | None = field(
         default=None, metadata={"help": "Exit classifiers after the blocks (MultiExitConfig's exit_* options)."})
     pruning_plan: list[dict] = field(
         default_factory=list, metadata={"help": "Filled while pruning; replayed on load. Do not set by hand."})
+    init_weights: InitVar[bool | None] = None  # deprecated: init_lora_weights
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, init_weights: bool | None = None) -> None:
+        take_deprecated_init_weights(self, init_weights)
+        check_lora_options(self, "Pruning-Adapter")  # before LoraConfig's own checks, which assume the types
         super().__post_init__()
         self.peft_type = PRUNING_ADAPTER
         spec = self.spec  # validates the pruning options
@@ -154,9 +160,13 @@ class PruningAdapterConfig(PeftConfig):
         self.sparsity = dict(spec.sparsity)
         self.structures = list(spec.sparsity)
         self._check_training_fields()
-        self._check_adapter_fields()
         self._check_exits()
         check_plan(self.pruning_plan)  # loading a saved adapter: a hand-edited field fails before the model is touched
+
+    @property
+    def pruning_finished(self) -> bool:
+        """Whether ``pruning_plan`` reaches the configured sparsity (its last event is final)."""
+        return bool(self.pruning_plan) and self.pruning_plan[-1].get("final", False)
 
     @property
     def spec(self) -> PruningSpec:
@@ -215,23 +225,6 @@ class PruningAdapterConfig(PeftConfig):
         checked = check_exit_fields(self.exits)  # validates, and normalises the values
         self.exits = {name: checked[name] for name in self.exits}
 
-    def _check_adapter_fields(self) -> None:
-        positive_int("r", self.r)
-        if not (is_number(self.lora_alpha) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise InvalidOptionError("lora_alpha", self.lora_alpha, "must be a positive number")
-        _fraction("lora_dropout", self.lora_dropout)
-        _boolean("init_weights", self.init_weights)
-        if isinstance(self.target_modules, (list, tuple, set)):
-            _names("target_modules", self.target_modules)
-            self.target_modules = set(self.target_modules)
-        elif self.target_modules is not None and not isinstance(self.target_modules, str):
-            raise InvalidOptionError("target_modules", self.target_modules, "must be a list of module names, a "
-                                     "regular expression, or None (every attention and FFN projection)")
-        if self.modules_to_save is not None:
-            if not isinstance(self.modules_to_save, (list, tuple)):
-                raise InvalidOptionError("modules_to_save", self.modules_to_save, "must be a list of module names")
-            _names("modules_to_save", self.modules_to_save)
-
 
 def _fraction(name: str, value: Any) -> None:
     if not (is_number(value) and 0.0 <= value < 1.0):
@@ -241,9 +234,3 @@ def _fraction(name: str, value: Any) -> None:
 def _boolean(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise InvalidOptionError(name, value, "must be True or False")
-
-
-def _names(name: str, values: Any) -> None:
-    wrong = [v for v in values if not isinstance(v, str) or not v]
-    if wrong:
-        raise InvalidOptionError(name, values, f"{wrong[0]!r} is not a module name")

@@ -3,22 +3,25 @@
 The low-rank update (``lora_A``/``lora_B``, scaling, dropout, merging, dtype handling and the bitsandbytes
 variants) is peft's :mod:`peft.tuners.lora`. This module adds what pruning needs: removing output/input
 channels from the base layer and the adapter matrices together, recording the replaced parameters so an
-optimizer can follow, a bias-compensation buffer (``pa_bias``), and quantising the frozen base layer once
-pruning is done (and dequantising it to merge).
+optimizer can follow, and a bias-compensation buffer (``pa_bias``). Once pruning is done the frozen base layer
+may be quantised: :func:`rebuilt` gives the layer of peft's bitsandbytes LoRA class around it (and, to merge,
+the float layer around its dequantised form) holding the same adapter parameters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch_pruning as tp
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraConfig, LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from peft.utils.integrations import dequantize_module_weight, get_bnb_param_type
 from torch import nn
 
+from compress._compat import BufferDict
 from compress.errors import CompressError
 
 QUANTIZED_CLASSES: dict[str, type] = {}  # "8bit"/"4bit" -> the layer class around a bitsandbytes base layer
@@ -40,27 +43,23 @@ class PruningAdapterLayer(LoraLayer):
 
     other_param_names = (*LoraLayer.other_param_names, "pa_bias")
 
-    def _init_pruning(self, adapter_name: str, compensate_bias: bool) -> None:
-        self.pa_bias = BufferDict({}, persistent=True)
-        #: id(old) -> (old, new, dim, kept indices) for every parameter replaced by the last pruning calls;
-        #: holding `old` keeps its id from being reused by a new parameter while the record is alive
-        self.pruned_params: dict[int, tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]] = {}
-        if compensate_bias:
-            self.add_bias_buffer(adapter_name)
-
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig,
-                     compensate_bias: bool = False, **kwargs) -> None:
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs) -> None:
+        """LoRA's ``update_layer``, plus a zero bias compensation when ``config.compensate_bias`` is set."""
+        if "pa_bias" not in dict(self.named_children()):  # the first adapter (LoRA's constructor calls this)
+            self.pa_bias = BufferDict({}, persistent=True)
+            #: id(old) -> (old, new, dim, kept indices) for every parameter replaced by the last pruning calls;
+            #: holding `old` keeps its id from being reused by a new parameter while the record is alive
+            self.pruned_params: dict[int, tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]] = {}
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
-        if compensate_bias:
+        if getattr(config, "compensate_bias", False):
             self.add_bias_buffer(adapter_name)
 
     def add_bias_buffer(self, adapter_name: str) -> None:
         """Give ``adapter_name`` a zero bias compensation, if the base layer has a bias to fold it into (only
         then: otherwise forward would add a zero vector in every layer)."""
-        base = self.get_base_layer()
-        if getattr(base, "bias", None) is not None:
-            self.pa_bias[adapter_name] = torch.zeros(self.out_features, dtype=torch.float32)
-            self._move_adapter_to_device_of_base_layer(adapter_name)
+        bias = getattr(self.get_base_layer(), "bias", None)
+        if bias is not None:
+            self.pa_bias[adapter_name] = torch.zeros(self.out_features, dtype=torch.float32, device=bias.device)
 
     # -- structural pruning ----------------------------------------------------------------------------
     def _record(self, old: nn.Parameter, new: nn.Parameter, dim: int, removed: list[int], size: int) -> None:
@@ -116,28 +115,6 @@ class PruningAdapterLayer(LoraLayer):
             raise RuntimeError("unmerge the adapters before pruning: pruning a merged layer would bake the "
                                "adapter into the frozen weights")
 
-    # -- quantised base layers ---------------------------------------------------------------------------
-    def quantize_base(self, bits: str) -> None:
-        """Replace the frozen base layer by its bitsandbytes form (``"8bit"`` or ``"4bit"``); the layer becomes
-        the matching peft bitsandbytes LoRA class, with its adapters and state unchanged."""
-        if self.quantized:
-            return
-        self.base_layer = quantize_linear(self.get_base_layer(), bits)
-        self.__class__ = QUANTIZED_CLASSES[bits]
-
-    def dequantize_base(self) -> None:
-        """Bring a quantised base layer back to a float32 ``nn.Linear`` (before merging)."""
-        if not self.quantized:
-            return
-        base = self.get_base_layer()
-        weight = dequantize_module_weight(base).detach().to(torch.float32)
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None, device=weight.device)
-        linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-        if base.bias is not None:
-            linear.bias = nn.Parameter(base.bias.detach().to(torch.float32).clone(), requires_grad=False)
-        self.base_layer = linear
-        self.__class__ = Linear
-
     # -- the bias compensation in forward and merge ---------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = super().forward(x, *args, **kwargs)
@@ -156,9 +133,8 @@ class PruningAdapterLayer(LoraLayer):
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """peft's LoRA merge plus the bias compensation; a quantised base layer is dequantised first, so merging
-        gives a float layer."""
-        self.dequantize_base()
+        """peft's LoRA merge plus the bias compensation (the tuner gives a quantised layer its float form first,
+        see :func:`rebuilt`, so that merging gives a float layer)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
         base = self.get_base_layer()
@@ -181,17 +157,14 @@ class PruningAdapterLayer(LoraLayer):
 class Linear(PruningAdapterLayer, LoraLinear):
     """Pruning-Adapter around an ``nn.Linear``: peft's ``lora.Linear`` with channel pruning and ``pa_bias``."""
 
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: LoraConfig, r: int, lora_alpha: float,
-                 compensate_bias: bool = False) -> None:
-        LoraLinear.__init__(self, base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha)
-        self._init_pruning(adapter_name, compensate_bias)
 
+QUANTIZED_CLASSES: dict[str, type[PruningAdapterLayer]] = {}  # "8bit"/"4bit" -> the class around a bitsandbytes base
 
 if is_bnb_available():
     from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
 
     class Linear8bitLt(PruningAdapterLayer, LoraLinear8bitLt):
-        """Pruning-Adapter around a bitsandbytes 8-bit base layer (after :meth:`quantize_base`)."""
+        """Pruning-Adapter around a bitsandbytes 8-bit base layer (once pruning is finished)."""
 
     QUANTIZED_CLASSES["8bit"] = Linear8bitLt
 
@@ -199,9 +172,43 @@ if is_bnb_4bit_available():
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     class Linear4bit(PruningAdapterLayer, LoraLinear4bit):
-        """Pruning-Adapter around a bitsandbytes 4-bit (NF4) base layer (after :meth:`quantize_base`)."""
+        """Pruning-Adapter around a bitsandbytes 4-bit (NF4) base layer (once pruning is finished)."""
 
     QUANTIZED_CLASSES["4bit"] = Linear4bit
+
+
+def rebuilt(layer: PruningAdapterLayer, base: nn.Module, configs: Mapping[str, LoraConfig]) -> PruningAdapterLayer:
+    """A layer of the class that fits ``base`` (float, or bitsandbytes 8/4-bit) in place of ``layer``: around
+    ``base``, with ``layer``'s adapters, its adapter parameters and bias compensations themselves (an optimizer
+    holding them goes on training them), their trainability and which adapters are active."""
+    if layer.merged:
+        raise CompressError("unmerge the adapters before quantising or dequantising the base layer")
+    bits = get_bnb_param_type(base.weight)
+    cls = QUANTIZED_CLASSES[bits] if bits else Linear
+    first, *others = list(layer.lora_A)
+    new = cls(base, first, config=configs[first], r=layer.r[first], lora_alpha=layer.lora_alpha[first])
+    for name in others:
+        new.update_layer(name, layer.r[name], layer.lora_alpha[name], config=configs[name])
+    trainable = {parameter: parameter.requires_grad for parameter in layer.parameters()}
+    new.set_adapter(layer.active_adapters)
+    new.enable_adapters(not layer.disable_adapters)
+    for name in layer.lora_A:
+        new.lora_A[name], new.lora_B[name] = layer.lora_A[name], layer.lora_B[name]
+        if name in layer.pa_bias:
+            new.pa_bias[name] = layer.pa_bias[name]
+    for parameter, requires_grad in trainable.items():
+        parameter.requires_grad_(requires_grad)
+    return new
+
+
+def dequantized_linear(base: nn.Module) -> nn.Linear:
+    """A float32 ``nn.Linear`` equal to a bitsandbytes base layer (peft's ``dequantize_module_weight``)."""
+    weight = dequantize_module_weight(base).detach().to(torch.float32)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None, device=weight.device)
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if base.bias is not None:
+        linear.bias = nn.Parameter(base.bias.detach().to(torch.float32).clone(), requires_grad=False)
+    return linear
 
 
 def quantize_linear(layer: nn.Linear, bits: str) -> nn.Module:

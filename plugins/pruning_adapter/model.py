@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator, Mapping
 
 import torch
-from peft.tuners.lora import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from compress._allocator import map_large_cpu_allocations, release_freed_memory
-from compress.distributed import check_unsharded
+from compress.distributed import check_unsharded, refresh_ddp
 from compress.errors import CompressError
 from compress.export import TAG, method_tag
-from compress.pruning.arch import arch_spec, spec_class
+from compress.pruning.arch import ARCH_SPECS, arch_spec, spec_class
+from compress.pruning.compact import PREFIX as COMPACT_PREFIX
 from compress.pruning.compact import make_compact
 from compress.pruning.engine import check_support
-from compress.pruning.surgery import build_dependency_graph, check_hidden_group
-from compress.tuner import CompressTuner
+from compress.pruning.optim import remap_optimizer
+from compress.pruning.surgery import apply_checked, build_dependency_graph, check_hidden_group
+from compress.tuner import CompressLoraModel, float_linear
 
 from ..multi_exit import (
     EXIT_FIELDS,
@@ -34,7 +37,7 @@ from ..multi_exit import (
 )
 from .config import PruningAdapterConfig
 from .distill import Distillation
-from .layer import Linear, PruningAdapterLayer
+from .layer import Linear, PruningAdapterLayer, dequantized_linear, quantize_linear, rebuilt
 from .plan import (
     ADVICE,
     PLAN_KEY,
@@ -47,13 +50,32 @@ from .plan import (
     replay_events,
     same_events,
 )
-from .pruning import prune_oneshot
+from .pruning import PruningEvent, compensate, oneshot_event
 from .schedule import SCHEDULE_PREFIX, PruningSchedule
 
 logger = logging.getLogger(__name__)
 
-#: how saved adapter weights name peft's LoRA matrices: under the method's own prefix
-_SAVED_NAMES = {".lora_A.": ".pa_A.", ".lora_B.": ".pa_B."}
+
+
+class ArchTargetModules(Mapping):
+    """``model_type`` -> the attention and FFN projections of its architecture family
+    (:attr:`compress.pruning.arch.ArchSpec.projection_names`), compact types included: LoRA's
+    ``target_module_mapping`` for the families :mod:`compress.pruning.arch` knows."""
+
+    def __getitem__(self, model_type: str) -> list[str]:
+        spec = spec_class(model_type)
+        if spec is None or not spec.projection_names:
+            raise KeyError(model_type)
+        return list(spec.projection_names)
+
+    def __iter__(self) -> Iterator[str]:
+        for spec in ARCH_SPECS:
+            for model_type in spec.model_types:
+                yield model_type
+                yield COMPACT_PREFIX + model_type
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _is_saved_state(key: str) -> bool:
@@ -61,7 +83,7 @@ def _is_saved_state(key: str) -> bool:
     return key == PLAN_KEY or key.startswith(SCHEDULE_PREFIX)
 
 
-class PruningAdapterModel(CompressTuner):
+class PruningAdapterModel(CompressLoraModel):
     """Creates a Pruning-Adapter model from a pretrained transformers model.
 
     The backbone is frozen; its FFN neurons, attention heads, blocks and hidden channels are scored by the task
@@ -87,13 +109,13 @@ class PruningAdapterModel(CompressTuner):
         >>> model.base_model.prune(data=calibration_dataset, tokenizer=tokenizer)  # or the callback
     """
 
-    prefix: str = "pa_"
-    saved_names = _SAVED_NAMES
+    # LoRA's prefix and saved keys, as AdaLoRA keeps them; the adapters' defaults come from the architecture
     tuner_layer_cls = PruningAdapterLayer
-    target_module_mapping: dict[str, list[str]] = {}  # defaults come from the architecture (ArchSpec)
+    target_module_mapping = ArchTargetModules()
+    legacy_matrix_names = ("pa_A", "pa_B")
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
-        self._schedule = PruningSchedule(self)
+        self._schedule = PruningSchedule()
         # kept out of the module tree: the teacher is never saved, moved or trained with the model
         self.__dict__["distillation"] = None
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
@@ -103,8 +125,12 @@ class PruningAdapterModel(CompressTuner):
         return self.peft_config[self.active_adapters[0]]
 
     # -- injection -----------------------------------------------------------------------------------
+    def _check_new_adapter_config(self, config: PruningAdapterConfig) -> None:
+        super()._check_new_adapter_config(config)
+        # before LoRA looks up the default targets: an unknown architecture is refused by name
+        check_support(arch_spec(self.model), config.spec.sparsity, config.mode)
+
     def _pre_injection_hook(self, model: nn.Module, config: PruningAdapterConfig, adapter_name: str) -> None:
-        check_support(arch_spec(model), config.spec.sparsity, config.mode)
         self._check_targets(model, config)
         if config.exits is not None:
             check_exits(model, config.exits.get("exit_layers"), config.exits.get("exit_loss_weights", "linear"))
@@ -120,14 +146,14 @@ class PruningAdapterModel(CompressTuner):
             self._replay(model, config)
 
     def _prepare_adapter_config(self, peft_config: PruningAdapterConfig, model_config: dict) -> PruningAdapterConfig:
-        if peft_config.target_modules is None:
-            # the family's attention and FFN projections (e.g. T5's wi or gated wi_0/wi_1): those this model has,
-            # so the saved config names only existing modules
-            spec = spec_class(model_config.get("model_type", ""))
+        defaults = peft_config.target_modules is None
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)  # from target_module_mapping
+        if defaults:
+            # the family's projections this model has (e.g. T5's wi, or its gated wi_0/wi_1), so that the saved
+            # config names only existing modules
             names = [n for n, _ in self.model.named_modules()]
             peft_config.target_modules = {
-                t for t in (spec.projection_names if spec else ())
-                if any(n == t or n.endswith("." + t) for n in names)}
+                t for t in peft_config.target_modules if any(n == t or n.endswith("." + t) for n in names)}
         return peft_config
 
     @staticmethod
@@ -141,18 +167,14 @@ class PruningAdapterModel(CompressTuner):
             raise CompressError(f"target_modules {missing} match no module of {type(model).__name__}; "
                                 f"its linear layers are named: {', '.join(linear)}")
 
-    def _create_and_replace(self, config: PruningAdapterConfig, adapter_name: str, target: nn.Module,
-                            target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
-        lora_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                 init_lora_weights=config.init_weights, inference_mode=config.inference_mode)
-        kwargs = {"r": config.r, "lora_alpha": config.lora_alpha, "compensate_bias": config.compensate_bias}
-        if isinstance(target, PruningAdapterLayer):
-            target.update_layer(adapter_name, config=lora_config, **kwargs)
-            return
-        self.float_linear(target, current_key, "Pruning-Adapter adapts float torch.nn.Linear layers only (load the "
-                          "base model unquantised: quantize_backbone quantises after pruning); adjust target_modules")
-        self._install(parent, target_name, Linear(target, adapter_name, config=lora_config, **kwargs), target,
-                      adapter_name)
+    @staticmethod
+    def _create_new_module(lora_config: PruningAdapterConfig, adapter_name: str, target: nn.Module,
+                           **kwargs) -> Linear:
+        """The Pruning-Adapter layer around a target (LoRA's ``_create_and_replace`` calls this for a new one)."""
+        float_linear(target, kwargs.get("target_name", ""), "Pruning-Adapter adapts float torch.nn.Linear layers "
+                     "only (load the base model unquantised: quantize_backbone quantises after pruning); adjust "
+                     "target_modules")
+        return Linear(target, adapter_name, config=lora_config, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -165,10 +187,24 @@ class PruningAdapterModel(CompressTuner):
             self.quantize_backbone(config.quantize_backbone)  # reloading a finished, quantised adapter
 
     def quantize_backbone(self, bits: str) -> None:
-        """Keep every adapted base layer in bitsandbytes ``bits`` (``"8bit"``/``"4bit"``) from now on."""
-        for module in self.model.modules():
-            if isinstance(module, PruningAdapterLayer):
-                module.quantize_base(bits)
+        """Keep every adapted base layer in bitsandbytes ``bits`` (``"8bit"``/``"4bit"``) from now on: each layer
+        becomes peft's bitsandbytes LoRA class (with pruning added) around the quantised base, holding the same
+        adapter parameters."""
+        self._rebuild_layers(lambda layer: None if layer.quantized else quantize_linear(layer.get_base_layer(), bits))
+
+    def dequantize_backbone(self) -> None:
+        """Bring quantised base layers back to float32 ``nn.Linear`` layers (merging does this first)."""
+        self._rebuild_layers(lambda layer: dequantized_linear(layer.get_base_layer()) if layer.quantized else None)
+
+    def _rebuild_layers(self, new_base) -> None:
+        """Replace every adapter layer for which ``new_base(layer)`` gives a base layer by :func:`.layer.rebuilt`."""
+        for name, layer in [(n, m) for n, m in self.model.named_modules() if isinstance(m, PruningAdapterLayer)]:
+            base = new_base(layer)
+            if base is None:
+                continue
+            parent_name, _, child_name = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            self._replace_module(parent, child_name, rebuilt(layer, base, self.peft_config), layer)
 
     # -- replay: the pruned shapes on the original base model ---------------------------------------------
     def _replay(self, model: nn.Module, config: PruningAdapterConfig) -> None:
@@ -213,8 +249,7 @@ class PruningAdapterModel(CompressTuner):
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """peft's key translation with LoRA's matrices saved as ``pa_A``/``pa_B`` (:attr:`saved_names`); the plan
-        copy and schedule statistics keep their keys."""
+        """peft's key translation; the plan copy and schedule statistics keep their keys."""
         if _is_saved_state(key):
             return key  # written without an adapter name; a unit key could end like one
         return super()._remove_adapter_name_from_key(key, adapter_name)
@@ -268,7 +303,7 @@ class PruningAdapterModel(CompressTuner):
         """Prune the adapted model by ``saved[start:]`` (adapters included), as the checkpointed run did."""
         logger.info("replaying pruning events %d..%d saved with the adapter weights", start, len(saved) - 1)
         scoring = self._schedule.active
-        self._schedule.stop(keep_checkpointing=True)  # the gates belong to the shapes before the replay
+        self._schedule.stop(self.model, keep_checkpointing=True)  # the gates belong to the shapes before the replay
         replay_events(self.model, saved[start:], start, source=SAVED_COPY)
         config.pruning_plan.extend(saved[start:])
         self.finish_shapes()
@@ -276,13 +311,12 @@ class PruningAdapterModel(CompressTuner):
         if config.pruning_plan[-1]["final"] and config.quantize_backbone:
             self.quantize_backbone(config.quantize_backbone)
         if scoring:
-            self._schedule.start()
+            self._schedule.start(self.model, config)
 
     @classmethod
     def _check_saved_tensors(cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor],
                              had_plan: bool) -> None:
-        """The saved adapter tensors must have the shapes the replayed plan built; missing ones are reported (peft
-        looks for them by the method's prefix, which only the saved names carry)."""
+        """The saved adapter tensors must have the shapes the replayed plan built; missing ones are reported."""
         # parameters and buffers, not state_dict(): quantised base layers would serialise their weights for it
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         layers = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, PruningAdapterLayer))
@@ -323,9 +357,16 @@ class PruningAdapterModel(CompressTuner):
         enable_exit_heads(self, enabled)
 
     # -- merging -------------------------------------------------------------------------------------
+    def merge_adapter(self, *args, **kwargs) -> None:
+        """peft's ``merge_adapter``, into float base layers (quantised ones are dequantised first)."""
+        self.dequantize_backbone()
+        super().merge_adapter(*args, **kwargs)
+
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
         if self.distillation is not None:
             self.distillation.release()  # merging writes into base weights the teacher may share
+        if merge:
+            self.dequantize_backbone()  # merging gives a float model
         options = self.exit_options()
         heads = detach_exit_heads(self)
         model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
@@ -333,12 +374,11 @@ class PruningAdapterModel(CompressTuner):
             return model
         return make_multi_exit(model, heads, options)
 
-    # -- pruning (see pruning.py and schedule.py) ---------------------------------------------------------
+    # -- pruning: events planned by pruning.py and schedule.py, applied here ---------------------------------
     @property
     def pruning_finished(self) -> bool:
         """Whether the configured final sparsity has been reached (or replayed from a checkpoint)."""
-        plan = self.active_config.pruning_plan
-        return bool(plan) and plan[-1].get("final", False)
+        return self.active_config.pruning_finished
 
     def prune(self, data=None, tokenizer=None, num_batches: int = 8, batch_size: int = 16,
               optimizer: torch.optim.Optimizer | None = None) -> dict:
@@ -355,28 +395,96 @@ class PruningAdapterModel(CompressTuner):
             The recorded pruning event (structures, removed indices, widths before/after).
         """
         check_unsharded(self.model, "prune a Pruning-Adapter model")  # before scoring: its passes would fail obscurely
+        config = self.active_config
         heads = self._exit_heads()
         if heads is None:
-            return prune_oneshot(self, data, tokenizer, num_batches, batch_size, optimizer)
+            return self.apply_event(oneshot_event(self.model, config, data, tokenizer, num_batches, batch_size),
+                                    optimizer)
         options = self.exit_options()
         with scoring_every_exit(self.model, heads, options["exit_layers"], options["exit_loss_weights"]):
-            return prune_oneshot(self, data, tokenizer, num_batches, batch_size, optimizer)
+            return self.apply_event(oneshot_event(self.model, config, data, tokenizer, num_batches, batch_size),
+                                    optimizer)
+
+    def apply_event(self, event: PruningEvent, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Carry out a planned :class:`~.pruning.PruningEvent`: fold the removed channels' mean contribution into
+        the bias buffers (``compensate_bias``), remove them from the backbone and the adapters together, slice
+        ``optimizer``'s parameters and state to match, record the event in ``pruning_plan`` (quantising the
+        backbone after the final one, with ``quantize_backbone``). Returns the recorded event."""
+        config = self.active_config
+        if event.means:
+            compensate(event)
+        layers = [m for m in self.model.modules() if isinstance(m, PruningAdapterLayer)]
+        for layer in layers:
+            layer.pruned_params.clear()
+        # the adapter layers record what they replaced; the rest (e.g. peft's trained copies of norms and of the
+        # classifier, on the residual stream) comes back from apply_checked
+        replaced = apply_checked(event.checked)
+        self.finish_shapes()
+        if optimizer is not None:
+            replaced.update({k: v for layer in layers for k, v in layer.pruned_params.items()})
+            remap_optimizer(optimizer, replaced, list(self.model.parameters()))
+        for layer in layers:
+            layer.pruned_params.clear()
+        replaced.clear()
+        self.settle_memory()
+        record = event.record(self.model)
+        config.pruning_plan.append(record)
+        if event.final and config.quantize_backbone:
+            self.quantize_backbone(config.quantize_backbone)
+        logger.info("pruned %s: widths %s", ", ".join(f"{k} {v:.0%}" for k, v in event.sparsity.items()),
+                    record["widths_after"])
+        return record
 
     def pruning_steps(self) -> list[int]:
         """Training steps (``global_step`` after the optimizer step) at which pruning happens."""
-        return self._schedule.steps()
+        return self._schedule.steps(self.active_config)
 
     def start_scoring(self) -> None:
         """Attach gates so the training loss gives importance gradients; no-op once pruning is finished."""
-        self._schedule.start()
+        self._schedule.start(self.model, self.active_config)
 
     def stop_scoring(self, keep_checkpointing: bool = False) -> None:
         """Detach the gates (and stop checkpointing, unless ``keep_checkpointing``: more pruning follows)."""
-        self._schedule.stop(keep_checkpointing)
+        self._schedule.stop(self.model, keep_checkpointing)
+
+    def update_and_prune(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
+        """The schedule's one entry point per training step (as AdaLoRA's ``update_and_allocate``), after
+        ``optimizer.step()``: fold this step's gate gradients into the importance estimate and, if
+        ``global_step`` is a pruning step, prune (:meth:`apply_event`). Returns the recorded event, if any.
+
+        Example::
+
+            >>> model.base_model.start_scoring()
+            >>> for step, batch in enumerate(batches, 1):
+            ...     model(**batch).loss.backward()
+            ...     optimizer.step()
+            ...     model.base_model.update_and_prune(step, optimizer)
+            ...     optimizer.zero_grad()
+            >>> model.base_model.stop_scoring()
+        """
+        config = self.active_config
+        due = self._schedule.update(self.model, config, global_step)
+        if due is None:
+            return None
+        record = None
+        if due.event is not None:
+            record = self.apply_event(due.event, optimizer)
+            ddp = self._schedule.ddp()
+            if ddp is not None:
+                refresh_ddp(ddp)
+        elif due.final and config.pruning_plan:  # the widths already are the final ones
+            config.pruning_plan[-1]["final"] = True
+            if config.quantize_backbone:
+                self.quantize_backbone(config.quantize_backbone)
+        if not due.final:
+            self._schedule.start(self.model, config)
+        return record
 
     def scoring_step(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
-        """Fold this step's gate gradients into the importance estimate; prune if ``global_step`` is due."""
-        return self._schedule.step(global_step, optimizer)
+        """Deprecated name of :meth:`update_and_prune`, kept until the next release."""
+        warnings.warn("PruningAdapterModel.scoring_step is deprecated and will be removed in the next release: "
+                      "call update_and_prune (same arguments)", FutureWarning, stacklevel=2)
+        return self.update_and_prune(global_step, optimizer)
 
 
 def _finish_shapes(model: nn.Module) -> None:

@@ -1,11 +1,13 @@
-"""Pruning a Pruning-Adapter model: one pruning event, and the oneshot prune on calibration data.
+"""Pruning events of a Pruning-Adapter model: what one event removes, planned and checked against the model.
 
-A *pruning event* plans which channels, heads and blocks go (:func:`compress.pruning.plan.plan_removals`),
-checks the removal against the model (:func:`compress.pruning.surgery.check_removals`), folds the removed
-channels' mean contribution into the adapters' bias buffers (``compensate_bias``), removes them from the backbone
-and the adapters together (:func:`compress.pruning.surgery.apply_checked`), slices an optimizer's parameters and
-state to match, and appends the event to the config's ``pruning_plan``. The training-time schedule
-(:mod:`.schedule`) and :func:`prune_oneshot` both end in :func:`prune_event`.
+A *pruning event* plans which channels, heads and blocks go (:func:`compress.pruning.plan.plan_removals`) and
+checks the removal against the model (:func:`compress.pruning.surgery.check_removals`): :func:`plan_event` gives a
+:class:`PruningEvent`, and :func:`oneshot_event` one to the final sparsity from scores on calibration data. Nothing
+changes before :meth:`~compress.plugins.pruning_adapter.PruningAdapterModel.apply_event` applies it: folding the
+removed channels' mean contribution into the adapters' bias buffers (``compensate_bias``, :func:`compensate`),
+removing them from the backbone and the adapters together, slicing an optimizer's parameters and state to match, and
+appending the event to the config's ``pruning_plan``. The training-time schedule (:mod:`.schedule`) gives its events
+the same way.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from compress.distributed import check_same_on_ranks, check_unsharded
 from compress.errors import CompressError
@@ -23,17 +26,43 @@ from compress.pruning.arch import arch_spec
 from compress.pruning.compensate import bias_shifts, output_projection, record_input_means
 from compress.pruning.engine import forward_passes, score_units
 from compress.pruning.importance import Unit, get_importance, units_for
-from compress.pruning.optim import remap_optimizer
 from compress.pruning.plan import plan_removals, width_cap
-from compress.pruning.surgery import apply_checked, check_removals
+from compress.pruning.surgery import CheckedRemovals, check_removals
 
+from .config import PruningAdapterConfig
 from .layer import PruningAdapterLayer
 from .plan import recorded_widths
 
-if TYPE_CHECKING:
-    from .model import PruningAdapterModel
-
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruningEvent:
+    """One pruning event, planned and checked against the model as it is now; applying it is the model's
+    (:meth:`~compress.plugins.pruning_adapter.PruningAdapterModel.apply_event`)."""
+
+    #: the fraction of each structure's current width removed
+    sparsity: dict[str, float]
+    #: the removal, checked: units, removed indices per unit key, and how to carry it out
+    checked: CheckedRemovals
+    #: the widths before the event, as the plan records them
+    widths_before: dict[str, list[int]]
+    #: whether the event reaches the configured sparsity
+    final: bool
+    #: mean input of the removed channels' output projections, for ``compensate_bias``
+    means: dict[str, torch.Tensor] | None = None
+    #: the training step of an event the schedule gave
+    step: int | None = None
+
+    def record(self, model: nn.Module) -> dict:
+        """The entry of ``pruning_plan`` for this event, once ``model`` is pruned by it."""
+        hidden = "hidden" in self.widths_before
+        event = {"structures": sorted(self.sparsity), "removed": {k: v for k, v in self.checked.removals.items() if v},
+                 "widths_before": self.widths_before, "widths_after": recorded_widths(arch_spec(model), hidden),
+                 "final": self.final}
+        if self.step is not None:  # pruned by the schedule: errors about this event can name its training step
+            event["step"] = self.step
+        return event
 
 
 def total_width(widths: dict[str, list[int]], structure: str) -> int:
@@ -44,17 +73,16 @@ def total_width(widths: dict[str, list[int]], structure: str) -> int:
     return sum(widths[structure])
 
 
-def units_of(tuner: PruningAdapterModel) -> list[Unit]:
+def units_of(model: nn.Module, config: PruningAdapterConfig) -> list[Unit]:
     """The units of every configured structure, in the model as it is now."""
-    return units_for(arch_spec(tuner.model), tuner.active_config.spec.sparsity)
+    return units_for(arch_spec(model), config.spec.sparsity)
 
 
-def prune_oneshot(tuner: PruningAdapterModel, data=None, tokenizer=None, num_batches: int = 8,
-                  batch_size: int = 16, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Score ``tuner``'s structures on calibration ``data`` (gate gradients only) and prune to the final sparsity;
-    see :meth:`PruningAdapterModel.prune`."""
-    config = tuner.active_config
-    if tuner.pruning_finished:
+def oneshot_event(model: nn.Module, config: PruningAdapterConfig, data=None, tokenizer=None, num_batches: int = 8,
+                  batch_size: int = 16) -> PruningEvent:
+    """Score the structures of ``model`` on calibration ``data`` (gate gradients only) and plan the event that prunes
+    them to the final sparsity; see :meth:`PruningAdapterModel.prune`."""
+    if config.pruning_finished:
         raise CompressError("this model is already pruned to its configured sparsity")
     criterion = get_importance(config.spec.importance)
     if criterion.needs_calibration and data is None:
@@ -65,70 +93,43 @@ def prune_oneshot(tuner: PruningAdapterModel, data=None, tokenizer=None, num_bat
         from compress.data import calibration_batches
 
         batches = calibration_batches(data, batch_size=batch_size, num_batches=num_batches, tokenizer=tokenizer)
-    units = units_of(tuner)
-    recording = record_input_means(tuner.model, units) if config.compensate_bias and batches else None
+    units = units_of(model, config)
+    recording = record_input_means(model, units) if config.compensate_bias and batches else None
     with recording or contextlib.nullcontext() as recorder:
-        scores = score_units(tuner.model, units, criterion, batches if criterion.needs_calibration else None)
+        scores = score_units(model, units, criterion, batches if criterion.needs_calibration else None)
         if recorder is not None and not criterion.needs_calibration:
-            forward_passes(tuner.model, batches)  # magnitude/random scores ran no pass: measure the means anyway
+            forward_passes(model, batches)  # magnitude/random scores ran no pass: measure the means anyway
     means = recorder.means() if recorder is not None else None
-    return prune_event(tuner, dict(config.spec.sparsity), scores, optimizer, final=True, means=means)
+    return plan_event(model, config, dict(config.spec.sparsity), scores, final=True, means=means)
 
 
-def prune_event(tuner: PruningAdapterModel, sparsity: dict[str, float], scores: dict[str, torch.Tensor],
-                optimizer: torch.optim.Optimizer | None, final: bool, means: dict[str, torch.Tensor] | None = None,
-                step: int | None = None) -> dict:
-    """Remove ``sparsity`` of the model's current structures by ``scores``; returns the recorded event."""
-    config = tuner.active_config
+def plan_event(model: nn.Module, config: PruningAdapterConfig, sparsity: dict[str, float],
+               scores: dict[str, torch.Tensor], final: bool, means: dict[str, torch.Tensor] | None = None,
+               step: int | None = None) -> PruningEvent:
+    """The event that removes ``sparsity`` of the model's current structures by ``scores``, checked against the
+    model (a refused event leaves everything as it was)."""
     spec = config.spec
-    check_unsharded(tuner.model, "prune a Pruning-Adapter model")
-    arch = arch_spec(tuner.model)
+    check_unsharded(model, "prune a Pruning-Adapter model")
+    arch = arch_spec(model)
     units = units_for(arch, sparsity)
     removals = plan_removals(arch, units, scores, sparsity, spec.mode, round_to=spec.round_to,
-                             normalize=spec.normalize, max_widths=_width_caps(tuner, sparsity))
+                             normalize=spec.normalize, max_widths=_width_caps(model, config, sparsity))
     check_same_on_ranks(removals, "the channels, heads and blocks chosen for removal")
-    checked = check_removals(tuner.model, arch, units, removals)  # a refused event leaves the adapters as they were
-    if means:
-        _compensate(units, removals, means)
-    layers = [m for m in tuner.model.modules() if isinstance(m, PruningAdapterLayer)]
-    for layer in layers:
-        layer.pruned_params.clear()
-    hidden = "hidden" in spec.sparsity  # every event of such a plan records the hidden size
-    widths_before = recorded_widths(arch, hidden)
-    # the adapter layers record what they replaced; the rest (e.g. peft's trained copies of norms and of the
-    # classifier, on the residual stream) comes back from apply_checked
-    replaced = apply_checked(checked)
-    tuner.finish_shapes()
-    if optimizer is not None:
-        replaced.update({k: v for layer in layers for k, v in layer.pruned_params.items()})
-        remap_optimizer(optimizer, replaced, list(tuner.model.parameters()))
-    for layer in layers:
-        layer.pruned_params.clear()
-    replaced.clear()
-    tuner.settle_memory()
-    event = {"structures": sorted(sparsity), "removed": {k: v for k, v in removals.items() if v},
-             "widths_before": widths_before, "widths_after": recorded_widths(arch_spec(tuner.model), hidden),
-             "final": final}
-    if step is not None:  # pruned by the schedule: errors about this event can name its training step
-        event["step"] = step
-    config.pruning_plan.append(event)
-    if final and config.quantize_backbone:
-        tuner.quantize_backbone(config.quantize_backbone)
-    logger.info("pruned %s: widths %s", ", ".join(f"{k} {v:.0%}" for k, v in sparsity.items()),
-                event["widths_after"])
-    return event
+    checked = check_removals(model, arch, units, removals)
+    # every event of a plan that prunes the hidden size records it
+    widths_before = recorded_widths(arch, "hidden" in spec.sparsity)
+    return PruningEvent(sparsity, checked, widths_before, final, means, step)
 
 
-def _width_caps(tuner: PruningAdapterModel, sparsity: dict[str, float]) -> dict[str, int] | None:
+def _width_caps(model: nn.Module, config: PruningAdapterConfig, sparsity: dict[str, float]) -> dict[str, int] | None:
     """``max_keep`` as per-layer channel caps for one pruning step, against the widths before the first.
 
     A step that keeps more than ``max_keep`` overall caps each layer at what the step keeps overall, so
     every layer leaves it with the same width and the final cap stays reachable by later steps.
     """
-    config = tuner.active_config
     if config.max_keep is None:
         return None
-    current = arch_spec(tuner.model).widths()
+    current = arch_spec(model).widths()
     original = config.pruning_plan[0]["widths_before"] if config.pruning_plan else current
     caps = {}
     for structure, fraction in sparsity.items():
@@ -142,8 +143,9 @@ def _width_caps(tuner: PruningAdapterModel, sparsity: dict[str, float]) -> dict[
     return caps
 
 
-def _compensate(units: list[Unit], removals: dict[str, list[int]], means: dict[str, torch.Tensor]) -> None:
-    """Put the removed channels' mean contribution into the adapters' bias buffers (before removal)."""
+def compensate(event: PruningEvent) -> None:
+    """Put the removed channels' mean contribution into the adapters' bias buffers (before the removal)."""
+    units, removals, means = event.checked.units, event.checked.removals, event.means
     channel_units = [u for u in units if u.structure in ("ffn", "heads")]
     held = [u for u in channel_units if isinstance(output_projection(u), PruningAdapterLayer)]
     unheld = sorted({u.key for u in channel_units if removals.get(u.key)} - {u.key for u in held})

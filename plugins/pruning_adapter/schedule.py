@@ -2,8 +2,10 @@
 
 :class:`PruningSchedule` holds what exists only while training: the gates whose gradients score the
 structures, the running importance statistics, the input means of bias compensation, and whether it switched
-activation checkpointing on. :class:`~compress.plugins.pruning_adapter.PruningAdapterCallback` drives it
-through the tuner (``start_scoring``, ``scoring_step``, ``stop_scoring``).
+activation checkpointing on. Each training step, :meth:`PruningSchedule.update` folds the step's gate gradients in
+and, at a pruning step, gives the :class:`~.pruning.PruningEvent` due, which the model applies:
+:class:`~compress.plugins.pruning_adapter.PruningAdapterCallback` calls the model's ``update_and_prune`` once per
+step (and ``start_scoring``/``stop_scoring`` when training starts and ends).
 
 Which events already happened is the config's ``pruning_plan``; the next one follows from the training step.
 The statistics gathered since the last event are the only other state a checkpoint must keep:
@@ -16,29 +18,21 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from compress.distributed import (
-    active_ddp,
-    all_reduce_mean,
-    all_reduce_sum,
-    check_unsharded,
-    refresh_ddp,
-    world_size,
-)
+from compress.distributed import active_ddp, all_reduce_mean, all_reduce_sum, check_unsharded, world_size
 from compress.errors import CompressError
 from compress.pruning.arch import arch_spec
 from compress.pruning.compensate import InputMeans, record_input_means
 from compress.pruning.engine import score_units
 from compress.pruning.importance import attach_gates, get_importance
 
+from .config import PruningAdapterConfig
 from .plan import recorded_widths
-from .pruning import prune_event, total_width, units_of
-
-if TYPE_CHECKING:
-    from .model import PruningAdapterModel
+from .pruning import PruningEvent, plan_event, total_width, units_of
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +48,25 @@ def cubic_sparsity(step: int, final: float, end_step: int) -> float:
     return final * (1.0 - (1.0 - progress) ** 3)
 
 
+@dataclass
+class DueStep:
+    """A pruning step of the schedule: the event due (``None`` when the model already has the scheduled widths),
+    and whether it is the last."""
+
+    event: PruningEvent | None
+    final: bool
+
+
 class PruningSchedule:
-    """Scores a :class:`PruningAdapterModel`'s structures on its training batches and prunes it on schedule.
+    """Scores a Pruning-Adapter model's structures on its training batches and tells when to prune, and what.
 
     Gate gradients come from the same backward pass that trains the adapters. ``oneshot`` sums them over
     ``scoring_steps`` steps and prunes once; ``progressive`` keeps an exponential moving average and prunes
-    every ``pruning_interval`` steps along :func:`cubic_sparsity`.
+    every ``pruning_interval`` steps along :func:`cubic_sparsity`. Its methods take the model (the adapted
+    transformers model) and its config.
     """
 
-    def __init__(self, tuner: PruningAdapterModel) -> None:
-        self.tuner = tuner
+    def __init__(self) -> None:
         self._gates_ctx = None
         self._gates: dict[str, torch.Tensor] = {}
         self._stats: dict[str, torch.Tensor] = {}
@@ -82,47 +85,46 @@ class PruningSchedule:
         """Whether gates are attached (scoring is under way)."""
         return self._gates_ctx is not None
 
-    def steps(self) -> list[int]:
+    @staticmethod
+    def steps(config: PruningAdapterConfig) -> list[int]:
         """Training steps (``global_step`` after the optimizer step) at which pruning happens."""
-        config = self.tuner.active_config
         if config.schedule == "oneshot":
             return [config.scoring_steps]
         steps = list(range(config.scoring_steps, config.pruning_end_step, config.pruning_interval))
         return steps + [config.pruning_end_step]
 
-    def start(self) -> None:
+    def start(self, model: nn.Module, config: PruningAdapterConfig) -> None:
         """Attach gates so the training loss gives importance gradients; no-op once pruning is finished.
 
         Statistics loaded from a checkpoint (:meth:`load_state_dict`) are taken up here, so scoring goes on
         from where the checkpointed run was.
         """
-        tuner = self.tuner
-        if tuner.pruning_finished or self._gates_ctx is not None:
+        if config.pruning_finished or self._gates_ctx is not None:
             return
-        check_unsharded(tuner.model, "prune a Pruning-Adapter model during training")
-        criterion = get_importance(tuner.active_config.spec.importance)
+        check_unsharded(model, "prune a Pruning-Adapter model during training")
+        criterion = get_importance(config.spec.importance)
         if criterion.needs_calibration and not getattr(criterion, "needs_gradients", True):
-            raise CompressError(f"importance={tuner.active_config.importance!r} scores on calibration data, not on "
+            raise CompressError(f"importance={config.importance!r} scores on calibration data, not on "
                                 "gate gradients of the training batches: prune with model.base_model.prune(data=...) "
                                 "before training instead of the callback")
-        units = units_of(tuner)
+        units = units_of(model, config)
         self._gates_ctx = attach_gates(units)
         self._gates = self._gates_ctx.__enter__()
         self._stats = {}
-        self._ddp_hook = tuner.model.register_forward_pre_hook(self._note_ddp)
-        if tuner.active_config.compensate_bias:
-            self._means_ctx = record_input_means(tuner.model, units)
+        self._ddp_hook = model.register_forward_pre_hook(self._note_ddp)
+        if config.compensate_bias:
+            self._means_ctx = record_input_means(model, units)
             self._means = self._means_ctx.__enter__()
         if self._pending is not None:
             self._take_up(self._pending)
             self._pending = None
-        if tuner.active_config.checkpoint_until_pruned:
-            self.set_checkpointing(True)
+        if config.checkpoint_until_pruned:
+            self.set_checkpointing(model, True)
 
-    def stop(self, keep_checkpointing: bool = False) -> None:
+    def stop(self, model: nn.Module, keep_checkpointing: bool = False) -> None:
         """Detach the gates (and stop checkpointing, unless ``keep_checkpointing``: more pruning follows)."""
         if not keep_checkpointing:
-            self.set_checkpointing(False)
+            self.set_checkpointing(model, False)
         if self._gates_ctx is not None:
             self._gates_ctx.__exit__(None, None, None)
         if self._means_ctx is not None:
@@ -133,9 +135,8 @@ class PruningSchedule:
         self._gates_ctx, self._gates, self._stats = None, {}, {}
         self._means_ctx, self._means = None, None
 
-    def set_checkpointing(self, on: bool) -> None:
+    def set_checkpointing(self, model: nn.Module, on: bool) -> None:
         """Recompute activations in the backward pass while the model is still (partly) dense."""
-        model = self.tuner.model
         if not getattr(model, "supports_gradient_checkpointing", False):
             if on:
                 logger.warning("%s does not support gradient checkpointing: checkpoint_until_pruned has no effect",
@@ -149,11 +150,12 @@ class PruningSchedule:
             model.activation_checkpointing_disable()
             self._checkpointing_by_us = False
 
-    def step(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
-        """Fold this step's gate gradients into the importance estimate; prune if ``global_step`` is due."""
+    def update(self, model: nn.Module, config: PruningAdapterConfig, global_step: int) -> DueStep | None:
+        """Fold this step's gate gradients into the importance estimate; at a pruning step, stop scoring and give
+        the event due (``None`` between pruning steps). Scoring starts again with :meth:`start` after the model
+        applied a step that is not the last."""
         if self._gates_ctx is None:
             return None
-        tuner, config = self.tuner, self.tuner.active_config
         beta = config.ema_beta if config.schedule == "progressive" else 1.0
         fisher = config.spec.importance == "fisher"
         # each rank saw its shard of the batch: average the gradients so every rank scores the global batch
@@ -168,10 +170,10 @@ class PruningSchedule:
             self._stats[key] = stat if previous is None else (
                 previous + stat if beta == 1.0 else beta * previous + (1 - beta) * stat)
             gate.grad = None
-        steps = self.steps()
+        steps = self.steps(config)
         if global_step not in steps:
             return None
-        units = units_of(tuner)
+        units = units_of(model, config)
         criterion = get_importance(config.spec.importance)
         if criterion.needs_calibration:
             missing = [u.key for u in units if u.key not in self._stats]
@@ -179,23 +181,19 @@ class PruningSchedule:
                 raise CompressError(f"no gate gradients reached {missing[:3]}...: is the model training with a loss?")
             scores = {u.key: self._stats[u.key].cpu() for u in units}
         else:
-            scores = score_units(tuner.model, units, criterion, None)
+            scores = score_units(model, units, criterion, None)
         final = global_step == steps[-1]
-        sparsity = self.sparsity_at(global_step, final)
+        sparsity = self.sparsity_at(model, config, global_step, final)
         means = self._reduced_means()
-        self.stop(keep_checkpointing=not final)
-        event = prune_event(tuner, sparsity, scores, optimizer, final=final, means=means, step=global_step) \
+        self.stop(model, keep_checkpointing=not final)
+        event = plan_event(model, config, sparsity, scores, final=final, means=means, step=global_step) \
             if sparsity else None
-        ddp = self._ddp() if self._ddp is not None else None
-        if event is not None and ddp is not None:
-            refresh_ddp(ddp)
-        if event is None and final and config.pruning_plan:
-            config.pruning_plan[-1]["final"] = True
-            if config.quantize_backbone:
-                tuner.quantize_backbone(config.quantize_backbone)
-        if not final:
-            self.start()
-        return event
+        return DueStep(event, final)
+
+    def ddp(self) -> nn.Module | None:
+        """The ``DistributedDataParallel`` wrapper training the model, if one ran its forward (its buckets are
+        rebuilt after pruning)."""
+        return self._ddp() if self._ddp is not None else None
 
     def _note_ddp(self, module: torch.nn.Module, args) -> None:
         ddp = active_ddp()
@@ -214,10 +212,10 @@ class PruningSchedule:
         all_reduce_sum([*sums, counts])
         return {key: total / count for (key, _), total, count in zip(totals, sums, counts.tolist()) if count > 0}
 
-    def sparsity_at(self, step: int, final: bool) -> dict[str, float]:
+    @staticmethod
+    def sparsity_at(model: nn.Module, config: PruningAdapterConfig, step: int, final: bool) -> dict[str, float]:
         """Sparsity relative to the *current* widths that reaches the scheduled sparsity of the original widths."""
-        config = self.tuner.active_config
-        current = recorded_widths(arch_spec(self.tuner.model), "hidden" in config.spec.sparsity)
+        current = recorded_widths(arch_spec(model), "hidden" in config.spec.sparsity)
         original = config.pruning_plan[0]["widths_before"] if config.pruning_plan else current
         sparsity = {}
         for structure, target in config.spec.sparsity.items():

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
-from peft.config import PeftConfig
+from peft.tuners.lora import LoraConfig
 
-from compress.pruning.spec import InvalidOptionError, is_number, positive_int
+from compress.pruning.spec import InvalidOptionError, is_number
 from compress.registry import PeftMethodType
+from compress.tuner import check_lora_options, take_deprecated_init_weights
 
 SPARSE_SOUP = PeftMethodType("SPARSE_SOUP")
 
@@ -36,10 +37,15 @@ def parse_n_m(pattern: str) -> tuple[int, int] | None:
 
 
 @dataclass
-class SparseSoupConfig(PeftConfig):
+class SparseSoupConfig(LoraConfig):
     """Configuration for :class:`SparseSoupModel`: fine-tuning under a fixed sparsity mask, so that several
     fine-tunes from the same sparse start average into a soup with the same mask (Sparse Model Soups, Zimmer,
     Spiegel, Pokutta, ICLR 2024).
+
+    A ``LoraConfig``: with ``train="lora"`` the updates are peft's LoRA layers and take LoRA's options (``r``,
+    ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``rank_pattern``, ...), except those
+    that change the base weights or the layer's computation (DoRA and the other LoRA variants,
+    PiSSA/OLoRA/CorDA/LoftQ/EVA/LoRA-GA initialisations, ``bias``, ``target_parameters``, ...).
 
     ``get_peft_model`` computes the mask of every target layer and from then on the layer computes with
     ``(W + delta) * mask``: only kept weights change, and a pruned weight stays exactly zero however long the
@@ -65,28 +71,26 @@ class SparseSoupConfig(PeftConfig):
             the kept weights fine-tune in full, as SMS retrains) or ``lora`` (a low-rank update ``B @ A`` of rank
             ``r``, masked like the weights, so that merging keeps the mask exactly).
         r: LoRA rank (``train="lora"``).
-        lora_alpha: LoRA scaling numerator (``train="lora"``).
+        lora_alpha: LoRA scaling numerator (``train="lora"``); default 16.
         lora_dropout: dropout on the LoRA input (``train="lora"``).
-        init_weights: ``True`` starts the update at zero (the model computes as the masked base model);
-            ``False`` starts it random (for tests).
+        init_lora_weights: ``True`` (default) starts the update at zero (the model computes as the masked base
+            model); ``False`` starts it random (for tests); ``train="lora"`` also takes ``"gaussian"`` and
+            ``"orthogonal"`` (LoRA's).
+        init_weights: deprecated name of ``init_lora_weights`` (True or False), read for one more release.
         modules_to_save: modules trained and saved in full, e.g. the classifier (peft adds it for ``SEQ_CLS``).
     """
 
-    target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Layers to sparsify; default every linear layer in the blocks."})
     sparsity: float | None = field(default=None, metadata={"help": "Fraction of weights set to zero, in [0, 1)."})
     pattern: str = field(default="unstructured", metadata={"help": "unstructured, or n:m such as 2:4."})
     scope: str = field(default="layer", metadata={"help": "layer or global threshold (unstructured)."})
     importance: str = field(default="magnitude", metadata={"help": "magnitude or wanda (needs calibration data)."})
     train: str = field(default="weights", metadata={"help": "What trains on the kept weights: weights or lora."})
-    r: int = field(default=8, metadata={"help": "LoRA rank (train='lora')."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (train='lora')."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (train='lora')."})
-    init_weights: bool = field(default=True, metadata={"help": "Start the update at zero (False: random)."})
-    modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Modules trained and saved in full, e.g. the classifier."})
+    init_weights: InitVar[bool | None] = None  # deprecated: init_lora_weights
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, init_weights: bool | None = None) -> None:
+        take_deprecated_init_weights(self, init_weights)
+        check_lora_options(self, "sparse soups")  # before LoraConfig's own checks, which assume the types
         super().__post_init__()
         self.peft_type = SPARSE_SOUP
         n_m = parse_n_m(self.pattern)
@@ -112,13 +116,9 @@ class SparseSoupConfig(PeftConfig):
                                      "scope='layer' (or magnitude)")
         if self.train not in TRAINED:
             raise InvalidOptionError("train", self.train, f"choose one of {', '.join(TRAINED)}")
-        positive_int("r", self.r)
-        if not (is_number(self.lora_alpha) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise InvalidOptionError("lora_alpha", self.lora_alpha, "must be a positive number")
-        if not (is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1):
-            raise InvalidOptionError("lora_dropout", self.lora_dropout, "must be in [0, 1)")
-        if not isinstance(self.init_weights, bool):
-            raise InvalidOptionError("init_weights", self.init_weights, "must be True or False")
+        if self.train == "weights" and not isinstance(self.init_lora_weights, bool):
+            raise InvalidOptionError("init_lora_weights", self.init_lora_weights, "train='weights' starts the dense "
+                                     "update at zero (True) or random (False)")
         if self.task_type is not None and str(self.task_type) not in ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM",
                                                                         "TOKEN_CLS", "FEATURE_EXTRACTION"):
             raise InvalidOptionError("task_type", self.task_type, "choose a peft task type (SEQ_CLS, CAUSAL_LM, "

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import LoraConfig, LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from compress._compat import BufferDict
 from compress.errors import CompressError
 
 _NO_UNMERGE = ("a merged sparse layer cannot be unmerged: merging zeroed the pruned base weights. Keep the adapter "
@@ -26,11 +26,10 @@ class SparseMask:
     """The mask half of a sparse layer: one boolean mask per adapter, shaped like the base weight, and merging
     (first among the layer's bases, so that its ``merge`` replaces LoRA's)."""
 
-    def _init_masks(self) -> None:
-        self.sparse_mask = BufferDict({}, persistent=True)
-
     def add_mask(self, adapter_name: str) -> None:
         """Start ``adapter_name`` with every weight kept (the tuner computes the real mask afterwards)."""
+        if "sparse_mask" not in dict(self.named_children()):  # the layer's first adapter
+            self.sparse_mask = BufferDict({}, persistent=True)
         weight = self.get_base_layer().weight
         self.sparse_mask[adapter_name] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
 
@@ -78,22 +77,23 @@ class SparseLinear(SparseMask, nn.Module, BaseTunerLayer):
     adapter_layer_names = ("sparse_delta",)
     other_param_names = ("sparse_mask",)
 
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, init_weights: bool = True) -> None:
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: LoraConfig, **kwargs) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.sparse_delta = nn.ParameterDict()
-        self._init_masks()
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, init_weights)
+        self.update_layer(adapter_name, config)
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
-    def update_layer(self, adapter_name: str, init_weights: bool = True) -> None:
+    def update_layer(self, adapter_name: str, config: LoraConfig, **kwargs) -> None:
+        """A dense update of the base weight, at zero (``init_lora_weights=True``) or random, and a full mask."""
         weight = self.get_base_layer().weight
-        delta = torch.zeros_like(weight) if init_weights else torch.randn_like(weight) * weight.std() * 0.1
+        zero = config.init_lora_weights is not False
+        delta = torch.zeros_like(weight) if zero else torch.randn_like(weight) * weight.std() * 0.1
         self.sparse_delta[adapter_name] = nn.Parameter(delta)
         self.add_mask(adapter_name)
-        self.set_adapter(self.active_adapters)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def update_weight(self, adapter_name: str) -> torch.Tensor:
         return self.sparse_delta[adapter_name]
@@ -115,15 +115,10 @@ class SparseLoraLinear(SparseMask, LoraLinear):
 
     other_param_names = (*LoraLayer.other_param_names, "sparse_mask")
 
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, **kwargs) -> None:
-        super().__init__(base_layer, adapter_name, **kwargs)
-        self._init_masks()
-        self.add_mask(adapter_name)
-
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config, **kwargs) -> None:
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs) -> None:
+        """LoRA's ``update_layer``, plus a full mask for the adapter."""
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
-        if "sparse_mask" in self._buffers or "sparse_mask" in self._modules:
-            self.add_mask(adapter_name)
+        self.add_mask(adapter_name)
 
     def update_weight(self, adapter_name: str) -> torch.Tensor:
         return self.get_delta_weight(adapter_name)

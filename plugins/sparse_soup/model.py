@@ -8,13 +8,13 @@ import zlib
 from collections.abc import Mapping
 
 import torch
-from peft.tuners.lora import LoraConfig
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from compress.errors import CompressError
 from compress.export import TAG, method_tag
 from compress.pruning.arch import arch_spec
-from compress.tuner import CompressTuner
+from compress.tuner import CompressLoraModel, float_linear
 
 from .config import SparseSoupConfig
 from .format import checksum, pack_bits
@@ -25,8 +25,6 @@ from .soup import check_weights_loaded
 
 logger = logging.getLogger(__name__)
 
-#: how saved adapter weights name peft's LoRA matrices: under the method's own prefix (peft finds them by it)
-_SAVED_NAMES = {".lora_A.": ".sparse_A.", ".lora_B.": ".sparse_B."}
 #: state-dict key of the masks' checksums in the adapter weights (a uint8 tensor of zlib-compressed JSON: saved
 #: mask key -> :func:`~.format.checksum` of its packed bits), like the Pruning-Adapter's plan copy
 CHECKSUMS_KEY = "sparse_mask_checksums"
@@ -119,7 +117,7 @@ def check_saved_adapter(state_dict: Mapping[str, torch.Tensor], config: SparseSo
     check_saved_masks(masks, config, None if saved_checksums is None else decode_checksums(saved_checksums))
 
 
-class SparseSoupModel(CompressTuner):
+class SparseSoupModel(CompressLoraModel):
     """Creates a sparse fine-tuning model from a pretrained transformers model (any family with transformer blocks
     that :mod:`compress.pruning.arch` knows: BERT/RoBERTa, Llama/Qwen2, T5).
 
@@ -140,10 +138,9 @@ class SparseSoupModel(CompressTuner):
         >>> sparse = model.merge_and_unload()
     """
 
-    prefix: str = "sparse_"
-    saved_names = _SAVED_NAMES
-    tuner_layer_cls = (SparseLinear, SparseLoraLinear)
-    target_module_mapping: dict[str, list[str]] = {}
+    # LoRA's prefix and saved keys (train="lora"), as AdaLoRA keeps them
+    tuner_layer_cls = (SparseLinear, LoraLayer)
+    legacy_matrix_names = ("sparse_A", "sparse_B")
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         #: whether the masks are computed (prune) or loaded; the config is not the place: users reuse one config
@@ -157,6 +154,7 @@ class SparseSoupModel(CompressTuner):
 
     # -- injection -----------------------------------------------------------------------------------------
     def _check_new_adapter_config(self, config: SparseSoupConfig) -> None:
+        super()._check_new_adapter_config(config)
         if len(self.peft_config) > 1:
             raise CompressError("a sparse-soup model holds one adapter (one mask); wrap a fresh base model for "
                                 "another fine-tune, and average them with compress.make_soup")
@@ -175,18 +173,15 @@ class SparseSoupModel(CompressTuner):
             peft_config.target_modules = names
         return peft_config
 
-    def _create_and_replace(self, config: SparseSoupConfig, adapter_name: str, target: nn.Module,
-                            target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
-        self.float_linear(target, current_key, "sparse soups sparsify float torch.nn.Linear layers; adjust "
-                          "target_modules")
-        if config.train == "lora":
-            lora_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                     init_lora_weights=config.init_weights, inference_mode=config.inference_mode)
-            new_module = SparseLoraLinear(target, adapter_name, config=lora_config, r=config.r,
-                                          lora_alpha=config.lora_alpha)
-        else:
-            new_module = SparseLinear(target, adapter_name, init_weights=config.init_weights)
-        self._install(parent, target_name, new_module, target, adapter_name)
+    @staticmethod
+    def _create_new_module(lora_config: SparseSoupConfig, adapter_name: str, target: nn.Module,
+                           **kwargs) -> SparseMask:
+        """The sparse layer around a target (LoRA's ``_create_and_replace`` calls this for a new one)."""
+        float_linear(target, kwargs.get("target_name", ""), "sparse soups sparsify float torch.nn.Linear layers; "
+                     "adjust target_modules")
+        if lora_config.train == "lora":
+            return SparseLoraLinear(target, adapter_name, config=lora_config, **kwargs)
+        return SparseLinear(target, adapter_name, config=lora_config)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # the masks are computed from the weights: refuse before anything is replaced
