@@ -728,3 +728,33 @@ def test_hidden_state_loss_masks_padding_and_checks_alignment():
         hidden_state_loss(student, teacher[:1])
     with pytest.raises(CompressError, match="differ in shape"):
         hidden_state_loss([torch.ones(2, 3, 4)], [torch.ones(2, 3, 5)])
+
+
+def test_the_modules_of_the_method_import_each_other_without_a_cycle():
+    """The model applies what the pruning and schedule modules plan: neither imports the model back (not even for
+    type checking)."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(compress.__file__).resolve().parent.parent / "plugins" / "pruning_adapter"
+    modules = {path.stem: path for path in folder.glob("*.py") if path.stem != "__init__"}
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [alias.name for alias in node.names]
+                found.update(target.split(".")[0] for target in targets)
+        imports[name] = found & set(modules)
+
+    def cycle_from(name, path):
+        for other in sorted(imports[name]):
+            if other in path:
+                return [*path[path.index(other):], other]
+            found = cycle_from(other, [*path, other])
+            if found:
+                return found
+        return None
+
+    cycles = [c for c in (cycle_from(name, [name]) for name in sorted(modules)) if c]
+    assert not cycles, cycles[0]
