@@ -228,6 +228,23 @@ def test_sequential_statistics_come_from_the_pruned_stream(monkeypatch):
     assert not torch.allclose(mean, dense_inputs.mean(0), rtol=1e-3, atol=1e-5)
 
 
+def test_one_pass_for_a_blocks_last_projection_gives_what_running_the_block_again_gives(monkeypatch):
+    """Pre-norm blocks: the stream after a block is its output without the last projection's term plus the refit
+    projection's term; the generic path runs the block again. Both give the same model."""
+    from compress.pruning.arch import LlamaSpec
+
+    batches = tiny.make_batches("llama", 2, labels=False)
+    models = []
+    for residual in (True, False):
+        monkeypatch.setattr(LlamaSpec, "residual_outputs", residual)
+        model = tiny.make_model("llama")
+        compress.prune_model(model, {"ffn": 0.5, "heads": 0.5}, None, "flap", data=batches,
+                             reconstruct="least_squares", compensate_bias=True)
+        models.append(model)
+    for (name, fused), (_, rerun) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        torch.testing.assert_close(fused, rerun, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_flap_chooses_channels_on_the_pruned_stream_and_global_mode_keeps_planned_widths():
     model = tiny.make_model("llama")
     batches = tiny.make_batches("llama", 2, labels=False)

@@ -153,7 +153,8 @@ def test_importance_criteria_find_dead_neurons():
         for layer in model.bert.encoder.layer:
             layer.output.dense.weight[:, dead] = 0
             layer.intermediate.dense.weight[dead] = 0
-    for criterion in ("taylor", "fisher", "magnitude", "l1", "l2"):
+    for criterion in ("taylor", "taylor_elementwise", "fisher", "activation", "flap", "wanda_sp", "magnitude", "l1",
+                      "l2"):
         m = copy.deepcopy(model)
         report = compress.prune_model(m, 0.125, ("ffn",), criterion, data=tiny.make_batches("bert", 2))
         assert all(idxs == dead for idxs in report.removed.values()), criterion

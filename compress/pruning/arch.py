@@ -142,6 +142,9 @@ class ArchSpec:
     #: why blocks cannot be run one at a time on a stored calibration stream (what least-squares reconstruction
     #: does), or ``None`` when every block of the one stack takes the stream and the same other arguments
     sequential_reason: str | None = None
+    #: whether every block adds its output projections' outputs to the residual stream unchanged (pre-norm
+    #: blocks), so that a block's output can follow a refit of its last projection without running it again
+    residual_outputs: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -400,6 +403,7 @@ class LlamaSpec(ArchSpec):
     default_task = "causal-lm"
     projection_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     explicit_head_groups = True
+    residual_outputs = True
 
     def bias_flags(self) -> dict[str, BiasFlag]:
         # Qwen2 builds its MLP and o_proj without a bias whatever the config says

@@ -17,7 +17,10 @@ The pruning runs block by block: the calibration stream (the input states of the
 is kept, and for each block in order the inputs of each output projection are measured on that stream, which has
 already passed through the pruned earlier blocks (and, for the FFN, through this block's pruned attention); then the
 channels are chosen, the projection refit, the channels removed, and the stream run through the finished block.
-Memory: the stream (tokens x hidden size), and the count, sum and Gram matrix of one projection at a time.
+Memory: the stream (tokens x hidden size), and the count, sum and Gram matrix of one projection at a time. In
+families whose blocks add their output projections' outputs to the residual stream (pre-norm: Llama, Qwen2), the
+last projection of a block is measured in the same pass that runs the block, its inputs held until it is refit (one
+projection's inputs over the calibration tokens), which saves running the block a second time.
 """
 
 from __future__ import annotations
@@ -218,6 +221,44 @@ class BlockStream:
             for entry in self.entries:
                 entry.hidden = self._run(block, entry).detach()
 
+    def measure_and_advance(self, block: nn.Module, projection: nn.Module) -> tuple[ProjectionStatistics,
+                                                                                  list[torch.Tensor]]:
+        """Measure ``projection``'s inputs and run ``block`` to its end in the same pass, with the projection's
+        output left out: for a block that adds that output to the residual stream unchanged, the stream then lacks
+        only the projection's term, which :meth:`add_projection` adds once the projection is refit. Returns the
+        statistics and the projection's inputs, one tensor per batch (kept until then)."""
+        stats = ProjectionStatistics(projection.in_features, device=projection.weight.device)
+        current: list[torch.Tensor | None] = [None]
+        held: list[torch.Tensor] = []
+
+        def record(module, args):
+            stats.add(args[0], current[0])
+            held.append(args[0].detach())
+
+        def leave_out(module, args, output):
+            return torch.zeros_like(output)
+
+        handles = [projection.register_forward_pre_hook(record), projection.register_forward_hook(leave_out)]
+        try:
+            with torch.no_grad():
+                for entry in self.entries:
+                    current[0] = entry.mask
+                    count = len(held)
+                    entry.hidden = self._run(block, entry).detach()
+                    if len(held) != count + 1:
+                        raise CompressError("internal: the block did not run its output projection once per pass")
+        finally:
+            for handle in handles:
+                handle.remove()
+        return stats, held
+
+    def add_projection(self, projection: nn.Module, inputs: list[torch.Tensor], kept: torch.Tensor) -> None:
+        """Add ``projection`` (refit, on the ``kept`` input channels) of each batch's held ``inputs`` to the
+        stream (see :meth:`measure_and_advance`)."""
+        with torch.no_grad():
+            for entry, states in zip(self.entries, inputs, strict=True):
+                entry.hidden = entry.hidden + projection(states.index_select(-1, kept.to(states.device)))
+
 
 @dataclass
 class SequentialResult:
@@ -298,9 +339,13 @@ def prune_sequentially(model: nn.Module, arch: ArchSpec, units: list[Unit], remo
     blocks = list(_units_by_block(stack, channel_units))
     last = max((i for i, (_, block_units) in enumerate(blocks) if block_units), default=-1)
     for block, block_units in tqdm(blocks[:last + 1], desc="reconstructing", disable=not progress, leave=False):
-        for unit in block_units:
+        held: list[torch.Tensor] | None = None
+        for position, unit in enumerate(block_units):
             projection = output_projection(unit)
-            stats = stream.measure(block, projection)
+            if arch.residual_outputs and position == len(block_units) - 1:
+                stats, held = stream.measure_and_advance(block, projection)  # the block's last refit: one pass
+            else:
+                stats = stream.measure(block, projection)
             if stats.count < 1:
                 raise CalibrationError(f"{unit.key}: no calibration tokens reached its output projection")
             planned = removals[unit.key]
@@ -320,6 +365,10 @@ def prune_sequentially(model: nn.Module, arch: ArchSpec, units: list[Unit], remo
             result.removed[unit.key] = chosen
             names[_path_in(block, projection)] = None
             del stats
-        stream.advance(block)
+        if held is not None:  # ``projection`` and ``channels`` are the block's last unit's
+            kept = torch.tensor(sorted(set(range(held[0].shape[-1])) - set(channels)), dtype=torch.long)
+            stream.add_projection(projection, held, kept)
+        else:
+            stream.advance(block)
     result.projections = list(names)
     return result
