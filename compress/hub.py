@@ -4,7 +4,9 @@ Every folder peft-compress writes (``compress.save_pretrained``, ``compress.save
 ``save_pretrained``) has a README.md model card with YAML metadata (library, tags including ``peft-compress``
 and the method, base model, pipeline tag). :func:`annotate_card` adds what a run knows (datasets, metrics, base
 model) through ``huggingface_hub.ModelCard``; :func:`push_to_hub` checks the folder (:func:`check_folder`: what
-the folder's configs claim against its weights, without the base model) and uploads it as it is.
+the folder's configs claim against its weights, without the base model) and uploads it as it is. What is
+particular to a method is checked by the method's own code, which each plugin registers here
+(:func:`register_folder_check`, :func:`register_folder_format`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from compress.errors import CompressError
 
@@ -72,11 +75,13 @@ def check_folder(folder: str | os.PathLike) -> FolderCheck:
     - no symbolic link leads out of the folder (an upload would send the file it points to);
     - its card parses, with metadata naming the library;
     - a model folder's config loads through its config class (with that class's validation) and its weights
-      load with it (shapes included);
-    - a compact sparse folder loads through :func:`compress.load_sparse`;
-    - a PEFT adapter's config loads (with its method's validation), its weights file is readable and each
-      tensor has the shape the adapter config gives it (ranks, side-network config, exit heads, recorded
-      projection shapes, masks), and a Pruning-Adapter's ``pruning_plan`` equals the copy saved with the weights.
+      load with it, every weight the model expects present and in its shape;
+    - a folder of a method's own format (:func:`register_folder_format`, e.g. a compact sparse folder) loads;
+    - a PEFT adapter's config loads (with its method's validation), its weights file is readable, and the
+      method's own check (:func:`register_folder_check`) finds nothing wrong: each method of
+      :mod:`compress.plugins` checks tensor shapes against its config (ranks, side network, exit heads, recorded
+      projection shapes, masks), a Pruning-Adapter its ``pruning_plan`` against the copy saved with the weights,
+      a sparse soup its masks against their saved checksums and the config's sparsity.
 
     Raises:
         CompressError: naming what is missing or broken.
@@ -121,26 +126,46 @@ def _check_links(folder: Path) -> None:
 
 
 def _load_weights(folder: Path) -> str:
-    from compress.plugins.sparse_soup.format import SPARSE_WEIGHTS, load_sparse
-
     if (folder / "adapter_config.json").is_file():
         _check_adapter(folder)
         return "adapter"
     try:
-        if (folder / SPARSE_WEIGHTS).is_file():
-            load_sparse(folder)
-            return "sparse"
+        for marker, (kind, load) in _FOLDER_FORMATS.items():
+            if (folder / marker).is_file():
+                load(folder)
+                return kind
         if not list(folder.glob("*.safetensors")):
             raise CompressError(f"{folder} has no safetensors weights")
         _load_config(folder)
-        from compress.plugins.sparse_soup.soup import load_ingredient
-
-        load_ingredient(folder)
+        _load_model(folder)
         return "model"
     except CompressError:
         raise
     except Exception as exc:  # whatever transformers/safetensors raise for a damaged folder
         raise CompressError(f"{folder}: the weights do not load ({type(exc).__name__}: {exc})") from None
+
+
+def _load_model(folder: Path) -> None:
+    """Load the model with the Auto class of the architecture its config names; weights the model expects but the
+    folder lacks (which transformers would initialise at random) or holds in another shape are refused."""
+    import json
+
+    import transformers
+
+    from compress.tasks import task_of_class
+
+    architectures = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or [""]
+    found = task_of_class(architectures[0])
+    if found is None:
+        raise CompressError(f"{folder / 'config.json'} names no architecture transformers' Auto classes load "
+                            f"(architectures: {architectures}); save the model with compress.save_pretrained")
+    _, info = getattr(transformers, found[1]).from_pretrained(folder, output_loading_info=True)
+    missing, mismatched = info.get("missing_keys") or [], info.get("mismatched_keys") or []
+    if missing or mismatched:
+        what = (f"{len(missing)} weights of {architectures[0]} are missing (e.g. {sorted(missing)[0]})" if missing
+                else f"{len(mismatched)} weights have another shape than the config gives them (e.g. "
+                     f"{mismatched[0][0]})")
+        raise CompressError(f"{folder}: {what}; loading would initialise them at random: save the model again")
 
 
 def _load_config(folder: Path) -> None:
@@ -161,12 +186,32 @@ def _load_config(folder: Path) -> None:
 # -- adapters: what the config says against what the weights hold ---------------------------------------------
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
+#: checks a saved adapter of the method ``peft_type``: (folder, adapter config, tensor name -> shape) -> problems
+AdapterCheck = Callable[[Path, Any, dict[str, tuple[int, ...]]], list[str]]
+_ADAPTER_CHECKS: dict[str, AdapterCheck] = {}
+#: marker file -> (folder kind, loader): folder formats of the methods (e.g. sparse soups' compact file)
+_FOLDER_FORMATS: dict[str, tuple[str, Callable[[Path], Any]]] = {}
+
+
+def register_folder_check(peft_type: str, check: AdapterCheck) -> None:
+    """Have :func:`check_folder` (and ``compress push``) check the saved adapters of the PEFT method ``peft_type``
+    with ``check(folder, config, shapes)``: ``config`` is the loaded adapter config, ``shapes`` maps each tensor of
+    ``adapter_model.safetensors`` to its shape. It returns one line per problem (an empty list when it finds none),
+    or raises :class:`~compress.errors.CompressError` for a problem it words itself. Each plugin registers its own
+    from its ``__init__`` (the library knows no method); without one, the config and the weights file are still
+    checked to load."""
+    _ADAPTER_CHECKS[str(peft_type)] = check
+
+
+def register_folder_format(kind: str, marker: str, load: Callable[[Path], Any]) -> None:
+    """Have :func:`check_folder` recognise a folder that holds the file ``marker`` as a folder of ``kind`` (e.g.
+    ``"sparse"``) and check it with ``load(folder)``, which raises on a damaged folder."""
+    _FOLDER_FORMATS[marker] = (kind, load)
+
 
 def _check_adapter(folder: Path) -> None:
     from peft import PeftConfig
     from safetensors import safe_open
-
-    from compress.plugins.pruning_adapter.plan import PLAN_KEY
 
     try:
         config = PeftConfig.from_pretrained(folder)
@@ -182,76 +227,27 @@ def _check_adapter(folder: Path) -> None:
     try:
         with safe_open(str(weights), framework="pt") as f:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            plan = f.get_tensor(PLAN_KEY) if PLAN_KEY in shapes and _is_pruning_adapter(config) else None
     except Exception as exc:  # safetensors' errors for a truncated or damaged file
         raise CompressError(f"{weights} is not a readable safetensors file ({exc}); save the adapter again") from None
     if not shapes:
         raise CompressError(f"{weights} holds no tensors")
-    problems = adapter_shape_problems(config, shapes)
+    check = _ADAPTER_CHECKS.get(str(config.peft_type))
+    problems = check(folder, config, shapes) if check is not None else []
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CompressError(f"{weights} does not match adapter_config.json: {problems[0]}{more}; the adapter would "
                             "not load: save it again from the trained model")
-    if _is_pruning_adapter(config):
-        _check_saved_plan(config.pruning_plan, plan, folder)
-
-
-def _is_pruning_adapter(config) -> bool:
-    return str(config.peft_type) == "PRUNING_ADAPTER"
-
-
-def _check_saved_plan(plan: list[dict], saved_copy, folder: Path) -> None:
-    """The config's ``pruning_plan`` must equal the copy saved in the weights file (what loading replays is
-    checked against it, so an edited plan would not load)."""
-    from compress.plugins.pruning_adapter.plan import ADVICE, decode_plan, describe_difference, same_events
-
-    config_file = folder / "adapter_config.json"
-    if saved_copy is None:
-        if plan:
-            logger.warning("%s carries no copy of the pruning plan (saved by an older peft-compress): pruning_plan "
-                           "cannot be checked against it; save the adapter again to add it", folder / ADAPTER_WEIGHTS)
-        return
-    saved = decode_plan(saved_copy)
-    for index, (ours, theirs) in enumerate(zip(plan, saved)):
-        if not same_events(ours, theirs):
-            raise CompressError(f"{config_file}: pruning_plan[{index}] differs from the copy saved with the adapter "
-                                f"weights ({ADAPTER_WEIGHTS}) in {describe_difference(ours, theirs)}. {ADVICE}")
-    if len(plan) != len(saved):
-        raise CompressError(f"{config_file}: pruning_plan has {len(plan)} events, the copy saved with the adapter "
-                            f"weights ({ADAPTER_WEIGHTS}) {len(saved)}. {ADVICE}")
-
-
-def adapter_shape_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """What in an adapter's weights contradicts its config, checked without the base model: one line per
-    problem (empty when none is found).
-
-    ``config`` is the adapter's :class:`peft.PeftConfig`; ``shapes`` maps each tensor of its weights file to its
-    shape. Checked for our methods: low-rank pairs against ``r`` and each other (Pruning-Adapter, sparse-soup
-    LoRA), masks against the weights they mask, exit heads against each other, ``exit_layers`` and the model's own
-    head, recorded projection shapes (``slender_shapes``), and a Ladder Side-Tuning side network against the
-    network ``side_config`` builds.
-    """
-    method = str(config.peft_type)
-    if method == "PRUNING_ADAPTER":
-        exits = config.exits
-        return _low_rank_problems(("pa", "lora"), config, shapes) + (
-            _exit_problems(exits.get("exit_layers"), exits.get("exit_head", "pooled"), shapes) if exits else [])
-    if method == "SPARSE_SOUP":
-        return _low_rank_problems(("sparse", "lora"), config, shapes)
-    if method == "MULTI_EXIT":
-        return _exit_problems(config.exit_layers, config.exit_head, shapes) + _slender_problems(config, shapes)
-    if method == "LADDER_SIDE":
-        return _side_problems(config, shapes)
-    return []
 
 
 _ADAPTED = re.compile(r"^(?P<module>.+)\.(?P<prefix>pa|sparse|lora)_(?P<part>A\.weight|B\.weight|bias|mask|delta)$")
 
 
-def _low_rank_problems(prefixes: tuple[str, ...], config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """``A.weight`` is ``[r, in]``, ``B.weight`` ``[out, r]`` (``r`` from the config, unless a ``rank_pattern``
-    varies it); a bias is ``[out]``; a mask covers the adapted weight (``[out, in]``) and a dense update has the
-    mask's shape. ``prefixes``: the method's tensor-name prefixes (``pa_A``, ``lora_A``, ``sparse_mask``, ...)."""
+def low_rank_problems(config, shapes: dict[str, tuple[int, ...]], prefixes: tuple[str, ...] = ("lora",)) -> list[str]:
+    """What in saved low-rank adapter weights contradicts the config, one line per problem: ``A.weight`` is
+    ``[r, in]``, ``B.weight`` ``[out, r]`` (``r`` from the config, unless a ``rank_pattern`` varies it); a bias is
+    ``[out]``; a mask covers the adapted weight (``[out, in]``) and a dense update has the mask's shape.
+    ``prefixes``: the method's tensor-name prefixes (``lora`` for ``lora_A``, ``sparse`` for ``sparse_mask``, ...).
+    For the checks of :func:`register_folder_check`."""
     rank = None if getattr(config, "rank_pattern", None) else config.r
     modules: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
     for key, shape in shapes.items():
@@ -283,125 +279,6 @@ def _low_rank_problems(prefixes: tuple[str, ...], config, shapes: dict[str, tupl
         if delta is not None and delta != mask:
             problems.append(f"{delta_name} is {list(delta)}, its mask {list(mask) if mask else 'is missing'}")
     return problems
-
-
-_EXIT_HEAD = re.compile(r"\.exit_heads\.(?:[^.]+\.)?(?P<index>\d+)\.(?P<part>(?:dense|out)\.(?:weight|bias))$")
-#: the model's own classification head, whose classes the exit heads predict (BERT, RoBERTa, Llama/Qwen2)
-_OWN_HEADS = (".classifier.weight", ".classifier.out_proj.weight", ".score.weight")
-
-
-def _exit_problems(exit_layers: list[int] | None, design: str, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Exit heads: numbered 0..n-1, one per listed block before the last, all of one shape (``dense`` only for the
-    ``pooled`` design), predicting as many classes as the model's own head."""
-    heads: dict[int, dict[str, tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
-        found = _EXIT_HEAD.search(key)
-        if found:
-            heads.setdefault(int(found["index"]), {})[found["part"]] = shape
-    if not heads:
-        return []
-    problems = []
-    indices = sorted(heads)
-    if indices != list(range(len(indices))):
-        problems.append(f"the exit heads are numbered {indices}, expected 0..{len(indices) - 1}")
-    if exit_layers is not None and len(heads) not in (len(exit_layers), len(exit_layers) - 1):
-        problems.append(f"{len(heads)} exit heads, but exit_layers={exit_layers} gives one per listed block (the "
-                        "last block's exit is the model's own head)")
-    first = heads[indices[0]]
-    for index in indices[1:]:
-        for part in sorted(set(first) | set(heads[index])):
-            if heads[index].get(part) != first.get(part):
-                problems.append(f"exit head {index}: {part} is {_listed(heads[index].get(part))}, exit head "
-                                f"{indices[0]}'s is {_listed(first.get(part))}; every exit head has one shape")
-                break
-    dense, dense_bias = first.get("dense.weight"), first.get("dense.bias")
-    out, out_bias = first.get("out.weight"), first.get("out.bias")
-    if out is None or len(out) != 2:
-        return problems + [f"exit head {indices[0]}: out.weight is {_listed(out)}, expected [num_labels, width]"]
-    if design == "linear" and dense is not None:
-        problems.append("exit_head='linear' heads have no dense layer, but the weights hold exit_heads.*.dense")
-    if dense is not None and (len(dense) != 2 or out[1] != dense[0]):
-        problems.append(f"exit heads: dense.weight is {list(dense)} but out.weight {list(out)} (out reads what dense "
-                        "writes)")
-    if dense is not None and dense_bias is not None and dense_bias != dense[:1]:
-        problems.append(f"exit heads: dense.bias is {list(dense_bias)}, dense.weight {list(dense)}")
-    if out_bias is not None and out_bias != out[:1]:
-        problems.append(f"exit heads: out.bias is {list(out_bias)}, out.weight {list(out)}")
-    own = next(((key, shape) for key, shape in sorted(shapes.items()) if key.endswith(_OWN_HEADS) and len(shape) == 2),
-               None)
-    if own is not None and own[1][0] != out[0]:
-        problems.append(f"the exit heads predict {out[0]} classes, the model's own head ({own[0]}) {own[1][0]}")
-    return problems
-
-
-def _listed(shape: tuple[int, ...] | None) -> str:
-    return "missing" if shape is None else str(list(shape))
-
-
-def _slender_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Saved backbone projections have the ``[out, in]`` shapes ``slender_shapes`` records."""
-    problems = []
-    for path, (out_features, in_features) in sorted((config.slender_shapes or {}).items()):
-        for key, shape in shapes.items():
-            if key.endswith(f".{path}.weight") and shape != (out_features, in_features):
-                problems.append(f"{key} is {list(shape)}, slender_shapes records [{out_features}, {in_features}]")
-            elif key.endswith(f".{path}.bias") and shape != (out_features,):
-                problems.append(f"{key} is {list(shape)}, slender_shapes records [{out_features}] outputs")
-    return problems
-
-
-_SIDE_PARTS = ("down", "up", "side", "gates")
-
-
-def _side_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """The side network, ladders, up-projection and gates have the shapes of the network ``side_config``
-    describes (at the backbone width the ladders read)."""
-    ours: dict[str, tuple[int, ...]] = {}
-    for key, shape in shapes.items():
-        _, found, rest = key.partition(".lst_network.")
-        if found:
-            head, _, tail = rest.partition(".")
-            ours[rest if head in _SIDE_PARTS else tail] = shape  # (an adapter name before the part)
-    if not ours or config.side_config is None:
-        return []
-    widths = Counter(shape[1] for name, shape in ours.items()
-                     if name.startswith("down.") and name.endswith(".weight") and len(shape) == 2)
-    widths.update(shape[0] for name, shape in ours.items() if name == "up.weight" and len(shape) == 2)
-    if not widths:
-        return ["the weights hold no ladder (lst_network.down.*.weight) or up-projection (lst_network.up.weight)"]
-    try:
-        expected, blocks = _side_shapes(config, widths.most_common(1)[0][0])
-    except Exception as exc:  # transformers' errors for a config that builds no model
-        return [f"side_config does not build a side network ({type(exc).__name__}: {exc})"]
-    problems = []
-    if config.side_layers is not None and blocks != len(config.side_layers):
-        problems.append(f"side_config describes {blocks} side blocks, side_layers names {len(config.side_layers)}")
-    for name, shape in sorted(ours.items()):
-        if name not in expected:
-            problems.append(f"lst_network.{name} is not part of the side network side_config describes")
-        elif expected[name] != shape:
-            problems.append(f"lst_network.{name} is {list(shape)}, side_config gives {list(expected[name])}")
-    missing = sorted(set(expected) - set(ours))
-    if missing:
-        problems.append(f"{len(missing)} tensors of the side network are missing, e.g. lst_network.{missing[0]}")
-    return problems
-
-
-def _side_shapes(config, width: int) -> tuple[dict[str, tuple[int, ...]], int]:
-    """Tensor shapes of the side network ``config.side_config`` describes, built on the meta device, and its
-    number of blocks."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    from compress.plugins.ladder_side.layer import LadderSide
-    from compress.plugins.ladder_side.side import strip_side
-
-    values = dict(config.side_config)
-    model_type = values.pop("model_type")
-    with torch.device("meta"):  # (side_from_config builds on the CPU: loading needs the weights there)
-        side = strip_side(AutoModel.from_config(AutoConfig.for_model(model_type, **values)))
-        network = LadderSide(side, width, config.gate_temperature, config.gate_init)
-    return {name: tuple(tensor.shape) for name, tensor in network.state_dict().items()}, network.num_blocks
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, revision: str | None = None,

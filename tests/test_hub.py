@@ -181,6 +181,28 @@ def test_the_check_refuses_an_edited_pruning_plan(tmp_path):
         check_folder(folder)
 
 
+def test_the_check_refuses_sparse_soup_masks_that_differ_from_their_checksums(tmp_path):
+    """The same count of kept weights, so every shape still fits: only the checksums saved with the masks notice."""
+    from tests.test_sparse_soup_checks import edit_masks, saved_adapter, swap_one_kept_and_one_removed
+
+    folder = saved_adapter(tmp_path)
+    assert check_folder(folder).kind == "adapter"
+    edit_masks(folder, swap_one_kept_and_one_removed)
+    with pytest.raises(compress.CompressError, match=r"mask of bert\.encoder\.layer\.0\.attention\.self\.query .* "
+                                                     "differs from the checksum"):
+        check_folder(folder)
+
+
+def test_the_check_refuses_a_model_folder_missing_weights(tmp_path):
+    """transformers would initialise a missing weight at random and load without an error."""
+    folder = _merged_bert(tmp_path)
+    dropped = "bert.encoder.layer.1.output.dense.weight"
+    _rewrite_weights(folder, "model.safetensors", lambda tensors: {k: v for k, v in tensors.items() if k != dropped})
+    with pytest.raises(compress.CompressError, match=r"1 weights of BertForSequenceClassification are missing \(e\.g\. "
+                                                     r"bert\.encoder\.layer\.1\.output\.dense\.weight\)"):
+        check_folder(folder)
+
+
 def test_the_check_validates_a_merged_multi_exit_config(tmp_path):
     # the config class's own validation on load (plugins/multi_exit) refuses an exit policy it does not know
     _, model = build(next(c for c in CASES if c.method == "MULTI_EXIT"))

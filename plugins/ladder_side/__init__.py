@@ -6,9 +6,11 @@ After "LST: Ladder Side-Tuning for Parameter and Memory Efficient Transfer Learn
 
 from __future__ import annotations
 
+from compress.hub import register_folder_check
 from compress.registry import register_method
 
 from .cache import LadderCache, LadderEncoderDecoderCache
+from .checks import check_saved_folder
 from .config import LADDER_SIDE, LadderSideConfig
 from .layer import LadderSide
 from .model import LadderSideModel
@@ -24,6 +26,7 @@ __all__ = [
 ]
 
 register_method(LADDER_SIDE, LadderSideConfig, LadderSideModel, prefix=LadderSideModel.prefix)
+register_folder_check(LADDER_SIDE, check_saved_folder)
 
 
 def apply_ladder_side(model, config: LadderSideConfig, data=None, tokenizer=None, **calibration):

@@ -1,9 +1,13 @@
 """What Ladder Side-Tuning checks before it builds or loads a side network: a backbone with weights, and a saved
-adapter that fits the backbone (family, width, number of labels) and its own ``adapter_config.json``."""
+adapter that fits the backbone (family, width, number of labels) and its own ``adapter_config.json``; and, for
+``compress push`` (:func:`compress.hub.check_folder`), a saved adapter folder without the backbone
+(:func:`check_saved_folder`)."""
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -84,3 +88,64 @@ def check_saved_side(model: nn.Module, config: LadderSideConfig, adapter_name: s
         raise CompressError(f"the saved Ladder Side-Tuning adapter does not fit this {type(backbone).__name__}: "
                             f"{where} in the model; it was trained with another number of labels (num_labels) or "
                             "another model: load it onto that model, with the same num_labels")
+
+
+# -- a saved adapter folder, without the backbone (compress.hub.check_folder) ------------------------------
+_SIDE_PARTS = ("down", "up", "side", "gates")
+
+
+def side_network_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The side network, ladders, up-projection and gates have the shapes of the network ``side_config``
+    describes (at the backbone width the ladders read)."""
+    ours: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        _, found, rest = key.partition(".lst_network.")
+        if found:
+            head, _, tail = rest.partition(".")
+            ours[rest if head in _SIDE_PARTS else tail] = shape  # (an adapter name before the part)
+    if not ours or config.side_config is None:
+        return []
+    widths = Counter(shape[1] for name, shape in ours.items()
+                     if name.startswith("down.") and name.endswith(".weight") and len(shape) == 2)
+    widths.update(shape[0] for name, shape in ours.items() if name == "up.weight" and len(shape) == 2)
+    if not widths:
+        return ["the weights hold no ladder (lst_network.down.*.weight) or up-projection (lst_network.up.weight)"]
+    try:
+        expected, blocks = side_network_shapes(config, widths.most_common(1)[0][0])
+    except Exception as exc:  # transformers' errors for a config that builds no model
+        return [f"side_config does not build a side network ({type(exc).__name__}: {exc})"]
+    problems = []
+    if config.side_layers is not None and blocks != len(config.side_layers):
+        problems.append(f"side_config describes {blocks} side blocks, side_layers names {len(config.side_layers)}")
+    for name, shape in sorted(ours.items()):
+        if name not in expected:
+            problems.append(f"lst_network.{name} is not part of the side network side_config describes")
+        elif expected[name] != shape:
+            problems.append(f"lst_network.{name} is {list(shape)}, side_config gives {list(expected[name])}")
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        problems.append(f"{len(missing)} tensors of the side network are missing, e.g. lst_network.{missing[0]}")
+    return problems
+
+
+def side_network_shapes(config, width: int) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Tensor shapes of the side network ``config.side_config`` describes, built on the meta device, and its
+    number of blocks."""
+    from transformers import AutoConfig, AutoModel
+
+    from .layer import LadderSide
+    from .side import strip_side
+
+    values = dict(config.side_config)
+    model_type = values.pop("model_type")
+    with torch.device("meta"):  # (side_from_config builds on the CPU: loading needs the weights there)
+        side = strip_side(AutoModel.from_config(AutoConfig.for_model(model_type, **values)))
+        network = LadderSide(side, width, config.gate_temperature, config.gate_init)
+    return {name: tuple(tensor.shape) for name, tensor in network.state_dict().items()}, network.num_blocks
+
+
+
+def check_saved_folder(folder: Path, config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The problems of a saved Ladder Side-Tuning adapter (``config``: its :class:`~.config.LadderSideConfig`;
+    ``shapes``: each saved tensor's shape), one line each."""
+    return side_network_problems(config, shapes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 
+from compress.hub import register_folder_check
 from compress.registry import register_method
 
 from .attach import (
@@ -28,6 +29,7 @@ from .calibrate import (
     collect_exit_logits,
     exit_block_indices,
 )
+from .checks import check_saved_folder
 from .config import EXIT_FIELDS, MULTI_EXIT, MultiExitConfig, check_exit_fields, validate_exit_config
 from .layer import ExitHead
 from .model import MultiExitModel
@@ -75,6 +77,7 @@ __all__ = [
 ]
 
 register_method(MULTI_EXIT, MultiExitConfig, MultiExitModel, prefix=MultiExitModel.prefix)
+register_folder_check(MULTI_EXIT, check_saved_folder)
 register_multi_exit_models()
 
 

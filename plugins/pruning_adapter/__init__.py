@@ -5,10 +5,12 @@ After "Task-oriented Memory-efficient Pruning-Adapter" (Wang, Yang, Sun, 2023).
 
 from __future__ import annotations
 
+from compress.hub import register_folder_check
 from compress.pruning.importance import get_importance
 from compress.registry import register_method
 
 from .callback import PruningAdapterCallback, find_tuner
+from .checks import check_saved_folder
 from .config import PRUNING_ADAPTER, PruningAdapterConfig
 from .distill import Distillation
 from .layer import Linear, PruningAdapterLayer
@@ -30,6 +32,7 @@ __all__ = [
 ]
 
 register_method(PRUNING_ADAPTER, PruningAdapterConfig, PruningAdapterModel, prefix=PruningAdapterModel.prefix)
+register_folder_check(PRUNING_ADAPTER, check_saved_folder)
 
 
 def apply_pruning_adapter(model, config: PruningAdapterConfig, data=None, tokenizer=None, **prune_kwargs):

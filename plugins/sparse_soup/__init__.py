@@ -10,11 +10,13 @@ Models" (2023). The method's adapter is ``config``/``layer``/``mask``/``importan
 
 from __future__ import annotations
 
+from compress.hub import register_folder_check, register_folder_format
 from compress.registry import register_method
 
+from .checks import check_saved_folder
 from .config import SPARSE_SOUP, SparseSoupConfig, parse_n_m
 from .cycles import SoupRun, run_sparse_soup
-from .format import load_sparse, save_sparse
+from .format import SPARSE_WEIGHTS, load_sparse, save_sparse
 from .layer import SparseLinear, SparseLoraLinear, SparseMask
 from .mask import masks_from_scores, n_m_mask
 from .model import SparseSoupModel
@@ -39,6 +41,8 @@ __all__ = [
 ]
 
 register_method(SPARSE_SOUP, SparseSoupConfig, SparseSoupModel, prefix=SparseSoupModel.prefix)
+register_folder_check(SPARSE_SOUP, check_saved_folder)
+register_folder_format("sparse", SPARSE_WEIGHTS, load_sparse)
 
 
 def apply_sparse_soup(model, config: SparseSoupConfig, data=None, tokenizer=None, num_batches: int = 8,
