@@ -62,3 +62,11 @@ def test_registration_follows_transformers_and_compress_modules_whatever_the_ord
             assert _registration._FINDER not in sys.meta_path  # nothing left behind once registered
         """))
         assert done.returncode == 0, (code, done.stderr[-3000:])
+
+
+def test_the_former_path_of_warm_up_head_warns_and_gives_the_same_function():
+    sys.modules.pop("compress.bench.head_warmup", None)
+    with pytest.warns(FutureWarning, match=r"compress\.bench\.head_warmup is deprecated .*from compress import "
+                                           "warm_up_head"):
+        from compress.bench.head_warmup import warm_up_head
+    assert warm_up_head is compress.warm_up_head
