@@ -380,6 +380,23 @@ def test_bad_configs_are_rejected_by_name(kwargs, names):
         compress.SparseSoupConfig(task_type="SEQ_CLS", **kwargs)
 
 
+def test_lora_soups_are_peft_lora_layers_with_loras_options_and_keys(tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    model = wrap(train="lora", r=4, lora_alpha=8, use_rslora=True, init_lora_weights="gaussian")
+    layers = model.base_model.sparse_layers()
+    assert layers and all(isinstance(layer, LoraLayer) for layer in layers.values())
+    query = layers["bert.encoder.layer.0.attention.self.query"]
+    assert query.scaling["default"] == 8 / 2 and query.lora_A["default"].weight.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(".lora_B." in key for key in saved) and not any(".sparse_B." in key for key in saved)
+    with pytest.raises(compress.InvalidOptionError, match="^init_lora_weights='gaussian': train='weights'"):
+        compress.SparseSoupConfig(sparsity=0.5, init_lora_weights="gaussian")
+    with pytest.raises(compress.InvalidOptionError, match="^use_dora=True: is a LoRA variant sparse soups"):
+        compress.SparseSoupConfig(sparsity=0.5, train="lora", use_dora=True)
+
+
 def test_unmerging_is_refused():
     model = wrap("bert")
     model.base_model.model.bert.encoder.layer[0].attention.self.query.merge()
