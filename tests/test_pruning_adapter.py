@@ -482,6 +482,22 @@ def test_quantized_backbone_trains_reloads_and_merges(bits, tmp_path):
     torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=5e-2)
 
 
+def test_quantising_after_the_final_event_keeps_the_optimizers_adapter_parameters():
+    pytest.importorskip("bitsandbytes")
+    model = _bert_peft(sparsity=0.5, quantize_backbone="8bit")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.base_model.prune(data=tiny.make_batches("bert", 2), optimizer=optimizer)
+    query = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert query.quantized
+    live = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == live
+    before = query.lora_A["default"].weight.detach().clone()
+    model.train()
+    model(**tiny.make_batch("bert")).loss.backward()
+    optimizer.step()
+    assert not torch.equal(query.lora_A["default"].weight, before)
+
+
 def test_bad_quantization_setting_fails_clearly():
     with pytest.raises(CompressError, match="quantize_backbone"):
         compress.PruningAdapterConfig(quantize_backbone="3bit")
