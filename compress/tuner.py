@@ -121,6 +121,7 @@ _UNSUPPORTED = {
     "megatron_config": "shards layers these methods reshape",
     "loftq_config": "changes the base weights",
     "use_qalora": "needs a quantised base model",
+    "fan_in_fan_out": "is for Conv1D layers, and these methods adapt torch.nn.Linear layers",
 }
 
 

@@ -398,6 +398,7 @@ def test_the_config_is_a_lora_config_and_the_layers_peft_lora_layers(tmp_path):
     ({"use_dora": True}, r"^use_dora=True: is a LoRA variant Pruning-Adapter does not support"),
     ({"init_lora_weights": "pissa"}, r"^init_lora_weights='pissa': Pruning-Adapter supports True, False"),
     ({"bias": "all"}, r"^bias='all': is not supported by Pruning-Adapter"),
+    ({"fan_in_fan_out": True}, r"^fan_in_fan_out=True: is not supported by Pruning-Adapter: it is for Conv1D"),
     ({"use_rslora": "yes"}, r"^use_rslora='yes': must be True or False"),
 ])
 def test_lora_options_it_cannot_prune_are_refused_by_name(kwargs, match):
