@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -442,7 +442,7 @@ def _first_of_each(rows: list[tuple[torch.Tensor, int]]) -> list[tuple[torch.Ten
     return out
 
 
-def per_channel_sums(unit: Unit, values) -> torch.Tensor:
+def per_channel_sums(unit: Unit, values: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``values(tensor)`` (a tensor of the same shape) summed per channel/head/block of ``unit`` over
     :func:`unit_tensors`, on the CPU in float32."""
     if unit.structure == "layers":
