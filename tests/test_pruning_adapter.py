@@ -87,7 +87,7 @@ def test_scoring_needs_no_backbone_gradients_or_optimizer_state():
 
 
 def test_head_warmup_trains_only_the_head_before_scoring():
-    from compress.bench.head_warmup import warm_up_head
+    from compress import warm_up_head
 
     model = _bert_peft(sparsity=0.5, modules_to_save=["LayerNorm"])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -104,7 +104,7 @@ def test_head_warmup_trains_only_the_head_before_scoring():
 
 
 def test_head_warmup_refuses_what_it_cannot_do():
-    from compress.bench.head_warmup import warm_up_head
+    from compress import warm_up_head
 
     with pytest.raises(CompressError, match="needs a trainable task head"):
         warm_up_head(get_peft_model(tiny.make_model("llama"), compress.PruningAdapterConfig(

@@ -1,5 +1,5 @@
 """Reading what a command is given: model folders (config, safetensors weights, tokenizer), the device, the
-task, and calibration data. Every problem becomes one :class:`~compress_cli.UsageError` naming the file or flag.
+task, and calibration data. Every problem becomes one :class:`~compress.cli.errors.UsageError` naming the file or flag.
 """
 
 from __future__ import annotations
