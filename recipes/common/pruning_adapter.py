@@ -185,7 +185,7 @@ def memory_job(kind: str, batch_size: int = 32, seq_len: int = 128, n_batches: i
         return optimizer[0]
 
     def on_step_end(step: int) -> None:  # what PruningAdapterCallback.on_step_end does
-        model.base_model.scoring_step(step, optimizer[0])
+        model.base_model.update_and_prune(step, optimizer[0])
 
     return TrainingSetup(model, batches, build_optimizer, on_train_begin=on_train_begin,
                          on_step_end=on_step_end if kind == "pa-progressive" else None)
