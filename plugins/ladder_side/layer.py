@@ -111,9 +111,10 @@ class LadderSideLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, network: LadderSide, trainable: bool) -> None:
+        """Hold ``network`` as ``adapter_name``'s side network and make it the active one (trainable unless not
+        ``trainable``; any other adapter's network is frozen, as peft's ``set_adapter`` does)."""
         self.lst_network[adapter_name] = network
-        network.requires_grad_(trainable)
-        self._active_adapter = adapter_name
+        self.set_adapter(adapter_name, inference_mode=not trainable)
 
     def active_network(self) -> LadderSide | None:
         """The side network that runs, or ``None`` while adapters are disabled."""

@@ -66,13 +66,13 @@ class MultiExitLayer(nn.Module, BaseTunerLayer):
     def __init__(self) -> None:
         super().__init__()
         self.exit_heads = nn.ModuleDict()
-        self._disable_adapters = False
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, heads: nn.ModuleList, trainable: bool) -> None:
+        """Hold ``heads`` as ``adapter_name``'s exit heads and make them the active ones (trainable unless not
+        ``trainable``; any other adapter's heads are frozen, as peft's ``set_adapter`` does)."""
         self.exit_heads[adapter_name] = heads
-        heads.requires_grad_(trainable)
-        self._active_adapter = adapter_name
+        self.set_adapter(adapter_name, inference_mode=not trainable)
 
     def active_heads(self) -> nn.ModuleList | None:
         """The exit heads in use, or ``None`` while adapters are disabled (the model runs as it was)."""
