@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch_pruning as tp
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from compress.errors import CompressError
@@ -51,11 +52,9 @@ Replaced = dict[int, tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]]
 
 def _saved_copies(module: nn.Module) -> list[nn.Module] | None:
     """For PEFT's ``modules_to_save`` wrapper: the original module and every adapter's trained copy, else ``None``."""
-    copies = module._modules.get("modules_to_save")
-    original = module._modules.get("original_module")
-    if original is None or not isinstance(copies, nn.ModuleDict):
+    if not isinstance(module, ModulesToSaveWrapper):
         return None
-    return [original, *copies.values()]
+    return [module.original_module, *module.modules_to_save.values()]
 
 
 def module_copies(model: nn.Module) -> dict[nn.Module, list[nn.Module]]:

@@ -215,7 +215,8 @@ class LadderSideModel(CompressTuner):
         self._hook_handles.clear()
 
     def _network(self) -> LadderSide | None:
-        layer = self.__dict__["_modules"].get("lst_side")
+        # a child module looked up directly: peft's tuners forward unknown attributes to the wrapped model
+        layer = dict(self.named_children()).get("lst_side")
         return layer.active_network() if layer is not None else None
 
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
