@@ -32,7 +32,7 @@ from compress.pruning.importance import (
     units_for,
 )
 from compress.pruning.plan import achieved_sparsity, nothing_removed_error, plan_removals
-from compress.pruning.reconstruct import check_reconstructable, prune_sequentially
+from compress.pruning.reconstruct import bias_fit_structures, check_reconstructable, prune_sequentially
 from compress.pruning.spec import RECONSTRUCTED_STRUCTURES, PruningSpec, positive_int
 from compress.pruning.surgery import apply_checked, check_removals, preserve_training_modes
 
@@ -125,6 +125,22 @@ def _report_widths(arch: ArchSpec, spec: PruningSpec) -> dict[str, list[int]]:
     if "hidden" in spec.sparsity:
         widths["hidden"] = [arch.hidden_site().width]
     return widths
+
+
+def _refit_notes(model: nn.Module, result, damping: float) -> list[str]:
+    """The report's sentences on least-squares reconstruction: which projections were refit, with or without their
+    bias, on how many tokens."""
+    how = f"by ridge least squares (damping {damping:g}) on {result.tokens:,} calibration tokens, block by block on " \
+          "the pruned stream"
+    notes = []
+    if result.biased:
+        notes.append(f"{'/'.join(result.biased)} kept weights and biases refit {how}")
+    unbiased = [name for name in result.projections if name not in result.biased]
+    if unbiased:
+        model_type = getattr(model.config, "model_type", "the model")
+        notes.append(f"{'/'.join(unbiased)} kept weights refit {how}, without a bias (uncentred: the {model_type} "
+                     "config cannot give these projections one)")
+    return notes
 
 
 def prune_model(
@@ -229,8 +245,13 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
                                "importance='magnitude'/'random' without compensate_bias or reconstruct")
     if reconstruct:
         check_reconstructable(arch)
-    biased = [s for s in spec.sparsity if s in RECONSTRUCTED_STRUCTURES] if spec.compensate_bias else []
+    refit = [s for s in spec.sparsity if s in RECONSTRUCTED_STRUCTURES]
+    biased = refit if spec.compensate_bias else []
     arch.check_output_biases(biased)  # before any calibration: refused where the config cannot hold a bias
+    if reconstruct and not spec.compensate_bias:
+        # the refit takes the bias along wherever the projections have one or the config can give them one (the
+        # same commands then run on every family); elsewhere it is an uncentred fit, and the notes say which
+        biased, _ = bias_fit_structures(arch, refit)
     if isinstance(criterion, MagnitudeImportance) and is_causal_lm(model):
         logger.warning("importance=%r on a causal LM: weight norms miss the activation outliers of real LLMs and "
                        "can break the model; flap or wanda_sp score with activations", spec.importance_name)
@@ -267,13 +288,11 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
     notes = arch.add_output_biases(biased)
     if reconstruct:
         result = prune_sequentially(model, arch, units, removals, criterion, batches, damping=spec.damping,
-                                    fit_bias=spec.compensate_bias, whole_kv_groups="kv_heads" in spec.sparsity,
+                                    fit_bias=biased, whole_kv_groups="kv_heads" in spec.sparsity,
                                     progress=progress)
         check_same_on_ranks(result.removed, "the channels and heads chosen on the pruned stream")
         removals = result.removed
-        notes.append(f"{'/'.join(result.projections)} kept weights{' and biases' if spec.compensate_bias else ''} "
-                     f"refit by ridge least squares (damping {spec.damping:g}) on {result.tokens:,} calibration "
-                     "tokens, block by block on the pruned stream")
+        notes.extend(_refit_notes(model, result, spec.damping))
     else:
         if recorder is not None:
             shifts, _ = bias_shifts(units, removals, recorder.means())

@@ -26,7 +26,7 @@ projection's inputs over the calibration tokens), which saves running the block 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,8 +49,8 @@ from compress.pruning.surgery import declared_layers, is_wrapped, remove_unit_ch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BlockStream", "ProjectionStatistics", "SequentialResult", "check_reconstructable", "least_squares_update",
-    "prune_sequentially",
+    "BlockStream", "ProjectionStatistics", "SequentialResult", "bias_fit_structures", "check_reconstructable",
+    "least_squares_update", "prune_sequentially",
 ]
 
 
@@ -269,6 +269,23 @@ class SequentialResult:
     tokens: int = 0
     #: the refit projections' paths inside a block, e.g. ``["self_attn.o_proj", "mlp.down_proj"]``
     projections: list[str] = field(default_factory=list)
+    #: those of ``projections`` whose bias was fit with the weights (the others: uncentred, bias unchanged)
+    biased: list[str] = field(default_factory=list)
+
+
+def bias_fit_structures(arch: ArchSpec, structures: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``structures`` (of ``ffn``, ``heads``, ``kv_heads``) split into those whose output projections have a bias or
+    can get one through the family's config (:meth:`~compress.pruning.arch.ArchSpec.add_output_biases`), where the
+    refit fits the bias too, and those whose projections cannot hold one (Qwen2), refit without a bias."""
+    with_bias, without = [], []
+    for structure in structures:
+        try:
+            arch.check_output_biases([structure])
+        except UnsupportedStructureError:
+            without.append(structure)
+        else:
+            with_bias.append(structure)
+    return with_bias, without
 
 
 def check_reconstructable(arch: ArchSpec) -> None:
@@ -300,16 +317,18 @@ def _path_in(block: nn.Module, module: nn.Module) -> str:
 
 
 def prune_sequentially(model: nn.Module, arch: ArchSpec, units: list[Unit], removals: Mapping[str, list[int]],
-                       criterion: Importance, batches: list[dict], *, damping: float, fit_bias: bool,
-                       whole_kv_groups: bool, progress: bool = False) -> SequentialResult:
+                       criterion: Importance, batches: list[dict], *, damping: float,
+                       fit_bias: bool | Collection[str], whole_kv_groups: bool,
+                       progress: bool = False) -> SequentialResult:
     """Carry out ``removals`` block by block on the calibration stream, refitting each output projection.
 
     Whole blocks (``layers`` units) go first; then, for each remaining block in order and each of its FFN / heads
     units with planned removals: measure the output projection's inputs on the stream, choose the channels again
     from those statistics when ``criterion`` is an :class:`~compress.pruning.importance.InputStatisticsImportance`
     (as many per layer as planned, see :func:`~compress.pruning.plan.reselect`; other criteria keep the planned
-    channels), refit the kept columns (:func:`least_squares_update`; the bias with ``fit_bias``, which needs the
-    projection to have one), remove the channels, and run the finished block on the stream.
+    channels), refit the kept columns (:func:`least_squares_update`; the bias with ``fit_bias``: ``True`` for every
+    unit, or the structures whose units' bias is fit, e.g. ``("ffn",)``; the projection must have a bias), remove the
+    channels, and run the finished block on the stream.
 
     Raises:
         CompressError: a layer to refit is wrapped by adapters, or has no bias to fit.
@@ -319,13 +338,17 @@ def prune_sequentially(model: nn.Module, arch: ArchSpec, units: list[Unit], remo
         raise CalibrationError("reconstruct='least_squares' needs calibration batches: pass `data`")
     check_reconstructable(arch)
     channel_units = [u for u in units if u.structure in ("ffn", "heads") and removals.get(u.key)]
+    if isinstance(fit_bias, bool):
+        biased_kinds = {"ffn", "heads"} if fit_bias else set()
+    else:  # kv_heads units are heads units removing whole groups: the same output projection
+        biased_kinds = {"heads" if s == "kv_heads" else s for s in fit_bias}
     for unit in channel_units:
         wrapped = [m for m in declared_layers(unit) if is_wrapped(m)]
         if wrapped:
             raise CompressError(f"{unit.key}: reconstruct='least_squares' rewrites the weights of the output "
                                 "projections, which adapter layers wrap here; prune the base model before adding "
                                 "adapters")
-        if fit_bias and output_projection(unit).bias is None:
+        if unit.structure in biased_kinds and output_projection(unit).bias is None:
             raise CompressError(f"internal: {unit.key}'s output projection has no bias to fit")  # pragma: no cover
     result = SequentialResult(removed={k: list(v) for k, v in removals.items() if v})
     for unit in units:
@@ -335,13 +358,14 @@ def prune_sequentially(model: nn.Module, arch: ArchSpec, units: list[Unit], remo
     stream = BlockStream.capture(model, stack.blocks[0], batches)
     result.tokens = stream.tokens
     rescore = isinstance(criterion, InputStatisticsImportance)
-    names: dict[str, None] = {}
+    names: dict[str, bool] = {}  # projection path -> whether its bias was fit
     blocks = list(_units_by_block(stack, channel_units))
     last = max((i for i, (_, block_units) in enumerate(blocks) if block_units), default=-1)
     for block, block_units in tqdm(blocks[:last + 1], desc="reconstructing", disable=not progress, leave=False):
         held: list[torch.Tensor] | None = None
         for position, unit in enumerate(block_units):
             projection = output_projection(unit)
+            with_bias = unit.structure in biased_kinds
             if arch.residual_outputs and position == len(block_units) - 1:
                 stats, held = stream.measure_and_advance(block, projection)  # the block's last refit: one pass
             else:
@@ -354,16 +378,16 @@ def prune_sequentially(model: nn.Module, arch: ArchSpec, units: list[Unit], remo
             channels = chosen if unit.structure == "ffn" else \
                 [h * unit.site.head_dim + j for h in chosen for j in range(unit.site.head_dim)]
             weight, bias = least_squares_update(projection.weight, projection.bias, stats, channels, damping,
-                                                fit_bias)
+                                                with_bias)
             remove_unit_channels(unit, chosen)
             projection = output_projection(unit)  # surgery may have replaced the parameters, not the module
             with torch.no_grad():
                 projection.weight.copy_(weight.to(projection.weight.dtype))
-                if fit_bias:
+                if with_bias:
                     projection.bias.copy_(bias.to(projection.bias.dtype))
             arch.refresh()  # head counts and kv groups of this block, before it runs again
             result.removed[unit.key] = chosen
-            names[_path_in(block, projection)] = None
+            names[_path_in(block, projection)] = with_bias
             del stats
         if held is not None:  # ``projection`` and ``channels`` are the block's last unit's
             kept = torch.tensor(sorted(set(range(held[0].shape[-1])) - set(channels)), dtype=torch.long)
@@ -371,4 +395,5 @@ def prune_sequentially(model: nn.Module, arch: ArchSpec, units: list[Unit], remo
         else:
             stream.advance(block)
     result.projections = list(names)
+    result.biased = [name for name, biased in names.items() if biased]
     return result

@@ -172,11 +172,13 @@ class PruningSpec:
         reconstruct: ``"none"`` (default) or ``"least_squares"``: prune block by block, each block's
             statistics taken on the calibration stream of the already pruned blocks, and refit the kept columns
             of each FFN / attention output projection by ridge least squares so that it reproduces its
-            unpruned output (with the bias when ``compensate_bias`` is set). Needs calibration data; applies to
-            ``ffn``, ``heads`` and ``kv_heads``.
+            unpruned output. The bias is fit too where the projection has one or the family's config can give it
+            one (Llama: ``mlp_bias`` / ``attention_bias``, as ``compensate_bias`` sets them); where it cannot
+            (Qwen2) the fit is uncentred and the bias stays; the report's notes say which. Needs calibration
+            data; applies to ``ffn``, ``heads`` and ``kv_heads``.
         damping: the ridge of ``reconstruct="least_squares"``, relative to the mean variance of the kept input
-            channels: larger values keep the weights closer to plain removal (with ``compensate_bias``, FLAP's
-            bias compensation in the limit), smaller ones fit the calibration data more closely.
+            channels: larger values keep the weights closer to plain removal (with a bias, FLAP's bias
+            compensation in the limit), smaller ones fit the calibration data more closely.
     """
 
     sparsity: Mapping[str, float] = field(default_factory=lambda: {"ffn": 0.5})
