@@ -7,8 +7,9 @@ weights and the config leaves the previous config beside the new weights, and ne
 reads ``adapter_config.json`` and picks the config class before any code of a method runs, and a folder without
 weights is looked up on the Hub.
 
-So :func:`install` (run by ``register_method``) wraps three methods of ``peft.PeftModel``, through
-:func:`compress._compat.wrap_peft_model_methods`; for adapters of other methods each calls peft unchanged:
+So :func:`install` (run by :func:`compress.registry.register_method`, which passes its list of the methods
+registered) wraps three methods of ``peft.PeftModel``, through :func:`compress._compat.wrap_peft_model_methods`;
+for adapters of other methods each calls peft unchanged:
 
 - ``save_pretrained``: for a registered method, peft writes into a temporary folder beside the destination,
   which then replaces the destination's files in one step (:func:`compress.export.atomic_update`): files already
@@ -26,12 +27,14 @@ import inspect
 import json
 import logging
 import os
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+from compress._compat import wrap_peft_model_methods
 from compress.errors import CompressError
 
 __all__ = ["AdapterFolderError", "UnknownPeftTypeError", "check_adapter_folder", "install"]
@@ -51,10 +54,13 @@ class UnknownPeftTypeError(AdapterFolderError, KeyError):
     __str__ = BaseException.__str__  # KeyError's would quote the message
 
 
-def _registered(peft_type: object) -> bool:
-    from compress.registry import registered_methods
+#: the names of the methods whose adapters the wrappers handle, as given to :func:`install` (the registry imports
+#: this module, not the other way round)
+_registered_methods: Callable[[], Collection[str]] = tuple
 
-    return str(peft_type) in registered_methods()
+
+def _registered(peft_type: object) -> bool:
+    return str(peft_type) in _registered_methods()
 
 
 def check_adapter_folder(path: str | os.PathLike, subfolder: str | None = None,
@@ -112,11 +118,9 @@ def _read_peft_type(config_file: Path) -> str:
                                  f"{_SAVE_AGAIN}")
     peft_type = values["peft_type"]
     if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        from compress.registry import registered_methods
-
         raise UnknownPeftTypeError(
             f"{config_file}: peft_type {peft_type!r} is neither a peft method nor one registered by an imported "
-            f"package (registered through peft-compress: {', '.join(registered_methods()) or 'none'}); import the "
+            f"package (registered through peft-compress: {', '.join(_registered_methods()) or 'none'}); import the "
             "package that defines the method before loading, or correct the field")
     return peft_type
 
@@ -173,10 +177,10 @@ def _checked_load_adapter(load_adapter):
     return wrapper
 
 
-def install() -> None:
-    """Wrap ``PeftModel.save_pretrained``, ``from_pretrained`` and ``load_adapter`` (see the module docstring);
-    calling it again does nothing."""
-    from compress._compat import wrap_peft_model_methods
-
+def install(registered_methods: Callable[[], Collection[str]]) -> None:
+    """Wrap ``PeftModel.save_pretrained``, ``from_pretrained`` and ``load_adapter`` (see the module docstring) for
+    the adapters of the methods ``registered_methods()`` names when they run; wrapping again does nothing."""
+    global _registered_methods
+    _registered_methods = registered_methods
     wrap_peft_model_methods(_atomic_save, _checked_from_pretrained, _checked_load_adapter)
     logger.debug("PeftModel saves registered methods atomically and checks adapter folders before loading")

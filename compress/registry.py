@@ -43,6 +43,7 @@ from peft.config import PeftConfig, PromptLearningConfig
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.peft_types import PeftType
 
+from compress import adapter_io
 from compress.errors import CompressError
 
 __all__ = [
@@ -154,9 +155,7 @@ def register_method(
         )
 
     record = RegisteredMethod(name, config_cls, model_cls, prefix, is_mixed_compatible)
-    from compress import adapter_io
-
-    adapter_io.install()
+    adapter_io.install(registered_methods)
     with _LOCK:
         configs = _peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING
         tuners = _peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING

@@ -1,5 +1,5 @@
-"""How the library's modules depend on each other: the core knows no method, and no two modules import each other
-when they are loaded."""
+"""How the library's modules depend on each other: the core knows no method, and no two modules import each other,
+when they are loaded or later from inside a function."""
 
 from __future__ import annotations
 
@@ -61,9 +61,59 @@ def test_no_module_of_compress_imports_a_plugin():
     assert {name: found for name, found in offenders.items() if found} == {}
 
 
-def test_no_import_circle_at_load_time():
+def _import_graph(module_level: bool) -> dict[str, set[str]]:
     modules = _library_modules()
-    graph = {name: _imports(name, *entry, modules, module_level=True) for name, entry in modules.items()}
+    return {name: _imports(name, *entry, modules, module_level=module_level) for name, entry in modules.items()}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The groups of modules that reach each other through imports (strongly connected components of two or more
+    modules), found with Tarjan's algorithm."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for imported in sorted(graph[module]):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = set()
+            while not group or module not in group:
+                group.add(stack.pop())
+            if len(group) > 1:
+                found.append(group)
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return found
+
+
+#: circles through imports inside functions that are still to be broken, each with what breaks it
+KNOWN_FUNCTION_LEVEL_CIRCLES = [
+    # PruningSpec.__post_init__ checks a criterion through importance's registry, and importance imports spec's
+    # InvalidOptionError: InvalidOptionError moved to compress.errors (spec re-exporting it) breaks it
+    {"compress.pruning.spec", "compress.pruning.importance"},
+]
+
+
+def test_no_import_circle_counting_imports_inside_functions():
+    """An import inside a function defers a dependency but does not remove it: two modules that need each other
+    share their common part through a third that both import."""
+    graph = _import_graph(module_level=False)
+    circles = [circle for circle in _circles(graph) if circle not in KNOWN_FUNCTION_LEVEL_CIRCLES]
+    assert [{module: sorted(graph[module] & circle) for module in sorted(circle)} for circle in circles] == []
+
+
+def test_no_import_circle_at_load_time():
+    graph = _import_graph(module_level=True)
     done: set[str] = set()
 
     def circle_from(start: str, path: list[str]) -> list[str] | None:

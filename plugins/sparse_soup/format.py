@@ -21,10 +21,8 @@ import copy
 import json
 import logging
 import os
-import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -32,34 +30,13 @@ from torch import nn
 
 from compress.errors import CompressError
 
-from .soup import check_weights_loaded
+from .tensors import check_weights_loaded, checksum, pack_bits, unpack_bits
 
 logger = logging.getLogger(__name__)
 
 SPARSE_WEIGHTS = "model.sparse.safetensors"
 FORMAT = "compress-sparse-bitmask-v1"
 _VALUES, _MASK = ".__values__", ".__mask__"
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor as bytes, eight entries per byte (row-major, least significant bit first, the last byte
-    padded with zeros)."""
-    return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy(), bitorder="little"))
-
-
-def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The first ``numel`` bits of :func:`pack_bits`'s bytes, as a flat boolean tensor."""
-    bits = np.unpackbits(packed.detach().cpu().reshape(-1).numpy(), count=numel, bitorder="little")
-    return torch.from_numpy(bits.astype(bool))
-
-
-def checksum(*tensors: torch.Tensor) -> str:
-    """The CRC-32 of the tensors' bytes, in order (8 hex digits): what the compact file and sparse-soup adapters
-    store beside their masks to detect edits and damage."""
-    crc = 0
-    for tensor in tensors:
-        crc = zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
-    return f"{crc:08x}"
 
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,16 +17,15 @@ from compress.pruning.arch import arch_spec
 from compress.tuner import CompressLoraModel, float_linear
 
 from .config import SparseSoupConfig
-from .format import checksum, pack_bits
 from .importance import magnitude_scores, wanda_scores
 from .layer import SparseLinear, SparseLoraLinear, SparseMask
 from .mask import masks_from_scores, removed_count
-from .soup import check_weights_loaded
+from .tensors import check_weights_loaded, checksum, pack_bits
 
 logger = logging.getLogger(__name__)
 
 #: state-dict key of the masks' checksums in the adapter weights (a uint8 tensor of zlib-compressed JSON: saved
-#: mask key -> :func:`~.format.checksum` of its packed bits), like the Pruning-Adapter's plan copy
+#: mask key -> :func:`~.tensors.checksum` of its packed bits), like the Pruning-Adapter's plan copy
 CHECKSUMS_KEY = "sparse_mask_checksums"
 _MASK_SUFFIX = ".sparse_mask"
 _SAVED_WEIGHTS = "the saved adapter weights (adapter_model.safetensors)"

@@ -14,13 +14,17 @@ import logging
 import math
 import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from compress.errors import CompressError
+
+from .format import SPARSE_WEIGHTS, load_sparse
+from .model import SparseSoupModel
+from .tensors import check_weights_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +105,6 @@ def load_ingredient(source: Ingredient) -> nn.Module:
 
 
 def _load_folder(folder: Path) -> nn.Module:
-    from .format import SPARSE_WEIGHTS, load_sparse
-
     if not folder.is_dir():
         raise CompressError(f"soup ingredient {folder} is not a folder")
     if (folder / SPARSE_WEIGHTS).exists():
@@ -140,8 +142,6 @@ def _refuse_compressed_tensors_sparsity(folder: Path, config: dict) -> None:
 def _merged_keeping_zeros(peft_model) -> nn.Module:
     """Merge a PEFT model. A sparse-soup adapter keeps its mask itself; for any other adapter the zeros of the
     base weights are restored after merging (the adapter's update at those positions is dropped)."""
-    from .model import SparseSoupModel
-
     if isinstance(peft_model.base_model, SparseSoupModel):
         return peft_model.merge_and_unload()
     zeros = {name: p.detach() == 0 for name, p in _base_parameters(peft_model).items() if _is_masked(p)}
@@ -168,16 +168,6 @@ def _base_parameters(peft_model) -> dict[str, torch.Tensor]:
         elif not any(part.startswith(("lora_", "original_module", "modules_to_save")) for part in name.split(".")):
             out[name] = p
     return out
-
-
-def check_weights_loaded(tensors: Mapping[str, torch.Tensor], what: str) -> None:
-    """Refuse tensors on the meta device (a model built under ``torch.device("meta")`` or ``init_empty_weights``,
-    or offloaded by ``device_map``), which hold no values, naming ``what`` holds them and the first one."""
-    meta = [name for name, tensor in tensors.items() if tensor.is_meta]
-    if meta:
-        raise CompressError(f"{what} has {len(meta)} tensors on the meta device (e.g. {meta[0]}), which hold no "
-                            "weights: load the weights first (from_pretrained onto one device, or to_empty() and "
-                            "load_state_dict)")
 
 
 def _tensors(model: nn.Module, which: str) -> dict[str, torch.Tensor]:
