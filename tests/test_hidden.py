@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 import textwrap
@@ -259,17 +260,23 @@ def test_a_refused_hidden_prune_with_bias_compensation_changes_no_tensor():
 
 def test_activation_cannot_score_layers_and_says_so_before_any_calibration(monkeypatch):
     from compress.pruning import engine
+    from compress.pruning.importance import available_importances
     from compress.pruning.spec import PruningSpec
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration ran before the options were checked")
 
     monkeypatch.setattr(engine, "collect_gate_stats", no_calibration)
-    message = (r"^importance='activation': cannot score 'layers': use taylor, fisher or magnitude to prune 'layers', "
-               r"or leave 'layers' out of the sparsity$")
-    with pytest.raises(compress.InvalidOptionError, match=message):
+    refusal = r"^importance='activation': .*'layers'"  # the option, its value and the structure
+    with pytest.raises(compress.InvalidOptionError, match=refusal) as refused:
         compress.prune_model(tiny.make_model("llama"), {"ffn": 0.5, "layers": 0.5}, None, "activation",
                              data=tiny.make_batches("llama", 2))
-    with pytest.raises(compress.InvalidOptionError, match=message):
+    assert "'ffn'" not in str(refused.value)  # only what it cannot score
+    fixes = [name for name in available_importances()
+             if name != "activation" and re.search(rf"\b{name}\b", str(refused.value))]
+    assert fixes, "the error names a criterion to use instead"
+    for name in fixes:  # and each one it names does score layers
+        PruningSpec(sparsity={"layers": 0.5}, importance=name)
+    with pytest.raises(compress.InvalidOptionError, match=refusal):
         PruningSpec(sparsity={"layers": 0.5}, importance="Activation")
     PruningSpec(sparsity={"ffn": 0.5, "heads": 0.5, "hidden": 0.25}, importance="activation")  # channels it scores

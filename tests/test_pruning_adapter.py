@@ -333,20 +333,28 @@ def test_wrong_types_fail_naming_the_field(kwargs, match):
         compress.PruningAdapterConfig(**kwargs)
 
 
-def test_config_docstring_and_help_name_every_structure_and_builtin_criterion():
-    import re
+def test_config_takes_every_structure_and_criterion_of_the_vocabulary_as_the_spec_does():
+    """Each structure with each registered criterion: the config holds it in its spec where PruningSpec accepts it,
+    and refuses it with PruningSpec's own error where PruningSpec does (a structure the criterion cannot score, an
+    option the criterion needs)."""
+    from compress.pruning.importance import available_importances
+    from compress.pruning.spec import STRUCTURES, PruningSpec
 
-    from compress.pruning.spec import STRUCTURES
-
-    criteria = ("taylor", "fisher", "activation", "magnitude", "l2", "l1", "random")
-    doc = compress.PruningAdapterConfig.__doc__
-    missing = [name for name in (*STRUCTURES, *criteria) if f"``{name}``" not in doc]
-    assert not missing, missing
-    fields = compress.PruningAdapterConfig.__dataclass_fields__
-    for text, names in ((fields["importance"].metadata["help"], criteria),
-                        (fields["sparsity"].metadata["help"], STRUCTURES)):
-        missing = [name for name in names if not re.search(rf"\b{name}\b", text)]
-        assert not missing, missing
+    accepted = set()
+    for importance in available_importances():
+        for structure in STRUCTURES:
+            try:
+                spec = PruningSpec(sparsity={structure: 0.25}, importance=importance)
+            except compress.InvalidOptionError as refused:
+                with pytest.raises(compress.InvalidOptionError) as also_refused:
+                    compress.PruningAdapterConfig(sparsity={structure: 0.25}, importance=importance)
+                assert str(also_refused.value) == str(refused), (importance, structure)
+                continue
+            config = compress.PruningAdapterConfig(sparsity={structure: 0.25}, importance=importance)
+            assert (config.spec.sparsity, config.spec.importance) == (spec.sparsity, importance)
+            assert config.structures == [structure]
+            accepted.update({importance, structure})
+    assert set(STRUCTURES) <= accepted and {"taylor", "fisher", "activation", "magnitude"} <= accepted
 
 
 def test_config_holds_one_spec_and_saves_it_unambiguously(tmp_path):
