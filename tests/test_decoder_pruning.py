@@ -303,6 +303,9 @@ def test_reconstruction_composes_with_depth_pruning():
     ("llama", {"damping": 0.0}, CompressError, "damping=0.0: .*positive"),
     ("llama", {"reconstruct": "none", "damping": 0.1}, CompressError, "damping=0.1: is the ridge of reconstruct"),
     ("llama", {"reconstruct": "obs"}, CompressError, "reconstruct='obs': choose one of none, least_squares"),
+    ("llama", {"importance": "obs", "reconstruct": "none"}, CompressError,
+     "importance='obs': chooses channels by the error of the least-squares refit of the kept ones: set "
+     "reconstruct='least_squares'"),
 ])
 def test_reconstruction_refuses_what_it_cannot_do(arch, kwargs, error, match):
     model = tiny.make_model(arch)
@@ -312,6 +315,119 @@ def test_reconstruction_refuses_what_it_cannot_do(arch, kwargs, error, match):
     with pytest.raises(error, match=match):
         compress.prune_model(model, **args)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- optimal brain surgeon selection ----------------------------------------------------------------------------------
+def _refit_error(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, removed: list[int],
+                 damping: float = 1e-6) -> float:
+    """The mean squared output error of the projection after removing ``removed`` and the least-squares refit."""
+    stats = _statistics(x)
+    new_weight, new_bias = least_squares_update(weight, bias, stats, removed, damping=damping, fit_bias=True)
+    kept = [j for j in range(x.shape[1]) if j not in removed]
+    return (x[:, kept] @ new_weight.T + new_bias - x @ weight.T - bias).pow(2).mean().item()
+
+
+def _ffn_unit(width: int):
+    from compress.pruning.importance import Unit
+
+    return Unit("ffn", "projection", width, site=None)
+
+
+def test_obs_removes_the_channel_the_others_predict():
+    """Channel 5 is a linear copy of channel 0: removing either costs nothing after the refit, and OBS picks one of
+    them; FLAP scores each channel alone and removes the one of least fluctuation, which nothing else predicts."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g) * torch.tensor([1.0, 1.0, 1.0, 0.3, 1.0, 1.0])
+    x[:, 5] = 2 * x[:, 0]
+    weight, bias = torch.randn(4, 6, generator=g), torch.zeros(4)
+    stats = _statistics(x)
+    chosen = reconstruct.obs_select(_ffn_unit(6), [0], weight, stats, damping=1e-6, centred=True,
+                                    whole_kv_groups=False)
+    assert chosen in ([0], [5])
+    flap = get_importance("flap").channel_scores(stats.moments(), weight)
+    assert int(flap.argmin()) == 3
+    assert _refit_error(x, weight, bias, chosen) < 1e-6 < _refit_error(x, weight, bias, [3])
+
+
+def test_obs_block_update_is_the_least_squares_refit():
+    """After the greedy steps, the updated weights are those of the ridge least-squares refit of the kept columns
+    (the same problem, solved in one go), whatever the order and the blocks of removal."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 10, generator=g) @ torch.randn(10, 10, generator=g)
+    weight = torch.randn(3, 10, generator=g).double()
+    moment = _statistics(x).second_moment(centred=True)
+    inverse = reconstruct._ridge_inverse(moment, 0.01)
+    current = weight.clone()
+    for block in ([7], [2, 4], [9]):
+        reconstruct._remove_block(current, inverse, torch.tensor(block))
+    kept, gone = [0, 1, 3, 5, 6, 8], [2, 4, 7, 9]
+    ridge = 0.01 * float(moment.diagonal().mean())
+    hessian = moment[kept][:, kept] + ridge * torch.eye(len(kept), dtype=moment.dtype)
+    expected = weight[:, kept] + weight[:, gone] @ moment[gone][:, kept] @ torch.linalg.inv(hessian)
+    torch.testing.assert_close(current[:, kept], expected, rtol=1e-8, atol=1e-10)
+    assert torch.count_nonzero(current[:, gone]) == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_obs_leaves_less_refit_error_than_flap_on_a_block(seed):
+    """A tiny random Llama block whose FFN inputs are correlated (gate and up projections of rank 6): half the neurons
+    removed, then the refit of the rest; OBS chooses with the covariance the refit exploits, FLAP channel by channel."""
+    model = tiny.make_model("llama", seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        for layer in (mlp.up_proj, mlp.gate_proj):
+            layer.weight.copy_(torch.randn(64, 6, generator=g) @ torch.randn(6, 32, generator=g) * 0.1)
+    batches = tiny.make_batches("llama", 8, labels=False, seq_len=32)  # 512 tokens: more than the 64 channels
+    unit = units_for(arch_spec(model), ["ffn"])[0]
+    x = _projection_inputs(model, mlp.down_proj, batches).float()
+    stats = _statistics(x)
+    weight, bias = mlp.down_proj.weight.detach(), torch.zeros(32)
+    planned = list(range(32))
+    flap = reselect(unit, planned, get_importance("flap").score(unit, stats.moments()), whole_kv_groups=False)
+    obs = reconstruct.obs_select(unit, planned, weight, stats, damping=0.01, centred=True, whole_kv_groups=False)
+    assert len(obs) == 32 and len(set(obs)) == 32
+    errors = [_refit_error(x, weight, bias, removed, damping=0.01) for removed in (obs, flap)]
+    assert errors[0] < 0.9 * errors[1], errors
+
+
+def test_obs_removes_the_head_another_head_repeats():
+    """Head 3 of a BERT block computes what head 1 does: removing one of them costs nothing after the refit; FLAP
+    removes head 0, whose output projection columns are small but which nothing else predicts."""
+    model = tiny.make_model("bert")
+    attention = model.bert.encoder.layer[0].attention
+    with torch.no_grad():
+        for layer in (attention.self.query, attention.self.key, attention.self.value):
+            layer.weight[24:32] = layer.weight[8:16]
+            layer.bias[24:32] = layer.bias[8:16]
+        attention.output.dense.weight[:, :8] *= 0.1
+    unit = units_for(arch_spec(model), ["heads"])[0]
+    x = _projection_inputs(model, attention.output.dense, tiny.make_batches("bert", 8, seq_len=32)).float()
+    stats = _statistics(x)
+    weight, bias = attention.output.dense.weight.detach(), attention.output.dense.bias.detach()
+    flap = reselect(unit, [0], get_importance("flap").score(unit, stats.moments()), whole_kv_groups=False)
+    obs = reconstruct.obs_select(unit, [0], weight, stats, damping=1e-6, centred=True, whole_kv_groups=False)
+    assert flap == [0] and obs in ([1], [3])
+    channels = [[h * 8 + c for c in range(8)] for h in (obs[0], flap[0])]
+    errors = [_refit_error(x, weight, bias, removed) for removed in channels]
+    assert errors[0] < 1e-3 * errors[1], errors
+
+
+@pytest.mark.parametrize("sparsity", [{"ffn": 0.5, "heads": 0.5}, {"kv_heads": 0.5}])
+def test_obs_prunes_through_the_sequential_pass(sparsity):
+    dense = tiny.make_model("llama")
+    batches = tiny.make_batches("llama", 4, labels=False)
+    errors = {}
+    for criterion in ("flap", "obs"):
+        model = copy.deepcopy(dense)
+        report = compress.prune_model(model, sparsity, None, criterion, data=batches, reconstruct="least_squares",
+                                      compensate_bias=True)
+        errors[criterion] = (_last_hidden(model, batches) - _last_hidden(dense, batches)).pow(2).mean().item()
+        for removed in report.removed.values():
+            if "kv_heads" in sparsity:
+                assert len(removed) == 2 and removed[0] // 2 == removed[1] // 2  # one whole kv group
+    assert report.importance == "obs" and report.widths_after["heads"] == [2, 2]
+    assert errors["obs"] < 1.5 * errors["flap"], errors
 
 
 # -- biases the config can express ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compress.distributed import check_same_on_ranks, check_unsharded, mark_mean_loss
-from compress.errors import CalibrationError, CompressError, UnsupportedStructureError
+from compress.errors import CalibrationError, CompressError, NothingToPruneError, UnsupportedStructureError
 from compress.pruning.arch import ArchSpec, arch_spec
 from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_means
 from compress.pruning.importance import (
@@ -31,9 +31,16 @@ from compress.pruning.importance import (
     is_causal_lm,
     units_for,
 )
-from compress.pruning.plan import achieved_sparsity, nothing_removed_error, plan_removals
+from compress.pruning.plan import (
+    achieved_sparsity,
+    channel_parameters,
+    normalize_scores,
+    nothing_removed_error,
+    plan_parameter_budget,
+    plan_removals,
+)
 from compress.pruning.reconstruct import bias_fit_structures, check_reconstructable, prune_sequentially
-from compress.pruning.spec import RECONSTRUCTED_STRUCTURES, PruningSpec, positive_int
+from compress.pruning.spec import RECONSTRUCTED_STRUCTURES, InvalidOptionError, PruningSpec, positive_int
 from compress.pruning.surgery import apply_checked, check_removals, preserve_training_modes
 
 logger = logging.getLogger(__name__)
@@ -58,6 +65,10 @@ class PruneReport:
     achieved_sparsity: dict[str, float] = field(default_factory=dict)
     #: sentences for the model card: what else changed (biases the config now enables, refit weights)
     notes: list[str] = field(default_factory=list)
+    #: the fraction of all parameters the caller asked to remove (``param_sparsity``), or ``None``
+    param_sparsity: float | None = None
+    #: the fraction of all parameters removed: 1 - params_after / params_before
+    achieved_param_sparsity: float = 0.0
 
     @property
     def params_ratio(self) -> float:
@@ -99,6 +110,12 @@ def forward_passes(model: nn.Module, batches: list[dict]) -> None:
 def score_units(model: nn.Module, units: list[Unit], importance: Importance,
                 batches: list[dict] | None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Scores for every unit; runs calibration once when the criterion needs it."""
+    return _score_units(model, units, importance, batches, progress)[0]
+
+
+def _score_units(model: nn.Module, units: list[Unit], importance: Importance, batches: list[dict] | None,
+                 progress: bool) -> tuple[dict[str, torch.Tensor], GateStats | None]:
+    """:func:`score_units`, and the calibration statistics (``None`` when the criterion needs none)."""
     check_scorable(importance, [u.structure for u in units])
     stats: GateStats | None = None
     if importance.needs_calibration:
@@ -110,7 +127,80 @@ def score_units(model: nn.Module, units: list[Unit], importance: Importance,
         stats = collect_gate_stats(model, units, batches, progress=progress,
                                    gradients=getattr(importance, "needs_gradients", True),
                                    weight_gradients=getattr(importance, "needs_weight_gradients", False))
-    return {u.key: importance(u, stats).detach().float().cpu() for u in units}
+    return {u.key: importance(u, stats).detach().float().cpu() for u in units}, stats
+
+
+def _head_spreads(units: list[Unit], criterion: Importance, stats: GateStats | None) -> dict[str, float]:
+    """The channel-level spread of each heads unit's scores, for criteria that score channels (see
+    :meth:`~compress.pruning.importance.InputStatisticsImportance.channel_spread`)."""
+    if not isinstance(criterion, InputStatisticsImportance) or stats is None:
+        return {}
+    return {u.key: criterion.channel_spread(u, stats.inputs[u.key]) for u in units
+            if u.structure == "heads" and u.key in stats.inputs}
+
+
+def _added_bias_parameters(arch: ArchSpec, structures: Iterable[str]) -> int:
+    """How many parameters :meth:`~compress.pruning.arch.ArchSpec.add_output_biases` adds for ``structures``."""
+    flags = arch.bias_flags()
+    total = 0
+    for kind in arch._bias_kinds(structures):
+        for stack in arch.stacks():
+            for block in stack.blocks:
+                for layer in flags[kind].layers(block):
+                    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+                    total += base.out_features if base.bias is None else 0
+    return total
+
+
+def _plan_budget(arch: ArchSpec, units: list[Unit], scores: dict[str, torch.Tensor], spec: PruningSpec,
+                 params_before: int, biased: Iterable[str], spreads: Mapping[str, float]) -> dict[str, list[int]]:
+    """The removals of ``spec.param_sparsity``: ``params_before`` times it, plus the biases the pruning adds, taken
+    by one ranking across structures and layers (``global``), or by one per-layer fraction of the single structure
+    (``uniform``).
+
+    Raises:
+        InvalidOptionError: the structures cannot free that many parameters (above the ``min_keep`` floors).
+        NothingToPruneError: the budget is smaller than any single removal.
+    """
+    bias_kinds = {"ffn" if s == "ffn" else "heads" for s in biased}
+    whole_kv = "kv_heads" in spec.sparsity
+    costs = {u.key: channel_parameters(u, u.structure in bias_kinds) for u in units}
+    added = _added_bias_parameters(arch, biased)
+    budget = int(round(spec.param_sparsity * params_before)) + added
+    names = ", ".join(spec.sparsity)
+    if spec.mode == "uniform":  # one structure (checked by the spec): the fraction of it the budget comes to
+        (structure,) = spec.sparsity
+        per_unit = [u.size * costs[u.key][0] if structure == "ffn" or (u.site.is_gqa and not whole_kv)
+                    else u.site.num_kv_heads * (u.size // u.site.num_kv_heads * costs[u.key][0] + costs[u.key][1])
+                    for u in units]
+        fraction = budget / sum(per_unit)
+        if not fraction < 1.0:
+            raise InvalidOptionError("param_sparsity", spec.param_sparsity, f"asks for {budget:,} parameters, and "
+                                     f"all of {names} holds {sum(per_unit):,}: lower it")
+        removals = plan_removals(arch, units, scores, {structure: fraction}, "uniform", round_to=spec.round_to)
+        if not any(removals.values()):
+            raise NothingToPruneError(f"param_sparsity {spec.param_sparsity:g} comes to {fraction:.2%} of {names} "
+                                      "per layer, which removes nothing: raise it")
+        return removals
+    shared = sorted({u.site.shared_heads_key for u in units if u.structure == "heads" and u.site.shared_heads_key})
+    if shared:
+        raise UnsupportedStructureError(f"{arch.family}: heads go with the same indices in every layer of a stack "
+                                        f"({', '.join(shared)}), which param_sparsity cannot allocate per layer: "
+                                        "prune heads with sparsity in uniform mode")
+    scores = normalize_scores(units, scores, spec.normalize, spreads)
+    plan = plan_parameter_budget(units, scores, budget, costs=costs, whole_kv_groups=whole_kv,
+                                 round_to=spec.round_to, min_keep=spec.min_keep)
+    if plan.available < budget:
+        floors = " above the min_keep floors" if spec.min_keep is not None else ""
+        raise InvalidOptionError("param_sparsity", spec.param_sparsity, f"asks for {budget:,} parameters "
+                                 f"({'including ' + format(added, ',') + ' added biases, ' if added else ''}of "
+                                 f"{params_before:,}), and {names} can free at most {plan.available:,}{floors} "
+                                 f"({plan.available / params_before:.1%} of the model): lower it"
+                                 f"{', lower min_keep' if floors else ''} or add structures")
+    if plan.freed == 0:
+        raise NothingToPruneError(f"param_sparsity {spec.param_sparsity:g} comes to {budget:,} parameters, fewer "
+                                  f"than the smallest removal from {names} frees ({plan.smallest:,}): raise it")
+    return plan.removals
 
 
 def _num_parameters(model: nn.Module) -> int:
@@ -145,7 +235,7 @@ def _refit_notes(model: nn.Module, result, damping: float) -> list[str]:
 
 def prune_model(
     model: nn.Module,
-    sparsity: float | Mapping[str, float] = 0.5,
+    sparsity: float | Mapping[str, float] | None = None,
     structures: Iterable[str] | str | None = None,
     importance: str | Importance = "taylor",
     data=None,
@@ -162,6 +252,7 @@ def prune_model(
     min_keep: float | None = None,
     reconstruct: str = "none",
     damping: float | None = None,
+    param_sparsity: float | None = None,
     spec: PruningSpec | None = None,
 ) -> PruneReport:
     """Structurally prune ``model`` in place and rewrite its config.
@@ -169,7 +260,7 @@ def prune_model(
     Args:
         model: a supported transformers model (``compress.supported_model_types()``).
         sparsity: fraction of each structure to remove, in (0, 1): one number for all ``structures`` or a
-            mapping such as ``{"ffn": 0.5, "heads": 0.25}``.
+            mapping such as ``{"ffn": 0.5, "heads": 0.25}``. Default 0.5, unless ``param_sparsity`` is given.
         structures: any of ``ffn`` (FFN neurons), ``heads`` (query heads; with grouped-query attention an
             equal number per kv group), ``kv_heads`` (whole kv heads with their query heads), ``layers`` (whole
             blocks), ``hidden`` (channels of the residual stream, removed from every tensor that carries it;
@@ -194,9 +285,14 @@ def prune_model(
         progress: show a progress bar while scoring.
         normalize, compensate_bias, max_keep, min_keep, reconstruct, damping: see
             :class:`~compress.pruning.spec.PruningSpec` (``damping=None``: its default).
+        param_sparsity: instead of ``sparsity``, the fraction of all the model's parameters to remove, from the
+            ``structures`` (``ffn``, ``heads``, ``kv_heads``); in ``global`` mode the engine decides how much each
+            structure and layer loses, by one ranking of every candidate removal (an FFN neuron, a row of query
+            heads, a kv group) on its normalised score, each weighing the parameters it frees (see
+            :class:`~compress.pruning.spec.PruningSpec`). The report gives the fraction achieved.
         spec: a ready :class:`~compress.pruning.spec.PruningSpec`, used instead of ``sparsity``, ``structures``,
             ``importance``, ``mode``, ``round_to``, ``normalize``, ``compensate_bias``, ``max_keep``, ``min_keep``,
-            ``reconstruct`` and ``damping``.
+            ``reconstruct``, ``damping`` and ``param_sparsity``.
 
     Returns:
         A :class:`PruneReport` with the sparsity asked for and achieved (whole units). The model is modified
@@ -216,6 +312,8 @@ def prune_model(
     """
     if spec is None:
         extra = {} if damping is None else {"damping": damping}
+        if param_sparsity is not None:
+            extra["param_sparsity"] = param_sparsity
         spec = PruningSpec.from_options(sparsity, structures, mode=mode, importance=importance, normalize=normalize,
                                         max_keep=max_keep, min_keep=min_keep, round_to=round_to,
                                         compensate_bias=compensate_bias, reconstruct=reconstruct, **extra)
@@ -267,20 +365,26 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
     recorder = None
     if reconstruct and spec.mode == "uniform" and isinstance(criterion, InputStatisticsImportance):
         # widths are fixed and the sequential pass chooses every channel on the pruned stream: no dense pass
-        scores = {u.key: torch.zeros(u.size) for u in units}
+        scores, spreads = {u.key: torch.zeros(u.size) for u in units}, {}
     else:
         compensating = spec.compensate_bias and not reconstruct
         with record_input_means(model, units) if compensating else contextlib.nullcontext() as recorder:
-            scores = score_units(model, units, criterion, batches if criterion.needs_calibration else None,
-                                 progress=progress)
+            scores, stats = _score_units(model, units, criterion, batches if criterion.needs_calibration else None,
+                                         progress)
+            spreads = _head_spreads(units, criterion, stats) if spec.normalize == "standardize" else {}
+            del stats
             if recorder is not None and not criterion.needs_calibration:
                 forward_passes(model, batches)
-    removals = plan_removals(arch, units, scores, spec.sparsity, spec.mode, round_to=spec.round_to,
-                             normalize=spec.normalize, max_keep=spec.max_keep, min_keep=spec.min_keep)
+    if spec.param_sparsity is not None:
+        removals = _plan_budget(arch, units, scores, spec, params_before, biased, spreads)
+    else:
+        removals = plan_removals(arch, units, scores, spec.sparsity, spec.mode, round_to=spec.round_to,
+                                 normalize=spec.normalize, max_keep=spec.max_keep, min_keep=spec.min_keep,
+                                 spreads=spreads)
     check_same_on_ranks(removals, "the channels, heads and blocks chosen for removal")
     achieved = achieved_sparsity(units, removals, spec.sparsity)
     for structure, value in achieved.items():
-        if value == 0.0:  # checked before anything changes: the model is left as it was
+        if value == 0.0 and spec.param_sparsity is None:  # checked before anything changes: the model is as it was
             raise nothing_removed_error(structure, spec.sparsity[structure], units, spec.round_to)
     # every check of the removal runs before bias compensation changes a tensor: a refused removal (e.g. the
     # hidden size of an unknown task head) leaves the model as it was
@@ -308,7 +412,7 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
         model_type=model.config.model_type,
         mode=spec.mode,
         importance=spec.importance_name,
-        sparsity=dict(spec.sparsity),
+        sparsity={k: v for k, v in spec.sparsity.items() if v is not None},
         params_before=params_before,
         params_after=_num_parameters(model),
         widths_before=widths_before,
@@ -316,6 +420,8 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
         removed={k: v for k, v in removals.items() if v},
         achieved_sparsity=achieved,
         notes=notes,
+        param_sparsity=spec.param_sparsity,
     )
+    report.achieved_param_sparsity = 1.0 - report.params_after / report.params_before
     logger.info("pruned %s: %d -> %d params", report.model_type, params_before, report.params_after)
     return report

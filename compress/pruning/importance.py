@@ -598,6 +598,15 @@ class InputStatisticsImportance(Importance):
             channels = channels.view(unit.size, -1).sum(1)
         return channels
 
+    def channel_spread(self, unit: Unit, moments: InputMoments) -> float:
+        """The standard deviation of the unit's per-channel scores over its channels, in the unit of its scores (a
+        head's score sums its ``head_dim`` channels, so ``head_dim`` times the channels' deviation).
+        ``normalize="standardize"`` divides a heads unit's scores by it: a head then ranks by how far its channels
+        stand out among the layer's channels, as FLAP standardises attention, instead of among a handful of heads."""
+        channels = self.channel_scores(moments, effective_weight(output_projection(unit))).double()
+        spread = float(channels.std()) if channels.numel() > 1 else 0.0
+        return spread * (unit.site.head_dim if unit.structure == "heads" else 1)
+
     def __call__(self, unit: Unit, stats: GateStats | None) -> torch.Tensor:
         if stats is None or unit.key not in stats.inputs:
             raise CalibrationError(f"no input statistics for {unit.key}: calibration did not run for this unit")
@@ -624,6 +633,22 @@ class WandaStructuredImportance(InputStatisticsImportance):
     def channel_scores(self, moments: InputMoments, weight: torch.Tensor) -> torch.Tensor:
         norms = (moments.mean_square * moments.count).sqrt().to(weight.device)
         return weight.double().abs().mean(0) * norms
+
+
+class OptimalBrainSurgeonImportance(FluctuationImportance):
+    """Structured optimal brain surgeon, the selection of ZipLM and SlimGPT, for ``reconstruct="least_squares"``.
+
+    Removing input channels R of an output projection W and refitting the kept ones by least squares leaves the
+    error tr(W_R [(H^-1)_RR]^-1 W_R^T), with H = S + lambda I the (ridge-regularised) covariance of the inputs.
+    In the sequential pass each layer's channels are removed greedily by that cost, ||W_j||^2 / (H^-1)_jj for one
+    channel (a head: its channels as one block), updating W and H^-1 after each step
+    (:func:`compress.pruning.reconstruct.obs_select`), so that a channel the kept ones predict well goes first. On
+    the dense calibration pass (the widths of ``global`` mode and ``param_sparsity``) a channel scores the same
+    cost with the covariance's diagonal, (H^-1)_jj = 1 / S_jj: FLAP's fluctuation.
+    """
+
+    #: chooses its channels inside the least-squares pass (refused without ``reconstruct="least_squares"``)
+    requires_reconstruction = True
 
 
 class BlockInfluenceImportance(Importance):
@@ -674,12 +699,18 @@ for _name, _imp in {"magnitude": MagnitudeImportance, "l2": MagnitudeImportance,
                     "taylor_elementwise": ElementwiseTaylorImportance,
                     "fisher": FisherImportance, "random": RandomImportance,
                     "activation": ActivationImportance, "flap": FluctuationImportance,
-                    "wanda_sp": WandaStructuredImportance, "block_influence": BlockInfluenceImportance}.items():
+                    "wanda_sp": WandaStructuredImportance, "obs": OptimalBrainSurgeonImportance,
+                    "block_influence": BlockInfluenceImportance}.items():
     register_importance(_name, _imp)
 
 
 def available_importances() -> list[str]:
     return sorted(_IMPORTANCES)
+
+
+def importance_entry(importance: str | Importance) -> type[Importance] | Importance | None:
+    """The registered class or instance behind a criterion name (an instance as it is; ``None``: not registered)."""
+    return importance if isinstance(importance, Importance) else _IMPORTANCES.get(str(importance).lower())
 
 
 def check_scorable(importance: str | Importance, structures: Iterable[str]) -> None:
@@ -689,7 +720,7 @@ def check_scorable(importance: str | Importance, structures: Iterable[str]) -> N
     Raises:
         InvalidOptionError: naming the criterion, the structures, and what to use for them.
     """
-    entry = importance if isinstance(importance, Importance) else _IMPORTANCES.get(str(importance).lower())
+    entry = importance_entry(importance)
     allowed = getattr(entry, "structures", None)
     unscorable = [] if allowed is None else [s for s in dict.fromkeys(structures) if s not in allowed]
     if unscorable:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from compress.errors import CompressError, NothingToPruneError
 from compress.pruning.arch import ArchSpec
@@ -82,10 +84,13 @@ def _cap(size: int, sparsity: float, max_keep: float | None, max_width: int | No
     return None if max_keep is None else width_cap(size, sparsity, max_keep)
 
 
-def normalize_scores(units: list[Unit], scores: Mapping[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+def normalize_scores(units: list[Unit], scores: Mapping[str, torch.Tensor], how: str,
+                     spreads: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Scale each unit's channel scores by their mean (``"mean"``) or L2 norm (``"l2"``), or standardise them
     (``"standardize"``: minus their mean, over their standard deviation, as FLAP's adaptive structure does) before
-    global ranking.
+    global ranking. ``spreads`` (``"standardize"``) replaces the standard deviation of some units, e.g. a heads
+    unit's by that of its channels' scores (see
+    :meth:`~compress.pruning.importance.InputStatisticsImportance.channel_spread`).
 
     Gradient-based scores grow towards the loss, so ranking raw scores across layers strips early layers
     and leaves the last one whole; normalising per layer ranks channels by how they compare within their
@@ -104,6 +109,8 @@ def normalize_scores(units: list[Unit], scores: Mapping[str, torch.Tensor], how:
             if how == "standardize":
                 centred = s - s.mean()
                 spread = s.std() if s.numel() > 1 else torch.tensor(0.0)
+                if spreads is not None and u.key in spreads:
+                    spread = torch.tensor(float(spreads[u.key]))
                 out[u.key] = centred / spread if spread > 0 else centred
                 continue
             scale = s.mean() if how == "mean" else s.norm()
@@ -139,11 +146,12 @@ def reselect(unit: Unit, planned: list[int], scores: torch.Tensor, whole_kv_grou
 def plan_removals(arch: ArchSpec, units: list[Unit], scores: dict[str, torch.Tensor],
                   sparsity: Mapping[str, float], mode: str, round_to: int = 1,
                   normalize: str = "none", max_keep: float | None = None,
-                  max_widths: Mapping[str, int] | None = None, min_keep: float | None = None) -> dict[str, list[int]]:
+                  max_widths: Mapping[str, int] | None = None, min_keep: float | None = None,
+                  spreads: Mapping[str, float] | None = None) -> dict[str, list[int]]:
     """Indices to remove per unit key: channels for ffn, query heads for heads/kv_heads, blocks for layers.
 
-    ``normalize`` (global mode): see :func:`normalize_scores`. ``max_keep`` (global mode): no layer keeps
-    more than this fraction of its current FFN neurons or heads (see :class:`~compress.pruning.spec.PruningSpec`).
+    ``normalize`` and ``spreads`` (global mode): see :func:`normalize_scores`. ``max_keep`` (global mode): no layer
+    keeps more than this fraction of its current FFN neurons or heads (see :class:`~compress.pruning.spec.PruningSpec`).
     ``max_widths`` (global mode) caps widths in absolute terms instead, per structure (``ffn``, ``heads``,
     ``kv_heads``): for pruning in several steps, where the cap refers to the widths before the first.
     ``min_keep`` (global mode): every layer keeps at least this fraction of its FFN neurons, query heads (whole
@@ -156,7 +164,7 @@ def plan_removals(arch: ArchSpec, units: list[Unit], scores: dict[str, torch.Ten
     caps = dict(max_widths or {})
     removals: dict[str, list[int]] = {}
     if mode == "global":
-        scores = normalize_scores(units, scores, normalize)
+        scores = normalize_scores(units, scores, normalize, spreads)
     ffn_units = [u for u in units if u.structure == "ffn"]
     if ffn_units:
         fraction = sparsity["ffn"]
@@ -248,6 +256,127 @@ def _plan_heads(units: list[Unit], scores: dict[str, torch.Tensor], sparsity: Ma
         grouped = scores[u.key].view(n_kv, per)
         removals[u.key] = sorted(g * per + j for g in range(n_kv) for j in _lowest(grouped[g], per_group))
     return removals
+
+
+# -- a parameter budget (``param_sparsity``) ------------------------------------------------------------------------
+def _base(layer: nn.Module) -> nn.Module:
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+
+def _row(layer: nn.Module, with_bias: bool) -> int:
+    """The parameters of one output row of ``layer``: its inputs, and its bias entry if it has one or gets one."""
+    base = _base(layer)
+    return base.in_features + (1 if base.bias is not None or with_bias else 0)
+
+
+def channel_parameters(unit: Unit, with_bias: bool = False) -> tuple[int, int]:
+    """The parameters removing one channel of ``unit`` frees: ``(per FFN neuron or query head, more per whole kv
+    group)``. A neuron takes its row of every input projection and its column of the output projection; a query head
+    its ``head_dim`` rows of the query projection and columns of the output projection; a kv group also the rows of
+    its key and value projections (without grouped-query attention every head is its own kv group). Bias entries
+    count where the projections have a bias, or get one (``with_bias``: the config flag that gives the output
+    projection a bias gives these projections one too)."""
+    site = unit.site
+    if unit.structure == "ffn":
+        return sum(_row(layer, with_bias) for layer in site.inputs) + _base(site.output).out_features, 0
+    if unit.structure != "heads":
+        raise CompressError(f"internal: no parameter count per channel of {unit.structure!r}")  # pragma: no cover
+    head_dim = site.head_dim
+    query = head_dim * (_row(site.q, with_bias) + _base(site.o).out_features)
+    return query, head_dim * (_row(site.k, with_bias) + _row(site.v, with_bias))
+
+
+@dataclass
+class _Candidate:
+    score: float
+    unit: int
+    position: int
+    parameters: int
+    indices: list[int]
+
+
+@dataclass
+class BudgetPlan:
+    """What :func:`plan_parameter_budget` chose: indices to remove per unit key (as :func:`plan_removals` gives them),
+    the parameters they free, and the most the units could free above their floors."""
+
+    removals: dict[str, list[int]]
+    freed: int
+    available: int
+    #: the fewest parameters any single candidate removal frees
+    smallest: int
+
+
+def _candidates(index: int, unit: Unit, scores: torch.Tensor, costs: tuple[int, int], whole_kv_groups: bool,
+                round_to: int, min_keep: float | None) -> list[_Candidate]:
+    """A unit's candidate removals, weakest first: chunks of ``round_to`` FFN neurons; rows of query heads (the r-th
+    weakest head of every kv group, scored by their mean); or whole kv groups (scored by their heads' mean)."""
+    per_channel, per_group = costs
+    out: list[_Candidate] = []
+    if unit.structure == "ffn":
+        order = torch.argsort(scores.float(), stable=True).tolist()
+        floor = _floor(unit.size, min_keep, min(unit.size, round_to), per=round_to)
+        stop = unit.size - floor
+        start = 0
+        while start < stop:
+            step = (unit.size % round_to or round_to) if start == 0 else round_to
+            chunk = order[start:min(start + step, stop)]
+            out.append(_Candidate(float(scores[chunk].float().mean()), index, len(out), per_channel * len(chunk),
+                                  sorted(chunk)))
+            start += step
+        return out
+    n_kv = unit.site.num_kv_heads
+    per = unit.size // n_kv
+    grouped = scores.float().view(n_kv, per)
+    if whole_kv_groups or not unit.site.is_gqa:
+        group_scores = grouped.mean(1)
+        floor = _floor(n_kv, min_keep, 1)
+        for g in torch.argsort(group_scores, stable=True).tolist()[:n_kv - floor]:
+            out.append(_Candidate(float(group_scores[g]), index, len(out), per * per_channel + per_group,
+                                  [g * per + j for j in range(per)]))
+        return out
+    values, order = torch.sort(grouped, dim=1, stable=True)
+    rows_floor = _floor(unit.size, min_keep, n_kv, per=n_kv) // n_kv
+    for r in range(per - rows_floor):
+        out.append(_Candidate(float(values[:, r].mean()), index, len(out), n_kv * per_channel,
+                              sorted(g * per + int(order[g, r]) for g in range(n_kv))))
+    return out
+
+
+def plan_parameter_budget(units: list[Unit], scores: Mapping[str, torch.Tensor], budget: int, *,
+                          costs: Mapping[str, tuple[int, int]], whole_kv_groups: bool, round_to: int = 1,
+                          min_keep: float | None = None) -> BudgetPlan:
+    """Remove about ``budget`` parameters from ``units`` (FFN and heads units of any layers) by one ranking.
+
+    Every unit offers its candidate removals weakest first (see :func:`_candidates`), each freeing the parameters
+    ``costs[unit.key]`` gives per channel and per kv group (:func:`channel_parameters`). All candidates are ranked by
+    score (``scores`` should be normalised per layer, e.g. standardised, so that different layers and structures
+    compare) and taken in that order while they fit in the budget; one that does not fit ends its unit's removals
+    (a unit's removals go weakest first), and smaller ones further down may still fill the rest. The parameters
+    freed are thus at most ``budget``, and short of it by less than the smallest candidate still open. ``min_keep``
+    is the floor of every layer (FFN neurons, query heads in whole rows, kv groups), as in :func:`plan_removals`.
+    """
+    candidates = []
+    for i, unit in enumerate(units):
+        offered = _candidates(i, unit, scores[unit.key], costs[unit.key], whole_kv_groups, round_to, min_keep)
+        for previous, candidate in zip(offered, offered[1:]):  # a unit's removals rank in their order
+            candidate.score = max(candidate.score, previous.score)
+        candidates += offered
+    candidates.sort(key=lambda c: (c.score, c.unit, c.position))
+    removals: dict[str, list[int]] = {u.key: [] for u in units}
+    closed: set[int] = set()
+    freed = 0
+    for candidate in candidates:
+        if candidate.unit in closed:
+            continue
+        if freed + candidate.parameters > budget:
+            closed.add(candidate.unit)
+            continue
+        removals[units[candidate.unit].key].extend(candidate.indices)
+        freed += candidate.parameters
+    return BudgetPlan(removals={k: sorted(v) for k, v in removals.items()}, freed=freed,
+                      available=sum(c.parameters for c in candidates),
+                      smallest=min((c.parameters for c in candidates), default=0))
 
 
 def achieved_sparsity(units: list[Unit], removals: Mapping[str, list[int]],

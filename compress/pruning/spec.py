@@ -1,8 +1,10 @@
 """What to prune and how, in one validated object shared by the engine, the PEFT configs and the CLI.
 
 The same names are used everywhere: ``sparsity`` (the fraction of a structure removed, per structure),
+``param_sparsity`` (the fraction of the model's parameters removed, the structures' shares chosen by the engine),
 ``mode``, ``importance``, ``normalize``, ``max_keep``, ``min_keep``, ``round_to``, ``compensate_bias``,
-``reconstruct``, ``damping``; the command line spells them ``--sparsity``, ``--mode``, ``--min-keep``, ...
+``reconstruct``, ``damping``; the command line spells them ``--sparsity``, ``--param-sparsity``, ``--mode``,
+``--min-keep``, ...
 Invalid values raise :class:`InvalidOptionError`, which names the option, so each caller can print it in its
 own spelling.
 """
@@ -34,6 +36,8 @@ RECONSTRUCTIONS = ("none", "least_squares")
 RECONSTRUCTED_STRUCTURES = ("ffn", "heads", "kv_heads")
 #: the default ridge of least-squares reconstruction, relative to the mean variance of the kept channels
 DEFAULT_DAMPING = 0.01
+#: the structures ``param_sparsity`` can take parameters from (ranked against each other by what each removal frees)
+BUDGETED_STRUCTURES = ("ffn", "heads", "kv_heads")
 
 
 class InvalidOptionError(CompressError):
@@ -151,7 +155,9 @@ class PruningSpec:
 
     Args:
         sparsity: fraction removed per structure, e.g. ``{"ffn": 0.5, "heads": 0.25}``. Build from a single
-            number and a list of structures with :meth:`from_options`.
+            number and a list of structures with :meth:`from_options`. With ``param_sparsity``, the structures the
+            parameters come from, each mapped to ``None`` (the allocation decides its share), e.g.
+            ``{"ffn": None, "heads": None}``.
         mode: ``uniform`` (the same width in every layer, so a plain transformers config expresses the result)
             or ``global`` (units ranked across layers; per-layer widths need ``import compress`` to load).
         importance: a criterion name (``taylor``, ``taylor_elementwise``, ``fisher``, ``activation``,
@@ -179,9 +185,17 @@ class PruningSpec:
         damping: the ridge of ``reconstruct="least_squares"``, relative to the mean variance of the kept input
             channels: larger values keep the weights closer to plain removal (with a bias, FLAP's bias
             compensation in the limit), smaller ones fit the calibration data more closely.
+        param_sparsity: the fraction of all the model's parameters to remove (tied tensors counted once, biases
+            the pruning adds included), taken from the structures of ``sparsity`` (``ffn``, ``heads``,
+            ``kv_heads``). ``global`` mode ranks every candidate removal of every structure and layer in one list
+            (an FFN neuron, a row of query heads (one per kv group), a whole kv group with its query heads) by its
+            per-layer normalised score (``normalize``, which must not be ``"none"`` with several structures), each
+            taking the parameters it frees from the budget, above the ``min_keep`` floors. ``uniform`` mode takes
+            one structure and sets its per-layer fraction from the budget. ``None`` (default): ``sparsity`` gives
+            the fraction of each structure.
     """
 
-    sparsity: Mapping[str, float] = field(default_factory=lambda: {"ffn": 0.5})
+    sparsity: Mapping[str, float | None] = field(default_factory=lambda: {"ffn": 0.5})
     mode: str = "uniform"
     importance: Any = "taylor"
     normalize: str = "none"
@@ -191,20 +205,33 @@ class PruningSpec:
     compensate_bias: bool = False
     reconstruct: str = "none"
     damping: float = DEFAULT_DAMPING
+    param_sparsity: float | None = None
 
     @classmethod
-    def from_options(cls, sparsity: float | Mapping[str, float] = 0.5,
+    def from_options(cls, sparsity: float | Mapping[str, float] | None = None,
                      structures: Iterable[str] | str | None = None, **options: Any) -> PruningSpec:
-        """A spec from a single sparsity for ``structures`` (default ``ffn``) or a mapping per structure."""
-        return cls(sparsity=sparsity_by_structure(sparsity, structures), **options)
+        """A spec from a single sparsity for ``structures`` (default ``ffn``) or a mapping per structure; or, with
+        ``param_sparsity``, from the ``structures`` the parameters come from (``sparsity`` then stays ``None``).
+        Without either, half of each structure (``sparsity=0.5``)."""
+        if options.get("param_sparsity") is not None:
+            if sparsity is not None:
+                raise InvalidOptionError("param_sparsity", options["param_sparsity"], "replaces sparsity: give the "
+                                         "fraction of each structure (sparsity) or of the model's parameters "
+                                         "(param_sparsity, with structures), not both")
+            names = structure_names(structures) or ["ffn"]
+            return cls(sparsity=dict.fromkeys(names), **options)
+        return cls(sparsity=sparsity_by_structure(0.5 if sparsity is None else sparsity, structures), **options)
 
     def __post_init__(self) -> None:
-        from compress.pruning.importance import Importance, available_importances, check_scorable
+        from compress.pruning.importance import Importance, available_importances, check_scorable, importance_entry
 
         if not isinstance(self.sparsity, Mapping):
             raise InvalidOptionError("sparsity", self.sparsity, "must map structures to fractions, e.g. "
                                      "{'ffn': 0.5}; use PruningSpec.from_options for one number")
-        object.__setattr__(self, "sparsity", sparsity_by_structure(self.sparsity))
+        if self.param_sparsity is None:
+            object.__setattr__(self, "sparsity", sparsity_by_structure(self.sparsity))
+        else:
+            self._check_param_sparsity()
         if self.mode not in MODES:
             raise InvalidOptionError("mode", self.mode, f"choose one of {', '.join(MODES)}")
         if self.normalize not in NORMALIZATIONS:
@@ -221,10 +248,47 @@ class PruningSpec:
         self._check_max_keep()
         self._check_min_keep()
         self._check_reconstruct()
+        if getattr(importance_entry(self.importance), "requires_reconstruction", False) \
+                and self.reconstruct != "least_squares":
+            raise InvalidOptionError("importance", self.importance_name, "chooses channels by the error of the "
+                                     "least-squares refit of the kept ones: set reconstruct='least_squares', or use "
+                                     "flap, whose score is the same cost with uncorrelated inputs")
+
+    def _check_param_sparsity(self) -> None:
+        value = self.param_sparsity
+        if not is_number(value) or not math.isfinite(value) or not 0.0 < value < 1.0:
+            raise InvalidOptionError("param_sparsity", value, "the fraction of the model's parameters to remove must "
+                                     "be a number in (0, 1)")
+        names = list(self.sparsity)
+        structure_names(names)  # unknown or repeated names
+        if any(v is not None for v in self.sparsity.values()):
+            raise InvalidOptionError("sparsity", dict(self.sparsity), "with param_sparsity the allocation decides "
+                                     "each structure's share: name the structures only (structures=... or "
+                                     "{'ffn': None, 'heads': None})")
+        outside = [n for n in names if n not in BUDGETED_STRUCTURES]
+        if outside or not names:
+            raise InvalidOptionError("param_sparsity", value, f"takes parameters from "
+                                     f"{', '.join(BUDGETED_STRUCTURES)}, not {', '.join(outside) or 'nothing'}: "
+                                     "prune those in a separate call with sparsity")
+        if "heads" in names and "kv_heads" in names:
+            raise InvalidOptionError("sparsity", dict(self.sparsity), "prune either 'heads' (query heads per kv "
+                                     "group) or 'kv_heads' (whole kv heads with their query heads), not both")
+        object.__setattr__(self, "sparsity", dict.fromkeys(names))
+        if self.mode == "uniform" and len(names) > 1:
+            raise InvalidOptionError("param_sparsity", value, f"in uniform mode cannot split the parameters between "
+                                     f"{' and '.join(names)}: use mode='global' (one ranking across structures and "
+                                     "layers), or give each structure's fraction with sparsity")
+        if self.mode == "global" and len(names) > 1 and self.normalize == "none":
+            raise InvalidOptionError("normalize", self.normalize, f"param_sparsity ranks {' and '.join(names)} in one "
+                                     "list, whose raw scores are not comparable: set normalize='standardize' "
+                                     "(FLAP's per-layer standardisation) or 'mean' / 'l2'")
 
     def _check_max_keep(self) -> None:
         if self.max_keep is None:
             return
+        if self.param_sparsity is not None:
+            raise InvalidOptionError("max_keep", self.max_keep, "is not combined with param_sparsity: leave it out "
+                                     "(min_keep sets the floor of every layer)")
         if not is_number(self.max_keep) or not 0.0 < self.max_keep <= 1.0:
             raise InvalidOptionError("max_keep", self.max_keep, "the largest fraction of its channels one layer may "
                                      "keep must be in (0, 1]")
@@ -246,7 +310,7 @@ class PruningSpec:
             raise InvalidOptionError("min_keep", self.min_keep, "sets a floor on per-layer widths in global mode; "
                                      "uniform mode already keeps 1 - sparsity in every layer")
         for name in ("ffn", "heads", "kv_heads"):
-            if name in self.sparsity and self.min_keep > 1.0 - self.sparsity[name] + 1e-9:
+            if self.sparsity.get(name) is not None and self.min_keep > 1.0 - self.sparsity[name] + 1e-9:
                 raise InvalidOptionError("min_keep", self.min_keep, f"leaves too little to remove the {name} "
                                          f"sparsity {self.sparsity[name]:g}: set it to at most "
                                          f"{1 - self.sparsity[name]:.2f}")
