@@ -1,4 +1,5 @@
-"""The one place where peft-compress reaches past the public API of peft, transformers or Python's object model.
+"""The one place where peft-compress reaches past the public API of torch, peft, transformers or Python's object
+model.
 
 Everything else in the package uses public names only. Overriding the methods peft's ``BaseTuner`` and ``LoraModel``
 define for their subclasses (``_create_and_replace``, ``_create_new_module``, ``_prepare_adapter_config``,
@@ -19,16 +20,26 @@ is not counted here. What remains, and why:
   none before ``PeftModel.from_pretrained``/``load_adapter`` read the folder; :mod:`compress.adapter_io` needs one
   (atomic saves, checked folders) for the methods registered through :mod:`compress.registry`. These three methods
   of ``peft.PeftModel`` are wrapped once; for other methods' adapters the wrappers call peft unchanged.
+- :func:`active_ddp_module` and :func:`rebuild_ddp_buckets`: a pruning step during distributed training replaces
+  the trainable parameters of the model that ``torch.nn.parallel.DistributedDataParallel`` wraps, and the wrapper
+  (held by the ``Trainer``) must then bucket the new parameters. torch has no public call for either: which DDP
+  wrapper is running (so that a forward hook finds it), and building the buckets again, done here with the steps
+  of DDP's own constructor.
+- :func:`is_fsdp_flat_parameter`: FSDP (version 1) marks the flat parameters that hold a shard with an attribute;
+  torch exports no public test of it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from peft import PeftModel
 from peft.tuners._buffer_dict import BufferDict
+from torch import nn
 
-__all__ = ["BufferDict", "change_class", "wrap_peft_model_methods"]
+__all__ = ["BufferDict", "DDP_REBUILD_METHODS", "active_ddp_module", "change_class", "is_fsdp_flat_parameter",
+           "rebuild_ddp_buckets", "wrap_peft_model_methods"]
 
 _WRAPPED = "__compress_wrapped__"
 
@@ -55,3 +66,30 @@ def wrap_peft_model_methods(save_pretrained: Callable[[Callable], Callable],
     PeftModel.save_pretrained = wrapped["save_pretrained"]
     PeftModel.from_pretrained = classmethod(wrapped["from_pretrained"])
     PeftModel.load_adapter = wrapped["load_adapter"]
+
+
+#: the methods of ``DistributedDataParallel`` that :func:`rebuild_ddp_buckets` calls
+DDP_REBUILD_METHODS = ("_build_params_for_reducer", "_build_debug_param_to_name_mapping", "_ddp_init_helper")
+
+
+def active_ddp_module() -> nn.Module | None:
+    """The ``DistributedDataParallel`` wrapper whose forward is running now, if any."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module()
+
+
+def rebuild_ddp_buckets(ddp: nn.Module) -> int:
+    """Bucket the trainable parameters ``ddp.module`` has now, as ``DistributedDataParallel.__init__`` does
+    (callers first check that ``ddp`` has :data:`DDP_REBUILD_METHODS`). Returns how many it registered."""
+    ignored = ddp.parameters_to_ignore
+    ddp._module_parameters = [p for name, p in ddp.module.named_parameters() if name not in ignored]
+    parameters, expect_sparse_gradient = ddp._build_params_for_reducer()
+    names = ddp._build_debug_param_to_name_mapping(parameters)
+    ddp._ddp_init_helper(parameters, expect_sparse_gradient, names, ddp.static_graph)
+    return len(parameters)
+
+
+def is_fsdp_flat_parameter(param: torch.Tensor) -> bool:
+    """Whether ``param`` is one of FSDP's (version 1) flat parameters, which hold a shard."""
+    return bool(getattr(param, "_is_flat_param", False)) or type(param).__name__ == "FlatParameter"

@@ -30,6 +30,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, reduce
 from torch import nn
 
+from compress._compat import DDP_REBUILD_METHODS, active_ddp_module, is_fsdp_flat_parameter, rebuild_ddp_buckets
 from compress.errors import CompressError
 
 logger = logging.getLogger(__name__)
@@ -139,9 +140,7 @@ def mark_mean_loss(model: nn.Module) -> None:
 
 def active_ddp() -> nn.Module | None:
     """The ``DistributedDataParallel`` wrapper whose forward is running now, if any (call from a forward hook)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel._get_active_ddp_module()
+    return active_ddp_module()
 
 
 def refresh_ddp(ddp: nn.Module) -> None:
@@ -152,18 +151,13 @@ def refresh_ddp(ddp: nn.Module) -> None:
     module has now, exactly as DDP's constructor does, keeping the wrapper object the ``Trainer`` holds. Call it
     between steps (after the optimizer step, before the next forward).
     """
-    needed = ("_build_params_for_reducer", "_build_debug_param_to_name_mapping", "_ddp_init_helper")
-    if not all(hasattr(ddp, name) for name in needed):
+    if not all(hasattr(ddp, name) for name in DDP_REBUILD_METHODS):
         raise CompressError(
             f"this torch ({torch.__version__}) has a DistributedDataParallel that peft-compress cannot re-register "
             "after pruning: prune before training (model.base_model.prune(data=...)) and then train with DDP, or "
             "install the torch version pinned in pyproject.toml")
-    ignored = ddp.parameters_to_ignore
-    ddp._module_parameters = [p for name, p in ddp.module.named_parameters() if name not in ignored]
-    parameters, expect_sparse_gradient = ddp._build_params_for_reducer()
-    names = ddp._build_debug_param_to_name_mapping(parameters)
-    ddp._ddp_init_helper(parameters, expect_sparse_gradient, names, ddp.static_graph)
-    logger.info("re-registered %d trainable parameters with DistributedDataParallel after pruning", len(parameters))
+    count = rebuild_ddp_buckets(ddp)
+    logger.info("re-registered %d trainable parameters with DistributedDataParallel after pruning", count)
 
 
 def check_unsharded(model: nn.Module, action: str) -> None:
@@ -176,7 +170,7 @@ def check_unsharded(model: nn.Module, action: str) -> None:
     for name, param in model.named_parameters():
         if hasattr(param, "ds_id") or hasattr(param, "ds_status"):  # DeepSpeed ZeRO-3 partitioned parameter
             sharded = ("DeepSpeed ZeRO-3", name)
-        elif getattr(param, "_is_flat_param", False) or type(param).__name__ == "FlatParameter":
+        elif is_fsdp_flat_parameter(param):
             sharded = ("FSDP", name)
         elif _is_dtensor(param):
             sharded = ("FSDP2 (DTensor)", name)
