@@ -20,6 +20,7 @@ from compress import _registration
 from compress.errors import (
     CalibrationError,
     CompressError,
+    DataError,
     NothingToPruneError,
     OutputFolderError,
     UnsupportedModelError,
@@ -36,6 +37,8 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it, imported when the name is first used
 _PUBLIC = {
     "save_pretrained": "compress.export",
+    "PerplexityResult": "compress.evaluate",
+    "evaluate_perplexity": "compress.evaluate",
     "supported_model_types": "compress.pruning.arch",
     "PruneReport": "compress.pruning.engine",
     "prune_model": "compress.pruning.engine",
@@ -75,6 +78,7 @@ _MOVED_MODULES = {
 __all__ = [
     "CalibrationError",
     "CompressError",
+    "DataError",
     "Importance",
     "InvalidOptionError",
     "LadderSideConfig",
@@ -84,6 +88,7 @@ __all__ = [
     "MultiExitModel",
     "NothingToPruneError",
     "OutputFolderError",
+    "PerplexityResult",
     "PruneReport",
     "PruningAdapterCallback",
     "PruningAdapterConfig",
@@ -100,6 +105,7 @@ __all__ = [
     "apply_sparse_soup",
     "available_importances",
     "calibrate_exit_threshold",
+    "evaluate_perplexity",
     "load_sparse",
     "make_soup",
     "prune_model",

@@ -25,3 +25,7 @@ class OutputFolderError(CompressError, FileExistsError):
 
 class NothingToPruneError(CompressError):
     """The requested ratio removes nothing from a structure of this model."""
+
+
+class DataError(CompressError):
+    """Text or data for calibration or evaluation cannot be read, or is too short for what was asked."""

@@ -82,7 +82,7 @@ def test_prune_bert_ffn_taylor(work, capsys):
     assert "FLOPs, one 1x32 forward" in stdout
     assert "64 (all 2)" in stdout and "32 (all 2)" in stdout  # FFN widths before/after
     assert "without `import compress`" in stdout
-    assert "2 calibration batches" in stdout
+    assert "calibration: 16 rows of up to 32 tokens from " in stdout
     report = json.loads((out / "compress_report.json").read_text())
     assert report["params_after"] < report["params_before"] == 24482
 
@@ -141,7 +141,7 @@ def test_prune_with_normalised_scores_and_bias_compensation(work, capsys):
 def test_prune_llama_magnitude_needs_no_data(work, capsys):
     out = work / "llama-out"
     rc = main(["prune", str(work / "llama"), "--out", str(out), "--sparsity", "0.5", "--structures",
-               "ffn,kv_heads", "--importance", "magnitude", "--no-progress"])
+               "ffn,kv_heads", "--importance", "magnitude", "--max-length", "128", "--no-progress"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     cfg = _config(out)
@@ -150,19 +150,28 @@ def test_prune_llama_magnitude_needs_no_data(work, capsys):
     assert "kv heads per layer" in captured.out and "no tokenizer" in captured.out
     # a max length beyond the model's 64 positions is capped, with a warning
     assert "using 64" in captured.err and "FLOPs, one 1x64 forward" in captured.out
+    # magnitude on a causal LM: allowed, with one warning line
+    warnings = [line for line in captured.err.splitlines() if "magnitude" in line]
+    assert warnings == ["compress: WARNING: importance='magnitude' on a causal LM: weight norms miss the activation "
+                        "outliers of real LLMs and can break the model; flap or wanda_sp score with activations"]
 
 
-@pytest.mark.parametrize("name,structures", [("llama-tok", "ffn,heads"), ("t5", "ffn,heads")])
-def test_prune_lm_with_data(work, capsys, name, structures):
-    """Causal and seq2seq LMs score on the text itself, whatever labels the classification data has."""
+@pytest.mark.parametrize("name,calibration", [
+    ("llama-tok", "calibration: 32 rows x 16 tokens from {data} (column 'sentence', 20 rows joined with"),
+    ("t5", "calibration: 20 rows of up to 16 tokens from {data}, seed 0"),
+])
+def test_prune_lm_with_data(work, capsys, name, calibration):
+    """Causal and seq2seq LMs score on the text itself, whatever labels the classification data has: a causal LM
+    on rows of the text column's rows joined, T5 on the rows themselves."""
     src = work / name
     out = work / f"{name}-fisher"
-    rc = main(["prune", str(src), "--out", str(out), "--sparsity", "0.5", "--structures", structures,
+    rc = main(["prune", str(src), "--out", str(out), "--sparsity", "0.5", "--structures", "ffn,heads",
                "--importance", "fisher", "--data", str(work / "data.tsv"), "--max-length", "16",
                "--num-batches", "2", "--no-progress"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "fisher importance, 2 calibration batches" in captured.out
+    assert "fisher importance;" in captured.out
+    assert calibration.format(data=work / "data.tsv") in captured.out
 
 
 def test_build_calibration_labels(work):

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     model_type = str(config_dict.get("model_type", ""))
     architectures = ", ".join(config_dict.get("architectures") or []) or "(not recorded)"
     spec_cls = spec_class(family_type(config_dict))  # a multi-exit model: its backbone's family
-    _, auto_name = resolve_task(config_dict)
+    task, auto_name = resolve_task(config_dict)
     check_weight_files(model_dir, required=False)
     config = load_config(model_dir, config_dict)
 
@@ -85,7 +85,47 @@ def run(args: argparse.Namespace) -> int:
     out()
     for line in describe(allowed, tuple(spec_cls.uniform_only_structures)):
         out(line)
+    out()
+    for line in _option_lines(arch, task, model_type):
+        out(line)
     return _status(model_dir, mismatches)
+
+
+def _option_lines(arch, task: str | None, model_type: str) -> list[str]:
+    """What --reconstruct, --compensate-bias, --data and --importance do for this model (``arch``: its family spec on
+    the meta model)."""
+    from compress.pruning.arch import base_model_type
+    from compress.pruning.reconstruct import bias_fit_structures
+
+    family = base_model_type(model_type)
+    flags = arch.bias_flags()
+    with_bias, without = bias_fit_structures(arch, ["ffn", "heads"])
+    projections = {"ffn": [site.output for site in arch.ffn_sites()],
+                   "heads": [site.o for site in arch.attention_sites()]}
+    through = [flags[kind].flag for kind in with_bias
+               if kind in flags and any(layer.bias is None for layer in projections[kind])]
+    via = f" (sets {' / '.join(through)})" if through else ""
+    if arch.sequential_reason:
+        reconstruct = f"not available ({arch.sequential_reason})"
+    elif without and not with_bias:
+        reconstruct = f"refits kept weights, without a bias (the {family} config cannot hold one there)"
+    elif without:
+        reconstruct = f"refits kept weights, and biases where the config can hold them{via}"
+    else:
+        reconstruct = f"refits kept weights and biases{via}"
+    compensate = f"not available (the {family} config cannot give the output projections a bias)" if without \
+        else f"yes{via}"
+    if task == "causal-lm":
+        data = "text, 128 rows x 512 tokens by default (--num-batches x --batch-size, --max-length)"
+        importance = "flap or wanda_sp, with --reconstruct least_squares (magnitude breaks real LLMs)"
+    else:
+        data = "labelled rows (sst2-sample, .tsv/.csv/.jsonl, a saved dataset), up to 128 tokens each"
+        importance = "taylor (default) or fisher on labelled --data; flap, wanda_sp, activation need no labels"
+    return ["options for this model (compress prune ...):",
+            f"  --reconstruct least_squares  {reconstruct}",
+            f"  --compensate-bias            {compensate}",
+            f"  --data                       {data}",
+            f"  --importance                 {importance}"]
 
 
 def _status(model_dir: Path, mismatches: list[str]) -> int:

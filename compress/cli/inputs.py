@@ -279,8 +279,28 @@ def resolve_device(name: str):
     return device
 
 
+def build_text_calibration(corpus, tokenizer, model, *, num_rows: int, length: int, batch_size: int, seed: int,
+                           task_loss: bool) -> list[dict]:
+    """Calibration batches of a causal LM: ``num_rows`` rows of ``length`` tokens of ``corpus``
+    (:func:`compress.data.calibration_rows`), ``batch_size`` rows per batch, with ``labels`` (the tokens themselves)
+    when ``task_loss`` (gradient importance)."""
+    import torch
+
+    from compress.data import calibration_rows
+
+    rows = calibration_rows(corpus, tokenizer, num_rows=num_rows, length=length, seed=seed)
+    batches = []
+    for chunk in rows.split(batch_size):
+        batch = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+        if task_loss:
+            batch["labels"] = chunk.clone()
+        batches.append(batch)
+    _check_token_ids(batches, model, tokenizer)
+    return batches
+
+
 def build_calibration(dataset, tokenizer, model, task: str | None, *, max_length: int, batch_size: int,
-                      num_batches: int, task_loss: bool = True) -> list[dict]:
+                      num_batches: int, task_loss: bool = True, seed: int = 0) -> list[dict]:
     """Tokenise ``dataset`` and cut it into calibration batches whose ``labels`` suit the model's head.
 
     With ``task_loss`` (gradient importance), sequence classification keeps the class labels and causal,
@@ -308,7 +328,7 @@ def build_calibration(dataset, tokenizer, model, task: str | None, *, max_length
     if class_labels:
         tokenized = _class_labels(tokenized, int(getattr(model.config, "num_labels", 0) or 0))
     batches = calibration_batches(tokenized, batch_size=batch_size, num_batches=num_batches,
-                                  tokenizer=tokenizer, include_labels=class_labels)
+                                  tokenizer=tokenizer, include_labels=class_labels, seed=seed)
     _check_token_ids(batches, model, tokenizer)
     if task_loss and not class_labels:
         for batch in batches:

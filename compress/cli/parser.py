@@ -11,12 +11,18 @@ from __future__ import annotations
 import argparse
 
 from compress.pruning.arch import ARCH_SPECS, supported_model_types
-from compress.pruning.spec import MODES, NORMALIZATIONS, STRUCTURES
+from compress.pruning.spec import DEFAULT_DAMPING, MODES, NORMALIZATIONS, RECONSTRUCTIONS, STRUCTURES
 from compress.tasks import TASKS
 
 from .errors import UsageError
 
 PROG = "compress"
+#: what `compress eval` reads when --data is not given: WikiText-2 (raw) from the Hub, its test split
+EVAL_DATASET, EVAL_DATASET_CONFIG, EVAL_SPLIT = "wikitext", "wikitext-2-raw-v1", "test"
+#: the dtypes `compress eval` loads a model in
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+#: tokens per calibration row of a causal LM, and per row of other calibration data (truncation)
+TEXT_ROW_LENGTH, MAX_LENGTH = 512, 128
 
 
 def _version() -> str:
@@ -80,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  compress info ./bert-sst2\n"
             "  compress prune ./bert-sst2 --out ./bert-sst2-ffn50 --sparsity 0.5 --structures ffn "
             "--data sst2-sample\n"
+            "  compress prune ./llama --out ./llama-ffn30 --sparsity 0.3 --importance flap "
+            "--reconstruct least_squares --data valid.tokens.txt\n"
+            "  compress eval ./llama-ffn30 --data wiki.test.raw\n"
             "  compress push ./bert-sst2-ffn50 my-user/bert-sst2-ffn50\n"
             "  compress prune --help\n\n"
             "exit status: 0 success, 2 bad arguments or inputs, 1 a run that failed part-way."
@@ -106,8 +115,71 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by save_pretrained")
     _common_flags(info, top=False)
     info.set_defaults(command_module="info")
+    _eval_parser(sub)
     _push_parser(sub)
     return parser
+
+
+def _eval_parser(sub) -> None:
+    evaluate = sub.add_parser(
+        "eval",
+        formatter_class=_Formatter,
+        help="perplexity of a causal LM on WikiText-2 or any text, with its protocol",
+        description=(
+            "Perplexity of a causal language model (a folder written by save_pretrained, ours or any other,\n"
+            "or a Hub model id) on a text: by default WikiText-2 from the Hub "
+            f"({EVAL_DATASET}, {EVAL_DATASET_CONFIG},\n{EVAL_SPLIT} split, its rows joined with blank lines), "
+            "or --data. The text is tokenised as a whole;\n"
+            "the first --max-tokens tokens are scored in windows of --window tokens that start every --stride\n"
+            "tokens, each token predicted once from the tokens before it in its window (with --stride equal\n"
+            "to --window, the default, the first token of each window is not scored). Prints the perplexity\n"
+            "with its protocol (tokens, window, stride, dtype, the text and how it was joined); --out FILE\n"
+            "saves both as JSON. Models from --mode global load as well (compact classes)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  # WikiText-2 from the Hub (needs the network or the datasets cache)\n"
+            "  compress eval ./llama-ffn30\n\n"
+            "  # a local copy of the raw test file: lines joined with blank lines, as the Hub rows are\n"
+            "  compress eval ./llama-ffn30 --data wiki.test.raw --max-tokens 8192 --window 512 --out ppl.json"
+        ),
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="model folder, or a Hub model id")
+    data = evaluate.add_argument_group("text")
+    data.add_argument("--data", default=None, metavar="FILE_OR_DATASET",
+                      help="a text file (.txt: as is; .raw, WikiText's raw files: lines joined with blank lines), a "
+                           ".jsonl/.json/.csv/.tsv file or save_to_disk folder with a text column, or a Hub dataset "
+                           f"id (default: {EVAL_DATASET} with --data-config {EVAL_DATASET_CONFIG})")
+    data.add_argument("--data-config", default=None, metavar="NAME",
+                      help="configuration of a Hub dataset, e.g. wikitext-2-raw-v1")
+    data.add_argument("--split", default=EVAL_SPLIT,
+                      help="split of a Hub dataset or saved DatasetDict (default: %(default)s)")
+    data.add_argument("--text-column", default=None, metavar="NAME",
+                      help="column holding the text (default: text, or sentence, content, ...)")
+    protocol = evaluate.add_argument_group("protocol")
+    protocol.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                          help="score the first N tokens of the text (default: all)")
+    protocol.add_argument("--window", type=int, default=TEXT_ROW_LENGTH, metavar="N",
+                          help="tokens per forward pass, at most the model's positions (default: %(default)s)")
+    protocol.add_argument("--stride", type=int, default=None, metavar="N",
+                          help="tokens between window starts, at most --window; smaller values give every scored "
+                               "token more context (default: --window, no overlap)")
+    protocol.add_argument("--dtype", default="float32", choices=EVAL_DTYPES,
+                          help="dtype to load the model in (default: %(default)s)")
+    run = evaluate.add_argument_group("running and saving")
+    run.add_argument("--batch-size", type=int, default=1, metavar="N",
+                     help="windows per forward pass (default: %(default)s)")
+    run.add_argument("--tokenizer", default=None, metavar="DIR",
+                     help="tokenizer folder, if not saved with the model (default: MODEL)")
+    run.add_argument("--device", default="auto",
+                     help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: %(default)s)")
+    run.add_argument("--out", "-o", default=None, metavar="FILE",
+                     help="write the result and its protocol to FILE as JSON (a new file, or see --overwrite)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace --out if it holds an earlier result of compress eval")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _common_flags(evaluate, top=False)
+    evaluate.set_defaults(command_module="evaluate")
 
 
 def _push_parser(sub) -> None:
@@ -163,9 +235,11 @@ def _prune_parser(sub, types: str) -> None:
             "  # FFN neurons and heads ranked across layers, calibrated on a GLUE folder\n"
             "  compress prune ./bert-sst2 --out ./bert-global --sparsity 0.3 --structures ffn,heads \\\n"
             "      --mode global --data glue/SST-2 --num-batches 16\n\n"
-            "  # data-free: weight magnitude; whole kv heads of a Llama/Qwen2 model\n"
-            "  compress prune ./llama --out ./llama-pruned --sparsity 0.25 --structures ffn,kv_heads \\\n"
-            "      --importance magnitude\n\n"
+            "  # a decoder LLM: FLAP's criterion, least-squares refit, 128 rows x 512 tokens of a text file\n"
+            "  compress prune ./llama --out ./llama-ffn30 --sparsity 0.3 --structures ffn --importance flap \\\n"
+            "      --reconstruct least_squares --data valid.tokens.txt\n\n"
+            "  # data-free: weight magnitude (fine for small encoders; it breaks real decoder LLMs)\n"
+            "  compress prune ./bert-sst2 --out ./bert-pruned --sparsity 0.25 --importance magnitude\n\n"
             "  # a different sparsity per structure\n"
             "  compress prune ./bert-sst2 --out ./bert-mixed --sparsity ffn=0.5,layers=0.25 --importance l1\n\n"
             f"supported model types: {types}\n"
@@ -187,40 +261,68 @@ def _prune_parser(sub, types: str) -> None:
                       help=f"comma-separated structures to prune, from: {', '.join(STRUCTURES)} "
                            "(default: ffn, or the names given in --sparsity)")
     what.add_argument("--importance", default="taylor", metavar="NAME",
-                      help="how units are scored (an unknown name lists them all): taylor and fisher use "
-                           "gradients of the task loss on --data; "
-                           "activation (mean activation magnitude, no labels) uses --data; magnitude/l1/l2 "
-                           "(weight norms) and random need no data; or a criterion of your own, registered with "
-                           "compress.register_importance by a module: MODULE:NAME imports MODULE (from the "
-                           "current folder or PYTHONPATH) and uses its criterion NAME (default: %(default)s)")
+                      help="how units are scored (an unknown name lists them all): taylor, taylor_elementwise and "
+                           "fisher use gradients of the task loss on --data; flap, wanda_sp, activation and "
+                           "block_influence (layers) read activations on --data, no labels (flap or wanda_sp for "
+                           "decoder LLMs); magnitude/l1/l2 (weight norms) and random need no data; or a criterion "
+                           "of your own, registered with compress.register_importance by a module: MODULE:NAME "
+                           "imports MODULE (from the current folder or PYTHONPATH) and uses its criterion NAME "
+                           "(default: %(default)s)")
     what.add_argument("--mode", default="uniform", choices=MODES,
                       help="uniform: same width in every layer, plain transformers folder; global: rank "
                            "units across layers, needs `import compress` to load (default: %(default)s)")
     what.add_argument("--normalize", default="none", choices=NORMALIZATIONS,
-                      help="global mode: scale each layer's scores by their mean / L2 norm before ranking "
-                           "across layers, so layers near the loss do not win by scale (default: %(default)s)")
+                      help="global mode: scale each layer's scores by their mean / L2 norm, or standardize them "
+                           "(minus their mean, over their standard deviation: FLAP), before ranking across layers, "
+                           "so layers near the loss do not win by scale (default: %(default)s)")
     what.add_argument("--max-keep", type=float, default=None, metavar="F",
                       help="global mode: the largest fraction of its FFN neurons / heads any one layer keeps, "
                            "e.g. 0.6; at least 1 - sparsity (default: no cap)")
+    what.add_argument("--min-keep", type=float, default=None, metavar="F",
+                      help="global mode: the smallest fraction of its FFN neurons / query heads / kv heads any one "
+                           "layer keeps, e.g. 0.2; at most 1 - sparsity (default: one neuron, one head per kv group)")
     what.add_argument("--compensate-bias", action="store_true",
                       help="add removed neurons'/heads' mean contribution (measured on --data) to the output "
-                           "projection's bias; projections without a bias are left as they are")
+                           "projection's bias; Llama gets one through mlp_bias / attention_bias, families whose "
+                           "config cannot hold one (Qwen2, T5) are refused")
+    what.add_argument("--reconstruct", default="none", choices=RECONSTRUCTIONS,
+                      help="least_squares: prune block by block on --data and refit the kept weights of each FFN / "
+                           "attention output projection by ridge least squares, with its bias where the family can "
+                           "hold one (Llama: mlp_bias / attention_bias), without where it cannot (Qwen2); the "
+                           "strongest option for decoder LLMs (default: %(default)s)")
+    what.add_argument("--damping", type=float, default=None, metavar="F",
+                      help="the ridge of --reconstruct least_squares, relative to the kept channels' mean variance: "
+                           f"larger stays closer to plain removal (default: {DEFAULT_DAMPING:g})")
     what.add_argument("--round-to", type=int, default=1, metavar="N",
                       help="keep FFN widths a multiple of N, e.g. 8 or 64 for faster kernels "
                            "(default: %(default)s)")
-    data = prune.add_argument_group("calibration data (taylor / fisher / --compensate-bias)")
+    data = prune.add_argument_group(
+        "calibration data (criteria that read activations or gradients, --compensate-bias, --reconstruct)",
+        "A causal LM calibrates on text: --num-batches x --batch-size rows of exactly --max-length tokens\n"
+        "(default 8 x 16 = 128 rows x 512 tokens) at seeded random offsets of the tokenised text. Other\n"
+        "models read labelled rows (classification data), truncated to --max-length (default 128).")
     data.add_argument("--data", default=None, metavar="FILE_OR_DATASET",
-                      help="'sst2-sample' (shipped), a GLUE-style .tsv/.csv/.jsonl file or folder, or a "
-                           "datasets save_to_disk folder. Required by taylor and fisher")
+                      help="causal LMs: a text file (.txt: as is; .raw, WikiText's raw files: lines joined with "
+                           "blank lines), a .jsonl/.json/.csv/.tsv file or save_to_disk folder with a text column "
+                           "(rows joined with blank lines), or a Hub dataset id. Other models: 'sst2-sample' "
+                           "(shipped), a GLUE-style .tsv/.csv/.jsonl file or folder, or a save_to_disk folder")
+    data.add_argument("--data-config", default=None, metavar="NAME",
+                      help="configuration of a Hub dataset, e.g. wikitext-2-raw-v1")
     data.add_argument("--split", default="train",
-                      help="split to read from a folder or saved DatasetDict (default: %(default)s)")
+                      help="split to read from a folder, saved DatasetDict or Hub dataset (default: %(default)s)")
+    data.add_argument("--text-column", default=None, metavar="NAME",
+                      help="causal LMs: the column holding the text (default: text, or sentence, content, ...)")
     data.add_argument("--num-batches", type=int, default=8, metavar="N",
                       help="calibration batches to score with (default: %(default)s)")
     data.add_argument("--batch-size", type=int, default=16, metavar="N",
                       help="rows per calibration batch (default: %(default)s)")
-    data.add_argument("--max-length", type=int, default=128, metavar="N",
-                      help="tokens per row (truncation), also the sequence length of the FLOPs estimate; "
-                           "capped at the model's position limit (default: %(default)s)")
+    data.add_argument("--max-length", type=int, default=None, metavar="N",
+                      help="tokens per row, also the sequence length of the FLOPs estimate; capped at the "
+                           f"model's position limit (default: {TEXT_ROW_LENGTH} for a causal LM's text rows, "
+                           f"else {MAX_LENGTH})")
+    data.add_argument("--seed", type=int, default=0, metavar="N",
+                      help="which rows calibrate: the offsets of a causal LM's text rows, the sample of other "
+                           "data's rows (default: %(default)s)")
     model = prune.add_argument_group("loading and saving")
     model.add_argument("--task-type", default="auto", choices=("auto", *TASKS),
                        help="which head to load MODEL_DIR with; auto reads `architectures` in config.json "

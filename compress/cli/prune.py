@@ -16,6 +16,7 @@ from .errors import RunFailed, UsageError
 from .inputs import (
     build_calibration,
     build_meta_model,
+    build_text_calibration,
     check_weight_files,
     load_config,
     load_tokenizer,
@@ -25,6 +26,7 @@ from .inputs import (
     resolve_task,
     shape_mismatches,
 )
+from .parser import MAX_LENGTH, TEXT_ROW_LENGTH
 from .prunable import family_type, is_multi_exit, prunable, pruned_module, refuse_unavailable
 from .summary import format_size, forward_flops, out, summary_rows
 
@@ -134,15 +136,20 @@ def _prune(args: argparse.Namespace) -> int:
     from compress.pruning.arch import arch_spec, base_model_type, spec_class, supported_model_types
     from compress.pruning.engine import check_support, prune_model
     from compress.pruning.importance import get_importance
-    from compress.pruning.spec import PruningSpec, parse_sparsity
+    from compress.pruning.reconstruct import check_reconstructable
+    from compress.pruning.spec import RECONSTRUCTED_STRUCTURES, PruningSpec, parse_sparsity
 
     # -- validate everything cheap before loading anything ------------------------------------------------
     for name in ("num_batches", "batch_size", "max_length"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
+        if getattr(args, name) is not None:
+            _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    damping = {} if args.damping is None else {"damping": args.damping}
     spec = PruningSpec.from_options(parse_sparsity(args.sparsity), args.structures, mode=args.mode,
                                     importance=criterion_name(args.importance), normalize=args.normalize,
-                                    max_keep=args.max_keep, round_to=args.round_to,
-                                    compensate_bias=args.compensate_bias)
+                                    max_keep=args.max_keep, min_keep=args.min_keep, round_to=args.round_to,
+                                    compensate_bias=args.compensate_bias, reconstruct=args.reconstruct, **damping)
     criterion = get_importance(spec.importance)
     model_dir, config_dict = read_config_json(args.model_dir)
     model_type = str(config_dict.get("model_type", ""))
@@ -168,34 +175,55 @@ def _prune(args: argparse.Namespace) -> int:
                          + (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
                          + "; fix config.json or re-save the model with save_pretrained")
     # a multi-exit model, or one whose widths differ per layer, allows less than its family: as info lists
-    per_layer_widths = not arch_spec(pruned_module(structure)).fits_standard_config()
+    arch = arch_spec(pruned_module(structure))
+    per_layer_widths = not arch.fits_standard_config()
     refuse_unavailable(prunable(spec_cls, model_type, per_layer_widths), spec.sparsity, spec.mode, str(model_dir))
-    del structure
+    # what the engine refuses before calibrating, refused here before the weights load
+    if spec.reconstruct != "none":
+        check_reconstructable(arch)
+    if spec.compensate_bias:
+        arch.check_output_biases([s for s in spec.sparsity if s in RECONSTRUCTED_STRUCTURES])
+    del structure, arch
 
-    dataset = None
-    if criterion.needs_calibration or spec.compensate_bias:
+    reconstruct = spec.reconstruct != "none"
+    text_rows = task == "causal-lm"  # a causal LM calibrates on rows of text; other heads on labelled rows
+    dataset = corpus = None
+    if criterion.needs_calibration or spec.compensate_bias or reconstruct:
         if not args.data:
-            if not criterion.needs_calibration:
-                needs = "--compensate-bias measures mean activations"
-            elif getattr(criterion, "needs_gradients", True):
+            if criterion.needs_calibration and getattr(criterion, "needs_gradients", True):
                 needs = f"--importance {spec.importance_name} scores units with the task loss"
-            else:
+            elif criterion.needs_calibration:
                 needs = f"--importance {spec.importance_name} scores units by their activations"
+            elif reconstruct:
+                needs = f"--reconstruct {spec.reconstruct} refits the kept weights on calibration activations"
+            else:
+                needs = "--compensate-bias measures mean activations"
+            example = "a text file, e.g. --data valid.tokens.txt" if text_rows else "e.g. --data sst2-sample or a " \
+                ".tsv file"
             raise CalibrationError(
-                f"{needs} and needs --data (e.g. --data sst2-sample or a .tsv file); or use --importance "
-                "magnitude without --compensate-bias, which needs no data")
-        from compress.data import load_task
+                f"{needs} and needs --data ({example}); or use --importance magnitude without --compensate-bias "
+                "and --reconstruct, which needs no data")
+        if text_rows:
+            from compress.data import load_text
 
-        try:
-            dataset = load_task(args.data, split=args.split)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(f"--data: {exc}") from None
+            corpus = load_text(args.data, split=args.split, config_name=args.data_config,
+                               text_column=args.text_column)
+        else:
+            from compress.data import load_task
+
+            for flag, value in (("--text-column", args.text_column), ("--data-config", args.data_config)):
+                if value is not None:
+                    logger.warning("%s ignored: it applies to the text a causal LM calibrates on", flag)
+            try:
+                dataset = load_task(args.data, split=args.split)
+            except (FileNotFoundError, ValueError) as exc:
+                raise UsageError(f"--data: {exc}") from None
     elif args.data:
         logger.warning("--data ignored: --importance %s needs no calibration data", spec.importance_name)
 
     tokenizer_dir = Path(args.tokenizer).expanduser() if args.tokenizer else model_dir
     tokenizer = load_tokenizer(tokenizer_dir, explicit=args.tokenizer is not None)
-    if dataset is not None and tokenizer is None:
+    if (dataset is not None or corpus is not None) and tokenizer is None:
         raise UsageError(f"--data needs a tokenizer, and {model_dir} has none; pass --tokenizer DIR")
 
     import transformers
@@ -209,17 +237,33 @@ def _prune(args: argparse.Namespace) -> int:
     model.to(device)
     model.eval()
 
-    seq_len = args.max_length
+    seq_len = args.max_length or (TEXT_ROW_LENGTH if text_rows else MAX_LENGTH)
     limit = position_limit(model.config, tokenizer)
     if limit is not None and seq_len > limit:
-        logger.warning("--max-length %d exceeds the model's limit of %d positions; using %d", seq_len, limit, limit)
+        if args.max_length is not None:
+            logger.warning("--max-length %d exceeds the model's limit of %d positions; using %d", seq_len, limit,
+                           limit)
+        else:
+            logger.info("rows of %d tokens: the model's limit of positions", limit)
         seq_len = limit
 
     batches = None
-    if dataset is not None:
-        task_loss = criterion.needs_calibration and getattr(criterion, "needs_gradients", True)
+    calibration = ""
+    task_loss = criterion.needs_calibration and getattr(criterion, "needs_gradients", True)
+    if corpus is not None:
+        batches = build_text_calibration(corpus, tokenizer, model, num_rows=args.num_batches * args.batch_size,
+                                         length=seq_len, batch_size=args.batch_size, seed=args.seed,
+                                         task_loss=task_loss)
+        calibration = (f"calibration: {args.num_batches * args.batch_size} rows x {seq_len} tokens from "
+                       f"{corpus.describe()}, seed {args.seed}")
+    elif dataset is not None:
         batches = build_calibration(dataset, tokenizer, model, task, max_length=seq_len,
-                                    batch_size=args.batch_size, num_batches=args.num_batches, task_loss=task_loss)
+                                    batch_size=args.batch_size, num_batches=args.num_batches, task_loss=task_loss,
+                                    seed=args.seed)
+        rows = sum(len(batch["input_ids"]) for batch in batches)
+        calibration = f"calibration: {rows} rows of up to {seq_len} tokens from {args.data}, seed {args.seed}"
+    if calibration:
+        logger.info("%s", calibration)
 
     # -- prune, measure, save: failures from here on are runtime errors (exit 1) -------------------------
     with _run_phase():
@@ -241,10 +285,14 @@ def _prune(args: argparse.Namespace) -> int:
             why = f"widths are kept a multiple of --round-to {spec.round_to}" if name == "ffn" and spec.round_to > 1 \
                 else _WHOLE_UNITS.get(name, "whole units")
             logger.warning("%s: removed %.1f%%, not the %.1f%% asked (%s)", name, 100 * achieved, 100 * asked, why)
-    calibration = f", {len(batches)} calibration batches" if batches else ""
     what = f"multi-exit {base_model_type(family_type(config_dict))}" if is_multi_exit(model_type) else model_type
+    refit = f", {spec.reconstruct} reconstruction" if reconstruct else ""
     out(f"Pruned {what} ({type(model).__name__}): removed {removed_summary(report.to_dict())}; {spec.mode} "
-        f"mode, {spec.importance_name} importance{calibration}; {elapsed:.1f} s")
+        f"mode, {spec.importance_name} importance{refit}; {elapsed:.1f} s")
+    if calibration:
+        out(calibration)
+    for note in report.notes:
+        out(f"note: {note}")
     out()
     out(format_table(summary_rows(report, flops_before, flops_after, seq_len)))
     out()

@@ -10,11 +10,15 @@ Every loader returns a :class:`datasets.Dataset` with normalised columns:
 Files are parsed by ``datasets.load_dataset`` (GLUE ``.tsv`` files with quoting disabled: their sentences contain
 unbalanced ``"``) into memory, so nothing is written next to them or into the datasets cache.
 
+Language models read text instead: :func:`load_text` reads one text (a file, a saved dataset, a Hub dataset) as
+a :class:`Corpus` that records how it was read and joined, and :func:`calibration_rows` cuts seeded rows of tokens
+from it (:mod:`compress.data.text`).
+
 The package is split by concern: :mod:`compress.data.batches` (tokenising and calibration batches, what the
 library itself uses) and the file formats, which only the command line and the recipes read and which are
 imported on first use of their names: :mod:`compress.data.files` (``load_task``, the shipped sample, generic
-files and saved datasets), :mod:`compress.data.glue` (GLUE tsv layouts) and :mod:`compress.data.parse`
-(``load_dataset`` calls and error messages).
+files and saved datasets), :mod:`compress.data.glue` (GLUE tsv layouts), :mod:`compress.data.text` (text for
+language models) and :mod:`compress.data.parse` (``load_dataset`` calls and error messages).
 """
 
 from __future__ import annotations
@@ -27,11 +31,15 @@ from compress.data.batches import calibration_batches, tokenize_dataset
 __all__ = [
     "SHIPPED_SAMPLE",
     "SUPPORTED_TASKS",
+    "Corpus",
     "calibration_batches",
+    "calibration_rows",
     "load_task",
+    "load_text",
     "read_glue_tsv",
     "shipped_sample_path",
     "tokenize_dataset",
+    "tokenize_text",
 ]
 
 #: public names of the file-format modules, imported when first asked for (PEP 562)
@@ -41,6 +49,10 @@ _FILE_FORMATS = {
     "shipped_sample_path": "compress.data.files",
     "SUPPORTED_TASKS": "compress.data.glue",
     "read_glue_tsv": "compress.data.glue",
+    "Corpus": "compress.data.text",
+    "calibration_rows": "compress.data.text",
+    "load_text": "compress.data.text",
+    "tokenize_text": "compress.data.text",
 }
 
 

@@ -2,10 +2,11 @@
 file (internal to :mod:`compress.data`).
 
 ``.tsv`` and ``.csv`` files go through the ``"csv"`` builder (every column read as text; ``.tsv`` with quoting
-disabled, because GLUE sentences contain unbalanced ``"``), ``.jsonl`` files through the ``"json"`` builder. Each
-file is parsed through a throwaway cache folder: nothing is written next to the user's file or into ``~/.cache``,
-and a file edited since the last run is never answered from a stale cache. What the builders do not do (count
-the fields of every row, name the line of a bad row) is done here with the standard library.
+disabled, because GLUE sentences contain unbalanced ``"``), ``.jsonl`` files through the ``"json"`` builder, plain
+text files through the ``"text"`` builder. Each file is parsed through a throwaway cache folder: nothing is written
+next to the user's file or into ``~/.cache``, and a file edited since the last run is never answered from a stale
+cache. What the builders do not do (count the fields of every row, name the line of a bad row) is done here with the
+standard library.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _parse_file(builder: Literal["csv", "json"], path: Path, **options: Any) -> Dataset:
+def _parse_file(builder: Literal["csv", "json", "text"], path: Path, **options: Any) -> Dataset:
     """Parse one local file with datasets' packaged ``builder`` into an in-memory Dataset."""
     # datasets fingerprints a local data file by path and mtime only, so a file rewritten with its old mtime
     # (cp -p, rsync -t, tar x) would be answered from ~/.cache with the old rows: a throwaway cache_dir plus
@@ -117,6 +118,12 @@ def _not_utf8_error(path: Path) -> ValueError:
             "re-save the file as UTF-8"
         )
     return ValueError(f"{path} is not UTF-8 text; re-save the file as UTF-8")
+
+
+def parse_text(path: Path, by_line: bool) -> Dataset:
+    """Parse a plain text file with load_dataset("text") into a ``text`` column: one row per line (line breaks
+    dropped) with ``by_line``, else the whole file as one row. Line endings become ``\\n`` either way."""
+    return _parse_file("text", path, sample_by="line" if by_line else "document")
 
 
 def parse_jsonl(path: Path) -> Dataset:
