@@ -116,6 +116,18 @@ def test_eval_loads_a_compact_global_folder(work, capsys):
     assert "(CompressedLlamaForCausalLM" in out
 
 
+def test_param_sparsity_lets_the_ranking_share_a_parameter_budget(work, capsys):
+    rc, out, err = _run(["prune", work / "llama", "--out", work / "llama-budget", "--param-sparsity", "0.2",
+                         "--structures", "ffn,heads", "--mode", "global", "--normalize", "standardize", "--importance",
+                         "flap", "--data", work / "text.txt", "--num-batches", "1", "--batch-size", "4",
+                         "--max-length", "32", "--no-progress"], capsys)
+    assert rc == 0, err
+    saved = json.loads((work / "llama-budget" / "compress_report.json").read_text())
+    assert saved["param_sparsity"] == 0.2
+    assert f"parameters removed: {saved['achieved_param_sparsity']:.1%} (asked 20.0%" in out
+    assert not err  # no warning about a sparsity the allocation chose
+
+
 def test_eval_out_is_new_or_an_earlier_result(work, capsys):
     result = work / "result.json"
     argv = ["eval", work / "llama", "--data", work / "text.txt", "--window", "16", "--max-tokens", "64", "--out",
@@ -197,6 +209,8 @@ PRUNE_ERRORS = {
     "text-column-missing": (["--data", "{w}/rows.jsonl", "--text-column", "body"],
                             "has no column 'body' (columns: text)"),
     "empty-text": (["--data", "{w}/empty.txt"], "empty.txt holds no text"),
+    "param-sparsity-with-sparsity": (["--param-sparsity", "0.2", "--sparsity", "0.3"],
+                                     "--param-sparsity 0.2: replaces sparsity"),
 }
 
 

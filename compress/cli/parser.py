@@ -254,9 +254,13 @@ def _prune_parser(sub, types: str) -> None:
     prune.add_argument("--out", "-o", required=True, metavar="DIR",
                        help="folder to write the pruned model to (new or empty, or see --overwrite)")
     what = prune.add_argument_group("what to prune")
-    what.add_argument("--sparsity", default="0.5", metavar="S",
+    what.add_argument("--sparsity", default=None, metavar="S",
                       help="fraction of each structure to remove, in (0, 1); or per structure, e.g. "
-                           "ffn=0.5,heads=0.25 (default: %(default)s)")
+                           "ffn=0.5,heads=0.25 (default: 0.5)")
+    what.add_argument("--param-sparsity", type=float, default=None, metavar="F",
+                      help="instead of --sparsity: the fraction of all the model's parameters to remove from "
+                           "--structures (ffn, heads, kv_heads); in global mode one ranking decides each structure's "
+                           "and layer's share")
     what.add_argument("--structures", default=None, metavar="S[,S...]",
                       help=f"comma-separated structures to prune, from: {', '.join(STRUCTURES)} "
                            "(default: ffn, or the names given in --sparsity)")

@@ -146,7 +146,8 @@ def _prune(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
     damping = {} if args.damping is None else {"damping": args.damping}
-    spec = PruningSpec.from_options(parse_sparsity(args.sparsity), args.structures, mode=args.mode,
+    sparsity = parse_sparsity(args.sparsity) if args.sparsity is not None else None
+    spec = PruningSpec.from_options(sparsity, args.structures, mode=args.mode, param_sparsity=args.param_sparsity,
                                     importance=criterion_name(args.importance), normalize=args.normalize,
                                     max_keep=args.max_keep, min_keep=args.min_keep, round_to=args.round_to,
                                     compensate_bias=args.compensate_bias, reconstruct=args.reconstruct, **damping)
@@ -280,6 +281,8 @@ def _prune(args: argparse.Namespace) -> int:
         size = folder_size(saved)
 
     for name, asked in spec.sparsity.items():
+        if asked is None:  # --param-sparsity: the allocation chose it
+            continue
         achieved = report.achieved_sparsity[name]
         if f"{achieved:.0%}" != f"{asked:.0%}":
             why = f"widths are kept a multiple of --round-to {spec.round_to}" if name == "ffn" and spec.round_to > 1 \
@@ -289,6 +292,9 @@ def _prune(args: argparse.Namespace) -> int:
     refit = f", {spec.reconstruct} reconstruction" if reconstruct else ""
     out(f"Pruned {what} ({type(model).__name__}): removed {removed_summary(report.to_dict())}; {spec.mode} "
         f"mode, {spec.importance_name} importance{refit}; {elapsed:.1f} s")
+    if spec.param_sparsity is not None:
+        out(f"parameters removed: {report.achieved_param_sparsity:.1%} (asked {spec.param_sparsity:.1%}, added biases "
+            "included)")
     if calibration:
         out(calibration)
     for note in report.notes:
