@@ -172,8 +172,8 @@ def obs_select(unit: Unit, planned: list[int], weight: torch.Tensor, stats: Proj
     :func:`~compress.pruning.plan.reselect`), chosen greedily by structured optimal brain surgeon on the inputs of
     its output projection (``weight``, out x in) with ``stats``.
 
-    With H = S + lambda I (S the covariance of the inputs, their second moment unless ``centred``; lambda as in
-    :func:`least_squares_update`), removing channel j and refitting the others by least squares costs
+    With H = S + lambda I (S the covariance of the inputs, their second moment unless ``centred``; lambda
+    ``damping`` times the mean of S's diagonal), removing channel j and refitting the others by least squares costs
     ||W_j||^2 / (H^-1)_jj; a head (a block B of ``head_dim`` channels) tr(W_B [(H^-1)_BB]^-1 W_B^T). FFN neurons go
     several at a time, the lowest costs of the step, followed by the exact update of W and H^-1 for the block
     (ZipLM, SlimGPT): at most ``block_size`` per step, fewer when that would take under ``min_steps`` steps (one at a
