@@ -690,8 +690,31 @@ _IMPORTANCES: dict[str, type[Importance] | Importance] = {}
 
 
 def register_importance(name: str, importance: type[Importance] | Importance) -> None:
-    """Make a criterion available by name (CLI ``--importance`` and every ``importance=`` argument)."""
-    _IMPORTANCES[name] = importance
+    """Make a criterion available by name (CLI ``--importance`` and every ``importance=`` argument).
+
+    Names are case-insensitive: ``"MyCrit"`` is stored as ``"mycrit"``, and ``importance="MyCrit"`` or
+    ``"mycrit"`` both find it. Registering a name again with the same criterion does nothing.
+
+    Raises:
+        CompressError: ``name`` is empty or not a string, ``importance`` is neither an :class:`Importance`
+            subclass nor an instance, or another criterion already has the name (in any case).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise CompressError(f"register_importance: the name must be a non-empty string, got {name!r}")
+    is_class = isinstance(importance, type) and issubclass(importance, Importance)
+    if not (is_class or isinstance(importance, Importance)):
+        raise CompressError(f"register_importance({name!r}, ...): give an Importance subclass or instance, got "
+                            f"{importance!r}")
+    key = name.strip().lower()
+    existing = _IMPORTANCES.get(key)
+    if existing is not None and existing is not importance:
+        raise CompressError(f"register_importance: the name {name!r} is taken by {_describe(existing)} (names are "
+                            "case-insensitive); register your criterion under another name")
+    _IMPORTANCES[key] = importance
+
+
+def _describe(entry: type[Importance] | Importance) -> str:
+    return entry.__name__ if isinstance(entry, type) else f"an instance of {type(entry).__name__}"
 
 
 for _name, _imp in {"magnitude": MagnitudeImportance, "l2": MagnitudeImportance,
