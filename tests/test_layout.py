@@ -96,19 +96,11 @@ def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
-#: circles through imports inside functions that are still to be broken, each with what breaks it
-KNOWN_FUNCTION_LEVEL_CIRCLES = [
-    # PruningSpec.__post_init__ checks a criterion through importance's registry, and importance imports spec's
-    # InvalidOptionError: InvalidOptionError moved to compress.errors (spec re-exporting it) breaks it
-    {"compress.pruning.spec", "compress.pruning.importance"},
-]
-
-
 def test_no_import_circle_counting_imports_inside_functions():
     """An import inside a function defers a dependency but does not remove it: two modules that need each other
     share their common part through a third that both import."""
     graph = _import_graph(module_level=False)
-    circles = [circle for circle in _circles(graph) if circle not in KNOWN_FUNCTION_LEVEL_CIRCLES]
+    circles = _circles(graph)
     assert [{module: sorted(graph[module] & circle) for module in sorted(circle)} for circle in circles] == []
 
 

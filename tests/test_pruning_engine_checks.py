@@ -48,3 +48,13 @@ def test_registering_a_bad_name_or_criterion_is_refused(registry, name, entry):
     with pytest.raises(CompressError, match="register_importance"):
         compress.register_importance(name, entry)
     assert "mine" not in available_importances()
+
+
+def test_invalid_option_error_is_one_class_under_its_old_and_new_names():
+    from compress.errors import InvalidOptionError
+    from compress.pruning.spec import InvalidOptionError as from_spec
+
+    assert from_spec is InvalidOptionError and compress.InvalidOptionError is InvalidOptionError
+    with pytest.raises(InvalidOptionError, match="importance='no_such'") as raised:
+        PruningSpec(importance="no_such")
+    assert raised.value.spelled("--importance").startswith("--importance no_such: choose one of")

@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from compress.distributed import check_same_on_ranks, check_unsharded, mark_mean_loss
-from compress.errors import CalibrationError, CompressError, NothingToPruneError, UnsupportedStructureError
+from compress.errors import (
+    CalibrationError,
+    CompressError,
+    InvalidOptionError,
+    NothingToPruneError,
+    UnsupportedStructureError,
+)
 from compress.pruning.arch import ArchSpec, arch_spec
 from compress.pruning.compensate import add_to_bias, bias_shifts, record_input_means
 from compress.pruning.importance import (
@@ -40,7 +46,7 @@ from compress.pruning.plan import (
     plan_removals,
 )
 from compress.pruning.reconstruct import bias_fit_structures, check_reconstructable, prune_sequentially
-from compress.pruning.spec import RECONSTRUCTED_STRUCTURES, InvalidOptionError, PruningSpec, positive_int
+from compress.pruning.spec import RECONSTRUCTED_STRUCTURES, PruningSpec, positive_int
 from compress.pruning.surgery import apply_checked, check_removals, preserve_training_modes
 
 logger = logging.getLogger(__name__)

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress.errors import CalibrationError, CompressError
+from compress.errors import CalibrationError, CompressError, InvalidOptionError
 from compress.pruning.arch import ArchSpec, AttentionSite, FFNSite, HiddenSite, LayerStack
-from compress.pruning.spec import InvalidOptionError
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.errors import CompressError, NothingToPruneError
+from compress.errors import CompressError, InvalidOptionError, NothingToPruneError
 from compress.pruning.arch import ArchSpec
 from compress.pruning.importance import Unit
-from compress.pruning.spec import NORMALIZATIONS, InvalidOptionError
+from compress.pruning.spec import NORMALIZATIONS
 
 
 def _n_remove(n: int, sparsity: float, min_keep: int = 1, multiple: int = 1) -> int:

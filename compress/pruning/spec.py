@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from compress.errors import CompressError
+# InvalidOptionError lives in compress.errors (importance raises it too); `from compress.pruning.spec import
+# InvalidOptionError` keeps working
+from compress.errors import InvalidOptionError
 
 #: prunable structures: FFN neurons, query heads (an equal number per kv group), whole kv heads, whole layers,
 #: and hidden channels (the residual stream every block reads and writes)
@@ -38,21 +40,6 @@ RECONSTRUCTED_STRUCTURES = ("ffn", "heads", "kv_heads")
 DEFAULT_DAMPING = 0.01
 #: the structures ``param_sparsity`` can take parameters from (ranked against each other by what each removal frees)
 BUDGETED_STRUCTURES = ("ffn", "heads", "kv_heads")
-
-
-class InvalidOptionError(CompressError):
-    """A pruning option has a bad value: ``option`` names it (``key`` the entry of a per-structure mapping),
-    ``reason`` says what is wrong and what to do."""
-
-    def __init__(self, option: str, value: Any, reason: str, key: str | None = None):
-        self.option, self.value, self.reason, self.key = option, value, reason, key
-        where = f"{option}[{key!r}]" if key is not None else option
-        super().__init__(f"{where}={value!r}: {reason}")
-
-    def spelled(self, spelling: str) -> str:
-        """The message with the option spelled as the caller names it (e.g. ``--max-keep 0.3: ...``)."""
-        value = f"{self.key}={self.value}" if self.key is not None else self.value
-        return f"{spelling} {value}: {self.reason}"
 
 
 def is_number(value: Any) -> bool:
