@@ -503,10 +503,15 @@ class T5Spec(ArchSpec):
     sequential_reason = ("T5's decoder blocks read the encoder's output, and each stack's blocks receive the position "
                          "bias its first block computes")
 
+    def _t5(self) -> nn.Module:
+        # the model that holds the stacks: the model itself (T5Model, T5ForConditionalGeneration, ...) or its
+        # `transformer` (T5ForSequenceClassification, T5ForTokenClassification)
+        return self.model.base_model
+
     def stacks(self) -> list[LayerStack]:
         out = []
         for name in ("encoder", "decoder"):
-            stack = getattr(self.model, name, None)
+            stack = getattr(self._t5(), name, None)
             if stack is not None:
                 out.append(LayerStack(name, f"{name}.block", stack.block, protected={0}))
         return out
@@ -537,8 +542,9 @@ class T5Spec(ArchSpec):
         return sites
 
     def hidden_site(self) -> HiddenSite:
-        stacks = [getattr(self.model, name) for name in ("encoder", "decoder") if getattr(self.model, name, None)]
-        embeddings = list(dict.fromkeys([m for m in (getattr(self.model, "shared", None),
+        t5 = self._t5()
+        stacks = [getattr(t5, name) for name in ("encoder", "decoder") if getattr(t5, name, None)]
+        embeddings = list(dict.fromkeys([m for m in (getattr(t5, "shared", None),
                                                      *(stack.embed_tokens for stack in stacks)) if m is not None]))
         # T5ForConditionalGeneration multiplies the decoder output by d_model ** -0.5 before its (tied) LM
         # head; the smaller d_model then makes up for what a rescaled final norm would add
@@ -563,7 +569,8 @@ class T5Spec(ArchSpec):
                           roots=[stack.embed_tokens for stack in stacks])
 
     def refresh(self) -> None:
-        width = self.model.shared.embedding_dim
+        t5 = self._t5()
+        width = t5.shared.embedding_dim
         _set_if_present(self.model, "model_dim", width)
         for site in self.attention_sites():
             site.module.n_heads = site.num_heads
@@ -571,7 +578,7 @@ class T5Spec(ArchSpec):
             _set_if_present(site.module, "d_model", width)
         cfg = self.model.config
         cfg.d_model = width
-        norm = next(stack.final_layer_norm for stack in (getattr(self.model, "encoder", None),) if stack is not None)
+        norm = t5.encoder.final_layer_norm
         cfg.layer_norm_epsilon = norm.variance_epsilon  # hidden pruning rescales it
         heads = _single([s.num_heads for s in self.attention_sites()])
         if heads is not None:

@@ -54,17 +54,35 @@ def _projection_paths(model: nn.Module) -> dict[str, nn.Module]:
     return linears
 
 
-def _apply_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
-    """Replace each recorded projection of a freshly built model by one of the recorded shape."""
-    base = model.base_model
-    for path, (out_features, in_features) in shapes.items():
-        parent_path, _, attr = path.rpartition(".")
+def _layer_at(model: nn.Module, path: str) -> tuple[nn.Module, str] | None:
+    """The parent module and attribute name of the layer at ``path``: relative to the base model, else (a task-head
+    layer) to the whole model; ``None`` when neither has it."""
+    parent_path, _, attr = path.rpartition(".")
+    for root in dict.fromkeys((model.base_model, model)):
         try:
-            parent = base.get_submodule(parent_path) if parent_path else base
-            old = getattr(parent, attr)
-        except AttributeError:  # a task-head layer: its path is relative to the whole model
-            parent = model.get_submodule(parent_path) if parent_path else model
-            old = getattr(parent, attr)
+            parent = root.get_submodule(parent_path) if parent_path else root
+        except AttributeError:
+            continue
+        if isinstance(getattr(parent, attr, None), nn.Module):
+            return parent, attr
+    return None
+
+
+def _apply_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Replace each recorded projection of a freshly built model by one of the recorded shape.
+
+    A recorded layer the model does not have belongs to a task head it lacks, and is left out: the model is the
+    base that a head class builds for itself (Llama's and Qwen2's head classes build theirs with
+    ``AutoModel.from_config``, which gives the compact base class; the head class then shapes its head), or a
+    folder saved with one head is loaded with another class (the bare model, another task), whose head is new.
+    """
+    for path, (out_features, in_features) in shapes.items():
+        found = _layer_at(model, path)
+        if found is None:
+            logger.debug("%s has no layer %s (another task head's): left out", type(model).__name__, path)
+            continue
+        parent, attr = found
+        old = getattr(parent, attr)
         if (old.out_features, old.in_features) == (out_features, in_features):
             continue
         new = nn.Linear(in_features, out_features, bias=old.bias is not None,

@@ -94,7 +94,12 @@ def example_inputs(model: nn.Module, seq_len: int = 8) -> dict[str, torch.Tensor
     ids = torch.full((1, seq_len), 5, dtype=torch.long, device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids[:, :4].clone()
+        # T5's sequence classifier reads the decoder's state at the input's last <eos>, so the decoder inputs have
+        # the input's length and the input ends in <eos>
+        eos = getattr(model.config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids[:, -1] = eos
+        inputs["decoder_input_ids"] = ids.clone()
     return inputs
 
 
