@@ -1,0 +1,353 @@
+"""Rows of the benchmark, each run in a fresh Python process, and the JSON file that collects their figures.
+
+A :class:`Row` names a function (``"module:function"``, importable with ``recipes/`` on the path) and the JSON-able
+keyword arguments it is called with. :func:`run_rows` runs every row in its own process, so that a row's training
+peak memory is its own (the resident-set high-water mark of a process only grows, and the allocator keeps what an
+earlier row freed), a crash or an out-of-memory kill ends one row only, and the CPU allocator starts clean.
+
+The function returns a dict of figures (see :data:`FIGURES`); it may raise :class:`RowSkipped` when the row cannot
+run here (a missing optional package, no model given), which is recorded with its reason, not as a failure. Any
+other exception is recorded in the row with its message and traceback, and the next row runs.
+
+After every row the whole results file is written again, atomically (a reader or a Ctrl-C sees the previous file or
+the new one, never part of it); ``resume=True`` skips the rows already finished with the same arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FIGURES", "RESULTS_FILE", "Row", "RowSkipped", "TrainingPeak", "load_results", "run_rows",
+           "save_results"]
+
+#: the file of a run folder that holds every row's figures
+RESULTS_FILE = "results.json"
+RESULTS_FORMAT = 1
+#: the figures a row function may return, with their meaning (extra keys are kept as they are)
+FIGURES = {
+    "quality": "the row's quality figure (accuracy in %, or perplexity): see quality_name and higher_is_better",
+    "quality_name": "what quality is, e.g. 'accuracy' or 'perplexity'",
+    "higher_is_better": "whether a larger quality is better",
+    "train_peak_mb": "training peak memory: RSS high-water mark of the row's training phase minus the RSS before it",
+    "train_peak_rss_mb": "RSS high-water mark of the training phase, absolute",
+    "step_time_s": "wall time per training step",
+    "latency_b1_ms": "inference time per row, rows one at a time",
+    "latency_b32_ms": "inference time of a batch of 32 rows",
+    "ref_latency_b1_ms": "the same for the track's dense model, timed in alternation with the row's model",
+    "ref_latency_b32_ms": "the same for the track's dense model at batch 32",
+    "params": "parameters of the model that runs inference",
+    "trainable_params": "parameters the row trains",
+    "artifact_mb": "size of what the row saves for deployment",
+}
+_STDERR_TAIL = 3000
+_CHILD_CODE = "import sys; from bench.harness import _child_main; sys.exit(_child_main(sys.argv[1:]))"
+
+
+class RowSkipped(Exception):  # noqa: N818 - a skip, not an error
+    """Raised by a row function that cannot run in this environment; the message says why and what would run it."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of a track: ``function(**kwargs)`` returns its figures.
+
+    Attributes:
+        track: ``encoder``, ``decoder`` or ``scaling``.
+        group: the table the row belongs to within its track (a task, or the model family).
+        method: the row's label in the tables and plots.
+        function: ``"module:function"`` run in the measuring process.
+        kwargs: JSON-able keyword arguments of ``function``.
+        seed: the seed of this repetition (rows of one method and group with different seeds are averaged).
+        baseline: the row the ratios of its group are taken against (full fine-tuning, the dense model).
+        timeout_s: how long the row may run.
+    """
+
+    track: str
+    group: str
+    method: str
+    function: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    baseline: bool = False
+    timeout_s: float = 6 * 3600.0
+
+    def __post_init__(self) -> None:
+        module, sep, name = self.function.partition(":")
+        if not (module and sep and name):
+            raise ValueError(f"Row.function must look like 'module:function', got {self.function!r}")
+        json.dumps(self.kwargs)  # a row is described in JSON to its process
+
+    @property
+    def id(self) -> str:
+        """``track/group/method[/seedN]``: the row's key in the results file."""
+        parts = [self.track, self.group, self.method]
+        if self.seed is not None:
+            parts.append(f"seed{self.seed}")
+        return "/".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Measurements taken inside a row's process
+# --------------------------------------------------------------------------------------------------------
+
+
+class TrainingPeak:
+    """The RSS high-water mark of a block of code, minus the RSS when it starts (Linux resets the mark at the
+    start through ``/proc/self/clear_refs``; elsewhere the mark may include what came before).
+
+    ``with TrainingPeak() as peak: train(...)`` then ``peak.figures()``: ``train_peak_mb``, ``train_peak_rss_mb``.
+    """
+
+    def __init__(self) -> None:
+        self.baseline_mb = self.peak_mb = float("nan")
+        self.seconds = float("nan")
+        self.reset = False
+
+    def __enter__(self) -> TrainingPeak:
+        import gc
+
+        from common.memory import _reset_peak_rss, _rss_mb  # the subprocess measurement's own readings
+
+        gc.collect()
+        self.baseline_mb = _rss_mb()
+        self.reset = _reset_peak_rss()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from common.memory import _peak_rss_mb
+
+        self.peak_mb = _peak_rss_mb()
+        self.seconds = time.perf_counter() - self._start
+
+    @property
+    def increase_mb(self) -> float:
+        return self.peak_mb - self.baseline_mb
+
+    def figures(self, steps: int | None = None) -> dict[str, Any]:
+        """``train_peak_mb``, ``train_peak_rss_mb`` and, given the steps trained, ``step_time_s``."""
+        figures: dict[str, Any] = {"train_peak_mb": round(self.increase_mb, 1),
+                                   "train_peak_rss_mb": round(self.peak_mb, 1)}
+        if steps:
+            figures["step_time_s"] = self.seconds / steps
+        if not self.reset:
+            figures["train_peak_note"] = "high-water mark not reset: it may include loading"
+        return figures
+
+
+def latency_figures(model: Any, batch_32: Mapping[str, Any], rows_1: Sequence[Mapping[str, Any]],
+                    reference: Any = None, rounds: int = 3) -> dict[str, float]:
+    """Inference time of ``model`` on one batch of 32 rows (``latency_b32_ms``) and per row on ``rows_1`` run one at
+    a time (``latency_b1_ms``), medians of ``rounds`` passes; with ``reference`` (the track's dense model), its
+    times too (``ref_latency_*``), measured in alternation with the model's so that a change of machine load hits
+    both alike."""
+    from common.latency import interleaved_pass_latency
+
+    models = {"model": model} if reference is None or reference is model else {"model": model, "reference": reference}
+    b32 = interleaved_pass_latency(models, [batch_32], rounds=rounds)
+    b1 = interleaved_pass_latency(models, list(rows_1), rounds=rounds)
+    figures = {"latency_b32_ms": 1e3 * b32["model"].median_s, "latency_b1_ms": 1e3 * b1["model"].median_s / len(rows_1)}
+    if reference is model:
+        figures.update(ref_latency_b32_ms=figures["latency_b32_ms"], ref_latency_b1_ms=figures["latency_b1_ms"])
+    elif reference is not None:
+        figures.update(ref_latency_b32_ms=1e3 * b32["reference"].median_s,
+                       ref_latency_b1_ms=1e3 * b1["reference"].median_s / len(rows_1))
+    return figures
+
+
+def resolve(spec: str) -> Callable[..., Any]:
+    """The function a ``"module:function"`` spec names."""
+    module, _, name = spec.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------------
+# The results file
+# --------------------------------------------------------------------------------------------------------
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The results file at ``path``, or an empty one when there is none.
+
+    Raises:
+        ValueError: the file exists but is not a results file of this benchmark.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {"format": RESULTS_FORMAT, "rows": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a benchmark results file ({exc}); give another --out") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), dict):
+        raise ValueError(f"{path} is not a benchmark results file (no 'rows' mapping); give another --out")
+    return data
+
+
+def save_results(path: str | os.PathLike[str], results: Mapping[str, Any]) -> None:
+    """Write the whole results file atomically (a temporary file beside it, then one rename)."""
+    from compress.export import write_text_atomically
+
+    write_text_atomically(path, json.dumps(results, indent=1, default=str) + "\n")
+
+
+def _finished(record: Mapping[str, Any] | None, row: Row) -> bool:
+    """A row done in an earlier run with the same arguments (a failed row runs again)."""
+    return (record is not None and record.get("status") in ("ok", "skipped")
+            and record.get("function") == row.function and record.get("kwargs") == row.kwargs)
+
+
+def run_rows(rows: Iterable[Row], path: str | os.PathLike[str], *, resume: bool = False,
+             settings: Mapping[str, Any] | None = None, threads: int | None = None, progress: bool = True,
+             runner: Callable[[Row, int | None], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run ``rows`` one after another, each in a fresh process, writing the results file at ``path`` after each.
+
+    Args:
+        rows: the rows, in the order to run them.
+        path: the results file (JSON); its other rows are kept.
+        resume: skip the rows the file holds as finished (``ok`` or ``skipped``) with the same function and
+            arguments; without it every row runs again.
+        settings: the run's options, stored in the file.
+        threads: torch threads in each row's process (``None``: torch's default).
+        progress: a progress bar over the rows.
+        runner: what runs one row and returns its record (default: a fresh process; tests pass their own).
+
+    Returns:
+        The results (also written to ``path``). A ``KeyboardInterrupt`` stops the run after writing the rows
+        finished so far, and is raised again.
+    """
+    from tqdm.auto import tqdm
+
+    rows = list(rows)
+    ids = [row.id for row in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate rows: {sorted({i for i in ids if ids.count(i) > 1})}")
+    results = load_results(path)
+    results["format"] = RESULTS_FORMAT
+    if settings is not None:
+        results["settings"] = dict(settings)
+    runner = runner or run_in_subprocess
+    todo = [row for row in rows if not (resume and _finished(results["rows"].get(row.id), row))]
+    if len(todo) < len(rows):
+        logger.warning("--resume: %d of %d rows already finished in %s", len(rows) - len(todo), len(rows), path)
+    save_results(path, results)
+    bar = tqdm(todo, desc="benchmark rows", unit="row", disable=not progress, dynamic_ncols=True)
+    for row in bar:
+        bar.set_postfix_str(row.id, refresh=True)
+        record = runner(row, threads)
+        results["rows"][row.id] = record
+        save_results(path, results)
+        if record["status"] == "failed":
+            logger.warning("%s failed: %s", row.id, record.get("error", "").splitlines()[-1:] or "")
+        elif record["status"] == "skipped":
+            logger.warning("%s skipped: %s", row.id, record.get("reason", ""))
+    return results
+
+
+def _record(row: Row, status: str, wall_s: float, **fields: Any) -> dict[str, Any]:
+    return {"track": row.track, "group": row.group, "method": row.method, "seed": row.seed, "baseline": row.baseline,
+            "function": row.function, "kwargs": row.kwargs, "status": status, "wall_s": round(wall_s, 1),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **fields}
+
+
+def _tail(text: str) -> str:
+    return text if len(text) <= _STDERR_TAIL else "...\n" + text[-_STDERR_TAIL:]
+
+
+def run_in_subprocess(row: Row, threads: int | None = None) -> dict[str, Any]:
+    """Run one row in a fresh Python process and return its record (``status`` ``ok``, ``skipped`` or ``failed``).
+
+    The process gets the environment of :func:`common.memory.peak_training_memory`'s children (``recipes/`` and
+    this copy of ``compress`` importable, pinned allocator thresholds). A ``KeyboardInterrupt`` kills the process
+    and is raised again.
+    """
+    from common.memory import _child_env
+
+    started = time.perf_counter()
+    spec = json.dumps({"function": row.function, "kwargs": row.kwargs, "threads": threads})
+    with tempfile.TemporaryDirectory(prefix="compress-bench-row-") as tmp:
+        result_path = Path(tmp, "result.json")
+        try:
+            proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, spec, str(result_path)],
+                                  env=_child_env({"COMPRESS_BENCH_ROW": row.id}), capture_output=True, text=True,
+                                  timeout=row.timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+            return _record(row, "failed", time.perf_counter() - started,
+                           error=f"timed out after {row.timeout_s:g} s", stderr_tail=_tail(stderr))
+        wall = time.perf_counter() - started
+        if result_path.is_file():
+            outcome = json.loads(result_path.read_text(encoding="utf-8"))
+            status = outcome.pop("status")
+            if status == "failed":
+                outcome["stderr_tail"] = _tail(proc.stderr)
+            return _record(row, status, wall, **outcome)
+    return _record(row, "failed", wall, error=f"the row's process ended with exit status {proc.returncode} "
+                   "without a result (killed, or out of memory?)", stderr_tail=_tail(proc.stderr))
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    """Entry point of a row's process: ``argv = [spec_json, result_path]``."""
+    spec_json, result_path = argv
+    spec = json.loads(spec_json)
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    from common.recipe import setup_run
+
+    setup_run()
+    try:
+        figures = resolve(spec["function"])(**spec["kwargs"])
+        outcome: dict[str, Any] = {"status": "ok", "figures": _jsonable(figures)}
+    except RowSkipped as skip:
+        outcome = {"status": "skipped", "reason": str(skip)}
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - recorded in the row; the other rows still run
+        outcome = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    outcome["threads"] = torch.get_num_threads()
+    Path(result_path).write_text(json.dumps(outcome, default=str), encoding="utf-8")
+    return 0 if outcome["status"] != "failed" else 1
+
+
+def _jsonable(figures: Any) -> dict[str, Any]:
+    if not isinstance(figures, Mapping):
+        raise TypeError(f"a row function must return a dict of figures, got {type(figures).__name__}")
+    return json.loads(json.dumps(dict(figures), default=float))
+
+
+def run_in_process(row: Row, threads: int | None = None) -> dict[str, Any]:
+    """Run one row in this process (tests and debugging; figures of memory are then not the row's own)."""
+    started = time.perf_counter()
+    try:
+        figures = resolve(row.function)(**row.kwargs)
+        return _record(row, "ok", time.perf_counter() - started, figures=_jsonable(figures))
+    except RowSkipped as skip:
+        return _record(row, "skipped", time.perf_counter() - started, reason=str(skip))
+    except Exception as exc:  # noqa: BLE001
+        return _record(row, "failed", time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}",
+                       traceback=traceback.format_exc())
+
+
+def row_from_record(record: Mapping[str, Any]) -> Row:
+    """The :class:`Row` a record of the results file describes."""
+    names = {f.name for f in dataclasses.fields(Row)}
+    return Row(**{k: v for k, v in record.items() if k in names})

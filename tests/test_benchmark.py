@@ -1,0 +1,279 @@
+"""recipes/benchmark.py and its package recipes/bench: rows run one by one into an atomically rewritten results file,
+--resume, failing and skipped rows, the tables' ratios, Pareto fronts, the plots; the --quick run on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import harness, report
+from bench.harness import Row, RowSkipped, load_results, run_in_process, run_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLS: list[str] = []
+
+
+# ---- stub rows (importable by a row's process as tests.test_benchmark:...) ------------------------------------
+
+
+def stub_row(name: str, quality: float = 80.0, memory: float = 100.0, latency: float = 10.0) -> dict:
+    CALLS.append(name)
+    return {"quality": quality, "quality_name": "accuracy", "higher_is_better": True, "train_peak_mb": memory,
+            "latency_b32_ms": latency, "latency_b1_ms": latency / 10, "params": 1000}
+
+
+def failing_row(name: str) -> dict:
+    CALLS.append(name)
+    raise RuntimeError(f"{name} broke")
+
+
+def skipped_row(name: str) -> dict:
+    CALLS.append(name)
+    raise RowSkipped("no model here: give --decoder-model")
+
+
+def dying_row(name: str) -> dict:
+    os._exit(3)  # the process ends without a result, as an out-of-memory kill would
+
+
+def _row(method: str, function: str = "stub_row", seed: int | None = None, baseline: bool = False, **kwargs) -> Row:
+    return Row(track="encoder", group="task", method=method, function=f"tests.test_benchmark:{function}",
+               kwargs={"name": method, **kwargs}, seed=seed, baseline=baseline)
+
+
+@pytest.fixture(autouse=True)
+def _clear_calls():
+    CALLS.clear()
+
+
+def test_a_failing_row_is_recorded_with_its_error_and_the_others_run(tmp_path):
+    path = tmp_path / "results.json"
+    rows = [_row("full", baseline=True), _row("broken", "failing_row"), _row("absent", "skipped_row"), _row("lora")]
+    results = run_rows(rows, path, runner=run_in_process, progress=False)
+    assert CALLS == ["full", "broken", "absent", "lora"]
+    records = load_results(path)["rows"]
+    assert records == results["rows"]
+    assert [records[r.id]["status"] for r in rows] == ["ok", "failed", "skipped", "ok"]
+    assert records["encoder/task/broken"]["error"] == "RuntimeError: broken broke"
+    assert "Traceback" in records["encoder/task/broken"]["traceback"]
+    assert records["encoder/task/absent"]["reason"] == "no model here: give --decoder-model"
+    assert records["encoder/task/lora"]["figures"]["quality"] == 80.0
+
+
+def test_resume_skips_finished_rows_and_runs_failed_and_changed_ones(tmp_path):
+    path = tmp_path / "results.json"
+    run_rows([_row("full"), _row("broken", "failing_row"), _row("lora")], path, runner=run_in_process,
+             progress=False)
+    CALLS.clear()
+    rows = [_row("full"), _row("broken", "failing_row"), _row("lora", quality=70.0)]  # lora's options changed
+    run_rows(rows, path, resume=True, runner=run_in_process, progress=False)
+    assert CALLS == ["broken", "lora"]
+    assert load_results(path)["rows"]["encoder/task/lora"]["figures"]["quality"] == 70.0
+    CALLS.clear()
+    run_rows(rows[:1], path, resume=False, runner=run_in_process, progress=False)  # without --resume: again
+    assert CALLS == ["full"]
+
+
+def test_an_interrupted_run_keeps_the_finished_rows_in_a_whole_file(tmp_path):
+    path = tmp_path / "results.json"
+
+    def runner(row, threads):
+        if row.method == "second":
+            raise KeyboardInterrupt
+        return run_in_process(row, threads)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_rows([_row("first"), _row("second"), _row("third")], path, runner=runner, progress=False)
+    assert list(json.loads(path.read_text())["rows"]) == ["encoder/task/first"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary file left
+
+
+def test_the_results_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    run_rows([_row("first")], path, runner=run_in_process, progress=False)
+    before = path.read_text()
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_rows([_row("second")], path, runner=run_in_process, progress=False)
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_rows_need_unique_ids_and_a_results_file_of_this_benchmark(tmp_path):
+    with pytest.raises(ValueError, match="duplicate rows"):
+        run_rows([_row("a"), _row("a")], tmp_path / "r.json", runner=run_in_process, progress=False)
+    (tmp_path / "other.json").write_text('{"something": 1}')
+    with pytest.raises(ValueError, match="not a benchmark results file"):
+        load_results(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="module:function"):
+        Row(track="t", group="g", method="m", function="no_colon")
+
+
+# ---- tables ----------------------------------------------------------------------------------------------------
+
+
+def _results(*records: dict) -> dict:
+    rows = {}
+    for record in records:
+        record = {"track": "encoder", "group": "SST-2", "status": "ok", "baseline": False, **record}
+        rows[f"{record['method']}/{record.get('seed')}"] = record
+    return {"rows": rows}
+
+
+def test_tables_average_seeds_and_give_ratios_to_the_baseline_row():
+    results = _results(
+        {"method": "full", "baseline": True, "seed": 0, "figures": {"quality": 90.0, "train_peak_mb": 400.0,
+                                                                     "latency_b32_ms": 100.0, "params": 1000}},
+        {"method": "full", "baseline": True, "seed": 1, "figures": {"quality": 88.0, "train_peak_mb": 400.0,
+                                                                     "latency_b32_ms": 100.0, "params": 1000}},
+        {"method": "lora", "seed": 0, "figures": {"quality": 85.0, "train_peak_mb": 100.0, "latency_b32_ms": 50.0,
+                                                  "ref_latency_b32_ms": 40.0, "params": 1000}},
+        {"method": "lora", "seed": 1, "figures": {"quality": 87.0, "train_peak_mb": 300.0, "latency_b32_ms": 60.0,
+                                                  "ref_latency_b32_ms": 60.0, "params": 1000}},
+        {"method": "broken", "status": "failed", "error": "RuntimeError: out of cheese\nmore"},
+    )
+    (entries,) = report.summarise(results, "encoder").values()
+    full, lora, broken = entries
+    assert full["quality"] == 89.0 and full["quality_sd"] == pytest.approx(1.4142, abs=1e-4) and full["seeds"] == 2
+    assert lora["train_peak_mb"] == 200.0
+    assert lora["latency_b32_ratio"] == pytest.approx((50 / 40 + 1.0) / 2)  # each seed against its own reference
+    assert broken["status"] == "failed" and broken["note"] == "RuntimeError: out of cheese"
+    table = report.track_table(entries).splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in table[2:]}
+    assert cells["lora"][header.index("x")] == f"{86 / 89:.3f}"
+    assert cells["lora"][header.index("x mem")] == "0.50"
+    assert cells["lora"][header.index("x b32")] == "1.12"
+    assert cells["full"][header.index("x b32")] == "1.00"
+    assert cells["lora"][header.index("quality")] == "86.00 ± 1.41 (2 seeds)"
+    assert cells["broken"][header.index("note")] == "RuntimeError: out of cheese"
+
+
+def test_pareto_front():
+    points = [(100, 90), (50, 85), (60, 80), (200, 91), (50, 85), (300, 89)]
+    assert report.pareto_front(points) == [1, 4, 0, 3]  # (60, 80) and (300, 89) are dominated
+    perplexities = [(10, 40.0), (5, 60.0), (7, 70.0), (20, 35.0)]
+    assert report.pareto_front(perplexities, higher_is_better=False) == [1, 0, 3]
+
+
+def test_plot_is_written_for_every_track_with_a_cost(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.plots import plot_track
+
+    results = _results(
+        {"method": "full", "baseline": True, "figures": {"quality": 90.0, "quality_name": "accuracy",
+                                                         "higher_is_better": True, "train_peak_mb": 400.0,
+                                                         "latency_b32_ms": 100.0}},
+        {"method": "lora", "figures": {"quality": 88.0, "train_peak_mb": 200.0, "latency_b32_ms": 90.0}},
+    )
+    path = plot_track(report.summarise(results, "encoder"), tmp_path / "encoder.png", "Encoder track")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_track({"g": [{"method": "x", "status": "failed"}]}, tmp_path / "none.png", "t") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.png"]
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+
+def test_list_names_every_row_and_bad_options_are_one_error(tmp_path, capsys):
+    import benchmark
+
+    assert benchmark.main(["--list", "--out", str(tmp_path / "run"), "--quick", "--tracks", "encoder,scaling"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert "encoder/SST-2/full fine-tuning/seed0" in listed and "scaling/" in listed[-1]
+    assert not (tmp_path / "run").exists()  # --list does no work
+    assert benchmark.main(["--list", "--out", str(tmp_path / "run"), "--rows", "*lora*", "--seeds", "2",
+                           "--tracks", "encoder,decoder"]) == 0  # no --decoder-model: no decoder row
+    assert capsys.readouterr().out.split() == ["encoder/SST-2/LoRA", "r=8", "(peft)/seed0", "encoder/SST-2/LoRA",
+                                               "r=8", "(peft)/seed1", "encoder/MRPC/LoRA", "r=8", "(peft)/seed0",
+                                               "encoder/MRPC/LoRA", "r=8", "(peft)/seed1"]
+    for argv, message in ((["--tracks", "encoder,gpu"], "--tracks encoder,gpu: choose among"),
+                          (["--rows", "nothing*"], "matches no row"),
+                          (["--scaling-sizes", "7b"], "unknown size(s) 7b"),
+                          (["--steps", "10", "--recovery-steps", "10"], "--recovery-steps 10 must be between")):
+        with pytest.raises(SystemExit) as exc:
+            benchmark.main(["--out", str(tmp_path / "run"), *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resume_refuses_a_folder_that_is_no_run_folder(tmp_path, capsys):
+    import benchmark
+
+    (tmp_path / "mine.txt").write_text("my notes")
+    with pytest.raises(SystemExit):
+        benchmark.main(["--out", str(tmp_path), "--resume", "--tracks", "scaling"])
+    assert "--out" in capsys.readouterr().err and (tmp_path / "mine.txt").read_text() == "my notes"
+
+
+# ---- in fresh processes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_rows_run_in_fresh_processes_and_record_crashes(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    rows = [_row("ok"), _row("broken", "failing_row"), _row("dies", "dying_row"), _row("absent", "skipped_row")]
+    results = run_rows(rows, tmp_path / "results.json", progress=False, threads=1)["rows"]
+    assert CALLS == []  # nothing ran in this process
+    assert results["encoder/task/ok"]["figures"]["quality"] == 80.0 and results["encoder/task/ok"]["threads"] == 1
+    assert results["encoder/task/broken"]["error"] == "RuntimeError: broken broke"
+    assert "exit status 3 without a result" in results["encoder/task/dies"]["error"]
+    assert results["encoder/task/absent"]["status"] == "skipped"
+
+
+def _tiny_inputs(root: Path) -> dict[str, Path]:
+    """A tiny BERT classifier, a tiny Llama (both with a word tokenizer), a labelled jsonl task and a text."""
+    from tests import tiny
+    from tests.test_text import counting_text, word_tokenizer
+
+    folders = {}
+    for arch in ("bert", "llama"):
+        model = tiny.make_model(arch)
+        model.config.max_position_embeddings = 64
+        model.save_pretrained(root / arch)
+        word_tokenizer().save_pretrained(root / arch)
+        folders[arch] = root / arch
+    words = counting_text(400).split()
+    task = root / "task"
+    task.mkdir()
+    for split, n in (("train", 96), ("test", 40)):
+        lines = [json.dumps({"sentence": " ".join(words[i:i + 6]), "target": i % 2}) for i in range(n)]
+        (task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "text.txt").write_text(counting_text(6000), encoding="utf-8")
+    return {**folders, "task": task, "text": root / "text.txt"}
+
+
+@pytest.mark.slow
+def test_quick_run_on_tiny_models_writes_json_tables_and_plots(tmp_path):
+    inputs = _tiny_inputs(tmp_path)
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "recipes" / "benchmark.py"), "--quick", "--out", str(out), "--threads", "1",
+            "--model", str(inputs["bert"]), "--data", str(inputs["task"]), "--text-column", "sentence",
+            "--label-column", "target", "--steps", "4", "--recovery-steps", "2", "--batch-size", "8", "--max-length",
+            "16", "--decoder-model", str(inputs["llama"]), "--decoder-data", str(inputs["text"]),
+            "--calibration-text", str(inputs["text"]), "--scaling-sizes", "tiny"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / harness.RESULTS_FILE).read_text())["rows"]
+    statuses = {row_id: r["status"] for row_id, r in results.items()}
+    failed = {row_id: r.get("error") for row_id, r in results.items() if r["status"] == "failed"}
+    assert not failed, failed
+    assert statuses["encoder/task/full fine-tuning/seed0"] == "ok"
+    assert sum(1 for s in statuses.values() if s == "ok") >= len(statuses) - 3  # bitsandbytes, recovery may skip
+    text = (out / "benchmark.md").read_text()
+    assert "## Encoder track" in text and "## Decoder track" in text and "## Scaling" in text
+    for png in ("encoder.png", "decoder.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # resumed: nothing runs again
+    again = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished" in again.stderr
