@@ -72,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--text-pair-column", default=None, help="--data: the column of second segments, if any")
     enc.add_argument("--label-column", default=None, help="--data: the column holding the labels (label)")
     enc.add_argument("--seeds", type=int, default=None, help="repetitions of every encoder row (3; --quick 1)")
-    enc.add_argument("--steps", type=int, default=None, help="training steps of every encoder row (800; --quick 16)")
+    enc.add_argument("--steps", type=int, default=None, help="training steps of every encoder row (800; --quick 40)")
     enc.add_argument("--recovery-steps", type=int, default=None,
                      help="of --steps, the steps the pruning, soup and multi-exit rows spend after the shared dense "
-                          "fine-tune (250; --quick 8)")
+                          "fine-tune (250; --quick 20)")
     enc.add_argument("--batch-size", type=int, default=None, help="encoder training batch (32; --quick 16)")
     enc.add_argument("--max-length", type=int, default=None, help="encoder tokens per row (128; --quick 64)")
     enc.add_argument("--train-rows", type=int, default=None, help="subsample the training split (all; --quick 1200)")

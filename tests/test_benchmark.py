@@ -247,8 +247,10 @@ def _tiny_inputs(root: Path) -> dict[str, Path]:
     for split, n in (("train", 96), ("test", 40)):
         lines = [json.dumps({"sentence": " ".join(words[i:i + 6]), "target": i % 2}) for i in range(n)]
         (task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "text.txt").write_text(counting_text(6000), encoding="utf-8")
-    return {**folders, "task": task, "text": root / "text.txt"}
+    text = counting_text(6000)
+    (root / "text.txt").write_text(text, encoding="utf-8")
+    (root / "eval.txt").write_text(" ".join(reversed(text.split())), encoding="utf-8")  # never calibrated on
+    return {**folders, "task": task, "text": root / "text.txt", "eval": root / "eval.txt"}
 
 
 @pytest.mark.slow
@@ -258,7 +260,7 @@ def test_quick_run_on_tiny_models_writes_json_tables_and_plots(tmp_path):
     argv = [sys.executable, str(ROOT / "recipes" / "benchmark.py"), "--quick", "--out", str(out), "--threads", "1",
             "--model", str(inputs["bert"]), "--data", str(inputs["task"]), "--text-column", "sentence",
             "--label-column", "target", "--steps", "4", "--recovery-steps", "2", "--batch-size", "8", "--max-length",
-            "16", "--decoder-model", str(inputs["llama"]), "--decoder-data", str(inputs["text"]),
+            "16", "--decoder-model", str(inputs["llama"]), "--decoder-data", str(inputs["eval"]),
             "--calibration-text", str(inputs["text"]), "--scaling-sizes", "tiny"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env, cwd=tmp_path)

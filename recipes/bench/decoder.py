@@ -253,12 +253,13 @@ def _recover(run: DecoderRun) -> dict[str, Any]:
             raise RuntimeError(f"recipes/llm_prune.py refused the options (exit status {exc.code}); see its "
                                "stderr in the row's record") from None
     metrics = result.metrics
+    per_step = metrics.get("seconds_per_step")
     model, tokenizer = result.model, result.tokenizer
     from compress.measure import folder_size
 
     figures = {"quality": metrics["perplexity_recovered"], "quality_name": "perplexity", "higher_is_better": False,
                "perplexity_before_recovery": metrics.get("perplexity_pruned"), **peak.figures(run.s["recovery_steps"]),
-               "step_time_s": metrics.get("seconds_per_step"), **_params(model),
+               "step_time_s": per_step.get("median") if isinstance(per_step, dict) else per_step, **_params(model),
                "trainable_params": metrics.get("recovery", {}).get("trainable_params"),
                "artifact_mb": folder_size(result.saved) / 2**20,
                "note": f"{run.s['recovery_steps']} steps x {run.s['recovery_batch']} x {run.s['recovery_seq']} tokens "
@@ -299,8 +300,8 @@ def _train(run: DecoderRun) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
     model.eval()
-    params = _params(model)
-    figures = {**run.perplexity(model, tokenizer), **peak.figures(len(batches)), **params,
+    trainable = _params(model)["trainable_params"]
+    figures = {**run.perplexity(model, tokenizer), **peak.figures(len(batches)), "trainable_params": trainable,
                "first_loss": losses[0], "last_loss": losses[-1],
                "note": f"{len(batches)} steps x {run.s['train_batch']} x {run.s['train_seq']} tokens, lr {lr:g}"
                        + ("; side network initialised by magnitude (no data)" if run.method == "lst-train" else "")}
@@ -310,7 +311,8 @@ def _train(run: DecoderRun) -> dict[str, Any]:
     with atomic_directory(run.workdir / "adapter", overwrite=True, writes_adapter=True) as tmp:
         model.save_pretrained(tmp)
     figures["artifact_mb"] = folder_size(run.workdir / "adapter") / 2**20
-    return {**figures, **run.latency(model, tokenizer)}
+    deployed = model.merge_and_unload() if run.method == "lora-train" else model  # LST runs backbone + side network
+    return {**figures, **_params(deployed), "trainable_params": trainable, **run.latency(deployed, tokenizer)}
 
 
 def _sparse(run: DecoderRun) -> dict[str, Any]:

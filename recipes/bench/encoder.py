@@ -57,7 +57,7 @@ FULL = {"steps": 800, "recovery_steps": 250, "batch_size": 32, "max_length": 128
         "eval_rows": None, "calib_batches": 16, "latency_rows": 16, "latency_rounds": 3, "seeds": 3,
         "soup_ingredients": 3, "lr_full": 1e-4, "lr_adapter": 1e-3, "lr_lst": 3e-3, "threshold_rows": 500,
         "student_lr": 5e-5}
-QUICK = {**FULL, "steps": 16, "recovery_steps": 8, "batch_size": 16, "max_length": 64, "train_rows": 1200,
+QUICK = {**FULL, "steps": 40, "recovery_steps": 20, "batch_size": 16, "max_length": 64, "train_rows": 1200,
          "eval_rows": 200, "calib_batches": 4, "latency_rows": 4, "latency_rounds": 2, "seeds": 1,
          "soup_ingredients": 2, "threshold_rows": 200, "tasks": [{"group": "SST-2", "glue_task": "SST-2"}]}
 #: the default tasks of the full size: table name -> GLUE task folder under ../shared/data/glue (--quick: SST-2)
@@ -101,24 +101,44 @@ def load_task_splits(task: dict[str, Any], settings: dict[str, Any], seed: int):
 
 def _load_any(data: str, task: dict[str, Any]):
     """Train and test splits of a local folder/file or a ``datasets`` name, in the ``text``/``text_pair``/``label``
-    columns the recipes use."""
-    from compress.data import load_task
+    columns the recipes use: without column names, a folder or file :func:`compress.data.load_task` reads (GLUE
+    layouts and the common column names); with them, the files of a folder (``train.*`` and ``test.*``, ``dev.*`` or
+    ``validation.*``: jsonl, csv, tsv), a ``save_to_disk`` folder or a ``datasets`` name, columns renamed."""
+    import datasets
 
     columns = {task.get("text_column"): "text", task.get("text_pair_column"): "text_pair",
                task.get("label_column"): "label"}
     columns = {k: v for k, v in columns.items() if k and k != v}
-    if Path(data).exists() and not columns:
+    path = Path(data)
+    if path.exists() and not columns:
+        from compress.data import load_task
+
         try:
             return load_task(data, "train"), load_task(data, "test")
         except (FileNotFoundError, ValueError):
             return load_task(data, "train"), load_task(data, "validation")
-    import datasets
-
-    loaded = datasets.load_from_disk(data) if Path(data).is_dir() else datasets.load_dataset(data)
+    if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
+        loaded = datasets.load_from_disk(str(path))
+    elif path.is_dir():
+        files = {}
+        for split in ("train", "test", "validation", "dev"):
+            found = sorted(f for f in path.iterdir()
+                           if f.stem == split and f.suffix in (".jsonl", ".json", ".csv", ".tsv"))
+            if found:
+                files[split] = found[0]
+        if not files:
+            raise FileNotFoundError(f"{data}: no train.* / test.* files (jsonl, csv or tsv)")
+        suffix = next(iter(files.values())).suffix
+        builder = "json" if suffix in (".jsonl", ".json") else "csv"
+        options = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
+        loaded = datasets.load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **options)
+    else:
+        loaded = datasets.load_dataset(data)
     if not isinstance(loaded, datasets.DatasetDict):
         raise ValueError(f"{data}: need a dataset with a train split and a test or validation split")
-    test_split = next((s for s in ("test", "validation", "dev") if s in loaded
-                       and -1 not in set(loaded[s][task.get("label_column") or "label"])), None)
+    label = task.get("label_column") or "label"
+    test_split = next((s for s in ("test", "validation", "dev") if s in loaded and label in loaded[s].column_names
+                       and -1 not in set(loaded[s][label])), None)
     if "train" not in loaded or test_split is None:
         raise ValueError(f"{data}: splits {sorted(loaded)}; need 'train' and a labelled 'test' or 'validation'")
     splits = []
@@ -147,6 +167,7 @@ class EncoderRun:
         self.num_labels = len(set(self.train["label"]))
         self.path = model_path(settings)
         self.workdir = Path(settings["workdir"]) / "encoder" / _slug(task["group"]) / f"{method}-seed{seed}"
+        self.trained: list[tuple[float, int]] = []
 
     def load(self, **load_kwargs: Any):
         from common.train import load_sequence_classifier
@@ -155,11 +176,20 @@ class EncoderRun:
 
     def finetune(self, model, tokenizer, steps: int, lr: float, train=None, seed: int | None = None,
                  callbacks: list | None = None) -> dict[str, float]:
+        """Fine-tune with the row's settings; the time and steps count in :meth:`step_time`."""
         from common.train import finetune_classifier
 
-        return finetune_classifier(model, tokenizer, self.train if train is None else train, steps=steps,
-                                   batch_size=self.s["batch_size"], lr=lr, max_length=self.s["max_length"],
-                                   seed=self.seed if seed is None else seed, callbacks=callbacks)
+        stats = finetune_classifier(model, tokenizer, self.train if train is None else train, steps=steps,
+                                    batch_size=self.s["batch_size"], lr=lr, max_length=self.s["max_length"],
+                                    seed=self.seed if seed is None else seed, callbacks=callbacks)
+        self.trained.append((stats["train_time_s"], stats["steps"]))
+        return stats
+
+    def step_time(self) -> dict[str, float]:
+        """``step_time_s``: the wall time per optimizer step of the row's own fine-tunes (the Trainer's loop:
+        a progressive Pruning-Adapter's pruning events included; calibration and one-shot pruning not)."""
+        seconds, steps = sum(t for t, _ in self.trained), sum(n for _, n in self.trained)
+        return {"step_time_s": seconds / steps} if steps else {}
 
     def scores(self, model, tokenizer) -> dict[str, Any]:
         """``quality`` (test accuracy, %) and, for MRPC / CoLA, GLUE's F1 / MCC."""
@@ -183,6 +213,7 @@ class EncoderRun:
             return self.load_folder(cache)
         model, tokenizer = self.load()
         self.finetune(model, tokenizer, steps, self.s["lr_full"])
+        self.trained.clear()  # the shared start is not the row's own training
         compress.save_pretrained(model, cache, tokenizer=tokenizer, overwrite=True,
                                  title="benchmark cache: the dense start of the pruning rows")
         return model, tokenizer
@@ -255,7 +286,7 @@ def _full(run: EncoderRun) -> dict[str, Any]:
     model, tokenizer = run.load()
     with TrainingPeak() as peak:
         run.finetune(model, tokenizer, run.s["steps"], run.s["lr_full"])
-    figures = {**run.scores(model, tokenizer), **peak.figures(run.s["steps"]), **_params(model)}
+    figures = {**run.scores(model, tokenizer), **peak.figures(), **run.step_time(), **_params(model)}
     figures["trainable_params"] = figures["params"]
     figures["artifact_mb"] = run.save_model(model, tokenizer)
     return {**figures, **run.latency(model, tokenizer, reference=model)}
@@ -272,7 +303,8 @@ def _lora(run: EncoderRun) -> dict[str, Any]:
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=targets))
         trainable = _params(model)["trainable_params"]
         run.finetune(model, tokenizer, run.s["steps"], run.s["lr_adapter"])
-    figures = {**run.scores(model, tokenizer), **peak.figures(run.s["steps"]), "artifact_mb": run.save_adapter(model)}
+    figures = {**run.scores(model, tokenizer), **peak.figures(), **run.step_time(),
+               "artifact_mb": run.save_adapter(model)}
     plain = merged(model)
     return {**figures, **_params(plain), "trainable_params": trainable, **run.latency(plain, tokenizer),
             "note": "artifact: the adapter (with the base model's folder to deploy)"}
@@ -288,7 +320,7 @@ def _bitfit(run: EncoderRun) -> dict[str, Any]:
             param.requires_grad_(name.endswith(".bias") or name in head)
         trainable = _params(model)["trainable_params"]
         run.finetune(model, tokenizer, run.s["steps"], run.s["lr_adapter"])
-    figures = {**run.scores(model, tokenizer), **peak.figures(run.s["steps"]), **_params(model),
+    figures = {**run.scores(model, tokenizer), **peak.figures(), **run.step_time(), **_params(model),
                "trainable_params": trainable}
     tuned = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     run.workdir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +358,7 @@ def _prune(run: EncoderRun) -> dict[str, Any]:
             note = f"torch-pruning {_version('torch-pruning')}, widths {sorted(set(widths))}"
         before = run.scores(model, tokenizer)["quality"]
         run.finetune(model, tokenizer, run.s["recovery_steps"], run.s["lr_full"])
-    figures = {**run.scores(model, tokenizer), **peak.figures(run.s["recovery_steps"]), **_params(model),
+    figures = {**run.scores(model, tokenizer), **peak.figures(), **run.step_time(), **_params(model),
                "accuracy_before_recovery": before, "artifact_mb": run.save_model(model, tokenizer), "note": note}
     figures["trainable_params"] = figures["params"]
     return {**figures, **run.latency(model, tokenizer)}
@@ -383,7 +415,7 @@ def _pa(run: EncoderRun) -> dict[str, Any]:
         trainable = _params(model)["trainable_params"]
         run.finetune(model, tokenizer, run.s["steps"], run.s["lr_adapter"],
                      callbacks=[compress.PruningAdapterCallback()])
-    figures = {**run.scores(model, tokenizer), **peak.figures(run.s["steps"])}
+    figures = {**run.scores(model, tokenizer), **peak.figures(), **run.step_time()}
     plain = pruning_adapter.merged(model)
     return {**figures, **_params(plain), "trainable_params": trainable,
             "artifact_mb": run.save_model(plain, tokenizer), **run.latency(plain, tokenizer),
@@ -415,7 +447,7 @@ def _lst(run: EncoderRun) -> dict[str, Any]:
         ladder_side.init_side(model, tokenizer, args, run.train)
         trainable = _params(model)["trainable_params"]
         run.finetune(model, tokenizer, run.s["steps"], run.s["lr_lst"])
-    figures = {**run.scores(model, tokenizer), **peak.figures(run.s["steps"]), **_params(model),
+    figures = {**run.scores(model, tokenizer), **peak.figures(), **run.step_time(), **_params(model),
                "trainable_params": trainable, "artifact_mb": run.save_adapter(model)}
     return {**figures, **run.latency(model, tokenizer),
             "note": "side network fisher-initialised; artifact: the side network (with the backbone to deploy)"
@@ -446,7 +478,7 @@ def _soup_or_imp(run: EncoderRun) -> dict[str, Any]:
 
     soup = load_ingredient(run.workdir / "cycles" / "cycle0" / "soup")
     del soup_run
-    figures = {**run.scores(soup, tokenizer), **peak.figures(ingredients * steps), **_params(soup)}
+    figures = {**run.scores(soup, tokenizer), **peak.figures(), **run.step_time(), **_params(soup)}
     figures["trainable_params"] = figures["params"]
     compress.save_sparse(soup, run.workdir / "compact", tokenizer=tokenizer, overwrite=True)
     figures["artifact_mb"] = folder_size(run.workdir / "compact") / 2**20
@@ -476,7 +508,7 @@ def _multi_exit(run: EncoderRun) -> dict[str, Any]:
     choice = compress.calibrate_exit_threshold(student, held_data,
                                                tokenizer=tokenizer, target_accuracy_drop=1.0)
     plain = student.merge_and_unload()
-    figures = {**run.scores(plain, tokenizer), **peak.figures(run.s["recovery_steps"]), **_params(plain),
+    figures = {**run.scores(plain, tokenizer), **peak.figures(), **run.step_time(), **_params(plain),
                "trainable_params": trainable, "artifact_mb": run.save_model(plain, tokenizer),
                "exit_threshold": choice.threshold, "calibrated_speedup_blocks": choice.speedup,
                "note": f"entropy threshold {choice.threshold:.3g} for -1 pt on {len(held)} held-out training rows "

@@ -141,7 +141,8 @@ class TrainingPeak:
         return self.peak_mb - self.baseline_mb
 
     def figures(self, steps: int | None = None) -> dict[str, Any]:
-        """``train_peak_mb``, ``train_peak_rss_mb`` and, given the steps trained, ``step_time_s``."""
+        """``train_peak_mb``, ``train_peak_rss_mb`` and, given the steps trained, ``step_time_s`` (the block's wall
+        time per step)."""
         figures: dict[str, Any] = {"train_peak_mb": round(self.increase_mb, 1),
                                    "train_peak_rss_mb": round(self.peak_mb, 1)}
         if steps:

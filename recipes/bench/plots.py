@@ -36,7 +36,15 @@ def plot_track(summary: Mapping[str, Sequence[Mapping[str, Any]]], path: str | o
     groups = [(g, entries) for g, entries in summary.items() if any(_points(entries, c) for c, _ in COSTS)]
     if not groups:
         return None
-    fig, axes = plt.subplots(len(groups), len(COSTS), figsize=(6.4 * len(COSTS), 4.6 * len(groups)), squeeze=False)
+    # every method gets a number, the same in every panel, and the legend names it: long labels beside
+    # clustered points would overlap
+    numbers: dict[str, int] = {}
+    for _, entries in groups:
+        for entry in entries:
+            if any(_points([entry], cost) for cost, _ in COSTS):
+                numbers.setdefault(entry["method"], len(numbers) + 1)
+    fig, axes = plt.subplots(len(groups), len(COSTS), figsize=(5.6 * len(COSTS) + 4.2, 4.4 * len(groups)),
+                             squeeze=False)
     for (group, entries), row_axes in zip(groups, axes):
         higher = next((bool(e["higher_is_better"]) for e in entries if e.get("higher_is_better") is not None), True)
         name = next((e["quality_name"] for e in entries if e.get("quality_name")), "quality")
@@ -47,28 +55,43 @@ def plot_track(summary: Mapping[str, Sequence[Mapping[str, Any]]], path: str | o
                 ax.set_title(f"{group}: no {label.split(' (')[0]} measured", fontsize=9)
                 continue
             front = pareto_front([(x, y) for _, x, y in points], higher_is_better=higher)
-            ax.scatter([x for _, x, _ in points], [y for _, _, y in points], s=28, color="tab:blue", zorder=3)
+            ax.scatter([x for _, x, _ in points], [y for _, _, y in points], s=26, color="tab:blue", zorder=3)
+            seen: dict[tuple[float, float], int] = {}
             for i, (method, x, y) in enumerate(points):
-                ax.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4 if i % 2 else -10),
-                            fontsize=7.5, color="black" if i in front else "dimgray")
+                stacked = seen.get((round(x, 6), round(y, 6)), 0)  # numbers of equal points side by side
+                seen[(round(x, 6), round(y, 6))] = stacked + 1
+                ax.annotate(str(numbers[method]), (x, y), textcoords="offset points", xytext=(4 + 9 * stacked, 3),
+                            fontsize=8, fontweight="bold" if i in front else "normal",
+                            color="tab:red" if i in front else "black")
             fx, fy = [points[i][1] for i in front], [points[i][2] for i in front]
             ax.step(fx, fy, where="post", color="tab:red", linewidth=1.2, label="Pareto front", zorder=2)
-            ax.scatter(fx, fy, s=60, facecolors="none", edgecolors="tab:red", zorder=4)
+            ax.scatter(fx, fy, s=70, facecolors="none", edgecolors="tab:red", zorder=4)
             if name == "perplexity":
+                from matplotlib.ticker import FuncFormatter
+
                 ax.set_yscale("log")
-            ax.set_xlabel(label)
-            ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better)")
+                plain = FuncFormatter(lambda value, _: f"{value:g}")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
+                ax.tick_params(axis="y", which="minor", labelsize=7)
+            ax.set_xlabel(label, fontsize=9)
+            ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better)", fontsize=9)
             ax.set_title(group, fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="best")
-            ax.margins(x=0.15, y=0.12)
+            ax.margins(x=0.12, y=0.12)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="", label=f"{number}  {method}") for method, number in numbers.items()]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, handlelength=0,
+               frameon=False, title="methods (red: on the Pareto front)", title_fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
