@@ -134,7 +134,7 @@ def _prune(args: argparse.Namespace) -> int:
     from compress.export import check_output_folder, needs_compress_to_load, removed_summary, save_pretrained
     from compress.measure import folder_size, format_table
     from compress.pruning.arch import arch_spec, base_model_type, spec_class, supported_model_types
-    from compress.pruning.engine import check_support, prune_model
+    from compress.pruning.engine import check_support, check_uniform_result, prune_model
     from compress.pruning.importance import get_importance
     from compress.pruning.reconstruct import check_reconstructable
     from compress.pruning.spec import RECONSTRUCTED_STRUCTURES, PruningSpec, parse_sparsity
@@ -184,6 +184,7 @@ def _prune(args: argparse.Namespace) -> int:
         check_reconstructable(arch)
     if spec.compensate_bias:
         arch.check_output_biases([s for s in spec.sparsity if s in RECONSTRUCTED_STRUCTURES])
+    check_uniform_result(arch, spec)
     del structure, arch
 
     reconstruct = spec.reconstruct != "none"

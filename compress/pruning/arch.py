@@ -118,6 +118,21 @@ class LayerStack:
     protected: set[int] = field(default_factory=set)
 
 
+@dataclass
+class Widths:
+    """The sizes a family's config fields are derived from: FFN widths, query and kv heads per site (in site order),
+    blocks per stack, the hidden size and the head size (see :meth:`ArchSpec.config_fields`)."""
+
+    ffn: list[int]
+    heads: list[int]
+    kv_heads: list[int]
+    layers: list[int]
+    hidden: int
+    head_dim: int | None
+    #: the blocks each stack keeps (indices before the pruning), when blocks are removed; ``None``: all of them
+    kept_blocks: dict[str, list[int]] | None = None
+
+
 class ArchSpec:
     """One architecture family: where its prunable structures are and what its config can express."""
 
@@ -251,6 +266,61 @@ class ArchSpec:
         """Re-derive module attributes and config fields from the current weight shapes."""
         raise NotImplementedError
 
+    # -- config fields -----------------------------------------------------------------------------
+    def hidden_width(self) -> int:
+        """The hidden size (the width of the residual stream), read from the input embeddings."""
+        return self.model.get_input_embeddings().embedding_dim
+
+    def current_widths(self) -> Widths:
+        """The model's :class:`Widths` as its weights have them now."""
+        attention = self.attention_sites()
+        return Widths(ffn=[s.width for s in self.ffn_sites()], heads=[s.num_heads for s in attention],
+                      kv_heads=[s.num_kv_heads for s in attention], layers=[len(s.blocks) for s in self.stacks()],
+                      hidden=self.hidden_width(), head_dim=attention[0].head_dim if attention else None)
+
+    def config_fields(self, widths: Widths) -> dict[str, object]:
+        """The config fields that :meth:`refresh` derives from ``widths`` (the largest width where layers differ,
+        which a compact config keeps), and with ``widths.kept_blocks`` the per-layer lists that follow the kept
+        blocks (:meth:`_after_blocks_removed` updates those when the blocks go); fields of structures without sites
+        are left out."""
+        raise NotImplementedError
+
+    def _write_config_fields(self) -> None:
+        for name, value in self.config_fields(self.current_widths()).items():
+            setattr(self.model.config, name, value)
+
+    def check_config_expresses(self, widths: Widths) -> None:
+        """Raise :class:`UnsupportedStructureError` when the family's config, given the fields of ``widths``, fails
+        transformers' own validation (which ``save_pretrained`` and ``from_pretrained`` run), so that a pruning
+        that would leave an unsavable model is refused before it changes anything. Changes nothing."""
+        import copy
+
+        config = self.model.config
+        validate = getattr(config, "validate", None)
+        if validate is None:
+            return
+        try:
+            validate()
+        except Exception:  # noqa: BLE001 - the model's config is already refused as it is: not this pruning's doing
+            return
+        fields = self.config_fields(widths)
+        planned = copy.deepcopy(config)
+        for name, value in fields.items():
+            setattr(planned, name, value)
+        try:
+            planned.validate()
+        except Exception as exc:  # noqa: BLE001 - transformers' validators raise ValueError under several wrappers
+            reason = str(exc.__cause__ or exc).strip()
+            model_type = base_model_type(str(getattr(config, "model_type", self.family)))
+            raise UnsupportedStructureError(
+                f"{model_type}: after this pruning the config would not validate ({reason}), so the model could not "
+                f"be saved or loaded; nothing was changed. {self.config_advice(fields, widths)}") from None
+
+    def config_advice(self, fields: dict[str, object], widths: Widths) -> str:
+        """What to prune instead when the config ``fields`` derived from ``widths`` do not validate (see
+        :meth:`check_config_expresses`)."""
+        return "Prune less, or other structures."
+
     def widths(self) -> dict[str, list[int]]:
         """Per-layer widths, e.g. ``{"ffn": [...], "heads": [...]}``, in site order."""
         out: dict[str, list[int]] = {
@@ -374,17 +444,22 @@ class BertSpec(ArchSpec):
         for site in sites:
             site.module.num_attention_heads = site.num_heads
             site.module.all_head_size = site.q.out_features
-        cfg.num_hidden_layers = len(self._encoder().layer)
-        cfg.hidden_size = self.model.base_model.embeddings.word_embeddings.embedding_dim
-        ffn = _single([s.width for s in self.ffn_sites()])
-        if ffn is not None:
-            cfg.intermediate_size = ffn
+        self._write_config_fields()
         # num_attention_heads stays: BertConfig uses it to derive the head size.
         head_dim = sites[0].head_dim if sites else None
         if head_dim is not None and head_dim * cfg.num_attention_heads != cfg.hidden_size:
             cfg.compress_head_dim = head_dim
         elif recorded is not None:
             del cfg.compress_head_dim
+
+    def hidden_width(self) -> int:
+        return self.model.base_model.embeddings.word_embeddings.embedding_dim
+
+    def config_fields(self, widths: Widths) -> dict[str, object]:
+        fields: dict[str, object] = {"num_hidden_layers": widths.layers[0], "hidden_size": widths.hidden}
+        if widths.ffn:
+            fields["intermediate_size"] = _single(widths.ffn)
+        return fields
 
     def fits_standard_config(self) -> bool:
         cfg = self.model.config
@@ -454,7 +529,7 @@ class LlamaSpec(ArchSpec):
 
     def refresh(self) -> None:
         layers = self._layers()
-        width = self.model.base_model.embed_tokens.embedding_dim
+        width = self.hidden_width()
         for block in layers:
             _set_if_present(block.mlp, "hidden_size", width)
         for i, block in enumerate(layers):
@@ -467,20 +542,40 @@ class LlamaSpec(ArchSpec):
             _set_if_present(site.module, "num_key_value_heads", site.num_kv_heads)
         for block in layers:
             _set_if_present(block.mlp, "intermediate_size", block.mlp.down_proj.in_features)
-        cfg = self.model.config
-        cfg.num_hidden_layers = len(layers)
-        cfg.hidden_size = width
-        cfg.rms_norm_eps = self.model.base_model.norm.variance_epsilon  # hidden pruning rescales it
-        sites = self.attention_sites()
-        heads = _single([s.num_heads for s in sites])
-        if heads is not None:
-            cfg.num_attention_heads = heads
-            cfg.num_key_value_heads = _single([s.num_kv_heads for s in sites])
-            cfg.head_dim = sites[0].head_dim
-        ffn = _single([s.width for s in self.ffn_sites()])
-        if ffn is not None:
-            cfg.intermediate_size = ffn
+        self._write_config_fields()
+        self.model.config.rms_norm_eps = self.model.base_model.norm.variance_epsilon  # hidden pruning rescales it
 
+    def hidden_width(self) -> int:
+        return self.model.base_model.embed_tokens.embedding_dim
+
+    def config_fields(self, widths: Widths) -> dict[str, object]:
+        fields: dict[str, object] = {"num_hidden_layers": widths.layers[0], "hidden_size": widths.hidden}
+        if widths.heads:
+            fields.update(num_attention_heads=_single(widths.heads), num_key_value_heads=_single(widths.kv_heads),
+                          head_dim=widths.head_dim)
+        if widths.ffn:
+            fields["intermediate_size"] = _single(widths.ffn)
+        layer_types = getattr(self.model.config, "layer_types", None) or []
+        kept = (widths.kept_blocks or {}).get("decoder")
+        if kept is not None and len(layer_types) == len(self._layers()):
+            fields["layer_types"] = [layer_types[i] for i in kept]
+        return fields
+
+    def config_advice(self, fields: dict[str, object], widths: Widths) -> str:
+        config = self.model.config
+        hidden, heads = fields["hidden_size"], fields.get("num_attention_heads", config.num_attention_heads)
+        if not isinstance(hidden, int) or not isinstance(heads, int) or hidden % heads == 0:
+            return super().config_advice(fields, widths)
+        if hidden != config.hidden_size:
+            return f"Keep the hidden size a multiple of the {heads} attention heads (round_to={heads})."
+        # LlamaConfig requires hidden_size to be a multiple of num_attention_heads: the largest count of any layer
+        counts = ", ".join(str(n) for n in range(1, config.num_attention_heads + 1) if hidden % n == 0)
+        if len(set(widths.heads)) > 1:
+            return (f"The config holds the largest number of heads of any layer ({heads}), which must divide the "
+                    f"hidden size {hidden} (one of {counts}): cap it with max_keep, prune fewer or more heads, or "
+                    "use mode='uniform' with a heads sparsity that keeps one of those counts.")
+        return (f"Keep a number of attention heads per layer that divides the hidden size {hidden} (one of "
+                f"{counts}) through the heads or kv_heads sparsity.")
 
     def _after_blocks_removed(self, keep: list[int], blocks_before: int) -> None:
         cfg = self.model.config
@@ -570,22 +665,26 @@ class T5Spec(ArchSpec):
 
     def refresh(self) -> None:
         t5 = self._t5()
-        width = t5.shared.embedding_dim
+        width = self.hidden_width()
         _set_if_present(self.model, "model_dim", width)
         for site in self.attention_sites():
             site.module.n_heads = site.num_heads
             site.module.inner_dim = site.q.out_features
             _set_if_present(site.module, "d_model", width)
-        cfg = self.model.config
-        cfg.d_model = width
-        norm = t5.encoder.final_layer_norm
-        cfg.layer_norm_epsilon = norm.variance_epsilon  # hidden pruning rescales it
-        heads = _single([s.num_heads for s in self.attention_sites()])
-        if heads is not None:
-            cfg.num_heads = heads
-        ffn = _single([s.width for s in self.ffn_sites()])
-        if ffn is not None:
-            cfg.d_ff = ffn
+        self._write_config_fields()
+        # hidden pruning rescales it
+        self.model.config.layer_norm_epsilon = t5.encoder.final_layer_norm.variance_epsilon
+
+    def hidden_width(self) -> int:
+        return self._t5().shared.embedding_dim
+
+    def config_fields(self, widths: Widths) -> dict[str, object]:
+        fields: dict[str, object] = {"d_model": widths.hidden}
+        if widths.heads:
+            fields["num_heads"] = _single(widths.heads)
+        if widths.ffn:
+            fields["d_ff"] = _single(widths.ffn)
+        return fields
 
 
 ARCH_SPECS: tuple[type[ArchSpec], ...] = (BertSpec, LlamaSpec, T5Spec)

@@ -46,8 +46,8 @@ from compress.pruning.plan import (
     plan_removals,
 )
 from compress.pruning.reconstruct import bias_fit_structures, check_reconstructable, prune_sequentially
-from compress.pruning.spec import RECONSTRUCTED_STRUCTURES, PruningSpec, positive_int
-from compress.pruning.surgery import apply_checked, check_removals, preserve_training_modes
+from compress.pruning.spec import RECONSTRUCTED_STRUCTURES, STRUCTURE_LABELS, PruningSpec, positive_int
+from compress.pruning.surgery import apply_checked, check_removals, preserve_training_modes, widths_after
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,10 @@ class PruneReport:
         return asdict(self)
 
 
-def check_support(arch: ArchSpec, sparsity: Iterable[str], mode: str) -> None:
-    """Raise a clear error for a structure the architecture cannot prune, or cannot express in ``mode``."""
+def check_support(arch: ArchSpec | type[ArchSpec], sparsity: Iterable[str], mode: str) -> None:
+    """Raise a clear error for a structure the architecture cannot prune, or cannot express in ``mode``; given a
+    model's :class:`ArchSpec` (not only its family's class), also uniform mode on a model whose layers already
+    differ in width."""
     allowed = arch.uniform_structures if mode == "uniform" else arch.supported_structures
     for name in sparsity:
         if name in allowed:
@@ -98,6 +100,30 @@ def check_support(arch: ArchSpec, sparsity: Iterable[str], mode: str) -> None:
                 f"supports: {', '.join(arch.uniform_structures)}")
         raise UnsupportedStructureError(f"{arch.family}: pruning {name!r} is not supported; supported structures: "
                                         f"{', '.join(arch.supported_structures)}")
+    if mode == "uniform" and isinstance(arch, ArchSpec) and not arch.fits_standard_config():
+        unequal = [f"{STRUCTURE_LABELS[name]} {widths}" for name, widths in arch.widths().items()
+                   if len(set(widths)) > 1]
+        raise UnsupportedStructureError(
+            f"{arch.family}: uniform mode keeps one width in every layer so that the standard config expresses the "
+            f"result, and this model's layers already differ "
+            f"({'; '.join(unequal) or 'widths its standard config cannot express: a compact model'}): prune it "
+            "with mode='global' (the result loads with `import compress`)")
+
+
+def check_uniform_result(arch: ArchSpec, spec: PruningSpec) -> None:
+    """In uniform mode with a ``sparsity`` per structure, the widths follow from the options alone: refuse, before
+    any calibration, a result the family's config cannot express (a model on the meta device will do). Other
+    prunes are checked once planned, before anything changes.
+
+    Raises:
+        UnsupportedStructureError: from :meth:`~compress.pruning.arch.ArchSpec.check_config_expresses`.
+    """
+    if spec.mode != "uniform" or spec.param_sparsity is not None:
+        return
+    units = units_for(arch, spec.sparsity)
+    unscored = {u.key: torch.zeros(u.size) for u in units}  # uniform counts do not depend on the scores
+    planned = plan_removals(arch, units, unscored, spec.sparsity, "uniform", round_to=spec.round_to)
+    arch.check_config_expresses(widths_after(arch, units, planned))
 
 
 def forward_passes(model: nn.Module, batches: list[dict]) -> None:
@@ -368,6 +394,7 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
     widths_before = _report_widths(arch, spec)
     params_before = _num_parameters(model)
     units = units_for(arch, spec.sparsity)
+    check_uniform_result(arch, spec)
     recorder = None
     if reconstruct and spec.mode == "uniform" and isinstance(criterion, InputStatisticsImportance):
         # widths are fixed and the sequential pass chooses every channel on the pruned stream: no dense pass
@@ -394,6 +421,7 @@ def _prune(model: nn.Module, spec: PruningSpec, data, num_batches: int, batch_si
             raise nothing_removed_error(structure, spec.sparsity[structure], units, spec.round_to)
     # every check of the removal runs before bias compensation changes a tensor: a refused removal (e.g. the
     # hidden size of an unknown task head) leaves the model as it was
+    arch.check_config_expresses(widths_after(arch, units, removals))  # global mode: widths known once planned
     checked = check_removals(model, arch, units, removals)
     notes = arch.add_output_biases(biased)
     if reconstruct:

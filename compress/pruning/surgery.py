@@ -26,7 +26,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from compress.errors import CompressError
-from compress.pruning.arch import ArchSpec, AttentionSite, HiddenSite
+from compress.pruning.arch import ArchSpec, AttentionSite, HiddenSite, Widths
 from compress.pruning.importance import Unit
 
 
@@ -353,11 +353,43 @@ class CheckedRemovals:
     graph: tp.DependencyGraph | None
 
 
+def widths_after(arch: ArchSpec, units: list[Unit], removals: Mapping[str, list[int]]) -> Widths:
+    """The :class:`~compress.pruning.arch.Widths` the model will have once ``removals`` are applied (the sites of
+    removed blocks left out; a kv head goes with the last query head of its group)."""
+    removed_blocks = {(u.site.name, i) for u in units if u.structure == "layers" for i in removals.get(u.key, [])}
+    by_key = {u.key: u for u in units}
+
+    def removed(site, structure: str) -> list[int]:
+        unit = by_key.get(site.name)
+        return removals.get(site.name, []) if unit is not None and unit.structure == structure else []
+
+    ffn = [s.width - len(removed(s, "ffn")) for s in arch.ffn_sites() if (s.stack, s.layer) not in removed_blocks]
+    sites = arch.attention_sites()
+    heads, kv_heads = [], []
+    for site in sites:
+        if (site.stack, site.layer) in removed_blocks:
+            continue
+        dead = set(removed(site, "heads"))
+        group = site.num_heads // site.num_kv_heads
+        heads.append(site.num_heads - len(dead))
+        kv_heads.append(site.num_kv_heads - sum(set(range(g * group, (g + 1) * group)) <= dead
+                                                for g in range(site.num_kv_heads)))
+    kept_blocks = {s.name: [i for i in range(len(s.blocks)) if (s.name, i) not in removed_blocks]
+                   for s in arch.stacks()}
+    layers = [len(kept) for kept in kept_blocks.values()]
+    hidden = arch.hidden_width() - sum(len(removals.get(u.key, [])) for u in units if u.structure == "hidden")
+    return Widths(ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers, hidden=hidden,
+                  head_dim=sites[0].head_dim if sites else None,
+                  kept_blocks=kept_blocks if removed_blocks else None)
+
+
 def check_removals(model: nn.Module, arch: ArchSpec, units: list[Unit],
                    removals: Mapping[str, list[int]]) -> CheckedRemovals:
     """Run every check the removal needs, changing nothing: the couplings torch-pruning's dependency graph finds
     against those each site declares (hidden size included), query-head removals per kv group, and adapter
-    wrappers that cannot lose channels.
+    wrappers that cannot lose channels. Whether the family's config can express the result is the caller's to
+    check (:meth:`~compress.pruning.arch.ArchSpec.check_config_expresses` on :func:`widths_after`): a step of a
+    pruning schedule may pass through widths that only its last step must make expressible.
 
     Callers that change tensors before the removal (bias compensation) call this first, so that a refused removal
     leaves the model as it was; then :func:`apply_checked`.

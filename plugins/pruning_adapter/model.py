@@ -17,7 +17,7 @@ from compress.export import TAG, method_tag
 from compress.pruning.arch import ARCH_SPECS, arch_spec, spec_class
 from compress.pruning.compact import PREFIX as COMPACT_PREFIX
 from compress.pruning.compact import make_compact
-from compress.pruning.engine import check_support
+from compress.pruning.engine import check_support, check_uniform_result
 from compress.pruning.optim import remap_optimizer
 from compress.pruning.surgery import apply_checked, build_dependency_graph, check_hidden_group
 from compress.tuner import CompressLoraModel, float_linear
@@ -129,6 +129,8 @@ class PruningAdapterModel(CompressLoraModel):
         super()._check_new_adapter_config(config)
         # before LoRA looks up the default targets: an unknown architecture is refused by name
         check_support(arch_spec(self.model), config.spec.sparsity, config.mode)
+        if not config.pruning_plan:  # a new plan: refuse final widths the config cannot express
+            check_uniform_result(arch_spec(self.model), config.spec)
 
     def _pre_injection_hook(self, model: nn.Module, config: PruningAdapterConfig, adapter_name: str) -> None:
         self._check_targets(model, config)

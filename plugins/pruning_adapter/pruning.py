@@ -27,7 +27,7 @@ from compress.pruning.compensate import bias_shifts, output_projection, record_i
 from compress.pruning.engine import forward_passes, score_units
 from compress.pruning.importance import Unit, get_importance, units_for
 from compress.pruning.plan import plan_removals, width_cap
-from compress.pruning.surgery import CheckedRemovals, check_removals
+from compress.pruning.surgery import CheckedRemovals, check_removals, widths_after
 
 from .config import PruningAdapterConfig
 from .layer import PruningAdapterLayer
@@ -107,7 +107,8 @@ def plan_event(model: nn.Module, config: PruningAdapterConfig, sparsity: dict[st
                scores: dict[str, torch.Tensor], final: bool, means: dict[str, torch.Tensor] | None = None,
                step: int | None = None) -> PruningEvent:
     """The event that removes ``sparsity`` of the model's current structures by ``scores``, checked against the
-    model (a refused event leaves everything as it was)."""
+    model, and when ``final`` against what the family's config can express (a refused event leaves everything as it
+    was)."""
     spec = config.spec
     check_unsharded(model, "prune a Pruning-Adapter model")
     arch = arch_spec(model)
@@ -115,6 +116,8 @@ def plan_event(model: nn.Module, config: PruningAdapterConfig, sparsity: dict[st
     removals = plan_removals(arch, units, scores, sparsity, spec.mode, round_to=spec.round_to,
                              normalize=spec.normalize, max_widths=_width_caps(model, config, sparsity))
     check_same_on_ranks(removals, "the channels, heads and blocks chosen for removal")
+    if final:  # the widths a saved model has; earlier events of a schedule may pass through others
+        arch.check_config_expresses(widths_after(arch, units, removals))
     checked = check_removals(model, arch, units, removals)
     # every event of a plan that prunes the hidden size records it
     widths_before = recorded_widths(arch, "hidden" in spec.sparsity)
