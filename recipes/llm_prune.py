@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     recovery.add_argument("--r", type=int, default=8, help="LoRA rank (%(default)s)")
     recovery.add_argument("--lora-alpha", type=float, default=16,
                           help="LoRA scale numerator: scale = alpha / r (%(default)s)")
-    recovery.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA path (%(default)s)")
+    recovery.add_argument("--lora-dropout", type=float, default=0.0,
+                          help="dropout on the LoRA path; above 0 each adapted projection keeps its own dropped copy "
+                               "of its input for the backward pass, more memory than full fine-tuning's activations "
+                               "(%(default)s)")
     recovery.add_argument("--distill-weight", type=float, default=0.0,
                           help="W in (1 - W) * CE + W * KL(dense || pruned): logit distillation from the dense model "
                                "(%(default)s: off)")

@@ -41,7 +41,7 @@ def lora_targets(model: nn.Module) -> list[str]:
     return list(arch_spec(model).projection_names)
 
 
-def lora_config(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.05):
+def lora_config(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0):
     """A causal-LM ``LoraConfig`` of rank ``r`` on every projection :func:`lora_targets` names (biases frozen)."""
     from peft import LoraConfig
 
@@ -190,7 +190,7 @@ def train_causal_lm(model: nn.Module, batches: list[dict[str, torch.Tensor]], *,
 
 
 def memory_setup(model: str, data: str, method: str = "lora", batch_size: int = 4, seq_len: int = 512, seed: int = 1,
-                 lr: float = 2e-4, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.05,
+                 lr: float = 2e-4, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                  teacher: str | None = None, distill_weight: float = 0.0, temperature: float = 1.0,
                  data_config: str | None = None, split: str = "train", text_column: str | None = None):
     """One recovery configuration of the saved model folder ``model`` (its own tokenizer), for
