@@ -22,8 +22,10 @@ per track (quality against training peak memory and against latency, Pareto fron
 from __future__ import annotations
 
 import argparse
+import datetime
 import fnmatch
 import logging
+import os
 import platform
 import sys
 import time
@@ -188,6 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else 0
 
 
+def _cpu_name() -> str:
+    """The processor's model name (Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_report(results: dict[str, Any], tracks: list[str], settings: dict[str, dict[str, Any]], out: Path,
                  argv: list[str] | None, minutes: float) -> str:
     """Write ``benchmark.md`` and the tracks' PNGs into ``out``; returns the Markdown."""
@@ -209,9 +222,11 @@ def write_report(results: dict[str, Any], tracks: list[str], settings: dict[str,
     import torch
 
     command = "python recipes/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    header = (f"# Benchmark\n\n`{command.strip()}`\n\nMachine: {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} torch threads by default, Python {platform.python_version()}, torch "
-              f"{torch.__version__}. This run's wall time: {minutes:.1f} min.")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"# Benchmark\n\n`{command.strip()}`\n\n{date}. Machine: {_cpu_name()}, {os.cpu_count()} CPU cores, "
+              f"{torch.get_num_threads()} torch threads by default; Python {platform.python_version()}, torch "
+              f"{torch.__version__}. Wall time of this invocation: {minutes:.1f} min (rows finished by an earlier "
+              "invocation of a resumed run not included; each row's own time is in results.json).")
     text = markdown_report(results, tracks, notes=notes, plots=plots, header=header)
     write_text_atomically(out / REPORT_FILE, text)
     return text
