@@ -274,3 +274,54 @@ def test_a_pruning_adapter_event_the_config_cannot_express_is_refused_before_the
         model.base_model.prune()
     _assert_unchanged(model, before)
     assert model.peft_config["default"].pruning_plan == []
+
+
+# -- Pruning-Adapter's bias compensation on decoders --------------------------------------------------------
+def _logits(model: torch.nn.Module, arch: str = "llama") -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**tiny.make_batch(arch, labels=False)).logits
+
+
+def test_pruning_adapter_compensates_llama_through_mlp_bias_and_attention_bias_as_the_engine_does(tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    sparsity, data = {"ffn": 0.5, "heads": 0.5}, tiny.make_batches("llama", 2)
+    engine = tiny.make_model("llama")
+    compress.prune_model(engine, sparsity, importance="activation", data=data, compensate_bias=True)
+    config = compress.PruningAdapterConfig(task_type="CAUSAL_LM", r=4, sparsity=sparsity, importance="activation",
+                                           compensate_bias=True)
+    model = get_peft_model(tiny.make_model("llama"), config)
+    model.base_model.prune(data=data)
+    layer = model.base_model.model.model.layers[0]
+    assert layer.mlp.down_proj.pa_bias["default"].abs().sum() > 0
+    assert layer.self_attn.o_proj.pa_bias["default"].abs().sum() > 0
+    # zero-initialised adapters: the pruned, compensated base, which is what prune_model gives
+    torch.testing.assert_close(_logits(model), _logits(engine), rtol=0, atol=1e-6)
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny.make_model("llama"), tmp_path / "adapter")
+    assert torch.equal(_logits(reloaded), _logits(model))
+    reloaded.merge_and_unload().save_pretrained(tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # stock transformers
+    assert type(merged) is transformers.LlamaForCausalLM
+    assert merged.config.mlp_bias and merged.config.attention_bias
+    torch.testing.assert_close(_logits(merged), _logits(model), rtol=0, atol=1e-6)
+
+
+def test_pruning_adapter_warns_once_that_qwen2_cannot_hold_the_compensation(caplog):
+    from peft import get_peft_model
+
+    config = compress.PruningAdapterConfig(task_type="CAUSAL_LM", r=4, sparsity={"ffn": 0.5, "heads": 0.5},
+                                           importance="activation", compensate_bias=True)
+    with caplog.at_level("WARNING"):
+        model = get_peft_model(tiny.make_model("qwen2"), config)
+        model.base_model.prune(data=tiny.make_batches("qwen2", 2))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "compensate_bias" in
+                r.getMessage()]
+    assert warnings == ["compensate_bias: the FFN output and attention output projections have no bias and the "
+                        "qwen2 config cannot give them one, so the channels pruned from them are not compensated "
+                        "(the adapters still train on the pruned model); set compensate_bias=False to silence this"]
+    layer = model.base_model.model.model.layers[0]
+    assert not layer.mlp.down_proj.pa_bias and not layer.self_attn.o_proj.pa_bias  # no bias to hold one
+    assert model.peft_config["default"].pruning_plan  # pruned all the same

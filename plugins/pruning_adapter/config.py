@@ -70,8 +70,10 @@ class PruningAdapterConfig(LoraConfig):
         compensate_bias: add the average contribution of removed FFN neurons and heads, measured on the scoring
             batches, to the bias of the output projection they fed (FLAP-style; see
             :mod:`compress.pruning.compensate`). Kept as a frozen per-adapter buffer (``pa_bias``) and folded in
-            on merge. Applies where that projection has a bias and carries an adapter (BERT/RoBERTa); Llama,
-            Qwen2 and T5 output projections have no bias and are left as they are. Off by default.
+            on merge. Applies where that projection carries an adapter and has a bias (BERT/RoBERTa) or its
+            config can give it one (Llama: ``mlp_bias`` / ``attention_bias`` are set and zero biases added when
+            the adapters are created, as ``compress.prune_model`` does); Qwen2 and T5 output projections cannot
+            hold one and stay uncompensated, with a warning. Off by default.
         schedule: ``oneshot`` prunes once, to the final sparsity, after ``scoring_steps`` training steps
             (or immediately with ``model.prune(data=...)``); ``progressive`` prunes every
             ``pruning_interval`` steps from ``scoring_steps`` to ``pruning_end_step`` along a cubic schedule,

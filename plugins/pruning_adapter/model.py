@@ -50,7 +50,7 @@ from .plan import (
     replay_events,
     same_events,
 )
-from .pruning import PruningEvent, compensate, oneshot_event
+from .pruning import PruningEvent, add_compensation_biases, compensate, oneshot_event
 from .schedule import SCHEDULE_PREFIX, PruningSchedule
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ class PruningAdapterModel(CompressLoraModel):
         if config.distill_weight and not config.inference_mode and self.distillation is None:
             # before replay/pruning: the teacher is the dense original
             self.__dict__["distillation"] = Distillation.attach(self, model, config.distill_weight)
+        add_compensation_biases(model, config)  # before the replay, as before the events it replays
         if config.pruning_plan:
             self._replay(model, config)
 

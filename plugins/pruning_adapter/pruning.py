@@ -22,11 +22,12 @@ from torch import nn
 
 from compress.distributed import check_same_on_ranks, check_unsharded
 from compress.errors import CompressError
-from compress.pruning.arch import arch_spec
+from compress.pruning.arch import arch_spec, base_model_type
 from compress.pruning.compensate import bias_shifts, output_projection, record_input_means
 from compress.pruning.engine import forward_passes, score_units
 from compress.pruning.importance import Unit, get_importance, units_for
 from compress.pruning.plan import plan_removals, width_cap
+from compress.pruning.spec import RECONSTRUCTED_STRUCTURES
 from compress.pruning.surgery import CheckedRemovals, check_removals, widths_after
 
 from .config import PruningAdapterConfig
@@ -144,6 +145,32 @@ def _width_caps(model: nn.Module, config: PruningAdapterConfig, sparsity: dict[s
         kept_overall = (now - math.floor(fraction * now + 0.5)) / total_width(original, structure)
         caps[structure] = width_cap(max(widths), 1.0 - kept_overall, config.max_keep)
     return caps
+
+
+def add_compensation_biases(model: nn.Module, config: PruningAdapterConfig) -> list[str]:
+    """With ``compensate_bias``: give the FFN / attention output projections that the configured structures prune
+    the bias their family's config can express, as :func:`compress.prune_model` does
+    (:meth:`~compress.pruning.arch.ArchSpec.add_output_biases`: Llama's ``mlp_bias`` / ``attention_bias``, zero
+    biases that change no output), before the adapter layers are created, so that each holds a ``pa_bias`` that
+    merging folds into a bias a standard folder reloads. Where the config cannot express one (Qwen2, T5), one
+    warning says that those projections stay uncompensated. Returns the notes of the flags set."""
+    if not config.compensate_bias:
+        return []
+    arch = arch_spec(model)
+    structures = [s for s in config.spec.sparsity if s in RECONSTRUCTED_STRUCTURES]
+    flags = arch.bias_flags()
+    expressible = [s for s in structures if ("ffn" if s == "ffn" else "heads") in flags]
+    unexpressed = [("FFN output" if kind == "ffn" else "attention output")
+                   for kind in arch._bias_kinds(structures) if kind not in flags]
+    if unexpressed:
+        model_type = base_model_type(str(getattr(model.config, "model_type", arch.family)))
+        logger.warning("compensate_bias: the %s projections have no bias and the %s config cannot give them one, "
+                       "so the channels pruned from them are not compensated (the adapters still train on the pruned "
+                       "model); set compensate_bias=False to silence this", " and ".join(unexpressed), model_type)
+    notes = arch.add_output_biases(expressible)
+    for note in notes:
+        logger.info("compensate_bias: %s", note)
+    return notes
 
 
 def compensate(event: PruningEvent) -> None:
