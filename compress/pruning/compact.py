@@ -55,31 +55,36 @@ def _projection_paths(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _layer_at(model: nn.Module, path: str) -> tuple[nn.Module, str] | None:
-    """The parent module and attribute name of the layer at ``path``: relative to the base model, else (a task-head
-    layer) to the whole model; ``None`` when neither has it."""
+    """The parent module and attribute name of the layer at ``path``: relative to the base model, or for a task-head
+    layer (its first name is no child of the base model) to the whole model; ``None`` for a task-head layer the
+    model does not have.
+
+    Raises:
+        AttributeError: the base model has no such layer (the shapes were recorded from another model).
+    """
     parent_path, _, attr = path.rpartition(".")
-    for root in dict.fromkeys((model.base_model, model)):
-        try:
-            parent = root.get_submodule(parent_path) if parent_path else root
-        except AttributeError:
-            continue
-        if isinstance(getattr(parent, attr, None), nn.Module):
-            return parent, attr
-    return None
+    base = model.base_model
+    if path.split(".")[0] in dict(base.named_children()):
+        return (base.get_submodule(parent_path) if parent_path else base), attr
+    try:
+        parent = model.get_submodule(parent_path) if parent_path else model
+    except AttributeError:
+        return None
+    return (parent, attr) if isinstance(getattr(parent, attr, None), nn.Module) else None
 
 
 def _apply_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
     """Replace each recorded projection of a freshly built model by one of the recorded shape.
 
-    A recorded layer the model does not have belongs to a task head it lacks, and is left out: the model is the
-    base that a head class builds for itself (Llama's and Qwen2's head classes build theirs with
-    ``AutoModel.from_config``, which gives the compact base class; the head class then shapes its head), or a
-    folder saved with one head is loaded with another class (the bare model, another task), whose head is new.
+    A recorded task-head layer the model does not have is left out: the model is the base that a head class builds
+    for itself (Llama's and Qwen2's head classes build theirs with ``AutoModel.from_config``, which gives the
+    compact base class; the head class then shapes its head), or a folder saved with one head is loaded with
+    another class (the bare model, another task), whose head is new.
     """
     for path, (out_features, in_features) in shapes.items():
         found = _layer_at(model, path)
         if found is None:
-            logger.debug("%s has no layer %s (another task head's): left out", type(model).__name__, path)
+            logger.debug("%s has no task-head layer %s: left out", type(model).__name__, path)
             continue
         parent, attr = found
         old = getattr(parent, attr)
