@@ -165,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(row.id)
         return 0
-    if not rows:
+    if not rows and patterns:
         p.error(f"--rows {args.rows} matches no row of the tracks {', '.join(tracks)} (--list shows them)")
+    if not rows:
+        p.error(f"nothing to run: the decoder track needs a model ({decoder.skip_reason(settings['decoder'])})")
     out = Path(args.out)
     results_path = out / RESULTS_FILE
     if not (args.resume and results_path.is_file()):

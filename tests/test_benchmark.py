@@ -199,7 +199,9 @@ def test_list_names_every_row_and_bad_options_are_one_error(tmp_path, capsys):
     for argv, message in ((["--tracks", "encoder,gpu"], "--tracks encoder,gpu: choose among"),
                           (["--rows", "nothing*"], "matches no row"),
                           (["--scaling-sizes", "7b"], "unknown size(s) 7b"),
-                          (["--steps", "10", "--recovery-steps", "10"], "--recovery-steps 10 must be between")):
+                          (["--steps", "10", "--recovery-steps", "10"], "--recovery-steps 10 must be between"),
+                          (["--tracks", "decoder"], "nothing to run: the decoder track needs a model (no decoder "
+                                                    "model: give --decoder-model FOLDER")):
         with pytest.raises(SystemExit) as exc:
             benchmark.main(["--out", str(tmp_path / "run"), *argv])
         assert exc.value.code == 2 and message in capsys.readouterr().err
@@ -279,3 +281,25 @@ def test_quick_run_on_tiny_models_writes_json_tables_and_plots(tmp_path):
     again = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished" in again.stderr
+
+
+def test_encoder_data_with_named_columns(tmp_path):
+    from bench.encoder import _load_any
+
+    for split, n in (("train", 6), ("validation", 4)):
+        rows = [json.dumps({"review": f"words {i}", "stars": i % 2, "extra": "x"}) for i in range(n)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    train, test = _load_any(str(tmp_path), {"text_column": "review", "label_column": "stars"})
+    assert train.column_names == ["text", "label"] and len(train) == 6 and len(test) == 4
+    assert test[1] == {"text": "words 1", "label": 1}
+    with pytest.raises(ValueError, match="--text-column and --label-column"):
+        _load_any(str(tmp_path), {"text_column": "extra", "label_column": "nothing"})
+
+
+def test_a_skipped_track_says_why_in_the_report():
+    from bench import decoder
+
+    settings = {**decoder.QUICK, "model": None, "eval_text": "e.txt", "calibration_text": "c.txt"}
+    assert decoder.rows(settings) == []
+    text = report.markdown_report({"rows": {}}, ["decoder"], notes={"decoder": decoder.note(settings)})
+    assert "## Decoder track" in text and "Not run: no decoder model: give --decoder-model FOLDER" in text

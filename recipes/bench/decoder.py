@@ -49,7 +49,7 @@ FULL = {"sparsity": 0.3, "calib_rows": 128, "calib_length": 512, "calib_batch": 
         "lr": 2e-4, "lst_lr": 3e-3}
 QUICK = {**FULL, "calib_rows": 8, "calib_length": 128, "calib_batch": 4, "eval_tokens": 2048, "window": 256,
          "train_steps": 4, "train_batch": 2, "train_seq": 128, "recovery_steps": 4, "recovery_batch": 2,
-         "recovery_seq": 128, "latency_rows": 2, "latency_rounds": 2}
+         "recovery_seq": 128, "latency_seq": 32, "latency_rows": 2, "latency_rounds": 1}
 #: what issue 34 measured with the peers' own code on SmolLM2-135M (docs/decoders.md): cited, not re-run
 PEER_RESULTS = (
     ("FLAP's code, uniform widths, 1,024 x 128 calibration tokens", "74.05"),

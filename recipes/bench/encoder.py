@@ -134,22 +134,20 @@ def _load_any(data: str, task: dict[str, Any]):
         loaded = datasets.load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **options)
     else:
         loaded = datasets.load_dataset(data)
-    if not isinstance(loaded, datasets.DatasetDict):
+    if not isinstance(loaded, datasets.DatasetDict) or "train" not in loaded:
         raise ValueError(f"{data}: need a dataset with a train split and a test or validation split")
-    label = task.get("label_column") or "label"
-    test_split = next((s for s in ("test", "validation", "dev") if s in loaded and label in loaded[s].column_names
-                       and -1 not in set(loaded[s][label])), None)
-    if "train" not in loaded or test_split is None:
-        raise ValueError(f"{data}: splits {sorted(loaded)}; need 'train' and a labelled 'test' or 'validation'")
-    splits = []
-    for split in ("train", test_split):
-        ds = loaded[split].rename_columns(columns) if columns else loaded[split]
-        keep = [c for c in ("text", "text_pair", "label") if c in ds.column_names]
-        if "text" not in keep or "label" not in keep:
-            raise ValueError(f"{data}: columns {ds.column_names}; name the text and label columns with "
-                             "--text-column and --label-column")
-        splits.append(ds.select_columns(keep))
-    return splits[0], splits[1]
+    splits = {}
+    for split, ds in loaded.items():
+        ds = ds.rename_columns({k: v for k, v in columns.items() if k in ds.column_names})
+        if "text" not in ds.column_names or "label" not in ds.column_names:
+            raise ValueError(f"{data}: split {split} has the columns {ds.column_names}; name the text and label "
+                             "columns with --text-column and --label-column")
+        splits[split] = ds.select_columns([c for c in ("text", "text_pair", "label") if c in ds.column_names])
+    test_split = next((s for s in ("test", "validation", "dev") if s in splits and -1 not in set(splits[s]["label"])),
+                      None)
+    if test_split is None:
+        raise ValueError(f"{data}: splits {sorted(splits)}; need a labelled 'test' or 'validation' split")
+    return splits["train"], splits[test_split]
 
 
 def model_path(settings: dict[str, Any]) -> str:
