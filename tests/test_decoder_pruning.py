@@ -228,9 +228,11 @@ def test_sequential_statistics_come_from_the_pruned_stream(monkeypatch):
     assert not torch.allclose(mean, dense_inputs.mean(0), rtol=1e-3, atol=1e-5)
 
 
-def test_one_pass_for_a_blocks_last_projection_gives_what_running_the_block_again_gives(monkeypatch):
-    """Pre-norm blocks: the stream after a block is its output without the last projection's term plus the refit
-    projection's term; the generic path runs the block again. Both give the same model."""
+@pytest.mark.parametrize("sparsity", [{"ffn": 0.5, "heads": 0.5}, {"heads": 0.5}])
+def test_one_pass_for_a_blocks_last_projection_gives_what_running_the_block_again_gives(monkeypatch, sparsity):
+    """Pre-norm blocks: the stream after a block is its output without the FFN output projection's term plus the
+    refit projection's term; the generic path runs the block again. Both give the same model, also where only heads
+    go (the attention's output feeds the FFN, so it cannot be added afterwards)."""
     from compress.pruning.arch import LlamaSpec
 
     batches = tiny.make_batches("llama", 2, labels=False)
@@ -238,11 +240,40 @@ def test_one_pass_for_a_blocks_last_projection_gives_what_running_the_block_agai
     for residual in (True, False):
         monkeypatch.setattr(LlamaSpec, "residual_outputs", residual)
         model = tiny.make_model("llama")
-        compress.prune_model(model, {"ffn": 0.5, "heads": 0.5}, None, "flap", data=batches,
+        compress.prune_model(model, sparsity, None, "flap", data=batches,
                              reconstruct="least_squares", compensate_bias=True)
         models.append(model)
     for (name, fused), (_, rerun) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
         torch.testing.assert_close(fused, rerun, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("sparsity", [{"heads": 0.5}, {"ffn": 0.5}, {"ffn": 0.5, "heads": 0.5}])
+def test_the_stream_after_the_pass_is_what_the_pruned_model_computes(monkeypatch, sparsity):
+    """The calibration stream the sequential pass leaves behind is the pruned model's own output of the last block
+    (what every later block's statistics are measured on), whichever of a block's projections are refit."""
+    streams = []
+    capture = reconstruct.BlockStream.capture.__func__
+
+    def keep(cls, *args, **kwargs):
+        streams.append(capture(cls, *args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(reconstruct.BlockStream, "capture", classmethod(keep))
+    model = tiny.make_model("llama")
+    batches = tiny.make_batches("llama", 2, labels=False)
+    compress.prune_model(model, sparsity, None, "obs", data=batches, reconstruct="least_squares",
+                         compensate_bias=True)
+    outputs = []
+    handle = model.model.layers[-1].register_forward_hook(
+        lambda module, args, output: outputs.append(output[0] if isinstance(output, tuple) else output))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**_inputs(batch))
+    finally:
+        handle.remove()
+    for entry, expected in zip(streams[0].entries, outputs, strict=True):
+        torch.testing.assert_close(entry.hidden, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_flap_chooses_channels_on_the_pruned_stream_and_global_mode_keeps_planned_widths():

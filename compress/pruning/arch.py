@@ -158,7 +158,8 @@ class ArchSpec:
     #: does), or ``None`` when every block of the one stack takes the stream and the same other arguments
     sequential_reason: str | None = None
     #: whether every block adds its output projections' outputs to the residual stream unchanged (pre-norm
-    #: blocks), so that a block's output can follow a refit of its last projection without running it again
+    #: blocks), so that a block's output can follow a refit of its FFN output projection, the last term it adds,
+    #: without running it again
     residual_outputs: bool = False
 
     def __init__(self, model: nn.Module):

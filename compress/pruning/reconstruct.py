@@ -19,8 +19,10 @@ already passed through the pruned earlier blocks (and, for the FFN, through this
 channels are chosen, the projection refit, the channels removed, and the stream run through the finished block.
 Memory: the stream (tokens x hidden size), and the count, sum and Gram matrix of one projection at a time. In
 families whose blocks add their output projections' outputs to the residual stream (pre-norm: Llama, Qwen2), the
-last projection of a block is measured in the same pass that runs the block, its inputs held until it is refit (one
-projection's inputs over the calibration tokens), which saves running the block a second time.
+FFN's output projection, the last term such a block adds, is measured in the same pass that runs the block, its inputs
+held until it is refit (one projection's inputs over the calibration tokens), which saves running the block a second
+time. The attention's output projection never is: the FFN reads the stream it writes to, so a block where only heads
+go is measured up to its attention's output projection and then run again whole.
 """
 
 from __future__ import annotations
@@ -308,9 +310,10 @@ class BlockStream:
     def measure_and_advance(self, block: nn.Module, projection: nn.Module) -> tuple[ProjectionStatistics,
                                                                                   list[torch.Tensor]]:
         """Measure ``projection``'s inputs and run ``block`` to its end in the same pass, with the projection's
-        output left out: for a block that adds that output to the residual stream unchanged, the stream then lacks
-        only the projection's term, which :meth:`add_projection` adds once the projection is refit. Returns the
-        statistics and the projection's inputs, one tensor per batch (kept until then)."""
+        output left out: for a block that adds that output to the residual stream unchanged as the last thing it
+        does (nothing later in the block reads it: a pre-norm block's FFN output projection, not its attention's),
+        the stream then lacks only the projection's term, which :meth:`add_projection` adds once the projection is
+        refit. Returns the statistics and the projection's inputs, one tensor per batch (kept until then)."""
         stats = ProjectionStatistics(projection.in_features, device=projection.weight.device)
         current: list[torch.Tensor | None] = [None]
         held: list[torch.Tensor] = []
@@ -447,11 +450,13 @@ def prune_sequentially(model: nn.Module, arch: ArchSpec, units: list[Unit], remo
     last = max((i for i, (_, block_units) in enumerate(blocks) if block_units), default=-1)
     for block, block_units in tqdm(blocks[:last + 1], desc="reconstructing", disable=not progress, leave=False):
         held: list[torch.Tensor] | None = None
-        for position, unit in enumerate(block_units):
+        for unit in block_units:
             projection = output_projection(unit)
             with_bias = unit.structure in biased_kinds
-            if arch.residual_outputs and position == len(block_units) - 1:
-                stats, held = stream.measure_and_advance(block, projection)  # the block's last refit: one pass
+            if arch.residual_outputs and unit.structure == "ffn":
+                # the FFN adds the block's last term to the stream: one pass measures it and runs the block; the
+                # attention's output cannot be left out that way, the FFN after it reads it
+                stats, held = stream.measure_and_advance(block, projection)
             else:
                 stats = stream.measure(block, projection)
             if stats.count < 1:
