@@ -178,6 +178,8 @@ def test_global_param_sparsity_reloads_after_import_compress(tmp_path):
     ({"param_sparsity": 1.0}, r"param_sparsity=1.0: .* must be a number in \(0, 1\)"),
     ({"max_keep": 0.9}, "max_keep=0.9: is not combined with param_sparsity"),
     ({"importance": "obs"}, "importance='obs': chooses channels by the error of the least-squares refit"),
+    ({"structures": ("ffn", "heads", "kv_heads")},
+     "structures='ffn,heads,kv_heads': param_sparsity takes parameters from either 'heads' .* or 'kv_heads'"),
 ])
 def test_param_sparsity_options_are_checked(kwargs, match):
     args = {"structures": ("ffn", "heads"), "param_sparsity": 0.2, "mode": "global", "normalize": "standardize",
@@ -186,6 +188,19 @@ def test_param_sparsity_options_are_checked(kwargs, match):
         compress.PruningSpec.from_options(**args)
     with pytest.raises(compress.InvalidOptionError, match=match):
         compress.prune_model(tiny.make_model("llama"), **args)
+
+
+def test_heads_with_kv_heads_under_param_sparsity_names_the_structures_on_the_command_line():
+    """The command line gives structures and a budget, no per-structure fractions: the error names --structures."""
+    from compress.cli import error_line
+
+    with pytest.raises(compress.InvalidOptionError) as caught:
+        compress.PruningSpec.from_options(structures="ffn,heads,kv_heads", param_sparsity=0.2, mode="global",
+                                          normalize="standardize", importance="flap")
+    line = error_line(caught.value)
+    assert line.startswith("compress: error: --structures ffn,heads,kv_heads: param_sparsity takes parameters from "
+                           "either 'heads'"), line
+    assert "None" not in line
 
 
 @pytest.mark.parametrize("arch,kwargs,error,match", [

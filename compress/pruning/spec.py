@@ -258,8 +258,10 @@ class PruningSpec:
                                      f"{', '.join(BUDGETED_STRUCTURES)}, not {', '.join(outside) or 'nothing'}: "
                                      "prune those in a separate call with sparsity")
         if "heads" in names and "kv_heads" in names:
-            raise InvalidOptionError("sparsity", dict(self.sparsity), "prune either 'heads' (query heads per kv "
-                                     "group) or 'kv_heads' (whole kv heads with their query heads), not both")
+            # the structures are what the caller named here (sparsity holds no fractions): name them
+            raise InvalidOptionError("structures", ",".join(names), "param_sparsity takes parameters from either "
+                                     "'heads' (query heads per kv group) or 'kv_heads' (whole kv heads with their "
+                                     "query heads), not both: keep one of them")
         object.__setattr__(self, "sparsity", dict.fromkeys(names))
         if self.mode == "uniform" and len(names) > 1:
             raise InvalidOptionError("param_sparsity", value, f"in uniform mode cannot split the parameters between "
