@@ -36,7 +36,7 @@ METHODS = (
     ("FFN 30%: FLAP criterion + least squares, global widths (our implementation)", "ours-global"),
     ("FFN 30%: Torch-Pruning MetaPruner, GroupMagnitudeImportance", "tp"),
     ("FFN 30% uniform + LoRA recovery (llm_prune.py)", "recover-lora"),
-    ("FFN 30% uniform + Pruning-Adapter recovery", "recover-pa"),
+    ("FFN 30%: Pruning-Adapter (FLAP criterion, oneshot) + adapter recovery", "recover-pa"),
     ("LoRA r=8 on the dense model", "lora-train"),
     ("LST r=8 on the dense model", "lst-train"),
     ("2:4 sparse, Wanda masks", "sparse-2:4"),
@@ -225,7 +225,7 @@ def _torch_pruning(run: DecoderRun) -> dict[str, Any]:
 
 def _recover(run: DecoderRun) -> dict[str, Any]:
     """The uniform FLAP model (the ``ours-uniform`` row's folder, or pruned here) recovered by
-    ``recipes/llm_prune.py``."""
+    ``recipes/llm_prune.py``; Pruning-Adapter's row runs here while that recipe does not offer it."""
     try:
         import llm_prune
     except ImportError as exc:
@@ -233,7 +233,9 @@ def _recover(run: DecoderRun) -> dict[str, Any]:
     kind = "lora" if run.method == "recover-lora" else "pruning-adapter"
     methods = getattr(llm_prune, "RECOVERY_METHODS", ())
     if kind not in methods:
-        raise RowSkipped(f"recipes/llm_prune.py offers no {kind} recovery yet (its --recover: {', '.join(methods)})")
+        if kind == "pruning-adapter":
+            return _pruning_adapter(run)
+        raise RowSkipped(f"recipes/llm_prune.py offers no {kind} recovery (its --recover: {', '.join(methods)})")
     pruned = run.cache / "ours-uniform"
     argv = ["--model", str(run.model_path), "--data", run.s["calibration_text"], "--eval-data", run.s["eval_text"],
             "--eval-max-tokens", str(run.s["eval_tokens"]), "--window", str(run.s["window"]), "--skip-dense-eval",
@@ -270,6 +272,57 @@ def _recover(run: DecoderRun) -> dict[str, Any]:
     return {**figures, **run.latency(model, tokenizer)}
 
 
+def _pruning_adapter(run: DecoderRun) -> dict[str, Any]:
+    """Pruning-Adapter on the causal LM: rank-8 adapters on every projection, FFN 30% pruned oneshot by FLAP's
+    criterion with bias compensation on the calibration rows, then the adapters (and nothing else) trained
+    ``recovery_steps`` on other rows of the calibration text, as ``llm_prune.py`` trains LoRA; merged."""
+    from peft import get_peft_model
+
+    import compress
+    from compress.pruning.arch import arch_spec
+
+    model, tokenizer = run.load()
+    calibration = run.calibration(tokenizer)
+    rows = run.calibration(tokenizer, rows=run.s["recovery_steps"] * run.s["recovery_batch"],
+                           length=run.s["recovery_seq"], seed=1, batch=run.s["recovery_batch"])
+    config = compress.PruningAdapterConfig(task_type="CAUSAL_LM", sparsity={"ffn": run.s["sparsity"]},
+                                           schedule="oneshot", importance="flap", compensate_bias=True, r=8,
+                                           lora_alpha=16, target_modules=list(arch_spec(model).projection_names))
+    with TrainingPeak() as peak:
+        peft_model = get_peft_model(model, config)
+        peft_model.base_model.prune(data=calibration, num_batches=len(calibration))
+        before = run.perplexity(peft_model, tokenizer)["quality"]
+        trainable = _params(peft_model)["trainable_params"]
+        seconds, _ = _lm_steps(peft_model, rows, run.s["lr"])
+    plain = peft_model.merge_and_unload()
+    size = run.save(plain, tokenizer, run.workdir / "model")
+    figures = {**run.perplexity(plain, tokenizer), **peak.figures(), "step_time_s": seconds / len(rows),
+               "perplexity_before_recovery": before, **_params(plain), "trainable_params": trainable,
+               "artifact_mb": size,
+               "note": f"{run.s['calib_rows']} x {run.s['calib_length']} calibration tokens, bias compensation; "
+                       f"{len(rows)} steps x {run.s['recovery_batch']} x {run.s['recovery_seq']} tokens, lr "
+                       f"{run.s['lr']:g}; merged"}
+    return {**figures, **run.latency(plain, tokenizer)}
+
+
+def _lm_steps(model, batches: list[dict[str, torch.Tensor]], lr: float) -> tuple[float, list[float]]:
+    """One AdamW step per batch on the language-model loss of the trainable parameters: (seconds, losses)."""
+    import time
+
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses = []
+    started = time.perf_counter()
+    for batch in batches:
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    return time.perf_counter() - started, losses
+
+
 def _train(run: DecoderRun) -> dict[str, Any]:
     """LoRA (peft, rank 8 on every projection) or Ladder Side-Tuning (r=8, side network pruned from the backbone)
     trained ``train_steps`` on calibration-text rows: memory and time per step, then perplexity."""
@@ -290,18 +343,9 @@ def _train(run: DecoderRun) -> dict[str, Any]:
             config = compress.LadderSideConfig(task_type="CAUSAL_LM", r=8, importance="magnitude")
             model = compress.apply_ladder_side(model, config)
             lr = run.s["lst_lr"]
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-        losses = []
-        for batch in batches:
-            loss = model(**batch, labels=batch["input_ids"]).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-    model.eval()
-    trainable = _params(model)["trainable_params"]
-    figures = {**run.perplexity(model, tokenizer), **peak.figures(len(batches)), "trainable_params": trainable,
+        trainable = _params(model)["trainable_params"]
+        seconds, losses = _lm_steps(model, batches, lr)
+    figures = {**run.perplexity(model, tokenizer), **peak.figures(), "step_time_s": seconds / len(batches),
                "first_loss": losses[0], "last_loss": losses[-1],
                "note": f"{len(batches)} steps x {run.s['train_batch']} x {run.s['train_seq']} tokens, lr {lr:g}"
                        + ("; side network initialised by magnitude (no data)" if run.method == "lst-train" else "")}
