@@ -229,6 +229,8 @@ def test_rows_run_in_fresh_processes_and_record_crashes(tmp_path, monkeypatch):
     assert results["encoder/task/broken"]["error"] == "RuntimeError: broken broke"
     assert "exit status 3 without a result" in results["encoder/task/dies"]["error"]
     assert results["encoder/task/absent"]["status"] == "skipped"
+    log = (tmp_path / "logs" / "encoder_task_broken.log").read_text()
+    assert "RuntimeError: broken broke" in log and "Traceback" in log  # each row's output, in its own log
 
 
 def _tiny_inputs(root: Path) -> dict[str, Path]:

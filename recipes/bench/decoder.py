@@ -134,7 +134,7 @@ class DecoderRun:
         import compress
 
         result = compress.evaluate_perplexity(model, tokenizer, self.corpus("eval"), max_tokens=self.s["eval_tokens"],
-                                              window=self.s["window"])
+                                              window=self.s["window"], progress=True)
         return {"quality": result.perplexity, "quality_name": "perplexity", "higher_is_better": False,
                 "eval_scored_tokens": result.scored_tokens, "eval_windows": result.windows}
 
@@ -188,7 +188,8 @@ def _ours(run: DecoderRun) -> dict[str, Any]:
     extra = {"normalize": "standardize"} if mode == "global" else {}
     with TrainingPeak() as peak:
         report = compress.prune_model(model, {"ffn": run.s["sparsity"]}, importance="flap", mode=mode,
-                                      reconstruct="least_squares", data=batches, num_batches=len(batches), **extra)
+                                      reconstruct="least_squares", data=batches, num_batches=len(batches),
+                                      progress=True, **extra)
     folder = run.cache / run.method if mode == "uniform" else run.workdir / "model"
     size = run.save(model, tokenizer, folder, report=report)
     figures = {**run.perplexity(model, tokenizer), **peak.figures(), "prune_s": peak.seconds, **_params(model),
@@ -240,8 +241,7 @@ def _recover(run: DecoderRun) -> dict[str, Any]:
     argv = ["--model", str(run.model_path), "--data", run.s["calibration_text"], "--eval-data", run.s["eval_text"],
             "--eval-max-tokens", str(run.s["eval_tokens"]), "--window", str(run.s["window"]), "--skip-dense-eval",
             "--recover", kind, "--steps", str(run.s["recovery_steps"]), "--batch-size", str(run.s["recovery_batch"]),
-            "--seq-len", str(run.s["recovery_seq"]), "--out", str(run.workdir / "llm_prune"), "--overwrite",
-            "--no-progress"]
+            "--seq-len", str(run.s["recovery_seq"]), "--out", str(run.workdir / "llm_prune"), "--overwrite"]
     if (pruned / "compress_report.json").is_file():
         argv += ["--pruned", str(pruned)]
     else:
@@ -309,11 +309,13 @@ def _lm_steps(model, batches: list[dict[str, torch.Tensor]], lr: float) -> tuple
     """One AdamW step per batch on the language-model loss of the trainable parameters: (seconds, losses)."""
     import time
 
+    from tqdm.auto import tqdm
+
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     losses = []
     started = time.perf_counter()
-    for batch in batches:
+    for batch in tqdm(batches, desc="training", unit="step"):
         loss = model(**batch, labels=batch["input_ids"]).loss
         loss.backward()
         optimizer.step()

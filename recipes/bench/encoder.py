@@ -179,7 +179,7 @@ class EncoderRun:
 
         stats = finetune_classifier(model, tokenizer, self.train if train is None else train, steps=steps,
                                     batch_size=self.s["batch_size"], lr=lr, max_length=self.s["max_length"],
-                                    seed=self.seed if seed is None else seed, callbacks=callbacks)
+                                    seed=self.seed if seed is None else seed, callbacks=callbacks, progress=True)
         self.trained.append((stats["train_time_s"], stats["steps"]))
         return stats
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import importlib
 import json
 import logging
@@ -230,7 +231,8 @@ def run_rows(rows: Iterable[Row], path: str | os.PathLike[str], *, resume: bool 
         settings: the run's options, stored in the file.
         threads: torch threads in each row's process (``None``: torch's default).
         progress: a progress bar over the rows.
-        runner: what runs one row and returns its record (default: a fresh process; tests pass their own).
+        runner: what runs one row and returns its record (default: a fresh process whose output, progress bars
+            included, goes to ``logs/<row>.log`` beside ``path``; tests pass their own).
 
     Returns:
         The results (also written to ``path``). A ``KeyboardInterrupt`` stops the run after writing the rows
@@ -246,7 +248,8 @@ def run_rows(rows: Iterable[Row], path: str | os.PathLike[str], *, resume: bool 
     results["format"] = RESULTS_FORMAT
     if settings is not None:
         results["settings"] = dict(settings)
-    runner = runner or run_in_subprocess
+    if runner is None:
+        runner = functools.partial(run_in_subprocess, log_dir=Path(path).parent / "logs")
     todo = [row for row in rows if not (resume and _finished(results["rows"].get(row.id), row))]
     if len(todo) < len(rows):
         logger.warning("--resume: %d of %d rows already finished in %s", len(rows) - len(todo), len(rows), path)
@@ -274,12 +277,20 @@ def _tail(text: str) -> str:
     return text if len(text) <= _STDERR_TAIL else "...\n" + text[-_STDERR_TAIL:]
 
 
-def run_in_subprocess(row: Row, threads: int | None = None) -> dict[str, Any]:
+def log_name(row: Row) -> str:
+    """The file name of a row's log: its id with every character but letters, digits, ``-``, ``_`` and ``.``
+    replaced."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in row.id) + ".log"
+
+
+def run_in_subprocess(row: Row, threads: int | None = None, log_dir: str | os.PathLike[str] | None = None
+                      ) -> dict[str, Any]:
     """Run one row in a fresh Python process and return its record (``status`` ``ok``, ``skipped`` or ``failed``).
 
     The process gets the environment of :func:`common.memory.peak_training_memory`'s children (``recipes/`` and
-    this copy of ``compress`` importable, pinned allocator thresholds). A ``KeyboardInterrupt`` kills the process
-    and is raised again.
+    this copy of ``compress`` importable, pinned allocator thresholds). Its output and progress bars go to
+    ``log_dir/<row>.log`` (follow a long row with ``tail -f``), or a temporary file; a failed row's record keeps
+    the log's tail. A ``KeyboardInterrupt`` kills the process and is raised again.
     """
     from common.memory import _child_env
 
@@ -287,23 +298,30 @@ def run_in_subprocess(row: Row, threads: int | None = None) -> dict[str, Any]:
     spec = json.dumps({"function": row.function, "kwargs": row.kwargs, "threads": threads})
     with tempfile.TemporaryDirectory(prefix="compress-bench-row-") as tmp:
         result_path = Path(tmp, "result.json")
-        try:
-            proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, spec, str(result_path)],
-                                  env=_child_env({"COMPRESS_BENCH_ROW": row.id}), capture_output=True, text=True,
-                                  timeout=row.timeout_s)
-        except subprocess.TimeoutExpired as exc:
-            stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-            return _record(row, "failed", time.perf_counter() - started,
-                           error=f"timed out after {row.timeout_s:g} s", stderr_tail=_tail(stderr))
+        log_path = Path(log_dir) / log_name(row) if log_dir is not None else Path(tmp, "row.log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w", encoding="utf-8") as log:
+            try:
+                proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, spec, str(result_path)],
+                                      env=_child_env({"COMPRESS_BENCH_ROW": row.id}), stdout=log,
+                                      stderr=subprocess.STDOUT, timeout=row.timeout_s)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            else:
+                returncode = proc.returncode
+        output = log_path.read_text(encoding="utf-8", errors="replace")
         wall = time.perf_counter() - started
+        if returncode is None:
+            return _record(row, "failed", wall, error=f"timed out after {row.timeout_s:g} s",
+                           stderr_tail=_tail(output))
         if result_path.is_file():
             outcome = json.loads(result_path.read_text(encoding="utf-8"))
             status = outcome.pop("status")
             if status == "failed":
-                outcome["stderr_tail"] = _tail(proc.stderr)
+                outcome["stderr_tail"] = _tail(output)
             return _record(row, status, wall, **outcome)
-    return _record(row, "failed", wall, error=f"the row's process ended with exit status {proc.returncode} "
-                   "without a result (killed, or out of memory?)", stderr_tail=_tail(proc.stderr))
+    return _record(row, "failed", wall, error=f"the row's process ended with exit status {returncode} without a "
+                   "result (killed, or out of memory?)", stderr_tail=_tail(output))
 
 
 def _child_main(argv: Sequence[str]) -> int:
@@ -324,6 +342,7 @@ def _child_main(argv: Sequence[str]) -> int:
         outcome = {"status": "skipped", "reason": str(skip)}
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - recorded in the row; the other rows still run
         outcome = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        logger.error("row failed:\n%s", outcome["traceback"])  # into the row's log too
     outcome["threads"] = torch.get_num_threads()
     Path(result_path).write_text(json.dumps(outcome, default=str), encoding="utf-8")
     return 0 if outcome["status"] != "failed" else 1
