@@ -228,7 +228,8 @@ def write_report(results: dict[str, Any], tracks: list[str], settings: dict[str,
     header = (f"# Benchmark\n\n`{command.strip()}`\n\n{date}. Machine: {_cpu_name()}, {os.cpu_count()} CPU cores, "
               f"{torch.get_num_threads()} torch threads by default; Python {platform.python_version()}, torch "
               f"{torch.__version__}. Wall time of this invocation: {minutes:.1f} min (rows finished by an earlier "
-              "invocation of a resumed run not included; each row's own time is in results.json).")
+              "invocation of a resumed run not included; each row's own time is in results.json). One row alone: "
+              "the same command with `--rows 'ID'`, ID as results.json names it (track/group/method[/seedN]).")
     text = markdown_report(results, tracks, notes=notes, plots=plots, header=header)
     write_text_atomically(out / REPORT_FILE, text)
     return text

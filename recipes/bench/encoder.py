@@ -42,7 +42,7 @@ METHODS = (
     ("Pruning-Adapter FFN+heads 50%, hidden 25%", "pa-hidden"),
     ("LST r=8", "lst"),
     ("LST r=8, 8-bit backbone", "lst-8bit"),
-    ("sparse soup 50% (3 ingredients)", "soup"),
+    ("sparse soup 50% ({soup_ingredients} ingredients)", "soup"),
     ("IMP 50% (same steps)", "imp"),
     ("multi-exit, calibrated -1 pt", "multi-exit"),
 )
@@ -71,7 +71,8 @@ def rows(settings: dict[str, Any]) -> list[Row]:
     for task in tasks:
         for label, key in METHODS:
             for seed in range(settings["seeds"]):
-                out.append(Row(track="encoder", group=task["group"], method=label, function=FUNCTION,
+                out.append(Row(track="encoder", group=task["group"], method=label.format(**settings),
+                               function=FUNCTION,
                                kwargs={"method": key, "task": task, "seed": seed, "settings": settings},
                                seed=seed, baseline=key == "full"))
     return out
