@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_run()
     started = time.time()
     interrupted = False
+    # a resumed run may have run other tracks before: their settings stay, and the report covers every track
+    earlier = load_results(results_path).get("settings", {}) if args.resume else {}
+    settings = {**earlier.get("tracks", {}), **settings}
     try:
         run_rows(rows, results_path, resume=args.resume, threads=args.threads,
                  settings={"argv": sys.argv[1:] if argv is None else list(argv), "tracks": settings})
@@ -183,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         logger.warning("interrupted: the finished rows are in %s; --resume continues the run", results_path)
     results = load_results(results_path)
+    tracks = [t for t in TRACKS if t in settings]
     text = write_report(results, tracks, settings, out, argv, minutes=(time.time() - started) / 60)
     metrics = {row_id: r.get("figures", {}).get("quality") for row_id, r in results["rows"].items()
                if r.get("status") == "ok"}

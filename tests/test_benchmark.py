@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -305,3 +306,49 @@ def test_a_skipped_track_says_why_in_the_report():
     assert decoder.rows(settings) == []
     text = report.markdown_report({"rows": {}}, ["decoder"], notes={"decoder": decoder.note(settings)})
     assert "## Decoder track" in text and "Not run: no decoder model: give --decoder-model FOLDER" in text
+
+
+class _FakeTrack:
+    """A track of stub rows, for the command's flow without real models."""
+
+    FULL = QUICK = {"n": 1}
+    TITLE = "Fake"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def rows(self, settings: dict) -> list[Row]:
+        return [Row(track=self.name, group="g", method=f"{self.name}-{m}", function="tests.test_benchmark:stub_row",
+                    kwargs={"name": f"{self.name}-{m}", "quality": q}, baseline=m == "base")
+                for m, q in (("base", 80.0), ("other", 60.0))]
+
+    def note(self, settings: dict) -> str:
+        return f"the {self.name} protocol"
+
+
+def test_the_command_runs_tracks_into_one_run_folder_and_resumes_across_tracks(tmp_path, monkeypatch, capsys):
+    import functools
+
+    import benchmark
+
+    monkeypatch.setattr(benchmark, "TRACKS", {"encoder": _FakeTrack("encoder"), "scaling": _FakeTrack("scaling")})
+    monkeypatch.setattr(benchmark, "run_rows", functools.partial(run_rows, runner=run_in_process, progress=False))
+    monkeypatch.setattr("bench.plots.plot_track", lambda summary, path, title: Path(path).write_bytes(b"png") and
+                        Path(path))
+    out = tmp_path / "run"
+    assert benchmark.main(["--out", str(out), "--tracks", "encoder"]) == 0
+    assert CALLS == ["encoder-base", "encoder-other"]
+    text = (out / "benchmark.md").read_text()
+    assert "## Encoder track" in text and "the encoder protocol" in text and "![encoder](encoder.png)" in text
+    assert re.search(r"\| encoder-other +\| 60\.00 +\| 0\.750 +\|", text)  # the ratio to the baseline row
+    assert {p.name for p in out.iterdir()} >= {"README.md", "results.json", "benchmark.md", "encoder.png",
+                                               "metrics.json", "resolved_config.json"}
+    with pytest.raises(SystemExit):  # an earlier run folder: --overwrite or --resume
+        benchmark.main(["--out", str(out), "--tracks", "scaling"])
+    assert "--overwrite" in capsys.readouterr().err
+    CALLS.clear()
+    assert benchmark.main(["--out", str(out), "--tracks", "scaling", "--resume"]) == 0
+    assert CALLS == ["scaling-base", "scaling-other"]  # the encoder rows are kept, not run again
+    text = (out / "benchmark.md").read_text()
+    assert "## Encoder track" in text and "the scaling protocol" in text
+    assert len(load_results(out / "results.json")["rows"]) == 4
