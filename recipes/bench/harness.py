@@ -15,7 +15,6 @@ the new one, never part of it); ``resume=True`` skips the rows already finished 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 import importlib
@@ -366,8 +365,3 @@ def run_in_process(row: Row, threads: int | None = None) -> dict[str, Any]:
         return _record(row, "failed", time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}",
                        traceback=traceback.format_exc())
 
-
-def row_from_record(record: Mapping[str, Any]) -> Row:
-    """The :class:`Row` a record of the results file describes."""
-    names = {f.name for f in dataclasses.fields(Row)}
-    return Row(**{k: v for k, v in record.items() if k in names})
