@@ -166,6 +166,7 @@ def test_pareto_front():
     assert report.pareto_front(perplexities, higher_is_better=False) == [1, 0, 3]
 
 
+@pytest.mark.slow  # importing matplotlib and drawing take about a second
 def test_plot_is_written_for_every_track_with_a_cost(tmp_path):
     pytest.importorskip("matplotlib")
     from bench.plots import plot_track
