@@ -10,8 +10,9 @@ section, each row run in a fresh process, written to a run folder as JSON, Markd
 - scaling: the time and peak memory of ``compress prune`` on random Llama-shaped models of about 0.1B, 0.4B and 1B
   parameters, with a data-free and a calibrated criterion.
 
-    python recipes/benchmark.py --quick --decoder-model ../scratch/smollm2 --out runs/benchmark-quick
-    python recipes/benchmark.py --decoder-model ../scratch/smollm2 --out runs/benchmark   # full size: docs/benchmark.md
+    python ../shared/tools/smollm2_to_hf.py runs/smollm2      # the decoder track's model (see that script)
+    python recipes/benchmark.py --quick --decoder-model runs/smollm2 --out runs/benchmark-quick
+    python recipes/benchmark.py --decoder-model runs/smollm2 --out runs/benchmark   # full size: docs/benchmark.md
     python recipes/benchmark.py --out runs/benchmark --resume                  # after Ctrl-C: finished rows are kept
 
 Files in ``--out``: ``results.json`` (every row's figures, errors and options; rewritten atomically after each row),
@@ -150,7 +151,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
-    known, _ = p.parse_known_args(argv)
+    resume = argparse.ArgumentParser(add_help=False)
+    resume.add_argument("--resume", action="store_true")
+    known, _ = resume.parse_known_args(argv)
     if known.resume:  # an earlier run folder is what --resume continues: check it as --overwrite would
         p.set_defaults(overwrite=True)
     args = parse_recipe_args(p, argv)
