@@ -144,6 +144,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str
         bad = [s for s in args.scaling_sizes.split(",") if s.strip() and s.strip() not in scaling.SIZES]
         if bad:
             p.error(f"--scaling-sizes: unknown size(s) {', '.join(bad)}; choose among {', '.join(scaling.SIZES)}")
+    if Path(args.decoder_data).resolve() == Path(args.calibration_text).resolve():
+        p.error(f"--decoder-data and --calibration-text are the same file ({args.decoder_data}): never calibrate or "
+                "train on the evaluation text; give other text (e.g. WikiText-2's valid.tokens.txt) as "
+                "--calibration-text")
     if args.data and not Path(args.data).exists() and "/" not in args.data and not args.data.isidentifier():
         p.error(f"--data {args.data}: not a file or folder, nor a datasets name")
     return tracks

@@ -202,6 +202,7 @@ def test_list_names_every_row_and_bad_options_are_one_error(tmp_path, capsys):
                           (["--rows", "nothing*"], "matches no row"),
                           (["--scaling-sizes", "7b"], "unknown size(s) 7b"),
                           (["--steps", "10", "--recovery-steps", "10"], "--recovery-steps 10 must be between"),
+                          (["--decoder-data", "t.txt", "--calibration-text", "t.txt"], "are the same file"),
                           (["--tracks", "decoder"], "nothing to run: the decoder track needs a model (no decoder "
                                                     "model: give --decoder-model FOLDER")):
         with pytest.raises(SystemExit) as exc:
