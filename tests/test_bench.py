@@ -35,7 +35,7 @@ def _imported_modules(path: Path) -> set[str]:
 
 #: what a module of recipes/ can be imported as: the shared package and every script, as ``recipes.<name>`` or, with
 #: recipes/ on sys.path as the scripts have it, by its own name
-APPLICATION = ("recipes", "common", *(p.stem for p in (ROOT / "recipes").glob("*.py")))
+APPLICATION = ("recipes", "common", "bench", *(p.stem for p in (ROOT / "recipes").glob("*.py")))
 
 
 def test_library_imports_no_application_code():
