@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import importlib
 import json
 import logging
 import os
@@ -170,15 +169,6 @@ def latency_figures(model: Any, batch_32: Mapping[str, Any], rows_1: Sequence[Ma
         figures.update(ref_latency_b32_ms=1e3 * b32["reference"].median_s,
                        ref_latency_b1_ms=1e3 * b1["reference"].median_s / len(rows_1))
     return figures
-
-
-def resolve(spec: str) -> Callable[..., Any]:
-    """The function a ``"module:function"`` spec names."""
-    module, _, name = spec.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -335,7 +325,9 @@ def _child_main(argv: Sequence[str]) -> int:
 
     setup_run()
     try:
-        figures = resolve(spec["function"])(**spec["kwargs"])
+        from common.memory import resolve_callable
+
+        figures = resolve_callable(spec["function"])(**spec["kwargs"])
         outcome: dict[str, Any] = {"status": "ok", "figures": _jsonable(figures)}
     except RowSkipped as skip:
         outcome = {"status": "skipped", "reason": str(skip)}
@@ -357,7 +349,9 @@ def run_in_process(row: Row, threads: int | None = None) -> dict[str, Any]:
     """Run one row in this process (tests and debugging; figures of memory are then not the row's own)."""
     started = time.perf_counter()
     try:
-        figures = resolve(row.function)(**row.kwargs)
+        from common.memory import resolve_callable
+
+        figures = resolve_callable(row.function)(**row.kwargs)
         return _record(row, "ok", time.perf_counter() - started, figures=_jsonable(figures))
     except RowSkipped as skip:
         return _record(row, "skipped", time.perf_counter() - started, reason=str(skip))

@@ -233,7 +233,8 @@ def _reset_peak_rss() -> bool:
     return True
 
 
-def _resolve_factory(spec: str) -> Callable[..., Any]:
+def resolve_callable(spec: str) -> Callable[..., Any]:
+    """The callable a ``"module:qualified.name"`` spec names (how a fresh process is told what to run)."""
     module_name, _, qualname = spec.partition(":")
     obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
@@ -263,7 +264,7 @@ def _run_training_job(job: TrainingJob) -> TrainingMemoryResult:
         torch.set_num_threads(job.num_threads)
     if job.seed is not None:
         torch.manual_seed(job.seed)
-    setup = _as_setup(_resolve_factory(job.factory)(**job.kwargs), job.factory)
+    setup = _as_setup(resolve_callable(job.factory)(**job.kwargs), job.factory)
     if not setup.batches:
         raise ValueError(f"factory {job.factory!r} returned no batches")
     model = setup.model
