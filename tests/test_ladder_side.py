@@ -105,6 +105,106 @@ def test_added_to_the_backbone_output_the_side_network_starts_from_the_backbone(
         assert not torch.allclose(model(**batch).logits, pristine(**batch).logits)
 
 
+def _segment_features(states: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[u, v, |u - v|, u * v] of one row's side states, by hand."""
+    u = states[first].mean(0)
+    v = states[second].mean(0) if second.any() else torch.zeros_like(u)
+    return torch.cat([u, v, (u - v).abs(), u * v])
+
+
+def test_an_encoder_classifier_reads_the_side_states_pooled_per_segment():
+    """BERT's classifier reads tanh(up(pool([u, v, |u - v|, u * v]))) of the side network's last states, u and v
+    the means over the first and second segment (token_type_ids; padding left out; v = 0 for a single sentence),
+    instead of its frozen pooler on the first token."""
+    model = wrap("bert")
+    assert model.peft_config["default"].pooling == "segments"
+    perturb_adapters(model)
+    model.eval()
+    batch = tiny.make_batch("bert", labels=False)
+    batch["attention_mask"][1, 6:] = 0
+    batch["token_type_ids"] = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8])  # a pair; a padded single sentence
+    seen = {}
+    net = network(model)
+    net.side.register_forward_hook(lambda module, args, out: seen.update(side=out.last_hidden_state))
+    bert = model.base_model.model.bert
+    bert.register_forward_hook(lambda module, args, out: seen.update(pooled=out.pooler_output))
+    with torch.no_grad():
+        logits = model(**batch).logits
+        side = seen["side"]
+        rows = [_segment_features(side[0], torch.arange(8) < 3, torch.arange(8) >= 3),
+                _segment_features(side[1], torch.arange(8) < 6, torch.zeros(8, dtype=torch.bool))]
+        expected = torch.tanh(net.up(net.pool(torch.stack(rows))))
+        torch.testing.assert_close(seen["pooled"], expected)
+        torch.testing.assert_close(logits, model.base_model.model.classifier(expected))
+        assert not torch.allclose(seen["pooled"], bert.pooler(net.up(side)))  # not the first token's pooler
+    model.train()
+    model(**{**batch, "labels": torch.tensor([0, 1])}).loss.backward()
+    assert net.pool.weight.grad is not None and net.pool.weight.grad.abs().sum() > 0
+
+
+def test_a_roberta_classifier_reads_the_pooled_segments_at_the_first_token():
+    model = wrap("roberta")
+    perturb_adapters(model)
+    model.eval()
+    net, seen = network(model), {}
+    net.side.register_forward_hook(lambda module, args, out: seen.update(side=out.last_hidden_state))
+    head = model.base_model.model.classifier
+    head.register_forward_pre_hook(lambda module, args: seen.update(features=args[0]))
+    with torch.no_grad():
+        model(**tiny.make_batch("roberta", labels=False))
+        side = seen["side"]
+        torch.testing.assert_close(seen["features"][:, 0], torch.tanh(net.up(net.pool(torch.stack(
+            [_segment_features(row, torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool))
+             for row in side])))))
+        torch.testing.assert_close(seen["features"][:, 1:], net.up(side)[:, 1:])
+
+
+@pytest.mark.parametrize(("arch", "kwargs"), [("llama", {}), ("t5", {}), ("bert", {"add_backbone_output": True})])
+def test_pooling_is_the_task_models_own_where_segments_do_not_apply(arch, kwargs):
+    model = wrap(arch, **kwargs)
+    assert model.peft_config["default"].pooling == "model" and network(model).pool is None
+
+
+def test_an_adapter_saved_before_pooling_existed_loads_as_it_was_trained(tmp_path):
+    """An adapter_config.json without `pooling` (saved by an earlier release, whose classifier read BERT's pooler on
+    the side network's first token) loads with pooling='model' and gives the same logits."""
+    model = wrap("bert", pooling="model")
+    perturb_adapters(model)
+    model.eval()
+    batch = tiny.make_batch("bert", labels=False)
+    net, seen = network(model), {}
+    assert net.pool is None
+    net.side.register_forward_hook(lambda module, args, out: seen.update(side=out.last_hidden_state))
+    task_model = model.base_model.model
+    with torch.no_grad():
+        expected = model(**batch).logits
+        torch.testing.assert_close(expected, task_model.classifier(task_model.bert.pooler(net.up(seen["side"]))))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["pooling"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    reloaded = PeftModel.from_pretrained(tiny.make_model("bert"), tmp_path).eval()
+    assert reloaded.peft_config["default"].pooling == "model"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=0, atol=0)
+
+
+def test_the_folder_check_names_an_edited_pooling(saved_bert_adapter, tmp_path):
+    from compress.plugins.ladder_side.checks import check_saved_folder
+    from peft import PeftConfig
+    from safetensors import safe_open
+
+    edited = tmp_path / "edited"
+    shutil.copytree(saved_bert_adapter, edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "pooling": "model"}))
+    with safe_open(edited / "adapter_model.safetensors", "pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    assert check_saved_folder(saved_bert_adapter, PeftConfig.from_pretrained(saved_bert_adapter), shapes) == []
+    assert check_saved_folder(edited, PeftConfig.from_pretrained(edited), shapes) == [
+        "pooling='model', but the weights hold the segment pooling layer (lst_network.pool.*)"]
+
+
 def test_random_initialisation_copies_nothing():
     model = wrap("llama", side_init="random")
     side = network(model).side.layers[0].mlp.up_proj.weight
@@ -188,6 +288,7 @@ def test_feature_extraction_on_a_bare_encoder():
     ({"gate_temperature": 0}, "gate_temperature"),
     ({"side_init": "copy"}, "side_init"),
     ({"importance": "taylor"}, "importance"),
+    ({"pooling": "cls"}, "pooling='cls': choose one of segments, model"),
     ({"task_type": "QUESTION_ANS"}, "Ladder Side-Tuning serves SEQ_CLS, CAUSAL_LM, SEQ_2_SEQ_LM"),
 ])
 def test_bad_configs_name_the_field(kwargs, match):
@@ -202,6 +303,9 @@ def test_bad_configs_name_the_field(kwargs, match):
     ("llama", {"task_type": "SEQ_CLS"}, "ForSequenceClassification model"),
     ("t5", {"side_layers": [1]}, r"must include blocks \[0\]: .* relative position bias"),
     ("t5", {"task_type": "SEQ_CLS"}, "ForSequenceClassification model"),
+    ("llama", {"pooling": "segments"}, r"pooling='segments' feeds the classifier of an encoder \(task_type=SEQ_CLS on "
+     r"BERT/RoBERTa\), not task_type=CAUSAL_LM on LlamaForCausalLM"),
+    ("bert", {"pooling": "segments", "add_backbone_output": True}, "pooling='segments' bypasses it"),
 ])
 def test_configs_the_model_cannot_serve_raise_before_anything_changes(arch, kwargs, match):
     model = tiny.make_model(arch)
@@ -248,6 +352,8 @@ def saved_bert_adapter(tmp_path_factory):
     (_bert, {"side_layers": [1], "side_config": {"num_hidden_layers": 1}}, "adapter_config.json: side_config does "
      "not build a side network (AttributeError: "),
     (_bert, {"side_config": {"model_type": "compressed_roberta"}}, "built for a roberta backbone"),
+    (_bert, {"pooling": "model"}, "adapter_config.json: pooling='model' does not match the saved adapter, which was "
+     "trained with pooling='segments' (its weights hold the segment pooling layer): put back pooling='segments'"),
 ])
 def test_a_saved_adapter_that_does_not_fit_names_the_cause(saved_bert_adapter, tmp_path, base, fields, match):
     edited = tmp_path / "edited"
@@ -321,6 +427,7 @@ def test_trainer_with_gradient_accumulation_learns_and_the_pipeline_serves_it(tm
     state = model.base_model.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in backbone.items())
     test = make_dataset(64, seed=2)
+    model.eval()  # the Trainer leaves it training (dropout on), and a pipeline does not switch it
     classify = pipeline("text-classification", model=model, tokenizer=tokenizer, device="cpu")
     predicted = [int(p["label"].rsplit("_", 1)[-1]) for p in classify(list(test["text"]))]
     accuracy = sum(p == y for p, y in zip(predicted, test["label"])) / len(test)

@@ -73,6 +73,12 @@ def check_saved_side(model: nn.Module, config: LadderSideConfig, adapter_name: s
                                 "back the r the adapter was saved with")
     missing = sorted(k for k in current if network in k and k not in state_dict)
     unused = sorted(k for k in state_dict if k not in current)
+    pool = f"{network}pool."
+    if (missing or unused) and all(pool in k for k in missing + unused):
+        saved = "model" if missing else "segments"
+        raise CompressError(f"adapter_config.json: pooling={config.pooling!r} does not match the saved adapter, "
+                            f"which was trained with pooling={saved!r} (its weights {'lack' if missing else 'hold'} "
+                            f"the segment pooling layer): put back pooling={saved!r}")
     if missing or unused:
         found = [f"{len(missing)} side weights missing (e.g. {missing[0]})"] if missing else []
         found += [f"{len(unused)} saved tensors unused (e.g. {unused[0]})"] if unused else []
@@ -115,6 +121,12 @@ def side_network_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[st
     except Exception as exc:  # transformers' errors for a config that builds no model
         return [f"side_config does not build a side network ({type(exc).__name__}: {exc})"]
     problems = []
+    pooled = {name for name in set(ours) ^ set(expected) if name.startswith("pool.")}
+    if pooled:
+        problems.append(f"pooling={config.pooling!r}, but the weights {'hold' if pooled & set(ours) else 'lack'} the "
+                        "segment pooling layer (lst_network.pool.*)")
+        ours = {name: shape for name, shape in ours.items() if name not in pooled}
+        expected = {name: shape for name, shape in expected.items() if name not in pooled}
     if config.side_layers is not None and blocks != len(config.side_layers):
         problems.append(f"side_config describes {blocks} side blocks, side_layers names {len(config.side_layers)}")
     for name, shape in sorted(ours.items()):
@@ -140,7 +152,8 @@ def side_network_shapes(config, width: int) -> tuple[dict[str, tuple[int, ...]],
     model_type = values.pop("model_type")
     with torch.device("meta"):  # (side_from_config builds on the CPU: loading needs the weights there)
         side = strip_side(AutoModel.from_config(AutoConfig.for_model(model_type, **values)))
-        network = LadderSide(side, width, config.gate_temperature, config.gate_init)
+        network = LadderSide(side, width, config.gate_temperature, config.gate_init,
+                             segment_pooling=config.pooling == "segments")
     return {name: tuple(tensor.shape) for name, tensor in network.state_dict().items()}, network.num_blocks
 
 

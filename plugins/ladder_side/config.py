@@ -20,6 +20,9 @@ SIDE_INITS = ("pruned", "random")
 SIDE_IMPORTANCES = ("fisher", "magnitude")
 #: task types the side network serves
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "TOKEN_CLS", "FEATURE_EXTRACTION")
+#: what a sequence classifier's head reads: the side network's states pooled per input segment, or its last state
+#: in the backbone's place, pooled by the task model as it pools the backbone's
+POOLINGS = ("segments", "model")
 
 
 @dataclass
@@ -55,8 +58,17 @@ class LadderSideConfig(PeftConfig):
         add_backbone_output: add the up-projected side state to the backbone's own final hidden state instead of
             replacing it; the up-projection then starts at zero, so training starts from the frozen backbone's
             predictions and the side network learns a correction. Off by default (the paper's design).
-        modules_to_save: modules trained and saved in full besides the side network; for ``SEQ_CLS`` peft adds the
-            classifier itself.
+        pooling: what an encoder's sequence classifier (``SEQ_CLS`` on BERT/RoBERTa) reads. ``segments``: the side
+            network's last states mean-pooled over each input segment (``u`` over the first, ``v`` over the second,
+            told apart by ``token_type_ids``; a single sentence is one segment and ``v`` is zero), combined as
+            ``[u, v, |u - v|, u * v]`` (Sentence-BERT's pair features) and projected by a trained layer to the
+            backbone's width, in place of the pooled first token (BERT's ``pooler_output``, RoBERTa's first
+            token). A side network a few dozen channels wide with one attention head per block learns to compare two
+            sentences through these features; read from the first token alone, it stays near the majority class on
+            sentence pairs. ``model``: the task model pools the side network's last state as it pools the
+            backbone's (BERT: its frozen pooler on the first token). Default: ``segments`` for an encoder's
+            ``SEQ_CLS``, ``model`` otherwise (the only choice there); an adapter saved without this field loads
+            with ``model``, as it was trained.
         side_config: the side network's transformers config, filled in when it is built and saved with the
             adapter so that ``PeftModel.from_pretrained`` rebuilds the same shapes. Do not set by hand.
     """
@@ -70,6 +82,10 @@ class LadderSideConfig(PeftConfig):
     importance: str = field(default="fisher", metadata={"help": "Pruned initialisation: fisher or magnitude."})
     add_backbone_output: bool = field(
         default=False, metadata={"help": "Add the side output to the backbone's final state (zero-init up)."})
+    pooling: str | None = field(
+        default=None, metadata={"help": "What an encoder's sequence classifier reads: segments (the side states pooled "
+                                        "per input segment) or model (the task model's own pooling); default: "
+                                        "segments for SEQ_CLS on BERT/RoBERTa, model otherwise."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved in full, e.g. the classifier."})
     side_config: dict[str, Any] | None = field(
@@ -102,6 +118,11 @@ class LadderSideConfig(PeftConfig):
             raise InvalidOptionError("side_init", self.side_init, f"choose one of {', '.join(SIDE_INITS)}")
         if self.importance not in SIDE_IMPORTANCES:
             raise InvalidOptionError("importance", self.importance, f"choose one of {', '.join(SIDE_IMPORTANCES)}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise InvalidOptionError("pooling", self.pooling, f"choose one of {', '.join(POOLINGS)}")
+        if self.pooling is None and self.side_config is not None:
+            # saved before `pooling` existed: its classifier was trained on the task model's own pooling
+            self.pooling = "model"
         if self.task_type is not None and str(self.task_type) not in TASK_TYPES:
             raise InvalidOptionError("task_type", self.task_type, f"Ladder Side-Tuning serves {', '.join(TASK_TYPES)}")
         if self.modules_to_save is not None and (not isinstance(self.modules_to_save, (list, tuple)) or not all(

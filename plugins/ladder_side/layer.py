@@ -20,11 +20,11 @@ class LadderSide(nn.Module):
     encoder and decoder). :meth:`run` runs stack ``s`` on the backbone's states of that stack: its embedding
     output (``states[0]``, through the first ladder) and the outputs of the backbone blocks that feed ladders
     (``states[1:]``, one per side block). :attr:`up` projects the last stack's output back to the backbone's
-    width.
+    width; with ``segment_pooling``, :meth:`pool_segments` gives a sequence classifier its pooled input.
     """
 
     def __init__(self, side: PreTrainedModel, backbone_width: int, gate_temperature: float, gate_init: float,
-                 kept_hidden: list[int] | None = None, zero_up: bool = False) -> None:
+                 kept_hidden: list[int] | None = None, zero_up: bool = False, segment_pooling: bool = False) -> None:
         super().__init__()
         side_width = side.config.hidden_size
         self.side = side
@@ -36,10 +36,14 @@ class LadderSide(nn.Module):
             for stack in stacks)
         self.gates = nn.Parameter(torch.full((len(stacks), self.num_blocks), float(gate_init)))
         self.up = nn.Linear(side_width, backbone_width)
+        # [u, v, |u - v|, u * v] of the two segments' mean side states -> side width (then `up`, as every side state)
+        self.pool = nn.Linear(4 * side_width, side_width) if segment_pooling else None
         self.gate_temperature = gate_temperature
         dtype = next(side.parameters()).dtype
         self.down.to(dtype)
         self.up.to(dtype)
+        if self.pool is not None:
+            self.pool.to(dtype)
         if kept_hidden is not None:
             self.select_channels(kept_hidden)
         if zero_up:  # added to the backbone's output: start from the backbone's own predictions
@@ -77,6 +81,20 @@ class LadderSide(nn.Module):
         if args:
             return (gate * ladder + (1 - gate) * args[0], *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": gate * ladder + (1 - gate) * kwargs["hidden_states"]}
+
+    def pool_segments(self, states: torch.Tensor, attention_mask: torch.Tensor | None,
+                      token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """A sequence classifier's input from the side network's last ``states`` (``[batch, length, side width]``):
+        ``tanh(up(pool([u, v, |u - v|, u * v])))`` at the backbone's width, where ``u`` and ``v`` are the mean
+        states of the first segment (``token_type_ids`` 0) and of the second (any other type; zero when a row has
+        none), over the tokens the ``attention_mask`` keeps."""
+        keep = (attention_mask if attention_mask is not None and attention_mask.dim() == 2
+                else torch.ones(states.shape[:2], device=states.device)).to(states.dtype)
+        second = (torch.zeros_like(keep) if token_type_ids is None else (token_type_ids != 0).to(states.dtype)) * keep
+        first = keep - second
+        u = (states * first.unsqueeze(-1)).sum(1) / first.sum(1, keepdim=True).clamp(min=1)
+        v = (states * second.unsqueeze(-1)).sum(1) / second.sum(1, keepdim=True).clamp(min=1)
+        return torch.tanh(self.up(self.pool(torch.cat([u, v, (u - v).abs(), u * v], dim=-1))))
 
     def stack_module(self, stack: int) -> nn.Module:
         """What runs side stack ``stack``: the side model itself, or its ``encoder``/``decoder``."""

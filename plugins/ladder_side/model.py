@@ -92,6 +92,9 @@ class LadderSideModel(CompressTuner):
         if config.side_config is None:  # a saved side network's r is checked against its weights on loading
             side_widths(arch_spec(model), config.r)
         self._check_task(model, config)
+        if config.side_config is not None:  # a saved adapter: first whether it is of this backbone's family at all
+            check_side_family(model, config.side_config)
+        self._resolve_pooling(model, config)
         self._check_gradient_path(model)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags([TAG, method_tag(config.peft_type)])
@@ -105,6 +108,22 @@ class LadderSideModel(CompressTuner):
         if wanted is not None and not name.endswith(wanted):
             raise CompressError(f"task_type={config.task_type} needs a *{wanted} model, got {type(model).__name__}; "
                                 f"load the backbone with the matching Auto class or change task_type")
+
+    @staticmethod
+    def _resolve_pooling(model: nn.Module, config: LadderSideConfig) -> None:
+        """``pooling``: ``segments`` by default where it applies (a sequence classifier on an encoder, whose head
+        reads the first token), ``model`` elsewhere; ``segments`` asked for elsewhere is refused."""
+        applies = str(config.task_type) == "SEQ_CLS" and arch_spec(model).family == "bert"
+        if config.pooling is None:
+            config.pooling = "segments" if applies and not config.add_backbone_output else "model"
+        elif config.pooling == "segments" and not applies:
+            raise CompressError(f"pooling='segments' feeds the classifier of an encoder (task_type=SEQ_CLS on "
+                                f"BERT/RoBERTa), not task_type={config.task_type} on {type(model).__name__}: leave "
+                                "pooling unset (or 'model') here")
+        elif config.pooling == "segments" and config.add_backbone_output:
+            raise CompressError("add_backbone_output=True corrects the backbone's own output, which the classifier "
+                                "reads through the task model's pooling; pooling='segments' bypasses it: use "
+                                "pooling='model' with add_backbone_output (or leave pooling unset)")
 
     @staticmethod
     def _check_gradient_path(model: nn.Module) -> None:
@@ -151,7 +170,8 @@ class LadderSideModel(CompressTuner):
             config.side_config = side_config_dict(side)
         device = next(p for p in model.parameters()).device
         network = LadderSide(side, width, config.gate_temperature, config.gate_init, kept,
-                             zero_up=config.add_backbone_output).to(device)
+                             zero_up=config.add_backbone_output,
+                             segment_pooling=config.pooling == "segments").to(device)
         expected = len(side_layer_indices(model, config))
         if network.num_blocks != expected and config.side_layers is None:
             raise CompressError(f"this Ladder Side-Tuning adapter's side network has {network.num_blocks} blocks, one "
@@ -280,9 +300,15 @@ class LadderSideModel(CompressTuner):
         final = network.up(side_outputs.last_hidden_state)
         if self.active_config.add_backbone_output:
             final = final + outputs["last_hidden_state"]
+        pooled = None
+        if network.pool is not None:
+            pooled = network.pool_segments(side_outputs.last_hidden_state, bound.get("attention_mask"),
+                                           bound.get("token_type_ids"))
+            if getattr(module, "pooler", None) is None:  # RoBERTa's head reads the first token itself
+                final = torch.cat([pooled.unsqueeze(1), final[:, 1:]], dim=1)
         outputs["last_hidden_state"] = final
         if outputs.get("pooler_output") is not None and getattr(module, "pooler", None) is not None:
-            outputs["pooler_output"] = module.pooler(final)
+            outputs["pooler_output"] = module.pooler(final) if pooled is None else pooled
         if cache is not None:
             outputs["cache"] = with_side(cache, side_outputs.cache)
         return outputs
