@@ -5,14 +5,18 @@ Same run, identical data, steps, batch size and seed for every configuration:
 - ``full``: every parameter trains (lr ``--full-lr``);
 - ``lora``: LoRA r=8 on every attention and FFN projection, classifier trained (lr ``--lr``);
 - ``lst-r8`` / ``lst-r4``: Ladder Side-Tuning, side network at 1/8 and 1/4 of the backbone's width, initialised
-  from the backbone pruned by fisher importance on calibration rows (lr ``--lst-lr``);
+  from the backbone pruned by fisher importance on calibration rows (lr ``--lst-lr``); the classifier reads the
+  side states pooled per segment (the default ``pooling="segments"``);
+- ``lst-r8-cls``: ``lst-r8`` whose classifier reads BERT's frozen pooler on the side network's first token
+  (``pooling="model"``);
 - ``lst-r8-drop``: ``lst-r8`` with side blocks only for backbone blocks 1, 3 and 5 (layer dropping);
 - ``lst-r8-add``: ``lst-r8`` whose up-projected output is added to the backbone's final hidden state;
 - ``lst-r8-8bit``: ``lst-r8`` on a backbone loaded in bitsandbytes 8-bit (the smaller frozen weights show in
   the absolute peak RSS, not in the increase over the loaded model);
 - ``lst-r8-int8``: ``lst-r8`` with the encoder's linear layers in torch's dynamic int8 (faster CPU forward).
 
-Columns: test accuracy; training peak memory (RSS high-water mark of ``--mem-steps`` steps at batch
+Columns: test accuracy (the mean over ``--seeds``, each seed's in ``per seed``; the notes give the test set's
+majority-class rate); training peak memory (RSS high-water mark of ``--mem-steps`` steps at batch
 ``--batch-size`` x ``--mem-seq-len`` tokens, each configuration in a fresh process, as the increase over the RSS
 once the model is loaded and wrapped; the side network's fisher initialisation counts); time per training step
 (accuracy run, and the padded memory job); trainable parameters; the size of what is saved (the adapter folder;
@@ -21,13 +25,16 @@ are against ``full`` / ``lora`` measured in this run; figures are printed and wr
 never asserted.
 
     python recipes/bench_ladder_side.py --steps 1600 --seq-lens 64 128 256
+    python recipes/bench_ladder_side.py --glue-task MRPC --steps 460 --seeds 0 1 2 --no-memory --kinds full lst-r8
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import compress
@@ -56,6 +63,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="train each configuration once per seed; the table gives the mean (default: --seed)")
     add_memory_arguments(p)
     p.add_argument("--seq-lens", type=int, nargs="*", default=[],
                    help="also measure training memory of full, lora and lst-r8 at these sequence lengths")
@@ -65,28 +74,39 @@ def main(argv=None) -> int:
     if args.memory_only and not args.memory:
         p.error("--memory-only with --no-memory leaves nothing to measure; drop one of them")
     args.kinds = sorted(dict.fromkeys(args.kinds), key=KINDS.index)
+    seeds = list(dict.fromkeys(args.seeds or [args.seed]))
     setup_run()
     started = time.time()
     train, test, source = load_splits(args.glue_task, train_rows=args.train_rows, seed=args.seed)
     args.num_labels = len(set(train["label"]))
+    majority = Counter(test["label"]).most_common(1)[0][1] / len(test)
 
     results = {}
     for kind in [] if args.memory_only else args.kinds:
-        t0 = time.time()
-        model, tokenizer = build(kind, args, calibration=train)
-        trainable, _ = (model.get_nb_trainable_parameters() if hasattr(model, "get_nb_trainable_parameters")
-                        else (model.num_parameters(only_trainable=True), None))
-        stats = finetune_classifier(model, tokenizer, train, steps=args.steps, batch_size=args.batch_size,
-                                    lr=lr_for(kind, args), max_length=args.max_length, seed=args.seed)
-        accuracy = evaluate_accuracy(model, tokenizer, test, max_length=args.max_length)
-        folder = Path(args.out) / kind
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(folder)
-        else:
-            compress.save_pretrained(model, folder, tokenizer=tokenizer, overwrite=True)
-        results[kind] = {"accuracy": accuracy, "trainable": trainable, "size": folder_size(folder),
-                         "train_s": stats["train_time_s"]}
-        print(f"[{kind}] {stats['steps']} steps in {time.time() - t0:.0f} s, accuracy {accuracy:.2%}", flush=True)
+        runs = []
+        for seed in seeds:
+            t0 = time.time()
+            args.seed = seed  # the classification head's initialisation (build) and the Trainer's seed
+            if args.train_rows:
+                train = load_splits(args.glue_task, train_rows=args.train_rows, seed=seed)[0]
+            model, tokenizer = build(kind, args, calibration=train)
+            trainable, _ = (model.get_nb_trainable_parameters() if hasattr(model, "get_nb_trainable_parameters")
+                            else (model.num_parameters(only_trainable=True), None))
+            stats = finetune_classifier(model, tokenizer, train, steps=args.steps, batch_size=args.batch_size,
+                                        lr=lr_for(kind, args), max_length=args.max_length, seed=seed)
+            accuracy = evaluate_accuracy(model, tokenizer, test, max_length=args.max_length)
+            folder = Path(args.out) / (kind if len(seeds) == 1 else f"{kind}-seed{seed}")
+            if hasattr(model, "peft_config"):
+                model.save_pretrained(folder)
+            else:
+                compress.save_pretrained(model, folder, tokenizer=tokenizer, overwrite=True)
+            runs.append({"accuracy": accuracy, "trainable": trainable, "size": folder_size(folder),
+                         "train_s": stats["train_time_s"]})
+            print(f"[{kind} seed {seed}] {stats['steps']} steps in {time.time() - t0:.0f} s, accuracy {accuracy:.2%}",
+                  flush=True)
+        results[kind] = {**runs[0], "accuracy": statistics.mean(r["accuracy"] for r in runs),
+                         "per_seed": [r["accuracy"] for r in runs],
+                         "train_s": statistics.mean(r["train_s"] for r in runs)}
 
     memory = {kind: _memory(kind, args, args.mem_seq_len) for kind in args.kinds} if args.memory else {}
 
@@ -109,6 +129,7 @@ def main(argv=None) -> int:
         rows.append({
             "config": kind,
             "test acc": f"{r['accuracy']:.2%}",
+            **({"per seed": " / ".join(f"{a:.2%}" for a in r["per_seed"])} if len(seeds) > 1 else {}),
             "acc vs full (pt)": f"{100 * (r['accuracy'] - results['full']['accuracy']):+.1f}" if "full" in results
             else "",
             "train mem +MB": round(m.increase_mb) if m else "",
@@ -132,10 +153,12 @@ def main(argv=None) -> int:
             sweep_rows.append(row)
         text_parts.append("Training memory against sequence length (batch "
                           f"{args.batch_size}, +MB over the loaded model):\n\n" + format_table(sweep_rows))
+    seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (test acc: mean)"
     training = ("memory only (--memory-only). " if args.memory_only else
-                f"data: {source}; train rows {len(train):,}, test rows {len(test):,}. Every configuration: "
-                f"{args.steps} steps, batch {args.batch_size}, max length {args.max_length}, seed {args.seed}; lr "
-                f"{args.full_lr} (full) / {args.lr} (LoRA) / {args.lst_lr} (LST). ")
+                f"data: {source}; train rows {len(train):,}, test rows {len(test):,} (majority class "
+                f"{majority:.2%}). Every configuration: {args.steps} steps, batch {args.batch_size}, max length "
+                f"{args.max_length}, {seeds_text}; lr {args.full_lr} (full) / {args.lr} (LoRA) / {args.lst_lr} "
+                "(LST). ")
     notes = (f"all-MiniLM-L6-v2 + seeded head; {training}LST side networks initialised by {args.importance} on "
              f"{args.calib_batches} x {args.calib_batch_size} rows. "
              + (f"Memory: {args.mem_steps} steps at batch {args.batch_size} x {args.mem_seq_len} tokens in a fresh "

@@ -43,6 +43,9 @@ def main(argv=None) -> int:
                    help="initial gate alpha: sigmoid(alpha / 0.1) of each side block's input is the ladder (0)")
     p.add_argument("--add-backbone-output", action="store_true",
                    help="add the side output to the backbone's final hidden state instead of replacing it")
+    p.add_argument("--pooling", choices=["segments", "model"], default=None,
+                   help="what the classifier reads: the side states pooled per segment, or BERT's pooler on the "
+                        "first token (default: segments, or model with --add-backbone-output)")
     p.add_argument("--quantize", choices=["8bit", "4bit", "int8"], default=None,
                    help="frozen backbone in bitsandbytes 8-bit or nf4 4-bit, or its encoder in torch's dynamic int8")
     p.add_argument("--out", default=str(REPO / "runs" / "ladder_side"), help="output folder")
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
     args.num_labels = len(set(train["label"]))
     config = compress.LadderSideConfig(task_type="SEQ_CLS", r=args.r, side_layers=args.side_layers,
                                        side_init=args.side_init, importance=args.importance,
-                                       gate_init=args.gate_init, add_backbone_output=args.add_backbone_output)
+                                       gate_init=args.gate_init, add_backbone_output=args.add_backbone_output,
+                                       pooling=args.pooling)
     model, tokenizer = backbone(args, quantize=args.quantize)
     model = get_peft_model(model, config)
     if args.side_init == "pruned":

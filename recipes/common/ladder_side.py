@@ -2,7 +2,9 @@
 
 Configurations (``KINDS``): ``full`` (every parameter trains), ``lora`` (LoRA r=8 on every attention and FFN
 projection), ``lst-r8`` and ``lst-r4`` (side network at 1/8 and 1/4 of MiniLM's width, fisher-pruned from the
-backbone), ``lst-r8-drop`` (every other side block dropped), ``lst-r8-add`` (side output added to the
+backbone; the classifier reads the side states pooled per segment, the default), ``lst-r8-cls`` (``lst-r8`` whose
+classifier reads BERT's frozen pooler on the side network's first token, ``pooling="model"``), ``lst-r8-drop``
+(every other side block dropped), ``lst-r8-add`` (side output added to the
 backbone's, ``add_backbone_output=True``), ``lst-r8-8bit`` (``lst-r8`` on a backbone loaded in
 bitsandbytes 8-bit), ``lst-r8-int8`` (``lst-r8`` with the encoder in torch's dynamic int8). The measuring
 subprocess of :func:`common.memory.peak_training_memory` imports the factory as ``common.ladder_side:memory_job``.
@@ -22,7 +24,7 @@ from common.recipe import add_data_arguments, default_arguments, load_splits, pa
 from common.train import load_sequence_classifier, minilm_path
 from compress.data import tokenize_dataset
 
-KINDS = ("full", "lora", "lst-r8", "lst-r4", "lst-r8-drop", "lst-r8-add", "lst-r8-8bit", "lst-r8-int8")
+KINDS = ("full", "lora", "lst-r8", "lst-r8-cls", "lst-r4", "lst-r8-drop", "lst-r8-add", "lst-r8-8bit", "lst-r8-int8")
 #: MiniLM-L6's blocks that keep a side block in ``lst-r8-drop``
 DROP_LAYERS = [1, 3, 5]
 
@@ -31,7 +33,8 @@ def lst_config(kind: str, args) -> compress.LadderSideConfig:
     r = 4 if kind == "lst-r4" else 8
     return compress.LadderSideConfig(task_type="SEQ_CLS", r=r, importance=args.importance,
                                      side_layers=DROP_LAYERS if kind.endswith("-drop") else None,
-                                     add_backbone_output=kind.endswith("-add"))
+                                     add_backbone_output=kind.endswith("-add"),
+                                     pooling="model" if kind.endswith("-cls") else None)
 
 
 def backbone(args, quantize: str | None = None):
@@ -86,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of LoRA (1e-3)")
     p.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of full fine-tuning (1e-4)")
-    p.add_argument("--lst-lr", type=float, default=3e-3, help="learning rate of the side networks (3e-3)")
+    p.add_argument("--lst-lr", type=float, default=1e-3, help="learning rate of the side networks (1e-3)")
     p.add_argument("--importance", choices=["fisher", "magnitude"], default="fisher",
                    help="side-network initialisation (fisher)")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of the fisher init (8)")
