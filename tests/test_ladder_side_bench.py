@@ -4,9 +4,11 @@ gap to full fine-tuning and the test set's majority-class rate; and its configur
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from common import ladder_side, recipe
 
@@ -65,3 +67,64 @@ def test_the_accuracy_table_averages_seeds(tmp_path, monkeypatch):
 def test_the_benchmark_configurations_pooling(kind, pooling):
     args = recipe.default_arguments(ladder_side.add_arguments)
     assert ladder_side.lst_config(kind, args).pooling == pooling  # None: the method's default for the model
+
+
+# ---- recipes/diagnose_ladder_side.py: the side network trained on cached backbone states ---------------------
+
+
+def _tiny_bert_folder(folder: Path) -> Path:
+    from tests import tiny
+    from tests.test_train import make_tokenizer
+
+    tiny.make_model("bert").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_the_diagnosis_classifies_cached_states_as_the_model_classifies_the_text(tmp_path):
+    """On the backbone's cached states, the diagnosis gives the logits the PEFT model gives on the text (eval mode),
+    for both poolings."""
+    from peft import get_peft_model
+
+    import compress
+    from common.train import load_sequence_classifier
+    from recipes import diagnose_ladder_side as diagnose
+    from tests.test_train import make_dataset
+
+    folder = _tiny_bert_folder(tmp_path / "bert")
+    data = make_dataset(6, seed=3)
+    data = data.add_column("text_pair", list(reversed(data["text"])))
+    for pooling in ("segments", "model"):
+        model, tokenizer = load_sequence_classifier(folder)
+        rows = diagnose.cached_states(model, tokenizer, data, tmp_path / f"{pooling}.pt", max_length=32)
+        peft_model = get_peft_model(model, compress.LadderSideConfig(task_type="SEQ_CLS", r=2, pooling=pooling,
+                                                                     importance="magnitude")).eval()
+        encoded = tokenizer(list(data["text"]), list(data["text_pair"]), padding=True, return_token_type_ids=True,
+                            return_tensors="pt")
+        with torch.no_grad():
+            expected = peft_model(**encoded).logits
+            logits, labels, mask = diagnose.classify_cached(peft_model, rows)
+        torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)  # (states cached in float16)
+        assert labels.tolist() == data["label"] and torch.equal(mask, encoded["attention_mask"])
+
+
+def test_the_diagnosis_prints_one_line_per_epoch_and_reuses_its_cache(tmp_path, monkeypatch, capsys):
+    from recipes import diagnose_ladder_side as diagnose
+
+    monkeypatch.setattr(recipe, "SHARED_DATA", FIXTURES)
+    folder = _tiny_bert_folder(tmp_path / "bert")
+    argv = ["--glue-task", "MRPC", "--model", str(folder), "--epochs", "2", "--batch-size", "2", "--max-length", "32",
+            "--importance", "magnitude", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "d.json")]
+    assert diagnose.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    epochs = lines[1:]
+    assert [e["epoch"] for e in epochs] == [1.0, 2.0] and lines[0]["config"]["pooling"] == "segments"
+    assert all(0 <= e["test_acc"] <= 1 and len(e["entropy"]) == 2 and len(e["gates"]) == 2 for e in epochs)
+    assert all(0 < h <= lines[0]["entropy_uniform"] + 1e-2 for e in epochs for h in e["entropy"])
+    assert json.loads((tmp_path / "d.json").read_text())["epochs"] == epochs
+    cached = sorted((tmp_path / "cache").iterdir())
+    assert [p.name.split("-")[1] for p in cached] == ["test", "train"]
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    monkeypatch.setattr(diagnose, "_save_atomically", lambda *a: pytest.fail("the cache was written again"))
+    assert diagnose.main([*argv[:-2], "--epochs", "0.5"]) == 0
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
