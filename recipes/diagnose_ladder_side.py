@@ -104,6 +104,12 @@ def classify_cached(peft_model, rows: list[dict]) -> tuple[torch.Tensor, torch.T
     return task_model.classifier(task_model.dropout(outputs.pooler_output)), labels, mask
 
 
+def pool_as_one_segment(network) -> None:
+    """Make a side network's segment pooling take every row as one segment (mean pooling over its tokens)."""
+    pool_segments = network.pool_segments
+    network.pool_segments = lambda states, mask, types: pool_segments(states, mask, None)
+
+
 class AttentionEntropy:
     """Each side block's mean attention entropy, from its query and key projections' outputs (BERT blocks)."""
 
@@ -143,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, default=8, help="reduction factor of the side network (8)")
     p.add_argument("--pooling", choices=["segments", "model"], default="segments",
                    help="what the classifier reads (segments)")
+    p.add_argument("--pool-one-segment", action="store_true",
+                   help="with pooling=segments: pool the whole input as one segment (mean pooling; the side network "
+                        "still reads the token types)")
     p.add_argument("--side-init", choices=["pruned", "random"], default="pruned")
     p.add_argument("--importance", choices=["fisher", "magnitude"], default="fisher")
     p.add_argument("--gate-temperature", type=float, default=0.1)
@@ -173,6 +182,8 @@ def main(argv=None) -> int:
                                                             calib_batch_size=8), train)
     network = peft_model.base_model.lst_side.lst_network["default"]
     entropy = AttentionEntropy(network.side)
+    if args.pool_one_segment:
+        pool_as_one_segment(network)
 
     def accuracy(rows: list[dict]) -> tuple[float, float, list[float]]:
         peft_model.eval()

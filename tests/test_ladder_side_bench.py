@@ -94,7 +94,7 @@ def test_the_diagnosis_classifies_cached_states_as_the_model_classifies_the_text
     folder = _tiny_bert_folder(tmp_path / "bert")
     data = make_dataset(6, seed=3)
     data = data.add_column("text_pair", list(reversed(data["text"])))
-    for pooling in ("segments", "model"):
+    for pooling in ("model", "segments"):
         model, tokenizer = load_sequence_classifier(folder)
         rows = diagnose.cached_states(model, tokenizer, data, tmp_path / f"{pooling}.pt", max_length=32)
         peft_model = get_peft_model(model, compress.LadderSideConfig(task_type="SEQ_CLS", r=2, pooling=pooling,
@@ -106,6 +106,12 @@ def test_the_diagnosis_classifies_cached_states_as_the_model_classifies_the_text
             logits, labels, mask = diagnose.classify_cached(peft_model, rows)
         torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)  # (states cached in float16)
         assert labels.tolist() == data["label"] and torch.equal(mask, encoded["attention_mask"])
+    network = peft_model.base_model.lst_side.lst_network["default"]
+    states, types = torch.randn(2, 5, network.up.in_features), torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    separate = network.pool_segments(states, None, types)
+    diagnose.pool_as_one_segment(network)
+    torch.testing.assert_close(network.pool_segments(states, None, types), network.pool_segments(states, None, None))
+    assert not torch.allclose(network.pool_segments(states, None, types), separate)
 
 
 def test_the_diagnosis_prints_one_line_per_epoch_and_reuses_its_cache(tmp_path, monkeypatch, capsys):
