@@ -10,6 +10,13 @@ over the test rows' real tokens (``entropy_uniform``: the entropy of attention s
 
     python recipes/diagnose_ladder_side.py --glue-task MRPC --epochs 10 --lr 3e-3 --pooling model
     python recipes/diagnose_ladder_side.py --glue-task MRPC --epochs 5 --seed 1
+    python recipes/diagnose_ladder_side.py --glue-task MRPC --probe --epochs 30
+
+``--probe`` measures what the frozen backbone's features allow at all, without a side network: for each of its
+hidden states (embedding output, then every block), a classifier (one tanh layer of 256, dropout 0.1) trains on
+the pair features ``[u, v, |u - v|, u * v, cos(u, v)]`` of the two segments' mean states at the backbone's full
+width, one JSON line per hidden state (training and test accuracy after the last epoch, and the best test
+accuracy of any epoch).
 
 Differences from a real run (``recipes/bench_ladder_side.py``): the backbone's dropout is off (its states are
 cached once), and rows are batched in random order without grouping by length.
@@ -104,6 +111,46 @@ def classify_cached(peft_model, rows: list[dict]) -> tuple[torch.Tensor, torch.T
     return task_model.classifier(task_model.dropout(outputs.pooler_output)), labels, mask
 
 
+def pair_features(rows: list[dict], layer: int) -> torch.Tensor:
+    """``[u, v, |u - v|, u * v, cos(u, v)]`` per row, ``u`` / ``v`` the mean of hidden state ``layer`` over the
+    first / second segment's tokens (``v`` over the whole row when it has one segment)."""
+    features = []
+    for row in rows:
+        states, types = row["states"][layer].float(), row["token_type_ids"]
+        u = states[types == 0].mean(0)
+        v = states[types != 0].mean(0) if bool((types != 0).any()) else states.mean(0)
+        features.append(torch.cat([u, v, (u - v).abs(), u * v, torch.cosine_similarity(u, v, dim=0)[None]]))
+    return torch.stack(features)
+
+
+def probe_layer(train_rows: list[dict], test_rows: list[dict], layer: int, args) -> dict:
+    """Train a one-hidden-layer classifier on :func:`pair_features` of hidden state ``layer``; its accuracies."""
+    train_x, test_x = pair_features(train_rows, layer), pair_features(test_rows, layer)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_y = torch.tensor([r["label"] for r in train_rows])
+    test_y = torch.tensor([r["label"] for r in test_rows])
+    torch.manual_seed(args.seed)
+    classifier = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(train_x.shape[1], 256), torch.nn.Tanh(),
+                                     torch.nn.Dropout(0.1), torch.nn.Linear(256, int(train_y.max()) + 1))
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    best = 0.0
+    for _ in range(max(1, round(args.epochs))):
+        classifier.train()
+        for batch in torch.randperm(len(train_x)).split(args.batch_size):
+            loss = torch.nn.functional.cross_entropy(classifier(train_x[batch]), train_y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        classifier.eval()
+        with torch.no_grad():
+            test_acc = (classifier(test_x).argmax(-1) == test_y).float().mean().item()
+            train_acc = (classifier(train_x).argmax(-1) == train_y).float().mean().item()
+        best = max(best, test_acc)
+    return {"hidden_state": layer, "train_acc": round(train_acc, 4), "test_acc": round(test_acc, 4),
+            "best_test_acc": round(best, 4)}
+
+
 def pool_as_one_segment(network) -> None:
     """Make a side network's segment pooling take every row as one segment (mean pooling over its tokens)."""
     pool_segments = network.pool_segments
@@ -161,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-eval-rows", type=int, default=408, help="training rows whose accuracy is reported (408)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=str(REPO / "runs" / "lst_states"), help="where the backbone states go")
+    p.add_argument("--probe", action="store_true",
+                   help="no side network: a classifier on the frozen backbone's own pair features per hidden state")
     p.add_argument("--out", default=None, help="also write the epochs' lines to this JSON file")
     args = p.parse_args(argv)
     setup_run()
@@ -173,6 +222,14 @@ def main(argv=None) -> int:
     cache = Path(args.cache_dir)
     train_rows = cached_states(model, tokenizer, train, cache / f"{args.glue_task}-train-{key}.pt", args.max_length)
     test_rows = cached_states(model, tokenizer, test, cache / f"{args.glue_task}-test-{key}.pt", args.max_length)
+    if args.probe:
+        lines = []
+        for layer in range(train_rows[0]["states"].shape[0]):
+            lines.append(probe_layer(train_rows, test_rows, layer, args))
+            print(json.dumps(lines[-1]), flush=True)
+        if args.out:
+            write_text_atomically(args.out, json.dumps({"config": vars(args), "probe": lines}, indent=1))
+        return 0
 
     config = compress.LadderSideConfig(task_type="SEQ_CLS", r=args.r, pooling=args.pooling, side_init=args.side_init,
                                        importance=args.importance, gate_temperature=args.gate_temperature)

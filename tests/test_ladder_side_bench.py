@@ -134,3 +134,39 @@ def test_the_diagnosis_prints_one_line_per_epoch_and_reuses_its_cache(tmp_path, 
     monkeypatch.setattr(diagnose, "_save_atomically", lambda *a: pytest.fail("the cache was written again"))
     assert diagnose.main([*argv[:-2], "--epochs", "0.5"]) == 0
     assert [p.stat().st_mtime_ns for p in cached] == stamps
+
+
+def test_the_probe_pair_features_and_one_line_per_hidden_state(tmp_path, monkeypatch, capsys):
+    """``--probe``: pair features are [u, v, |u - v|, u * v, cos] of the segments' mean states (the whole row as v
+    when there is one segment), and a probe line per hidden state, learning a separable task."""
+    from recipes import diagnose_ladder_side as diagnose
+
+    states = torch.arange(2 * 4 * 3, dtype=torch.float16).reshape(2, 4, 3)
+    rows = [{"states": states, "token_type_ids": torch.tensor([0, 0, 1, 1]), "label": 0},
+            {"states": states, "token_type_ids": torch.tensor([0, 0, 0, 0]), "label": 1}]
+    features = diagnose.pair_features(rows, layer=1)
+    u, v = states[1, :2].float().mean(0), states[1, 2:].float().mean(0)
+    torch.testing.assert_close(features[0], torch.cat([u, v, (u - v).abs(), u * v,
+                                                        torch.cosine_similarity(u, v, dim=0)[None]]))
+    torch.testing.assert_close(features[1, 3:6], states[1].float().mean(0))
+
+    # a task the last hidden state separates and the first does not: the probe must tell them apart
+    generator = torch.Generator().manual_seed(0)
+    separable = []
+    for k in range(64):
+        label = k % 2
+        hidden = torch.randn(2, 4, 3, generator=generator)
+        hidden[1] += 4.0 * label
+        separable.append({"states": hidden.half(), "token_type_ids": torch.tensor([0, 0, 1, 1]), "label": label})
+    args = diagnose.argparse.Namespace(seed=0, lr=1e-2, weight_decay=0.0, epochs=20, batch_size=8)
+    noise, signal = (diagnose.probe_layer(separable[:48], separable[48:], layer, args) for layer in (0, 1))
+    assert signal["test_acc"] == 1.0 and noise["test_acc"] < 0.85 and signal["hidden_state"] == 1
+
+    monkeypatch.setattr(recipe, "SHARED_DATA", FIXTURES)
+    folder = _tiny_bert_folder(tmp_path / "bert")
+    argv = ["--glue-task", "MRPC", "--model", str(folder), "--probe", "--epochs", "1", "--max-length", "32",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "p.json")]
+    assert diagnose.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["hidden_state"] for line in lines] == [0, 1, 2]  # embeddings + two blocks
+    assert json.loads((tmp_path / "p.json").read_text())["probe"] == lines
