@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,27 +37,21 @@ import compress
 from common.causal_lm import DistilledCausalLM, lora_config, train_causal_lm, training_batches
 from common.recipe import claim_run_folder, finish_run, parse_recipe_args, setup_run
 from compress.cli import UsageError
-from compress.cli.parser import EVAL_DATASET, EVAL_DATASET_CONFIG, EVAL_SPLIT
+from compress.cli.parser import EVAL_DATASET, EVAL_DATASET_CONFIG, EVAL_SPLIT, add_prune_options
 from compress.errors import CompressError
+
+if TYPE_CHECKING:
+    from compress.cli.evaluate import LocalCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "llm_prune.py"
-#: the options of `compress prune` this recipe takes, with that command's flags, help, choices and defaults
-PRUNE_OPTIONS = ("sparsity", "param_sparsity", "structures", "importance", "mode", "normalize", "max_keep",
-                 "min_keep", "compensate_bias", "reconstruct", "damping", "round_to")
+#: the options of `compress prune` this recipe takes (argparse destinations): that command's flags, help, choices and
+#: defaults, from :func:`compress.cli.parser.add_prune_options`
+PRUNE_OPTIONS = tuple(action.dest for action in add_prune_options(argparse.ArgumentParser()))
 #: calibration rows per forward pass while pruning (memory only: the scores do not depend on it)
 CALIB_BATCH_SIZE = 16
 RECOVERY_METHODS = ("lora", "none")
 logger = logging.getLogger(__name__)
-
-
-def _prune_actions() -> dict[str, argparse.Action]:
-    """The actions of ``compress prune`` named in :data:`PRUNE_OPTIONS`, copied from the command's own parser."""
-    from compress.cli.parser import build_parser
-
-    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    actions = {a.dest: a for a in commands.choices["prune"]._actions}
-    return {dest: copy.copy(actions[dest]) for dest in PRUNE_OPTIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(REPO / "runs" / "llm_prune"), help="run folder (%(default)s)")
 
     prune = p.add_argument_group("pruning (the options of `compress prune`), or --pruned")
-    for action in _prune_actions().values():
-        prune._add_action(action)
+    add_prune_options(prune)
     prune.add_argument("--calib-rows", type=int, default=128, help="calibration rows of --data (%(default)s)")
     prune.add_argument("--calib-length", type=int, default=512, help="tokens per calibration row (%(default)s)")
     prune.add_argument("--seed", type=int, default=0,
@@ -130,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 @dataclass
 class Inputs:
     """What the checks before any work found: the pruning spec (``None`` with ``--pruned``), the local folders
-    (``(folder, config, Auto class name)``, ``None`` for a Hub id), the pruned folder's report, both texts."""
+    (:class:`compress.cli.evaluate.LocalCausalLM`, ``None`` for a Hub id), the pruned folder's report, both texts."""
 
     spec: Any
-    model_local: tuple | None
-    pruned_local: tuple | None
+    model_local: LocalCausalLM | None
+    pruned_local: LocalCausalLM | None
     pruned_report: dict | None
     corpus: Any
     eval_corpus: Any
@@ -168,7 +161,7 @@ def _same_local_file(a: str, b: str) -> bool:
 def check_inputs(args: argparse.Namespace, defaults: dict[str, Any]) -> Inputs:
     """Every refusal that needs no model weights, each a :class:`UsageError` or :class:`CompressError` of one line:
     option values, the model and pruned folders, both texts (read here) and that they differ."""
-    from compress.cli.evaluate import _is_local, _local_model
+    from compress.cli.evaluate import check_local_causal_lm, is_local_model
     from compress.cli.prune import criterion_name
     from compress.data import load_text
     from compress.export import REPORT_FILE
@@ -207,7 +200,7 @@ def check_inputs(args: argparse.Namespace, defaults: dict[str, Any]) -> Inputs:
             flags = ", ".join("--" + name.replace("_", "-") for name in changed)
             raise UsageError(f"--pruned {args.pruned} is a pruned folder; {flags} would prune again: give --pruned "
                              "or pruning options, not both")
-        pruned_local = _local_model(args.pruned)
+        pruned_local = check_local_causal_lm(args.pruned)
         report_file = pruned_local[0] / REPORT_FILE
         if not report_file.is_file():
             raise UsageError(f"--pruned {args.pruned} has no {REPORT_FILE}: pass a folder written by `compress "
@@ -221,7 +214,7 @@ def check_inputs(args: argparse.Namespace, defaults: dict[str, Any]) -> Inputs:
                                         max_keep=args.max_keep, min_keep=args.min_keep, round_to=args.round_to,
                                         compensate_bias=args.compensate_bias, reconstruct=args.reconstruct,
                                         **damping)
-    model_local = _local_model(args.model) if _is_local(args.model) else None
+    model_local = check_local_causal_lm(args.model) if is_local_model(args.model) else None
     for local in (model_local, pruned_local):
         if local is not None:
             _check_positions(args, local[1], local[0])
@@ -257,11 +250,11 @@ def _check_positions(args: argparse.Namespace, config: Any, where: Any) -> None:
             raise UsageError(f"{flag} {value} exceeds the {limit} positions of {where}; use at most {limit}")
 
 
-def _load(name: str, local: tuple | None, tokenizer_from: str | None = None):
-    """``(model, tokenizer)`` of a local folder or Hub id, fp32, through ``compress eval``'s loader."""
-    from compress.cli.evaluate import _load_model
+def _load(name: str, local: LocalCausalLM | None, tokenizer_from: str | None = None, option: str = "--model"):
+    """``(model, tokenizer)`` of a local folder or Hub id, fp32, as ``compress eval`` loads them."""
+    from compress.cli.evaluate import load_causal_lm
 
-    return _load_model(name, local, "float32", tokenizer_from)
+    return load_causal_lm(name, local, "float32", tokenizer_from, option=option)
 
 
 def _evaluate(label: str, model, tokenizer, corpus, args: argparse.Namespace) -> dict[str, Any]:
@@ -315,6 +308,36 @@ def _recovery_note(args: argparse.Namespace, corpus, warmup: int, targets: list[
 
 def _recovery_seed(args: argparse.Namespace) -> int:
     return args.seed + 1 if args.recovery_seed is None else args.recovery_seed
+
+
+def recovery_rows(args: argparse.Namespace, corpus, tokenizer) -> torch.Tensor:
+    """The recovery training rows: ``--steps x --batch-size`` rows of ``--seq-len`` tokens of ``--data``, each at an
+    offset drawn with the recovery seed (:func:`compress.data.calibration_rows`, the sampling of calibration).
+
+    Rows that need more tokens than the text has repeat parts of it; one warning says so in the terms of this recipe
+    (the library's own, which speaks of calibration, is held back for this call). The evaluation text is never among
+    them: :func:`check_inputs` refused it as ``--data``."""
+    from compress.data import calibration_rows, tokenize_text
+
+    num_rows = args.steps * args.batch_size
+    total = tokenize_text(corpus, tokenizer).numel()
+    if total < args.seq_len:
+        raise UsageError(f"--data {corpus.source} has {total:,} tokens, fewer than one recovery row of --seq-len "
+                         f"{args.seq_len}: give more text or a smaller --seq-len")
+    needed = num_rows * args.seq_len
+    if needed > total:
+        logger.warning("the recovery rows overlap: %s steps x %s rows x %s tokens = %s training tokens, drawn at "
+                       "random offsets of the %s tokens of --data %s, so training sees parts of that text more than "
+                       "once (each token %.1f times on average); for more varied training give a longer --data text, "
+                       "or fewer --steps, --batch-size or --seq-len", args.steps, args.batch_size, args.seq_len,
+                       f"{needed:,}", f"{total:,}", corpus.source, needed / total)
+    library = logging.getLogger("compress.data")
+    level = library.level
+    library.setLevel(logging.ERROR)
+    try:
+        return calibration_rows(corpus, tokenizer, num_rows=num_rows, length=args.seq_len, seed=_recovery_seed(args))
+    finally:
+        library.setLevel(level)
 
 
 def _measure_memory(args: argparse.Namespace, saved: Path) -> dict[str, Any]:
@@ -387,11 +410,8 @@ def recover(args: argparse.Namespace, inputs: Inputs) -> RecoveryResult:
     stats = None
     notes = list(report.get("notes", []))
     if args.recover == "lora":
-        from compress.data import calibration_rows
-
         warmup = round(0.1 * args.steps) if args.warmup_steps is None else args.warmup_steps
-        rows = calibration_rows(inputs.corpus, tokenizer, num_rows=args.steps * args.batch_size, length=args.seq_len,
-                                seed=_recovery_seed(args))
+        rows = recovery_rows(args, inputs.corpus, tokenizer)
         vocabulary = model.get_input_embeddings().num_embeddings
         if int(rows.max()) >= vocabulary:
             raise UsageError(f"the tokenizer produces token id {int(rows.max())}, but the model's embedding has "
@@ -490,7 +510,7 @@ def recover(args: argparse.Namespace, inputs: Inputs) -> RecoveryResult:
 def run(argv: list[str] | None = None) -> RecoveryResult:
     """Parse, check, claim the run folder, run. Refusals exit with status 2 and one ``llm_prune.py: error:`` line."""
     p = build_parser()
-    defaults = {action.dest: action.default for action in p._actions}
+    defaults = {name: p.get_default(name) for name in (*PRUNE_OPTIONS, "calib_rows", "calib_length")}
     args = parse_recipe_args(p, argv)
     try:
         inputs = check_inputs(args, defaults)

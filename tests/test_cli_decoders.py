@@ -279,8 +279,11 @@ def test_prune_and_eval_through_the_entry_point(work, arch):
     assert proc.returncode == 2 and "pass a local text file" in proc.stderr
 
 
-def _real_model() -> Path:
-    folder = Path(os.environ.get("COMPRESS_TEST_SMOLLM2", REPO.parent / "scratch" / "smollm2"))
+def smollm2_folder() -> Path:
+    """The SmolLM2-135M folder of the slow tests on a real model: COMPRESS_TEST_SMOLLM2 (COMPRESS_SMOLLM2 is read
+    too), else ../scratch/smollm2; the test is skipped when it holds no model."""
+    folder = Path(os.environ.get("COMPRESS_TEST_SMOLLM2") or os.environ.get("COMPRESS_SMOLLM2")
+                  or REPO.parent / "scratch" / "smollm2")
     if not (folder / "config.json").is_file():
         pytest.skip(f"no SmolLM2-135M folder at {folder} (set COMPRESS_TEST_SMOLLM2 to one written by "
                     "../shared/tools/smollm2_to_hf.py)")
@@ -291,7 +294,7 @@ def _real_model() -> Path:
 def test_smollm2_wikitext2_perplexity_matches_a_hand_computation(tmp_path):
     """The documented protocol (docs/decoders.md) on the real model: `compress eval` against the plain recipe
     written out here (raw test file, CRLF -> LF, lines joined with blank lines, 16 windows of 512)."""
-    folder = _real_model()
+    folder = smollm2_folder()
     raw = SHARED_DATA / "wikitext2" / "wiki.test.raw"
     if not raw.is_file():
         pytest.skip(f"no WikiText-2 test file at {raw}")

@@ -16,9 +16,10 @@ from torch import nn
 
 import compress
 from common.causal_lm import DistilledCausalLM, distillation_loss, lora_config, train_causal_lm, training_batches
+from compress.cli import UsageError
 from recipes import llm_prune
 from tests import tiny
-from tests.test_cli_decoders import char_tokenizer
+from tests.test_cli_decoders import char_tokenizer, smollm2_folder
 from tests.test_text import counting_text, word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +168,68 @@ def test_a_run_needs_its_recovery_text(work, tmp_path, capsys):
         "--data valid.tokens.txt; never the text you evaluate on")
 
 
+def _help_section(text: str, title: str) -> str:
+    """The lines of a --help text's group ``title``, up to the next group, whitespace folded (wrapping differs)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
+    return " ".join(" ".join(lines[start + 1:end]).split())
+
+
+def test_the_recipe_takes_every_pruning_option_of_compress_prune_with_its_help(capsys):
+    import argparse
+
+    from compress.cli import main
+    from compress.cli.parser import add_prune_options
+
+    assert main(["prune", "--help"]) == 0
+    command = _help_section(capsys.readouterr().out, "what to prune:")
+    recipe = _help_section(llm_prune.build_parser().format_help(), "pruning (the options of `compress prune`)")
+    assert recipe.startswith(command)  # the same flags, metavars, help and defaults, then the recipe's own
+    flags = [flag for action in add_prune_options(argparse.ArgumentParser()) for flag in action.option_strings]
+    assert len(flags) == len(llm_prune.PRUNE_OPTIONS) == 12 and all(flag in command for flag in flags)
+
+
+def test_the_recipes_use_no_private_names_of_other_modules():
+    import ast
+
+    recipes = REPO / "recipes"
+    for path in [recipes / "llm_prune.py"]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = node.value.id if isinstance(node.value, ast.Name) else None
+                assert owner == "self", f"{path.name}:{node.lineno} reads {ast.unparse(node)}"
+
+
+def test_recovery_rows_that_repeat_the_text_are_named_as_such(caplog):
+    import argparse
+    import logging
+
+    from compress.data import Corpus, calibration_rows
+
+    tokenizer = word_tokenizer()
+    corpus = Corpus(text=counting_text(300), source="short.txt", handling="as is")
+    args = argparse.Namespace(steps=20, batch_size=4, seq_len=32, seed=0, recovery_seed=None)
+    expected = calibration_rows(corpus, tokenizer, num_rows=80, length=32, seed=1)  # the rows drawn before
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rows = llm_prune.recovery_rows(args, corpus, tokenizer)
+    assert torch.equal(rows, expected)
+    assert "the recovery rows overlap: 20 steps x 4 rows x 32 tokens = 2,560 training tokens, drawn at random " \
+           "offsets of the" in caplog.text and "tokens of --data short.txt" in caplog.text
+    assert "fewer --steps, --batch-size or --seq-len" in caplog.text
+    assert "calibration" not in caplog.text and logging.getLogger("compress.data").level == logging.NOTSET
+    caplog.clear()
+    llm_prune.recovery_rows(argparse.Namespace(**{**vars(args), "steps": 1}), corpus, tokenizer)
+    assert not caplog.text  # enough text: nothing to say
+    with pytest.raises(UsageError, match="--data short.txt has .* tokens, fewer than one recovery row of --seq-len "
+                                         "100000: give more text or a smaller --seq-len"):
+        llm_prune.recovery_rows(argparse.Namespace(**{**vars(args), "seq_len": 100_000}), corpus, tokenizer)
+
+
 # -- the recovery loop ------------------------------------------------------------------------------------------------
 def test_distillation_loss_is_the_softened_kl_and_mixes_with_the_language_model_loss():
     student, teacher = torch.randn(2, 5, 11, requires_grad=True), torch.randn(2, 5, 11)
@@ -248,11 +311,9 @@ def test_measure_full_ft_compares_lora_with_full_fine_tuning_in_fresh_processes(
 
 @pytest.mark.slow
 def test_smollm2_recovery_runs_on_the_real_model(tmp_path):
-    """A few steps on SmolLM2-135M (COMPRESS_SMOLLM2: a folder written by ../shared/tools/smollm2_to_hf.py) with the
-    WikiText-2 files of ../shared/data: the pipeline holds on a real model; the figures are the docs' business."""
-    folder = os.environ.get("COMPRESS_SMOLLM2") or os.environ.get("COMPRESS_TEST_SMOLLM2")
-    if not folder or not (Path(folder) / "config.json").is_file():
-        pytest.skip("set COMPRESS_SMOLLM2 to a SmolLM2-135M folder written by ../shared/tools/smollm2_to_hf.py")
+    """A few steps on SmolLM2-135M (COMPRESS_TEST_SMOLLM2: a folder written by ../shared/tools/smollm2_to_hf.py) with
+    the WikiText-2 files of ../shared/data: the pipeline holds on a real model; the figures are the docs' business."""
+    folder = str(smollm2_folder())
     text = SHARED_DATA / "wikitext2"
     if not (text / "valid.tokens.txt").is_file() or not (text / "wiki.test.raw").is_file():
         pytest.skip(f"no WikiText-2 files in {text}")

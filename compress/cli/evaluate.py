@@ -1,5 +1,9 @@
 """``compress eval``: perplexity of a causal LM (a folder or a Hub id) on a text, printed and saved with its
-protocol."""
+protocol.
+
+:func:`is_local_model`, :func:`check_local_causal_lm` and :func:`load_causal_lm` are how the command finds and
+loads the model; the recipes that take a causal LM (``recipes/llm_prune.py``, the benchmark's decoder track) load
+theirs with them too."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from .errors import UsageError
 from .inputs import check_weight_files, load_config, load_tokenizer, read_config_json, resolve_device, resolve_task
@@ -49,14 +54,26 @@ def _check_out(path: Path, overwrite: bool, inputs: list[Path]) -> None:
                          "those: choose another file")
 
 
-def _is_local(name: str) -> bool:
-    """Whether MODEL names a local path rather than a Hub id (``owner/name``)."""
+class LocalCausalLM(NamedTuple):
+    """A local causal-LM folder, checked before anything loads (:func:`check_local_causal_lm`)."""
+
+    folder: Path
+    #: the folder's config, through AutoConfig
+    config: Any
+    #: the name of the transformers Auto class that loads it, e.g. ``AutoModelForCausalLM``
+    auto_class: str
+
+
+def is_local_model(name: str) -> bool:
+    """Whether a model name is a local path rather than a Hub id (``owner/name``): it exists, starts with ``.``,
+    ``/`` or ``~``, or has more than one ``/`` or a backslash."""
     path = Path(name).expanduser()
     return path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _local_model(name: str):
-    """``(folder, config, Auto class name)`` of a local causal-LM folder, checked before anything loads."""
+def check_local_causal_lm(name: str) -> LocalCausalLM:
+    """The folder ``name``, its config and Auto class, checked before any weight loads: config.json valid, a
+    causal LM, weight files present when there are any. Raises :class:`UsageError` (one line) otherwise."""
     model_dir, config_dict = read_config_json(name)
     task, auto_name = resolve_task(config_dict)
     if task != "causal-lm":
@@ -64,36 +81,53 @@ def _local_model(name: str):
         raise UsageError(f"{model_dir} holds a {architectures} ({task or 'no known task'}): compress eval measures "
                          "the perplexity of causal LMs")
     check_weight_files(model_dir, required=False)
-    return model_dir, load_config(model_dir, config_dict), auto_name
+    return LocalCausalLM(model_dir, load_config(model_dir, config_dict), auto_name)
 
 
-def _load_model(name: str, local, dtype_name: str, tokenizer_option: str | None):
-    """The causal LM MODEL names (``local``: what :func:`_local_model` found, or ``None`` for a Hub id) in
-    ``dtype_name``, and its tokenizer."""
+def load_causal_lm(name: str, local: LocalCausalLM | None = None, dtype: str = "float32",
+                   tokenizer: str | None = None, *, option: str = "MODEL") -> tuple[Any, Any]:
+    """The causal LM ``name`` names and its tokenizer, as ``compress eval`` loads them.
+
+    Args:
+        name: a local folder or a Hub model id; a Hub id goes through ``from_pretrained`` (the Hugging Face cache,
+            or the network unless ``HF_HUB_OFFLINE`` is set).
+        local: what :func:`check_local_causal_lm` found for a local ``name``; ``None`` checks a local ``name``
+            here and loads anything else from the Hub.
+        dtype: the torch dtype to load in, by name (``float32``, ``bfloat16``, ``float16``).
+        tokenizer: a tokenizer folder, when the model has none of its own.
+        option: how the caller's command line names ``name`` in errors (``MODEL``, ``--model``, ...).
+
+    Raises:
+        UsageError: one line naming ``name`` and the fix: no tokenizer, a folder the Auto class cannot load, or a Hub
+            id that is neither in the cache nor reachable.
+    """
     import torch
     import transformers
 
-    dtype = getattr(torch, dtype_name)
-    explicit_tokenizer = Path(tokenizer_option).expanduser() if tokenizer_option else None
+    if local is None and is_local_model(name):
+        local = check_local_causal_lm(name)
+    torch_dtype = getattr(torch, dtype)
+    explicit_tokenizer = Path(tokenizer).expanduser() if tokenizer else None
     if local is not None:
         model_dir, config, auto_name = local
-        tokenizer = load_tokenizer(explicit_tokenizer or model_dir, explicit=explicit_tokenizer is not None)
-        if tokenizer is None:
+        loaded_tokenizer = load_tokenizer(explicit_tokenizer or model_dir, explicit=explicit_tokenizer is not None)
+        if loaded_tokenizer is None:
             raise UsageError(f"{model_dir} holds no tokenizer; pass --tokenizer DIR")
         try:
-            model = getattr(transformers, auto_name).from_pretrained(str(model_dir), config=config, dtype=dtype,
+            model = getattr(transformers, auto_name).from_pretrained(str(model_dir), config=config, dtype=torch_dtype,
                                                                      local_files_only=True)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
             raise UsageError(f"cannot load {model_dir} with {auto_name}: {exc}") from None
-        return model, tokenizer
+        return model, loaded_tokenizer
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tokenizer = load_tokenizer(explicit_tokenizer, explicit=True) if explicit_tokenizer else \
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        loaded_tokenizer = load_tokenizer(explicit_tokenizer, explicit=True) if explicit_tokenizer else \
             transformers.AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"MODEL {name!r} is no local folder, and loading it from the Hub failed ({exc}); pass a "
+        reason = " ".join(str(exc).split())  # one line: transformers' messages span several
+        raise UsageError(f"{option} {name!r} is no local folder, and loading it from the Hub failed ({reason}); pass a "
                          "folder written by save_pretrained (offline, the Hub is out of reach)") from None
-    return model, tokenizer
+    return model, loaded_tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,7 +152,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if out_file is not None:
         _check_out(out_file, args.overwrite, inputs)
     device = resolve_device(args.device)
-    local = _local_model(args.model) if _is_local(args.model) else None
+    local = check_local_causal_lm(args.model) if is_local_model(args.model) else None
     if local is not None:
         from compress.evaluate import position_limit
 
@@ -132,7 +166,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                            text_column=args.text_column)
     else:
         corpus = load_text(args.data, config_name=args.data_config, split=args.split, text_column=args.text_column)
-    model, tokenizer = _load_model(args.model, local, args.dtype, args.tokenizer)
+    model, tokenizer = load_causal_lm(args.model, local, args.dtype, args.tokenizer)
     model_name = str(local[0]) if local is not None else args.model
     model.to(device)
 

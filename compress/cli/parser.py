@@ -9,6 +9,7 @@ runs: a criterion added with :func:`compress.register_importance` is accepted th
 from __future__ import annotations
 
 import argparse
+from typing import Any, Protocol
 
 from compress.pruning.arch import ARCH_SPECS, supported_model_types
 from compress.pruning.spec import DEFAULT_DAMPING, MODES, NORMALIZATIONS, RECONSTRUCTIONS, STRUCTURES
@@ -209,6 +210,73 @@ def _push_parser(sub) -> None:
     push.set_defaults(command_module="push")
 
 
+class _TakesArguments(Protocol):
+    """An argument parser or argument group: what :func:`add_prune_options` adds to."""
+
+    def add_argument(self, *name_or_flags: str, **kwargs: Any) -> argparse.Action: ...
+
+
+def add_prune_options(group: _TakesArguments) -> list[argparse.Action]:
+    """Add the options of ``compress prune`` that say what to prune and how units are scored and removed
+    (``--sparsity``, ``--param-sparsity``, ``--structures``, ``--importance``, ``--mode``, ``--normalize``,
+    ``--max-keep``, ``--min-keep``, ``--compensate-bias``, ``--reconstruct``, ``--damping``, ``--round-to``) to
+    ``group``, an argument parser or group, and return the actions added.
+
+    ``compress prune`` and the recipes that prune as it does (``recipes/llm_prune.py``) take them from here, so
+    their flags, help, choices and defaults are one definition. The values are checked when the command runs
+    (:meth:`compress.pruning.spec.PruningSpec.from_options`), not by the parser.
+    """
+    add = group.add_argument
+    return [
+        add("--sparsity", default=None, metavar="S",
+            help="fraction of each structure to remove, in (0, 1); or per structure, e.g. "
+                 "ffn=0.5,heads=0.25 (default: 0.5)"),
+        add("--param-sparsity", type=float, default=None, metavar="F",
+            help="instead of --sparsity: the fraction of all the model's parameters to remove from "
+                 "--structures (ffn, heads, kv_heads); in global mode one ranking decides each structure's "
+                 "and layer's share"),
+        add("--structures", default=None, metavar="S[,S...]",
+            help=f"comma-separated structures to prune, from: {', '.join(STRUCTURES)} "
+                 "(default: ffn, or the names given in --sparsity)"),
+        add("--importance", default="taylor", metavar="NAME",
+            help="how units are scored (an unknown name lists them all): taylor, taylor_elementwise and "
+                 "fisher use gradients of the task loss on --data; flap, wanda_sp, activation and "
+                 "block_influence (layers) read activations on --data, no labels (flap or wanda_sp for "
+                 "decoder LLMs); magnitude/l1/l2 (weight norms) and random need no data; or a criterion "
+                 "of your own, registered with compress.register_importance by a module: MODULE:NAME "
+                 "imports MODULE (from the current folder or PYTHONPATH) and uses its criterion NAME "
+                 "(default: %(default)s)"),
+        add("--mode", default="uniform", choices=MODES,
+            help="uniform: same width in every layer, plain transformers folder; global: rank "
+                 "units across layers, needs `import compress` to load (default: %(default)s)"),
+        add("--normalize", default="none", choices=NORMALIZATIONS,
+            help="global mode: scale each layer's scores by their mean / L2 norm, or standardize them "
+                 "(minus their mean, over their standard deviation: FLAP), before ranking across layers, "
+                 "so layers near the loss do not win by scale (default: %(default)s)"),
+        add("--max-keep", type=float, default=None, metavar="F",
+            help="global mode: the largest fraction of its FFN neurons / heads any one layer keeps, "
+                 "e.g. 0.6; at least 1 - sparsity (default: no cap)"),
+        add("--min-keep", type=float, default=None, metavar="F",
+            help="global mode: the smallest fraction of its FFN neurons / query heads / kv heads any one "
+                 "layer keeps, e.g. 0.2; at most 1 - sparsity (default: one neuron, one head per kv group)"),
+        add("--compensate-bias", action="store_true",
+            help="add removed neurons'/heads' mean contribution (measured on --data) to the output "
+                 "projection's bias; Llama gets one through mlp_bias / attention_bias, families whose "
+                 "config cannot hold one (Qwen2, T5) are refused"),
+        add("--reconstruct", default="none", choices=RECONSTRUCTIONS,
+            help="least_squares: prune block by block on --data and refit the kept weights of each FFN / "
+                 "attention output projection by ridge least squares, with its bias where the family can "
+                 "hold one (Llama: mlp_bias / attention_bias), without where it cannot (Qwen2); the "
+                 "strongest option for decoder LLMs (default: %(default)s)"),
+        add("--damping", type=float, default=None, metavar="F",
+            help="the ridge of --reconstruct least_squares, relative to the kept channels' mean variance: "
+                 f"larger stays closer to plain removal (default: {DEFAULT_DAMPING:g})"),
+        add("--round-to", type=int, default=1, metavar="N",
+            help="keep FFN widths a multiple of N, e.g. 8 or 64 for faster kernels "
+                 "(default: %(default)s)"),
+    ]
+
+
 def _prune_parser(sub, types: str) -> None:
     prune = sub.add_parser(
         "prune",
@@ -253,53 +321,7 @@ def _prune_parser(sub, types: str) -> None:
                             "present)")
     prune.add_argument("--out", "-o", required=True, metavar="DIR",
                        help="folder to write the pruned model to (new or empty, or see --overwrite)")
-    what = prune.add_argument_group("what to prune")
-    what.add_argument("--sparsity", default=None, metavar="S",
-                      help="fraction of each structure to remove, in (0, 1); or per structure, e.g. "
-                           "ffn=0.5,heads=0.25 (default: 0.5)")
-    what.add_argument("--param-sparsity", type=float, default=None, metavar="F",
-                      help="instead of --sparsity: the fraction of all the model's parameters to remove from "
-                           "--structures (ffn, heads, kv_heads); in global mode one ranking decides each structure's "
-                           "and layer's share")
-    what.add_argument("--structures", default=None, metavar="S[,S...]",
-                      help=f"comma-separated structures to prune, from: {', '.join(STRUCTURES)} "
-                           "(default: ffn, or the names given in --sparsity)")
-    what.add_argument("--importance", default="taylor", metavar="NAME",
-                      help="how units are scored (an unknown name lists them all): taylor, taylor_elementwise and "
-                           "fisher use gradients of the task loss on --data; flap, wanda_sp, activation and "
-                           "block_influence (layers) read activations on --data, no labels (flap or wanda_sp for "
-                           "decoder LLMs); magnitude/l1/l2 (weight norms) and random need no data; or a criterion "
-                           "of your own, registered with compress.register_importance by a module: MODULE:NAME "
-                           "imports MODULE (from the current folder or PYTHONPATH) and uses its criterion NAME "
-                           "(default: %(default)s)")
-    what.add_argument("--mode", default="uniform", choices=MODES,
-                      help="uniform: same width in every layer, plain transformers folder; global: rank "
-                           "units across layers, needs `import compress` to load (default: %(default)s)")
-    what.add_argument("--normalize", default="none", choices=NORMALIZATIONS,
-                      help="global mode: scale each layer's scores by their mean / L2 norm, or standardize them "
-                           "(minus their mean, over their standard deviation: FLAP), before ranking across layers, "
-                           "so layers near the loss do not win by scale (default: %(default)s)")
-    what.add_argument("--max-keep", type=float, default=None, metavar="F",
-                      help="global mode: the largest fraction of its FFN neurons / heads any one layer keeps, "
-                           "e.g. 0.6; at least 1 - sparsity (default: no cap)")
-    what.add_argument("--min-keep", type=float, default=None, metavar="F",
-                      help="global mode: the smallest fraction of its FFN neurons / query heads / kv heads any one "
-                           "layer keeps, e.g. 0.2; at most 1 - sparsity (default: one neuron, one head per kv group)")
-    what.add_argument("--compensate-bias", action="store_true",
-                      help="add removed neurons'/heads' mean contribution (measured on --data) to the output "
-                           "projection's bias; Llama gets one through mlp_bias / attention_bias, families whose "
-                           "config cannot hold one (Qwen2, T5) are refused")
-    what.add_argument("--reconstruct", default="none", choices=RECONSTRUCTIONS,
-                      help="least_squares: prune block by block on --data and refit the kept weights of each FFN / "
-                           "attention output projection by ridge least squares, with its bias where the family can "
-                           "hold one (Llama: mlp_bias / attention_bias), without where it cannot (Qwen2); the "
-                           "strongest option for decoder LLMs (default: %(default)s)")
-    what.add_argument("--damping", type=float, default=None, metavar="F",
-                      help="the ridge of --reconstruct least_squares, relative to the kept channels' mean variance: "
-                           f"larger stays closer to plain removal (default: {DEFAULT_DAMPING:g})")
-    what.add_argument("--round-to", type=int, default=1, metavar="N",
-                      help="keep FFN widths a multiple of N, e.g. 8 or 64 for faster kernels "
-                           "(default: %(default)s)")
+    add_prune_options(prune.add_argument_group("what to prune"))
     data = prune.add_argument_group(
         "calibration data (criteria that read activations or gradients, --compensate-bias, --reconstruct)",
         "A causal LM calibrates on text: --num-batches x --batch-size rows of exactly --max-length tokens\n"

@@ -121,18 +121,18 @@ class TrainingPeak:
     def __enter__(self) -> TrainingPeak:
         import gc
 
-        from common.memory import _reset_peak_rss, _rss_mb  # the subprocess measurement's own readings
+        from common.memory import reset_peak_rss, rss_mb  # the subprocess measurement's own readings
 
         gc.collect()
-        self.baseline_mb = _rss_mb()
-        self.reset = _reset_peak_rss()
+        self.baseline_mb = rss_mb()
+        self.reset = reset_peak_rss()
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from common.memory import _peak_rss_mb
+        from common.memory import peak_rss_mb
 
-        self.peak_mb = _peak_rss_mb()
+        self.peak_mb = peak_rss_mb()
         self.seconds = time.perf_counter() - self._start
 
     @property
@@ -281,7 +281,7 @@ def run_in_subprocess(row: Row, threads: int | None = None, log_dir: str | os.Pa
     ``log_dir/<row>.log`` (follow a long row with ``tail -f``), or a temporary file; a failed row's record keeps
     the log's tail. A ``KeyboardInterrupt`` kills the process and is raised again.
     """
-    from common.memory import _child_env
+    from common.memory import child_env
 
     started = time.perf_counter()
     spec = json.dumps({"function": row.function, "kwargs": row.kwargs, "threads": threads})
@@ -292,7 +292,7 @@ def run_in_subprocess(row: Row, threads: int | None = None, log_dir: str | os.Pa
         with open(log_path, "w", encoding="utf-8") as log:
             try:
                 proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, spec, str(result_path)],
-                                      env=_child_env({"COMPRESS_BENCH_ROW": row.id}), stdout=log,
+                                      env=child_env({"COMPRESS_BENCH_ROW": row.id}), stdout=log,
                                       stderr=subprocess.STDOUT, timeout=row.timeout_s)
             except subprocess.TimeoutExpired:
                 returncode = None

@@ -12,6 +12,9 @@ lazily (:class:`TrainingSetup` with a zero-argument builder, called after ``on_t
 ready-made is part of the baseline. Work that belongs to the method rather than to loading (e.g. scoring
 and pruning before training) goes in :attr:`TrainingSetup.on_train_begin`, which runs after that
 baseline, so its memory counts.
+
+:func:`rss_mb`, :func:`peak_rss_mb` and :func:`reset_peak_rss` are the readings themselves, for code that measures
+a phase of a process that is already fresh (the benchmark's rows, a recipe's training loop).
 """
 
 from __future__ import annotations
@@ -213,24 +216,32 @@ def _maxrss_mb() -> float:
     return maxrss / _MB if sys.platform == "darwin" else maxrss / 1024
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """This process's resident set size now, in MB (``VmRSS``; off Linux, the high-water mark instead)."""
     kb = _proc_status_kb("VmRSS")
     return kb / 1024 if kb is not None else _maxrss_mb()
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's resident set high-water mark, in MB (``VmHWM``, or ``getrusage``): the largest RSS since the
+    process started or since :func:`reset_peak_rss`."""
     kb = _proc_status_kb("VmHWM")
     return kb / 1024 if kb is not None else _maxrss_mb()
 
 
-def _reset_peak_rss() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0, ``echo 5 > /proc/self/clear_refs``)."""
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current RSS (Linux >= 4.0, ``echo 5 > /proc/self/clear_refs``); whether it
+    could. Where it cannot, :func:`peak_rss_mb` keeps including what came before."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
     except OSError:
         return False
     return True
+
+
+# the names these helpers had before they were public (common/causal_lm.py reads them)
+_rss_mb, _peak_rss_mb, _reset_peak_rss = rss_mb, peak_rss_mb, reset_peak_rss
 
 
 def resolve_callable(spec: str) -> Callable[..., Any]:
@@ -278,9 +289,9 @@ def _run_training_job(job: TrainingJob) -> TrainingMemoryResult:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         cuda_baseline = torch.cuda.memory_allocated(device) / _MB
-    load_peak = _peak_rss_mb()
-    hwm_reset = _reset_peak_rss()
-    baseline = _rss_mb()
+    load_peak = peak_rss_mb()
+    hwm_reset = reset_peak_rss()
+    baseline = rss_mb()
 
     if setup.on_train_begin is not None:
         setup.on_train_begin()
@@ -308,7 +319,7 @@ def _run_training_job(job: TrainingJob) -> TrainingMemoryResult:
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
 
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     timed = times[1:] or times
     return TrainingMemoryResult(
         factory=job.factory,
@@ -342,7 +353,10 @@ def _child_main(argv: Sequence[str]) -> int:
 _CHILD_CODE = "import sys; from common.memory import _child_main; sys.exit(_child_main(sys.argv[1:]))"
 
 
-def _child_env(extra_env: Mapping[str, str | None] | None) -> dict[str, str]:
+def child_env(extra_env: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """The environment of a measuring child process: this one's, with :data:`DEFAULT_MALLOC_ENV`, ``recipes/``,
+    this copy of ``compress`` and the working directory on ``PYTHONPATH``, and ``extra_env`` (``None`` values
+    removed)."""
     env = dict(os.environ)
     env.update(DEFAULT_MALLOC_ENV)
     # Make `common` (the recipes' folder, which holds this file's package), this very copy of `compress` and the
@@ -400,7 +414,7 @@ def peak_training_memory(
         logger.info("measuring training memory of %s (%d steps) in a subprocess", job.factory, job.steps)
         try:
             proc = subprocess.run(
-                cmd, env=_child_env(extra_env), capture_output=True, text=True, timeout=timeout_s
+                cmd, env=child_env(extra_env), capture_output=True, text=True, timeout=timeout_s
             )
         except subprocess.TimeoutExpired as exc:
             stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
