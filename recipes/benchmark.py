@@ -6,7 +6,8 @@ section, each row run in a fresh process, written to a run folder as JSON, Markd
   IMP at equal compute, multi-exit at a calibrated threshold; the packaged MiniLM-L6 on SST-2 and MRPC by default.
 - decoder: our pruning criteria (uniform and global widths), Torch-Pruning, recovery with LoRA and with
   Pruning-Adapter, Ladder Side-Tuning against LoRA on the causal LM, a 2:4-sparse model; perplexity on WikiText-2
-  (``--decoder-model``, e.g. the SmolLM2-135M folder of ``../shared/tools/smollm2_to_hf.py``).
+  (``--decoder-model``: a folder, e.g. the SmolLM2-135M folder of ``../shared/tools/smollm2_to_hf.py``, or a Hub id
+  such as ``HuggingFaceTB/SmolLM2-135M``).
 - scaling: the time and peak memory of ``compress prune`` on random Llama-shaped models of about 0.1B, 0.4B and 1B
   parameters, with a data-free and a calibrated criterion.
 
@@ -84,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--train-rows", type=int, default=None, help="subsample the training split (all; --quick 1200)")
     enc.add_argument("--eval-rows", type=int, default=None, help="subsample the test split (all; --quick 200)")
     dec = p.add_argument_group("decoder track")
-    dec.add_argument("--decoder-model", default=None,
-                     help="a causal-LM folder (Llama / Qwen2), e.g. the SmolLM2-135M folder written by "
-                          "../shared/tools/smollm2_to_hf.py; without it the track is skipped")
+    dec.add_argument("--decoder-model", default=None, metavar="FOLDER_OR_HUB_ID",
+                     help="a causal LM (Llama / Qwen2): a folder, e.g. the SmolLM2-135M folder written by "
+                          "../shared/tools/smollm2_to_hf.py, or a Hub id such as HuggingFaceTB/SmolLM2-135M, loaded "
+                          "as `compress eval` loads it; the rows run offline, so a Hub id must be in the Hugging Face "
+                          "cache unless HF_HUB_OFFLINE=0 is exported; without it the track is skipped")
     dec.add_argument("--decoder-data", default=str(decoder.DEFAULT_EVAL_TEXT),
                      help="evaluation text for perplexity (WikiText-2's wiki.test.raw beside the checkout)")
     dec.add_argument("--calibration-text", default=str(decoder.DEFAULT_CALIBRATION_TEXT),

@@ -354,3 +354,89 @@ def test_the_command_runs_tracks_into_one_run_folder_and_resumes_across_tracks(t
     text = (out / "benchmark.md").read_text()
     assert "## Encoder track" in text and "the scaling protocol" in text
     assert len(load_results(out / "results.json")["rows"]) == 4
+
+
+# ---- the decoder track's model: a folder or a Hub id ----------------------------------------------------------
+
+
+def _decoder_settings(root: Path, model: str) -> dict:
+    from bench import decoder
+    from tests.test_text import counting_text
+
+    text = counting_text(2000)
+    (root / "calibration.txt").write_text(text, encoding="utf-8")
+    (root / "eval.txt").write_text(" ".join(reversed(text.split())), encoding="utf-8")
+    return {**decoder.QUICK, "model": model, "eval_text": str(root / "eval.txt"),
+            "calibration_text": str(root / "calibration.txt"), "workdir": str(root / "run")}
+
+
+def _offline_hub_cache(root: Path, monkeypatch) -> Path:
+    """An empty Hugging Face cache under ``root``, read offline by huggingface_hub and transformers in this process."""
+    import huggingface_hub.constants
+
+    cache = root / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_the_decoder_track_loads_a_folder_or_a_hub_id_from_the_cache(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from bench import decoder
+    from tests import tiny
+    from tests.test_text import word_tokenizer
+
+    folder = tmp_path / "tiny-llama"
+    model = tiny.make_model("llama")
+    model.config.max_position_embeddings = 64
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    cache = _offline_hub_cache(tmp_path, monkeypatch)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--tiny-org--tiny-llama"
+    shutil.copytree(folder, repo / "snapshots" / commit)  # the cache's layout: a snapshot per commit, refs/main
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    ids = torch.arange(2, 34).reshape(2, 16)
+    logits = {}
+    for name, where in ((str(folder), folder), ("tiny-org/tiny-llama", repo / "snapshots" / commit)):
+        settings = _decoder_settings(tmp_path, name)
+        assert decoder.skip_reason(settings) is None
+        assert decoder.rows(settings)[0].group == "tiny-llama, WikiText-2 perplexity"
+        run = decoder.DecoderRun("dense", settings)
+        assert (run.model_name, run.model_path, run.s["window"]) == (name, where, 64)  # 64 positions cap the window
+        loaded, tokenizer = run.load()
+        assert tokenizer("t1 t2")["input_ids"] and not loaded.training and loaded.config.use_cache is False
+        with torch.inference_mode():
+            logits[name] = loaded(input_ids=ids).logits
+    assert torch.equal(*logits.values())
+
+
+def test_a_hub_id_the_rows_cannot_load_is_refused_or_fails_its_row_in_one_line(tmp_path, monkeypatch, capsys):
+    import benchmark
+    from bench import decoder
+
+    _offline_hub_cache(tmp_path, monkeypatch)
+    settings = _decoder_settings(tmp_path, "nobody/absent-model")
+    expected = ("--decoder-model nobody/absent-model is no local folder, and no Hub model of that id is in the Hugging "
+                "Face cache while the rows run offline: give a model folder, download it once (`hf download "
+                "nobody/absent-model`), or export HF_HUB_OFFLINE=0 so that the rows download it")
+    assert decoder.skip_reason(settings) == expected and decoder.rows(settings) == []
+    with pytest.raises(SystemExit) as exc:  # before any work
+        benchmark.main(["--out", str(tmp_path / "out"), "--tracks", "decoder", "--decoder-model", "nobody/absent-model",
+                        "--decoder-data", settings["eval_text"], "--calibration-text", settings["calibration_text"]])
+    assert exc.value.code == 2 and expected in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+    # the rows may use the network (HF_HUB_OFFLINE=0), and the Hub is out of reach: each row fails, in one line
+    monkeypatch.setattr(decoder, "_hub_id_unavailable", lambda model_id: None)
+    (row, *_) = decoder.rows(settings)
+    record = run_in_process(row)
+    assert record["status"] == "failed" and "\n" not in record["error"]
+    assert record["error"].startswith("UsageError: --decoder-model 'nobody/absent-model' is no local folder, and "
+                                      "loading it from the Hub failed (")

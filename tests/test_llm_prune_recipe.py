@@ -194,7 +194,7 @@ def test_the_recipes_use_no_private_names_of_other_modules():
     import ast
 
     recipes = REPO / "recipes"
-    for path in [recipes / "llm_prune.py"]:
+    for path in [recipes / "llm_prune.py", recipes / "benchmark.py", *sorted((recipes / "bench").glob("*.py"))]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom):
                 private = [alias.name for alias in node.names if alias.name.startswith("_")]

@@ -16,6 +16,7 @@ the sparse rows.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,30 +73,66 @@ def rows(settings: dict[str, Any]) -> list[Row]:
 
 
 def skip_reason(settings: dict[str, Any]) -> str | None:
-    """Why the track cannot run with these settings (no model given or found, no text), or ``None``."""
+    """Why the track cannot run with these settings (no model given, a folder without config.json, a Hub id the
+    rows cannot load offline, no text), or ``None``."""
+    from compress.cli.evaluate import is_local_model
+
     model = settings.get("model")
     if not model:
-        return ("no decoder model: give --decoder-model FOLDER (e.g. the SmolLM2-135M folder written by "
-                "../shared/tools/smollm2_to_hf.py)")
-    if not (Path(model) / "config.json").is_file():
-        return f"--decoder-model {model} is not a model folder (no config.json)"
+        return ("no decoder model: give --decoder-model FOLDER or HUB_ID (e.g. the SmolLM2-135M folder written by "
+                "../shared/tools/smollm2_to_hf.py, or HuggingFaceTB/SmolLM2-135M)")
+    if is_local_model(model):
+        if not (Path(model) / "config.json").is_file():
+            return f"--decoder-model {model} is not a model folder (no config.json)"
+    else:
+        reason = _hub_id_unavailable(model)
+        if reason:
+            return reason
     for name, flag in (("eval_text", "--decoder-data"), ("calibration_text", "--calibration-text")):
         if not Path(settings[name]).is_file():
             return f"{name.replace('_', ' ')} {settings[name]} not found: give {flag} FILE"
     return None
 
 
+def _hub_id_unavailable(model_id: str) -> str | None:
+    """Why the rows cannot load the Hub id ``model_id``, as far as is known without the network: it is no valid id,
+    or the rows run offline (the recipes' default, :data:`common.recipe.OFFLINE_ENV`, unless the caller exported
+    ``HF_HUB_OFFLINE=0``) and its config is not in the Hugging Face cache; ``None`` otherwise."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from common.recipe import OFFLINE_ENV
+
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json")
+    except ValueError as exc:  # huggingface_hub's HFValidationError
+        return f"--decoder-model {model_id} is neither a local folder nor a Hub model id ({exc})"
+    env = {**OFFLINE_ENV, **os.environ}  # what a row's process sees (common.recipe.setup_run)
+    switch = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or ""  # huggingface_hub's own rule
+    if isinstance(cached, str) or switch.strip().upper() not in {"1", "ON", "YES", "TRUE"}:
+        return None
+    return (f"--decoder-model {model_id} is no local folder, and no Hub model of that id is in the Hugging Face cache "
+            f"while the rows run offline: give a model folder, download it once (`hf download {model_id}`), or "
+            "export HF_HUB_OFFLINE=0 so that the rows download it")
+
+
 class DecoderRun:
-    """What a decoder row needs: the model folder, its texts, calibration rows, perplexity and latency."""
+    """What a decoder row needs: the model (a folder, or a Hub id and its snapshot folder in the Hugging Face
+    cache), its texts, calibration rows, perplexity and latency."""
 
     def __init__(self, method: str, settings: dict[str, Any]) -> None:
+        from transformers import AutoConfig
+
+        from compress.cli.evaluate import check_local_causal_lm, is_local_model
+
         self.method, self.s = method, settings
         reason = skip_reason(settings)
         if reason:
             raise RowSkipped(reason)
-        self.model_path = Path(settings["model"])
-        from transformers import AutoConfig
-
+        #: the model as given: a folder or a Hub id (what recipes/llm_prune.py is given too)
+        self.model_name = settings["model"]
+        self.local = check_local_causal_lm(self.model_name) if is_local_model(self.model_name) else None
+        #: the folder the model is read from: the local folder, or the Hub id's snapshot in the cache
+        self.model_path = self.local.folder if self.local is not None else _hub_snapshot(self.model_name)
         positions = getattr(AutoConfig.from_pretrained(str(self.model_path), local_files_only=True),
                             "max_position_embeddings", None)
         if positions:  # a small model's position limit caps every length of the protocol
@@ -104,14 +141,13 @@ class DecoderRun:
         self.workdir = Path(settings["workdir"]) / "decoder" / method.replace(":", "-")
         self.cache = Path(settings["workdir"]) / "cache" / "decoder"
 
-    def load(self, folder: str | Path | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    def load(self):
+        """The model (float32, in eval mode, no KV cache) and its tokenizer, loaded as ``compress eval`` loads a model
+        (:func:`compress.cli.evaluate.load_causal_lm`: a folder, or a Hub id through ``from_pretrained``)."""
         import compress  # noqa: F401 - compact classes of global-width folders
+        from compress.cli.evaluate import load_causal_lm
 
-        folder = str(folder or self.model_path)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
+        model, tokenizer = load_causal_lm(self.model_name, self.local, "float32", option="--decoder-model")
         model.config.use_cache = False
         model.eval()
         return model, tokenizer
@@ -155,6 +191,22 @@ class DecoderRun:
 
         saved = compress.save_pretrained(model, folder, tokenizer=tokenizer, report=report, overwrite=True)
         return folder_size(saved) / 2**20
+
+
+def _hub_snapshot(model_id: str) -> Path:
+    """The folder of the Hub model ``model_id`` in the Hugging Face cache, its config fetched there first when the
+    row may use the network (transformers' ``cached_file``, as ``from_pretrained`` finds it)."""
+    from transformers.utils import cached_file
+
+    from compress.cli import UsageError
+
+    try:
+        config = cached_file(model_id, "config.json")
+    except OSError as exc:
+        reason = " ".join(str(exc).split())
+        raise UsageError(f"--decoder-model {model_id!r} is no local folder, and loading it from the Hub failed "
+                         f"({reason}); give a model folder, or a Hub id in the Hugging Face cache") from None
+    return Path(config).parent
 
 
 def _params(model) -> dict[str, int]:
@@ -203,8 +255,9 @@ def _torch_pruning(run: DecoderRun) -> dict[str, Any]:
     """Torch-Pruning on the FFN, as its LLM example runs it: ``MetaPruner`` with ``GroupMagnitudeImportance``,
     ``apply_rotary_pos_emb`` replaced by an identity while the graph is traced, the config's width set after."""
     import importlib
+    from importlib.metadata import version
 
-    from bench.encoder import _version, torch_pruning_ffn
+    from bench.encoder import torch_pruning_ffn
 
     model, tokenizer = run.load()
     family = model.config.model_type
@@ -220,7 +273,7 @@ def _torch_pruning(run: DecoderRun) -> dict[str, Any]:
     size = run.save(model, tokenizer, run.workdir / "model")
     figures = {**run.perplexity(model, tokenizer), **peak.figures(), "prune_s": peak.seconds, **_params(model),
                "trainable_params": 0, "artifact_mb": size,
-               "note": f"torch-pruning {_version('torch-pruning')}, widths {sorted(set(widths))}, no data"}
+               "note": f"torch-pruning {version('torch-pruning')}, widths {sorted(set(widths))}, no data"}
     return {**figures, **run.latency(model, tokenizer)}
 
 
@@ -238,7 +291,7 @@ def _recover(run: DecoderRun) -> dict[str, Any]:
             return _pruning_adapter(run)
         raise RowSkipped(f"recipes/llm_prune.py offers no {kind} recovery (its --recover: {', '.join(methods)})")
     pruned = run.cache / "ours-uniform"
-    argv = ["--model", str(run.model_path), "--data", run.s["calibration_text"], "--eval-data", run.s["eval_text"],
+    argv = ["--model", run.model_name, "--data", run.s["calibration_text"], "--eval-data", run.s["eval_text"],
             "--eval-max-tokens", str(run.s["eval_tokens"]), "--window", str(run.s["window"]), "--skip-dense-eval",
             "--recover", kind, "--steps", str(run.s["recovery_steps"]), "--batch-size", str(run.s["recovery_batch"]),
             "--seq-len", str(run.s["recovery_seq"]), "--out", str(run.workdir / "llm_prune"), "--overwrite"]
