@@ -143,6 +143,8 @@ def test_an_encoder_classifier_reads_the_side_states_pooled_per_segment():
 
 
 def test_a_roberta_classifier_reads_the_pooled_segments_at_the_first_token():
+    """RoBERTa has no token types: its pair "<s> A </s></s> B </s>" is split after the first separator (eos), a
+    single sentence is one segment; the pooled features replace the first token the head reads."""
     model = wrap("roberta")
     perturb_adapters(model)
     model.eval()
@@ -150,12 +152,15 @@ def test_a_roberta_classifier_reads_the_pooled_segments_at_the_first_token():
     net.side.register_forward_hook(lambda module, args, out: seen.update(side=out.last_hidden_state))
     head = model.base_model.model.classifier
     head.register_forward_pre_hook(lambda module, args: seen.update(features=args[0]))
+    input_ids = torch.tensor([[0, 5, 6, 2, 2, 7, 8, 2], [0, 5, 6, 7, 2, 1, 1, 1]])  # a pair; a padded sentence
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
     with torch.no_grad():
-        model(**tiny.make_batch("roberta", labels=False))
+        model(input_ids=input_ids, attention_mask=mask)
         side = seen["side"]
-        torch.testing.assert_close(seen["features"][:, 0], torch.tanh(net.up(net.pool(torch.stack(
-            [_segment_features(row, torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool))
-             for row in side])))))
+        expected = torch.tanh(net.up(net.pool(torch.stack(
+            [_segment_features(side[0], torch.arange(8) < 4, torch.arange(8) >= 4),
+             _segment_features(side[1], torch.arange(8) < 5, torch.zeros(8, dtype=torch.bool))]))))
+        torch.testing.assert_close(seen["features"][:, 0], expected)
         torch.testing.assert_close(seen["features"][:, 1:], net.up(side)[:, 1:])
 
 

@@ -340,6 +340,12 @@ class ArchSpec:
         positions = getattr(config, "max_position_embeddings", None)
         return positions if isinstance(positions, int) and positions > 0 else None
 
+    @classmethod
+    def segment_ids(cls, config, input_ids):
+        """Each token's input segment (1 from the second segment on) for inputs without ``token_type_ids``, where
+        the family marks a sentence pair some other way; ``None`` where it does not."""
+        return None
+
     def fits_standard_config(self) -> bool:
         """Whether the family's standard config can express the model (same widths in every layer)."""
         attn = self.attention_sites()
@@ -376,6 +382,20 @@ class BertSpec(ArchSpec):
                        "hidden": "BertConfig derives the head size as hidden_size / num_attention_heads"}
     default_task = "sequence-classification"
     projection_names = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+    @classmethod
+    def segment_ids(cls, config, input_ids):
+        """RoBERTa's tokenizers give no token types: a pair reads ``<s> A </s></s> B </s>``, so the second segment
+        is every token after the first separator (``sep_token_id``, else ``eos_token_id``). BERT's give
+        ``token_type_ids``."""
+        if base_model_type(str(config.model_type)) != "roberta":
+            return None
+        separator = getattr(config, "sep_token_id", None)
+        separator = getattr(config, "eos_token_id", None) if separator is None else separator
+        if separator is None:
+            return None
+        is_separator = (input_ids == separator).long()
+        return ((is_separator.cumsum(-1) - is_separator) > 0).long()
 
     @classmethod
     def position_limit(cls, config) -> int | None:

@@ -60,7 +60,8 @@ class LadderSideConfig(PeftConfig):
             predictions and the side network learns a correction. Off by default (the paper's design).
         pooling: what an encoder's sequence classifier (``SEQ_CLS`` on BERT/RoBERTa) reads. ``segments``: the side
             network's last states mean-pooled over each input segment (``u`` over the first, ``v`` over the second,
-            told apart by ``token_type_ids``; a single sentence is one segment and ``v`` is zero), combined as
+            told apart by ``token_type_ids``, or for RoBERTa, which has none, by the first separator token; a
+            single sentence is one segment and ``v`` is zero), combined as
             ``[u, v, |u - v|, u * v]`` (Sentence-BERT's pair features) and projected by a trained layer to the
             backbone's width, in place of the pooled first token (BERT's ``pooler_output``, RoBERTa's first
             token). A side network a few dozen channels wide with one attention head per block learns to compare two

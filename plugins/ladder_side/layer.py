@@ -86,7 +86,7 @@ class LadderSide(nn.Module):
                       token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """A sequence classifier's input from the side network's last ``states`` (``[batch, length, side width]``):
         ``tanh(up(pool([u, v, |u - v|, u * v])))`` at the backbone's width, where ``u`` and ``v`` are the mean
-        states of the first segment (``token_type_ids`` 0) and of the second (any other type; zero when a row has
+        states of the first segment (``token_type_ids`` 0) and of the second (any other id; zero when a row has
         none), over the tokens the ``attention_mask`` keeps."""
         keep = (attention_mask if attention_mask is not None and attention_mask.dim() == 2
                 else torch.ones(states.shape[:2], device=states.device)).to(states.dtype)

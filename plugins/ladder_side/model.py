@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from compress.errors import CompressError
 from compress.export import TAG, method_tag
-from compress.pruning.arch import arch_spec
+from compress.pruning.arch import arch_spec, spec_class
 from compress.tuner import CompressTuner
 
 from .cache import side_cache, with_side
@@ -302,8 +302,10 @@ class LadderSideModel(CompressTuner):
             final = final + outputs["last_hidden_state"]
         pooled = None
         if network.pool is not None:
-            pooled = network.pool_segments(side_outputs.last_hidden_state, bound.get("attention_mask"),
-                                           bound.get("token_type_ids"))
+            segments = bound.get("token_type_ids")
+            if segments is None and bound.get("input_ids") is not None:
+                segments = spec_class(str(module.config.model_type)).segment_ids(module.config, bound["input_ids"])
+            pooled = network.pool_segments(side_outputs.last_hidden_state, bound.get("attention_mask"), segments)
             if getattr(module, "pooler", None) is None:  # RoBERTa's head reads the first token itself
                 final = torch.cat([pooled.unsqueeze(1), final[:, 1:]], dim=1)
         outputs["last_hidden_state"] = final
