@@ -147,7 +147,7 @@ def train_causal_lm(model: nn.Module, batches: list[dict[str, torch.Tensor]], *,
     from transformers import get_linear_schedule_with_warmup
 
     from common.device import model_device, sync, to_device
-    from common.memory import _peak_rss_mb, _reset_peak_rss, _rss_mb
+    from common.memory import peak_rss_mb, reset_peak_rss, rss_mb
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -161,8 +161,8 @@ def train_causal_lm(model: nn.Module, batches: list[dict[str, torch.Tensor]], *,
     step_seconds: list[float] = []
     curve: list[dict[str, float]] = []
     model.train()
-    _reset_peak_rss()
-    baseline = _rss_mb()
+    reset_peak_rss()
+    baseline = rss_mb()
     with tqdm(total=steps, desc="recovery", unit="step", disable=not progress) as bar:
         for step, batch in enumerate(batches, start=1):
             started = time.perf_counter()
@@ -183,7 +183,7 @@ def train_causal_lm(model: nn.Module, batches: list[dict[str, torch.Tensor]], *,
             if evaluate is not None and eval_every and step % eval_every == 0 and step < steps:
                 curve.append({"step": step, "perplexity": evaluate(step)})
                 model.train()
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     model.eval()
     return TrainingStats(steps=steps, losses=losses, step_seconds=step_seconds, peak_rss_mb=peak,
                          baseline_rss_mb=baseline, terms=terms, curve=curve)

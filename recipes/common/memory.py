@@ -240,9 +240,6 @@ def reset_peak_rss() -> bool:
     return True
 
 
-# the names these helpers had before they were public (common/causal_lm.py reads them)
-_rss_mb, _peak_rss_mb, _reset_peak_rss = rss_mb, peak_rss_mb, reset_peak_rss
-
 
 def resolve_callable(spec: str) -> Callable[..., Any]:
     """The callable a ``"module:qualified.name"`` spec names (how a fresh process is told what to run)."""
