@@ -14,6 +14,7 @@ section, each row run in a fresh process, written to a run folder as JSON, Markd
     python ../shared/tools/smollm2_to_hf.py runs/smollm2      # the decoder track's model (see that script)
     python recipes/benchmark.py --quick --decoder-model runs/smollm2 --out runs/benchmark-quick
     python recipes/benchmark.py --decoder-model runs/smollm2 --out runs/benchmark   # full size: docs/benchmark.md
+    python recipes/benchmark.py --decoder-model runs/smollm2 --out runs/benchmark --jobs 2 --threads 1  # 2 rows at once
     python recipes/benchmark.py --out runs/benchmark --resume                  # after Ctrl-C: finished rows are kept
 
 Files in ``--out``: ``results.json`` (every row's figures, errors and options; rewritten atomically after each row),
@@ -36,7 +37,7 @@ from typing import Any
 
 from bench import decoder, encoder, scaling
 from bench.harness import RESULTS_FILE, Row, load_results, run_rows
-from bench.report import markdown_report, summarise
+from bench.report import concurrency_text, markdown_report, summarise
 from common.recipe import claim_run_folder, finish_run, parse_recipe_args, setup_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "method key matches one run, e.g. '*lora*,full*' (case-insensitive)")
     p.add_argument("--list", action="store_true", help="list the rows that would run, and exit")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each row's process (torch's default)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="rows run at the same time, each in its own process (1: one after another); rows that depend "
+                        "on each other still run in order, one at a time, and the scaling rows alone. Keep N x "
+                        "--threads at most the CPU cores: on 2 cores, --jobs 2 --threads 1")
     enc = p.add_argument_group("encoder track")
     enc.add_argument("--model", default=None,
                      help="sequence-classification model: a local folder or a Hub id in the cache (default: the "
@@ -139,7 +144,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str
         p.error(f"--tracks {args.tracks}: choose among {', '.join(TRACKS)}")
     if args.steps is not None and args.recovery_steps is not None and not 0 < args.recovery_steps < args.steps:
         p.error(f"--recovery-steps {args.recovery_steps} must be between 0 and --steps {args.steps}")
-    for name in ("seeds", "steps", "recovery_steps", "batch_size", "max_length", "train_rows", "eval_rows", "threads"):
+    for name in ("seeds", "steps", "recovery_steps", "batch_size", "max_length", "train_rows", "eval_rows", "threads",
+                 "jobs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value}: give a positive number")
@@ -189,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     # a resumed run may have run other tracks before: their settings stay, and the report covers every track
     earlier = load_results(results_path).get("settings", {}) if args.resume else {}
     settings = {**earlier.get("tracks", {}), **settings}
+    _warn_oversubscription(args.jobs, args.threads)
     try:
-        run_rows(rows, results_path, resume=args.resume, threads=args.threads,
-                 settings={"argv": sys.argv[1:] if argv is None else list(argv), "tracks": settings})
+        run_rows(rows, results_path, resume=args.resume, threads=args.threads, jobs=args.jobs,
+                 settings={"argv": sys.argv[1:] if argv is None else list(argv), "tracks": settings,
+                           "jobs": args.jobs, "threads": args.threads})
     except KeyboardInterrupt:
         interrupted = True
         logger.warning("interrupted: the finished rows are in %s; --resume continues the run", results_path)
@@ -204,6 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"wrote {out / REPORT_FILE}, {results_path}")
     return 130 if interrupted else 0
+
+
+def _warn_oversubscription(jobs: int, threads: int | None) -> None:
+    """A warning when ``jobs`` rows of ``threads`` torch threads each (torch's default: one per core) want more
+    threads than the machine has cores: they would slow each other down."""
+    if jobs == 1:
+        return
+    import torch
+
+    cores = os.cpu_count() or 1
+    per_row = threads or torch.get_num_threads()
+    if jobs * per_row > cores:
+        logger.warning("--jobs %d with %d torch thread(s) per row wants %d threads on %d CPU cores: the rows slow each "
+                       "other down; give --threads %d", jobs, per_row, jobs * per_row, cores, max(1, cores // jobs))
 
 
 def _cpu_name() -> str:
@@ -243,7 +265,8 @@ def write_report(results: dict[str, Any], tracks: list[str], settings: dict[str,
               f"{torch.get_num_threads()} torch threads by default; Python {platform.python_version()}, torch "
               f"{torch.__version__}. Wall time of this invocation: {minutes:.1f} min (rows finished by an earlier "
               "invocation of a resumed run not included; each row's own time is in results.json). One row alone: "
-              "the same command with `--rows 'ID'`, ID as results.json names it (track/group/method[/seedN]).")
+              "the same command with `--rows 'ID'`, ID as results.json names it (track/group/method[/seedN]). "
+              + concurrency_text(results))
     text = markdown_report(results, tracks, notes=notes, plots=plots, header=header)
     write_text_atomically(out / REPORT_FILE, text)
     return text

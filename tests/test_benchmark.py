@@ -1,13 +1,17 @@
 """recipes/benchmark.py and its package recipes/bench: rows run one by one into an atomically rewritten results file,
---resume, failing and skipped rows, the tables' ratios, Pareto fronts, the plots; the --quick run on tiny models."""
+--resume, failing and skipped rows, rows run side by side in lanes (--jobs), the tables' ratios, Pareto fronts, the
+plots; the --quick run on tiny models."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +44,18 @@ def skipped_row(name: str) -> dict:
 
 def dying_row(name: str) -> dict:
     os._exit(3)  # the process ends without a result, as an out-of-memory kill would
+
+
+def sleeping_row(name: str, marker: str, seconds: float = 300.0) -> dict:
+    Path(marker).write_text(str(os.getpid()))  # the row's process is running
+    time.sleep(seconds)
+    return stub_row(name)
+
+
+def interrupted_row(name: str) -> dict:
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C reaches the row's process
+    time.sleep(60)
+    return stub_row(name)
 
 
 def _row(method: str, function: str = "stub_row", seed: int | None = None, baseline: bool = False, **kwargs) -> Row:
@@ -117,6 +133,178 @@ def test_rows_need_unique_ids_and_a_results_file_of_this_benchmark(tmp_path):
         load_results(tmp_path / "other.json")
     with pytest.raises(ValueError, match="module:function"):
         Row(track="t", group="g", method="m", function="no_colon")
+
+
+# ---- rows side by side: lanes and --jobs ---------------------------------------------------------------------
+
+
+def _lane_row(method: str, lane: str, function: str = "stub_row", exclusive: bool = False, **kwargs) -> Row:
+    return Row(track="encoder", group="task", method=method, function=f"tests.test_benchmark:{function}",
+               kwargs={"name": method, **kwargs}, lane=lane, exclusive=exclusive)
+
+
+class _Timeline:
+    """A runner that runs rows in this process and notes when each starts and ends; ``before[method]()`` runs at
+    the start of that row (a barrier, a wait, an interrupt)."""
+
+    def __init__(self, before: dict | None = None) -> None:
+        self.before = before or {}
+        self.events: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, row: Row, threads: int | None) -> dict:
+        with self.lock:
+            self.events.append(("start", row.method))
+        try:
+            if row.method in self.before:
+                self.before[row.method]()
+            return run_in_process(row, threads)
+        finally:
+            with self.lock:
+                self.events.append(("end", row.method))
+
+    def overlaps(self) -> set[frozenset[str]]:
+        """The pairs of rows that ran at the same time."""
+        active: set[str] = set()
+        pairs = set()
+        for kind, method in self.events:
+            if kind == "start":
+                pairs |= {frozenset((method, other)) for other in active}
+                active.add(method)
+            else:
+                active.discard(method)
+        return pairs
+
+    def started(self) -> list[str]:
+        return [method for kind, method in self.events if kind == "start"]
+
+    def index(self, kind: str, method: str) -> int:
+        return self.events.index((kind, method))
+
+
+def test_jobs_run_lanes_side_by_side_each_lane_in_order_one_row_at_a_time(tmp_path):
+    path = tmp_path / "results.json"
+    together = threading.Barrier(2, timeout=10)  # a1 and b1 pass it only when both run at the same time
+    timeline = _Timeline({"a1": together.wait, "b1": together.wait, "a2": lambda: time.sleep(0.05)})
+    rows = [_lane_row("a1", "A"), _lane_row("b1", "B"), _lane_row("a2", "A"), _lane_row("b2", "B"),
+            _lane_row("a3", "A")]
+    results = run_rows(rows, path, runner=timeline, progress=False, jobs=2)
+    assert frozenset(("a1", "b1")) in timeline.overlaps()
+    assert not any(pair <= {"a1", "a2", "a3"} or pair <= {"b1", "b2"} for pair in timeline.overlaps())
+    started = timeline.started()
+    assert [m for m in started if m.startswith("a")] == ["a1", "a2", "a3"]
+    assert [m for m in started if m.startswith("b")] == ["b1", "b2"]
+    records = load_results(path)["rows"]
+    assert records == results["rows"] and set(records) == {row.id for row in rows}
+    assert {r["status"] for r in records.values()} == {"ok"} and {r["jobs"] for r in records.values()} == {2}
+
+
+def test_with_jobs_a_failing_row_does_not_stop_its_lane_or_the_others(tmp_path):
+    path = tmp_path / "results.json"
+    rows = [_lane_row("a1", "A", "failing_row"), _lane_row("b1", "B", "skipped_row"), _lane_row("a2", "A"),
+            _lane_row("b2", "B")]
+    run_rows(rows, path, runner=run_in_process, progress=False, jobs=2)
+    assert sorted(CALLS) == ["a1", "a2", "b1", "b2"]
+    records = load_results(path)["rows"]
+    assert {r["method"]: r["status"] for r in records.values()} == {"a1": "failed", "a2": "ok", "b1": "skipped",
+                                                                    "b2": "ok"}
+    assert records["encoder/task/a1"]["error"] == "RuntimeError: a1 broke"
+
+
+def test_an_exclusive_lane_runs_alone_and_the_lanes_keep_their_order(tmp_path):
+    path = tmp_path / "results.json"
+    timeline = _Timeline({"a1": lambda: time.sleep(0.1)})  # time for a neighbour to start, were one allowed
+    rows = [_lane_row("a1", "A"), _lane_row("a2", "A"), _lane_row("s1", "S", exclusive=True),
+            _lane_row("s2", "S", exclusive=True), _lane_row("b1", "B"), _lane_row("c1", "C")]
+    run_rows(rows, path, runner=timeline, progress=False, jobs=2)
+    assert not any(pair & {"s1", "s2"} for pair in timeline.overlaps())
+    assert timeline.index("end", "a2") < timeline.index("start", "s1") < timeline.index("end", "s1") \
+        < timeline.index("start", "s2") < timeline.index("end", "s2") < timeline.index("start", "b1")
+    assert timeline.index("end", "s2") < timeline.index("start", "c1")
+    assert len(load_results(path)["rows"]) == 6
+
+
+def test_with_jobs_an_interrupted_row_stops_the_run_and_keeps_the_finished_rows(tmp_path):
+    path = tmp_path / "results.json"
+    b1_started, interrupted = threading.Event(), threading.Event()
+
+    def interrupt() -> None:
+        assert b1_started.wait(10)
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    def finish_after_the_interrupt() -> None:  # b1 is running when a2 is interrupted, and finishes
+        b1_started.set()
+        assert interrupted.wait(10)
+        time.sleep(0.3)
+
+    timeline = _Timeline({"a2": interrupt, "b1": finish_after_the_interrupt})
+    rows = [_lane_row("a1", "A"), _lane_row("a2", "A"), _lane_row("a3", "A"), _lane_row("b1", "B"),
+            _lane_row("b2", "B")]
+    with pytest.raises(KeyboardInterrupt):
+        run_rows(rows, path, runner=timeline, progress=False, jobs=2)
+    assert sorted(CALLS) == ["a1", "b1"]  # no row started after the interrupt
+    assert sorted(json.loads(path.read_text())["rows"]) == ["encoder/task/a1", "encoder/task/b1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_with_jobs_ctrl_c_in_the_main_thread_stops_the_run_and_keeps_the_finished_rows(tmp_path):
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled by something else here")
+    path = tmp_path / "results.json"
+    b1_started = threading.Event()
+
+    def ctrl_c() -> None:
+        b1_started.set()
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        time.sleep(0.3)
+
+    def finish_later() -> None:  # a1 is running at the Ctrl-C, and finishes
+        assert b1_started.wait(10)
+        time.sleep(0.3)
+
+    timeline = _Timeline({"b1": ctrl_c, "a1": finish_later})
+    rows = [_lane_row("a1", "A"), _lane_row("b1", "B"), _lane_row("a2", "A"), _lane_row("b2", "B")]
+    with pytest.raises(KeyboardInterrupt):
+        run_rows(rows, path, runner=timeline, progress=False, jobs=2)
+    assert sorted(CALLS) == ["a1", "b1"]
+    assert sorted(json.loads(path.read_text())["rows"]) == ["encoder/task/a1", "encoder/task/b1"]
+
+
+def test_lanes_of_the_tracks_keep_dependent_rows_together_in_order(tmp_path):
+    from bench import decoder, encoder, scaling
+    from bench.harness import lanes
+
+    enc = encoder.rows({**encoder.QUICK, "seeds": 2, "workdir": str(tmp_path)})
+    enc_lanes = lanes(enc)
+    assert [lane.key for lane in enc_lanes] == ["encoder/SST-2/seed0", "encoder/SST-2/seed1"]
+    assert [row.kwargs["method"] for row in enc_lanes[0].rows] == [key for _, key in encoder.METHODS]
+    assert all(row.seed == 0 for row in enc_lanes[0].rows) and not any(lane.exclusive for lane in enc_lanes)
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "text.txt").write_text("some text")
+    dec = decoder.rows({**decoder.QUICK, "model": str(tmp_path / "model"), "eval_text": str(tmp_path / "text.txt"),
+                        "calibration_text": str(tmp_path / "text.txt"), "workdir": str(tmp_path)})
+    dec_lanes = {lane.key: [row.kwargs["method"] for row in lane.rows] for lane in lanes(dec)}
+    assert dec_lanes.pop("decoder/model/uniform") == ["ours-uniform", "recover-lora", "recover-pa"]
+    assert all(len(methods) == 1 for methods in dec_lanes.values()) and len(dec_lanes) == 7
+
+    (scaling_lane,) = lanes(scaling.rows({**scaling.FULL, "workdir": str(tmp_path)}))
+    assert scaling_lane.exclusive and len(scaling_lane.rows) == 6
+    assert [lane.key for lane in lanes([_row("x"), _row("y")])] == ["encoder"]  # no lane given: the track's
+
+
+def test_the_report_says_how_many_rows_ran_at_a_time():
+    one = {"rows": {"a": {"threads": 2}, "b": {"jobs": 1, "threads": 2}}}
+    assert report.concurrency_text(one) == "Rows ran one at a time, each in its own process with 2 torch threads."
+    two = report.concurrency_text({"rows": {"a": {"jobs": 2, "threads": 1}, "b": {"jobs": 2, "threads": 1}}})
+    assert two.startswith("Rows ran 2 at a time (`--jobs 2`), each in its own process with 1 torch thread: ")
+    assert "per-core figures" in two
+    mixed = report.concurrency_text({"rows": {"a": {"jobs": 2, "threads": 1}, "b": {"threads": 2}}})
+    assert mixed.startswith("Rows ran 1 or 2 at a time (invocations of a resumed run with different `--jobs`")
+    assert "with 1 or 2 torch threads" in mixed
+    assert report.concurrency_text({"rows": {}, "settings": {"jobs": 3}}).startswith("Rows ran 3 at a time")
 
 
 # ---- tables ----------------------------------------------------------------------------------------------------
@@ -234,6 +422,43 @@ def test_rows_run_in_fresh_processes_and_record_crashes(tmp_path, monkeypatch):
     assert results["encoder/task/absent"]["status"] == "skipped"
     log = (tmp_path / "logs" / "encoder_task_broken.log").read_text()
     assert "RuntimeError: broken broke" in log and "Traceback" in log  # each row's output, in its own log
+
+
+@pytest.mark.slow
+def test_with_jobs_ctrl_c_kills_the_running_rows_processes(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled by something else here")
+    markers = [tmp_path / "a.pid", tmp_path / "b.pid"]
+
+    def ctrl_c_once_both_sleep() -> None:
+        deadline = time.monotonic() + 300
+        while not all(m.is_file() and m.read_text() for m in markers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    rows = [_lane_row("first", "A"), _lane_row("a", "A", "sleeping_row", marker=str(markers[0])),
+            _lane_row("b", "B", "sleeping_row", marker=str(markers[1])), _lane_row("b-after", "B")]
+    threading.Thread(target=ctrl_c_once_both_sleep, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_rows(rows, tmp_path / "results.json", progress=False, threads=1, jobs=2)
+    assert time.monotonic() - started < 250  # the sleeping rows (300 s) did not run to their end
+    assert list(load_results(tmp_path / "results.json")["rows"]) == ["encoder/task/first"]
+    for marker in markers:
+        with pytest.raises(ProcessLookupError):  # killed, and reaped
+            os.kill(int(marker.read_text()), 0)
+    assert not (tmp_path / "logs" / "encoder_task_b-after.log").exists()
+
+    # a Ctrl-C that reaches a row's process first (the terminal's process group) stops the run the same way
+    marker = tmp_path / "c.pid"
+    rows = [_lane_row("c", "C", "sleeping_row", marker=str(marker)), _lane_row("hit", "D", "interrupted_row")]
+    with pytest.raises(KeyboardInterrupt):
+        run_rows(rows, tmp_path / "again.json", progress=False, threads=1, jobs=2)
+    assert load_results(tmp_path / "again.json")["rows"] == {}
+    if marker.is_file():
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(marker.read_text()), 0)
 
 
 def _tiny_inputs(root: Path) -> dict[str, Path]:
@@ -354,6 +579,25 @@ def test_the_command_runs_tracks_into_one_run_folder_and_resumes_across_tracks(t
     text = (out / "benchmark.md").read_text()
     assert "## Encoder track" in text and "the scaling protocol" in text
     assert len(load_results(out / "results.json")["rows"]) == 4
+
+
+def test_the_command_runs_jobs_side_by_side_and_says_so_in_the_report(tmp_path, monkeypatch, capsys):
+    import functools
+
+    import benchmark
+
+    monkeypatch.setattr(benchmark, "TRACKS", {"encoder": _FakeTrack("encoder"), "scaling": _FakeTrack("scaling")})
+    monkeypatch.setattr(benchmark, "run_rows", functools.partial(run_rows, runner=run_in_process, progress=False))
+    monkeypatch.setattr("bench.plots.plot_track", lambda summary, path, title: None)
+    out = tmp_path / "run"
+    assert benchmark.main(["--out", str(out), "--tracks", "encoder", "--jobs", "2", "--threads", "1"]) == 0
+    results = load_results(out / "results.json")
+    assert results["settings"]["jobs"] == 2 and results["settings"]["threads"] == 1
+    assert {r["jobs"] for r in results["rows"].values()} == {2}
+    assert "Rows ran 2 at a time (`--jobs 2`)" in (out / "benchmark.md").read_text()
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["--out", str(tmp_path / "other"), "--tracks", "encoder", "--jobs", "0"])
+    assert exc.value.code == 2 and "--jobs 0: give a positive number" in capsys.readouterr().err
 
 
 # ---- the decoder track's model: a folder or a Hub id ----------------------------------------------------------

@@ -44,6 +44,8 @@ METHODS = (
     ("50% unstructured, Wanda masks", "sparse-50"),
 )
 METHOD_KEYS = {key: label for label, key in METHODS}
+#: rows that read the uniform row's pruned model from the run's cache when it ran: they share its lane, after it
+UNIFORM_LANE = ("ours-uniform", "recover-lora", "recover-pa")
 FULL = {"sparsity": 0.3, "calib_rows": 128, "calib_length": 512, "calib_batch": 16, "eval_tokens": 8192,
         "window": 512, "train_steps": 100, "train_batch": 4, "train_seq": 256, "recovery_steps": 300,
         "recovery_batch": 4, "recovery_seq": 512, "latency_seq": 128, "latency_rows": 4, "latency_rounds": 3,
@@ -63,12 +65,14 @@ PEER_RESULTS = (
 
 
 def rows(settings: dict[str, Any]) -> list[Row]:
-    """The track's rows; none without a model (:func:`skip_reason` says why)."""
+    """The track's rows; none without a model (:func:`skip_reason` says why). The uniform row and the recovery
+    rows that start from its model share one lane (:data:`UNIFORM_LANE`); every other row is a lane of its own."""
     if skip_reason(settings):
         return []
     name = Path(settings["model"]).name
     return [Row(track="decoder", group=f"{name}, WikiText-2 perplexity", method=label, function=FUNCTION,
-                kwargs={"method": key, "settings": settings}, baseline=key == "dense", timeout_s=12 * 3600.0)
+                kwargs={"method": key, "settings": settings}, baseline=key == "dense", timeout_s=12 * 3600.0,
+                lane=f"decoder/{name}/" + ("uniform" if key in UNIFORM_LANE else key))
             for label, key in METHODS]
 
 

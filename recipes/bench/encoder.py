@@ -66,7 +66,10 @@ DEFAULT_TASKS = ("SST-2", "MRPC")
 
 
 def rows(settings: dict[str, Any]) -> list[Row]:
-    """The track's rows for ``settings`` (:func:`recipes.benchmark` builds them): every task x method x seed."""
+    """The track's rows for ``settings`` (:func:`recipes.benchmark` builds them): every task x method x seed.
+
+    The rows of one task and seed share a lane (:attr:`bench.harness.Row.lane`): the first of them that needs the
+    dense start fine-tunes it into the run's cache, and the later ones read it there."""
     tasks = settings.get("tasks") or [{"group": task, "glue_task": task} for task in DEFAULT_TASKS]
     out = []
     for task in tasks:
@@ -75,7 +78,7 @@ def rows(settings: dict[str, Any]) -> list[Row]:
                 out.append(Row(track="encoder", group=task["group"], method=label.format(**settings),
                                function=FUNCTION,
                                kwargs={"method": key, "task": task, "seed": seed, "settings": settings},
-                               seed=seed, baseline=key == "full"))
+                               seed=seed, baseline=key == "full", lane=f"encoder/{task['group']}/seed{seed}"))
     return out
 
 

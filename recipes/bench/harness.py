@@ -11,6 +11,11 @@ other exception is recorded in the row with its message and traceback, and the n
 
 After every row the whole results file is written again, atomically (a reader or a Ctrl-C sees the previous file or
 the new one, never part of it); ``resume=True`` skips the rows already finished with the same arguments.
+
+``jobs=N`` runs N rows at the same time, each in its own process. Rows that depend on each other share a *lane*
+(:attr:`Row.lane`): a lane's rows run one after another in their given order, on one worker, and the workers take
+whole lanes in the order of their first rows. A lane with an :attr:`Row.exclusive` row runs alone: it starts when
+nothing else runs, and nothing starts beside it. Only the calling process writes the results file.
 """
 
 from __future__ import annotations
@@ -20,20 +25,24 @@ import functools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FIGURES", "RESULTS_FILE", "Row", "RowSkipped", "TrainingPeak", "load_results", "run_rows",
-           "save_results"]
+__all__ = ["FIGURES", "RESULTS_FILE", "Lane", "Row", "RowSkipped", "TrainingPeak", "lanes", "load_results",
+           "run_rows", "save_results"]
 
 #: the file of a run folder that holds every row's figures
 RESULTS_FILE = "results.json"
@@ -56,6 +65,8 @@ FIGURES = {
 }
 _STDERR_TAIL = 3000
 _CHILD_CODE = "import sys; from bench.harness import _child_main; sys.exit(_child_main(sys.argv[1:]))"
+#: how often a row's process is checked while other rows run (a stopped run ends its rows within this time)
+_POLL_S = 0.2
 
 
 class RowSkipped(Exception):  # noqa: N818 - a skip, not an error
@@ -75,6 +86,10 @@ class Row:
         seed: the seed of this repetition (rows of one method and group with different seeds are averaged).
         baseline: the row the ratios of its group are taken against (full fine-tuning, the dense model).
         timeout_s: how long the row may run.
+        lane: rows of one lane never run at the same time, and run in their given order (rows that share a cached
+            start or read another row's output); ``None``: the row's track, every row of the track in one lane.
+        exclusive: the row's lane runs alone, with no other row beside it (rows whose memory or timings would
+            suffer from a neighbour).
     """
 
     track: str
@@ -85,6 +100,8 @@ class Row:
     seed: int | None = None
     baseline: bool = False
     timeout_s: float = 6 * 3600.0
+    lane: str | None = None
+    exclusive: bool = False
 
     def __post_init__(self) -> None:
         module, sep, name = self.function.partition(":")
@@ -99,6 +116,31 @@ class Row:
         if self.seed is not None:
             parts.append(f"seed{self.seed}")
         return "/".join(parts)
+
+    @property
+    def lane_key(self) -> str:
+        """The row's lane: :attr:`lane`, or its track."""
+        return self.lane or self.track
+
+
+@dataclass
+class Lane:
+    """Rows that run one after another on one worker, in this order; ``exclusive``: with nothing beside them."""
+
+    key: str
+    rows: list[Row]
+    exclusive: bool = False
+
+
+def lanes(rows: Iterable[Row]) -> list[Lane]:
+    """``rows`` grouped by :attr:`Row.lane_key`: lanes in the order of their first row, each lane's rows in their
+    given order; a lane is exclusive when one of its rows is."""
+    grouped: dict[str, Lane] = {}
+    for row in rows:
+        lane = grouped.setdefault(row.lane_key, Lane(row.lane_key, []))
+        lane.rows.append(row)
+        lane.exclusive = lane.exclusive or row.exclusive
+    return list(grouped.values())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -209,8 +251,8 @@ def _finished(record: Mapping[str, Any] | None, row: Row) -> bool:
 
 def run_rows(rows: Iterable[Row], path: str | os.PathLike[str], *, resume: bool = False,
              settings: Mapping[str, Any] | None = None, threads: int | None = None, progress: bool = True,
-             runner: Callable[[Row, int | None], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Run ``rows`` one after another, each in a fresh process, writing the results file at ``path`` after each.
+             runner: Callable[[Row, int | None], dict[str, Any]] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """Run ``rows``, each in a fresh process, writing the results file at ``path`` after each.
 
     Args:
         rows: the rows, in the order to run them.
@@ -221,14 +263,22 @@ def run_rows(rows: Iterable[Row], path: str | os.PathLike[str], *, resume: bool 
         threads: torch threads in each row's process (``None``: torch's default).
         progress: a progress bar over the rows.
         runner: what runs one row and returns its record (default: a fresh process whose output, progress bars
-            included, goes to ``logs/<row>.log`` beside ``path``; tests pass their own).
+            included, goes to ``logs/<row>.log`` beside ``path``; tests pass their own). With ``jobs > 1`` it is
+            called from worker threads.
+        jobs: rows run at the same time. 1: one after another, in the given order. More: the rows' lanes
+            (:func:`lanes`) are run by ``jobs`` workers, each lane's rows in order on one worker, an exclusive lane
+            alone; every record notes ``jobs``.
 
     Returns:
-        The results (also written to ``path``). A ``KeyboardInterrupt`` stops the run after writing the rows
-        finished so far, and is raised again.
+        The results (also written to ``path``). A ``KeyboardInterrupt`` (Ctrl-C, or a row's process ended by
+        SIGINT while other rows run) stops the run: no row starts, the running rows' processes are killed and
+        not recorded, and the interrupt is raised again; the rows finished so far are in the file. Another error
+        (e.g. the results file cannot be written) stops the run the same way.
     """
     from tqdm.auto import tqdm
 
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     rows = list(rows)
     ids = [row.id for row in rows]
     if len(set(ids)) != len(ids):
@@ -237,23 +287,86 @@ def run_rows(rows: Iterable[Row], path: str | os.PathLike[str], *, resume: bool 
     results["format"] = RESULTS_FORMAT
     if settings is not None:
         results["settings"] = dict(settings)
+    stop = threading.Event()  # set when a run of several jobs stops: no row starts, running processes are killed
     if runner is None:
-        runner = functools.partial(run_in_subprocess, log_dir=Path(path).parent / "logs")
+        runner = functools.partial(run_in_subprocess, log_dir=Path(path).parent / "logs",
+                                   stop=stop if jobs > 1 else None)
     todo = [row for row in rows if not (resume and _finished(results["rows"].get(row.id), row))]
     if len(todo) < len(rows):
         logger.warning("--resume: %d of %d rows already finished in %s", len(rows) - len(todo), len(rows), path)
     save_results(path, results)
-    bar = tqdm(todo, desc="benchmark rows", unit="row", disable=not progress, dynamic_ncols=True)
-    for row in bar:
-        bar.set_postfix_str(row.id, refresh=True)
-        record = runner(row, threads)
-        results["rows"][row.id] = record
+
+    def store(row: Row, record: dict[str, Any]) -> None:
+        results["rows"][row.id] = {**record, "jobs": jobs}
         save_results(path, results)
         if record["status"] == "failed":
             logger.warning("%s failed: %s", row.id, record.get("error", "").splitlines()[-1:] or "")
         elif record["status"] == "skipped":
             logger.warning("%s skipped: %s", row.id, record.get("reason", ""))
+
+    if jobs == 1:
+        bar = tqdm(todo, desc="benchmark rows", unit="row", disable=not progress, dynamic_ncols=True)
+        for row in bar:
+            bar.set_postfix_str(row.id, refresh=True)
+            store(row, runner(row, threads))
+        return results
+    with tqdm(total=len(todo), desc="benchmark rows", unit="row", disable=not progress, dynamic_ncols=True) as bar:
+        _run_lanes(lanes(todo), jobs, lambda row: runner(row, threads), store, bar, stop)
     return results
+
+
+def _run_lanes(todo: list[Lane], jobs: int, run: Callable[[Row], dict[str, Any]],
+               store: Callable[[Row, dict[str, Any]], None], bar: Any, stop: threading.Event) -> None:
+    """Run the lanes on ``jobs`` worker threads, in order, an exclusive lane alone; ``store`` each record (one
+    at a time). Any exception of a worker or of this thread (Ctrl-C) sets ``stop``: no row starts, the running
+    rows end (a process run with ``stop`` is killed), and it is raised once every worker has returned."""
+    lock = threading.Lock()  # the results, the progress bar and the running rows' ids
+    running_rows: dict[str, None] = {}
+
+    def run_lane(lane: Lane) -> None:
+        try:
+            for row in lane.rows:
+                with lock:
+                    if stop.is_set():
+                        return
+                    running_rows[row.id] = None
+                    bar.set_postfix_str(", ".join(running_rows), refresh=True)
+                try:
+                    record = run(row)
+                finally:
+                    with lock:
+                        running_rows.pop(row.id, None)
+                with lock:
+                    if stop.is_set() and record["status"] == "failed":
+                        return  # ended by the run's stop: not a result of the row (it runs again with --resume)
+                    store(row, record)
+                    bar.update(1)
+        except BaseException:
+            stop.set()  # before any other worker looks: its lane must not start another row
+            raise
+
+    pending = deque(todo)
+    running: dict[Future, Lane] = {}
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="benchmark-lane")
+    try:
+        while pending or running:
+            while (pending and not stop.is_set() and len(running) < jobs
+                   and not any(other.exclusive for other in running.values())
+                   and not (pending[0].exclusive and running)):
+                lane = pending.popleft()
+                running[pool.submit(run_lane, lane)] = lane
+            if stop.is_set() and not running:
+                break
+            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in done:
+                del running[future]
+                future.result()  # a worker's exception (an interrupted row's included) stops the run
+    except BaseException:
+        stop.set()
+        wait(running)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _record(row: Row, status: str, wall_s: float, **fields: Any) -> dict[str, Any]:
@@ -272,14 +385,19 @@ def log_name(row: Row) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in row.id) + ".log"
 
 
-def run_in_subprocess(row: Row, threads: int | None = None, log_dir: str | os.PathLike[str] | None = None
-                      ) -> dict[str, Any]:
+def run_in_subprocess(row: Row, threads: int | None = None, log_dir: str | os.PathLike[str] | None = None,
+                      stop: threading.Event | None = None) -> dict[str, Any]:
     """Run one row in a fresh Python process and return its record (``status`` ``ok``, ``skipped`` or ``failed``).
 
     The process gets the environment of :func:`common.memory.peak_training_memory`'s children (``recipes/`` and
     this copy of ``compress`` importable, pinned allocator thresholds). Its output and progress bars go to
     ``log_dir/<row>.log`` (follow a long row with ``tail -f``), or a temporary file; a failed row's record keeps
     the log's tail. A ``KeyboardInterrupt`` kills the process and is raised again.
+
+    ``stop`` (given by :func:`run_rows` when rows run at the same time, this one in a worker thread): once it is
+    set, the process is killed and ``KeyboardInterrupt`` raised, as when the process itself ends by SIGINT (a
+    Ctrl-C reaches every process of the terminal, and the worker may see its row's end before the main thread
+    sees the interrupt).
     """
     from common.memory import child_env
 
@@ -290,14 +408,17 @@ def run_in_subprocess(row: Row, threads: int | None = None, log_dir: str | os.Pa
         log_path = Path(log_dir) / log_name(row) if log_dir is not None else Path(tmp, "row.log")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w", encoding="utf-8") as log:
+            proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, spec, str(result_path)],
+                                    env=child_env({"COMPRESS_BENCH_ROW": row.id}), stdout=log,
+                                    stderr=subprocess.STDOUT)
             try:
-                proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, spec, str(result_path)],
-                                      env=child_env({"COMPRESS_BENCH_ROW": row.id}), stdout=log,
-                                      stderr=subprocess.STDOUT, timeout=row.timeout_s)
-            except subprocess.TimeoutExpired:
-                returncode = None
-            else:
-                returncode = proc.returncode
+                returncode = _wait(proc, row.timeout_s, stop)
+            except BaseException:  # Ctrl-C, or the run stopped: the row's process ends with it
+                proc.kill()
+                proc.wait()
+                raise
+        if stop is not None and returncode == -signal.SIGINT:
+            raise KeyboardInterrupt(f"{row.id}: its process was interrupted")
         output = log_path.read_text(encoding="utf-8", errors="replace")
         wall = time.perf_counter() - started
         if returncode is None:
@@ -311,6 +432,23 @@ def run_in_subprocess(row: Row, threads: int | None = None, log_dir: str | os.Pa
             return _record(row, status, wall, **outcome)
     return _record(row, "failed", wall, error=f"the row's process ended with exit status {returncode} without a "
                    "result (killed, or out of memory?)", stderr_tail=_tail(output))
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float, stop: threading.Event | None) -> int | None:
+    """The exit status of ``proc``, or ``None`` when it ran longer than ``timeout_s`` (it is then killed);
+    ``KeyboardInterrupt`` once ``stop`` is set."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return proc.wait(timeout=max(remaining, 0.0) if stop is None else max(min(remaining, _POLL_S), 0.0))
+        except subprocess.TimeoutExpired:
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt("the run stopped") from None
+            if time.monotonic() >= deadline:
+                proc.kill()
+                proc.wait()
+                return None
 
 
 def _child_main(argv: Sequence[str]) -> int:

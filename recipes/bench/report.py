@@ -10,7 +10,8 @@ from typing import Any
 
 from compress.measure import format_table
 
-__all__ = ["COST_COLUMNS", "markdown_report", "pareto_front", "ratio", "summarise", "track_table"]
+__all__ = ["COST_COLUMNS", "concurrency_text", "markdown_report", "pareto_front", "ratio", "summarise",
+           "track_table"]
 
 #: figures averaged over seeds: key, column title, number format, title of its ratio column
 COST_COLUMNS = (
@@ -109,6 +110,34 @@ def _fmt(value: Any, pattern: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
     return pattern.format(value)
+
+
+def _counts(values: Iterable[int], unit: str) -> str:
+    """``2 units`` / ``1 or 2 units``: the distinct values (sorted), the unit in the plural beyond one."""
+    values = sorted(set(values))
+    text = " or ".join(str(v) for v in values)
+    return f"{text} {unit}" + ("s" if values[-1] > 1 else "")
+
+
+def concurrency_text(results: Mapping[str, Any]) -> str:
+    """One sentence on how the rows ran: how many at a time (each record's ``jobs``, else the run's
+    ``settings["jobs"]``; 1 for records without it) and with how many torch threads each (the ``threads`` the
+    rows' processes report)."""
+    records = list(results.get("rows", {}).values())
+    jobs = sorted({int(r.get("jobs") or 1) for r in records}) or [int(results.get("settings", {}).get("jobs") or 1)]
+    threads = [int(r["threads"]) for r in records if r.get("threads")]
+    each = f", each in its own process with {_counts(threads, 'torch thread')}" if threads else ""
+    if jobs == [1]:
+        return f"Rows ran one at a time{each}."
+    if len(jobs) == 1:
+        how = f"Rows ran {jobs[0]} at a time (`--jobs {jobs[0]}`){each}"
+    else:
+        how = (f"Rows ran {' or '.join(map(str, jobs))} at a time (invocations of a resumed run with different "
+               f"`--jobs`; each row's `jobs` is in results.json){each}")
+    return (how + ": the rows of one lane (an encoder task and seed, the decoder's uniform row and its recovery "
+            "rows) in order, the scaling rows alone. Step times, latencies and wall times of rows that ran beside "
+            "another are those of a shared machine (per-core figures), not of an idle one; the latency ratios are "
+            "against the dense model timed alternately in the same process.")
 
 
 def _quality_text(entry: Mapping[str, Any]) -> str:

@@ -41,9 +41,11 @@ QUICK = {**FULL, "sizes": ["0.1b"], "calib_rows": 8, "calib_length": 128, "calib
 
 
 def rows(settings: dict[str, Any]) -> list[Row]:
+    """Every size x criterion, in one exclusive lane: the large models' memory and the timings are the point, so
+    no other row runs beside them."""
     group = f"Llama-shaped random models, FFN {settings['sparsity']:.0%} uniform, compress prune"
     return [Row(track="scaling", group=group, method=f"{size}, {criterion}", function=FUNCTION,
-                kwargs={"size": size, "criterion": criterion, "settings": settings})
+                kwargs={"size": size, "criterion": criterion, "settings": settings}, lane="scaling", exclusive=True)
             for size in settings["sizes"] for criterion in CRITERIA]
 
 
