@@ -56,7 +56,7 @@ LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate
 #: settings of the full size and of --quick (flags override them)
 FULL = {"steps": 800, "recovery_steps": 250, "batch_size": 32, "max_length": 128, "train_rows": None,
         "eval_rows": None, "calib_batches": 16, "latency_rows": 16, "latency_rounds": 3, "seeds": 3,
-        "soup_ingredients": 3, "lr_full": 1e-4, "lr_adapter": 1e-3, "lr_lst": 3e-3, "threshold_rows": 500,
+        "soup_ingredients": 3, "lr_full": 1e-4, "lr_adapter": 1e-3, "lr_lst": 1e-3, "threshold_rows": 500,
         "student_lr": 5e-5}
 QUICK = {**FULL, "steps": 40, "recovery_steps": 20, "batch_size": 16, "max_length": 64, "train_rows": 1200,
          "eval_rows": 200, "calib_batches": 4, "latency_rows": 4, "latency_rounds": 2, "seeds": 1,
