@@ -61,12 +61,11 @@ class LadderSideConfig(PeftConfig):
         pooling: what an encoder's sequence classifier (``SEQ_CLS`` on BERT/RoBERTa) reads. ``segments``: the side
             network's last states mean-pooled over each input segment (``u`` over the first, ``v`` over the second,
             told apart by ``token_type_ids``, or for RoBERTa, which has none, by the first separator token; a
-            single sentence is one segment and ``v`` is zero), combined as
-            ``[u, v, |u - v|, u * v]`` (Sentence-BERT's pair features) and projected by a trained layer to the
-            backbone's width, in place of the pooled first token (BERT's ``pooler_output``, RoBERTa's first
-            token). A side network a few dozen channels wide with one attention head per block learns to compare two
-            sentences through these features; read from the first token alone, it stays near the majority class on
-            sentence pairs. ``model``: the task model pools the side network's last state as it pools the
+            single sentence is one segment and ``v`` is zero), combined as ``[u, v, |u - v|, u * v]``
+            (Sentence-BERT's pair features) and projected by a trained layer to the backbone's width, in place of
+            the pooled first token (BERT's ``pooler_output``, RoBERTa's first token); through a frozen pooler on
+            the first token, a side network a few dozen channels wide learns sentence pairs more slowly.
+            ``model``: the task model pools the side network's last state as it pools the
             backbone's (BERT: its frozen pooler on the first token). Default: ``segments`` for an encoder's
             ``SEQ_CLS``, ``model`` otherwise (the only choice there); an adapter saved without this field loads
             with ``model``, as it was trained.
