@@ -287,8 +287,10 @@ def test_lanes_of_the_tracks_keep_dependent_rows_together_in_order(tmp_path):
     dec = decoder.rows({**decoder.QUICK, "model": str(tmp_path / "model"), "eval_text": str(tmp_path / "text.txt"),
                         "calibration_text": str(tmp_path / "text.txt"), "workdir": str(tmp_path)})
     dec_lanes = {lane.key: [row.kwargs["method"] for row in lane.rows] for lane in lanes(dec)}
-    assert dec_lanes.pop("decoder/model/uniform") == ["ours-uniform", "recover-lora", "recover-pa"]
-    assert all(len(methods) == 1 for methods in dec_lanes.values()) and len(dec_lanes) == 7
+    assert dec_lanes.pop("decoder/model/uniform") == ["ours-uniform", "recover-lora"]
+    assert all(len(methods) == 1 for methods in dec_lanes.values()) and len(dec_lanes) == 8
+    import llm_prune  # Pruning-Adapter's recovery runs beside the uniform lane only while it prunes on its own
+    assert ("pruning-adapter" in llm_prune.RECOVERY_METHODS) == ("recover-pa" in decoder.UNIFORM_LANE)
 
     (scaling_lane,) = lanes(scaling.rows({**scaling.FULL, "workdir": str(tmp_path)}))
     assert scaling_lane.exclusive and len(scaling_lane.rows) == 6

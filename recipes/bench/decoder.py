@@ -44,8 +44,10 @@ METHODS = (
     ("50% unstructured, Wanda masks", "sparse-50"),
 )
 METHOD_KEYS = {key: label for label, key in METHODS}
-#: rows that read the uniform row's pruned model from the run's cache when it ran: they share its lane, after it
-UNIFORM_LANE = ("ours-uniform", "recover-lora", "recover-pa")
+#: rows that read the uniform row's pruned model from the run's cache when it ran: they share its lane, after it.
+#: Pruning-Adapter's recovery prunes on its own (:func:`_pruning_adapter`) while ``llm_prune.py`` offers no
+#: Pruning-Adapter recovery, so it is a lane of its own (a test ties the two).
+UNIFORM_LANE = ("ours-uniform", "recover-lora")
 FULL = {"sparsity": 0.3, "calib_rows": 128, "calib_length": 512, "calib_batch": 16, "eval_tokens": 8192,
         "window": 512, "train_steps": 100, "train_batch": 4, "train_seq": 256, "recovery_steps": 300,
         "recovery_batch": 4, "recovery_seq": 512, "latency_seq": 128, "latency_rows": 4, "latency_rounds": 3,
