@@ -25,7 +25,7 @@ are against ``full`` / ``lora`` measured in this run; figures are printed and wr
 never asserted.
 
     python recipes/bench_ladder_side.py --steps 1600 --seq-lens 64 128 256
-    python recipes/bench_ladder_side.py --glue-task MRPC --steps 460 --seeds 0 1 2 --no-memory --kinds full lst-r8
+    python recipes/bench_ladder_side.py --glue-task MRPC --steps 350 --seeds 0 1 2 --no-memory --kinds full lst-r8
 """
 
 from __future__ import annotations
